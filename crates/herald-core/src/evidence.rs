@@ -1,0 +1,47 @@
+//! The kinds of evidence a caller can present.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// What proved the caller's identity for a decision. Recorded in every audit
+/// record so coverage (hardware-backed, multi-factor, break-glass) can be
+/// computed from the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum EvidenceType {
+    /// A one-time join token (bootstrap and break-glass).
+    JoinToken,
+    /// The caller's current X.509 SVID, presented over mTLS.
+    X509Svid,
+    /// An operator at the command line.
+    Operator,
+}
+
+impl EvidenceType {
+    /// The stable string form stored in audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvidenceType::JoinToken => "join_token",
+            EvidenceType::X509Svid => "x509_svid",
+            EvidenceType::Operator => "operator",
+        }
+    }
+
+    /// Parses the stable string form.
+    pub fn from_code(s: &str) -> Option<Self> {
+        match s {
+            "join_token" => Some(EvidenceType::JoinToken),
+            "x509_svid" => Some(EvidenceType::X509Svid),
+            "operator" => Some(EvidenceType::Operator),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for EvidenceType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
