@@ -82,6 +82,9 @@ impl TrustDomain {
 
     /// Builds `spiffe://<td><path>` after validating `path` (`/a/b`).
     pub fn spiffe_id(&self, path: &str) -> Result<SpiffeId, SpiffeIdError> {
+        // Validate the path on its own first: concatenating "a" would
+        // otherwise silently name another trust domain ("example.orga").
+        validate_path(path)?;
         SpiffeId::parse(&format!("{SCHEME}{}{path}", self.0))
     }
 }
@@ -354,7 +357,8 @@ mod tests {
             "spiffe://example.org/a"
         );
         assert!(td.spiffe_id("/../x").is_err());
-        assert!(td.spiffe_id("a").is_err());
+        assert_eq!(td.spiffe_id("a"), Err(SpiffeIdError::PathNotAbsolute));
+        assert_eq!(td.spiffe_id(".evil.com/x"), Err(SpiffeIdError::PathNotAbsolute));
     }
 
     fn segment() -> impl Strategy<Value = String> {
