@@ -334,8 +334,10 @@ impl CertificateAuthority {
     fn validity(&self, ttl: Duration, now: i64) -> Result<(i64, i64), CaError> {
         let nb = (now - CLOCK_SKEW.as_secs() as i64).max(self.not_before);
         let na = now.saturating_add(ttl.as_secs() as i64).min(self.not_after);
-        if na <= now {
-            return Err(CaError::Material("the CA has expired".into()));
+        if na <= now || na <= nb {
+            return Err(CaError::Material(
+                "the CA is expired or not yet valid at this time".into(),
+            ));
         }
         Ok((nb, na))
     }

@@ -358,7 +358,10 @@ mod tests {
         );
         assert!(td.spiffe_id("/../x").is_err());
         assert_eq!(td.spiffe_id("a"), Err(SpiffeIdError::PathNotAbsolute));
-        assert_eq!(td.spiffe_id(".evil.com/x"), Err(SpiffeIdError::PathNotAbsolute));
+        assert_eq!(
+            td.spiffe_id(".evil.com/x"),
+            Err(SpiffeIdError::PathNotAbsolute)
+        );
     }
 
     fn segment() -> impl Strategy<Value = String> {

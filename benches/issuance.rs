@@ -1,0 +1,316 @@
+//! X.509 SVID issuance benchmark (BRIEF §8).
+//!
+//! Prints, from one run on this machine:
+//! 1. signing backends: ECDSA P-256 sign/verify with aws-lc-rs (used) and the pure-Rust `p256` crate;
+//! 2. the crypto ceiling: CSR verify + leaf build/sign, on 1 and 2 threads;
+//! 3. end to end over gRPC+TLS on loopback against an in-process server on
+//!    SQLite with durable audit records: mint (join token) and renew (mTLS),
+//!    throughput, p50/p99 and the ratio to the ceiling;
+//! 4. p99 at 80% of the measured peak rate (open loop).
+//!
+//! Run: `cargo bench --bench issuance` (env `HERALD_BENCH_N` scales the request count).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use herald_ca::authority::CaMaterial;
+use herald_ca::csr::verify_csr;
+use herald_ca::{CertificateAuthority, X509Grant};
+use herald_client::keys::generate_key_and_csr;
+use herald_client::{ClientIdentity, HeraldClient};
+use herald_core::TrustDomain;
+
+const TD: &str = "bench.herald.test";
+
+fn per_sec(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn backends() {
+    use aws_lc_rs::signature::{
+        ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair,
+        UnparsedPublicKey,
+    };
+    use p256::ecdsa::signature::{Signer, Verifier};
+    let msg = [7u8; 300];
+    let n = 3000;
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+    let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref()).unwrap();
+    let t = Instant::now();
+    let mut sig = None;
+    for _ in 0..n {
+        sig = Some(kp.sign(&rng, &msg).unwrap());
+    }
+    let aws_sign = t.elapsed() / n as u32;
+    let sig = sig.unwrap();
+    let pk = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, kp.public_key().as_ref().to_vec());
+    let t = Instant::now();
+    for _ in 0..n {
+        pk.verify(&msg, sig.as_ref()).unwrap();
+    }
+    let aws_verify = t.elapsed() / n as u32;
+
+    let sk = p256::ecdsa::SigningKey::from_slice(&[0x42; 32]).unwrap();
+    let vk = p256::ecdsa::VerifyingKey::from(&sk);
+    let t = Instant::now();
+    let mut psig: Option<p256::ecdsa::Signature> = None;
+    for _ in 0..n / 4 {
+        psig = Some(sk.sign(&msg));
+    }
+    let p_sign = t.elapsed() / (n / 4) as u32;
+    let psig = psig.unwrap();
+    let t = Instant::now();
+    for _ in 0..n / 4 {
+        vk.verify(&msg, &psig).unwrap();
+    }
+    let p_verify = t.elapsed() / (n / 4) as u32;
+    println!("## ECDSA P-256, one core");
+    println!(
+        "  aws-lc-rs   sign {:>6.1} µs   verify {:>6.1} µs   (used on every hot path)",
+        us(aws_sign),
+        us(aws_verify)
+    );
+    println!(
+        "  p256 crate  sign {:>6.1} µs   verify {:>6.1} µs",
+        us(p_sign),
+        us(p_verify)
+    );
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn test_ca() -> Arc<CertificateAuthority> {
+    let td = TrustDomain::new(TD).unwrap();
+    let now = herald_server::unix_now();
+    let m = CaMaterial::generate_root(&td, Duration::from_secs(86400), now).unwrap();
+    Arc::new(
+        CertificateAuthority::load(td, &m.key_id, &m.cert_der, &m.chain_der, &m.key_pkcs8).unwrap(),
+    )
+}
+
+/// CSR verify + leaf build/sign per second with `threads` threads.
+fn ceiling(csrs: &Arc<Vec<Vec<u8>>>, threads: usize, per_thread: usize) -> f64 {
+    let ca = test_ca();
+    let td = TrustDomain::new(TD).unwrap();
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (ca, csrs, td) = (ca.clone(), csrs.clone(), td.clone());
+            std::thread::spawn(move || {
+                let grant = X509Grant {
+                    spiffe_id: td.spiffe_id("/bench/w").unwrap(),
+                    ttl: Duration::from_secs(3600),
+                    dns_names: vec![],
+                };
+                let now = herald_server::unix_now();
+                for i in 0..per_thread {
+                    let csr = verify_csr(&csrs[(t * per_thread + i) % csrs.len()]).unwrap();
+                    std::hint::black_box(ca.issue_x509_svid(&csr, &grant, now).unwrap());
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    per_sec(threads * per_thread, start.elapsed())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+struct Run {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// Runs `n` calls of `op(i)` over `conc` concurrent tasks; `pace` = Some(rate) paces an open loop.
+async fn drive<F, Fut>(n: usize, conc: usize, pace: Option<f64>, op: F) -> Run
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..conc)
+        .map(|_| {
+            let (op, next) = (op.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let scheduled = match pace {
+                        Some(rate) => {
+                            let at = start + Duration::from_secs_f64(i as f64 / rate);
+                            tokio::time::sleep_until(at.into()).await;
+                            at
+                        }
+                        None => Instant::now(),
+                    };
+                    op(i).await;
+                    lat.push(scheduled.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(n);
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = start.elapsed();
+    all.sort();
+    Run {
+        rate: per_sec(n, elapsed),
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+    }
+}
+
+fn print_run(name: &str, r: &Run, ceiling: f64) {
+    println!(
+        "  {name:<28} {:>8.0}/s   p50 {:>6.2} ms   p99 {:>6.2} ms   {:>5.1}% of ceiling",
+        r.rate,
+        r.p50.as_secs_f64() * 1e3,
+        r.p99.as_secs_f64() * 1e3,
+        100.0 * r.rate / ceiling
+    );
+}
+
+fn main() {
+    let n: usize = std::env::var("HERALD_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6000);
+    backends();
+
+    let csrs: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..n * 2)
+            .map(|_| generate_key_and_csr().unwrap().csr_der)
+            .collect(),
+    );
+    let c1 = ceiling(&csrs, 1, 3000);
+    let c2 = ceiling(&csrs, 2, 3000);
+    println!("## crypto ceiling: CSR verify + leaf build/sign");
+    println!("  1 thread   {c1:>8.0}/s ({:.1} µs each)", 1e6 / c1);
+    println!("  2 threads  {c2:>8.0}/s   <- ceiling for the ratios below");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = dir.path().join("kek");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(&kek, "5a".repeat(32)).unwrap();
+            std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let toml = format!(
+            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n",
+            dir.path().join("data").display(),
+            kek.display()
+        );
+        let cfg = herald_server::ServerConfig::from_toml(&toml).unwrap();
+        let t0 = Instant::now();
+        let server = herald_server::start(cfg).await.unwrap();
+        println!("## server cold start (new SQLite DB, CA generation, listeners): {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+        let url = format!("https://{}", server.grpc_addr);
+        let anchors = server.shared.ca().bundle.x509_authorities.clone();
+        let store = server.shared.store.clone();
+
+        // Pre-create join tokens (not timed).
+        let now = herald_server::unix_now();
+        let mut tokens = Vec::with_capacity(n * 2);
+        let mut pending = Vec::new();
+        for i in 0..n * 2 {
+            let t = herald_server::join_token::generate().unwrap();
+            let rec = herald_store::NewJoinToken {
+                token_hash: t.hash,
+                token_id: t.token_id.clone(),
+                spiffe_id: format!("spiffe://{TD}/bench/{i}"),
+                created_at: now,
+                expires_at: now + 3600,
+                created_by: "bench".into(),
+            };
+            let s = store.clone();
+            pending.push(tokio::spawn(async move { s.create_join_token(rec, herald_core::AuditEvent::new("join_token.create", "bench")).await.unwrap() }));
+            tokens.push(t.token);
+        }
+        for p in pending {
+            p.await.unwrap();
+        }
+        let tokens = Arc::new(tokens);
+
+        // A pool of connections; HTTP/2 multiplexes the concurrent calls over them.
+        let conns = 4;
+        let conc = 32;
+        let mut clients = Vec::new();
+        for _ in 0..conns {
+            clients.push(HeraldClient::connect(&url, &anchors, None).await.unwrap());
+        }
+        let clients = Arc::new(clients);
+
+        println!("## end to end over gRPC + TLS on loopback, SQLite (durable, audit in the same transaction), {conc} concurrent callers");
+        let (cl, tk, cs) = (clients.clone(), tokens.clone(), csrs.clone());
+        let mint = drive(n, conc, None, move |i| {
+            let (cl, tk, cs) = (cl.clone(), tk.clone(), cs.clone());
+            async move {
+                cl[i % cl.len()].mint_x509_svid(&tk[i], cs[i].clone()).await.unwrap();
+            }
+        })
+        .await;
+        print_run("mint (join token), peak", &mint, c2);
+
+        // Renewal: each holder renews over its own mTLS connection.
+        let mut holders = Vec::new();
+        for h in 0..conns {
+            let kc = generate_key_and_csr().unwrap();
+            let r = clients[0].mint_x509_svid(&tokens[n + h], kc.csr_der).await.unwrap();
+            holders.push(HeraldClient::connect(&url, &anchors, Some(ClientIdentity { cert_chain: r.cert_chain, key_pkcs8: kc.key_pkcs8 })).await.unwrap());
+        }
+        let holders = Arc::new(holders);
+        let (hs, cs) = (holders.clone(), csrs.clone());
+        let renew = drive(n, conc, None, move |i| {
+            let (hs, cs) = (hs.clone(), cs.clone());
+            async move {
+                hs[i % hs.len()].renew_x509_svid(cs[n + i].clone()).await.unwrap();
+            }
+        })
+        .await;
+        print_run("renew (mTLS), peak", &renew, c2);
+
+        // Latency at 80% of the peak rate, open loop.
+        let target = renew.rate * 0.8;
+        let m = n.min((target * 3.0) as usize).max(500);
+        let (hs, cs) = (holders.clone(), csrs.clone());
+        let paced = drive(m, conc * 4, Some(target), move |i| {
+            let (hs, cs) = (hs.clone(), cs.clone());
+            async move {
+                hs[i % hs.len()].renew_x509_svid(cs[i % cs.len()].clone()).await.unwrap();
+            }
+        })
+        .await;
+        print_run(&format!("renew at {target:.0}/s (80%)"), &paced, c2);
+
+        let report = store.verify_audit_chain(1, None).await.unwrap();
+        println!("## audit chain verified: {} records", report.records);
+        server.shutdown().await;
+    });
+}

@@ -1,0 +1,144 @@
+//! Loading (or creating, on first start) the trust domain's CA from the
+//! store, and the trust bundle derived from it.
+
+use std::sync::Arc;
+
+use herald_ca::authority::CaMaterial;
+use herald_ca::kek::{KEK_ENV, read_private_file};
+use herald_ca::{CertificateAuthority, KeyEncryptionKey, TrustBundle};
+use herald_core::{AuditEvent, EvidenceType};
+use herald_store::{CaKeyRecord, Store};
+
+use crate::ServerError;
+use crate::config::ServerConfig;
+
+/// How often validators should refresh the bundle, seconds.
+pub const BUNDLE_REFRESH_HINT_SECS: u64 = 300;
+
+/// The active signing CA and the bundle published with it.
+#[derive(Debug)]
+pub struct CaState {
+    /// The signing CA.
+    pub ca: CertificateAuthority,
+    /// The trust bundle (every non-retired key's anchor).
+    pub bundle: TrustBundle,
+}
+
+/// Loads the key-encryption key: `HERALD_KEK`, else `ca.key_encryption_key_file`,
+/// else (dev only) `<data_dir>/kek`, generated on first start.
+pub fn load_kek(cfg: &ServerConfig) -> Result<KeyEncryptionKey, ServerError> {
+    if let Ok(text) = std::env::var(KEK_ENV) {
+        return Ok(KeyEncryptionKey::from_text(&text)?);
+    }
+    if let Some(path) = &cfg.ca.key_encryption_key_file {
+        return Ok(KeyEncryptionKey::from_file(path)?);
+    }
+    if cfg.dev {
+        let path = cfg.data_dir.join("kek");
+        return Ok(if path.exists() {
+            KeyEncryptionKey::from_file(&path)?
+        } else {
+            KeyEncryptionKey::generate_file(&path)?
+        });
+    }
+    Err(ServerError::Config(format!(
+        "no key-encryption key: set {KEK_ENV} or ca.key_encryption_key_file"
+    )))
+}
+
+/// Opens the active CA key from the store, creating the CA on first start.
+pub async fn load_or_create(
+    store: &Store,
+    cfg: &ServerConfig,
+    kek: &KeyEncryptionKey,
+    now: i64,
+) -> Result<Arc<CaState>, ServerError> {
+    let mut keys = store.ca_keys().await?;
+    if !keys
+        .iter()
+        .any(|k| k.status == "active" && k.kind == "x509")
+    {
+        let material = generate(cfg, now)?;
+        let record = CaKeyRecord {
+            key_id: material.key_id.clone(),
+            kind: "x509".into(),
+            status: "active".into(),
+            cert_der: material.cert_der.clone(),
+            chain_der: material.chain_der.clone(),
+            encrypted_key: kek.seal(&material.key_id, &material.key_pkcs8)?,
+            not_before: material.not_before,
+            not_after: material.not_after,
+            created_at: now,
+        };
+        let mut audit = AuditEvent::new("ca.create", "server");
+        audit.evidence_type = Some(EvidenceType::Operator);
+        audit.serial = Some(material.key_id.clone());
+        audit.spiffe_id = Some(cfg.trust_domain.id().to_string());
+        store.insert_ca_key(record, audit).await?;
+        keys = store.ca_keys().await?;
+    }
+    let active = keys
+        .iter()
+        .rev()
+        .find(|k| k.status == "active" && k.kind == "x509")
+        .ok_or_else(|| ServerError::Config("no active CA key after creation".into()))?;
+    let pkcs8 = kek.open(&active.key_id, &active.encrypted_key)?;
+    let ca = CertificateAuthority::load(
+        cfg.trust_domain.clone(),
+        &active.key_id,
+        &active.cert_der,
+        &active.chain_der,
+        &pkcs8,
+    )?;
+    if ca.not_after() <= now {
+        return Err(ServerError::Config(format!(
+            "the active CA key {} expired at {}; rotate it",
+            active.key_id,
+            ca.not_after()
+        )));
+    }
+    let mut anchors: Vec<Vec<u8>> = Vec::new();
+    for k in keys
+        .iter()
+        .filter(|k| k.status != "retired" && k.kind == "x509")
+    {
+        let anchor = match herald_ca::authority::split_der_certs(&k.chain_der)?.pop() {
+            Some(a) => a,
+            None => k.cert_der.clone(),
+        };
+        if !anchors.contains(&anchor) {
+            anchors.push(anchor);
+        }
+    }
+    let bundle = TrustBundle {
+        trust_domain: cfg.trust_domain.clone(),
+        x509_authorities: anchors,
+        sequence: store.bundle_sequence().await?,
+        refresh_hint_secs: BUNDLE_REFRESH_HINT_SECS,
+    };
+    Ok(Arc::new(CaState { ca, bundle }))
+}
+
+fn generate(cfg: &ServerConfig, now: i64) -> Result<CaMaterial, ServerError> {
+    match (&cfg.ca.upstream_cert, &cfg.ca.upstream_key) {
+        (Some(cert), Some(key)) => {
+            let chain = std::fs::read_to_string(cert)
+                .map_err(|e| ServerError::Config(format!("{}: {e}", cert.display())))?;
+            let key_pem = read_private_file(key)?;
+            let key_pem = std::str::from_utf8(&key_pem)
+                .map_err(|_| ServerError::Config(format!("{}: not PEM", key.display())))?;
+            Ok(CaMaterial::generate_intermediate(
+                &cfg.trust_domain,
+                &chain,
+                key_pem,
+                cfg.ca.ttl,
+                now,
+            )?)
+        }
+        _ => Ok(CaMaterial::generate_root(
+            &cfg.trust_domain,
+            cfg.ca.ttl,
+            now,
+        )?),
+    }
+}

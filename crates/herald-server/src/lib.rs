@@ -1,0 +1,312 @@
+//! Herald's server.
+//!
+//! [`start`] opens the store, loads (or creates) the CA, issues the server's
+//! own TLS certificate, and serves:
+//! - gRPC over TLS (`herald.v1.SvidService`, `herald.v1.BundleService`);
+//! - plain HTTP: `/v1/bundle` (SPIFFE bundle JWKS), `/v1/bundle.pem`,
+//!   `/healthz`, `/readyz`.
+//!
+//! The request path lives in [`svid_service`]; see ARCHITECTURE.md.
+#![forbid(unsafe_code)]
+
+pub mod authority;
+pub mod config;
+pub mod http;
+pub mod join_token;
+pub mod status;
+pub mod svid_service;
+pub mod tls;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use herald_proto::v1::bundle_service_server::{BundleService, BundleServiceServer};
+use herald_proto::v1::svid_service_server::SvidServiceServer;
+use herald_proto::v1::{GetTrustBundleRequest, TrustBundle as TrustBundleMsg};
+use herald_store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+pub use authority::CaState;
+pub use config::ServerConfig;
+
+/// Largest gRPC message the server decodes.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Time a client has to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Bad or missing configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The datastore failed.
+    #[error("datastore: {0}")]
+    Store(#[from] herald_store::StoreError),
+    /// The CA failed.
+    #[error("CA: {0}")]
+    Ca(#[from] herald_ca::CaError),
+    /// TLS setup failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// Binding or serving a listener failed.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Unix time now, seconds.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// State shared by every request.
+#[derive(Debug)]
+pub struct Shared {
+    /// The datastore.
+    pub store: Store,
+    /// The configuration in effect.
+    pub config: ServerConfig,
+    ca: RwLock<Arc<CaState>>,
+}
+
+impl Shared {
+    /// The CA state in effect now.
+    pub fn ca(&self) -> Arc<CaState> {
+        match self.ca.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+/// A running server.
+pub struct RunningServer {
+    /// The bound gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// The bound HTTP address.
+    pub http_addr: SocketAddr,
+    /// State, for in-process callers (tests, benchmarks).
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight requests finish, and flushes the store.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.shared.store.close().await;
+    }
+}
+
+fn listener_ips(cfg: &ServerConfig) -> Vec<IpAddr> {
+    let mut ips = Vec::new();
+    for addr in [cfg.listen.grpc, cfg.listen.http] {
+        let ip = addr.ip();
+        if ip.is_unspecified() {
+            ips.push(IpAddr::from([127, 0, 0, 1]));
+        } else if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    ips.dedup();
+    ips
+}
+
+/// Starts the server; returns once both listeners are bound.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| ServerError::Config(format!("{}: {e}", config.data_dir.display())))?;
+    let store = Store::open(&config.database_url()).await?;
+    let kek = authority::load_kek(&config)?;
+    let now = unix_now();
+    let ca_state = authority::load_or_create(&store, &config, &kek, now).await?;
+    drop(kek);
+    write_bundle_file(&config, &ca_state)?;
+
+    let ips = listener_ips(&config);
+    let identity =
+        ca_state
+            .ca
+            .issue_server_identity(&config.tls.dns_names, &ips, config.tls.ttl, now)?;
+    let cert = Arc::new(tls::RotatingCert::new(
+        &identity.cert_chain,
+        &identity.key_pkcs8,
+    )?);
+    let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(cert.clone())?));
+
+    let grpc_listener = TcpListener::bind(config.listen.grpc).await?;
+    let http_listener = TcpListener::bind(config.listen.http).await?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let shared = Arc::new(Shared {
+        store,
+        config,
+        ca: RwLock::new(ca_state),
+    });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    tasks.push(tokio::spawn(serve_grpc(
+        shared.clone(),
+        grpc_listener,
+        acceptor,
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(http::serve(
+        shared.clone(),
+        http_listener,
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(rotate_server_cert(
+        shared.clone(),
+        cert,
+        ips,
+        identity.not_after,
+        shutdown_rx,
+    )));
+
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        shared,
+        shutdown,
+        tasks,
+    })
+}
+
+fn write_bundle_file(cfg: &ServerConfig, ca: &CaState) -> Result<(), ServerError> {
+    let path = cfg.data_dir.join("bundle.pem");
+    let tmp = cfg.data_dir.join(".bundle.pem.tmp");
+    std::fs::write(&tmp, ca.bundle.to_pem())?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+async fn wait_shutdown(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn serve_grpc(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let accept_shutdown = shutdown.clone();
+    let accept = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = wait_shutdown(accept_shutdown.clone()) => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let svid = SvidServiceServer::new(svid_service::SvidApi::new(shared.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let bundle =
+        BundleServiceServer::new(BundleApi { shared }).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let result = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(30))
+        .add_service(svid)
+        .add_service(bundle)
+        .serve_with_incoming_shutdown(incoming, wait_shutdown(shutdown))
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server stopped");
+    }
+    accept.abort();
+}
+
+async fn rotate_server_cert(
+    shared: Arc<Shared>,
+    cert: Arc<tls::RotatingCert>,
+    ips: Vec<IpAddr>,
+    mut not_after: i64,
+    shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let now = unix_now();
+        let wait = ((not_after - now) / 2).max(30) as u64;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(wait)) => {}
+            () = wait_shutdown(shutdown.clone()) => return,
+        }
+        let cfg = &shared.config;
+        match shared.ca().ca.issue_server_identity(
+            &cfg.tls.dns_names,
+            &ips,
+            cfg.tls.ttl,
+            unix_now(),
+        ) {
+            Ok(id) => match cert.replace(&id.cert_chain, &id.key_pkcs8) {
+                Ok(()) => {
+                    not_after = id.not_after;
+                    tracing::info!(not_after, "server certificate rotated");
+                }
+                Err(e) => tracing::error!(error = %e, "server certificate rotation failed"),
+            },
+            Err(e) => tracing::error!(error = %e, "server certificate rotation failed"),
+        }
+    }
+}
+
+struct BundleApi {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl BundleService for BundleApi {
+    async fn get_trust_bundle(
+        &self,
+        _request: tonic::Request<GetTrustBundleRequest>,
+    ) -> Result<tonic::Response<TrustBundleMsg>, tonic::Status> {
+        let ca = self.shared.ca();
+        let jwks = ca
+            .bundle
+            .to_jwks()
+            .map_err(|e| status::Refusal::from(e).to_status())?;
+        Ok(tonic::Response::new(TrustBundleMsg {
+            trust_domain: ca.bundle.trust_domain.to_string(),
+            x509_authorities: ca.bundle.x509_authorities.clone(),
+            jwks: jwks.to_string(),
+            sequence: ca.bundle.sequence,
+        }))
+    }
+}

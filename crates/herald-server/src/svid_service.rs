@@ -1,0 +1,264 @@
+//! `herald.v1.SvidService`: the decision path for X.509 SVIDs.
+//!
+//! Every request follows one path — check input → verify evidence → grant →
+//! issue → commit (issuance and audit record in one transaction) → respond —
+//! and every refusal is audited with its stable code before the caller sees it.
+
+use std::sync::Arc;
+
+use herald_ca::csr::{MAX_CSR_LEN, verify_csr};
+use herald_ca::svid::verify_x509_svid;
+use herald_ca::{X509Grant, sha256_hex};
+use herald_core::{AuditEvent, ErrorCode, EvidenceType, SpiffeId};
+use herald_proto::v1::svid_service_server::SvidService;
+use herald_proto::v1::{MintX509SvidRequest, RenewX509SvidRequest, X509SvidResponse};
+use herald_store::{Commit, Committed, IssuedCredential};
+use tonic::{Request, Response, Status};
+
+use crate::join_token::{self, MAX_TOKEN_LEN};
+use crate::status::Refusal;
+use crate::{Shared, unix_now};
+
+/// The gRPC service.
+pub struct SvidApi {
+    shared: Arc<Shared>,
+}
+
+impl SvidApi {
+    /// Serves from `shared` state.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+fn peer_of<T>(req: &Request<T>) -> String {
+    req.remote_addr()
+        .map_or_else(|| "peer:unknown".to_owned(), |a| format!("peer:{a}"))
+}
+
+/// Audits a refusal (unless the store already did) and turns it into a status.
+async fn refuse(shared: &Shared, audit: AuditEvent, r: Refusal) -> Status {
+    if !r.audited {
+        let event = audit.deny(r.code);
+        if let Err(e) = shared.store.audit(event).await {
+            tracing::error!(error = %e, "could not write the audit record of a refusal");
+        }
+    }
+    tracing::info!(code = %r.code, "request refused");
+    r.to_status()
+}
+
+fn response(issued: &herald_ca::IssuedX509, bundle: &herald_ca::TrustBundle) -> X509SvidResponse {
+    let mut cert_chain = vec![issued.cert_der.clone()];
+    cert_chain.extend(issued.intermediates.iter().cloned());
+    X509SvidResponse {
+        spiffe_id: issued.spiffe_id.to_string(),
+        cert_chain,
+        bundle: bundle.x509_authorities.clone(),
+        serial: issued.serial_hex.clone(),
+        expires_at: issued.not_after,
+    }
+}
+
+fn record(
+    issued: &herald_ca::IssuedX509,
+    csr_spki_sha256: &str,
+    audit: &AuditEvent,
+    parent: Option<String>,
+    now: i64,
+) -> IssuedCredential {
+    IssuedCredential {
+        serial: issued.serial_hex.clone(),
+        kind: "x509_svid".into(),
+        spiffe_id: issued.spiffe_id.to_string(),
+        not_before: issued.not_before,
+        not_after: issued.not_after,
+        issued_at: now,
+        evidence_type: audit
+            .evidence_type
+            .map_or_else(String::new, |e| e.as_str().to_owned()),
+        evidence_digest: audit.evidence_digest.clone(),
+        policy: audit.policy.clone(),
+        parent_serial: parent,
+        public_key_sha256: csr_spki_sha256.to_owned(),
+        ca_key_id: issued.ca_key_id.clone(),
+    }
+}
+
+impl SvidApi {
+    async fn mint(
+        &self,
+        req: MintX509SvidRequest,
+        audit: &mut AuditEvent,
+    ) -> Result<X509SvidResponse, Refusal> {
+        if req.join_token.len() > MAX_TOKEN_LEN || req.csr.len() > MAX_CSR_LEN {
+            return Err(Refusal::new(
+                ErrorCode::RequestTooLarge,
+                "join token or CSR exceeds its size cap",
+            ));
+        }
+        let hash = join_token::parse(&req.join_token).ok_or_else(|| {
+            Refusal::new(ErrorCode::JoinTokenMalformed, "not a Herald join token")
+        })?;
+        audit.evidence_digest = Some(hex::encode(hash));
+        let now = unix_now();
+        let token = self
+            .shared
+            .store
+            .join_token(&hash)
+            .await?
+            .ok_or_else(|| Refusal::new(ErrorCode::JoinTokenUnknown, "no such join token"))?;
+        audit.spiffe_id = Some(token.spiffe_id.clone());
+        audit.policy = Some(format!("join_token:{}", token.token_id));
+        if token.used_at.is_some() {
+            return Err(Refusal::new(
+                ErrorCode::JoinTokenUsed,
+                "the join token was already used",
+            ));
+        }
+        if token.expires_at <= now {
+            return Err(Refusal::new(
+                ErrorCode::JoinTokenExpired,
+                "the join token has expired",
+            ));
+        }
+        let spiffe_id = SpiffeId::parse(&token.spiffe_id).map_err(|e| {
+            Refusal::new(
+                ErrorCode::Internal,
+                format!("stored SPIFFE ID invalid: {e}"),
+            )
+        })?;
+        let csr = verify_csr(&req.csr)?;
+        let ca = self.shared.ca();
+        let grant = X509Grant {
+            spiffe_id,
+            ttl: self.shared.config.svid.x509_ttl,
+            dns_names: Vec::new(),
+        };
+        let issued = ca.ca.issue_x509_svid(&csr, &grant, now)?;
+        audit.serial = Some(issued.serial_hex.clone());
+        let commit = Commit {
+            consume_join_token: Some(hash),
+            now_s: now,
+            issued: Some(record(&issued, &csr.spki_sha256, audit, None, now)),
+            audit: audit.clone(),
+        };
+        match self.shared.store.commit(commit).await? {
+            Committed::Done { .. } => Ok(response(&issued, &ca.bundle)),
+            Committed::TokenRejected(code) => Err(Refusal {
+                code,
+                message: "the join token can no longer be used".into(),
+                audited: true,
+            }),
+        }
+    }
+
+    async fn renew(
+        &self,
+        peer_certs: Option<Vec<Vec<u8>>>,
+        req: RenewX509SvidRequest,
+        audit: &mut AuditEvent,
+    ) -> Result<X509SvidResponse, Refusal> {
+        if req.csr.len() > MAX_CSR_LEN {
+            return Err(Refusal::new(
+                ErrorCode::RequestTooLarge,
+                "CSR exceeds its size cap",
+            ));
+        }
+        let chain = peer_certs.filter(|c| !c.is_empty()).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::MtlsRequired,
+                "present your current SVID as the TLS client certificate",
+            )
+        })?;
+        audit.evidence_digest = Some(sha256_hex(&chain[0]));
+        let now = unix_now();
+        let ca = self.shared.ca();
+        let current = verify_x509_svid(
+            &chain,
+            &ca.bundle.x509_authorities,
+            ca.ca.trust_domain(),
+            now,
+        )
+        .map_err(|e| Refusal::new(e.code(), e.to_string()))?;
+        audit.caller = current.spiffe_id.to_string();
+        audit.spiffe_id = Some(current.spiffe_id.to_string());
+        audit.policy = Some("renewal".into());
+        let store = &self.shared.store;
+        if store.issued(&current.serial_hex).await?.is_none() {
+            return Err(Refusal::new(
+                ErrorCode::SvidInvalid,
+                "the presented SVID was not issued by this server",
+            ));
+        }
+        if store.is_revoked(&current.serial_hex).await? {
+            return Err(Refusal::new(
+                ErrorCode::SvidRevoked,
+                "the presented SVID has been revoked",
+            ));
+        }
+        let csr = verify_csr(&req.csr)?;
+        if csr.spki_sha256 == current.spki_sha256 {
+            return Err(Refusal::new(
+                ErrorCode::RenewSameKey,
+                "the CSR reuses the current SVID's key",
+            ));
+        }
+        let grant = X509Grant {
+            spiffe_id: current.spiffe_id.clone(),
+            ttl: self.shared.config.svid.x509_ttl,
+            dns_names: current.dns_names.clone(),
+        };
+        let issued = ca.ca.issue_x509_svid(&csr, &grant, now)?;
+        audit.serial = Some(issued.serial_hex.clone());
+        let commit = Commit {
+            consume_join_token: None,
+            now_s: now,
+            issued: Some(record(
+                &issued,
+                &csr.spki_sha256,
+                audit,
+                Some(current.serial_hex),
+                now,
+            )),
+            audit: audit.clone(),
+        };
+        match store.commit(commit).await? {
+            Committed::Done { .. } => Ok(response(&issued, &ca.bundle)),
+            Committed::TokenRejected(code) => Err(Refusal::new(code, "unexpected token rejection")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SvidService for SvidApi {
+    async fn mint_x509_svid(
+        &self,
+        request: Request<MintX509SvidRequest>,
+    ) -> Result<Response<X509SvidResponse>, Status> {
+        let mut audit = AuditEvent::new("x509_svid.mint", peer_of(&request));
+        audit.evidence_type = Some(EvidenceType::JoinToken);
+        match self.mint(request.into_inner(), &mut audit).await {
+            Ok(resp) => Ok(Response::new(resp)),
+            Err(r) => Err(refuse(&self.shared, audit, r).await),
+        }
+    }
+
+    async fn renew_x509_svid(
+        &self,
+        request: Request<RenewX509SvidRequest>,
+    ) -> Result<Response<X509SvidResponse>, Status> {
+        let mut audit = AuditEvent::new("x509_svid.renew", peer_of(&request));
+        audit.evidence_type = Some(EvidenceType::X509Svid);
+        let peer_certs = request
+            .peer_certs()
+            .map(|certs| certs.iter().map(|c| c.to_vec()).collect());
+        match self
+            .renew(peer_certs, request.into_inner(), &mut audit)
+            .await
+        {
+            Ok(resp) => Ok(Response::new(resp)),
+            Err(r) => Err(refuse(&self.shared, audit, r).await),
+        }
+    }
+}

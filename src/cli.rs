@@ -1,0 +1,568 @@
+//! Command-line interface. Every failure prints one line,
+//! `error[<stable code>]: <what happened>`, and exits non-zero.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use herald_ca::svid::parse_x509_svid;
+use herald_client::files::{self, SvidFiles};
+use herald_client::{ClientError, ClientIdentity, HeraldClient, keys};
+use herald_core::{AuditEvent, EvidenceType, SpiffeId};
+use herald_proto::v1::X509SvidResponse;
+use herald_server::config::{DEV_DATA_DIR, ServerConfig};
+use herald_store::{NewJoinToken, Store};
+
+/// Herald: attested machine identity, short-lived credentials.
+#[derive(Parser, Debug)]
+#[command(name = "herald", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server.
+    Server(ConfigArgs),
+    /// Manage join tokens (one-time bootstrap and break-glass evidence).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Mint, renew and inspect X.509 SVIDs.
+    #[command(subcommand)]
+    Svid(SvidCommand),
+    /// Inspect the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Revoke an issued credential so it can no longer be renewed.
+    Revoke {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Serial number (hex) of the credential.
+        #[arg(long)]
+        serial: String,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+    },
+}
+
+/// Where the server's configuration comes from.
+#[derive(Args, Debug, Clone)]
+struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "HERALD_CONFIG", conflicts_with = "dev")]
+    config: Option<PathBuf>,
+    /// Use the embedded development defaults (data in ./.herald-dev).
+    #[arg(long)]
+    dev: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a join token bound to one SPIFFE ID; prints the token on stdout.
+    Create {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The SPIFFE ID the token mints.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Token lifetime (e.g. 10m, 1h); defaults to join_token.default_ttl.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// List join tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SvidCommand {
+    /// Mint an X.509 SVID with a join token: the key is generated here and never leaves this machine.
+    Mint {
+        /// The join token (or set HERALD_JOIN_TOKEN, which keeps it out of the process list).
+        #[arg(long, env = "HERALD_JOIN_TOKEN", hide_env_values = true)]
+        join_token: String,
+        /// Server address.
+        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        server: String,
+        /// Trust bundle (PEM) to verify the server with, e.g. the server's <data_dir>/bundle.pem.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Directory for svid.pem, svid.key (0600) and bundle.pem.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Renew the SVID in a directory over mTLS, with a new key.
+    Renew {
+        /// Server address.
+        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        server: String,
+        /// Directory holding svid.pem, svid.key and bundle.pem; replaced atomically.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show an X.509 SVID (PEM or DER file).
+    Show {
+        /// The certificate file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Recompute the audit log's hash chain and report the first broken record.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// First sequence number to check.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Last sequence number to check (default: the end).
+        #[arg(long)]
+        to: Option<u64>,
+    },
+}
+
+/// A one-line CLI error with a stable code.
+#[derive(Debug)]
+pub struct CliError {
+    code: String,
+    message: String,
+}
+
+impl CliError {
+    fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "error[{}]: {}", self.code, self.message)
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        // ClientError's Display is already "error[code]: message".
+        let text = e.to_string();
+        match text
+            .strip_prefix("error[")
+            .and_then(|r| r.split_once("]: "))
+        {
+            Some((code, msg)) => CliError::new(code, msg),
+            None => CliError::new("internal", text),
+        }
+    }
+}
+
+impl From<herald_store::StoreError> for CliError {
+    fn from(e: herald_store::StoreError) -> Self {
+        match e {
+            herald_store::StoreError::AuditChainBroken { seq, reason } => CliError::new(
+                "audit_chain_broken",
+                format!("audit record {seq}: {reason}"),
+            ),
+            other => CliError::new("store_unavailable", other.to_string()),
+        }
+    }
+}
+
+impl From<herald_server::ServerError> for CliError {
+    fn from(e: herald_server::ServerError) -> Self {
+        let code = match e {
+            herald_server::ServerError::Config(_) => "config",
+            herald_server::ServerError::Store(_) => "store_unavailable",
+            _ => "startup",
+        };
+        CliError::new(code, e.to_string())
+    }
+}
+
+fn load_config(args: &ConfigArgs) -> Result<ServerConfig, CliError> {
+    let mut cfg = match (&args.config, args.dev) {
+        (Some(path), _) => ServerConfig::from_file(path)?,
+        (None, true) => ServerConfig::dev(Path::new(DEV_DATA_DIR))?,
+        (None, false) => {
+            return Err(CliError::new(
+                "config",
+                "give --config FILE (or HERALD_CONFIG), or --dev for the development defaults",
+            ));
+        }
+    };
+    cfg.apply_env(|k| std::env::var(k).ok())?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+async fn open_store(cfg: &ServerConfig) -> Result<Store, CliError> {
+    if cfg.database_url().starts_with("sqlite") && !cfg.data_dir.exists() {
+        return Err(CliError::new(
+            "config",
+            format!(
+                "data directory {} does not exist; start the server first",
+                cfg.data_dir.display()
+            ),
+        ));
+    }
+    Ok(Store::open(&cfg.database_url()).await?)
+}
+
+/// Who is at the keyboard, for audit records.
+fn operator() -> String {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().next().map(str::to_owned))
+        });
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    format!("operator:{user}(uid={})", uid.unwrap_or_else(|| "?".into()))
+}
+
+fn operator_event(action: &str) -> AuditEvent {
+    let mut e = AuditEvent::new(action, operator());
+    e.evidence_type = Some(EvidenceType::Operator);
+    e.policy = Some("cli".into());
+    e
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Server(args) => server(args).await,
+        Command::Token(TokenCommand::Create {
+            config,
+            spiffe_id,
+            ttl,
+        }) => token_create(config, spiffe_id, ttl).await,
+        Command::Token(TokenCommand::List { config }) => token_list(config).await,
+        Command::Svid(SvidCommand::Mint {
+            join_token,
+            server,
+            bundle,
+            out,
+        }) => svid_mint(join_token, server, bundle, out).await,
+        Command::Svid(SvidCommand::Renew { server, out }) => svid_renew(server, out).await,
+        Command::Svid(SvidCommand::Show { file }) => svid_show(&file),
+        Command::Audit(AuditCommand::Verify { config, from, to }) => {
+            audit_verify(config, from, to).await
+        }
+        Command::Revoke {
+            config,
+            serial,
+            reason,
+        } => revoke(config, serial, reason).await,
+    }
+}
+
+async fn server(args: ConfigArgs) -> Result<(), CliError> {
+    let cfg = load_config(&args)?;
+    let td = cfg.trust_domain.clone();
+    let data_dir = cfg.data_dir.clone();
+    let dev = args.dev;
+    let started = std::time::Instant::now();
+    let running = herald_server::start(cfg).await?;
+    let grpc = format!("https://{}", running.grpc_addr);
+    println!(
+        "herald server ready in {} ms",
+        started.elapsed().as_millis()
+    );
+    println!("  trust domain  {td}");
+    println!("  gRPC (TLS)    {grpc}");
+    println!(
+        "  HTTP          http://{}  (/v1/bundle, /v1/bundle.pem, /healthz, /readyz)",
+        running.http_addr
+    );
+    println!("  data dir      {}", data_dir.display());
+    let cfg_flag = if dev {
+        "--dev".to_owned()
+    } else {
+        format!(
+            "--config {}",
+            args.config
+                .as_deref()
+                .unwrap_or(Path::new("herald.toml"))
+                .display()
+        )
+    };
+    println!("next, in another shell:");
+    println!("  T=$(herald token create {cfg_flag} --spiffe-id spiffe://{td}/demo)");
+    println!(
+        "  herald svid mint --join-token \"$T\" --server {grpc} --bundle {} --out ./svid",
+        data_dir.join("bundle.pem").display()
+    );
+    println!(
+        "listening grpc={} http={}",
+        running.grpc_addr, running.http_addr
+    );
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn token_create(
+    config: ConfigArgs,
+    spiffe_id: String,
+    ttl: Option<Duration>,
+) -> Result<(), CliError> {
+    let cfg = load_config(&config)?;
+    let id = SpiffeId::parse(&spiffe_id)
+        .map_err(|e| CliError::new("invalid_request", format!("--spiffe-id: {e}")))?;
+    if id.trust_domain() != &cfg.trust_domain {
+        return Err(CliError::new(
+            "invalid_request",
+            format!("{id} is not in trust domain {}", cfg.trust_domain),
+        ));
+    }
+    if id.path().is_empty() {
+        return Err(CliError::new(
+            "invalid_request",
+            "a join token's SPIFFE ID needs a path",
+        ));
+    }
+    let ttl = ttl.unwrap_or(cfg.join_token.default_ttl);
+    if ttl > cfg.join_token.max_ttl {
+        return Err(CliError::new(
+            "ttl_too_long",
+            format!(
+                "--ttl {} exceeds join_token.max_ttl {}",
+                humantime::format_duration(ttl),
+                humantime::format_duration(cfg.join_token.max_ttl)
+            ),
+        ));
+    }
+    if ttl.is_zero() {
+        return Err(CliError::new("invalid_request", "--ttl must be positive"));
+    }
+    let store = open_store(&cfg).await?;
+    let token = herald_server::join_token::generate()
+        .map_err(|_| CliError::new("internal", "system RNG failed"))?;
+    let now = herald_server::unix_now();
+    let mut audit = operator_event("join_token.create");
+    audit.spiffe_id = Some(id.to_string());
+    audit.evidence_digest = Some(hex::encode(token.hash));
+    audit.serial = Some(token.token_id.clone());
+    store
+        .create_join_token(
+            NewJoinToken {
+                token_hash: token.hash,
+                token_id: token.token_id.clone(),
+                spiffe_id: id.to_string(),
+                created_at: now,
+                expires_at: now + ttl.as_secs() as i64,
+                created_by: operator(),
+            },
+            audit,
+        )
+        .await?;
+    store.close().await;
+    eprintln!(
+        "join token {} for {id}, single use, expires in {}",
+        token.token_id,
+        humantime::format_duration(ttl)
+    );
+    println!("{}", token.token);
+    Ok(())
+}
+
+async fn token_list(config: ConfigArgs) -> Result<(), CliError> {
+    let cfg = load_config(&config)?;
+    let store = open_store(&cfg).await?;
+    let now = herald_server::unix_now();
+    println!(
+        "{:<18} {:<8} {:<22} SPIFFE ID",
+        "TOKEN ID", "STATE", "EXPIRES"
+    );
+    for t in store.list_join_tokens().await? {
+        let state = if t.used_at.is_some() {
+            "used"
+        } else if t.expires_at <= now {
+            "expired"
+        } else {
+            "unused"
+        };
+        println!(
+            "{:<18} {:<8} {:<22} {}",
+            t.token_id,
+            state,
+            rfc3339(t.expires_at),
+            t.spiffe_id
+        );
+    }
+    store.close().await;
+    Ok(())
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+fn read_bundle(path: &Path) -> Result<Vec<Vec<u8>>, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::new("io", format!("{}: {e}", path.display())))?;
+    let certs = files::from_pem("CERTIFICATE", &text)
+        .map_err(|e| CliError::new("io", format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(CliError::new(
+            "io",
+            format!("{}: no certificates", path.display()),
+        ));
+    }
+    Ok(certs)
+}
+
+fn report_svid(verb: &str, resp: &X509SvidResponse, out: &Path) {
+    println!(
+        "{verb} {} serial {} expires {} -> {}",
+        resp.spiffe_id,
+        resp.serial,
+        rfc3339(resp.expires_at),
+        out.join(files::SVID_FILE).display()
+    );
+}
+
+async fn svid_mint(
+    join_token: String,
+    server: String,
+    bundle: PathBuf,
+    out: PathBuf,
+) -> Result<(), CliError> {
+    let anchors = read_bundle(&bundle)?;
+    let kc = keys::generate_key_and_csr()?;
+    let client = HeraldClient::connect(&server, &anchors, None).await?;
+    let resp = client.mint_x509_svid(join_token.trim(), kc.csr_der).await?;
+    files::write_svid_dir(
+        &out,
+        &SvidFiles {
+            cert_chain: resp.cert_chain.clone(),
+            key_pkcs8: kc.key_pkcs8,
+            bundle: resp.bundle.clone(),
+        },
+    )?;
+    report_svid("minted", &resp, &out);
+    Ok(())
+}
+
+async fn svid_renew(server: String, out: PathBuf) -> Result<(), CliError> {
+    let current = files::read_svid_dir(&out)?;
+    let client = HeraldClient::connect(
+        &server,
+        &current.bundle,
+        Some(ClientIdentity {
+            cert_chain: current.cert_chain.clone(),
+            key_pkcs8: current.key_pkcs8.clone(),
+        }),
+    )
+    .await?;
+    let kc = keys::generate_key_and_csr()?;
+    let resp = client.renew_x509_svid(kc.csr_der).await?;
+    files::write_svid_dir(
+        &out,
+        &SvidFiles {
+            cert_chain: resp.cert_chain.clone(),
+            key_pkcs8: kc.key_pkcs8,
+            bundle: resp.bundle.clone(),
+        },
+    )?;
+    report_svid("renewed", &resp, &out);
+    Ok(())
+}
+
+fn svid_show(file: &Path) -> Result<(), CliError> {
+    let bytes =
+        std::fs::read(file).map_err(|e| CliError::new("io", format!("{}: {e}", file.display())))?;
+    let ders = match std::str::from_utf8(&bytes) {
+        Ok(text) if text.contains("-----BEGIN") => {
+            files::from_pem("CERTIFICATE", text).map_err(|e| CliError::new("io", e))?
+        }
+        _ => vec![bytes],
+    };
+    let leaf = ders
+        .first()
+        .ok_or_else(|| CliError::new("invalid_request", "no certificate in the file"))?;
+    let info = parse_x509_svid(leaf).map_err(|e| CliError::new("svid_invalid", e.to_string()))?;
+    let now = herald_server::unix_now();
+    let state = if now < info.not_before {
+        "not yet valid"
+    } else if now >= info.not_after {
+        "EXPIRED"
+    } else {
+        "valid"
+    };
+    println!("SPIFFE ID   {}", info.spiffe_id);
+    println!("serial      {}", info.serial_hex);
+    println!("not before  {}", rfc3339(info.not_before));
+    println!("not after   {} ({state})", rfc3339(info.not_after));
+    println!("issuer      {}", info.issuer);
+    println!("key sha256  {}", info.spki_sha256);
+    if !info.dns_names.is_empty() {
+        println!("DNS names   {}", info.dns_names.join(", "));
+    }
+    println!("chain       {} certificate(s)", ders.len());
+    Ok(())
+}
+
+async fn audit_verify(config: ConfigArgs, from: u64, to: Option<u64>) -> Result<(), CliError> {
+    let cfg = load_config(&config)?;
+    let store = open_store(&cfg).await?;
+    let report = store.verify_audit_chain(from, to).await;
+    store.close().await;
+    let report = report?;
+    println!(
+        "audit chain intact: {} records (seq {}..={})",
+        report.records, report.first_seq, report.last_seq
+    );
+    Ok(())
+}
+
+async fn revoke(config: ConfigArgs, serial: String, reason: String) -> Result<(), CliError> {
+    let cfg = load_config(&config)?;
+    let serial = serial.trim().to_ascii_lowercase();
+    if serial.is_empty() || !serial.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(CliError::new("invalid_request", "--serial must be hex"));
+    }
+    let store = open_store(&cfg).await?;
+    let mut audit = operator_event("credential.revoke");
+    audit.serial = Some(serial.clone());
+    let found = store.revoke(&serial, &reason, &operator(), audit).await;
+    store.close().await;
+    if !found? {
+        return Err(CliError::new(
+            "not_found",
+            format!("no credential with serial {serial}"),
+        ));
+    }
+    println!("revoked {serial}");
+    Ok(())
+}

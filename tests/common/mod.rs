@@ -1,0 +1,212 @@
+//! Harness for end-to-end tests: runs the real `herald` binary.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TRUST_DOMAIN: &str = "e2e.herald.test";
+/// A fixed test KEK (tests need it to reach into the CA like an attacker or operator would).
+pub const KEK_HEX: &str = "4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b";
+
+pub fn herald_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_herald")
+}
+
+/// A server's data directory and configuration file.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+}
+
+impl Site {
+    pub fn new() -> Self {
+        Self::with_extra("")
+    }
+
+    /// `extra` is appended to the TOML (e.g. an `[svid]` section).
+    pub fn with_extra(extra: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let kek = dir.path().join("kek");
+        std::fs::write(&kek, KEK_HEX).unwrap();
+        std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let data = dir.path().join("data");
+        let cfg = format!(
+            "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n{extra}\n",
+            data.display(),
+            kek.display()
+        );
+        std::fs::write(dir.path().join("herald.toml"), cfg).unwrap();
+        Self { dir }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("herald.toml")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn db_url(&self) -> String {
+        format!("sqlite://{}", self.data_dir().join("herald.db").display())
+    }
+
+    pub fn bundle_pem(&self) -> PathBuf {
+        self.data_dir().join("bundle.pem")
+    }
+
+    pub fn start(&self) -> Server {
+        Server::start(&self.config())
+    }
+
+    /// Runs `herald <args>` with this site's config in the environment.
+    pub fn herald(&self, args: &[&str]) -> Output {
+        Command::new(herald_bin())
+            .args(args)
+            .env("HERALD_CONFIG", self.config())
+            .env_remove("HERALD_KEK")
+            .output()
+            .unwrap()
+    }
+
+    /// `herald token create`, returning the token.
+    pub fn token(&self, spiffe_id: &str) -> String {
+        let out = self.herald(&["token", "create", "--spiffe-id", spiffe_id, "--ttl", "10m"]);
+        assert!(
+            out.status.success(),
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+}
+
+/// A running `herald server`; killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub startup_line: String,
+}
+
+impl Server {
+    pub fn start(config: &Path) -> Server {
+        let mut child = Command::new(herald_bin())
+            .args(["server", "--config"])
+            .arg(config)
+            .env("HERALD_LOG", "warn")
+            .env_remove("HERALD_KEK")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut reader = BufReader::new(stdout);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut first = String::new();
+        loop {
+            let mut line = String::new();
+            let n = reader.read_line(&mut line).unwrap();
+            assert!(n > 0, "herald server exited before it was ready");
+            if first.is_empty() {
+                first = line.clone();
+            }
+            if let Some(rest) = line.trim().strip_prefix("listening ") {
+                let mut grpc = None;
+                let mut http = None;
+                for kv in rest.split_whitespace() {
+                    match kv.split_once('=') {
+                        Some(("grpc", v)) => grpc = Some(v.parse().unwrap()),
+                        Some(("http", v)) => http = Some(v.parse().unwrap()),
+                        _ => {}
+                    }
+                }
+                // Keep draining stdout so the server never blocks on a full pipe.
+                std::thread::spawn(move || for _ in reader.lines() {});
+                return Server {
+                    child,
+                    grpc: grpc.unwrap(),
+                    http: http.unwrap(),
+                    startup_line: first,
+                };
+            }
+            assert!(Instant::now() < deadline, "server not ready in time");
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.grpc)
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "server exited with {status}");
+    }
+
+    /// Plain HTTP GET on the server's HTTP listener; returns (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.http).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp[9..12].parse().unwrap();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a command succeeded, printing its output if not.
+pub fn ok(o: Output) -> Output {
+    assert!(
+        o.status.success(),
+        "command failed\nstdout: {}\nstderr: {}",
+        stdout(&o),
+        stderr(&o)
+    );
+    o
+}
+
+/// Checks a required external tool is installed; fails loudly (never skips) when it is not.
+pub fn require_tool(name: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is required by this test (install it: see .ci/run)"
+    );
+}

@@ -1,0 +1,370 @@
+//! End to end through the real binary: mint with a join token, verify with
+//! openssl, renew over mTLS, restart, audit.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::*;
+
+fn openssl_verify(
+    bundle: &std::path::Path,
+    svid: &std::path::Path,
+    purpose: &str,
+) -> (bool, String) {
+    let out = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(bundle)
+        .args(["-purpose", purpose])
+        .arg(svid)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
+}
+
+#[test]
+fn mint_verify_with_openssl_renew_and_show() {
+    require_tool("openssl");
+    let site = Site::new();
+    let server = site.start();
+    assert!(
+        server.startup_line.contains("ready"),
+        "{}",
+        server.startup_line
+    );
+    let id = format!("spiffe://{TRUST_DOMAIN}/ci/deployer");
+    let token = site.token(&id);
+    let out_dir = site.dir.path().join("svid");
+
+    let minted = ok(site.herald(&[
+        "svid",
+        "mint",
+        "--join-token",
+        &token,
+        "--server",
+        &server.url(),
+        "--bundle",
+        site.bundle_pem().to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]));
+    assert!(stdout(&minted).contains(&id), "{}", stdout(&minted));
+
+    let svid = out_dir.join("svid.pem");
+    let key_mode = std::fs::metadata(out_dir.join("svid.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(key_mode, 0o600, "svid.key must be 0600");
+    let (ok_client, msg) = openssl_verify(&out_dir.join("bundle.pem"), &svid, "sslclient");
+    assert!(
+        ok_client,
+        "openssl rejected the SVID for client auth: {msg}"
+    );
+    let (ok_server, msg) = openssl_verify(&out_dir.join("bundle.pem"), &svid, "sslserver");
+    assert!(
+        ok_server,
+        "openssl rejected the SVID for server auth: {msg}"
+    );
+
+    let shown = ok(site.herald(&["svid", "show", svid.to_str().unwrap()]));
+    let text = stdout(&shown);
+    assert!(text.contains(&id) && text.contains("(valid)"), "{text}");
+    let serial_before = text
+        .lines()
+        .find_map(|l| l.strip_prefix("serial      "))
+        .unwrap()
+        .to_owned();
+
+    let renewed = ok(site.herald(&[
+        "svid",
+        "renew",
+        "--server",
+        &server.url(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]));
+    assert!(stdout(&renewed).contains(&id));
+    let text = stdout(&ok(site.herald(&["svid", "show", svid.to_str().unwrap()])));
+    let serial_after = text
+        .lines()
+        .find_map(|l| l.strip_prefix("serial      "))
+        .unwrap()
+        .to_owned();
+    assert_ne!(
+        serial_before, serial_after,
+        "renewal issues a new certificate"
+    );
+    let (ok_client, msg) = openssl_verify(&out_dir.join("bundle.pem"), &svid, "sslclient");
+    assert!(ok_client, "renewed SVID rejected: {msg}");
+
+    // The same token cannot mint twice.
+    let again = site.herald(&[
+        "svid",
+        "mint",
+        "--join-token",
+        &token,
+        "--server",
+        &server.url(),
+        "--bundle",
+        site.bundle_pem().to_str().unwrap(),
+        "--out",
+        site.dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("error[join_token_used]"),
+        "{}",
+        stderr(&again)
+    );
+
+    // HTTP endpoints.
+    assert_eq!(server.http_get("/healthz").0, 200);
+    assert_eq!(server.http_get("/readyz").0, 200);
+    let (status, jwks) = server.http_get("/v1/bundle");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&jwks).unwrap();
+    assert_eq!(v["keys"][0]["use"], "x509-svid");
+    let (status, pem) = server.http_get("/v1/bundle.pem");
+    assert_eq!(status, 200);
+    assert_eq!(
+        pem,
+        std::fs::read_to_string(out_dir.join("bundle.pem")).unwrap()
+    );
+
+    let audit = ok(site.herald(&["audit", "verify"]));
+    assert!(
+        stdout(&audit).contains("audit chain intact"),
+        "{}",
+        stdout(&audit)
+    );
+    server.stop();
+}
+
+#[test]
+fn restarted_server_keeps_its_ca_tokens_and_audit_chain() {
+    let site = Site::new();
+    let server = site.start();
+    let id_a = format!("spiffe://{TRUST_DOMAIN}/node/a");
+    let id_b = format!("spiffe://{TRUST_DOMAIN}/node/b");
+    let token_a = site.token(&id_a);
+    let token_b = site.token(&id_b);
+    let dir_a = site.dir.path().join("a");
+    ok(site.herald(&[
+        "svid",
+        "mint",
+        "--join-token",
+        &token_a,
+        "--server",
+        &server.url(),
+        "--bundle",
+        site.bundle_pem().to_str().unwrap(),
+        "--out",
+        dir_a.to_str().unwrap(),
+    ]));
+    let bundle_before = std::fs::read_to_string(site.bundle_pem()).unwrap();
+    let records_before = stdout(&ok(site.herald(&["audit", "verify"])));
+    server.stop();
+
+    let server = site.start();
+    assert_eq!(
+        std::fs::read_to_string(site.bundle_pem()).unwrap(),
+        bundle_before,
+        "the CA survives a restart"
+    );
+    // Token B, created before the restart, still works; token A stays used.
+    let dir_b = site.dir.path().join("b");
+    ok(site.herald(&[
+        "svid",
+        "mint",
+        "--join-token",
+        &token_b,
+        "--server",
+        &server.url(),
+        "--bundle",
+        site.bundle_pem().to_str().unwrap(),
+        "--out",
+        dir_b.to_str().unwrap(),
+    ]));
+    let reuse = site.herald(&[
+        "svid",
+        "mint",
+        "--join-token",
+        &token_a,
+        "--server",
+        &server.url(),
+        "--bundle",
+        site.bundle_pem().to_str().unwrap(),
+        "--out",
+        site.dir.path().join("c").to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&reuse).contains("error[join_token_used]"),
+        "{}",
+        stderr(&reuse)
+    );
+    // The SVID minted before the restart renews after it.
+    ok(site.herald(&[
+        "svid",
+        "renew",
+        "--server",
+        &server.url(),
+        "--out",
+        dir_a.to_str().unwrap(),
+    ]));
+
+    let records_after = stdout(&ok(site.herald(&["audit", "verify"])));
+    let count = |s: &str| -> u64 {
+        s.split(": ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        count(&records_after) >= count(&records_before) + 3,
+        "{records_before} -> {records_after}"
+    );
+    server.stop();
+}
+
+#[test]
+fn tampering_with_one_audit_row_is_detected() {
+    let site = Site::new();
+    let server = site.start();
+    let token = site.token(&format!("spiffe://{TRUST_DOMAIN}/w"));
+    ok(site.herald(&[
+        "svid",
+        "mint",
+        "--join-token",
+        &token,
+        "--server",
+        &server.url(),
+        "--bundle",
+        site.bundle_pem().to_str().unwrap(),
+        "--out",
+        site.dir.path().join("s").to_str().unwrap(),
+    ]));
+    server.stop();
+    ok(site.herald(&["audit", "verify"]));
+
+    // An attacker with write access to the database file: the triggers stop
+    // casual edits, so drop them first, then rewrite history.
+    let db = site.data_dir().join("herald.db");
+    let sql = "DROP TRIGGER IF EXISTS audit_log_no_update; DROP TRIGGER IF EXISTS audit_log_no_delete; \
+               UPDATE audit_log SET caller = 'someone-else' WHERE seq = 2;";
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        // Triggers may have other names: drop every trigger on audit_log.
+        let names: Vec<(String,)> = sqlx::query_as(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit_log'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        for (name,) in names {
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP TRIGGER \"{name}\"")))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        let r = sqlx::query(sqlx::AssertSqlSafe(
+            sql.rsplit(';').nth(1).unwrap().trim().to_owned(),
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(r.rows_affected(), 1);
+    });
+    let out = site.herald(&["audit", "verify"]);
+    assert!(
+        !out.status.success(),
+        "tampering went unnoticed: {}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("error[audit_chain_broken]: audit record 2"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn cli_errors_are_one_line_with_a_stable_code() {
+    let site = Site::new();
+    let server = site.start();
+    let out = site.herald(&["token", "create", "--spiffe-id", "spiffe://other.org/x"]);
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("error[invalid_request]"));
+    let out = site.herald(&[
+        "token",
+        "create",
+        "--spiffe-id",
+        &format!("spiffe://{TRUST_DOMAIN}/x"),
+        "--ttl",
+        "100d",
+    ]);
+    assert!(
+        stderr(&out).contains("error[ttl_too_long]"),
+        "{}",
+        stderr(&out)
+    );
+    let out = site.herald(&[
+        "token",
+        "create",
+        "--spiffe-id",
+        &format!("spiffe://{TRUST_DOMAIN}/../x"),
+    ]);
+    assert!(
+        stderr(&out).contains("error[invalid_request]"),
+        "{}",
+        stderr(&out)
+    );
+    let out = site.herald(&[
+        "svid",
+        "mint",
+        "--join-token",
+        "garbage",
+        "--server",
+        &server.url(),
+        "--bundle",
+        site.bundle_pem().to_str().unwrap(),
+        "--out",
+        site.dir.path().join("z").to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&out).contains("error[join_token_malformed]"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !site.dir.path().join("z").exists(),
+        "nothing is written on failure"
+    );
+    let out = site.herald(&["revoke", "--serial", "abcdef"]);
+    assert!(
+        stderr(&out).contains("error[not_found]"),
+        "{}",
+        stderr(&out)
+    );
+    let listed = stdout(&ok(site.herald(&["token", "list"])));
+    assert!(listed.contains("TOKEN ID"));
+    server.stop();
+}
