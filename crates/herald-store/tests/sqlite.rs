@@ -1,0 +1,354 @@
+//! The datastore against real SQLite files.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use herald_core::{AuditEvent, ErrorCode, Outcome};
+use herald_store::{
+    CaKeyRecord, Commit, Committed, IssuedCredential, NewJoinToken, Store, StoreError,
+};
+
+const NOW: i64 = 1_800_000_000;
+
+async fn open(dir: &tempfile::TempDir) -> Store {
+    Store::open(&format!("sqlite://{}", dir.path().join("h.db").display()))
+        .await
+        .unwrap()
+}
+
+fn token(n: u8, expires_at: i64) -> NewJoinToken {
+    NewJoinToken {
+        token_hash: [n; 32],
+        token_id: format!("tok{n}"),
+        spiffe_id: format!("spiffe://td/t{n}"),
+        created_at: NOW - 10,
+        expires_at,
+        created_by: "test".into(),
+    }
+}
+
+fn issued(serial: &str) -> IssuedCredential {
+    IssuedCredential {
+        serial: serial.into(),
+        kind: "x509_svid".into(),
+        spiffe_id: "spiffe://td/w".into(),
+        not_before: NOW,
+        not_after: NOW + 3600,
+        issued_at: NOW,
+        evidence_type: "join_token".into(),
+        evidence_digest: Some("ab".into()),
+        policy: None,
+        parent_serial: None,
+        public_key_sha256: "cd".into(),
+        ca_key_id: "k1".into(),
+    }
+}
+
+fn mint(hash: Option<[u8; 32]>, serial: &str) -> Commit {
+    let mut audit = AuditEvent::new("x509_svid.mint", "peer:test");
+    audit.serial = Some(serial.into());
+    Commit {
+        consume_join_token: hash,
+        now_s: NOW,
+        issued: Some(issued(serial)),
+        audit,
+    }
+}
+
+#[tokio::test]
+async fn migrations_apply_and_reopen_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir).await;
+    s.ping().await.unwrap();
+    s.audit(AuditEvent::new("a", "c")).await.unwrap();
+    s.close().await;
+    let s = open(&dir).await;
+    assert_eq!(s.audit_records(0, 10).await.unwrap().len(), 1);
+    s.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_is_consumed_exactly_once_under_a_race() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir).await;
+    s.create_join_token(
+        token(1, NOW + 600),
+        AuditEvent::new("join_token.create", "t"),
+    )
+    .await
+    .unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.commit(mint(Some([1; 32]), &format!("{i:032x}")))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut done = 0;
+    let mut used = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Committed::Done { .. } => done += 1,
+            Committed::TokenRejected(ErrorCode::JoinTokenUsed) => used += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((done, used), (1, 49));
+    let records = s.audit_records(0, 1000).await.unwrap();
+    assert_eq!(records.len(), 51, "one creation + 50 decisions");
+    let denied: Vec<_> = records
+        .iter()
+        .filter(|r| r.event.outcome == Outcome::Denied)
+        .collect();
+    assert_eq!(denied.len(), 49);
+    assert!(
+        denied
+            .iter()
+            .all(|r| r.event.reason == Some(ErrorCode::JoinTokenUsed) && r.event.serial.is_none())
+    );
+    assert!(
+        s.join_token(&[1; 32])
+            .await
+            .unwrap()
+            .unwrap()
+            .used_at
+            .is_some()
+    );
+    s.verify_audit_chain(1, None).await.unwrap();
+    s.close().await;
+}
+
+#[tokio::test]
+async fn unknown_and_expired_tokens_get_their_codes_and_write_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir).await;
+    s.create_join_token(token(2, NOW - 1), AuditEvent::new("join_token.create", "t"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.commit(mint(Some([9; 32]), "aa")).await.unwrap(),
+        Committed::TokenRejected(ErrorCode::JoinTokenUnknown)
+    );
+    assert_eq!(
+        s.commit(mint(Some([2; 32]), "bb")).await.unwrap(),
+        Committed::TokenRejected(ErrorCode::JoinTokenExpired)
+    );
+    assert!(s.issued("aa").await.unwrap().is_none());
+    assert!(s.issued("bb").await.unwrap().is_none());
+    assert!(
+        s.join_token(&[2; 32])
+            .await
+            .unwrap()
+            .unwrap()
+            .used_at
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn an_issuance_and_its_audit_record_land_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir).await;
+    let Committed::Done { audit_seq } = s.commit(mint(None, "c0ffee")).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(s.issued("c0ffee").await.unwrap().unwrap(), issued("c0ffee"));
+    let rec = s.audit_records(audit_seq - 1, 1).await.unwrap().remove(0);
+    assert_eq!(rec.seq, audit_seq);
+    assert_eq!(rec.event.serial.as_deref(), Some("c0ffee"));
+    // A duplicate serial fails only its own commit; a concurrent good one lands.
+    let (a, b) = tokio::join!(s.commit(mint(None, "c0ffee")), s.commit(mint(None, "beef")));
+    assert!(a.is_err());
+    assert!(matches!(b.unwrap(), Committed::Done { .. }));
+    s.verify_audit_chain(1, None).await.unwrap();
+}
+
+#[tokio::test]
+async fn revocation_and_the_ca_key_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir).await;
+    s.commit(mint(None, "01")).await.unwrap();
+    assert!(!s.is_revoked("01").await.unwrap());
+    assert!(
+        s.revoke(
+            "01",
+            "compromise",
+            "op",
+            AuditEvent::new("credential.revoke", "op")
+        )
+        .await
+        .unwrap()
+    );
+    assert!(
+        s.revoke(
+            "01",
+            "again",
+            "op",
+            AuditEvent::new("credential.revoke", "op")
+        )
+        .await
+        .unwrap()
+    );
+    assert!(s.is_revoked("01").await.unwrap());
+    assert!(
+        !s.revoke(
+            "02",
+            "none",
+            "op",
+            AuditEvent::new("credential.revoke", "op")
+        )
+        .await
+        .unwrap()
+    );
+
+    assert_eq!(s.bundle_sequence().await.unwrap(), 0);
+    let key = |id: &str, created_at| CaKeyRecord {
+        key_id: id.into(),
+        kind: "x509".into(),
+        status: "active".into(),
+        cert_der: vec![1, 2],
+        chain_der: vec![],
+        encrypted_key: vec![3],
+        not_before: NOW,
+        not_after: NOW + 10,
+        created_at,
+    };
+    s.insert_ca_key(key("k1", 1), AuditEvent::new("ca.create", "server"))
+        .await
+        .unwrap();
+    s.insert_ca_key(key("k2", 2), AuditEvent::new("ca.create", "server"))
+        .await
+        .unwrap();
+    assert_eq!(s.bundle_sequence().await.unwrap(), 2);
+    let ids: Vec<_> = s
+        .ca_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.key_id)
+        .collect();
+    assert_eq!(ids, vec!["k1", "k2"]);
+    assert!(
+        s.insert_ca_key(key("k1", 3), AuditEvent::new("ca.create", "server"))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        s.bundle_sequence().await.unwrap(),
+        2,
+        "a failed insert changes nothing"
+    );
+    s.verify_audit_chain(1, None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_appending_keep_one_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = open(&dir).await;
+    let cli = open(&dir).await;
+    let mut tasks = Vec::new();
+    for i in 0..40u8 {
+        let (server, cli) = (server.clone(), cli.clone());
+        tasks.push(tokio::spawn(async move {
+            server
+                .commit(mint(None, &format!("{i:02x}")))
+                .await
+                .unwrap();
+            cli.create_join_token(
+                token(i, NOW + 60),
+                AuditEvent::new("join_token.create", "cli"),
+            )
+            .await
+            .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let report = cli.verify_audit_chain(1, None).await.unwrap();
+    assert_eq!(report.records, 80);
+    assert_eq!((report.first_seq, report.last_seq), (1, 80));
+    assert_eq!(
+        server
+            .verify_audit_chain(41, Some(60))
+            .await
+            .unwrap()
+            .records,
+        20
+    );
+}
+
+async fn raw(dir: &tempfile::TempDir, sql: &'static str) -> Result<u64, sqlx::Error> {
+    use sqlx::Connection;
+    let mut c =
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}", dir.path().join("h.db").display()))
+            .await?;
+    Ok(sqlx::query(sql).execute(&mut c).await?.rows_affected())
+}
+
+#[tokio::test]
+async fn the_audit_log_is_append_only_and_tampering_is_located() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir).await;
+    for i in 0..10 {
+        s.audit(AuditEvent::new(format!("a{i}"), "c"))
+            .await
+            .unwrap();
+    }
+    assert!(
+        raw(&dir, "UPDATE audit_log SET caller = 'x' WHERE seq = 4")
+            .await
+            .is_err(),
+        "trigger refuses UPDATE"
+    );
+    assert!(
+        raw(&dir, "DELETE FROM audit_log WHERE seq = 4")
+            .await
+            .is_err(),
+        "trigger refuses DELETE"
+    );
+    s.verify_audit_chain(1, None).await.unwrap();
+
+    raw(&dir, "DROP TRIGGER audit_log_no_update").await.unwrap();
+    raw(&dir, "DROP TRIGGER audit_log_no_delete").await.unwrap();
+    assert_eq!(
+        raw(&dir, "UPDATE audit_log SET caller = 'x' WHERE seq = 4")
+            .await
+            .unwrap(),
+        1
+    );
+    match s.verify_audit_chain(1, None).await {
+        Err(StoreError::AuditChainBroken { seq, .. }) => assert_eq!(seq, 4),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        s.verify_audit_chain(1, Some(3)).await.unwrap().records,
+        3,
+        "the part before is intact"
+    );
+    assert_eq!(
+        s.verify_audit_chain(5, None).await.unwrap().records,
+        6,
+        "the chain after links on"
+    );
+
+    assert_eq!(
+        raw(&dir, "DELETE FROM audit_log WHERE seq = 7")
+            .await
+            .unwrap(),
+        1
+    );
+    match s.verify_audit_chain(5, None).await {
+        Err(StoreError::AuditChainBroken { seq, reason }) => {
+            assert_eq!(seq, 7);
+            assert!(reason.contains("gap"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Truncating the tail is caught when the expected end is given.
+    assert!(matches!(
+        s.verify_audit_chain(8, Some(12)).await,
+        Err(StoreError::AuditChainBroken { .. })
+    ));
+}
