@@ -84,6 +84,17 @@ impl Site {
     }
 }
 
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A running `herald server`; killed on drop.
 pub struct Server {
     pub child: Child,
@@ -104,6 +115,8 @@ impl Server {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        // Until the server is handed over, a failed assertion must not leave it running.
+        let mut guard = ChildGuard(Some(child));
         let mut reader = BufReader::new(stdout);
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut first = String::new();
@@ -127,7 +140,7 @@ impl Server {
                 // Keep draining stdout so the server never blocks on a full pipe.
                 std::thread::spawn(move || for _ in reader.lines() {});
                 return Server {
-                    child,
+                    child: guard.0.take().unwrap(),
                     grpc: grpc.unwrap(),
                     http: http.unwrap(),
                     startup_line: first,

@@ -77,10 +77,10 @@ pub fn verify_csr(der: &[u8]) -> Result<VerifiedCsr, CaError> {
 
     if let Some(exts) = csr.requested_extensions() {
         for ext in exts {
-            if let ParsedExtension::BasicConstraints(bc) = ext {
-                if bc.ca {
-                    return Err(CaError::CsrRequestsCa);
-                }
+            if let ParsedExtension::BasicConstraints(bc) = ext
+                && bc.ca
+            {
+                return Err(CaError::CsrRequestsCa);
             }
         }
     }

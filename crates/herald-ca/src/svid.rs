@@ -102,10 +102,11 @@ pub fn parse_x509_svid(der: &[u8]) -> Result<SvidInfo, SvidError> {
     if spiffe_id.path().is_empty() {
         return Err(not_svid("a leaf SVID's SPIFFE ID must have a path"));
     }
-    if let Ok(Some(bc)) = cert.basic_constraints() {
-        if bc.value.ca {
-            return Err(not_svid("a leaf SVID must have cA=false"));
-        }
+    let bc = cert
+        .basic_constraints()
+        .map_err(|e| SvidError::Malformed(e.to_string()))?;
+    if bc.is_some_and(|bc| bc.value.ca) {
+        return Err(not_svid("a leaf SVID must have cA=false"));
     }
     let ku = cert
         .key_usage()

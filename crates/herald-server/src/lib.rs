@@ -156,26 +156,26 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         ca: RwLock::new(ca_state),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
-
-    tasks.push(tokio::spawn(serve_grpc(
-        shared.clone(),
-        grpc_listener,
-        acceptor,
-        shutdown_rx.clone(),
-    )));
-    tasks.push(tokio::spawn(http::serve(
-        shared.clone(),
-        http_listener,
-        shutdown_rx.clone(),
-    )));
-    tasks.push(tokio::spawn(rotate_server_cert(
-        shared.clone(),
-        cert,
-        ips,
-        identity.not_after,
-        shutdown_rx,
-    )));
+    let tasks = vec![
+        tokio::spawn(serve_grpc(
+            shared.clone(),
+            grpc_listener,
+            acceptor,
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(http::serve(
+            shared.clone(),
+            http_listener,
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(rotate_server_cert(
+            shared.clone(),
+            cert,
+            ips,
+            identity.not_after,
+            shutdown_rx,
+        )),
+    ];
 
     Ok(RunningServer {
         grpc_addr,

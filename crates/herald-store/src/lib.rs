@@ -564,13 +564,14 @@ impl Store {
                 break;
             }
         }
-        if let Some(t) = to {
-            if report.last_seq < t && t >= from {
-                return Err(StoreError::AuditChainBroken {
-                    seq: expected,
-                    reason: "record is missing".into(),
-                });
-            }
+        if let Some(t) = to
+            && report.last_seq < t
+            && t >= from
+        {
+            return Err(StoreError::AuditChainBroken {
+                seq: expected,
+                reason: "record is missing".into(),
+            });
         }
         Ok(report)
     }
