@@ -132,6 +132,57 @@ struct Run {
     rate: f64,
     p50: Duration,
     p99: Duration,
+    /// CPU cores busy on average (this process: server and clients).
+    cores: f64,
+    /// Server CPU per request.
+    server_cpu: Duration,
+    /// Client CPU per request.
+    client_cpu: Duration,
+}
+
+/// CPU time so far of this process's threads, split into the server's
+/// (tokio workers named `herald-server` plus sqlx's SQLite threads) and the
+/// benchmark clients' (`bench-client`).
+fn cpu_split() -> (Duration, Duration) {
+    let mut server = 0u64;
+    let mut client = 0u64;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+                continue;
+            };
+            let Some((head, rest)) = stat.split_once(") ") else {
+                continue;
+            };
+            let comm = head.rsplit('(').next().unwrap_or("");
+            let f: Vec<&str> = rest.split(' ').collect();
+            let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            if comm.starts_with("herald-server") || comm.starts_with("sqlx-sqlite") {
+                server += ticks;
+            } else if comm.starts_with("bench-client") {
+                client += ticks;
+            }
+        }
+    }
+    (
+        Duration::from_millis(server * 10),
+        Duration::from_millis(client * 10),
+    )
+}
+
+/// User + system CPU time of this process so far.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of /proc/PID/stat (11 and 12 after the comm field).
+    Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / 100.0)
 }
 
 /// Runs `n` calls of `op(i)` over `conc` concurrent tasks; `pace` = Some(rate) paces an open loop.
@@ -142,6 +193,8 @@ where
 {
     let op = Arc::new(op);
     let next = Arc::new(AtomicUsize::new(0));
+    let cpu0 = cpu_time();
+    let (srv0, cli0) = cpu_split();
     let start = Instant::now();
     let tasks: Vec<_> = (0..conc)
         .map(|_| {
@@ -178,17 +231,35 @@ where
         rate: per_sec(n, elapsed),
         p50: percentile(&all, 0.5),
         p99: percentile(&all, 0.99),
+        cores: (cpu_time() - cpu0).as_secs_f64() / elapsed.as_secs_f64(),
+        server_cpu: cpu_split().0.saturating_sub(srv0) / n as u32,
+        client_cpu: cpu_split().1.saturating_sub(cli0) / n as u32,
     }
+}
+
+fn conc_store() -> usize {
+    64
 }
 
 fn print_run(name: &str, r: &Run, ceiling: f64) {
     println!(
-        "  {name:<28} {:>8.0}/s   p50 {:>6.2} ms   p99 {:>6.2} ms   {:>5.1}% of ceiling",
+        "  {name:<26} {:>6.0}/s  p50 {:>5.2} ms  p99 {:>5.2} ms  {:>4.1}% of ceiling  | CPU {:.2} cores: server {:>3.0} µs/req, clients {:>3.0} µs/req",
         r.rate,
         r.p50.as_secs_f64() * 1e3,
         r.p99.as_secs_f64() * 1e3,
-        100.0 * r.rate / ceiling
+        100.0 * r.rate / ceiling,
+        r.cores,
+        us(r.server_cpu),
+        us(r.client_cpu),
     );
+    if r.server_cpu > Duration::ZERO {
+        let capacity = 2.0 / r.server_cpu.as_secs_f64();
+        println!(
+            "  {:<26} server alone on both cores: {capacity:>6.0}/s = {:.1}% of ceiling",
+            "",
+            100.0 * capacity / ceiling
+        );
+    }
 }
 
 fn main() {
@@ -209,8 +280,18 @@ fn main() {
     println!("  1 thread   {c1:>8.0}/s ({:.1} µs each)", 1e6 / c1);
     println!("  2 threads  {c2:>8.0}/s   <- ceiling for the ratios below");
 
+    // Server and clients share the 2 cores but run on separate runtimes with
+    // named threads, so each side's CPU per request can be reported.
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("herald-server")
+        .enable_all()
+        .build()
+        .unwrap();
+    let sh = server_rt.handle().clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("bench-client")
         .enable_all()
         .build()
         .unwrap();
@@ -229,7 +310,7 @@ fn main() {
         );
         let cfg = herald_server::ServerConfig::from_toml(&toml).unwrap();
         let t0 = Instant::now();
-        let server = herald_server::start(cfg).await.unwrap();
+        let server = sh.spawn(herald_server::start(cfg)).await.unwrap().unwrap();
         println!("## server cold start (new SQLite DB, CA generation, listeners): {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
         let url = format!("https://{}", server.grpc_addr);
         let anchors = server.shared.ca().bundle.x509_authorities.clone();
@@ -258,9 +339,52 @@ fn main() {
         }
         let tokens = Arc::new(tokens);
 
+        // The store on its own: where the non-crypto time goes.
+        let m = n.min(4000);
+        let st = store.clone();
+        let hashes: Arc<Vec<[u8; 32]>> = Arc::new(tokens.iter().map(|t| herald_server::join_token::parse(t).unwrap()).collect());
+        let hs = hashes.clone();
+        let reads = sh
+            .spawn(drive(m, conc_store(), None, move |i| {
+                let (st, hs) = (st.clone(), hs.clone());
+                async move {
+                    st.join_token(&hs[i]).await.unwrap().unwrap();
+                }
+            }))
+            .await
+            .unwrap();
+        let st = store.clone();
+        let commits = sh.spawn(drive(m, conc_store(), None, move |i| {
+            let st = st.clone();
+            async move {
+                let mut audit = herald_core::AuditEvent::new("bench.commit", "bench");
+                audit.serial = Some(format!("ff{i:030x}"));
+                let issued = herald_store::IssuedCredential {
+                    serial: format!("ff{i:030x}"),
+                    kind: "x509_svid".into(),
+                    spiffe_id: format!("spiffe://{TD}/bench/c"),
+                    not_before: 0,
+                    not_after: 1,
+                    issued_at: 0,
+                    evidence_type: "join_token".into(),
+                    evidence_digest: None,
+                    policy: None,
+                    parent_serial: None,
+                    public_key_sha256: String::new(),
+                    ca_key_id: String::new(),
+                };
+                st.commit(herald_store::Commit { consume_join_token: None, now_s: 0, issued: Some(issued), audit }).await.unwrap();
+            }
+        }))
+        .await
+        .unwrap();
+        println!("## the store alone (SQLite via sqlx), {} concurrent", conc_store());
+        println!("  token lookup (pool read)   {:>8.0}/s   {:>5.1} µs server CPU each", reads.rate, us(reads.server_cpu));
+        println!("  issuance+audit commit      {:>8.0}/s   {:>5.1} µs server CPU each (group commit, one fsync per batch)", commits.rate, us(commits.server_cpu));
+
         // A pool of connections; HTTP/2 multiplexes the concurrent calls over them.
         let conns = 4;
-        let conc = 32;
+        let conc: usize = std::env::var("HERALD_BENCH_CONC").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
         let mut clients = Vec::new();
         for _ in 0..conns {
             clients.push(HeraldClient::connect(&url, &anchors, None).await.unwrap());
@@ -311,6 +435,7 @@ fn main() {
 
         let report = store.verify_audit_chain(1, None).await.unwrap();
         println!("## audit chain verified: {} records", report.records);
-        server.shutdown().await;
+        sh.spawn(server.shutdown()).await.unwrap();
     });
+    drop(server_rt);
 }

@@ -185,17 +185,20 @@ impl SvidApi {
         audit.spiffe_id = Some(current.spiffe_id.to_string());
         audit.policy = Some("renewal".into());
         let store = &self.shared.store;
-        if store.issued(&current.serial_hex).await?.is_none() {
-            return Err(Refusal::new(
-                ErrorCode::SvidInvalid,
-                "the presented SVID was not issued by this server",
-            ));
-        }
-        if store.is_revoked(&current.serial_hex).await? {
-            return Err(Refusal::new(
-                ErrorCode::SvidRevoked,
-                "the presented SVID has been revoked",
-            ));
+        match store.credential_status(&current.serial_hex).await? {
+            None => {
+                return Err(Refusal::new(
+                    ErrorCode::SvidInvalid,
+                    "the presented SVID was not issued by this server",
+                ));
+            }
+            Some(status) if status.revoked => {
+                return Err(Refusal::new(
+                    ErrorCode::SvidRevoked,
+                    "the presented SVID has been revoked",
+                ));
+            }
+            Some(_) => {}
         }
         let csr = verify_csr(&req.csr)?;
         if csr.spki_sha256 == current.spki_sha256 {

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod audit_chain;
+mod reader;
 mod writer;
 
 use std::str::FromStr;
@@ -117,6 +118,17 @@ pub struct IssuedCredential {
     pub ca_key_id: String,
 }
 
+/// What the store knows of an issued credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialStatus {
+    /// The SPIFFE ID it was issued for.
+    pub spiffe_id: String,
+    /// Its notAfter, Unix seconds.
+    pub not_after: i64,
+    /// Whether it has been revoked.
+    pub revoked: bool,
+}
+
 /// A CA key-ring entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaKeyRecord {
@@ -198,6 +210,7 @@ pub struct Store {
 #[derive(Debug)]
 struct Inner {
     pool: SqlitePool,
+    lookups: mpsc::Sender<reader::Lookup>,
     tx: Mutex<Option<mpsc::Sender<writer::Request>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -241,9 +254,13 @@ impl Store {
         migrator().run(&pool).await?;
         let (tx, rx) = mpsc::channel(4096);
         let writer = tokio::spawn(writer::run(pool.clone(), rx));
+        let (lookups, lookup_rx) = mpsc::channel(4096);
+        // The reader task ends when the last Store handle (and its sender) is dropped.
+        tokio::spawn(reader::run(pool.clone(), lookup_rx));
         Ok(Store {
             inner: Arc::new(Inner {
                 pool,
+                lookups,
                 tx: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
             }),
@@ -289,18 +306,18 @@ impl Store {
         Ok(seq)
     }
 
-    /// Looks a join token up by hash.
+    /// Looks a join token up by hash (batched with concurrent lookups).
     pub async fn join_token(
         &self,
         token_hash: &[u8; 32],
     ) -> Result<Option<JoinTokenRecord>, StoreError> {
-        let row = sqlx::query(
-            "SELECT token_id, spiffe_id, created_at, expires_at, used_at, created_by FROM join_tokens WHERE token_hash = $1",
-        )
-        .bind(token_hash.as_slice())
-        .fetch_optional(&self.inner.pool)
-        .await?;
-        row.map(|r| join_token_from_row(&r)).transpose()
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .lookups
+            .send(reader::Lookup::JoinToken(*token_hash, reply))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
     /// Every join token, newest first.
@@ -367,6 +384,21 @@ impl Store {
             })
         })
         .transpose()
+    }
+
+    /// Whether `serial` was issued here and, if so, whether it is revoked —
+    /// the renewal check, in one (batched) query.
+    pub async fn credential_status(
+        &self,
+        serial: &str,
+    ) -> Result<Option<CredentialStatus>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .lookups
+            .send(reader::Lookup::CredentialStatus(serial.to_owned(), reply))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
     /// Whether `serial` is revoked.

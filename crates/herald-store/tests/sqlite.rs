@@ -352,3 +352,18 @@ async fn the_audit_log_is_append_only_and_tampering_is_located() {
         Err(StoreError::AuditChainBroken { .. })
     ));
 }
+
+#[tokio::test]
+async fn credential_status_answers_issued_and_revoked_in_one_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir).await;
+    assert_eq!(s.credential_status("0a").await.unwrap(), None);
+    s.commit(mint(None, "0a")).await.unwrap();
+    let st = s.credential_status("0a").await.unwrap().unwrap();
+    assert!(!st.revoked);
+    assert_eq!(st.spiffe_id, "spiffe://td/w");
+    s.revoke("0a", "r", "op", AuditEvent::new("credential.revoke", "op"))
+        .await
+        .unwrap();
+    assert!(s.credential_status("0a").await.unwrap().unwrap().revoked);
+}

@@ -1,0 +1,149 @@
+//! Batched hot-path lookups: concurrent requests for join tokens and
+//! credential status are folded into one `IN (...)` query per kind, so a
+//! burst costs one round trip to SQLite's connection thread instead of one
+//! per request.
+
+use std::collections::HashMap;
+
+use sqlx::sqlite::SqlitePool;
+use sqlx::{QueryBuilder, Sqlite};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{CredentialStatus, JoinTokenRecord, StoreError};
+
+const MAX_BATCH: usize = 500;
+
+pub(crate) enum Lookup {
+    JoinToken(
+        [u8; 32],
+        oneshot::Sender<Result<Option<JoinTokenRecord>, StoreError>>,
+    ),
+    CredentialStatus(
+        String,
+        oneshot::Sender<Result<Option<CredentialStatus>, StoreError>>,
+    ),
+}
+
+pub(crate) async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Lookup>) {
+    while let Some(first) = rx.recv().await {
+        let mut tokens = Vec::new();
+        let mut statuses = Vec::new();
+        let mut push = |l: Lookup| match l {
+            Lookup::JoinToken(h, r) => tokens.push((h, r)),
+            Lookup::CredentialStatus(s, r) => statuses.push((s, r)),
+        };
+        push(first);
+        for _ in 1..MAX_BATCH {
+            match rx.try_recv() {
+                Ok(l) => push(l),
+                Err(_) => break,
+            }
+        }
+        // Both kinds run concurrently on separate pool connections.
+        tokio::join!(join_tokens(&pool, tokens), statuses_of(&pool, statuses));
+    }
+}
+
+fn reply_all<K, T: Clone>(
+    waiters: Vec<(K, oneshot::Sender<Result<Option<T>, StoreError>>)>,
+    found: Result<HashMap<K, T>, StoreError>,
+) where
+    K: std::hash::Hash + Eq,
+{
+    match found {
+        Ok(map) => {
+            for (k, reply) in waiters {
+                let _ = reply.send(Ok(map.get(&k).cloned()));
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            for (_, reply) in waiters {
+                let _ = reply.send(Err(StoreError::Corrupt(format!(
+                    "batched lookup failed: {msg}"
+                ))));
+            }
+        }
+    }
+}
+
+async fn join_tokens(
+    pool: &SqlitePool,
+    waiters: Vec<(
+        [u8; 32],
+        oneshot::Sender<Result<Option<JoinTokenRecord>, StoreError>>,
+    )>,
+) {
+    if waiters.is_empty() {
+        return;
+    }
+    let found = async {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT token_hash, token_id, spiffe_id, created_at, expires_at, used_at, created_by FROM join_tokens WHERE token_hash IN (",
+        );
+        let mut sep = qb.separated(", ");
+        for (h, _) in &waiters {
+            sep.push_bind(h.to_vec());
+        }
+        qb.push(")");
+        let rows: Vec<(Vec<u8>, String, String, i64, i64, Option<i64>, String)> = qb.build_query_as().fetch_all(pool).await?;
+        let mut map = HashMap::with_capacity(rows.len());
+        for (hash, token_id, spiffe_id, created_at, expires_at, used_at, created_by) in rows {
+            map.insert(
+                crate::hash32(hash, "token_hash")?,
+                JoinTokenRecord {
+                    token_id,
+                    spiffe_id,
+                    created_at,
+                    expires_at,
+                    used_at,
+                    created_by,
+                },
+            );
+        }
+        Ok::<_, StoreError>(map)
+    }
+    .await;
+    reply_all(waiters, found);
+}
+
+async fn statuses_of(
+    pool: &SqlitePool,
+    waiters: Vec<(
+        String,
+        oneshot::Sender<Result<Option<CredentialStatus>, StoreError>>,
+    )>,
+) {
+    if waiters.is_empty() {
+        return;
+    }
+    let found = async {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT i.serial, i.spiffe_id, i.not_after, r.serial FROM issued_credentials i \
+             LEFT JOIN revocations r ON r.serial = i.serial WHERE i.serial IN (",
+        );
+        let mut sep = qb.separated(", ");
+        for (s, _) in &waiters {
+            sep.push_bind(s.clone());
+        }
+        qb.push(")");
+        let rows: Vec<(String, String, i64, Option<String>)> =
+            qb.build_query_as().fetch_all(pool).await?;
+        Ok::<_, StoreError>(
+            rows.into_iter()
+                .map(|(serial, spiffe_id, not_after, revoked)| {
+                    (
+                        serial,
+                        CredentialStatus {
+                            spiffe_id,
+                            not_after,
+                            revoked: revoked.is_some(),
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+    .await;
+    reply_all(waiters, found);
+}
