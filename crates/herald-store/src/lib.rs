@@ -25,7 +25,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Row, SqlSafeStr, Sqlite, Transaction};
+use sqlx::{QueryBuilder, Row, SqlSafeStr, Sqlite, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 pub use audit_chain::{GENESIS, audit_hash};
@@ -249,11 +249,11 @@ impl Store {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
         migrator().run(&pool).await?;
         let (tx, rx) = mpsc::channel(4096);
-        let writer = tokio::spawn(writer::run(pool.clone(), rx));
+        let writer = tokio::spawn(writer::run(opts, rx));
         let (lookups, lookup_rx) = mpsc::channel(4096);
         // The reader task ends when the last Store handle (and its sender) is dropped.
         tokio::spawn(reader::run(pool.clone(), lookup_rx));
@@ -664,6 +664,51 @@ fn audit_from_row(r: &SqliteRow) -> Result<AuditRecord, StoreError> {
     })
 }
 
+/// An audit row ready to insert: (seq, event, prev_hash, hash).
+pub(crate) type ChainRow<'a> = (u64, &'a AuditEvent, [u8; 32], [u8; 32]);
+
+/// Chains `events` after the record (`tail_seq`, `tail_hash`).
+pub(crate) fn chain_rows(
+    tail_seq: u64,
+    tail_hash: [u8; 32],
+    events: &[AuditEvent],
+) -> Vec<ChainRow<'_>> {
+    let (mut seq, mut prev) = (tail_seq, tail_hash);
+    events
+        .iter()
+        .map(|e| {
+            seq += 1;
+            let hash = audit_hash(seq, &prev, e);
+            let row = (seq, e, prev, hash);
+            prev = hash;
+            row
+        })
+        .collect()
+}
+
+/// Appends a multi-row `INSERT INTO audit_log` statement to `qb`.
+pub(crate) fn push_audit_insert(qb: &mut QueryBuilder<Sqlite>, rows: &[ChainRow<'_>]) {
+    qb.push(
+        "INSERT INTO audit_log (seq, time_ms, caller, action, evidence_type, evidence_digest, policy, \
+         spiffe_id, serial, outcome, reason, prev_hash, hash) ",
+    );
+    qb.push_values(rows, |mut b, (seq, e, prev, hash)| {
+        b.push_bind(*seq as i64)
+            .push_bind(e.time_ms)
+            .push_bind(e.caller.clone())
+            .push_bind(e.action.clone())
+            .push_bind(e.evidence_type.map(|t| t.as_str()))
+            .push_bind(e.evidence_digest.clone())
+            .push_bind(e.policy.clone())
+            .push_bind(e.spiffe_id.clone())
+            .push_bind(e.serial.clone())
+            .push_bind(e.outcome.as_str())
+            .push_bind(e.reason.map(|r| r.as_str()))
+            .push_bind(prev.to_vec())
+            .push_bind(hash.to_vec());
+    });
+}
+
 /// Appends `events` to the chain inside `tx`; returns the last sequence number.
 async fn append_audit(
     tx: &mut Transaction<'static, Sqlite>,
@@ -679,31 +724,12 @@ async fn append_audit(
     };
     // SQLite allows 32766 bound parameters; 13 per row.
     for chunk in events.chunks(1000) {
-        let mut rows = Vec::with_capacity(chunk.len());
-        for e in chunk {
-            seq += 1;
-            let hash = audit_hash(seq, &prev, e);
-            rows.push((seq, e, prev, hash));
-            prev = hash;
+        let rows = chain_rows(seq, prev, chunk);
+        if let Some(last) = rows.last() {
+            (seq, prev) = (last.0, last.3);
         }
-        let mut qb = sqlx::QueryBuilder::<Sqlite>::new(
-            "INSERT INTO audit_log (seq, time_ms, caller, action, evidence_type, evidence_digest, policy, spiffe_id, serial, outcome, reason, prev_hash, hash) ",
-        );
-        qb.push_values(rows, |mut b, (seq, e, prev, hash)| {
-            b.push_bind(seq as i64)
-                .push_bind(e.time_ms)
-                .push_bind(e.caller.clone())
-                .push_bind(e.action.clone())
-                .push_bind(e.evidence_type.map(|t| t.as_str()))
-                .push_bind(e.evidence_digest.clone())
-                .push_bind(e.policy.clone())
-                .push_bind(e.spiffe_id.clone())
-                .push_bind(e.serial.clone())
-                .push_bind(e.outcome.as_str())
-                .push_bind(e.reason.map(|r| r.as_str()))
-                .push_bind(prev.to_vec())
-                .push_bind(hash.to_vec());
-        });
+        let mut qb = QueryBuilder::<Sqlite>::new("");
+        push_audit_insert(&mut qb, &rows);
         qb.build().execute(&mut **tx).await?;
     }
     Ok(seq)

@@ -13,6 +13,13 @@ use crate::{CredentialStatus, JoinTokenRecord, StoreError};
 
 const MAX_BATCH: usize = 500;
 
+/// Where a lookup's answer goes.
+type Reply<T> = oneshot::Sender<Result<Option<T>, StoreError>>;
+/// Lookups waiting for one batched query: (key, reply).
+type Waiters<K, T> = Vec<(K, Reply<T>)>;
+/// A `join_tokens` row as selected here.
+type TokenRow = (Vec<u8>, String, String, i64, i64, Option<i64>, String);
+
 pub(crate) enum Lookup {
     JoinToken(
         [u8; 32],
@@ -44,10 +51,8 @@ pub(crate) async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Lookup>) {
     }
 }
 
-fn reply_all<K, T: Clone>(
-    waiters: Vec<(K, oneshot::Sender<Result<Option<T>, StoreError>>)>,
-    found: Result<HashMap<K, T>, StoreError>,
-) where
+fn reply_all<K, T: Clone>(waiters: Waiters<K, T>, found: Result<HashMap<K, T>, StoreError>)
+where
     K: std::hash::Hash + Eq,
 {
     match found {
@@ -67,13 +72,7 @@ fn reply_all<K, T: Clone>(
     }
 }
 
-async fn join_tokens(
-    pool: &SqlitePool,
-    waiters: Vec<(
-        [u8; 32],
-        oneshot::Sender<Result<Option<JoinTokenRecord>, StoreError>>,
-    )>,
-) {
+async fn join_tokens(pool: &SqlitePool, waiters: Waiters<[u8; 32], JoinTokenRecord>) {
     if waiters.is_empty() {
         return;
     }
@@ -86,7 +85,7 @@ async fn join_tokens(
             sep.push_bind(h.to_vec());
         }
         qb.push(")");
-        let rows: Vec<(Vec<u8>, String, String, i64, i64, Option<i64>, String)> = qb.build_query_as().fetch_all(pool).await?;
+        let rows: Vec<TokenRow> = qb.build_query_as().fetch_all(pool).await?;
         let mut map = HashMap::with_capacity(rows.len());
         for (hash, token_id, spiffe_id, created_at, expires_at, used_at, created_by) in rows {
             map.insert(
@@ -107,13 +106,7 @@ async fn join_tokens(
     reply_all(waiters, found);
 }
 
-async fn statuses_of(
-    pool: &SqlitePool,
-    waiters: Vec<(
-        String,
-        oneshot::Sender<Result<Option<CredentialStatus>, StoreError>>,
-    )>,
-) {
+async fn statuses_of(pool: &SqlitePool, waiters: Waiters<String, CredentialStatus>) {
     if waiters.is_empty() {
         return;
     }
