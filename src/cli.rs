@@ -442,14 +442,30 @@ fn read_bundle(path: &Path) -> Result<Vec<Vec<u8>>, CliError> {
     Ok(certs)
 }
 
-fn report_svid(verb: &str, resp: &X509SvidResponse, out: &Path) {
-    println!(
+/// Writes the SVID, its key and the bundle to `out` and says so.
+fn save_svid(
+    verb: &str,
+    resp: X509SvidResponse,
+    key_pkcs8: Vec<u8>,
+    out: &Path,
+) -> Result<(), CliError> {
+    let line = format!(
         "{verb} {} serial {} expires {} -> {}",
         resp.spiffe_id,
         resp.serial,
         rfc3339(resp.expires_at),
         out.join(files::SVID_FILE).display()
     );
+    files::write_svid_dir(
+        out,
+        &SvidFiles {
+            cert_chain: resp.cert_chain,
+            key_pkcs8,
+            bundle: resp.bundle,
+        },
+    )?;
+    println!("{line}");
+    Ok(())
 }
 
 async fn svid_mint(
@@ -462,16 +478,7 @@ async fn svid_mint(
     let kc = keys::generate_key_and_csr()?;
     let client = HeraldClient::connect(&server, &anchors, None).await?;
     let resp = client.mint_x509_svid(join_token.trim(), kc.csr_der).await?;
-    files::write_svid_dir(
-        &out,
-        &SvidFiles {
-            cert_chain: resp.cert_chain.clone(),
-            key_pkcs8: kc.key_pkcs8,
-            bundle: resp.bundle.clone(),
-        },
-    )?;
-    report_svid("minted", &resp, &out);
-    Ok(())
+    save_svid("minted", resp, kc.key_pkcs8, &out)
 }
 
 async fn svid_renew(server: String, out: PathBuf) -> Result<(), CliError> {
@@ -487,16 +494,7 @@ async fn svid_renew(server: String, out: PathBuf) -> Result<(), CliError> {
     .await?;
     let kc = keys::generate_key_and_csr()?;
     let resp = client.renew_x509_svid(kc.csr_der).await?;
-    files::write_svid_dir(
-        &out,
-        &SvidFiles {
-            cert_chain: resp.cert_chain.clone(),
-            key_pkcs8: kc.key_pkcs8,
-            bundle: resp.bundle.clone(),
-        },
-    )?;
-    report_svid("renewed", &resp, &out);
-    Ok(())
+    save_svid("renewed", resp, kc.key_pkcs8, &out)
 }
 
 fn svid_show(file: &Path) -> Result<(), CliError> {

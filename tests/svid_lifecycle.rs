@@ -41,18 +41,7 @@ fn mint_verify_with_openssl_renew_and_show() {
     let token = site.token(&id);
     let out_dir = site.dir.path().join("svid");
 
-    let minted = ok(site.herald(&[
-        "svid",
-        "mint",
-        "--join-token",
-        &token,
-        "--server",
-        &server.url(),
-        "--bundle",
-        site.bundle_pem().to_str().unwrap(),
-        "--out",
-        out_dir.to_str().unwrap(),
-    ]));
+    let minted = ok(site.mint(&server, &token, &out_dir));
     assert!(stdout(&minted).contains(&id), "{}", stdout(&minted));
 
     let svid = out_dir.join("svid.pem");
@@ -105,18 +94,7 @@ fn mint_verify_with_openssl_renew_and_show() {
     assert!(ok_client, "renewed SVID rejected: {msg}");
 
     // The same token cannot mint twice.
-    let again = site.herald(&[
-        "svid",
-        "mint",
-        "--join-token",
-        &token,
-        "--server",
-        &server.url(),
-        "--bundle",
-        site.bundle_pem().to_str().unwrap(),
-        "--out",
-        site.dir.path().join("x").to_str().unwrap(),
-    ]);
+    let again = site.mint(&server, &token, &site.dir.path().join("x"));
     assert!(!again.status.success());
     assert!(
         stderr(&again).contains("error[join_token_used]"),
@@ -156,18 +134,7 @@ fn restarted_server_keeps_its_ca_tokens_and_audit_chain() {
     let token_a = site.token(&id_a);
     let token_b = site.token(&id_b);
     let dir_a = site.dir.path().join("a");
-    ok(site.herald(&[
-        "svid",
-        "mint",
-        "--join-token",
-        &token_a,
-        "--server",
-        &server.url(),
-        "--bundle",
-        site.bundle_pem().to_str().unwrap(),
-        "--out",
-        dir_a.to_str().unwrap(),
-    ]));
+    ok(site.mint(&server, &token_a, &dir_a));
     let bundle_before = std::fs::read_to_string(site.bundle_pem()).unwrap();
     let records_before = stdout(&ok(site.herald(&["audit", "verify"])));
     server.stop();
@@ -180,30 +147,8 @@ fn restarted_server_keeps_its_ca_tokens_and_audit_chain() {
     );
     // Token B, created before the restart, still works; token A stays used.
     let dir_b = site.dir.path().join("b");
-    ok(site.herald(&[
-        "svid",
-        "mint",
-        "--join-token",
-        &token_b,
-        "--server",
-        &server.url(),
-        "--bundle",
-        site.bundle_pem().to_str().unwrap(),
-        "--out",
-        dir_b.to_str().unwrap(),
-    ]));
-    let reuse = site.herald(&[
-        "svid",
-        "mint",
-        "--join-token",
-        &token_a,
-        "--server",
-        &server.url(),
-        "--bundle",
-        site.bundle_pem().to_str().unwrap(),
-        "--out",
-        site.dir.path().join("c").to_str().unwrap(),
-    ]);
+    ok(site.mint(&server, &token_b, &dir_b));
+    let reuse = site.mint(&server, &token_a, &site.dir.path().join("c"));
     assert!(
         stderr(&reuse).contains("error[join_token_used]"),
         "{}",
@@ -242,18 +187,7 @@ fn tampering_with_one_audit_row_is_detected() {
     let site = Site::new();
     let server = site.start();
     let token = site.token(&format!("spiffe://{TRUST_DOMAIN}/w"));
-    ok(site.herald(&[
-        "svid",
-        "mint",
-        "--join-token",
-        &token,
-        "--server",
-        &server.url(),
-        "--bundle",
-        site.bundle_pem().to_str().unwrap(),
-        "--out",
-        site.dir.path().join("s").to_str().unwrap(),
-    ]));
+    ok(site.mint(&server, &token, &site.dir.path().join("s")));
     server.stop();
     ok(site.herald(&["audit", "verify"]));
 
@@ -337,18 +271,7 @@ fn cli_errors_are_one_line_with_a_stable_code() {
         "{}",
         stderr(&out)
     );
-    let out = site.herald(&[
-        "svid",
-        "mint",
-        "--join-token",
-        "garbage",
-        "--server",
-        &server.url(),
-        "--bundle",
-        site.bundle_pem().to_str().unwrap(),
-        "--out",
-        site.dir.path().join("z").to_str().unwrap(),
-    ]);
+    let out = site.mint(&server, "garbage", &site.dir.path().join("z"));
     assert!(
         stderr(&out).contains("error[join_token_malformed]"),
         "{}",

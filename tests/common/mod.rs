@@ -72,6 +72,22 @@ impl Site {
             .unwrap()
     }
 
+    /// `herald svid mint` against `server` into `out`, with this site's bundle.
+    pub fn mint(&self, server: &Server, token: &str, out: &Path) -> Output {
+        self.herald(&[
+            "svid",
+            "mint",
+            "--join-token",
+            token,
+            "--server",
+            &server.url(),
+            "--bundle",
+            self.bundle_pem().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    }
+
     /// `herald token create`, returning the token.
     pub fn token(&self, spiffe_id: &str) -> String {
         let out = self.herald(&["token", "create", "--spiffe-id", spiffe_id, "--ttl", "10m"]);
