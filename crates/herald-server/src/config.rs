@@ -318,6 +318,16 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_config_is_valid() {
+        let c =
+            ServerConfig::from_toml(include_str!("../../../deploy/herald.example.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        assert_eq!(c.svid.x509_ttl, Duration::from_secs(3600));
+        assert_eq!(c.join_token.max_ttl, Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
     fn env_overrides_apply() {
         let mut c = ServerConfig::dev(Path::new("/tmp/x")).unwrap();
         c.apply_env(|k| match k {
