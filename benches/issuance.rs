@@ -138,12 +138,21 @@ struct Run {
     server_cpu: Duration,
     /// Client CPU per request.
     client_cpu: Duration,
+    /// Of the server's, SQLite's connection threads, per request.
+    sqlite_cpu: Duration,
 }
 
 /// CPU time so far of this process's threads, split into the server's
 /// (tokio workers named `herald-server` plus sqlx's SQLite threads) and the
 /// benchmark clients' (`bench-client`).
 fn cpu_split() -> (Duration, Duration) {
+    let (server, client, _) = cpu_split3();
+    (server, client)
+}
+
+/// (server total, clients, of which SQLite threads) CPU time so far.
+fn cpu_split3() -> (Duration, Duration, Duration) {
+    let mut sqlite = 0u64;
     let mut server = 0u64;
     let mut client = 0u64;
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
@@ -158,10 +167,10 @@ fn cpu_split() -> (Duration, Duration) {
             let f: Vec<&str> = rest.split(' ').collect();
             let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
                 + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            if comm.starts_with("herald-server")
-                || comm.starts_with("herald-store")
-                || comm.starts_with("sqlx-sqlite")
-            {
+            if comm.starts_with("sqlx-sqlite") {
+                sqlite += ticks;
+            }
+            if comm.starts_with("herald-server") || comm.starts_with("sqlx-sqlite") {
                 server += ticks;
             } else if comm.starts_with("bench-client") {
                 client += ticks;
@@ -171,6 +180,7 @@ fn cpu_split() -> (Duration, Duration) {
     (
         Duration::from_millis(server * 10),
         Duration::from_millis(client * 10),
+        Duration::from_millis(sqlite * 10),
     )
 }
 
@@ -197,7 +207,7 @@ where
     let op = Arc::new(op);
     let next = Arc::new(AtomicUsize::new(0));
     let cpu0 = cpu_time();
-    let (srv0, cli0) = cpu_split();
+    let (srv0, cli0, sql0) = cpu_split3();
     let start = Instant::now();
     let tasks: Vec<_> = (0..conc)
         .map(|_| {
@@ -237,6 +247,7 @@ where
         cores: (cpu_time() - cpu0).as_secs_f64() / elapsed.as_secs_f64(),
         server_cpu: cpu_split().0.saturating_sub(srv0) / n as u32,
         client_cpu: cpu_split().1.saturating_sub(cli0) / n as u32,
+        sqlite_cpu: cpu_split3().2.saturating_sub(sql0) / n as u32,
     }
 }
 
@@ -246,13 +257,14 @@ fn conc_store() -> usize {
 
 fn print_run(name: &str, r: &Run, ceiling: f64) {
     println!(
-        "  {name:<26} {:>6.0}/s  p50 {:>5.2} ms  p99 {:>5.2} ms  {:>4.1}% of ceiling  | CPU {:.2} cores: server {:>3.0} µs/req, clients {:>3.0} µs/req",
+        "  {name:<26} {:>6.0}/s  p50 {:>5.2} ms  p99 {:>5.2} ms  {:>4.1}% of ceiling  | CPU {:.2} cores: server {:>3.0} µs/req (SQLite {:>3.0}), clients {:>3.0} µs/req",
         r.rate,
         r.p50.as_secs_f64() * 1e3,
         r.p99.as_secs_f64() * 1e3,
         100.0 * r.rate / ceiling,
         r.cores,
         us(r.server_cpu),
+        us(r.sqlite_cpu),
         us(r.client_cpu),
     );
     if r.server_cpu > Duration::ZERO {
@@ -270,15 +282,22 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(6000);
-    backends();
+    // HERALD_BENCH_ONLY=mint runs just the end-to-end mint phase (for profiling).
+    let only_mint = std::env::var("HERALD_BENCH_ONLY").is_ok_and(|v| v == "mint");
+    if !only_mint {
+        backends();
+    }
 
     let csrs: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..n * 2)
             .map(|_| generate_key_and_csr().unwrap().csr_der)
             .collect(),
     );
-    let c1 = ceiling(&csrs, 1, 3000);
-    let c2 = ceiling(&csrs, 2, 3000);
+    let (c1, c2) = if only_mint {
+        (1.0, 1.0)
+    } else {
+        (ceiling(&csrs, 1, 3000), ceiling(&csrs, 2, 3000))
+    };
     println!("## crypto ceiling: CSR verify + leaf build/sign");
     println!("  1 thread   {c1:>8.0}/s ({:.1} µs each)", 1e6 / c1);
     println!("  2 threads  {c2:>8.0}/s   <- ceiling for the ratios below");
@@ -396,6 +415,7 @@ fn main() {
 
         println!("## end to end over gRPC + TLS on loopback, SQLite (durable, audit in the same transaction), {conc} concurrent callers");
         let (cl, tk, cs) = (clients.clone(), tokens.clone(), csrs.clone());
+        let w0 = store.write_stats();
         let mint = drive(n, conc, None, move |i| {
             let (cl, tk, cs) = (cl.clone(), tk.clone(), cs.clone());
             async move {
@@ -404,6 +424,18 @@ fn main() {
         })
         .await;
         print_run("mint (join token), peak", &mint, c2);
+        let w1 = store.write_stats();
+        println!(
+            "  {:<26} {} write transactions, {:.1} commits each",
+            "",
+            w1.0 - w0.0,
+            (w1.1 - w0.1) as f64 / (w1.0 - w0.0).max(1) as f64
+        );
+
+        if only_mint {
+            sh.spawn(server.shutdown()).await.unwrap();
+            return;
+        }
 
         // Renewal: each holder renews over its own mTLS connection.
         let mut holders = Vec::new();

@@ -210,6 +210,7 @@ pub struct Store {
 #[derive(Debug)]
 struct Inner {
     pool: SqlitePool,
+    stats: Arc<writer::WriterStats>,
     lookups: mpsc::Sender<reader::Lookup>,
     tx: Mutex<Option<mpsc::Sender<writer::Request>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -253,18 +254,29 @@ impl Store {
             .await?;
         migrator().run(&pool).await?;
         let (tx, rx) = mpsc::channel(4096);
-        let writer = tokio::spawn(writer::run(opts, rx));
+        let stats = Arc::new(writer::WriterStats::default());
+        let writer = tokio::spawn(writer::run(opts, rx, stats.clone()));
         let (lookups, lookup_rx) = mpsc::channel(4096);
         // The reader task ends when the last Store handle (and its sender) is dropped.
         tokio::spawn(reader::run(pool.clone(), lookup_rx));
         Ok(Store {
             inner: Arc::new(Inner {
                 pool,
+                stats,
                 lookups,
                 tx: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
             }),
         })
+    }
+
+    /// Group-commit counters since open: (write transactions, commits in them).
+    pub fn write_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.inner.stats.transactions.load(Ordering::Relaxed),
+            self.inner.stats.commits.load(Ordering::Relaxed),
+        )
     }
 
     /// Readiness probe.

@@ -8,6 +8,8 @@
 //! when some token was refused, to name the reason).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use herald_core::{AuditEvent, ErrorCode};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
@@ -25,7 +27,18 @@ pub(crate) struct Request {
     pub reply: oneshot::Sender<Result<Committed, StoreError>>,
 }
 
-pub(crate) async fn run(opts: SqliteConnectOptions, mut rx: mpsc::Receiver<Request>) {
+/// Counters of the writer's work, for metrics and benchmarks.
+#[derive(Debug, Default)]
+pub(crate) struct WriterStats {
+    pub transactions: AtomicU64,
+    pub commits: AtomicU64,
+}
+
+pub(crate) async fn run(
+    opts: SqliteConnectOptions,
+    mut rx: mpsc::Receiver<Request>,
+    stats: Arc<WriterStats>,
+) {
     let mut conn: Option<SqliteConnection> = None;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -37,6 +50,10 @@ pub(crate) async fn run(opts: SqliteConnectOptions, mut rx: mpsc::Receiver<Reque
         }
         let (commits, replies): (Vec<Commit>, Vec<_>) =
             batch.into_iter().map(|r| (r.commit, r.reply)).unzip();
+        stats.transactions.fetch_add(1, Ordering::Relaxed);
+        stats
+            .commits
+            .fetch_add(commits.len() as u64, Ordering::Relaxed);
         let c = match &mut conn {
             Some(c) => c,
             None => match SqliteConnection::connect_with(&opts).await {
