@@ -74,6 +74,27 @@ error_codes! {
     RenewSameKey => "renew_same_key", InvalidArgument, "A renewal must use a new key pair.";
     TtlTooLong => "ttl_too_long", InvalidArgument, "The requested lifetime exceeds the cap.";
     NotFound => "not_found", InvalidArgument, "The named object does not exist.";
+    TokenMalformed => "token_malformed", Unauthenticated, "The OIDC token is not a well-formed JWS compact JWT.";
+    TokenIssuerUnknown => "token_issuer_unknown", Unauthenticated, "The token's issuer is not one Herald is configured to trust.";
+    TokenAlgorithmRefused => "token_algorithm_refused", Unauthenticated, "The token's algorithm is not allowed for its issuer (never none, never HS*).";
+    TokenKeyUnknown => "token_key_unknown", Unauthenticated, "No key in the issuer's JWKS matches the token's kid, even after a refresh.";
+    TokenSignatureInvalid => "token_signature_invalid", Unauthenticated, "The token's signature does not verify.";
+    TokenExpired => "token_expired", Unauthenticated, "The token has expired.";
+    TokenNotYetValid => "token_not_yet_valid", Unauthenticated, "The token's nbf is in the future.";
+    TokenIssuedInFuture => "token_issued_in_future", Unauthenticated, "The token's iat is in the future beyond the allowed leeway.";
+    TokenAudienceInvalid => "token_audience_invalid", Unauthenticated, "The token's aud is missing or is not an audience Herald accepts.";
+    TokenClaimsInvalid => "token_claims_invalid", Unauthenticated, "A required claim is missing or has the wrong type.";
+    TokenReplayed => "token_replayed", Unauthenticated, "The token's jti was already used (tokens are single-use).";
+    IssuerUnavailable => "issuer_unavailable", Unavailable, "The issuer's discovery document or JWKS could not be fetched in time.";
+    PolicyDenied => "policy_denied", PermissionDenied, "No attestation policy grants this evidence a credential.";
+    FactorMissing => "factor_missing", PermissionDenied, "The policy requires a second factor the request did not carry.";
+    SpiffeIdEscapesPrefix => "spiffe_id_escapes_prefix", PermissionDenied, "The SPIFFE ID built from claims is invalid or outside the policy's prefix.";
+    CredentialNotGranted => "credential_not_granted", PermissionDenied, "The policy does not grant this kind of credential.";
+    RoleNotGranted => "role_not_granted", PermissionDenied, "The policy does not grant the requested role.";
+    AudienceNotGranted => "audience_not_granted", PermissionDenied, "The policy does not grant a JWT-SVID for the requested audience.";
+    SessionPolicyMalformed => "session_policy_malformed", InvalidArgument, "The session policy document is not a valid policy.";
+    SessionPolicyTooBroad => "session_policy_too_broad", PermissionDenied, "The session policy allows more than the role's scope.";
+    RateLimited => "rate_limited", ResourceExhausted, "Too many requests from this caller; retry later.";
     StoreUnavailable => "store_unavailable", Unavailable, "The datastore could not be reached or was busy.";
     Internal => "internal", Internal, "An internal error; details are in the server log.";
 }

@@ -17,6 +17,14 @@ pub enum EvidenceType {
     X509Svid,
     /// An operator at the command line.
     Operator,
+    /// A verified OIDC ID token from a configured issuer.
+    Oidc,
+    /// Machine MFA: an OIDC token and a join token, both verified.
+    #[serde(rename = "oidc+join_token")]
+    OidcAndJoinToken,
+    /// Machine MFA: an OIDC token and the caller's current X.509 SVID.
+    #[serde(rename = "oidc+x509_svid")]
+    OidcAndX509Svid,
 }
 
 impl EvidenceType {
@@ -26,6 +34,9 @@ impl EvidenceType {
             EvidenceType::JoinToken => "join_token",
             EvidenceType::X509Svid => "x509_svid",
             EvidenceType::Operator => "operator",
+            EvidenceType::Oidc => "oidc",
+            EvidenceType::OidcAndJoinToken => "oidc+join_token",
+            EvidenceType::OidcAndX509Svid => "oidc+x509_svid",
         }
     }
 
@@ -35,7 +46,20 @@ impl EvidenceType {
             "join_token" => Some(EvidenceType::JoinToken),
             "x509_svid" => Some(EvidenceType::X509Svid),
             "operator" => Some(EvidenceType::Operator),
+            "oidc" => Some(EvidenceType::Oidc),
+            "oidc+join_token" => Some(EvidenceType::OidcAndJoinToken),
+            "oidc+x509_svid" => Some(EvidenceType::OidcAndX509Svid),
             _ => None,
+        }
+    }
+}
+
+impl EvidenceType {
+    /// How many independent factors this evidence combines (machine MFA when > 1).
+    pub fn factor_count(self) -> usize {
+        match self {
+            EvidenceType::OidcAndJoinToken | EvidenceType::OidcAndX509Svid => 2,
+            _ => 1,
         }
     }
 }
