@@ -395,7 +395,7 @@ fn main() {
                     public_key_sha256: String::new(),
                     ca_key_id: String::new(),
                 };
-                st.commit(herald_store::Commit { consume_join_token: None, now_s: 0, issued: Some(issued), audit }).await.unwrap();
+                st.commit(herald_store::Commit { consume_join_token: None, consume_replay: None, now_s: 0, issued: Some(issued), audit }).await.unwrap();
             }
         }))
         .await

@@ -139,6 +139,7 @@ impl SvidApi {
         audit.serial = Some(issued.serial_hex.clone());
         let commit = Commit {
             consume_join_token: Some(hash),
+            consume_replay: None,
             now_s: now,
             issued: Some(record(&issued, &csr.spki_sha256, audit, None, now)),
             audit: audit.clone(),
@@ -216,6 +217,7 @@ impl SvidApi {
         audit.serial = Some(issued.serial_hex.clone());
         let commit = Commit {
             consume_join_token: None,
+            consume_replay: None,
             now_s: now,
             issued: Some(record(
                 &issued,

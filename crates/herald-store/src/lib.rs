@@ -157,12 +157,24 @@ pub struct CaKeyRecord {
 pub struct Commit {
     /// Consume this join token (must exist, be unused and unexpired at `now_s`).
     pub consume_join_token: Option<[u8; 32]>,
+    /// Record this single-use evidence key (an OIDC token's jti); refused
+    /// with `token_replayed` if it is already recorded and unexpired.
+    pub consume_replay: Option<ReplayKey>,
     /// Now, Unix seconds.
     pub now_s: i64,
     /// Record this credential as issued.
     pub issued: Option<IssuedCredential>,
     /// The audit event.
     pub audit: AuditEvent,
+}
+
+/// A single-use evidence key and how long it must be remembered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayKey {
+    /// The key, e.g. `jti:<issuer>#<jti>`.
+    pub key: String,
+    /// Until when (Unix seconds) a second use is a replay.
+    pub expires_at: i64,
 }
 
 /// The outcome of a [`Commit`].
@@ -217,13 +229,27 @@ struct Inner {
 }
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "init".into(),
-        MigrationType::Simple,
-        include_str!("../migrations/sqlite/0001_init.sql").into_sql_str(),
-        false,
-    )])
+    let m = |version, name: &str, sql: &'static str| {
+        Migration::new(
+            version,
+            name.to_string().into(),
+            MigrationType::Simple,
+            sql.into_sql_str(),
+            false,
+        )
+    };
+    Migrator::with_migrations(vec![
+        m(
+            1,
+            "init",
+            include_str!("../migrations/sqlite/0001_init.sql"),
+        ),
+        m(
+            2,
+            "replay_cache",
+            include_str!("../migrations/sqlite/0002_replay_cache.sql"),
+        ),
+    ])
 }
 
 fn hash32(v: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
@@ -358,6 +384,7 @@ impl Store {
     pub async fn audit(&self, event: AuditEvent) -> Result<u64, StoreError> {
         let c = Commit {
             consume_join_token: None,
+            consume_replay: None,
             now_s: 0,
             issued: None,
             audit: event,

@@ -22,6 +22,9 @@ use crate::{Commit, Committed, GENESIS, StoreError, chain_rows, hash32, push_aud
 /// per commit stays far below SQLite's 32766).
 const MAX_BATCH: usize = 512;
 
+/// How often expired replay keys are deleted.
+const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub(crate) struct Request {
     pub commit: Commit,
     pub reply: oneshot::Sender<Result<Committed, StoreError>>,
@@ -40,6 +43,7 @@ pub(crate) async fn run(
     stats: Arc<WriterStats>,
 ) {
     let mut conn: Option<SqliteConnection> = None;
+    let mut last_purge = std::time::Instant::now();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -69,7 +73,15 @@ pub(crate) async fn run(
                 }
             },
         };
-        match write_batch(c, &commits).await {
+        // Expired replay keys are purged about once a minute, inside a
+        // batch's transaction, so the table stays bounded.
+        let purge_before = (last_purge.elapsed() >= PURGE_INTERVAL).then(|| {
+            last_purge = std::time::Instant::now();
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64)
+        });
+        match write_batch(c, &commits, purge_before).await {
             Ok(results) => {
                 for (reply, res) in replies.into_iter().zip(results) {
                     let _ = reply.send(Ok(res));
@@ -80,7 +92,7 @@ pub(crate) async fn run(
                 // others: retry each on its own so only it gets the error.
                 tracing::warn!(error = %e, size = commits.len(), "batch commit failed; retrying items one by one");
                 for (commit, reply) in commits.into_iter().zip(replies) {
-                    let res = write_batch(c, std::slice::from_ref(&commit))
+                    let res = write_batch(c, std::slice::from_ref(&commit), None)
                         .await
                         .and_then(|mut v| v.pop().ok_or(StoreError::WriterGone));
                     let _ = reply.send(res);
@@ -103,8 +115,9 @@ pub(crate) async fn run(
 async fn write_batch(
     conn: &mut SqliteConnection,
     commits: &[Commit],
+    purge_before: Option<i64>,
 ) -> Result<Vec<Committed>, StoreError> {
-    let result = write_batch_inner(conn, commits).await;
+    let result = write_batch_inner(conn, commits, purge_before).await;
     if result.is_err() {
         // Ignore the outcome: there may be no transaction left to roll back.
         let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
@@ -115,6 +128,7 @@ async fn write_batch(
 async fn write_batch_inner(
     conn: &mut SqliteConnection,
     commits: &[Commit],
+    purge_before: Option<i64>,
 ) -> Result<Vec<Committed>, StoreError> {
     // Round trip 1: open the transaction, read the chain tail, consume tokens.
     let mut first_use: HashMap<[u8; 32], usize> = HashMap::new();
@@ -123,9 +137,17 @@ async fn write_batch_inner(
             first_use.entry(h).or_insert(i);
         }
     }
+    let mut first_replay: HashMap<&str, (usize, i64)> = HashMap::new();
+    for (i, c) in commits.iter().enumerate() {
+        if let Some(r) = &c.consume_replay {
+            first_replay
+                .entry(r.key.as_str())
+                .or_insert((i, r.expires_at));
+        }
+    }
     let now = commits
         .iter()
-        .filter(|c| c.consume_join_token.is_some())
+        .filter(|c| c.consume_join_token.is_some() || c.consume_replay.is_some())
         .map(|c| c.now_s)
         .max()
         .unwrap_or(0);
@@ -142,19 +164,43 @@ async fn write_batch_inner(
         for h in first_use.keys() {
             sep.push_bind(h.to_vec());
         }
-        qb.push(") RETURNING token_hash");
+        qb.push(") RETURNING token_hash;");
+    }
+    if !first_replay.is_empty() {
+        // A key already present and unexpired is a replay: the upsert
+        // returns only keys it inserted or revived from expiry.
+        qb.push(" INSERT INTO replay_cache (key, expires_at) ");
+        qb.push_values(&first_replay, |mut b, (key, (_, exp))| {
+            b.push_bind(key.to_string()).push_bind(*exp);
+        });
+        qb.push(" ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at WHERE replay_cache.expires_at < ")
+            .push_bind(now)
+            .push(" RETURNING key, 0, 0;");
+    }
+    if let Some(before) = purge_before {
+        qb.push(" DELETE FROM replay_cache WHERE expires_at < ")
+            .push_bind(before)
+            .push(";");
     }
     let rows = qb.build().fetch_all(&mut *conn).await?;
     let (mut tail_seq, mut tail_hash) = (0u64, GENESIS);
     let mut consumed = HashSet::new();
+    let mut recorded: HashSet<String> = HashSet::new();
     for row in rows {
-        // The tail row has two columns; RETURNING rows have one.
-        if row.len() == 2 {
-            let seq: i64 = row.try_get(0)?;
-            tail_seq = seq as u64;
-            tail_hash = hash32(row.try_get(1)?, "hash")?;
-        } else {
-            consumed.insert(hash32(row.try_get(0)?, "token_hash")?);
+        // Told apart by width: the chain tail has two columns, consumed
+        // join tokens one, recorded replay keys three.
+        match row.len() {
+            2 => {
+                let seq: i64 = row.try_get(0)?;
+                tail_seq = seq as u64;
+                tail_hash = hash32(row.try_get(1)?, "hash")?;
+            }
+            3 => {
+                recorded.insert(row.try_get(0)?);
+            }
+            _ => {
+                consumed.insert(hash32(row.try_get(0)?, "token_hash")?);
+            }
         }
     }
 
@@ -189,6 +235,12 @@ async fn write_batch_inner(
         .iter()
         .enumerate()
         .map(|(i, c)| {
+            if let Some(r) = &c.consume_replay {
+                let first = first_replay.get(r.key.as_str()).map(|(f, _)| *f);
+                if !recorded.contains(&r.key) || first != Some(i) {
+                    return Some(ErrorCode::TokenReplayed);
+                }
+            }
             let h = c.consume_join_token?;
             if consumed.contains(&h) {
                 (first_use.get(&h) != Some(&i)).then_some(ErrorCode::JoinTokenUsed)

@@ -108,7 +108,7 @@ pub struct VerifiedToken {
     pub audiences: Vec<String>,
     /// Every claim, normalised (see [`claims`]).
     pub claims: Map<String, Value>,
-    /// The single-use key: `jti:<jti>`, or `sha256:<digest>` when the token has none.
+    /// The single-use key: `jti:<issuer>#<jti>`, or `sha256:<digest>` when the token has none.
     pub replay_key: String,
     /// `exp`, Unix seconds.
     pub expires_at: i64,
@@ -312,7 +312,9 @@ impl OidcVerifier {
             token.as_bytes(),
         ));
         let replay_key = match claims.get("jti") {
-            Some(Value::String(j)) if !j.is_empty() && j.len() <= 256 => format!("jti:{j}"),
+            Some(Value::String(j)) if !j.is_empty() && j.len() <= 256 => {
+                format!("jti:{}#{j}", cfg.issuer)
+            }
             Some(_) => {
                 return Err(OidcError::ClaimsInvalid(
                     "jti must be a short string".into(),
