@@ -16,6 +16,8 @@ pub struct TrustBundle {
     pub trust_domain: TrustDomain,
     /// X.509 authorities, DER.
     pub x509_authorities: Vec<Vec<u8>>,
+    /// JWT authorities: `kid` and the P-256 public key as an uncompressed point.
+    pub jwt_authorities: Vec<(String, Vec<u8>)>,
     /// `spiffe_sequence`: increases whenever the bundle changes.
     pub sequence: u64,
     /// `spiffe_refresh_hint`, seconds.
@@ -27,16 +29,32 @@ impl TrustBundle {
     /// `use: x509-svid`, the key's public parameters and a one-certificate
     /// `x5c`, no `kid`.
     pub fn to_jwks(&self) -> Result<Value, CaError> {
-        let keys = self
+        let mut keys = self
             .x509_authorities
             .iter()
             .map(|der| x509_authority_jwk(der))
             .collect::<Result<Vec<_>, _>>()?;
+        keys.extend(
+            self.jwt_authorities
+                .iter()
+                .map(|(kid, point)| crate::jwt::jwk_from_point(kid, point, "jwt-svid")),
+        );
         Ok(json!({
             "keys": keys,
             "spiffe_sequence": self.sequence,
             "spiffe_refresh_hint": self.refresh_hint_secs,
         }))
+    }
+
+    /// The JWT authorities as a plain OIDC JWKS (`use: sig`, `alg: ES256`),
+    /// for verifiers that speak OIDC rather than SPIFFE.
+    pub fn to_oidc_jwks(&self) -> Value {
+        let keys: Vec<Value> = self
+            .jwt_authorities
+            .iter()
+            .map(|(kid, point)| crate::jwt::jwk_from_point(kid, point, "sig"))
+            .collect();
+        json!({ "keys": keys })
     }
 
     /// The X.509 authorities as concatenated PEM.

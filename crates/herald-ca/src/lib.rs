@@ -7,18 +7,21 @@
 //!   X509-SVID standard.
 //! - [`svid`]: validation of presented X.509 SVIDs (RFC 5280 path validation
 //!   plus the SPIFFE rules).
+//! - [`jwt`]: JWT-SVIDs and Herald's other ES256 JWTs.
 //! - [`bundle`]: the trust bundle as SPIFFE JWKS and PEM.
 #![forbid(unsafe_code)]
 
 pub mod authority;
 pub mod bundle;
 pub mod csr;
+pub mod jwt;
 pub mod kek;
 pub mod svid;
 
 pub use authority::{CertificateAuthority, IssuedX509, ServerIdentity, X509Grant};
 pub use bundle::TrustBundle;
 pub use csr::VerifiedCsr;
+pub use jwt::{JwtSigner, JwtSvidClaims};
 pub use kek::KeyEncryptionKey;
 pub use svid::{SvidError, SvidInfo};
 

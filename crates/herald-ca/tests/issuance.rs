@@ -348,9 +348,11 @@ fn verification_failures_have_their_reasons() {
 #[test]
 fn bundle_jwks_follows_the_spiffe_bundle_format() {
     let ca = root_ca();
+    let (jwt, _) = herald_ca::JwtSigner::generate().unwrap();
     let bundle = TrustBundle {
         trust_domain: td(),
         x509_authorities: vec![ca.trust_anchor().to_vec()],
+        jwt_authorities: vec![(jwt.kid().to_string(), jwt.public_point().to_vec())],
         sequence: 7,
         refresh_hint_secs: 300,
     };
@@ -364,6 +366,14 @@ fn bundle_jwks_follows_the_spiffe_bundle_format() {
     assert!(key.get("kid").is_none(), "x509-svid entries carry no kid");
     assert_eq!(key["x5c"].as_array().unwrap().len(), 1);
     assert_eq!(key["x"].as_str().unwrap().len(), 43);
+    let jwt_key = &jwks["keys"][1];
+    assert_eq!(jwt_key["use"], "jwt-svid");
+    assert_eq!(jwt_key["kid"], jwt.kid());
+    assert!(jwt_key.get("x5c").is_none());
+    let oidc = bundle.to_oidc_jwks();
+    assert_eq!(oidc["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(oidc["keys"][0]["use"], "sig");
+    assert_eq!(oidc["keys"][0]["alg"], "ES256");
     let pem = bundle.to_pem();
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
 }
