@@ -1,0 +1,219 @@
+//! Policies known to be dangerous, refused at load.
+//!
+//! 1. **A shared issuer without an owner pin.** GitHub Actions, GitLab.com
+//!    and Buildkite sign tokens for every customer with the same issuer
+//!    and keys. A policy on such an issuer must pin, exactly, the owner or
+//!    repository (or their immutable numeric IDs), or the whole `sub`;
+//!    otherwise any repository on the platform could mint the identity.
+//! 2. **An unbounded `sub` match.** Pins are exact: a `*` in a pin value is
+//!    refused (it would not glob — it would silently never match, or invite
+//!    someone to "fix" it into a glob). In the CEL condition, a match on
+//!    `sub` must be anchored to a literal prefix: `matches` needs a `^` and a
+//!    literal start (for shared issuers one that reaches the owner, e.g.
+//!    `^repo:acme/`); `startsWith` needs a literal that reaches the owner
+//!    on shared issuers; `endsWith`/`contains` on `sub` are refused for
+//!    shared issuers. This is a syntactic check of the condition's text —
+//!    it catches the common mistakes, and the owner pin of rule 1 is what
+//!    actually bounds a shared issuer.
+
+use crate::model::PolicyFile;
+
+/// Shared multi-tenant issuers and the claims that pin a tenant.
+pub const SHARED_ISSUERS: &[(&str, &[&str])] = &[
+    (
+        "https://token.actions.githubusercontent.com",
+        &[
+            "repository_owner",
+            "repository_owner_id",
+            "repository",
+            "repository_id",
+            "sub",
+        ],
+    ),
+    (
+        "https://gitlab.com",
+        &[
+            "namespace_path",
+            "namespace_id",
+            "project_path",
+            "project_id",
+            "sub",
+        ],
+    ),
+    (
+        "https://agent.buildkite.com",
+        &["organization_slug", "organization_id", "sub"],
+    ),
+];
+
+/// The owner-pinning claims of `issuer` if it is a shared issuer.
+pub fn shared_issuer_pins(issuer: &str) -> Option<&'static [&'static str]> {
+    let issuer = issuer.trim_end_matches('/');
+    SHARED_ISSUERS
+        .iter()
+        .find(|(i, _)| *i == issuer)
+        .map(|(_, pins)| *pins)
+}
+
+const REGEX_META: &[char] = &[
+    '.', '*', '+', '?', '[', ']', '(', ')', '{', '}', '|', '\\', '$', '^',
+];
+
+/// Checks a parsed policy file; `Err` names the danger.
+pub(crate) fn check(file: &PolicyFile) -> Result<(), String> {
+    for (k, v) in &file.pins {
+        if v.as_str().is_some_and(|s| s.contains('*')) {
+            return Err(format!(
+                "pin `{k}` contains `*`: pins are exact matches, and an unbounded glob is refused"
+            ));
+        }
+    }
+    let issuer = &file.evidence.oidc.issuer;
+    let shared = shared_issuer_pins(issuer);
+    if let Some(owner_claims) = shared
+        && !owner_claims.iter().any(|c| file.pins.contains_key(*c))
+    {
+        return Err(format!(
+            "{issuer} is shared by every tenant of the platform: pin one of {} exactly",
+            owner_claims.join(", ")
+        ));
+    }
+    if let Some(cond) = &file.condition {
+        check_sub_matches(cond, shared.is_some())?;
+    }
+    Ok(())
+}
+
+/// Finds `sub.<method>("literal")` calls in the condition text.
+fn check_sub_matches(cond: &str, shared: bool) -> Result<(), String> {
+    for method in ["matches", "startsWith", "endsWith", "contains"] {
+        let needle = format!("sub.{method}(");
+        let mut rest = cond;
+        while let Some(pos) = rest.find(&needle) {
+            let after = &rest[pos + needle.len()..];
+            let literal = string_literal(after.trim_start());
+            let Some(lit) = literal else {
+                return Err(format!(
+                    "`sub.{method}(...)` must take a string literal so it can be checked for unbounded matches"
+                ));
+            };
+            check_one(method, &lit, shared)?;
+            rest = after;
+        }
+    }
+    Ok(())
+}
+
+fn check_one(method: &str, lit: &str, shared: bool) -> Result<(), String> {
+    let unbounded = || format!("`sub.{method}({lit:?})` is an unbounded match on sub");
+    match method {
+        "matches" => {
+            let Some(body) = lit.strip_prefix('^') else {
+                return Err(format!("{}: anchor it with ^", unbounded()));
+            };
+            let literal_prefix: String = body
+                .chars()
+                .take_while(|c| !REGEX_META.contains(c))
+                .collect();
+            if literal_prefix.is_empty() || (shared && !reaches_owner(&literal_prefix)) {
+                return Err(format!(
+                    "{}: start it with a literal that names the owner",
+                    unbounded()
+                ));
+            }
+        }
+        "startsWith" => {
+            if lit.is_empty() || (shared && !reaches_owner(lit)) {
+                return Err(format!("{}: the prefix must name the owner", unbounded()));
+            }
+        }
+        _ => {
+            if shared {
+                return Err(format!(
+                    "{}: on a shared issuer, bound sub from its start (pins or startsWith)",
+                    unbounded()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a literal `sub` prefix reaches past the owner: GitHub
+/// `repo:OWNER/`, GitLab `project_path:GROUP/`, Buildkite `organization:ORG:`.
+fn reaches_owner(prefix: &str) -> bool {
+    if let Some(rest) = prefix.strip_prefix("organization:") {
+        return rest.find(':').is_some_and(|i| i > 0);
+    }
+    match prefix.split_once(':') {
+        Some((_, rest)) => rest.find('/').is_some_and(|i| i > 0),
+        None => false,
+    }
+}
+
+/// The content of a leading `"…"` or `'…'` literal (backslash escapes kept).
+fn string_literal(s: &str) -> Option<String> {
+    let quote = s.chars().next().filter(|c| *c == '"' || *c == '\'')?;
+    let mut out = String::new();
+    let mut escaped = false;
+    for c in s[1..].chars() {
+        if escaped {
+            out.push(c);
+            escaped = false;
+        } else if c == '\\' {
+            out.push(c);
+            escaped = true;
+        } else if c == quote {
+            return Some(out);
+        } else {
+            out.push(c);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sub_matches_must_be_bounded() {
+        for (cond, shared, ok) in [
+            (r#"claims.sub.matches("^repo:acme/.*")"#, true, true),
+            (r#"claims.sub.matches("^repo:.*")"#, true, false),
+            (r#"claims.sub.matches(".*")"#, false, false),
+            (r#"claims.sub.matches("repo:acme/app")"#, true, false),
+            (
+                r#"claims.sub.matches("^system:serviceaccount:prod:.*")"#,
+                false,
+                true,
+            ),
+            (r#"claims.sub.startsWith("repo:acme/")"#, true, true),
+            (r#"claims.sub.startsWith("repo:")"#, true, false),
+            (r#"claims.sub.startsWith('')"#, false, false),
+            (
+                r#"claims.sub.endsWith(":ref:refs/heads/main")"#,
+                true,
+                false,
+            ),
+            (
+                r#"claims.sub.endsWith(":ref:refs/heads/main")"#,
+                false,
+                true,
+            ),
+            (r#"claims.sub.startsWith(claims.x)"#, false, false),
+            (
+                r#"claims.sub.startsWith("organization:acme:pipeline")"#,
+                true,
+                true,
+            ),
+            (r#"claims.sub.startsWith("organization:")"#, true, false),
+        ] {
+            assert_eq!(
+                check_sub_matches(cond, shared).is_ok(),
+                ok,
+                "{cond} shared={shared}"
+            );
+        }
+    }
+}

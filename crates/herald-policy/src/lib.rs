@@ -1,0 +1,975 @@
+//! Herald's attestation policies.
+//!
+//! A policy is a YAML file that says which verified evidence earns which
+//! credential. Deny by default: a request is granted only if a policy's
+//! evidence section, exact claim pins, CEL `condition` and required extra
+//! factors all hold, and the SPIFFE ID it builds from the claims is valid
+//! and under the policy's declared prefix.
+//!
+//! ```yaml
+//! name: github-deploy-production          # unique in the set
+//! description: Deploys of acme/webapp from main into production
+//! evidence:
+//!   oidc:
+//!     issuer: https://token.actions.githubusercontent.com
+//!     audiences: [herald]
+//!   require: [join_token]                  # optional extra factors: join_token, x509_svid
+//! pins:                                    # exact matches, outside CEL; dotted paths reach nested claims
+//!   repository_owner_id: "1342004"
+//!   repository: acme/webapp
+//! condition: claims.ref == "refs/heads/main" && claims.environment == "production"
+//! spiffe_id:
+//!   prefix: spiffe://example.org/ci/github/
+//!   template: "spiffe://example.org/ci/github/{repository_owner}/{environment}"
+//!   # or: expression: '"spiffe://example.org/ci/github/" + claims.repository_owner'
+//! grants:
+//!   x509_svid: { max_ttl: 15m }
+//!   jwt_svid: { max_ttl: 5m, audiences: [deployer] }
+//!   cloud:
+//!     - role_arn: arn:aws:iam::123456789012:role/deploy
+//!       max_ttl: 1h
+//!       scope: { Version: "2012-10-17", Statement: [{ Effect: Allow, Action: [s3:PutObject], Resource: ["arn:aws:s3:::artifacts/*"] }] }
+//! tests:
+//!   - name: main in production is allowed
+//!     evidence: { oidc: { claims: { ... } } }
+//!     expect: { allow: true, spiffe_id: spiffe://example.org/ci/github/acme/production }
+//!   - name: a feature branch is refused
+//!     evidence: { oidc: { claims: { ... } } }
+//!     expect: { allow: false, code: policy_denied }
+//! ```
+//!
+//! At load every file is parsed strictly (unknown keys refused), every
+//! expression compiled and checked to reference only `claims` and
+//! `factors`, templates parsed, the prefix checked against the trust domain,
+//! TTLs and sizes capped, cloud scopes parsed, dangerous shapes refused (see
+//! [`danger`]), and the embedded tests run. One broken file rejects the
+//! whole set, with every problem's path, line and reason; [`PolicyStore`]
+//! then keeps the previous good set.
+//!
+//! Evaluation: candidates are the policies whose issuer equals the token's
+//! and whose audiences meet the token's, in file-name order; the first whose
+//! pins, condition, SPIFFE ID and factors all hold wins. Otherwise the most
+//! specific refusal is reported: a missing factor, then a SPIFFE ID that
+//! escapes its prefix, then a false pin or condition, then "no policy".
+#![forbid(unsafe_code)]
+
+mod claims;
+pub mod danger;
+mod expr;
+mod model;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use herald_core::{ErrorCode, ScopePolicy, SpiffeId, TrustDomain};
+use serde_json::{Map, Value};
+
+use crate::claims::{Template, pin_matches, resolve};
+use crate::expr::Compiled;
+use crate::model::{FactorName, PolicyFile};
+
+pub use expr::{MAX_EXPRESSION_BYTES, VARIABLES};
+
+/// Largest policy file, bytes.
+pub const MAX_FILE_BYTES: usize = 64 * 1024;
+/// Most embedded tests per file.
+pub const MAX_TESTS: usize = 100;
+/// Most pins per policy.
+pub const MAX_PINS: usize = 50;
+/// Longest lifetime a grant may allow.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// What the policies are loaded against.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Every granted SPIFFE ID must be in this trust domain.
+    pub trust_domain: TrustDomain,
+}
+
+/// One problem found while loading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadError {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{l}: {}", self.path.display(), self.reason),
+            None => write!(f, "{}: {}", self.path.display(), self.reason),
+        }
+    }
+}
+
+/// Every problem found while loading a set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct LoadErrors(pub Vec<LoadError>);
+
+impl std::fmt::Display for LoadErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// Verified OIDC evidence.
+#[derive(Debug, Clone)]
+pub struct OidcEvidence {
+    /// The issuer, exactly as configured.
+    pub issuer: String,
+    /// The token's audiences that Herald accepted.
+    pub audiences: Vec<String>,
+    /// Verified, normalised claims.
+    pub claims: Map<String, Value>,
+}
+
+/// A verified join token presented as an extra factor.
+#[derive(Debug, Clone)]
+pub struct JoinTokenEvidence {
+    /// The SPIFFE ID the token is bound to.
+    pub spiffe_id: SpiffeId,
+}
+
+/// The caller's verified current SVID presented as an extra factor.
+#[derive(Debug, Clone)]
+pub struct SvidEvidence {
+    /// Its SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+}
+
+/// Everything verified about one request.
+#[derive(Debug, Clone, Default)]
+pub struct Evidence {
+    /// The OIDC token.
+    pub oidc: Option<OidcEvidence>,
+    /// A join token.
+    pub join_token: Option<JoinTokenEvidence>,
+    /// The current SVID.
+    pub x509_svid: Option<SvidEvidence>,
+}
+
+/// A factor that contributed to a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Factor {
+    /// The OIDC token.
+    Oidc,
+    /// A join token.
+    JoinToken,
+    /// The caller's SVID.
+    X509Svid,
+}
+
+/// An X.509 SVID grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct X509Grant {
+    /// Longest lifetime.
+    pub max_ttl: Duration,
+}
+
+/// A JWT-SVID grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtGrant {
+    /// Longest lifetime.
+    pub max_ttl: Duration,
+    /// Audiences a JWT-SVID may carry.
+    pub audiences: Vec<String>,
+}
+
+/// A cloud role grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudRoleGrant {
+    /// The role.
+    pub role_arn: String,
+    /// What the role allows; a session policy may only narrow it.
+    pub scope: ScopePolicy,
+    /// Longest session.
+    pub max_ttl: Duration,
+}
+
+/// What a policy grants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// X.509 SVIDs.
+    pub x509_svid: Option<X509Grant>,
+    /// JWT-SVIDs.
+    pub jwt_svid: Option<JwtGrant>,
+    /// Cloud roles.
+    pub cloud_roles: Vec<CloudRoleGrant>,
+}
+
+impl Grants {
+    /// The grant for `arn`, if any.
+    pub fn cloud_role(&self, arn: &str) -> Option<&CloudRoleGrant> {
+        self.cloud_roles.iter().find(|r| r.role_arn == arn)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.x509_svid.is_none() && self.jwt_svid.is_none() && self.cloud_roles.is_empty()
+    }
+}
+
+/// A granted decision.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The policy's name.
+    pub policy: String,
+    /// The SPIFFE ID built from the claims.
+    pub spiffe_id: SpiffeId,
+    /// What may be issued.
+    pub grants: Grants,
+    /// The factors that were verified and required.
+    pub factors: Vec<Factor>,
+}
+
+/// A refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// The policy that came closest, if any.
+    pub policy: Option<String>,
+    /// Why, naming claims but never their values.
+    pub reason: String,
+}
+
+impl Denial {
+    fn rank(&self) -> u8 {
+        match self.code {
+            ErrorCode::FactorMissing => 3,
+            ErrorCode::SpiffeIdEscapesPrefix => 2,
+            ErrorCode::PolicyDenied if self.policy.is_some() => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// How a policy builds the SPIFFE ID.
+#[derive(Debug)]
+enum IdRule {
+    Template(Template),
+    Expression(Compiled),
+}
+
+/// One loaded, validated policy.
+#[derive(Debug)]
+pub struct Policy {
+    name: String,
+    path: PathBuf,
+    issuer: String,
+    audiences: Vec<String>,
+    require: Vec<FactorName>,
+    pins: Vec<(String, Value)>,
+    condition: Option<Compiled>,
+    prefix: String,
+    trust_domain: TrustDomain,
+    id_rule: IdRule,
+    grants: Grants,
+}
+
+impl Policy {
+    /// The policy's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The file it came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn is_candidate(&self, oidc: &OidcEvidence) -> bool {
+        oidc.issuer == self.issuer && oidc.audiences.iter().any(|a| self.audiences.contains(a))
+    }
+
+    /// Decides for this policy alone.
+    pub fn decide(&self, evidence: &Evidence) -> Result<Decision, Denial> {
+        let deny = |code, reason: String| Denial {
+            code,
+            policy: Some(self.name.clone()),
+            reason,
+        };
+        let oidc = match &evidence.oidc {
+            Some(o) if self.is_candidate(o) => o,
+            _ => {
+                return Err(Denial {
+                    code: ErrorCode::PolicyDenied,
+                    policy: None,
+                    reason: format!(
+                        "policy {} does not accept this token's issuer and audience",
+                        self.name
+                    ),
+                });
+            }
+        };
+        for (path, expected) in &self.pins {
+            match resolve(&oidc.claims, path) {
+                Some(actual) if pin_matches(actual, expected) => {}
+                Some(_) => {
+                    return Err(deny(
+                        ErrorCode::PolicyDenied,
+                        format!(
+                            "policy {}: claim `{path}` does not match its pin",
+                            self.name
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(deny(
+                        ErrorCode::PolicyDenied,
+                        format!("policy {}: claim `{path}` is missing", self.name),
+                    ));
+                }
+            }
+        }
+        let mut present: Vec<&str> = vec!["oidc"];
+        if evidence.join_token.is_some() {
+            present.push("join_token");
+        }
+        if evidence.x509_svid.is_some() {
+            present.push("x509_svid");
+        }
+        if let Some(cond) = &self.condition {
+            match cond.eval_bool(&oidc.claims, &present) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(deny(
+                        ErrorCode::PolicyDenied,
+                        format!("policy {}: condition is false", self.name),
+                    ));
+                }
+                Err(e) => {
+                    return Err(deny(
+                        ErrorCode::PolicyDenied,
+                        format!("policy {}: condition not satisfied ({e})", self.name),
+                    ));
+                }
+            }
+        }
+        let escape = |e: String| {
+            deny(
+                ErrorCode::SpiffeIdEscapesPrefix,
+                format!("policy {}: {e}", self.name),
+            )
+        };
+        let text = match &self.id_rule {
+            IdRule::Template(t) => t.render(&oidc.claims).map_err(escape)?,
+            IdRule::Expression(c) => c.eval_string(&oidc.claims, &present).map_err(escape)?,
+        };
+        let spiffe_id = SpiffeId::parse(&text)
+            .map_err(|e| escape(format!("built SPIFFE ID is invalid: {e}")))?;
+        if spiffe_id.trust_domain() != &self.trust_domain
+            || !spiffe_id.as_str().starts_with(&self.prefix)
+            || spiffe_id.as_str().len() == self.prefix.len()
+        {
+            return Err(escape(format!(
+                "built SPIFFE ID is not under the prefix {}",
+                self.prefix
+            )));
+        }
+        let mut factors = vec![Factor::Oidc];
+        for required in &self.require {
+            match required {
+                FactorName::JoinToken => match &evidence.join_token {
+                    Some(j) if j.spiffe_id == spiffe_id => factors.push(Factor::JoinToken),
+                    Some(_) => {
+                        return Err(deny(
+                            ErrorCode::FactorMissing,
+                            format!(
+                                "policy {}: the join token is bound to another SPIFFE ID",
+                                self.name
+                            ),
+                        ));
+                    }
+                    None => {
+                        return Err(deny(
+                            ErrorCode::FactorMissing,
+                            format!(
+                                "policy {} requires a join token as second factor",
+                                self.name
+                            ),
+                        ));
+                    }
+                },
+                FactorName::X509Svid => match &evidence.x509_svid {
+                    Some(s) if s.spiffe_id == spiffe_id => factors.push(Factor::X509Svid),
+                    Some(_) => {
+                        return Err(deny(
+                            ErrorCode::FactorMissing,
+                            format!(
+                                "policy {}: the presented SVID is for another SPIFFE ID",
+                                self.name
+                            ),
+                        ));
+                    }
+                    None => {
+                        return Err(deny(
+                            ErrorCode::FactorMissing,
+                            format!(
+                                "policy {} requires the caller's SVID (mTLS) as second factor",
+                                self.name
+                            ),
+                        ));
+                    }
+                },
+            }
+        }
+        Ok(Decision {
+            policy: self.name.clone(),
+            spiffe_id,
+            grants: self.grants.clone(),
+            factors,
+        })
+    }
+}
+
+/// A validated set of policies. Immutable; share it in an `Arc`.
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    policies: Vec<Policy>,
+}
+
+/// The result of one embedded test.
+#[derive(Debug, Clone)]
+pub struct TestOutcome {
+    /// The file.
+    pub path: PathBuf,
+    /// The policy.
+    pub policy: String,
+    /// Zero-based index in the file's `tests`.
+    pub index: usize,
+    /// The test's name.
+    pub name: Option<String>,
+    /// Whether it passed.
+    pub passed: bool,
+    /// What happened.
+    pub detail: String,
+}
+
+impl PolicySet {
+    /// Loads every `*.yaml`/`*.yml` in `dir` (not recursive), in file-name order.
+    pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<PolicySet, LoadErrors> {
+        let (set, outcomes) = load_with_outcomes(dir, opts)?;
+        let failed: Vec<LoadError> = outcomes
+            .into_iter()
+            .filter(|o| !o.passed)
+            .map(|o| LoadError {
+                path: o.path,
+                line: None,
+                reason: format!(
+                    "embedded test {} ({}) failed: {}",
+                    o.index,
+                    o.name.unwrap_or_default(),
+                    o.detail
+                ),
+            })
+            .collect();
+        if failed.is_empty() {
+            Ok(set)
+        } else {
+            Err(LoadErrors(failed))
+        }
+    }
+
+    /// Loads policies from (path, text) pairs, in the order given.
+    pub fn from_sources(
+        sources: &[(PathBuf, String)],
+        opts: &LoadOptions,
+    ) -> Result<PolicySet, LoadErrors> {
+        let (set, outcomes) = compile_sources(sources, opts)?;
+        let failed: Vec<LoadError> = outcomes
+            .into_iter()
+            .filter(|o| !o.passed)
+            .map(|o| LoadError {
+                path: o.path,
+                line: None,
+                reason: format!("embedded test {} failed: {}", o.index, o.detail),
+            })
+            .collect();
+        if failed.is_empty() {
+            Ok(set)
+        } else {
+            Err(LoadErrors(failed))
+        }
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// How many policies.
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    /// The policy names, in evaluation order.
+    pub fn names(&self) -> Vec<&str> {
+        self.policies.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    /// The OIDC issuers the policies accept.
+    pub fn oidc_issuers(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.policies.iter().map(|p| p.issuer.as_str()).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Decides (see the crate docs).
+    pub fn evaluate(&self, evidence: &Evidence) -> Result<Decision, Denial> {
+        let mut best = Denial {
+            code: ErrorCode::PolicyDenied,
+            policy: None,
+            reason: "no attestation policy accepts this token's issuer and audience".into(),
+        };
+        for p in &self.policies {
+            match p.decide(evidence) {
+                Ok(d) => return Ok(d),
+                Err(d) if d.rank() > best.rank() => best = d,
+                Err(_) => {}
+            }
+        }
+        Err(best)
+    }
+}
+
+fn read_dir_sources(dir: &Path) -> Result<Vec<(PathBuf, String)>, LoadErrors> {
+    let one = |path: &Path, reason: String| {
+        LoadErrors(vec![LoadError {
+            path: path.to_path_buf(),
+            line: None,
+            reason,
+        }])
+    };
+    let entries = std::fs::read_dir(dir).map_err(|e| one(dir, e.to_string()))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    paths.sort();
+    let mut sources = Vec::new();
+    let mut errors = Vec::new();
+    for p in paths {
+        match std::fs::metadata(&p) {
+            Ok(m) if m.len() > MAX_FILE_BYTES as u64 => errors.push(LoadError {
+                path: p.clone(),
+                line: None,
+                reason: format!("file exceeds {MAX_FILE_BYTES} bytes"),
+            }),
+            _ => match std::fs::read_to_string(&p) {
+                Ok(t) => sources.push((p, t)),
+                Err(e) => errors.push(LoadError {
+                    path: p,
+                    line: None,
+                    reason: e.to_string(),
+                }),
+            },
+        }
+    }
+    if errors.is_empty() {
+        Ok(sources)
+    } else {
+        Err(LoadErrors(errors))
+    }
+}
+
+fn load_with_outcomes(
+    dir: &Path,
+    opts: &LoadOptions,
+) -> Result<(PolicySet, Vec<TestOutcome>), LoadErrors> {
+    let sources = read_dir_sources(dir)?;
+    compile_sources(&sources, opts)
+}
+
+/// Runs every embedded test of the policies in `dir` and reports each.
+/// Load errors other than failing tests are returned as errors.
+pub fn test_dir(dir: &Path, opts: &LoadOptions) -> Result<Vec<TestOutcome>, LoadErrors> {
+    load_with_outcomes(dir, opts).map(|(_, o)| o)
+}
+
+/// The 1-based line of the first line starting (after indentation) with `key`.
+fn line_of(source: &str, key: &str) -> Option<usize> {
+    source
+        .lines()
+        .position(|l| l.trim_start().starts_with(key))
+        .map(|i| i + 1)
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    if d.is_zero() || d > MAX_TTL {
+        return Err(format!("{text:?} must be more than 0 and at most 24h"));
+    }
+    Ok(d)
+}
+
+fn compile_sources(
+    sources: &[(PathBuf, String)],
+    opts: &LoadOptions,
+) -> Result<(PolicySet, Vec<TestOutcome>), LoadErrors> {
+    let mut errors = Vec::new();
+    let mut policies: Vec<(Policy, Vec<model::TestSpec>)> = Vec::new();
+    for (path, text) in sources {
+        match compile_one(path, text, opts) {
+            Ok(p) => {
+                if policies.iter().any(|(q, _)| q.name == p.0.name) {
+                    errors.push(LoadError {
+                        path: path.clone(),
+                        line: line_of(text, "name:"),
+                        reason: format!("policy name {:?} is used twice", p.0.name),
+                    });
+                } else {
+                    policies.push(p);
+                }
+            }
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(LoadErrors(errors));
+    }
+    let mut outcomes = Vec::new();
+    for (policy, tests) in &policies {
+        for (index, t) in tests.iter().enumerate() {
+            outcomes.push(run_test(policy, index, t));
+        }
+    }
+    let set = PolicySet {
+        policies: policies.into_iter().map(|(p, _)| p).collect(),
+    };
+    Ok((set, outcomes))
+}
+
+fn compile_one(
+    path: &Path,
+    text: &str,
+    opts: &LoadOptions,
+) -> Result<(Policy, Vec<model::TestSpec>), Vec<LoadError>> {
+    let err = |line: Option<usize>, reason: String| LoadError {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    };
+    if text.len() > MAX_FILE_BYTES {
+        return Err(vec![err(
+            None,
+            format!("file exceeds {MAX_FILE_BYTES} bytes"),
+        )]);
+    }
+    // Parsed twice: straight into the schema first, so errors carry their
+    // line; then through a value with YAML merge keys (`<<: *anchor`)
+    // applied, which tests use to vary one claim of a shared example.
+    let yaml_err =
+        |e: serde_yaml_ng::Error| vec![err(e.location().map(|l| l.line()), format!("YAML: {e}"))];
+    serde_yaml_ng::from_str::<PolicyFile>(text).map_err(yaml_err)?;
+    let mut value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(yaml_err)?;
+    value.apply_merge().map_err(yaml_err)?;
+    let file: PolicyFile = serde_yaml_ng::from_value(value).map_err(yaml_err)?;
+    let mut errors = Vec::new();
+    let at = |key: &str| line_of(text, key);
+
+    if file.name.is_empty()
+        || file.name.len() > 128
+        || !file
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        errors.push(err(
+            at("name:"),
+            "name must be 1-128 characters of [A-Za-z0-9._-]".into(),
+        ));
+    }
+    let oidc = &file.evidence.oidc;
+    if !oidc.issuer.starts_with("https://") && !oidc.issuer.starts_with("http://") {
+        errors.push(err(
+            at("issuer:"),
+            "evidence.oidc.issuer must be a URL".into(),
+        ));
+    }
+    if oidc.audiences.is_empty() {
+        errors.push(err(
+            at("audiences:"),
+            "evidence.oidc.audiences must not be empty".into(),
+        ));
+    }
+    if file.pins.len() > MAX_PINS {
+        errors.push(err(at("pins:"), format!("at most {MAX_PINS} pins")));
+    }
+    for (k, v) in &file.pins {
+        if claims::scalar_text(v).is_none() {
+            errors.push(err(
+                at(&format!("{k}:")),
+                format!("pin `{k}` must be a string, integer or boolean"),
+            ));
+        }
+    }
+    let condition = match &file.condition {
+        Some(c) => match Compiled::compile(c) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                errors.push(err(at("condition:"), format!("condition: {e}")));
+                None
+            }
+        },
+        None => None,
+    };
+    if let Err(e) = danger::check(&file) {
+        errors.push(err(at("pins:").or(at("condition:")), e));
+    }
+
+    // SPIFFE ID rule.
+    let prefix = &file.spiffe_id.prefix;
+    let prefix_ok = match SpiffeId::parse(prefix.trim_end_matches('/')) {
+        Ok(id) if id.trust_domain() == &opts.trust_domain && prefix.ends_with('/') => true,
+        Ok(_) => {
+            errors.push(err(
+                at("prefix:"),
+                format!(
+                    "spiffe_id.prefix must end with '/' and be in the trust domain {}",
+                    opts.trust_domain
+                ),
+            ));
+            false
+        }
+        Err(e) => {
+            errors.push(err(at("prefix:"), format!("spiffe_id.prefix: {e}")));
+            false
+        }
+    };
+    let id_rule = match (&file.spiffe_id.template, &file.spiffe_id.expression) {
+        (Some(t), None) => match Template::parse(t) {
+            Ok(tpl) => {
+                // The rendered ID is checked against the prefix on every
+                // request; this catches a template that never could match.
+                let lead = t.split('{').next().unwrap_or_default();
+                if prefix_ok && !t.starts_with(prefix.as_str()) && !prefix.starts_with(lead) {
+                    errors.push(err(
+                        at("template:"),
+                        "spiffe_id.template can never build an ID under the prefix".into(),
+                    ));
+                }
+                if tpl.claims().next().is_none() && !t.starts_with(prefix.as_str()) {
+                    errors.push(err(at("template:"), "template builds no identity".into()));
+                }
+                Some(IdRule::Template(tpl))
+            }
+            Err(e) => {
+                errors.push(err(at("template:"), format!("spiffe_id.template: {e}")));
+                None
+            }
+        },
+        (None, Some(x)) => match Compiled::compile(x) {
+            Ok(c) => Some(IdRule::Expression(c)),
+            Err(e) => {
+                errors.push(err(at("expression:"), format!("spiffe_id.expression: {e}")));
+                None
+            }
+        },
+        _ => {
+            errors.push(err(
+                at("spiffe_id:"),
+                "spiffe_id needs exactly one of template or expression".into(),
+            ));
+            None
+        }
+    };
+
+    // Grants.
+    let mut grants = Grants::default();
+    if let Some(x) = &file.grants.x509_svid {
+        match parse_ttl(&x.max_ttl) {
+            Ok(max_ttl) => grants.x509_svid = Some(X509Grant { max_ttl }),
+            Err(e) => errors.push(err(
+                at("x509_svid:"),
+                format!("grants.x509_svid.max_ttl {e}"),
+            )),
+        }
+    }
+    if let Some(j) = &file.grants.jwt_svid {
+        if j.audiences.is_empty() || j.audiences.iter().any(String::is_empty) {
+            errors.push(err(
+                at("jwt_svid:"),
+                "grants.jwt_svid.audiences must name at least one audience".into(),
+            ));
+        }
+        match parse_ttl(&j.max_ttl) {
+            Ok(max_ttl) => {
+                grants.jwt_svid = Some(JwtGrant {
+                    max_ttl,
+                    audiences: j.audiences.clone(),
+                })
+            }
+            Err(e) => errors.push(err(at("jwt_svid:"), format!("grants.jwt_svid.max_ttl {e}"))),
+        }
+    }
+    for c in &file.grants.cloud {
+        let line = at(&format!("- role_arn: {}", c.role_arn)).or(at("cloud:"));
+        if !c.role_arn.starts_with("arn:") || c.role_arn.len() < 20 || c.role_arn.len() > 2048 {
+            errors.push(err(
+                line,
+                format!("role_arn {:?} is not an ARN", c.role_arn),
+            ));
+        }
+        if grants.cloud_role(&c.role_arn).is_some() {
+            errors.push(err(line, format!("role {} granted twice", c.role_arn)));
+        }
+        let ttl = parse_ttl(&c.max_ttl);
+        if let Ok(t) = &ttl
+            && *t < Duration::from_secs(900)
+        {
+            errors.push(err(
+                line,
+                "a cloud role's max_ttl must be at least 15m (the STS minimum)".into(),
+            ));
+        }
+        let scope = ScopePolicy::from_json(&c.scope);
+        match (ttl, scope) {
+            (Ok(max_ttl), Ok(scope)) => grants.cloud_roles.push(CloudRoleGrant {
+                role_arn: c.role_arn.clone(),
+                scope,
+                max_ttl,
+            }),
+            (Err(e), _) => errors.push(err(line, format!("max_ttl {e}"))),
+            (_, Err(e)) => errors.push(err(line, format!("scope: {e}"))),
+        }
+    }
+    if grants.is_empty() {
+        errors.push(err(
+            at("grants:"),
+            "a policy must grant something (deny is the default)".into(),
+        ));
+    }
+    if file.tests.len() > MAX_TESTS {
+        errors.push(err(at("tests:"), format!("at most {MAX_TESTS} tests")));
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let Some(id_rule) = id_rule else {
+        return Err(vec![err(at("spiffe_id:"), "spiffe_id rule missing".into())]);
+    };
+    let policy = Policy {
+        name: file.name.clone(),
+        path: path.to_path_buf(),
+        issuer: oidc.issuer.clone(),
+        audiences: oidc.audiences.clone(),
+        require: file.evidence.require.clone(),
+        pins: file.pins.clone().into_iter().collect(),
+        condition,
+        prefix: prefix.clone(),
+        trust_domain: opts.trust_domain.clone(),
+        id_rule,
+        grants,
+    };
+    Ok((policy, file.tests))
+}
+
+fn run_test(policy: &Policy, index: usize, t: &model::TestSpec) -> TestOutcome {
+    let outcome = |passed: bool, detail: String| TestOutcome {
+        path: policy.path.clone(),
+        policy: policy.name.clone(),
+        index,
+        name: t.name.clone(),
+        passed,
+        detail,
+    };
+    let mut evidence = Evidence::default();
+    if let Some(o) = &t.evidence.oidc {
+        evidence.oidc = Some(OidcEvidence {
+            issuer: o.issuer.clone().unwrap_or_else(|| policy.issuer.clone()),
+            audiences: o
+                .audiences
+                .clone()
+                .unwrap_or_else(|| policy.audiences.iter().take(1).cloned().collect()),
+            claims: o.claims.clone(),
+        });
+    }
+    let factor = |f: &Option<model::TestFactor>| -> Result<Option<SpiffeId>, String> {
+        match f {
+            Some(f) => SpiffeId::parse(&f.spiffe_id)
+                .map(Some)
+                .map_err(|e| format!("test evidence SPIFFE ID: {e}")),
+            None => Ok(None),
+        }
+    };
+    match (
+        factor(&t.evidence.join_token),
+        factor(&t.evidence.x509_svid),
+    ) {
+        (Ok(j), Ok(s)) => {
+            evidence.join_token = j.map(|spiffe_id| JoinTokenEvidence { spiffe_id });
+            evidence.x509_svid = s.map(|spiffe_id| SvidEvidence { spiffe_id });
+        }
+        (Err(e), _) | (_, Err(e)) => return outcome(false, e),
+    }
+    match (policy.decide(&evidence), t.expect.allow) {
+        (Ok(d), true) => match &t.expect.spiffe_id {
+            Some(want) if want != d.spiffe_id.as_str() => outcome(
+                false,
+                format!("allowed as {}, expected {want}", d.spiffe_id),
+            ),
+            _ => outcome(true, format!("allowed as {}", d.spiffe_id)),
+        },
+        (Ok(d), false) => outcome(
+            false,
+            format!("allowed as {}, expected a refusal", d.spiffe_id),
+        ),
+        (Err(d), true) => outcome(false, format!("refused ({}): {}", d.code, d.reason)),
+        (Err(d), false) => match &t.expect.code {
+            Some(want) if want != d.code.as_str() => outcome(
+                false,
+                format!("refused with {}, expected {want}: {}", d.code, d.reason),
+            ),
+            _ => outcome(true, format!("refused ({})", d.code)),
+        },
+    }
+}
+
+/// The policy set in effect, reloaded on demand; a broken set never
+/// replaces a good one.
+#[derive(Debug)]
+pub struct PolicyStore {
+    dir: PathBuf,
+    opts: LoadOptions,
+    current: RwLock<Arc<PolicySet>>,
+}
+
+impl PolicyStore {
+    /// Loads `dir`; fails if the set is broken (a server must not start on one).
+    pub fn new(dir: PathBuf, opts: LoadOptions) -> Result<Self, LoadErrors> {
+        let set = PolicySet::load_dir(&dir, &opts)?;
+        Ok(Self {
+            dir,
+            opts,
+            current: RwLock::new(Arc::new(set)),
+        })
+    }
+
+    /// The set in effect.
+    pub fn current(&self) -> Arc<PolicySet> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Loads the directory again; swaps only if the new set is valid.
+    /// Returns the number of policies now in effect.
+    pub fn reload(&self) -> Result<usize, LoadErrors> {
+        let set = PolicySet::load_dir(&self.dir, &self.opts)?;
+        let n = set.len();
+        match self.current.write() {
+            Ok(mut g) => *g = Arc::new(set),
+            Err(p) => *p.into_inner() = Arc::new(set),
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,362 @@
+//! Loading, validating, testing and evaluating policy sets from files.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+use herald_core::{ErrorCode, SpiffeId, TrustDomain};
+use herald_policy::{
+    Evidence, Factor, JoinTokenEvidence, LoadOptions, OidcEvidence, PolicySet, PolicyStore,
+    test_dir,
+};
+use serde_json::{Value, json};
+
+fn opts() -> LoadOptions {
+    LoadOptions {
+        trust_domain: TrustDomain::new("dev.herald.test").unwrap(),
+    }
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../attestation-policies")
+}
+
+fn oidc(issuer: &str, claims: Value) -> Evidence {
+    Evidence {
+        oidc: Some(OidcEvidence {
+            issuer: issuer.into(),
+            audiences: vec!["herald".into()],
+            claims: claims.as_object().cloned().unwrap(),
+        }),
+        ..Evidence::default()
+    }
+}
+
+const BASE: &str = r#"name: p
+evidence:
+  oidc:
+    issuer: https://issuer.example.com
+    audiences: [herald]
+pins:
+  team: core
+condition: claims.env == "prod"
+spiffe_id:
+  prefix: spiffe://dev.herald.test/svc/
+  template: "spiffe://dev.herald.test/svc/{service}"
+grants:
+  jwt_svid: { max_ttl: 5m, audiences: [api] }
+"#;
+
+fn load(text: &str) -> Result<PolicySet, herald_policy::LoadErrors> {
+    PolicySet::from_sources(&[(PathBuf::from("p.yaml"), text.to_string())], &opts())
+}
+
+#[test]
+fn the_shipped_examples_load_and_every_embedded_test_passes() {
+    let set = PolicySet::load_dir(&examples(), &opts()).unwrap();
+    assert_eq!(set.len(), 6, "{:?}", set.names());
+    let outcomes = test_dir(&examples(), &opts()).unwrap();
+    assert!(outcomes.len() >= 18, "{}", outcomes.len());
+    for o in &outcomes {
+        assert!(
+            o.passed,
+            "{} {} #{}: {}",
+            o.path.display(),
+            o.policy,
+            o.index,
+            o.detail
+        );
+    }
+    // Every example has passing and failing cases.
+    for name in set.names() {
+        let mine: Vec<_> = outcomes.iter().filter(|o| o.policy == name).collect();
+        assert!(
+            mine.iter().any(|o| o.detail.starts_with("allowed")),
+            "{name}"
+        );
+        assert!(
+            mine.iter().any(|o| o.detail.starts_with("refused")),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn evaluation_picks_the_matching_policy_and_builds_the_id() {
+    let set = load(BASE).unwrap();
+    let d = set
+        .evaluate(&oidc(
+            "https://issuer.example.com",
+            json!({"sub": "x", "team": "core", "env": "prod", "service": "billing"}),
+        ))
+        .unwrap();
+    assert_eq!(d.policy, "p");
+    assert_eq!(d.spiffe_id.as_str(), "spiffe://dev.herald.test/svc/billing");
+    assert_eq!(d.factors, vec![Factor::Oidc]);
+    assert_eq!(
+        d.grants.jwt_svid.unwrap().audiences,
+        vec!["api".to_string()]
+    );
+    // Deny by default, with the most specific reason.
+    let cases = [
+        (
+            json!({"team": "other", "env": "prod", "service": "a"}),
+            ErrorCode::PolicyDenied,
+        ),
+        (
+            json!({"team": "core", "env": "dev", "service": "a"}),
+            ErrorCode::PolicyDenied,
+        ),
+        (
+            json!({"team": "core", "service": "a"}),
+            ErrorCode::PolicyDenied,
+        ),
+        (
+            json!({"team": "core", "env": "prod", "service": "../x"}),
+            ErrorCode::SpiffeIdEscapesPrefix,
+        ),
+        (
+            json!({"team": "core", "env": "prod", "service": "a/b"}),
+            ErrorCode::SpiffeIdEscapesPrefix,
+        ),
+        (
+            json!({"team": "core", "env": "prod", "service": "a%2fb"}),
+            ErrorCode::SpiffeIdEscapesPrefix,
+        ),
+        (
+            json!({"team": "core", "env": "prod"}),
+            ErrorCode::SpiffeIdEscapesPrefix,
+        ),
+    ];
+    for (claims, code) in cases {
+        let d = set
+            .evaluate(&oidc("https://issuer.example.com", claims.clone()))
+            .unwrap_err();
+        assert_eq!(d.code, code, "{claims}: {}", d.reason);
+        assert!(
+            !d.reason.contains("other") && !d.reason.contains("../x"),
+            "no claim values in reasons: {}",
+            d.reason
+        );
+    }
+    let d = set
+        .evaluate(&oidc(
+            "https://elsewhere.example.com",
+            json!({"team": "core"}),
+        ))
+        .unwrap_err();
+    assert_eq!((d.code, d.policy), (ErrorCode::PolicyDenied, None));
+}
+
+#[test]
+fn expression_ids_are_revalidated_and_kept_under_the_prefix() {
+    let text = BASE.replace(
+        "  template: \"spiffe://dev.herald.test/svc/{service}\"",
+        "  expression: '\"spiffe://dev.herald.test/svc/\" + claims.service'",
+    );
+    let set = load(&text).unwrap();
+    let ok = |svc: &str| {
+        set.evaluate(&oidc(
+            "https://issuer.example.com",
+            json!({"team": "core", "env": "prod", "service": svc}),
+        ))
+    };
+    assert_eq!(
+        ok("api").unwrap().spiffe_id.as_str(),
+        "spiffe://dev.herald.test/svc/api"
+    );
+    for bad in ["../../admin", "%2e%2e", "x/..", ""] {
+        assert_eq!(
+            ok(bad).unwrap_err().code,
+            ErrorCode::SpiffeIdEscapesPrefix,
+            "{bad}"
+        );
+    }
+    let other_td = BASE.replace(
+        "  template: \"spiffe://dev.herald.test/svc/{service}\"",
+        "  expression: '\"spiffe://evil.test/svc/\" + claims.service'",
+    );
+    let set = load(&other_td).unwrap();
+    let d = set
+        .evaluate(&oidc(
+            "https://issuer.example.com",
+            json!({"team": "core", "env": "prod", "service": "a"}),
+        ))
+        .unwrap_err();
+    assert_eq!(d.code, ErrorCode::SpiffeIdEscapesPrefix);
+}
+
+#[test]
+fn broken_files_are_refused_with_path_line_and_reason() {
+    let cases: Vec<(String, &str)> = vec![
+        ("name: [unclosed\n".into(), "YAML"),
+        (BASE.replace("pins:", "pinz:"), "unknown field"),
+        (
+            BASE.replace("claims.env == \"prod\"", "claims.env == "),
+            "CEL",
+        ),
+        (
+            BASE.replace("claims.env == \"prod\"", "request.env == \"prod\""),
+            "unknown variable",
+        ),
+        (
+            BASE.replace(
+                "spiffe://dev.herald.test/svc/\n",
+                "spiffe://other.test/svc/\n",
+            ),
+            "trust domain",
+        ),
+        (BASE.replace("max_ttl: 5m", "max_ttl: 48h"), "at most 24h"),
+        (BASE.replace("max_ttl: 5m", "max_ttl: soon"), "max_ttl"),
+        (
+            BASE.replace(
+                "  jwt_svid: { max_ttl: 5m, audiences: [api] }\n",
+                "  x509_svid: null\n",
+            ),
+            "grant something",
+        ),
+        (BASE.replace("{service}", "{serv ice}"), "claim path"),
+        (
+            format!(
+                "{BASE}  cloud:\n    - role_arn: arn:aws:iam::1:role/x-long-enough\n      max_ttl: 1h\n      scope: {{Statement: [{{Effect: Deny, Action: '*', Resource: '*'}}]}}\n"
+            ),
+            "scope",
+        ),
+        (
+            format!(
+                "{BASE}tests:\n  - evidence: {{ oidc: {{ claims: {{team: core, env: dev, service: a}} }} }}\n    expect: {{ allow: true }}\n"
+            ),
+            "embedded test",
+        ),
+        (format!("{BASE}{}", "# padding\n".repeat(7000)), "exceeds"),
+    ];
+    for (text, needle) in cases {
+        let errs = load(&text).unwrap_err();
+        let msg = errs.to_string();
+        assert!(msg.contains(needle), "expected {needle:?} in {msg}");
+        assert!(msg.starts_with("p.yaml"), "{msg}");
+    }
+    // A YAML syntax error names its line.
+    let errs = load("name: p\nevidence:\n  oidc: [\n").unwrap_err();
+    assert!(errs.0[0].line.is_some(), "{errs}");
+    // Two files with one name.
+    let dup = PolicySet::from_sources(
+        &[
+            (PathBuf::from("a.yaml"), BASE.into()),
+            (PathBuf::from("b.yaml"), BASE.into()),
+        ],
+        &opts(),
+    )
+    .unwrap_err();
+    assert!(dup.to_string().contains("used twice"), "{dup}");
+}
+
+#[test]
+fn dangerous_policies_are_refused() {
+    let gh = BASE.replace(
+        "https://issuer.example.com",
+        "https://token.actions.githubusercontent.com",
+    );
+    // A shared issuer pinned only on a non-owner claim.
+    let e = load(&gh).unwrap_err().to_string();
+    assert!(e.contains("shared"), "{e}");
+    // With an owner pin it loads.
+    load(&gh.replace(
+        "  team: core",
+        "  team: core\n  repository_owner_id: \"1342004\"",
+    ))
+    .unwrap();
+    // Globs in pins, unbounded sub matches.
+    let e = load(&BASE.replace("team: core", "team: \"*\""))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unbounded"), "{e}");
+    let e = load(&BASE.replace("claims.env == \"prod\"", "claims.sub.matches(\".*\")"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unbounded"), "{e}");
+    let owner_pinned = gh.replace(
+        "  team: core",
+        "  team: core\n  repository_owner_id: \"1342004\"",
+    );
+    let e =
+        load(&owner_pinned.replace("claims.env == \"prod\"", "claims.sub.startsWith(\"repo:\")"))
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("unbounded"), "{e}");
+    load(&owner_pinned.replace(
+        "claims.env == \"prod\"",
+        "claims.sub.startsWith(\"repo:acme/\")",
+    ))
+    .unwrap();
+}
+
+#[test]
+fn required_factors_must_be_present_and_bound_to_the_same_identity() {
+    let text = BASE.replace(
+        "    audiences: [herald]\n",
+        "    audiences: [herald]\n  require: [join_token]\n",
+    );
+    let set = load(&text).unwrap();
+    let claims = json!({"team": "core", "env": "prod", "service": "db"});
+    let mut ev = oidc("https://issuer.example.com", claims);
+    assert_eq!(
+        set.evaluate(&ev).unwrap_err().code,
+        ErrorCode::FactorMissing
+    );
+    ev.join_token = Some(JoinTokenEvidence {
+        spiffe_id: SpiffeId::parse("spiffe://dev.herald.test/svc/other").unwrap(),
+    });
+    assert_eq!(
+        set.evaluate(&ev).unwrap_err().code,
+        ErrorCode::FactorMissing
+    );
+    ev.join_token = Some(JoinTokenEvidence {
+        spiffe_id: SpiffeId::parse("spiffe://dev.herald.test/svc/db").unwrap(),
+    });
+    let d = set.evaluate(&ev).unwrap();
+    assert_eq!(d.factors, vec![Factor::Oidc, Factor::JoinToken]);
+    // The condition sees the factors too.
+    let text = BASE.replace(
+        "claims.env == \"prod\"",
+        "claims.env == \"prod\" && \"join_token\" in factors",
+    );
+    let set = load(&text).unwrap();
+    assert_eq!(
+        set.evaluate(&ev).unwrap().spiffe_id.as_str(),
+        "spiffe://dev.herald.test/svc/db"
+    );
+    ev.join_token = None;
+    assert_eq!(set.evaluate(&ev).unwrap_err().code, ErrorCode::PolicyDenied);
+}
+
+#[test]
+fn hot_reload_keeps_the_last_good_set() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.yaml"), BASE).unwrap();
+    let store = PolicyStore::new(dir.path().to_path_buf(), opts()).unwrap();
+    let before = store.current();
+    std::fs::write(dir.path().join("p.yaml"), "name: [broken\n").unwrap();
+    let e = store.reload().unwrap_err();
+    assert!(e.to_string().contains("p.yaml"), "{e}");
+    assert!(
+        std::sync::Arc::ptr_eq(&before, &store.current()),
+        "the good set stays"
+    );
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        BASE.replace("service}", "service}-v2"),
+    )
+    .unwrap();
+    assert_eq!(store.reload().unwrap(), 1);
+    let d = store
+        .current()
+        .evaluate(&oidc(
+            "https://issuer.example.com",
+            json!({"team": "core", "env": "prod", "service": "a"}),
+        ))
+        .unwrap();
+    assert_eq!(d.spiffe_id.as_str(), "spiffe://dev.herald.test/svc/a-v2");
+    // A server refuses to start on a broken directory.
+    std::fs::write(dir.path().join("q.yaml"), "nope: 1\n").unwrap();
+    assert!(PolicyStore::new(dir.path().to_path_buf(), opts()).is_err());
+}
