@@ -3,7 +3,7 @@
 set -euo pipefail
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
-pkgs=(build-essential pkg-config openssl ca-certificates git curl)
+pkgs=(build-essential pkg-config openssl ca-certificates git curl python3 python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -13,3 +13,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 command -v cargo >/dev/null || { echo "cargo (Rust >= 1.94) is required: https://rustup.rs" >&2; exit 1; }
+
+# Independent clients the end-to-end tests drive (boto3, PyJWT), in a venv
+# at the repository root so nothing touches the system Python.
+root="$(cd "$(dirname "$0")/.." && pwd)"
+py="$(command -v python3)"
+if [ ! -x "$root/.venv/bin/python" ]; then
+  "$py" -m venv "$root/.venv"
+fi
+"$root/.venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/tests/python/requirements.txt"

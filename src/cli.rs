@@ -35,6 +35,11 @@ enum Command {
     /// Inspect the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Exchange a platform OIDC token (CI job, function, cluster) for credentials.
+    Exchange(crate::exchange_cmd::ExchangeArgs),
+    /// Check and test attestation policies offline.
+    #[command(subcommand)]
+    Policy(crate::policy_cmd::PolicyCommand),
     /// Revoke an issued credential so it can no longer be renewed.
     Revoke {
         #[command(flatten)]
@@ -135,7 +140,7 @@ pub struct CliError {
 }
 
 impl CliError {
-    fn new(code: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: &str, message: impl Into<String>) -> Self {
         Self {
             code: code.to_owned(),
             message: message.into(),
@@ -256,6 +261,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Audit(AuditCommand::Verify { config, from, to }) => {
             audit_verify(config, from, to).await
         }
+        Command::Exchange(args) => crate::exchange_cmd::exchange(args).await,
+        Command::Policy(cmd) => crate::policy_cmd::run(cmd),
         Command::Revoke {
             config,
             serial,
@@ -418,7 +425,7 @@ async fn token_list(config: ConfigArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn rfc3339(unix: i64) -> String {
+pub(crate) fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
         .and_then(|t| {
@@ -428,7 +435,7 @@ fn rfc3339(unix: i64) -> String {
         .unwrap_or_else(|| unix.to_string())
 }
 
-fn read_bundle(path: &Path) -> Result<Vec<Vec<u8>>, CliError> {
+pub(crate) fn read_bundle(path: &Path) -> Result<Vec<Vec<u8>>, CliError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::new("io", format!("{}: {e}", path.display())))?;
     let certs = files::from_pem("CERTIFICATE", &text)

@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod exchange_cmd;
+mod policy_cmd;
 
 use std::process::ExitCode;
 

@@ -128,6 +128,41 @@ impl JwtSigner {
     }
 }
 
+/// Verifies one of Herald's own ES256 JWTs against its JWT authorities
+/// (`kid`, uncompressed point) and checks `exp`. Returns the claims, or
+/// `None` for anything that is not a valid, unexpired Herald JWT — the
+/// introspection answer is "inactive" whatever the reason.
+pub fn verify_jwt(
+    token: &str,
+    authorities: &[(String, Vec<u8>)],
+    now: i64,
+) -> Option<serde_json::Map<String, Value>> {
+    if token.len() > 16 * 1024 {
+        return None;
+    }
+    let mut parts = token.splitn(3, '.');
+    let (h, c, s) = (parts.next()?, parts.next()?, parts.next()?);
+    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).ok()?).ok()?;
+    if header.get("alg")?.as_str()? != "ES256" {
+        return None;
+    }
+    let kid = header.get("kid")?.as_str()?;
+    let (_, point) = authorities.iter().find(|(k, _)| k == kid)?;
+    let sig = URL_SAFE_NO_PAD.decode(s).ok()?;
+    let key = aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
+        point,
+    );
+    let signed = &token.as_bytes()[..h.len() + 1 + c.len()];
+    key.verify(signed, &sig).ok()?;
+    let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(c).ok()?).ok()?;
+    let claims = claims.as_object()?.clone();
+    if claims.get("exp")?.as_i64()? <= now {
+        return None;
+    }
+    Some(claims)
+}
+
 /// A P-256 public JWK from an uncompressed point.
 pub fn jwk_from_point(kid: &str, point: &[u8], use_: &str) -> Value {
     let (x, y) = if point.len() == 65 {

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use herald_core::ErrorCode;
 use herald_proto::v1::bundle_service_client::BundleServiceClient;
 use herald_proto::v1::svid_service_client::SvidServiceClient;
+use herald_proto::v1::token_exchange_service_client::TokenExchangeServiceClient;
+use herald_proto::v1::{ExchangeTokenRequest, ExchangeTokenResponse};
 use herald_proto::v1::{
     GetTrustBundleRequest, MintX509SvidRequest, RenewX509SvidRequest, TrustBundle, X509SvidResponse,
 };
@@ -204,6 +206,20 @@ impl HeraldClient {
         Ok(SvidServiceClient::new(self.channel.clone())
             .max_decoding_message_size(4 << 20)
             .renew_x509_svid(RenewX509SvidRequest { csr: csr_der })
+            .await?
+            .into_inner())
+    }
+
+    /// Exchanges a platform OIDC token for a credential (see
+    /// `herald.v1.TokenExchangeService`). A second factor is either the
+    /// request's join token or this connection's client identity.
+    pub async fn exchange_token(
+        &self,
+        req: ExchangeTokenRequest,
+    ) -> Result<ExchangeTokenResponse, ClientError> {
+        Ok(TokenExchangeServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(4 << 20)
+            .exchange_token(req)
             .await?
             .into_inner())
     }

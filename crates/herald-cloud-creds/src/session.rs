@@ -276,7 +276,7 @@ impl SessionKeyring {
         let mut buf = Zeroizing::new(sealed.to_vec());
         let plain = key
             .aead
-            .open_in_place(nonce, Aad::from(aad.as_slice()), &mut *buf)
+            .open_in_place(nonce, Aad::from(aad.as_slice()), &mut buf)
             .map_err(|_| CredsError::TokenInvalid)?;
         let c: SealedClaims =
             serde_json::from_slice(plain).map_err(|_| CredsError::TokenInvalid)?;

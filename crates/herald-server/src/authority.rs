@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use herald_ca::authority::CaMaterial;
 use herald_ca::kek::{KEK_ENV, read_private_file};
-use herald_ca::{CertificateAuthority, KeyEncryptionKey, TrustBundle};
+use herald_ca::{CertificateAuthority, JwtSigner, KeyEncryptionKey, TrustBundle};
+use herald_cloud_creds::SessionKeyring;
 use herald_core::{AuditEvent, EvidenceType};
 use herald_store::{CaKeyRecord, Store};
 
@@ -15,13 +16,25 @@ use crate::config::ServerConfig;
 /// How often validators should refresh the bundle, seconds.
 pub const BUNDLE_REFRESH_HINT_SECS: u64 = 300;
 
-/// The active signing CA and the bundle published with it.
+/// The key ring in effect: the signing CA, the JWT signing key, the
+/// session-token keyring, and the bundle published with them.
 #[derive(Debug)]
 pub struct CaState {
     /// The signing CA.
     pub ca: CertificateAuthority,
-    /// The trust bundle (every non-retired key's anchor).
+    /// The active JWT signing key.
+    pub jwt: JwtSigner,
+    /// Seals and opens cloud session tokens.
+    sessions: SessionKeyring,
+    /// The trust bundle (every non-retired key's anchor and JWT key).
     pub bundle: TrustBundle,
+}
+
+impl CaState {
+    /// The session-token keyring.
+    pub fn sessions(&self) -> &SessionKeyring {
+        &self.sessions
+    }
 }
 
 /// Loads the key-encryption key: `HERALD_KEK`, else `ca.key_encryption_key_file`,
@@ -110,13 +123,122 @@ pub async fn load_or_create(
             anchors.push(anchor);
         }
     }
+    let (jwt, jwt_authorities) = load_or_create_jwt_key(store, kek, &mut keys, cfg, now).await?;
+    let sessions = load_or_create_session_keys(store, kek, &mut keys, now).await?;
     let bundle = TrustBundle {
         trust_domain: cfg.trust_domain.clone(),
         x509_authorities: anchors,
+        jwt_authorities,
         sequence: store.bundle_sequence().await?,
         refresh_hint_secs: BUNDLE_REFRESH_HINT_SECS,
     };
-    Ok(Arc::new(CaState { ca, bundle }))
+    Ok(Arc::new(CaState {
+        ca,
+        jwt,
+        sessions,
+        bundle,
+    }))
+}
+
+fn key_record(kind: &str, key_id: &str, public: Vec<u8>, sealed: Vec<u8>, now: i64, ttl: i64) -> CaKeyRecord {
+    CaKeyRecord {
+        key_id: key_id.to_string(),
+        kind: kind.into(),
+        status: "active".into(),
+        cert_der: public,
+        chain_der: Vec::new(),
+        encrypted_key: sealed,
+        not_before: now,
+        not_after: now + ttl,
+        created_at: now,
+    }
+}
+
+fn key_audit(action: &str, key_id: &str) -> AuditEvent {
+    let mut audit = AuditEvent::new(action, "server");
+    audit.evidence_type = Some(EvidenceType::Operator);
+    audit.serial = Some(key_id.to_string());
+    audit
+}
+
+/// The JWT signing key (kind `jwt`; `cert_der` holds the public point),
+/// created on first start; returns the signer and every non-retired public
+/// key for the bundle.
+async fn load_or_create_jwt_key(
+    store: &Store,
+    kek: &KeyEncryptionKey,
+    keys: &mut Vec<CaKeyRecord>,
+    cfg: &ServerConfig,
+    now: i64,
+) -> Result<(JwtSigner, Vec<(String, Vec<u8>)>), ServerError> {
+    if !keys.iter().any(|k| k.kind == "jwt" && k.status == "active") {
+        let (signer, pkcs8) = JwtSigner::generate()?;
+        let record = key_record(
+            "jwt",
+            signer.kid(),
+            signer.public_point().to_vec(),
+            kek.seal(signer.kid(), &pkcs8)?,
+            now,
+            cfg.ca.ttl.as_secs() as i64,
+        );
+        store
+            .insert_ca_key(record, key_audit("jwt_key.create", signer.kid()))
+            .await?;
+        *keys = store.ca_keys().await?;
+    }
+    let active = keys
+        .iter()
+        .rev()
+        .find(|k| k.kind == "jwt" && k.status == "active")
+        .ok_or_else(|| ServerError::Config("no active JWT key after creation".into()))?;
+    let pkcs8 = kek.open(&active.key_id, &active.encrypted_key)?;
+    let signer = JwtSigner::from_pkcs8(&active.key_id, &pkcs8)?;
+    let published = keys
+        .iter()
+        .filter(|k| k.kind == "jwt" && k.status != "retired")
+        .map(|k| (k.key_id.clone(), k.cert_der.clone()))
+        .collect();
+    Ok((signer, published))
+}
+
+/// The session-token keyring (kind `session`), created on first start.
+async fn load_or_create_session_keys(
+    store: &Store,
+    kek: &KeyEncryptionKey,
+    keys: &mut Vec<CaKeyRecord>,
+    now: i64,
+) -> Result<SessionKeyring, ServerError> {
+    if !keys.iter().any(|k| k.kind == "session" && k.status == "active") {
+        let ring = SessionKeyring::generate()
+            .map_err(|e| ServerError::Config(format!("session keyring: {e}")))?;
+        let active = ring.active_id().to_string();
+        for (id, key) in ring.export() {
+            if id != active {
+                continue;
+            }
+            let record = key_record("session", &id, Vec::new(), kek.seal(&id, key.as_ref())?, now, 0);
+            store
+                .insert_ca_key(record, key_audit("session_key.create", &id))
+                .await?;
+        }
+        *keys = store.ca_keys().await?;
+    }
+    let mut ring_keys = Vec::new();
+    let mut active = None;
+    for k in keys.iter().filter(|k| k.kind == "session" && k.status != "retired") {
+        let raw = kek.open(&k.key_id, &k.encrypted_key)?;
+        let key: [u8; 32] = raw
+            .as_slice()
+            .try_into()
+            .map_err(|_| ServerError::Config(format!("session key {} is not 32 bytes", k.key_id)))?;
+        if k.status == "active" {
+            active = Some(k.key_id.clone());
+        }
+        ring_keys.push((k.key_id.clone(), key));
+    }
+    let active = active.ok_or_else(|| ServerError::Config("no active session key".into()))?;
+    SessionKeyring::from_keys(ring_keys, &active)
+        .map_err(|e| ServerError::Config(format!("session keyring: {e}")))
 }
 
 fn generate(cfg: &ServerConfig, now: i64) -> Result<CaMaterial, ServerError> {

@@ -42,6 +42,18 @@ pub struct ServerConfig {
     /// The server's own TLS certificate.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// Trusted OIDC issuers (CI platforms, function runtimes, clusters).
+    #[serde(default)]
+    pub oidc: OidcConfig,
+    /// Attestation policies.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// JWT-SVIDs and Herald's own JWTs.
+    #[serde(default)]
+    pub jwt: JwtConfig,
+    /// Cloud-style session credentials.
+    #[serde(default)]
+    pub cloud: CloudConfig,
     /// `true` only for `--dev`: generates a KEK file in the data directory when none is configured.
     #[serde(skip)]
     pub dev: bool,
@@ -181,6 +193,98 @@ fn default_tls_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
 }
 
+/// Trusted OIDC issuers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// One entry per issuer (`[[oidc.issuers]]`).
+    #[serde(default)]
+    pub issuers: Vec<herald_attest::oidc::IssuerConfig>,
+}
+
+/// Where attestation policies come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Directory of `*.yaml` policies. Unset: token exchange is refused
+    /// (deny by default). `--dev` uses `./attestation-policies` if present.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// How often the directory is checked for changes (hot reload; a
+    /// broken set is refused and the last good one stays active).
+    #[serde(default = "default_policy_reload", with = "humantime_serde_compat")]
+    pub reload_interval: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            reload_interval: default_policy_reload(),
+        }
+    }
+}
+
+fn default_policy_reload() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// JWT settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The `iss` of Herald's JWTs and the base of its
+    /// `/.well-known/openid-configuration`. Defaults to `http://<listen.http>`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// JWT-SVID lifetime when the caller asks for none (policy caps still apply).
+    #[serde(default = "default_jwt_ttl", with = "humantime_serde_compat")]
+    pub default_ttl: Duration,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            default_ttl: default_jwt_ttl(),
+        }
+    }
+}
+
+fn default_jwt_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// Cloud-style session credential settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// Lifetime when the caller asks for none (AWS's default is 1 h; the
+    /// role's cap still applies).
+    #[serde(default = "default_cloud_ttl", with = "humantime_serde_compat")]
+    pub default_ttl: Duration,
+    /// `Provider` in STS responses, and the prefix of `AssumedRoleUser` ARNs.
+    #[serde(default = "default_provider")]
+    pub provider: String,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl: default_cloud_ttl(),
+            provider: default_provider(),
+        }
+    }
+}
+
+fn default_cloud_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_provider() -> String {
+    "herald".to_owned()
+}
+
 mod humantime_serde_compat {
     use std::time::Duration;
 
@@ -205,6 +309,15 @@ impl ServerConfig {
             svid: SvidConfig::default(),
             join_token: JoinTokenConfig::default(),
             tls: TlsConfig::default(),
+            oidc: OidcConfig::default(),
+            policy: PolicyConfig {
+                dir: Path::new("attestation-policies")
+                    .is_dir()
+                    .then(|| PathBuf::from("attestation-policies")),
+                reload_interval: default_policy_reload(),
+            },
+            jwt: JwtConfig::default(),
+            cloud: CloudConfig::default(),
             dev: true,
         })
     }
@@ -223,7 +336,8 @@ impl ServerConfig {
 
     /// Applies `HERALD_*` environment overrides: `HERALD_TRUST_DOMAIN`,
     /// `HERALD_DATA_DIR`, `HERALD_DATABASE_URL`, `HERALD_LISTEN_GRPC`,
-    /// `HERALD_LISTEN_HTTP`, `HERALD_KEK_FILE` (`HERALD_KEK` is read when the
+    /// `HERALD_LISTEN_HTTP`, `HERALD_POLICY_DIR`, `HERALD_JWT_ISSUER`,
+    /// `HERALD_KEK_FILE` (`HERALD_KEK` is read when the
     /// CA is opened).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ServerError> {
         let bad = |k: &str, e: String| ServerError::Config(format!("{k}: {e}"));
@@ -247,10 +361,24 @@ impl ServerConfig {
                 .parse()
                 .map_err(|e| bad("HERALD_LISTEN_HTTP", format!("{e}")))?;
         }
+        if let Some(v) = get("HERALD_POLICY_DIR") {
+            self.policy.dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("HERALD_JWT_ISSUER") {
+            self.jwt.issuer = Some(v);
+        }
         if let Some(v) = get("HERALD_KEK_FILE") {
             self.ca.key_encryption_key_file = Some(PathBuf::from(v));
         }
         Ok(())
+    }
+
+    /// The `iss` of Herald's JWTs.
+    pub fn jwt_issuer(&self) -> String {
+        self.jwt
+            .issuer
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen.http))
     }
 
     /// The database URL in effect.
@@ -274,6 +402,12 @@ impl ServerConfig {
         }
         if self.tls.ttl < Duration::from_secs(300) {
             return bad("tls.ttl must be at least 5m");
+        }
+        if self.jwt.default_ttl < Duration::from_secs(30) {
+            return bad("jwt.default_ttl must be at least 30s");
+        }
+        if self.cloud.default_ttl < Duration::from_secs(900) {
+            return bad("cloud.default_ttl must be at least 15m (the STS minimum)");
         }
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! The plain-HTTP listener: trust bundle, health and readiness.
+//! The plain-HTTP listener: trust bundle, health and readiness, and the
+//! HTTP faces of token exchange (see [`crate::http_exchange`]).
 
 use std::sync::Arc;
 
@@ -6,11 +7,16 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::Shared;
+use crate::{Shared, http_exchange};
+
+/// Largest HTTP request body accepted (a token exchange form with a
+/// session policy fits many times over).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The HTTP routes.
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -19,12 +25,23 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/bundle", get(bundle_jwks))
         .route("/v1/bundle.pem", get(bundle_pem))
+        .route("/v1/token", post(http_exchange::token_exchange))
+        .route("/v1/introspect", post(http_exchange::introspect))
+        .route("/", post(http_exchange::sts))
+        .route(
+            "/.well-known/openid-configuration",
+            get(http_exchange::openid_configuration),
+        )
+        .route("/.well-known/jwks.json", get(http_exchange::jwks))
+        .route("/v1/policies", get(policies))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(shared)
 }
 
 /// Serves the routes until shutdown.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
     let app = router(shared);
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(crate::wait_shutdown(shutdown))
         .await;
@@ -57,6 +74,40 @@ async fn bundle_pem(State(shared): State<Arc<Shared>>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/x-pem-file")],
         shared.ca().bundle.to_pem(),
+    )
+        .into_response()
+}
+
+/// `GET /v1/policies`: the names of the policies in effect, the reload
+/// generation and, if the newest change was refused, why.
+async fn policies(State(shared): State<Arc<Shared>>) -> Response {
+    let (generation, last_error) = match shared.policy_status.lock() {
+        Ok(s) => (s.generation, s.last_error.clone()),
+        Err(p) => {
+            let s = p.into_inner();
+            (s.generation, s.last_error.clone())
+        }
+    };
+    let names: Vec<String> = shared
+        .exchange
+        .as_ref()
+        .map(|ex| {
+            ex.policies
+                .current()
+                .names()
+                .into_iter()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::json!({
+            "generation": generation,
+            "policies": names,
+            "last_error": last_error,
+        })
+        .to_string(),
     )
         .into_response()
 }

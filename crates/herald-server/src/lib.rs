@@ -11,7 +11,10 @@
 
 pub mod authority;
 pub mod config;
+pub mod exchange;
+pub mod exchange_service;
 pub mod http;
+pub mod http_exchange;
 pub mod join_token;
 pub mod status;
 pub mod svid_service;
@@ -23,6 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_proto::v1::bundle_service_server::{BundleService, BundleServiceServer};
 use herald_proto::v1::svid_service_server::SvidServiceServer;
+use herald_proto::v1::token_exchange_service_server::TokenExchangeServiceServer;
 use herald_proto::v1::{GetTrustBundleRequest, TrustBundle as TrustBundleMsg};
 use herald_store::Store;
 use tokio::net::TcpListener;
@@ -65,6 +69,33 @@ pub fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// What token exchange needs: the OIDC verifier and the policies.
+pub struct ExchangeState {
+    /// Verifies tokens from the configured issuers.
+    pub verifier: Arc<herald_attest::OidcVerifier>,
+    /// The policies in effect (hot-reloaded).
+    pub policies: Arc<herald_policy::PolicyStore>,
+}
+
+impl std::fmt::Debug for ExchangeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExchangeState")
+            .field("verifier", &self.verifier)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the hot-reloaded policy set stands.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyStatus {
+    /// Increases with every accepted change of the policy directory.
+    pub generation: u64,
+    /// Why the newest change was refused (the previous set stays active).
+    pub last_error: Option<String>,
+    /// Fingerprint of the directory content last looked at.
+    fingerprint: Option<[u8; 32]>,
+}
+
 /// State shared by every request.
 #[derive(Debug)]
 pub struct Shared {
@@ -72,6 +103,10 @@ pub struct Shared {
     pub store: Store,
     /// The configuration in effect.
     pub config: ServerConfig,
+    /// Token exchange; `None` when no issuer or no policy directory is configured.
+    pub exchange: Option<ExchangeState>,
+    /// The policy set's reload state, for `/v1/policies`.
+    pub policy_status: std::sync::Mutex<PolicyStatus>,
     ca: RwLock<Arc<CaState>>,
 }
 
@@ -150,9 +185,22 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
 
+    let mut config = config;
+    if config.jwt.issuer.is_none() {
+        // The bound address, not the configured one: port 0 means "any".
+        config.jwt.issuer = Some(format!("http://{http_addr}"));
+    }
+    let exchange = exchange_state(&config)?;
+    let fingerprint = config.policy.dir.as_deref().map(policy_fingerprint);
     let shared = Arc::new(Shared {
         store,
         config,
+        exchange,
+        policy_status: std::sync::Mutex::new(PolicyStatus {
+            generation: 1,
+            last_error: None,
+            fingerprint,
+        }),
         ca: RwLock::new(ca_state),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -177,6 +225,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         )),
     ];
 
+    let mut tasks = tasks;
+    if let Some(ex) = &shared.exchange {
+        tasks.push(tokio::spawn(watch_policies(shared.clone(), shutdown.subscribe())));
+        tasks.push(tokio::spawn(refresh_jwks(
+            ex.verifier.clone(),
+            shutdown.subscribe(),
+        )));
+    }
     Ok(RunningServer {
         grpc_addr,
         http_addr,
@@ -184,6 +240,122 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         shutdown,
         tasks,
     })
+}
+
+/// Builds the token-exchange state when both issuers and a policy
+/// directory are configured; a broken policy set stops the start.
+fn exchange_state(cfg: &ServerConfig) -> Result<Option<ExchangeState>, ServerError> {
+    let Some(dir) = &cfg.policy.dir else {
+        if !cfg.oidc.issuers.is_empty() {
+            tracing::warn!("OIDC issuers are configured but no policy.dir: token exchange is refused");
+        }
+        return Ok(None);
+    };
+    let opts = herald_policy::LoadOptions {
+        trust_domain: cfg.trust_domain.clone(),
+    };
+    let policies = herald_policy::PolicyStore::new(dir.clone(), opts)
+        .map_err(|e| ServerError::Config(format!("policies in {}: {e}", dir.display())))?;
+    let verifier = herald_attest::OidcVerifier::new(cfg.oidc.issuers.clone())
+        .map_err(|e| ServerError::Config(e.to_string()))?;
+    let current = policies.current();
+    for issuer in current.oidc_issuers() {
+        if !verifier.issuers().contains(&issuer) {
+            tracing::warn!(issuer, "a policy names an issuer that is not configured under [[oidc.issuers]]");
+        }
+    }
+    tracing::info!(
+        policies = current.len(),
+        issuers = verifier.issuers().len(),
+        "token exchange enabled"
+    );
+    Ok(Some(ExchangeState {
+        verifier: Arc::new(verifier),
+        policies: Arc::new(policies),
+    }))
+}
+
+/// SHA-256 over the names and contents of the directory's policy files.
+fn policy_fingerprint(dir: &std::path::Path) -> [u8; 32] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    names.sort();
+    for path in names {
+        let is_policy = path
+            .extension()
+            .is_some_and(|e| e == "yaml" || e == "yml");
+        if !is_policy {
+            continue;
+        }
+        ctx.update(path.as_os_str().as_encoded_bytes());
+        ctx.update(&[0]);
+        if let Ok(bytes) = std::fs::read(&path) {
+            ctx.update(&(bytes.len() as u64).to_be_bytes());
+            ctx.update(&bytes);
+        }
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// Hot reload: when the policy directory changes, load it; a broken set is
+/// refused (logged, shown on `/v1/policies`) and the last good one stays.
+async fn watch_policies(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+    let (Some(ex), Some(dir)) = (&shared.exchange, shared.config.policy.dir.clone()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(shared.config.policy.reload_interval) => {}
+            () = wait_shutdown(shutdown.clone()) => return,
+        }
+        let dir2 = dir.clone();
+        let Ok(fp) = tokio::task::spawn_blocking(move || policy_fingerprint(&dir2)).await else {
+            continue;
+        };
+        let unchanged = match shared.policy_status.lock() {
+            Ok(s) => s.fingerprint == Some(fp),
+            Err(p) => p.into_inner().fingerprint == Some(fp),
+        };
+        if unchanged {
+            continue;
+        }
+        let store = ex.policies.clone();
+        let result = tokio::task::spawn_blocking(move || store.reload()).await;
+        let mut status = match shared.policy_status.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        status.fingerprint = Some(fp);
+        match result {
+            Ok(Ok(n)) => {
+                status.generation += 1;
+                status.last_error = None;
+                tracing::info!(policies = n, generation = status.generation, "policies reloaded");
+            }
+            Ok(Err(e)) => {
+                let msg = e.to_string();
+                tracing::warn!(error = %msg, "policy reload refused; the previous set stays active");
+                status.last_error = Some(msg);
+            }
+            Err(e) => tracing::error!(error = %e, "policy reload task failed"),
+        }
+    }
+}
+
+/// Refreshes issuers' JWKS on schedule (each issuer's `refresh_interval`),
+/// checking once a minute which are due.
+async fn refresh_jwks(verifier: Arc<herald_attest::OidcVerifier>, shutdown: watch::Receiver<bool>) {
+    loop {
+        verifier.refresh_due().await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(60)) => {}
+            () = wait_shutdown(shutdown.clone()) => return,
+        }
+    }
 }
 
 fn write_bundle_file(cfg: &ServerConfig, ca: &CaState) -> Result<(), ServerError> {
@@ -240,11 +412,14 @@ async fn serve_grpc(
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
     let svid = SvidServiceServer::new(svid_service::SvidApi::new(shared.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let exchange = TokenExchangeServiceServer::new(exchange_service::ExchangeApi::new(shared.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let bundle =
         BundleServiceServer::new(BundleApi { shared }).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let result = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .add_service(svid)
+        .add_service(exchange)
         .add_service(bundle)
         .serve_with_incoming_shutdown(incoming, wait_shutdown(shutdown))
         .await;
