@@ -36,7 +36,7 @@ enum Command {
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Exchange a platform OIDC token (CI job, function, cluster) for credentials.
-    Exchange(crate::exchange_cmd::ExchangeArgs),
+    Exchange(Box<crate::exchange_cmd::ExchangeArgs>),
     /// Check and test attestation policies offline.
     #[command(subcommand)]
     Policy(crate::policy_cmd::PolicyCommand),
@@ -261,7 +261,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Audit(AuditCommand::Verify { config, from, to }) => {
             audit_verify(config, from, to).await
         }
-        Command::Exchange(args) => crate::exchange_cmd::exchange(args).await,
+        Command::Exchange(args) => crate::exchange_cmd::exchange(*args).await,
         Command::Policy(cmd) => crate::policy_cmd::run(cmd),
         Command::Revoke {
             config,

@@ -46,7 +46,11 @@ async fn github_rs256_and_es256_tokens_verify_with_claims_normalised() {
         assert_eq!(v.claims["repository_owner_id"], json!("1342004"));
         assert_eq!(
             v.replay_key,
-            format!("jti:{}", claims["jti"].as_str().unwrap())
+            format!(
+                "jti:{}#{}",
+                issuer.issuer(),
+                claims["jti"].as_str().unwrap()
+            )
         );
         assert_eq!(v.expires_at, claims["exp"].as_i64().unwrap());
         assert_eq!(v.digest.len(), 64);

@@ -207,7 +207,10 @@ mod tests {
         assert_eq!(parts.len(), 3);
         let header: Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
-        assert_eq!(header, json!({"alg": "ES256", "kid": signer.kid(), "typ": "JWT"}));
+        assert_eq!(
+            header,
+            json!({"alg": "ES256", "kid": signer.kid(), "typ": "JWT"})
+        );
         let claims: Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
         assert_eq!(claims["sub"], "spiffe://td.test/ci/app");

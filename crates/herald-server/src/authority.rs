@@ -140,7 +140,14 @@ pub async fn load_or_create(
     }))
 }
 
-fn key_record(kind: &str, key_id: &str, public: Vec<u8>, sealed: Vec<u8>, now: i64, ttl: i64) -> CaKeyRecord {
+fn key_record(
+    kind: &str,
+    key_id: &str,
+    public: Vec<u8>,
+    sealed: Vec<u8>,
+    now: i64,
+    ttl: i64,
+) -> CaKeyRecord {
     CaKeyRecord {
         key_id: key_id.to_string(),
         kind: kind.into(),
@@ -208,7 +215,10 @@ async fn load_or_create_session_keys(
     keys: &mut Vec<CaKeyRecord>,
     now: i64,
 ) -> Result<SessionKeyring, ServerError> {
-    if !keys.iter().any(|k| k.kind == "session" && k.status == "active") {
+    if !keys
+        .iter()
+        .any(|k| k.kind == "session" && k.status == "active")
+    {
         let ring = SessionKeyring::generate()
             .map_err(|e| ServerError::Config(format!("session keyring: {e}")))?;
         let active = ring.active_id().to_string();
@@ -216,7 +226,14 @@ async fn load_or_create_session_keys(
             if id != active {
                 continue;
             }
-            let record = key_record("session", &id, Vec::new(), kek.seal(&id, key.as_ref())?, now, 0);
+            let record = key_record(
+                "session",
+                &id,
+                Vec::new(),
+                kek.seal(&id, key.as_ref())?,
+                now,
+                0,
+            );
             store
                 .insert_ca_key(record, key_audit("session_key.create", &id))
                 .await?;
@@ -225,12 +242,14 @@ async fn load_or_create_session_keys(
     }
     let mut ring_keys = Vec::new();
     let mut active = None;
-    for k in keys.iter().filter(|k| k.kind == "session" && k.status != "retired") {
+    for k in keys
+        .iter()
+        .filter(|k| k.kind == "session" && k.status != "retired")
+    {
         let raw = kek.open(&k.key_id, &k.encrypted_key)?;
-        let key: [u8; 32] = raw
-            .as_slice()
-            .try_into()
-            .map_err(|_| ServerError::Config(format!("session key {} is not 32 bytes", k.key_id)))?;
+        let key: [u8; 32] = raw.as_slice().try_into().map_err(|_| {
+            ServerError::Config(format!("session key {} is not 32 bytes", k.key_id))
+        })?;
         if k.status == "active" {
             active = Some(k.key_id.clone());
         }

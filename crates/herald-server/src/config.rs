@@ -459,6 +459,10 @@ mod tests {
         assert_eq!(c.trust_domain.as_str(), "example.org");
         assert_eq!(c.svid.x509_ttl, Duration::from_secs(3600));
         assert_eq!(c.join_token.max_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(c.oidc.issuers.len(), 2);
+        assert!(c.oidc.issuers[0].require_jti);
+        assert_eq!(c.jwt.default_ttl, Duration::from_secs(300));
+        assert!(c.policy.dir.is_some());
     }
 
     #[test]

@@ -227,7 +227,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let mut tasks = tasks;
     if let Some(ex) = &shared.exchange {
-        tasks.push(tokio::spawn(watch_policies(shared.clone(), shutdown.subscribe())));
+        tasks.push(tokio::spawn(watch_policies(
+            shared.clone(),
+            shutdown.subscribe(),
+        )));
         tasks.push(tokio::spawn(refresh_jwks(
             ex.verifier.clone(),
             shutdown.subscribe(),
@@ -247,7 +250,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 fn exchange_state(cfg: &ServerConfig) -> Result<Option<ExchangeState>, ServerError> {
     let Some(dir) = &cfg.policy.dir else {
         if !cfg.oidc.issuers.is_empty() {
-            tracing::warn!("OIDC issuers are configured but no policy.dir: token exchange is refused");
+            tracing::warn!(
+                "OIDC issuers are configured but no policy.dir: token exchange is refused"
+            );
         }
         return Ok(None);
     };
@@ -261,7 +266,10 @@ fn exchange_state(cfg: &ServerConfig) -> Result<Option<ExchangeState>, ServerErr
     let current = policies.current();
     for issuer in current.oidc_issuers() {
         if !verifier.issuers().contains(&issuer) {
-            tracing::warn!(issuer, "a policy names an issuer that is not configured under [[oidc.issuers]]");
+            tracing::warn!(
+                issuer,
+                "a policy names an issuer that is not configured under [[oidc.issuers]]"
+            );
         }
     }
     tracing::info!(
@@ -283,9 +291,7 @@ fn policy_fingerprint(dir: &std::path::Path) -> [u8; 32] {
         .unwrap_or_default();
     names.sort();
     for path in names {
-        let is_policy = path
-            .extension()
-            .is_some_and(|e| e == "yaml" || e == "yml");
+        let is_policy = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
         if !is_policy {
             continue;
         }
@@ -334,7 +340,11 @@ async fn watch_policies(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
             Ok(Ok(n)) => {
                 status.generation += 1;
                 status.last_error = None;
-                tracing::info!(policies = n, generation = status.generation, "policies reloaded");
+                tracing::info!(
+                    policies = n,
+                    generation = status.generation,
+                    "policies reloaded"
+                );
             }
             Ok(Err(e)) => {
                 let msg = e.to_string();
@@ -412,8 +422,9 @@ async fn serve_grpc(
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
     let svid = SvidServiceServer::new(svid_service::SvidApi::new(shared.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let exchange = TokenExchangeServiceServer::new(exchange_service::ExchangeApi::new(shared.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let exchange =
+        TokenExchangeServiceServer::new(exchange_service::ExchangeApi::new(shared.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let bundle =
         BundleServiceServer::new(BundleApi { shared }).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let result = tonic::transport::Server::builder()

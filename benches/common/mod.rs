@@ -1,0 +1,174 @@
+//! Shared benchmark harness: closed- and open-loop drivers, latency
+//! percentiles, and CPU accounting split by thread name (server workers,
+//! SQLite threads, benchmark clients).
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs
+)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn per_sec(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+pub fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+pub struct Run {
+    pub rate: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+    /// CPU cores busy on average (this process: server and clients).
+    pub cores: f64,
+    /// Server CPU per request.
+    pub server_cpu: Duration,
+    /// Client CPU per request.
+    pub client_cpu: Duration,
+    /// Of the server's, SQLite's connection threads, per request.
+    pub sqlite_cpu: Duration,
+}
+
+/// CPU time so far of this process's threads, split into the server's
+/// (tokio workers named `herald-server` plus sqlx's SQLite threads) and the
+/// benchmark clients' (`bench-client`).
+pub fn cpu_split() -> (Duration, Duration) {
+    let (server, client, _) = cpu_split3();
+    (server, client)
+}
+
+/// (server total, clients, of which SQLite threads) CPU time so far.
+pub fn cpu_split3() -> (Duration, Duration, Duration) {
+    let mut sqlite = 0u64;
+    let mut server = 0u64;
+    let mut client = 0u64;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+                continue;
+            };
+            let Some((head, rest)) = stat.split_once(") ") else {
+                continue;
+            };
+            let comm = head.rsplit('(').next().unwrap_or("");
+            let f: Vec<&str> = rest.split(' ').collect();
+            let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            if comm.starts_with("sqlx-sqlite") {
+                sqlite += ticks;
+            }
+            if comm.starts_with("herald-server") || comm.starts_with("sqlx-sqlite") {
+                server += ticks;
+            } else if comm.starts_with("bench-client") {
+                client += ticks;
+            }
+        }
+    }
+    (
+        Duration::from_millis(server * 10),
+        Duration::from_millis(client * 10),
+        Duration::from_millis(sqlite * 10),
+    )
+}
+
+/// User + system CPU time of this process so far.
+pub fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of /proc/PID/stat (11 and 12 after the comm field).
+    Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / 100.0)
+}
+
+/// Runs `n` calls of `op(i)` over `conc` concurrent tasks; `pace` = Some(rate) paces an open loop.
+pub async fn drive<F, Fut>(n: usize, conc: usize, pace: Option<f64>, op: F) -> Run
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicUsize::new(0));
+    let cpu0 = cpu_time();
+    let (srv0, cli0, sql0) = cpu_split3();
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..conc)
+        .map(|_| {
+            let (op, next) = (op.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let scheduled = match pace {
+                        Some(rate) => {
+                            let at = start + Duration::from_secs_f64(i as f64 / rate);
+                            tokio::time::sleep_until(at.into()).await;
+                            at
+                        }
+                        None => Instant::now(),
+                    };
+                    op(i).await;
+                    lat.push(scheduled.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(n);
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = start.elapsed();
+    all.sort();
+    Run {
+        rate: per_sec(n, elapsed),
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+        cores: (cpu_time() - cpu0).as_secs_f64() / elapsed.as_secs_f64(),
+        server_cpu: cpu_split().0.saturating_sub(srv0) / n as u32,
+        client_cpu: cpu_split().1.saturating_sub(cli0) / n as u32,
+        sqlite_cpu: cpu_split3().2.saturating_sub(sql0) / n as u32,
+    }
+}
+
+pub fn print_run(name: &str, r: &Run, ceiling: f64) {
+    println!(
+        "  {name:<26} {:>6.0}/s  p50 {:>5.2} ms  p99 {:>5.2} ms  {:>4.1}% of ceiling  | CPU {:.2} cores: server {:>3.0} µs/req (SQLite {:>3.0}), clients {:>3.0} µs/req",
+        r.rate,
+        r.p50.as_secs_f64() * 1e3,
+        r.p99.as_secs_f64() * 1e3,
+        100.0 * r.rate / ceiling,
+        r.cores,
+        us(r.server_cpu),
+        us(r.sqlite_cpu),
+        us(r.client_cpu),
+    );
+    if r.server_cpu > Duration::ZERO {
+        let capacity = 2.0 / r.server_cpu.as_secs_f64();
+        println!(
+            "  {:<26} server alone on both cores: {capacity:>6.0}/s = {:.1}% of ceiling",
+            "",
+            100.0 * capacity / ceiling
+        );
+    }
+}

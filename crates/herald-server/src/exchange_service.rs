@@ -1,0 +1,124 @@
+//! `herald.v1.TokenExchangeService`: gRPC translation of [`crate::exchange`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_proto::v1::exchange_token_request::Credential as Wanted;
+use herald_proto::v1::exchange_token_response::Credential as Given;
+use herald_proto::v1::token_exchange_service_server::TokenExchangeService;
+use herald_proto::v1::{
+    CloudCredentials, ExchangeTokenRequest, ExchangeTokenResponse, JwtSvid, X509SvidResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::Shared;
+use crate::exchange::{ExchangeRequest, Issued, RequestedCredential, exchange};
+use crate::status::Refusal;
+
+/// The gRPC service.
+pub struct ExchangeApi {
+    shared: Arc<Shared>,
+}
+
+impl ExchangeApi {
+    /// Serves from `shared` state.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+/// RFC 3339 UTC with seconds, as AWS writes `Expiration`.
+pub fn iso8601(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+#[tonic::async_trait]
+impl TokenExchangeService for ExchangeApi {
+    async fn exchange_token(
+        &self,
+        request: Request<ExchangeTokenRequest>,
+    ) -> Result<Response<ExchangeTokenResponse>, Status> {
+        let caller = request
+            .remote_addr()
+            .map_or_else(|| "peer:unknown".to_owned(), |a| format!("peer:{a}"));
+        let peer_certs: Option<Vec<Vec<u8>>> = request
+            .peer_certs()
+            .map(|certs| certs.iter().map(|c| c.to_vec()).collect());
+        let req = request.into_inner();
+        let credential = match req.credential {
+            Some(Wanted::X509Svid(p)) => RequestedCredential::X509Svid { csr: p.csr },
+            Some(Wanted::JwtSvid(p)) => RequestedCredential::JwtSvid {
+                audiences: p.audiences,
+            },
+            Some(Wanted::Cloud(p)) => RequestedCredential::Cloud {
+                role_arn: p.role_arn,
+                session_name: p.session_name,
+                session_policy: (!p.session_policy.is_empty()).then_some(p.session_policy),
+            },
+            None => {
+                // Audited like any other refusal: it is still a request
+                // that carried a token.
+                let mut audit = herald_core::AuditEvent::new("exchange", caller);
+                audit.evidence_type = Some(herald_core::EvidenceType::Oidc);
+                let r = Refusal::new(
+                    herald_core::ErrorCode::InvalidRequest,
+                    "name the credential wanted (x509_svid, jwt_svid or cloud)",
+                );
+                let _ = self.shared.store.audit(audit.deny(r.code)).await;
+                return Err(r.to_status());
+            }
+        };
+        let outcome = exchange(
+            &self.shared,
+            ExchangeRequest {
+                subject_token: req.subject_token,
+                credential,
+                join_token: (!req.join_token.is_empty()).then_some(req.join_token),
+                peer_certs,
+                ttl: (req.ttl_seconds > 0).then(|| Duration::from_secs(req.ttl_seconds.into())),
+                caller,
+                transport: "grpc",
+            },
+        )
+        .await
+        .map_err(|r| r.to_status())?;
+        let credential = match outcome.issued {
+            Issued::X509 { issued, bundle } => {
+                let mut cert_chain = vec![issued.cert_der.clone()];
+                cert_chain.extend(issued.intermediates.iter().cloned());
+                Given::X509Svid(X509SvidResponse {
+                    spiffe_id: issued.spiffe_id.to_string(),
+                    cert_chain,
+                    bundle,
+                    serial: issued.serial_hex.clone(),
+                    expires_at: issued.not_after,
+                })
+            }
+            Issued::Jwt { token } => Given::JwtSvid(JwtSvid { token }),
+            Issued::Cloud {
+                creds, role_arn, ..
+            } => Given::Cloud(CloudCredentials {
+                access_key_id: creds.access_key_id.clone(),
+                secret_access_key: creds.secret_access_key.to_string(),
+                session_token: creds.session_token.clone(),
+                expiration: iso8601(creds.expiration),
+                role_arn,
+            }),
+        };
+        Ok(Response::new(ExchangeTokenResponse {
+            spiffe_id: outcome.spiffe_id.to_string(),
+            policy: outcome.policy,
+            expires_at: outcome.expires_at,
+            credential: Some(credential),
+        }))
+    }
+}

@@ -1,0 +1,971 @@
+//! OIDC token exchange end to end: a real HTTPS OIDC issuer, the real
+//! `herald` binary, and clients nobody here wrote (boto3 for AWS STS, PyJWT
+//! for JWT-SVIDs, openssl for X.509 SVIDs). Every refusal is checked for
+//! its stable code and its audit record.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use herald_client::{ClientIdentity, HeraldClient, keys};
+use herald_core::{ErrorCode, EvidenceType, Outcome};
+use herald_proto::v1::exchange_token_request::Credential as Wanted;
+use herald_proto::v1::exchange_token_response::Credential as Given;
+use herald_proto::v1::{
+    CloudCredentialsParams, ExchangeTokenRequest, JwtSvidParams, X509SvidParams,
+};
+use herald_store::Store;
+use herald_test_oidc::{Alg, TestIssuer, now};
+use serde_json::{Value, json};
+
+const ROLE: &str = "arn:aws:iam::123456789012:role/deploy";
+const AUD: &str = "herald";
+
+fn python() -> PathBuf {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} is missing: run `bash scripts/install-deps.sh` (it installs boto3 and PyJWT)",
+        p.display()
+    );
+    p
+}
+
+fn run_python(script: &str, input: &Value) -> Value {
+    use std::io::Write;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let mut child = Command::new(python())
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The policies of these tests, for the test issuer's URL.
+fn policies(issuer: &str) -> Vec<(&'static str, String)> {
+    let td = TRUST_DOMAIN;
+    vec![
+        (
+            "10-deploy.yaml",
+            format!(
+                r#"name: e2e-deploy
+description: Deploys of acme/webapp from main into production
+evidence:
+  oidc:
+    issuer: {issuer}
+    audiences: [{AUD}]
+pins:
+  repository: acme/webapp
+  repository_owner_id: "1342004"
+condition: claims.ref == "refs/heads/main" && claims.environment == "production"
+spiffe_id:
+  prefix: spiffe://{td}/ci/github/
+  template: "spiffe://{td}/ci/github/{{repository_owner}}/{{environment}}"
+grants:
+  x509_svid: {{ max_ttl: 30m }}
+  jwt_svid: {{ max_ttl: 10m, audiences: [deployer, "https://artifacts.example.com"] }}
+  cloud:
+    - role_arn: {ROLE}
+      max_ttl: 2h
+      scope:
+        Version: "2012-10-17"
+        Statement:
+          - Effect: Allow
+            Action: ["s3:GetObject", "s3:PutObject"]
+            Resource: ["arn:aws:s3:::acme-artifacts/*"]
+"#
+            ),
+        ),
+        (
+            "20-tools.yaml",
+            format!(
+                r#"name: e2e-tools
+description: Tool jobs, one identity per environment name (a claim the job controls)
+evidence:
+  oidc:
+    issuer: {issuer}
+    audiences: [{AUD}]
+pins:
+  repository: acme/tools
+spiffe_id:
+  prefix: spiffe://{td}/ci/tools/
+  template: "spiffe://{td}/ci/tools/{{environment}}"
+grants:
+  jwt_svid: {{ max_ttl: 5m, audiences: [deployer] }}
+"#
+            ),
+        ),
+        (
+            "30-db-mfa.yaml",
+            format!(
+                r#"name: e2e-db-mfa
+description: Production database role, only with a CI token AND a join token (machine MFA)
+evidence:
+  oidc:
+    issuer: {issuer}
+    audiences: [{AUD}]
+  require: [join_token]
+pins:
+  repository: acme/db
+spiffe_id:
+  prefix: spiffe://{td}/ci/db/
+  template: "spiffe://{td}/ci/db/{{environment}}"
+grants:
+  jwt_svid: {{ max_ttl: 5m, audiences: [postgres] }}
+"#
+            ),
+        ),
+    ]
+}
+
+struct Env {
+    issuer: TestIssuer,
+    site: Site,
+    server: Server,
+    policy_dir: PathBuf,
+    _policies: tempfile::TempDir,
+}
+
+impl Env {
+    async fn start() -> Env {
+        let issuer = TestIssuer::start().await;
+        let policies_tmp = tempfile::tempdir().unwrap();
+        let policy_dir = policies_tmp.path().to_path_buf();
+        for (name, text) in policies(issuer.issuer()) {
+            std::fs::write(policy_dir.join(name), text).unwrap();
+        }
+        let site = Site::with_extra(&format!(
+            "[policy]\ndir = \"{}\"\nreload_interval = \"1s\"\n[[oidc.issuers]]\nissuer = \"{}\"\naudiences = [\"{AUD}\"]\nextra_roots = \"{}\"\nhttp_timeout = \"1s\"\nmin_refresh_interval = \"0s\"\n",
+            policy_dir.display(),
+            issuer.issuer(),
+            issuer.ca_pem_path().display()
+        ));
+        let server = site.start();
+        Env {
+            issuer,
+            site,
+            server,
+            policy_dir,
+            _policies: policies_tmp,
+        }
+    }
+
+    /// `/v1/policies`: the policy set in effect and the last reload error.
+    fn policy_status(&self) -> Value {
+        let (status, body) = self.server.http_get("/v1/policies");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn http(&self) -> String {
+        format!("http://{}", self.server.http)
+    }
+
+    fn token(&self, repo: &str, git_ref: &str, env: &str) -> String {
+        self.issuer.sign(
+            Alg::RS256,
+            &self.issuer.github_claims(AUD, repo, git_ref, env),
+        )
+    }
+
+    fn deploy_token(&self) -> String {
+        self.token("acme/webapp", "refs/heads/main", "production")
+    }
+
+    async fn client(&self, identity: Option<ClientIdentity>) -> HeraldClient {
+        let anchors = files_bundle(&self.site.bundle_pem());
+        HeraldClient::connect(&self.server.url(), &anchors, identity)
+            .await
+            .unwrap()
+    }
+
+    async fn store(&self) -> Store {
+        Store::open(&self.site.db_url()).await.unwrap()
+    }
+
+    /// The newest audit record.
+    async fn last_audit(&self) -> herald_core::AuditEvent {
+        let store = self.store().await;
+        let report = store.verify_audit_chain(0, None).await.unwrap();
+        let rec = store
+            .audit_records(report.last_seq - 1, 1)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        store.close().await;
+        rec.event
+    }
+}
+
+fn files_bundle(path: &Path) -> Vec<Vec<u8>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    herald_client::files::from_pem("CERTIFICATE", &text).unwrap()
+}
+
+fn jwt_request(token: &str, audiences: &[&str]) -> ExchangeTokenRequest {
+    ExchangeTokenRequest {
+        subject_token: token.to_string(),
+        join_token: String::new(),
+        ttl_seconds: 0,
+        credential: Some(Wanted::JwtSvid(JwtSvidParams {
+            audiences: audiences.iter().map(|s| s.to_string()).collect(),
+        })),
+    }
+}
+
+fn cloud_request(token: &str, role: &str, policy: &str, ttl: u32) -> ExchangeTokenRequest {
+    ExchangeTokenRequest {
+        subject_token: token.to_string(),
+        join_token: String::new(),
+        ttl_seconds: ttl,
+        credential: Some(Wanted::Cloud(CloudCredentialsParams {
+            role_arn: role.to_string(),
+            session_name: "ci-run-42".into(),
+            session_policy: policy.to_string(),
+        })),
+    }
+}
+
+/// Asserts the request is refused with `code` and audited with that reason
+/// (and no serial), and that no credential was recorded for it.
+async fn assert_refused(env: &Env, req: ExchangeTokenRequest, code: ErrorCode) {
+    let client = env.client(None).await;
+    let err = client.exchange_token(req).await.unwrap_err();
+    assert_eq!(err.code(), Some(code), "{err}");
+    let audit = env.last_audit().await;
+    assert_eq!(audit.reason, Some(code), "audit record of {code}");
+    assert_ne!(audit.outcome, Outcome::Success);
+    assert!(audit.serial.is_none());
+    assert!(audit.action.starts_with("exchange."), "{}", audit.action);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svid_over_grpc_verifies_with_pyjwt_through_discovery() {
+    let env = Env::start().await;
+    let client = env.client(None).await;
+    let resp = client
+        .exchange_token(jwt_request(&env.deploy_token(), &["deployer"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.spiffe_id,
+        format!("spiffe://{TRUST_DOMAIN}/ci/github/acme/production")
+    );
+    assert_eq!(resp.policy, "e2e-deploy");
+    let Some(Given::JwtSvid(jwt)) = resp.credential else {
+        panic!("no JWT-SVID")
+    };
+    let verdict = run_python(
+        "verify_jwt_svid.py",
+        &json!({"issuer": env.http(), "token": jwt.token, "audience": "deployer"}),
+    );
+    assert_eq!(verdict["ok"], true, "{verdict}");
+    assert_eq!(verdict["claims"]["sub"], resp.spiffe_id);
+    assert_eq!(verdict["header"]["typ"], "JWT");
+    assert_eq!(
+        verdict["header"].as_object().unwrap().len(),
+        3,
+        "alg, kid, typ only"
+    );
+    let ttl =
+        verdict["claims"]["exp"].as_i64().unwrap() - verdict["claims"]["iat"].as_i64().unwrap();
+    assert_eq!(ttl, 300, "the configured default, under the 10m cap");
+    // The same token for another audience is refused by PyJWT.
+    let wrong = run_python(
+        "verify_jwt_svid.py",
+        &json!({"issuer": env.http(), "token": jwt.token, "audience": "someone-else"}),
+    );
+    assert_eq!(wrong["ok"], false);
+    // The decision is audited as an OIDC-backed success with its policy.
+    let audit = env.last_audit().await;
+    assert_eq!(audit.outcome, Outcome::Success);
+    assert_eq!(audit.evidence_type, Some(EvidenceType::Oidc));
+    assert_eq!(audit.policy.as_deref(), Some("e2e-deploy"));
+    assert!(audit.caller.starts_with("oidc:"));
+    // Introspection says active, then nothing for garbage.
+    let http = reqwest::Client::new();
+    let active: Value = http
+        .post(format!("{}/v1/introspect", env.http()))
+        .form(&[("token", jwt.token.as_str())])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(active["active"], true);
+    assert_eq!(active["sub"], resp.spiffe_id);
+    let inactive: Value = http
+        .post(format!("{}/v1/introspect", env.http()))
+        .form(&[("token", "not-a-token")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(inactive, json!({"active": false}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509_svid_via_the_cli_passes_openssl_verify() {
+    require_tool("openssl");
+    let env = Env::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, env.deploy_token()).unwrap();
+    let out_dir = dir.path().join("svid");
+    let out = ok(env.site.herald(&[
+        "exchange",
+        "--server",
+        &env.server.url(),
+        "--bundle",
+        env.site.bundle_pem().to_str().unwrap(),
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--x509",
+        "--ttl",
+        "20m",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]));
+    assert!(
+        stderr(&out).contains("by policy e2e-deploy"),
+        "{}",
+        stderr(&out)
+    );
+    let verify = Command::new("openssl")
+        .args(["verify", "-purpose", "sslclient", "-CAfile"])
+        .arg(out_dir.join("bundle.pem"))
+        .arg(out_dir.join("svid.pem"))
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", stdout(&verify));
+    let pem = std::fs::read_to_string(out_dir.join("svid.pem")).unwrap();
+    let der = herald_client::files::from_pem("CERTIFICATE", &pem).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
+    let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+    assert!(
+        (1200..=1260).contains(&life),
+        "20m plus the backdate, got {life}s"
+    );
+
+    // The token was single-use: the same file again is a replay.
+    let again = env.site.herald(&[
+        "exchange",
+        "--server",
+        &env.server.url(),
+        "--bundle",
+        env.site.bundle_pem().to_str().unwrap(),
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--jwt-audience",
+        "deployer",
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("error[token_replayed]"),
+        "{}",
+        stderr(&again)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc8693_token_endpoint_issues_and_refuses_in_oauth_terms() {
+    let env = Env::start().await;
+    let http = reqwest::Client::new();
+    let post = |form: Vec<(&'static str, String)>| {
+        let http = http.clone();
+        let url = format!("{}/v1/token", env.http());
+        async move {
+            let resp = http.post(url).form(&form).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let code = resp
+                .headers()
+                .get("herald-error-code")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, code, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let base = |token: String, aud: &str| {
+        vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange".to_string(),
+            ),
+            ("subject_token", token),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:id_token".to_string(),
+            ),
+            ("audience", aud.to_string()),
+        ]
+    };
+    let token = env.deploy_token();
+    let (status, _, body) = post(base(token.clone(), "deployer")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["issued_token_type"],
+        "urn:ietf:params:oauth:token-type:jwt"
+    );
+    assert_eq!(body["token_type"], "Bearer");
+    assert!(body["expires_in"].as_i64().unwrap() > 250);
+    assert_eq!(body["access_token"].as_str().unwrap().split('.').count(), 3);
+
+    // Replay of the same subject token: invalid_grant.
+    let (status, code, body) = post(base(token, "deployer")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    assert_eq!(code.as_deref(), Some("token_replayed"));
+    // An audience the policy does not grant: invalid_target.
+    let (status, code, body) = post(base(env.deploy_token(), "elsewhere")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_target"))
+    );
+    assert_eq!(code.as_deref(), Some("audience_not_granted"));
+    // A branch the policy does not allow: unauthorized_client.
+    let feature = env.token("acme/webapp", "refs/heads/feature", "production");
+    let (_, code, body) = post(base(feature, "deployer")).await;
+    assert_eq!(body["error"], "unauthorized_client");
+    assert_eq!(code.as_deref(), Some("policy_denied"));
+    // Protocol errors.
+    let mut wrong_grant = base(env.deploy_token(), "deployer");
+    wrong_grant[0].1 = "client_credentials".into();
+    let (status, _, body) = post(wrong_grant).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("unsupported_grant_type"))
+    );
+    let mut wrong_type = base(env.deploy_token(), "deployer");
+    wrong_type[2].1 = "urn:ietf:params:oauth:token-type:saml2".into();
+    let (_, _, body) = post(wrong_type).await;
+    assert_eq!(body["error"], "invalid_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boto3_assume_role_with_web_identity_and_sigv4_verification() {
+    let env = Env::start().await;
+    let sts = |token: String, extra: Value| {
+        let mut req = json!({
+            "endpoint": env.http(),
+            "role_arn": ROLE,
+            "session_name": "ci-run-42",
+            "token": token,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        run_python("sts_assume_role.py", &req)
+    };
+    let body = "{\"hello\":\"world\"}";
+    let resp = sts(
+        env.deploy_token(),
+        json!({"duration": 1800, "sign": {
+            "method": "POST", "url": "https://artifacts.example.com/upload/a%20b?x=1&a=2",
+            "body": body, "region": "us-east-1", "service": "s3"}}),
+    );
+    assert_eq!(resp["ok"], true, "{resp}");
+    let creds = &resp["credentials"];
+    assert!(creds["AccessKeyId"].as_str().unwrap().starts_with("ASIA"));
+    assert_eq!(
+        resp["assumed_role_user"]["Arn"],
+        "arn:aws:sts::123456789012:assumed-role/deploy/ci-run-42"
+    );
+    assert_eq!(resp["subject"], "repo:acme/webapp:environment:production");
+    assert_eq!(resp["audience"], AUD);
+
+    // A downstream service verifies the SDK-signed request with Herald's
+    // verification library and the session keyring.
+    let keyring = load_keyring(&env).await;
+    let signed = &resp["signed"];
+    let request = signed_request(signed);
+    let opts = herald_cloud_creds::sigv4::VerifyOptions {
+        region: Some("us-east-1".into()),
+        service: Some("s3".into()),
+        max_skew: Duration::from_secs(300),
+        single_encode_path: true,
+    };
+    let at = time::OffsetDateTime::now_utc();
+    let caller = herald_cloud_creds::sigv4::verify_request(&keyring, &request, &opts, at).unwrap();
+    assert_eq!(
+        caller.claims.spiffe_id,
+        format!("spiffe://{TRUST_DOMAIN}/ci/github/acme/production")
+    );
+    caller
+        .authorize("s3:PutObject", "arn:aws:s3:::acme-artifacts/builds/1.tar")
+        .unwrap();
+    assert!(
+        caller
+            .authorize(
+                "s3:DeleteObject",
+                "arn:aws:s3:::acme-artifacts/builds/1.tar"
+            )
+            .is_err()
+    );
+    // One flipped byte of the body fails.
+    let mut tampered = signed_request(signed);
+    tampered.body[3] ^= 1;
+    assert!(herald_cloud_creds::sigv4::verify_request(&keyring, &tampered, &opts, at).is_err());
+    // Expired: the same request judged after the credential's lifetime.
+    let later = at + time::Duration::hours(2);
+    assert!(herald_cloud_creds::sigv4::verify_request(&keyring, &request, &opts, later).is_err());
+
+    // Introspection reports the scope; revocation is visible there.
+    let http = reqwest::Client::new();
+    let active: Value = http
+        .post(format!("{}/v1/introspect", env.http()))
+        .form(&[
+            ("token", creds["SessionToken"].as_str().unwrap()),
+            ("access_key_id", creds["AccessKeyId"].as_str().unwrap()),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(active["active"], true, "{active}");
+}
+
+async fn load_keyring(env: &Env) -> herald_cloud_creds::SessionKeyring {
+    let kek = herald_ca::KeyEncryptionKey::from_text(KEK_HEX).unwrap();
+    let store = env.store().await;
+    let mut keys = Vec::new();
+    let mut active = String::new();
+    for k in store.ca_keys().await.unwrap() {
+        if k.kind == "session" {
+            let raw = kek.open(&k.key_id, &k.encrypted_key).unwrap();
+            keys.push((
+                k.key_id.clone(),
+                <[u8; 32]>::try_from(raw.as_slice()).unwrap(),
+            ));
+            if k.status == "active" {
+                active = k.key_id.clone();
+            }
+        }
+    }
+    store.close().await;
+    herald_cloud_creds::SessionKeyring::from_keys(keys, &active).unwrap()
+}
+
+fn signed_request(signed: &Value) -> herald_cloud_creds::sigv4::SignedRequest {
+    let url = reqwest::Url::parse(signed["url"].as_str().unwrap()).unwrap();
+    let mut headers: Vec<(String, String)> = signed["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p[0].as_str().unwrap().to_string(),
+                p[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    // The HTTP client adds Host on the wire; botocore signed it.
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        headers.push(("Host".into(), url.host_str().unwrap().to_string()));
+    }
+    herald_cloud_creds::sigv4::SignedRequest {
+        method: signed["method"].as_str().unwrap().to_string(),
+        path: url.path().to_string(),
+        query: url.query().unwrap_or("").to_string(),
+        headers,
+        body: signed["body"].as_str().unwrap().as_bytes().to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sts_errors_are_aws_shaped() {
+    let env = Env::start().await;
+    let sts = |token: String, extra: Value| {
+        let mut req = json!({
+            "endpoint": env.http(),
+            "role_arn": ROLE,
+            "session_name": "ci-run-42",
+            "token": token,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        run_python("sts_assume_role.py", &req)
+    };
+    let cases: Vec<(String, Value, &str, u16)> = vec![
+        (
+            env.deploy_token(),
+            json!({"role_arn": "arn:aws:iam::123456789012:role/admin"}),
+            "AccessDenied",
+            403,
+        ),
+        (
+            env.deploy_token(),
+            json!({"duration": 7201}),
+            "InvalidParameterValue",
+            400,
+        ),
+        (
+            env.deploy_token(),
+            json!({"policy": "{\"Version\":\"2012-10-17\",\"Statement\":[{\"Effect\":\"Allow\",\"Action\":\"s3:*\",\"Resource\":\"*\"}]}"}),
+            "MalformedPolicyDocument",
+            400,
+        ),
+        (
+            env.issuer.sign(Alg::ES256, &{
+                let mut c =
+                    env.issuer
+                        .github_claims(AUD, "acme/webapp", "refs/heads/main", "production");
+                c["exp"] = json!(now() - 600);
+                c
+            }),
+            json!({}),
+            "ExpiredTokenException",
+            400,
+        ),
+        (
+            env.token("acme/webapp", "refs/heads/dev", "production"),
+            json!({}),
+            "IDPRejectedClaim",
+            403,
+        ),
+        ("not.a.token".into(), json!({}), "InvalidIdentityToken", 400),
+    ];
+    for (token, extra, code, status) in cases {
+        let resp = sts(token, extra.clone());
+        assert_eq!(resp["ok"], false, "{extra}: {resp}");
+        assert_eq!(resp["code"], code, "{extra}: {resp}");
+        assert_eq!(resp["status"], status, "{extra}: {resp}");
+    }
+    // A narrower session policy is fine and binds the narrower scope.
+    let narrow = sts(
+        env.deploy_token(),
+        json!({"policy": "{\"Version\":\"2012-10-17\",\"Statement\":[{\"Effect\":\"Allow\",\"Action\":\"s3:GetObject\",\"Resource\":\"arn:aws:s3:::acme-artifacts/web/*\"}]}"}),
+    );
+    assert_eq!(narrow["ok"], true, "{narrow}");
+    let keyring = load_keyring(&env).await;
+    let c = &narrow["credentials"];
+    let claims = keyring
+        .open(
+            c["AccessKeyId"].as_str().unwrap(),
+            c["SessionToken"].as_str().unwrap(),
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    assert!(
+        claims
+            .scope
+            .allows("s3:GetObject", "arn:aws:s3:::acme-artifacts/web/x")
+    );
+    assert!(
+        !claims
+            .scope
+            .allows("s3:PutObject", "arn:aws:s3:::acme-artifacts/web/x")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused_with_their_code_and_audited() {
+    let env = Env::start().await;
+    let iss = &env.issuer;
+    let claims = || iss.github_claims(AUD, "acme/webapp", "refs/heads/main", "production");
+    let with = |patch: Value| {
+        let mut c = claims();
+        for (k, v) in patch.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        c
+    };
+    let t = now();
+    let cases: Vec<(String, ErrorCode)> = vec![
+        (
+            iss.sign(Alg::RS256, &with(json!({"exp": t - 300}))),
+            ErrorCode::TokenExpired,
+        ),
+        (
+            iss.sign(Alg::RS256, &with(json!({"nbf": t + 600}))),
+            ErrorCode::TokenNotYetValid,
+        ),
+        (
+            iss.sign(Alg::RS256, &with(json!({"iat": t + 600}))),
+            ErrorCode::TokenIssuedInFuture,
+        ),
+        (
+            iss.sign(
+                Alg::RS256,
+                &with(json!({"iss": "https://token.actions.githubusercontent.com"})),
+            ),
+            ErrorCode::TokenIssuerUnknown,
+        ),
+        (
+            iss.sign(Alg::RS256, &with(json!({"aud": "other"}))),
+            ErrorCode::TokenAudienceInvalid,
+        ),
+        (
+            iss.sign(Alg::RS256, &with(json!({"aud": null}))),
+            ErrorCode::TokenAudienceInvalid,
+        ),
+        (iss.unsigned(&claims()), ErrorCode::TokenAlgorithmRefused),
+        (
+            iss.hs256_with_public_key(&claims()),
+            ErrorCode::TokenAlgorithmRefused,
+        ),
+        (
+            iss.sign_with_unpublished_key(Alg::ES256, &claims()),
+            ErrorCode::TokenKeyUnknown,
+        ),
+        (
+            iss.sign_forged(Alg::RS256, &claims()),
+            ErrorCode::TokenSignatureInvalid,
+        ),
+        (
+            iss.sign(Alg::RS256, &with(json!({"pad": "x".repeat(20_000)}))),
+            ErrorCode::RequestTooLarge,
+        ),
+    ];
+    for (token, code) in cases {
+        assert_refused(&env, jwt_request(&token, &["deployer"]), code).await;
+    }
+
+    // Replay: the second use of a token is refused, and only one credential exists.
+    let token = env.deploy_token();
+    let client = env.client(None).await;
+    client
+        .exchange_token(jwt_request(&token, &["deployer"]))
+        .await
+        .unwrap();
+    assert_refused(
+        &env,
+        jwt_request(&token, &["deployer"]),
+        ErrorCode::TokenReplayed,
+    )
+    .await;
+
+    // Claims that try to escape the SPIFFE ID prefix.
+    for env_claim in ["../../admin", "a/b", "x%2fy", "..", ""] {
+        let token = env.token("acme/tools", "refs/heads/main", env_claim);
+        assert_refused(
+            &env,
+            jwt_request(&token, &["deployer"]),
+            ErrorCode::SpiffeIdEscapesPrefix,
+        )
+        .await;
+    }
+
+    // Grants: role, duration cap, session policy scope, credential kind.
+    let t = env.deploy_token();
+    assert_refused(
+        &env,
+        cloud_request(&t, "arn:aws:iam::123456789012:role/admin", "", 0),
+        ErrorCode::RoleNotGranted,
+    )
+    .await;
+    assert_refused(
+        &env,
+        cloud_request(&env.deploy_token(), ROLE, "", 3 * 3600),
+        ErrorCode::TtlTooLong,
+    )
+    .await;
+    assert_refused(
+        &env,
+        cloud_request(
+            &env.deploy_token(),
+            ROLE,
+            r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:*","Resource":"arn:aws:s3:::acme-artifacts/*"}]}"#,
+            0,
+        ),
+        ErrorCode::SessionPolicyTooBroad,
+    )
+    .await;
+    assert_refused(
+        &env,
+        cloud_request(&env.deploy_token(), ROLE, "{not json", 0),
+        ErrorCode::SessionPolicyMalformed,
+    )
+    .await;
+    let tools = env.token("acme/tools", "refs/heads/main", "staging");
+    let (kc, _) = (keys::generate_key_and_csr().unwrap(), ());
+    assert_refused(
+        &env,
+        ExchangeTokenRequest {
+            subject_token: tools,
+            join_token: String::new(),
+            ttl_seconds: 0,
+            credential: Some(Wanted::X509Svid(X509SvidParams { csr: kc.csr_der })),
+        },
+        ErrorCode::CredentialNotGranted,
+    )
+    .await;
+
+    // The server never failed: the audit chain is intact.
+    let store = env.store().await;
+    store.verify_audit_chain(0, None).await.unwrap();
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_issuer_fails_fast_with_issuer_unavailable() {
+    let env = Env::start().await;
+    env.issuer.set_delay(Duration::from_secs(20));
+    let started = std::time::Instant::now();
+    assert_refused(
+        &env,
+        jwt_request(&env.deploy_token(), &["deployer"]),
+        ErrorCode::IssuerUnavailable,
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_mfa_needs_both_factors_bound_to_one_identity() {
+    let env = Env::start().await;
+    let id = format!("spiffe://{TRUST_DOMAIN}/ci/db/production");
+    let db_token = || env.token("acme/db", "refs/heads/main", "production");
+    // The CI token alone is not enough.
+    assert_refused(
+        &env,
+        jwt_request(&db_token(), &["postgres"]),
+        ErrorCode::FactorMissing,
+    )
+    .await;
+    // A join token bound to another identity is no factor for this one.
+    let other = env
+        .site
+        .token(&format!("spiffe://{TRUST_DOMAIN}/ci/db/staging"));
+    let mut req = jwt_request(&db_token(), &["postgres"]);
+    req.join_token = other;
+    assert_refused(&env, req, ErrorCode::FactorMissing).await;
+    // Both factors: granted, audited as two-factor, join token consumed.
+    let join = env.site.token(&id);
+    let client = env.client(None).await;
+    let mut req = jwt_request(&db_token(), &["postgres"]);
+    req.join_token = join.clone();
+    let resp = client.exchange_token(req).await.unwrap();
+    assert_eq!(resp.spiffe_id, id);
+    let audit = env.last_audit().await;
+    assert_eq!(audit.evidence_type, Some(EvidenceType::OidcAndJoinToken));
+    assert_eq!(audit.evidence_type.unwrap().factor_count(), 2);
+    assert_eq!(audit.evidence_digest.unwrap().split('+').count(), 2);
+    let mut again = jwt_request(&db_token(), &["postgres"]);
+    again.join_token = join;
+    assert_refused(&env, again, ErrorCode::JoinTokenUsed).await;
+}
+
+/// Polls `/v1/policies` until `pred` holds (bounded; no fixed sleeps).
+async fn wait_policy_status(env: &Env, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = env.policy_status();
+        if pred(&status) {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "policy status never matched: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_hot_reload_keeps_the_last_good_set() {
+    let env = Env::start().await;
+    let client = env.client(None).await;
+    let first = env.policy_status();
+    assert_eq!(first["policies"].as_array().unwrap().len(), 3, "{first}");
+    assert!(first["last_error"].is_null());
+    // Break a file: the reload is refused with the file named, the running
+    // set stays, and deploys keep working.
+    std::fs::write(env.policy_dir.join("20-tools.yaml"), "name: [unclosed\n").unwrap();
+    let broken = wait_policy_status(&env, |s| !s["last_error"].is_null()).await;
+    assert!(
+        broken["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("20-tools.yaml"),
+        "{broken}"
+    );
+    assert_eq!(broken["generation"], first["generation"]);
+    client
+        .exchange_token(jwt_request(&env.deploy_token(), &["deployer"]))
+        .await
+        .unwrap();
+    // Fix it with a change: the new rule applies.
+    let fixed = policies(env.issuer.issuer())
+        .into_iter()
+        .find(|(n, _)| *n == "20-tools.yaml")
+        .unwrap()
+        .1
+        .replace("audiences: [deployer]", "audiences: [deployer, linter]");
+    std::fs::write(env.policy_dir.join("20-tools.yaml"), fixed).unwrap();
+    let first_gen = first["generation"].as_u64().unwrap();
+    wait_policy_status(&env, |s| {
+        s["last_error"].is_null() && s["generation"].as_u64().unwrap() > first_gen
+    })
+    .await;
+    let t = env.token("acme/tools", "refs/heads/main", "lint");
+    let r = client
+        .exchange_token(jwt_request(&t, &["linter"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.spiffe_id,
+        format!("spiffe://{TRUST_DOMAIN}/ci/tools/lint")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herald_is_an_oidc_issuer_for_its_own_jwts() {
+    let env = Env::start().await;
+    let (status, body) = env.server.http_get("/.well-known/openid-configuration");
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["issuer"], env.http());
+    let (status, body) = env.server.http_get("/.well-known/jwks.json");
+    assert_eq!(status, 200);
+    let jwks: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(jwks["keys"][0]["alg"], "ES256");
+    let (_, body) = env.server.http_get("/v1/bundle");
+    let bundle: Value = serde_json::from_str(&body).unwrap();
+    let uses: Vec<&str> = bundle["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["use"].as_str().unwrap())
+        .collect();
+    assert!(
+        uses.contains(&"x509-svid") && uses.contains(&"jwt-svid"),
+        "{uses:?}"
+    );
+}
