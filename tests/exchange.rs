@@ -969,3 +969,124 @@ async fn herald_is_an_oidc_issuer_for_its_own_jwts() {
         "{uses:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aws_sdk_web_identity_provider_gets_credentials_from_herald() {
+    let env = Env::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("web-identity-token");
+    std::fs::write(&token_file, env.deploy_token()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/sdk_web_identity.py");
+    let out = Command::new(python())
+        .arg(script)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", dir.path())
+        .env("AWS_CONFIG_FILE", dir.path().join("none"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+        .env("AWS_ROLE_ARN", ROLE)
+        .env("AWS_ROLE_SESSION_NAME", "fn-cold-start")
+        .env("AWS_WEB_IDENTITY_TOKEN_FILE", &token_file)
+        .env("AWS_ENDPOINT_URL_STS", env.http())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["method"], "assume-role-with-web-identity", "{v}");
+    assert!(v["access_key"].as_str().unwrap().starts_with("ASIA"), "{v}");
+    assert_eq!(v["has_token"], true);
+    let audit = env.last_audit().await;
+    assert_eq!(audit.action, "exchange.cloud_credentials");
+    assert_eq!(audit.outcome, Outcome::Success);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_fetches_the_github_actions_token_and_writes_credentials_files() {
+    let env = Env::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("aws/credentials");
+    let run = |args: &[&str], actions: bool| {
+        let mut cmd = Command::new(herald_bin());
+        cmd.args(["exchange", "--server", &env.server.url(), "--bundle"])
+            .arg(env.site.bundle_pem())
+            .args(args)
+            .env_remove("HERALD_KEK");
+        if actions {
+            cmd.env(
+                "ACTIONS_ID_TOKEN_REQUEST_URL",
+                env.issuer.actions_token_request_url(),
+            )
+            .env(
+                "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
+                herald_test_oidc::ACTIONS_REQUEST_TOKEN,
+            )
+            // The runner's token service is HTTPS with the test CA.
+            .env("SSL_CERT_FILE", env.issuer.ca_pem_path());
+        }
+        cmd.output().unwrap()
+    };
+    // Cloud credentials as an AWS shared-credentials file, mode 0600.
+    let out = ok(run(
+        &[
+            "--github-actions",
+            AUD,
+            "--role-arn",
+            ROLE,
+            "--format",
+            "aws-credentials",
+            "--profile",
+            "deploy",
+            "--out",
+            creds.to_str().unwrap(),
+        ],
+        true,
+    ));
+    assert!(
+        stderr(&out).contains("by policy e2e-deploy"),
+        "{}",
+        stderr(&out)
+    );
+    let text = std::fs::read_to_string(&creds).unwrap();
+    assert!(
+        text.starts_with("[deploy]\naws_access_key_id = ASIA"),
+        "{text}"
+    );
+    assert!(text.contains("aws_session_token = "));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // A JWT-SVID as shell exports.
+    let out = ok(run(
+        &[
+            "--github-actions",
+            AUD,
+            "--jwt-audience",
+            "deployer",
+            "--format",
+            "env",
+        ],
+        true,
+    ));
+    let line = stdout(&out);
+    let token = line.trim().strip_prefix("export HERALD_JWT_SVID=").unwrap();
+    assert_eq!(token.split('.').count(), 3);
+    // Without the runner's variables: one clear line with a stable code.
+    let out = run(
+        &["--github-actions", AUD, "--jwt-audience", "deployer"],
+        false,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("error[invalid_request]"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("id-token: write"), "{}", stderr(&out));
+}

@@ -32,6 +32,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+/// The bearer secret the emulated GitHub Actions token service accepts.
+pub const ACTIONS_REQUEST_TOKEN: &str = "actions-runtime-request-token";
+
 /// Signing algorithm of a test token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Alg {
@@ -175,6 +178,7 @@ impl TestIssuer {
         let app = Router::new()
             .route("/.well-known/openid-configuration", get(discovery))
             .route("/jwks", get(jwks))
+            .route("/_actions/idtoken", get(actions_id_token))
             .with_state(state.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(tls, app).await;
@@ -196,6 +200,13 @@ impl TestIssuer {
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// `ACTIONS_ID_TOKEN_REQUEST_URL` of an emulated GitHub Actions runner:
+    /// answers `{"value": <token>}` for `audience`, with GitHub-shaped claims
+    /// of a push to acme/webapp's main branch in `production`.
+    pub fn actions_token_request_url(&self) -> String {
+        format!("{}/_actions/idtoken?api-version=2.0", self.issuer())
     }
 
     /// PEM file of the CA that signed the issuer's TLS certificate.
@@ -284,37 +295,7 @@ impl TestIssuer {
 
     /// Claims shaped like a GitHub Actions ID token.
     pub fn github_claims(&self, aud: &str, repo: &str, git_ref: &str, env: &str) -> Value {
-        let now = now();
-        let owner = repo.split('/').next().unwrap_or(repo);
-        json!({
-            "jti": random_id(),
-            "sub": format!("repo:{repo}:environment:{env}"),
-            "aud": aud,
-            "ref": git_ref,
-            "ref_type": "branch",
-            "ref_protected": "true",
-            "sha": "d1a3c8e0b5e1f9a4c3b2a1f0e9d8c7b6a5f4e3d2",
-            "repository": repo,
-            "repository_id": "690373517",
-            "repository_owner": owner,
-            "repository_owner_id": "1342004",
-            "repository_visibility": "private",
-            "run_id": "11890000001",
-            "run_number": "42",
-            "run_attempt": "1",
-            "runner_environment": "github-hosted",
-            "actor": "octocat",
-            "actor_id": "583231",
-            "workflow": "deploy",
-            "workflow_ref": format!("{repo}/.github/workflows/deploy.yml@{git_ref}"),
-            "job_workflow_ref": format!("{repo}/.github/workflows/deploy.yml@{git_ref}"),
-            "event_name": "push",
-            "environment": env,
-            "iss": self.issuer(),
-            "nbf": now - 5,
-            "iat": now - 5,
-            "exp": now + 300,
-        })
+        github_claims(self.issuer(), aud, repo, git_ref, env)
     }
 
     /// Claims shaped like a GitLab CI ID token (booleans as strings, numeric ids as strings).
@@ -346,6 +327,41 @@ impl TestIssuer {
             "exp": now + 300,
         })
     }
+}
+
+/// Claims shaped like a GitHub Actions ID token from `issuer`.
+pub fn github_claims(issuer: &str, aud: &str, repo: &str, git_ref: &str, env: &str) -> Value {
+    let now = now();
+    let owner = repo.split('/').next().unwrap_or(repo);
+    json!({
+        "jti": random_id(),
+        "sub": format!("repo:{repo}:environment:{env}"),
+        "aud": aud,
+        "ref": git_ref,
+        "ref_type": "branch",
+        "ref_protected": "true",
+        "sha": "d1a3c8e0b5e1f9a4c3b2a1f0e9d8c7b6a5f4e3d2",
+        "repository": repo,
+        "repository_id": "690373517",
+        "repository_owner": owner,
+        "repository_owner_id": "1342004",
+        "repository_visibility": "private",
+        "run_id": "11890000001",
+        "run_number": "42",
+        "run_attempt": "1",
+        "runner_environment": "github-hosted",
+        "actor": "octocat",
+        "actor_id": "583231",
+        "workflow": "deploy",
+        "workflow_ref": format!("{repo}/.github/workflows/deploy.yml@{git_ref}"),
+        "job_workflow_ref": format!("{repo}/.github/workflows/deploy.yml@{git_ref}"),
+        "event_name": "push",
+        "environment": env,
+        "iss": issuer,
+        "nbf": now - 5,
+        "iat": now - 5,
+        "exp": now + 300,
+    })
 }
 
 fn alg_name(alg: Alg) -> &'static str {
@@ -410,6 +426,35 @@ async fn jwks(State(state): State<Arc<IssuerState>>) -> Response {
         .flat_map(|k| k.jwks())
         .collect();
     axum::Json(json!({ "keys": keys })).into_response()
+}
+
+async fn actions_id_token(
+    State(state): State<Arc<IssuerState>>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let authorized = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(&format!("bearer {ACTIONS_REQUEST_TOKEN}")));
+    if !authorized {
+        return (axum::http::StatusCode::UNAUTHORIZED, "bad runtime token").into_response();
+    }
+    let aud = q
+        .get("audience")
+        .cloned()
+        .unwrap_or_else(|| "https://github.com/acme".into());
+    let keys = state.published.lock().unwrap().last().unwrap().clone();
+    let claims = github_claims(
+        &state.issuer,
+        &aud,
+        "acme/webapp",
+        "refs/heads/main",
+        "production",
+    );
+    let header = json!({"alg": "RS256", "typ": "JWT", "kid": keys.kid(Alg::RS256)});
+    let token = jws(&header, &claims, |input| keys.sign(Alg::RS256, input));
+    axum::Json(json!({"value": token, "count": 1})).into_response()
 }
 
 /// CA PEM, leaf certificate DER, leaf PKCS#8 DER for 127.0.0.1 / localhost.
