@@ -149,18 +149,25 @@ struct Env {
 
 impl Env {
     async fn start() -> Env {
+        Self::start_with("").await
+    }
+
+    /// `extra` is appended to the server's TOML.
+    async fn start_with(extra: &str) -> Env {
         let issuer = TestIssuer::start().await;
         let policies_tmp = tempfile::tempdir().unwrap();
         let policy_dir = policies_tmp.path().to_path_buf();
         for (name, text) in policies(issuer.issuer()) {
             std::fs::write(policy_dir.join(name), text).unwrap();
         }
-        let site = Site::with_extra(&format!(
-            "[policy]\ndir = \"{}\"\nreload_interval = \"1s\"\n[[oidc.issuers]]\nissuer = \"{}\"\naudiences = [\"{AUD}\"]\nextra_roots = \"{}\"\nhttp_timeout = \"1s\"\nmin_refresh_interval = \"0s\"\n",
-            policy_dir.display(),
-            issuer.issuer(),
-            issuer.ca_pem_path().display()
-        ));
+        let site = Site::with_extra(
+            &(format!(
+                "[policy]\ndir = \"{}\"\nreload_interval = \"1s\"\n[[oidc.issuers]]\nissuer = \"{}\"\naudiences = [\"{AUD}\"]\nextra_roots = \"{}\"\nhttp_timeout = \"1s\"\nmin_refresh_interval = \"0s\"\n",
+                policy_dir.display(),
+                issuer.issuer(),
+                issuer.ca_pem_path().display()
+            ) + extra),
+        );
         let server = site.start();
         Env {
             issuer,
@@ -1089,4 +1096,44 @@ async fn cli_fetches_the_github_actions_token_and_writes_credentials_files() {
         stderr(&out)
     );
     assert!(stderr(&out).contains("id-token: write"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_caller_is_rate_limited_before_verification_and_audited() {
+    let env = Env::start_with("[rate_limit]\nper_caller_rate = 0.01\nper_caller_burst = 3\n").await;
+    let client = env.client(None).await;
+    for _ in 0..3 {
+        client
+            .exchange_token(jwt_request(&env.deploy_token(), &["deployer"]))
+            .await
+            .unwrap();
+    }
+    let fetches = env.issuer.jwks_fetches();
+    // Even a token that would be refused anyway costs the caller nothing
+    // more than the refusal: no signature check, no JWKS fetch.
+    env.issuer.rotate(false);
+    assert_refused(
+        &env,
+        jwt_request(&env.deploy_token(), &["deployer"]),
+        ErrorCode::RateLimited,
+    )
+    .await;
+    assert_eq!(env.issuer.jwks_fetches(), fetches);
+    // Over HTTP too, as OAuth's and STS's throttling answers.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/token", env.http()))
+        .form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", &env.deploy_token()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("audience", "deployer"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["herald-error-code"], "rate_limited");
 }

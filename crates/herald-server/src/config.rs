@@ -54,6 +54,9 @@ pub struct ServerConfig {
     /// Cloud-style session credentials.
     #[serde(default)]
     pub cloud: CloudConfig,
+    /// Per-caller rate limits.
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
     /// `true` only for `--dev`: generates a KEK file in the data directory when none is configured.
     #[serde(skip)]
     pub dev: bool,
@@ -255,6 +258,38 @@ fn default_jwt_ttl() -> Duration {
     Duration::from_secs(300)
 }
 
+/// Per-caller rate limits (token bucket per source address) on token
+/// exchange, checked before any evidence is verified.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second per caller; 0 disables limiting.
+    #[serde(default = "default_rate")]
+    pub per_caller_rate: f64,
+    /// Requests a caller may make at once.
+    #[serde(default = "default_burst")]
+    pub per_caller_burst: f64,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            per_caller_rate: default_rate(),
+            per_caller_burst: default_burst(),
+        }
+    }
+}
+
+// Generous enough for a CI fleet behind one NAT address; tight enough that
+// one caller cannot monopolise the server's signature checks.
+fn default_rate() -> f64 {
+    200.0
+}
+
+fn default_burst() -> f64 {
+    400.0
+}
+
 /// Cloud-style session credential settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -318,6 +353,7 @@ impl ServerConfig {
             },
             jwt: JwtConfig::default(),
             cloud: CloudConfig::default(),
+            rate_limit: RateLimitConfig::default(),
             dev: true,
         })
     }
@@ -405,6 +441,9 @@ impl ServerConfig {
         }
         if self.jwt.default_ttl < Duration::from_secs(30) {
             return bad("jwt.default_ttl must be at least 30s");
+        }
+        if !(self.rate_limit.per_caller_rate >= 0.0 && self.rate_limit.per_caller_burst >= 0.0) {
+            return bad("rate_limit values must be non-negative numbers");
         }
         if self.cloud.default_ttl < Duration::from_secs(900) {
             return bad("cloud.default_ttl must be at least 15m (the STS minimum)");

@@ -77,6 +77,8 @@ pub struct ExchangeRequest {
     pub ttl: Option<Duration>,
     /// Who is asking, before evidence says more (peer address, transport).
     pub caller: String,
+    /// The caller's address, for per-caller rate limiting.
+    pub peer_ip: Option<std::net::IpAddr>,
     /// Which API the request came through (`grpc`, `rfc8693`, `sts`).
     pub transport: &'static str,
 }
@@ -167,6 +169,17 @@ async fn decide_and_issue(
         ));
     }
     let now = unix_now();
+
+    // 0. Per-caller rate limit, before any signature is checked or any
+    //    JWKS fetched on the caller's behalf.
+    if let Some(ip) = req.peer_ip
+        && !shared.limiter.allow(ip, std::time::Instant::now())
+    {
+        return Err(Refusal::new(
+            ErrorCode::RateLimited,
+            "too many requests from this address; retry later",
+        ));
+    }
 
     // 1. Evidence: the OIDC token.
     let token = exchange

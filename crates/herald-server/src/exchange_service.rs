@@ -47,6 +47,7 @@ impl TokenExchangeService for ExchangeApi {
         &self,
         request: Request<ExchangeTokenRequest>,
     ) -> Result<Response<ExchangeTokenResponse>, Status> {
+        let peer_ip = request.remote_addr().map(|a| a.ip());
         let caller = request
             .remote_addr()
             .map_or_else(|| "peer:unknown".to_owned(), |a| format!("peer:{a}"));
@@ -86,6 +87,7 @@ impl TokenExchangeService for ExchangeApi {
                 peer_certs,
                 ttl: (req.ttl_seconds > 0).then(|| Duration::from_secs(req.ttl_seconds.into())),
                 caller,
+                peer_ip,
                 transport: "grpc",
             },
         )

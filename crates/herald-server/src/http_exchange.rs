@@ -176,6 +176,7 @@ pub async fn token_exchange(
         peer_certs: None,
         ttl: None,
         caller: caller(addr, "rfc8693"),
+        peer_ip: Some(addr.ip()),
         transport: "rfc8693",
     };
     match exchange(&shared, req).await {
@@ -407,6 +408,7 @@ pub async fn sts(
         peer_certs: None,
         ttl,
         caller: caller(addr, "sts"),
+        peer_ip: Some(addr.ip()),
         transport: "sts",
     };
     let done = match exchange(&shared, req).await {

@@ -16,6 +16,7 @@ pub mod exchange_service;
 pub mod http;
 pub mod http_exchange;
 pub mod join_token;
+pub mod rate_limit;
 pub mod status;
 pub mod svid_service;
 pub mod tls;
@@ -107,6 +108,8 @@ pub struct Shared {
     pub exchange: Option<ExchangeState>,
     /// The policy set's reload state, for `/v1/policies`.
     pub policy_status: std::sync::Mutex<PolicyStatus>,
+    /// Per-caller token buckets for token exchange.
+    pub limiter: rate_limit::RateLimiter,
     ca: RwLock<Arc<CaState>>,
 }
 
@@ -192,7 +195,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     }
     let exchange = exchange_state(&config)?;
     let fingerprint = config.policy.dir.as_deref().map(policy_fingerprint);
+    let limiter = rate_limit::RateLimiter::new(
+        config.rate_limit.per_caller_rate,
+        config.rate_limit.per_caller_burst,
+    );
     let shared = Arc::new(Shared {
+        limiter,
         store,
         config,
         exchange,
