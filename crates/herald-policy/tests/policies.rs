@@ -53,7 +53,7 @@ fn load(text: &str) -> Result<PolicySet, herald_policy::LoadErrors> {
 #[test]
 fn the_shipped_examples_load_and_every_embedded_test_passes() {
     let set = PolicySet::load_dir(&examples(), &opts()).unwrap();
-    assert_eq!(set.len(), 6, "{:?}", set.names());
+    assert_eq!(set.len(), 7, "{:?}", set.names());
     let outcomes = test_dir(&examples(), &opts()).unwrap();
     assert!(outcomes.len() >= 18, "{}", outcomes.len());
     for o in &outcomes {
