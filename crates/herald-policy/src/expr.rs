@@ -2,9 +2,10 @@
 //! use, evaluated per request against `claims` and `factors`.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, OnceLock};
 
 use cel::common::ast::{EntryExpr, Expr, IdedExpr};
-use cel::{Context, Program};
+use cel::{Context, Env, Program};
 use serde_json::{Map, Value};
 
 /// The variables an expression may reference.
@@ -12,6 +13,19 @@ pub const VARIABLES: &[&str] = &["claims", "factors"];
 
 /// Largest expression accepted, bytes.
 pub const MAX_EXPRESSION_BYTES: usize = 4 * 1024;
+
+/// The standard CEL environment, built once: building it registers every
+/// standard function, which would otherwise dominate an evaluation.
+fn env() -> Arc<Env> {
+    static ENV: OnceLock<Arc<Env>> = OnceLock::new();
+    ENV.get_or_init(|| Arc::new(Env::stdlib())).clone()
+}
+
+/// Claims converted to a CEL value, once per request (shared by every
+/// expression of every candidate policy).
+pub fn claims_value(claims: &Map<String, Value>) -> Result<cel::Value, String> {
+    cel::objects::TryIntoValue::try_into_value(claims).map_err(|e| format!("claims: {e}"))
+}
 
 /// A compiled expression.
 pub struct Compiled {
@@ -51,10 +65,9 @@ impl Compiled {
         })
     }
 
-    fn run(&self, claims: &Map<String, Value>, factors: &[&str]) -> Result<cel::Value, String> {
-        let mut ctx = Context::default();
-        ctx.add_variable("claims", claims)
-            .map_err(|e| format!("claims: {e}"))?;
+    fn run(&self, claims: &cel::Value, factors: &[&str]) -> Result<cel::Value, String> {
+        let mut ctx = Context::with_env(env());
+        ctx.add_variable_from_value("claims", claims.clone());
         ctx.add_variable("factors", factors)
             .map_err(|e| format!("factors: {e}"))?;
         self.program
@@ -64,7 +77,7 @@ impl Compiled {
 
     /// Evaluates to a boolean; anything else (or an error, such as a
     /// missing claim) is an error — which the caller treats as "deny".
-    pub fn eval_bool(&self, claims: &Map<String, Value>, factors: &[&str]) -> Result<bool, String> {
+    pub fn eval_bool(&self, claims: &cel::Value, factors: &[&str]) -> Result<bool, String> {
         match self.run(claims, factors)? {
             cel::Value::Bool(b) => Ok(b),
             other => Err(format!("condition returned {other:?}, not a bool")),
@@ -72,11 +85,7 @@ impl Compiled {
     }
 
     /// Evaluates to a string.
-    pub fn eval_string(
-        &self,
-        claims: &Map<String, Value>,
-        factors: &[&str],
-    ) -> Result<String, String> {
+    pub fn eval_string(&self, claims: &cel::Value, factors: &[&str]) -> Result<String, String> {
         match self.run(claims, factors)? {
             cel::Value::String(s) => Ok(s.to_string()),
             other => Err(format!("expression returned {other:?}, not a string")),
@@ -149,11 +158,13 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn claims() -> Map<String, Value> {
-        json!({"ref": "refs/heads/main", "groups": ["a", "b"], "kubernetes.io": {"namespace": "prod"}, "ref_protected": true})
-            .as_object()
-            .cloned()
-            .unwrap()
+    fn claims() -> cel::Value {
+        claims_value(
+            json!({"ref": "refs/heads/main", "groups": ["a", "b"], "kubernetes.io": {"namespace": "prod"}, "ref_protected": true})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap()
     }
 
     #[test]

@@ -289,6 +289,15 @@ impl Policy {
 
     /// Decides for this policy alone.
     pub fn decide(&self, evidence: &Evidence) -> Result<Decision, Denial> {
+        self.decide_with(evidence, &std::cell::OnceCell::new())
+    }
+
+    /// Decides, reusing the claims' CEL conversion across candidates.
+    fn decide_with(
+        &self,
+        evidence: &Evidence,
+        cel_claims: &std::cell::OnceCell<Result<cel::Value, String>>,
+    ) -> Result<Decision, Denial> {
         let deny = |code, reason: String| Denial {
             code,
             policy: Some(self.name.clone()),
@@ -334,8 +343,15 @@ impl Policy {
         if evidence.x509_svid.is_some() {
             present.push("x509_svid");
         }
+        let converted = || {
+            cel_claims
+                .get_or_init(|| expr::claims_value(&oidc.claims))
+                .as_ref()
+                .map_err(Clone::clone)
+        };
         if let Some(cond) = &self.condition {
-            match cond.eval_bool(&oidc.claims, &present) {
+            let result = converted().and_then(|c| cond.eval_bool(c, &present));
+            match result {
                 Ok(true) => {}
                 Ok(false) => {
                     return Err(deny(
@@ -359,7 +375,9 @@ impl Policy {
         };
         let text = match &self.id_rule {
             IdRule::Template(t) => t.render(&oidc.claims).map_err(escape)?,
-            IdRule::Expression(c) => c.eval_string(&oidc.claims, &present).map_err(escape)?,
+            IdRule::Expression(c) => converted()
+                .and_then(|v| c.eval_string(v, &present))
+                .map_err(escape)?,
         };
         let spiffe_id = SpiffeId::parse(&text)
             .map_err(|e| escape(format!("built SPIFFE ID is invalid: {e}")))?;
@@ -528,8 +546,9 @@ impl PolicySet {
             policy: None,
             reason: "no attestation policy accepts this token's issuer and audience".into(),
         };
+        let cel_claims = std::cell::OnceCell::new();
         for p in &self.policies {
-            match p.decide(evidence) {
+            match p.decide_with(evidence, &cel_claims) {
                 Ok(d) => return Ok(d),
                 Err(d) if d.rank() > best.rank() => best = d,
                 Err(_) => {}
