@@ -307,10 +307,16 @@ async fn server(args: ConfigArgs) -> Result<(), CliError> {
         "  herald svid mint --join-token \"$T\" --server {grpc} --bundle {} --out ./svid",
         data_dir.join("bundle.pem").display()
     );
-    println!(
-        "listening grpc={} http={}",
-        running.grpc_addr, running.http_addr
-    );
+    match running.https_addr {
+        Some(https) => println!(
+            "listening grpc={} http={} https={https}",
+            running.grpc_addr, running.http_addr
+        ),
+        None => println!(
+            "listening grpc={} http={}",
+            running.grpc_addr, running.http_addr
+        ),
+    }
     wait_for_signal().await;
     tracing::info!("shutting down");
     running.shutdown().await;

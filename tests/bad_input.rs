@@ -65,7 +65,7 @@ async fn server_ca(store: &Store) -> CertificateAuthority {
         .await
         .unwrap()
         .into_iter()
-        .find(|k| k.status == "active")
+        .find(|k| k.status == "active" && k.kind == "x509")
         .unwrap();
     let pkcs8 = kek.open(&key.key_id, &key.encrypted_key).unwrap();
     CertificateAuthority::load(td(), &key.key_id, &key.cert_der, &key.chain_der, &pkcs8).unwrap()

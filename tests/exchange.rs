@@ -477,9 +477,13 @@ async fn rfc8693_token_endpoint_issues_and_refuses_in_oauth_terms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boto3_assume_role_with_web_identity_and_sigv4_verification() {
     let env = Env::start().await;
+    // Over the HTTPS listener, verifying Herald's certificate with its bundle.
+    let https = format!("https://{}", env.server.https.unwrap());
+    let bundle = env.site.bundle_pem();
     let sts = |token: String, extra: Value| {
         let mut req = json!({
-            "endpoint": env.http(),
+            "endpoint": https,
+            "verify": bundle.to_str().unwrap(),
             "role_arn": ROLE,
             "session_name": "ci-run-42",
             "token": token,

@@ -34,7 +34,7 @@ impl Site {
         std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
         let data = dir.path().join("data");
         let cfg = format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n{extra}\n",
+            "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n{extra}\n",
             data.display(),
             kek.display()
         );
@@ -116,6 +116,7 @@ pub struct Server {
     pub child: Child,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
     pub startup_line: String,
 }
 
@@ -146,10 +147,12 @@ impl Server {
             if let Some(rest) = line.trim().strip_prefix("listening ") {
                 let mut grpc = None;
                 let mut http = None;
+                let mut https = None;
                 for kv in rest.split_whitespace() {
                     match kv.split_once('=') {
                         Some(("grpc", v)) => grpc = Some(v.parse().unwrap()),
                         Some(("http", v)) => http = Some(v.parse().unwrap()),
+                        Some(("https", v)) => https = Some(v.parse().unwrap()),
                         _ => {}
                     }
                 }
@@ -159,6 +162,7 @@ impl Server {
                     child: guard.0.take().unwrap(),
                     grpc: grpc.unwrap(),
                     http: http.unwrap(),
+                    https,
                     startup_line: first,
                 };
             }

@@ -26,6 +26,8 @@ def main():
         endpoint_url=req["endpoint"],
         # Unsigned call, as the SDKs' web-identity provider makes it.
         config=Config(retries={"max_attempts": 1}),
+        # Herald's HTTPS listener presents a certificate from its own CA.
+        verify=req.get("verify", True),
         aws_access_key_id="unused",
         aws_secret_access_key="unused",
     )

@@ -68,8 +68,13 @@ pub struct ServerConfig {
 pub struct ListenConfig {
     /// gRPC over TLS.
     pub grpc: SocketAddr,
-    /// Plain HTTP: bundle, health, readiness.
+    /// Plain HTTP: bundle, health, readiness, token exchange.
     pub http: SocketAddr,
+    /// Optional HTTPS twin of the HTTP listener, with the server's own
+    /// certificate: the STS and RFC 8693 endpoints return secrets, so
+    /// deployments not behind a TLS-terminating proxy should use this.
+    #[serde(default)]
+    pub https: Option<SocketAddr>,
 }
 
 impl Default for ListenConfig {
@@ -77,6 +82,7 @@ impl Default for ListenConfig {
         Self {
             grpc: SocketAddr::from(([127, 0, 0, 1], 8443)),
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            https: None,
         }
     }
 }
@@ -372,7 +378,7 @@ impl ServerConfig {
 
     /// Applies `HERALD_*` environment overrides: `HERALD_TRUST_DOMAIN`,
     /// `HERALD_DATA_DIR`, `HERALD_DATABASE_URL`, `HERALD_LISTEN_GRPC`,
-    /// `HERALD_LISTEN_HTTP`, `HERALD_POLICY_DIR`, `HERALD_JWT_ISSUER`,
+    /// `HERALD_LISTEN_HTTP`, `HERALD_LISTEN_HTTPS`, `HERALD_POLICY_DIR`, `HERALD_JWT_ISSUER`,
     /// `HERALD_KEK_FILE` (`HERALD_KEK` is read when the
     /// CA is opened).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ServerError> {
@@ -396,6 +402,12 @@ impl ServerConfig {
             self.listen.http = v
                 .parse()
                 .map_err(|e| bad("HERALD_LISTEN_HTTP", format!("{e}")))?;
+        }
+        if let Some(v) = get("HERALD_LISTEN_HTTPS") {
+            self.listen.https = Some(
+                v.parse()
+                    .map_err(|e| bad("HERALD_LISTEN_HTTPS", format!("{e}")))?,
+            );
         }
         if let Some(v) = get("HERALD_POLICY_DIR") {
             self.policy.dir = Some(PathBuf::from(v));

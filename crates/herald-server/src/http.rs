@@ -50,6 +50,74 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: watch::
     }
 }
 
+/// Serves the routes over TLS until shutdown. Handshakes run in their own
+/// tasks (bounded by a timeout), so a slow client never holds up accepts.
+pub async fn serve_tls(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shutdown: watch::Receiver<bool>,
+) {
+    let local = listener.local_addr();
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let accept = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let handshake = acceptor.accept(tcp);
+                if let Ok(Ok(tls)) = tokio::time::timeout(crate::HANDSHAKE_TIMEOUT, handshake).await
+                {
+                    let _ = tx.send((tls, peer)).await;
+                }
+            });
+        }
+    });
+    // tap_io: axum implements ConnectInfo<SocketAddr> for tapped listeners
+    // of any kind, which is how handlers learn the caller's address here.
+    let listener =
+        axum::serve::ListenerExt::tap_io(TlsListener { rx, local }, |_: &mut TlsConn| {});
+    let app = router(shared).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(crate::wait_shutdown(shutdown))
+        .await
+    {
+        tracing::error!(error = %e, "HTTPS server stopped");
+    }
+    accept.abort();
+}
+
+type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<(TlsConn, std::net::SocketAddr)>,
+    local: std::io::Result<std::net::SocketAddr>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsConn;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(conn) => conn,
+            // The accept loop is gone (shutdown): wait for the graceful
+            // shutdown to end the server.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        match &self.local {
+            Ok(a) => Ok(*a),
+            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+        }
+    }
+}
+
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     match shared.store.ping().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),

@@ -129,6 +129,8 @@ pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     /// The bound HTTP address.
     pub http_addr: SocketAddr,
+    /// The bound HTTPS address, when configured.
+    pub https_addr: Option<SocketAddr>,
     /// State, for in-process callers (tests, benchmarks).
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
@@ -148,7 +150,10 @@ impl RunningServer {
 
 fn listener_ips(cfg: &ServerConfig) -> Vec<IpAddr> {
     let mut ips = Vec::new();
-    for addr in [cfg.listen.grpc, cfg.listen.http] {
+    for addr in [cfg.listen.grpc, cfg.listen.http]
+        .into_iter()
+        .chain(cfg.listen.https)
+    {
         let ip = addr.ip();
         if ip.is_unspecified() {
             ips.push(IpAddr::from([127, 0, 0, 1]));
@@ -182,11 +187,20 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         &identity.key_pkcs8,
     )?);
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(cert.clone())?));
+    let cert_for_https = cert.clone();
 
     let grpc_listener = TcpListener::bind(config.listen.grpc).await?;
     let http_listener = TcpListener::bind(config.listen.http).await?;
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
+    let https_listener = match config.listen.https {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let https_addr = match &https_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
 
     let mut config = config;
     if config.jwt.issuer.is_none() {
@@ -234,6 +248,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     ];
 
     let mut tasks = tasks;
+    if let Some(listener) = https_listener {
+        let acceptor = TlsAcceptor::from(Arc::new(tls::https_config(cert_for_https)?));
+        tasks.push(tokio::spawn(http::serve_tls(
+            shared.clone(),
+            listener,
+            acceptor,
+            shutdown.subscribe(),
+        )));
+    }
     if let Some(ex) = &shared.exchange {
         tasks.push(tokio::spawn(watch_policies(
             shared.clone(),
@@ -247,6 +270,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     Ok(RunningServer {
         grpc_addr,
         http_addr,
+        https_addr,
         shared,
         shutdown,
         tasks,

@@ -132,3 +132,17 @@ pub fn server_config(cert: Arc<RotatingCert>) -> Result<rustls::ServerConfig, Se
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }
+
+/// The rustls server configuration for the HTTPS listener: the same
+/// rotating certificate, no client certificates, HTTP/1.1 (what the AWS
+/// SDKs and OAuth clients speak).
+pub fn https_config(cert: Arc<RotatingCert>) -> Result<rustls::ServerConfig, ServerError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
