@@ -37,6 +37,9 @@ enum Command {
     Audit(AuditCommand),
     /// Exchange a platform OIDC token (CI job, function, cluster) for credentials.
     Exchange(Box<crate::exchange_cmd::ExchangeArgs>),
+    /// Check configuration files offline.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Check and test attestation policies offline.
     #[command(subcommand)]
     Policy(crate::policy_cmd::PolicyCommand),
@@ -118,6 +121,17 @@ enum SvidCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Parse and validate a server configuration file exactly as `herald
+    /// server` would (keys, values, OIDC issuers, the policy directory),
+    /// without opening the database or binding listeners.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum AuditCommand {
     /// Recompute the audit log's hash chain and report the first broken record.
     Verify {
@@ -129,6 +143,20 @@ enum AuditCommand {
         /// Last sequence number to check (default: the end).
         #[arg(long)]
         to: Option<u64>,
+    },
+    /// Export audit records as JSON lines (one object per decision) for a SIEM.
+    Export {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// From this time: RFC 3339, or a duration ago (e.g. 24h). Default: the beginning.
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time (exclusive): RFC 3339, or a duration ago. Default: now.
+        #[arg(long)]
+        until: Option<String>,
+        /// Output format.
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl"])]
+        format: String,
     },
 }
 
@@ -261,8 +289,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Audit(AuditCommand::Verify { config, from, to }) => {
             audit_verify(config, from, to).await
         }
+        Command::Audit(AuditCommand::Export {
+            config,
+            since,
+            until,
+            format: _,
+        }) => audit_export(config, since, until).await,
         Command::Exchange(args) => crate::exchange_cmd::exchange(*args).await,
         Command::Policy(cmd) => crate::policy_cmd::run(cmd),
+        Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Revoke {
             config,
             serial,
@@ -554,6 +589,65 @@ async fn audit_verify(config: ConfigArgs, from: u64, to: Option<u64>) -> Result<
         "audit chain intact: {} records (seq {}..={})",
         report.records, report.first_seq, report.last_seq
     );
+    Ok(())
+}
+
+fn config_check(file: &Path) -> Result<(), CliError> {
+    let invalid = |m: String| CliError::new("config_invalid", m);
+    let cfg = ServerConfig::from_file(file).map_err(|e| invalid(e.to_string()))?;
+    cfg.validate()
+        .map_err(|e| invalid(format!("{}: {e}", file.display())))?;
+    let verifier = herald_attest::OidcVerifier::new(cfg.oidc.issuers.clone())
+        .map_err(|e| invalid(format!("{}: {e}", file.display())))?;
+    let mut policies = String::from("no policy directory (token exchange refused)");
+    if let Some(dir) = &cfg.policy.dir {
+        if dir.is_dir() {
+            let opts = herald_policy::LoadOptions {
+                trust_domain: cfg.trust_domain.clone(),
+            };
+            let set = herald_policy::PolicySet::load_dir(dir, &opts).map_err(|e| {
+                for err in &e.0 {
+                    eprintln!("{err}");
+                }
+                invalid(format!("policies in {} would be refused", dir.display()))
+            })?;
+            policies = format!("{} policies in {}", set.len(), dir.display());
+        } else {
+            policies = format!(
+                "policy directory {} not present here (checked at start)",
+                dir.display()
+            );
+        }
+    }
+    println!(
+        "ok: {} — trust domain {}, {} OIDC issuer(s), {policies}",
+        file.display(),
+        cfg.trust_domain,
+        verifier.issuers().len()
+    );
+    Ok(())
+}
+
+async fn audit_export(
+    config: ConfigArgs,
+    since: Option<String>,
+    until: Option<String>,
+) -> Result<(), CliError> {
+    let now = crate::audit_cmd::now_ms();
+    let since = match since {
+        Some(t) => crate::audit_cmd::parse_time(&t, now)?,
+        None => i64::MIN,
+    };
+    let until = match until {
+        Some(t) => crate::audit_cmd::parse_time(&t, now)?,
+        None => i64::MAX,
+    };
+    let cfg = load_config(&config)?;
+    let store = open_store(&cfg).await?;
+    let result = crate::audit_cmd::export(&store, since, until).await;
+    store.close().await;
+    let n = result?;
+    eprintln!("exported {n} audit records");
     Ok(())
 }
 

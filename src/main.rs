@@ -1,6 +1,7 @@
 //! `herald`: the server, the admin commands and the client commands in one binary.
 #![forbid(unsafe_code)]
 
+mod audit_cmd;
 mod cli;
 mod exchange_cmd;
 mod policy_cmd;

@@ -249,6 +249,11 @@ fn migrator() -> Migrator {
             "replay_cache",
             include_str!("../migrations/sqlite/0002_replay_cache.sql"),
         ),
+        m(
+            3,
+            "audit_time_index",
+            include_str!("../migrations/sqlite/0003_audit_time_index.sql"),
+        ),
     ])
 }
 
@@ -566,6 +571,30 @@ impl Store {
              outcome, reason, prev_hash, hash FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(after_seq as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.inner.pool)
+        .await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    /// Up to `limit` audit records after `after_seq` whose time lies in
+    /// `[since_ms, until_ms)`, in order (for export and reports; page with
+    /// the last `seq` returned).
+    pub async fn audit_records_between(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, time_ms, caller, action, evidence_type, evidence_digest, policy, spiffe_id, serial, \
+             outcome, reason, prev_hash, hash FROM audit_log \
+             WHERE seq > $1 AND time_ms >= $2 AND time_ms < $3 ORDER BY seq LIMIT $4",
+        )
+        .bind(after_seq as i64)
+        .bind(since_ms)
+        .bind(until_ms)
         .bind(i64::from(limit))
         .fetch_all(&self.inner.pool)
         .await?;
