@@ -472,6 +472,24 @@ async fn rfc8693_token_endpoint_issues_and_refuses_in_oauth_terms() {
     wrong_type[2].1 = "urn:ietf:params:oauth:token-type:saml2".into();
     let (_, _, body) = post(wrong_type).await;
     assert_eq!(body["error"], "invalid_request");
+
+    // The decisions show in the metrics: issuances, the policy denial, the
+    // replay, the issuer's JWKS fetch.
+    let (_, metrics) = env.server.http_get("/metrics");
+    for line in [
+        "herald_issuance_total{credential_type=\"jwt_svid\",outcome=\"success\"} 1".to_string(),
+        "herald_policy_denials_total{policy=\"e2e-deploy\"} 2".to_string(),
+        "herald_replay_rejections_total 1".to_string(),
+        format!(
+            "herald_jwks_fetches_total{{issuer=\"{}\"}} 1",
+            env.issuer.issuer()
+        ),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

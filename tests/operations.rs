@@ -173,3 +173,77 @@ fn audit_export_writes_one_json_line_per_decision_in_the_window() {
         stderr(&out)
     );
 }
+
+fn scrape(server: &Server) -> Value {
+    use std::io::Write;
+    let (status, body) = server.http_get("/metrics");
+    assert_eq!(status, 200);
+    let python = repo(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "run `bash scripts/install-deps.sh` (it installs prometheus_client)"
+    );
+    let mut child = Command::new(python)
+        .arg(repo("tests/python/parse_metrics.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "not valid OpenMetrics: {}\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn sample(m: &Value, key: &str) -> f64 {
+    m.get(key).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_parse_as_openmetrics_and_move_with_issuances_and_refusals() {
+    let site = Site::new();
+    let server = site.start();
+    let before = scrape(&server);
+    let token = site.token(&format!("spiffe://{TRUST_DOMAIN}/ops/m"));
+    let out_dir = tempfile::tempdir().unwrap();
+    ok(site.mint(&server, &token, out_dir.path()));
+    assert!(!site.mint(&server, &token, out_dir.path()).status.success());
+    let after = scrape(&server);
+    let ok_key = "herald_issuance_total{credential_type=x509_svid,outcome=success}";
+    let denied_key = "herald_issuance_total{credential_type=x509_svid,outcome=denied}";
+    assert_eq!(
+        sample(&after, ok_key) - sample(&before, ok_key),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, denied_key) - sample(&before, denied_key),
+        1.0
+    );
+    assert_eq!(
+        sample(&after, "herald_replay_rejections_total{}")
+            - sample(&before, "herald_replay_rejections_total{}"),
+        1.0
+    );
+    assert_eq!(sample(&after, "herald_break_glass_uses_total{}"), 1.0);
+    let failed =
+        "herald_attestation_total{evidence_type=join_token,reason=join_token_used,result=failed}";
+    assert_eq!(sample(&after, failed), 1.0, "{after}");
+    let count = "herald_issuance_duration_seconds_count{credential_type=x509_svid,outcome=success}";
+    assert_eq!(sample(&after, count), 1.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    assert!(sample(&after, "herald_ca_expiry_timestamp_seconds{}") > now);
+}

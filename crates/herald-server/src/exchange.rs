@@ -130,21 +130,36 @@ pub struct Exchanged {
 
 /// Runs one exchange. Refusals come back already audited.
 pub async fn exchange(shared: &Shared, req: ExchangeRequest) -> Result<Exchanged, Refusal> {
+    let started = std::time::Instant::now();
     let mut audit = AuditEvent::new(req.credential.action(), req.caller.clone());
     audit.evidence_type = Some(EvidenceType::Oidc);
-    match decide_and_issue(shared, req, &mut audit).await {
-        Ok(done) => Ok(done),
+    let span = tracing::info_span!(
+        "exchange",
+        transport = req.transport,
+        action = req.credential.action(),
+        evidence_type = tracing::field::Empty,
+        policy = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        reason = tracing::field::Empty,
+        latency_ms = tracing::field::Empty,
+    );
+    let result =
+        tracing::Instrument::instrument(decide_and_issue(shared, req, &mut audit), span.clone())
+            .await;
+    let (result, event) = match result {
+        Ok(done) => (Ok(done), audit),
         Err(r) => {
-            if !r.audited {
-                let event = audit.deny(r.code);
-                if let Err(e) = shared.store.audit(event).await {
-                    tracing::error!(error = %e, "could not write the audit record of a refusal");
-                }
+            let event = audit.deny(r.code);
+            if !r.audited
+                && let Err(e) = shared.store.audit(event.clone()).await
+            {
+                tracing::error!(error = %e, "could not write the audit record of a refusal");
             }
-            tracing::info!(code = %r.code, "exchange refused");
-            Err(Refusal { audited: true, ..r })
+            (Err(Refusal { audited: true, ..r }), event)
         }
-    }
+    };
+    crate::metrics::record_decision(shared, &span, &event, started);
+    result
 }
 
 async fn decide_and_issue(

@@ -34,6 +34,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/.well-known/jwks.json", get(http_exchange::jwks))
         .route("/v1/policies", get(policies))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(shared)
 }
@@ -176,6 +177,18 @@ async fn policies(State(shared): State<Arc<Shared>>) -> Response {
             "last_error": last_error,
         })
         .to_string(),
+    )
+        .into_response()
+}
+
+/// `GET /metrics`: OpenMetrics text.
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        shared.metrics.render(&shared),
     )
         .into_response()
 }

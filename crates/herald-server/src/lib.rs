@@ -16,6 +16,7 @@ pub mod exchange_service;
 pub mod http;
 pub mod http_exchange;
 pub mod join_token;
+pub mod metrics;
 pub mod rate_limit;
 pub mod status;
 pub mod svid_service;
@@ -110,6 +111,8 @@ pub struct Shared {
     pub policy_status: std::sync::Mutex<PolicyStatus>,
     /// Per-caller token buckets for token exchange.
     pub limiter: rate_limit::RateLimiter,
+    /// Prometheus metrics.
+    pub metrics: metrics::Metrics,
     ca: RwLock<Arc<CaState>>,
 }
 
@@ -215,6 +218,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     );
     let shared = Arc::new(Shared {
         limiter,
+        metrics: metrics::Metrics::new(),
         store,
         config,
         exchange,

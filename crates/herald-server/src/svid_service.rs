@@ -36,16 +36,35 @@ fn peer_of<T>(req: &Request<T>) -> String {
         .map_or_else(|| "peer:unknown".to_owned(), |a| format!("peer:{a}"))
 }
 
-/// Audits a refusal (unless the store already did) and turns it into a status.
-async fn refuse(shared: &Shared, audit: AuditEvent, r: Refusal) -> Status {
-    if !r.audited {
-        let event = audit.deny(r.code);
-        if let Err(e) = shared.store.audit(event).await {
-            tracing::error!(error = %e, "could not write the audit record of a refusal");
-        }
+/// Audits a refusal (unless the store already did), records it, and turns
+/// it into a status.
+async fn refuse(
+    shared: &Shared,
+    audit: AuditEvent,
+    r: Refusal,
+    span: &tracing::Span,
+    started: std::time::Instant,
+) -> Status {
+    let event = audit.deny(r.code);
+    if !r.audited
+        && let Err(e) = shared.store.audit(event.clone()).await
+    {
+        tracing::error!(error = %e, "could not write the audit record of a refusal");
     }
-    tracing::info!(code = %r.code, "request refused");
+    crate::metrics::record_decision(shared, span, &event, started);
     r.to_status()
+}
+
+fn request_span(action: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "svid",
+        action,
+        evidence_type = tracing::field::Empty,
+        policy = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        reason = tracing::field::Empty,
+        latency_ms = tracing::field::Empty,
+    )
 }
 
 fn response(issued: &herald_ca::IssuedX509, bundle: &herald_ca::TrustBundle) -> X509SvidResponse {
@@ -241,11 +260,21 @@ impl SvidService for SvidApi {
         &self,
         request: Request<MintX509SvidRequest>,
     ) -> Result<Response<X509SvidResponse>, Status> {
+        let started = std::time::Instant::now();
+        let span = request_span("x509_svid.mint");
         let mut audit = AuditEvent::new("x509_svid.mint", peer_of(&request));
         audit.evidence_type = Some(EvidenceType::JoinToken);
-        match self.mint(request.into_inner(), &mut audit).await {
-            Ok(resp) => Ok(Response::new(resp)),
-            Err(r) => Err(refuse(&self.shared, audit, r).await),
+        let result = tracing::Instrument::instrument(
+            self.mint(request.into_inner(), &mut audit),
+            span.clone(),
+        )
+        .await;
+        match result {
+            Ok(resp) => {
+                crate::metrics::record_decision(&self.shared, &span, &audit, started);
+                Ok(Response::new(resp))
+            }
+            Err(r) => Err(refuse(&self.shared, audit, r, &span, started).await),
         }
     }
 
@@ -253,17 +282,24 @@ impl SvidService for SvidApi {
         &self,
         request: Request<RenewX509SvidRequest>,
     ) -> Result<Response<X509SvidResponse>, Status> {
+        let started = std::time::Instant::now();
+        let span = request_span("x509_svid.renew");
         let mut audit = AuditEvent::new("x509_svid.renew", peer_of(&request));
         audit.evidence_type = Some(EvidenceType::X509Svid);
         let peer_certs = request
             .peer_certs()
             .map(|certs| certs.iter().map(|c| c.to_vec()).collect());
-        match self
-            .renew(peer_certs, request.into_inner(), &mut audit)
-            .await
-        {
-            Ok(resp) => Ok(Response::new(resp)),
-            Err(r) => Err(refuse(&self.shared, audit, r).await),
+        let result = tracing::Instrument::instrument(
+            self.renew(peer_certs, request.into_inner(), &mut audit),
+            span.clone(),
+        )
+        .await;
+        match result {
+            Ok(resp) => {
+                crate::metrics::record_decision(&self.shared, &span, &audit, started);
+                Ok(Response::new(resp))
+            }
+            Err(r) => Err(refuse(&self.shared, audit, r, &span, started).await),
         }
     }
 }

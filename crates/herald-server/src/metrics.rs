@@ -1,0 +1,308 @@
+//! Prometheus / OpenMetrics metrics, derived in one place from the audit
+//! event every decision produces, so the figures and the audit log cannot
+//! disagree about what happened.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use herald_core::{AuditEvent, ErrorCode, EvidenceType, Outcome};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::Shared;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuanceLabels {
+    credential_type: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttestationLabels {
+    evidence_type: String,
+    result: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuerLabels {
+    issuer: String,
+}
+
+/// The server's metrics.
+pub struct Metrics {
+    registry: Registry,
+    issuance: Family<IssuanceLabels, Counter>,
+    latency: Family<IssuanceLabels, Histogram>,
+    attestation: Family<AttestationLabels, Counter>,
+    policy_denials: Family<PolicyLabels, Counter>,
+    replays: Counter,
+    rate_limited: Counter,
+    break_glass: Counter,
+    jwks_fetches: Family<IssuerLabels, Counter<u64, AtomicU64>>,
+    jwks_failures: Family<IssuerLabels, Counter<u64, AtomicU64>>,
+    ca_expiry: Gauge,
+    bundle_sequence: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The credential kind an audit action concerns.
+pub fn credential_type(action: &str) -> &'static str {
+    match action {
+        "exchange.jwt_svid" => "jwt_svid",
+        "exchange.cloud_credentials" => "cloud_credentials",
+        a if a.starts_with("x509_svid.") || a == "exchange.x509_svid" => "x509_svid",
+        _ => "other",
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("herald");
+        let issuance = Family::<IssuanceLabels, Counter>::default();
+        registry.register(
+            "issuance",
+            "Credential requests by credential type and outcome",
+            issuance.clone(),
+        );
+        let latency = Family::<IssuanceLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+        });
+        registry.register(
+            "issuance_duration_seconds",
+            "Time from request to response (decision, issuance, durable commit)",
+            latency.clone(),
+        );
+        let attestation = Family::<AttestationLabels, Counter>::default();
+        registry.register(
+            "attestation",
+            "Evidence verification results by evidence type and failure reason",
+            attestation.clone(),
+        );
+        let policy_denials = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            "policy_denials",
+            "Requests refused by policy, by the policy that came closest",
+            policy_denials.clone(),
+        );
+        let replays = Counter::default();
+        registry.register(
+            "replay_rejections",
+            "Replayed single-use evidence (OIDC jti, join tokens)",
+            replays.clone(),
+        );
+        let rate_limited = Counter::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused by the per-caller rate limit",
+            rate_limited.clone(),
+        );
+        let break_glass = Counter::default();
+        registry.register(
+            "break_glass_uses",
+            "Credentials issued on a join token (bootstrap and break-glass)",
+            break_glass.clone(),
+        );
+        let jwks_fetches = Family::<IssuerLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "jwks_fetches",
+            "Successful OIDC discovery + JWKS fetches by issuer",
+            jwks_fetches.clone(),
+        );
+        let jwks_failures = Family::<IssuerLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "jwks_fetch_failures",
+            "Failed OIDC discovery or JWKS fetches by issuer",
+            jwks_failures.clone(),
+        );
+        let ca_expiry = Gauge::default();
+        registry.register(
+            "ca_expiry_timestamp_seconds",
+            "notAfter of the active signing CA, Unix seconds",
+            ca_expiry.clone(),
+        );
+        let bundle_sequence = Gauge::default();
+        registry.register(
+            "trust_bundle_sequence",
+            "spiffe_sequence of the published trust bundle",
+            bundle_sequence.clone(),
+        );
+        Self {
+            registry,
+            issuance,
+            latency,
+            attestation,
+            policy_denials,
+            replays,
+            rate_limited,
+            break_glass,
+            jwks_fetches,
+            jwks_failures,
+            ca_expiry,
+            bundle_sequence,
+        }
+    }
+
+    /// Records one decision from its audit event.
+    pub fn record(&self, event: &AuditEvent, started: Instant) {
+        let labels = IssuanceLabels {
+            credential_type: credential_type(&event.action).to_string(),
+            outcome: event.outcome.as_str().to_string(),
+        };
+        self.issuance.get_or_create(&labels).inc();
+        self.latency
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        let evidence = event.evidence_type.map_or("none", EvidenceType::as_str);
+        let reason = event.reason.map_or("", ErrorCode::as_str);
+        let evidence_failed = event.reason.is_some_and(is_evidence_failure);
+        let result = match event.outcome {
+            Outcome::Success => "verified",
+            _ if evidence_failed => "failed",
+            _ => "verified",
+        };
+        self.attestation
+            .get_or_create(&AttestationLabels {
+                evidence_type: evidence.to_string(),
+                result: result.to_string(),
+                reason: if evidence_failed {
+                    reason.to_string()
+                } else {
+                    String::new()
+                },
+            })
+            .inc();
+        match event.reason {
+            Some(
+                ErrorCode::PolicyDenied
+                | ErrorCode::FactorMissing
+                | ErrorCode::SpiffeIdEscapesPrefix
+                | ErrorCode::CredentialNotGranted
+                | ErrorCode::RoleNotGranted
+                | ErrorCode::AudienceNotGranted
+                | ErrorCode::SessionPolicyTooBroad,
+            ) => {
+                self.policy_denials
+                    .get_or_create(&PolicyLabels {
+                        policy: event.policy.clone().unwrap_or_else(|| "none".into()),
+                    })
+                    .inc();
+            }
+            Some(ErrorCode::TokenReplayed | ErrorCode::JoinTokenUsed) => {
+                self.replays.inc();
+            }
+            Some(ErrorCode::RateLimited) => {
+                self.rate_limited.inc();
+            }
+            _ => {}
+        }
+        if event.outcome == Outcome::Success
+            && matches!(
+                event.evidence_type,
+                Some(EvidenceType::JoinToken | EvidenceType::OidcAndJoinToken)
+            )
+        {
+            self.break_glass.inc();
+        }
+    }
+
+    /// The OpenMetrics text exposition, with scrape-time values refreshed.
+    pub fn render(&self, shared: &Shared) -> String {
+        let ca = shared.ca();
+        self.ca_expiry.set(ca.ca.not_after());
+        self.bundle_sequence
+            .set(i64::try_from(ca.bundle.sequence).unwrap_or(i64::MAX));
+        if let Some(ex) = &shared.exchange {
+            for s in ex.verifier.stats() {
+                let labels = IssuerLabels { issuer: s.issuer };
+                let fetched = self.jwks_fetches.get_or_create(&labels);
+                fetched
+                    .inner()
+                    .store(s.fetches, std::sync::atomic::Ordering::Relaxed);
+                let failed = self.jwks_failures.get_or_create(&labels);
+                failed
+                    .inner()
+                    .store(s.failures, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+/// Whether a refusal code means the evidence itself failed verification
+/// (as opposed to policy, input or capacity).
+fn is_evidence_failure(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::JoinTokenMalformed
+            | ErrorCode::JoinTokenUnknown
+            | ErrorCode::JoinTokenExpired
+            | ErrorCode::JoinTokenUsed
+            | ErrorCode::MtlsRequired
+            | ErrorCode::SvidInvalid
+            | ErrorCode::SvidExpired
+            | ErrorCode::SvidRevoked
+            | ErrorCode::ForeignTrustDomain
+            | ErrorCode::TokenMalformed
+            | ErrorCode::TokenIssuerUnknown
+            | ErrorCode::TokenAlgorithmRefused
+            | ErrorCode::TokenKeyUnknown
+            | ErrorCode::TokenSignatureInvalid
+            | ErrorCode::TokenExpired
+            | ErrorCode::TokenNotYetValid
+            | ErrorCode::TokenIssuedInFuture
+            | ErrorCode::TokenAudienceInvalid
+            | ErrorCode::TokenClaimsInvalid
+            | ErrorCode::TokenReplayed
+            | ErrorCode::IssuerUnavailable
+    )
+}
+
+/// Records a decision in the metrics and on its request span (never the
+/// evidence itself: the audit event carries only digests).
+pub fn record_decision(
+    shared: &Shared,
+    span: &tracing::Span,
+    event: &AuditEvent,
+    started: Instant,
+) {
+    shared.metrics.record(event, started);
+    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+    span.record(
+        "evidence_type",
+        event.evidence_type.map_or("none", EvidenceType::as_str),
+    );
+    span.record("policy", event.policy.as_deref().unwrap_or(""));
+    span.record("outcome", event.outcome.as_str());
+    span.record("reason", event.reason.map_or("", ErrorCode::as_str));
+    span.record("latency_ms", latency_ms);
+    span.in_scope(|| match event.outcome {
+        Outcome::Success => tracing::debug!("granted"),
+        _ => tracing::info!("refused"),
+    });
+}
