@@ -37,6 +37,22 @@ enum Command {
     Audit(AuditCommand),
     /// Exchange a platform OIDC token (CI job, function, cluster) for credentials.
     Exchange(Box<crate::exchange_cmd::ExchangeArgs>),
+    /// Coverage report from the audit log: MFA enforcement, authentication
+    /// and issuance rates, attestation by method, TTLs, rotation
+    /// compliance, replay and bypass attempts, break-glass use.
+    Report {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// From this time: RFC 3339, or a duration ago (e.g. 7days).
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Until this time (exclusive): RFC 3339, or a duration ago. Default: now.
+        #[arg(long)]
+        until: Option<String>,
+        /// Output format.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
     /// Check configuration files offline.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -298,6 +314,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Exchange(args) => crate::exchange_cmd::exchange(*args).await,
         Command::Policy(cmd) => crate::policy_cmd::run(cmd),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
+        Command::Report {
+            config,
+            since,
+            until,
+            format,
+        } => report(config, since, until, &format).await,
         Command::Revoke {
             config,
             serial,
@@ -625,6 +647,33 @@ fn config_check(file: &Path) -> Result<(), CliError> {
         cfg.trust_domain,
         verifier.issuers().len()
     );
+    Ok(())
+}
+
+async fn report(
+    config: ConfigArgs,
+    since: String,
+    until: Option<String>,
+    format: &str,
+) -> Result<(), CliError> {
+    let now = crate::audit_cmd::now_ms();
+    let since = crate::audit_cmd::parse_time(&since, now)?;
+    let until = match until {
+        Some(t) => crate::audit_cmd::parse_time(&t, now)?,
+        None => now + 1,
+    };
+    let cfg = load_config(&config)?;
+    let store = open_store(&cfg).await?;
+    let result = crate::report_cmd::build(&store, since, until).await;
+    store.close().await;
+    let report = result?;
+    if format == "json" {
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| CliError::new("internal", e.to_string()))?;
+        println!("{text}");
+    } else {
+        print!("{}", crate::report_cmd::to_text(&report));
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@ mod audit_cmd;
 mod cli;
 mod exchange_cmd;
 mod policy_cmd;
+mod report_cmd;
 
 use std::process::ExitCode;
 

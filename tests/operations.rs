@@ -247,3 +247,72 @@ fn metrics_parse_as_openmetrics_and_move_with_issuances_and_refusals() {
         .as_secs() as f64;
     assert!(sample(&after, "herald_ca_expiry_timestamp_seconds{}") > now);
 }
+
+#[test]
+fn report_figures_match_a_known_sequence_of_decisions() {
+    let site = Site::new();
+    let server = site.start();
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let a = site.token(&format!("spiffe://{TRUST_DOMAIN}/ops/a"));
+    let b = site.token(&format!("spiffe://{TRUST_DOMAIN}/ops/b"));
+    ok(site.mint(&server, &a, a_dir.path())); // break-glass 1
+    assert!(!site.mint(&server, &a, a_dir.path()).status.success()); // replay
+    assert!(
+        !site
+            .mint(&server, "not-a-token", b_dir.path())
+            .status
+            .success()
+    ); // bad evidence
+    ok(site.mint(&server, &b, b_dir.path())); // break-glass 2
+    ok(site.herald(&[
+        "svid",
+        "renew",
+        "--server",
+        &server.url(),
+        "--out",
+        a_dir.path().to_str().unwrap(),
+    ])); // renewal of a's SVID
+    server.stop();
+
+    // The window runs into the future so the fresh SVIDs' expiries fall in it.
+    let until = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() + std::time::Duration::from_secs(2 * 3600),
+    )
+    .to_string();
+    let out = ok(site.herald(&[
+        "report", "--since", "1h", "--until", &until, "--format", "json",
+    ]));
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(r["requests"], 5, "{r}");
+    assert_eq!(r["issued"], 3);
+    assert_eq!(r["refused"], 2);
+    assert_eq!(r["errors"], 0);
+    assert_eq!(r["issuance_error_rate"], 0.0);
+    assert_eq!(r["authentication_success_rate"], 0.6);
+    assert_eq!(r["mfa_enforcement_rate"], 0.0);
+    assert_eq!(r["attestation_by_method"]["join_token"]["attempts"], 4);
+    assert_eq!(r["attestation_by_method"]["join_token"]["verified"], 2);
+    assert_eq!(r["attestation_by_method"]["x509_svid"]["attempts"], 1);
+    assert_eq!(r["attestation_by_method"]["x509_svid"]["success_rate"], 1.0);
+    assert_eq!(r["replay_attempts"], 1);
+    assert_eq!(r["bypass_attempts"], 0);
+    let bg = r["break_glass"].as_array().unwrap();
+    assert_eq!(bg.len(), 2);
+    assert_eq!(bg[0]["spiffe_id"], format!("spiffe://{TRUST_DOMAIN}/ops/a"));
+    assert_eq!(bg[1]["spiffe_id"], format!("spiffe://{TRUST_DOMAIN}/ops/b"));
+    let ttl = &r["ttl_distribution"]["x509_svid"];
+    assert_eq!(ttl["count"], 3);
+    let p50 = ttl["p50_s"].as_i64().unwrap();
+    assert!((3600..=3700).contains(&p50), "{ttl}");
+    assert_eq!(r["rotation_due"], 3);
+    assert_eq!(r["rotated_in_time"], 1);
+    // The text form carries the same figures.
+    let text = stdout(&ok(site.herald(&["report", "--since", "1h"])));
+    assert!(text.contains("break-glass uses"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("replay attempts") && l.trim_end().ends_with(" 1")),
+        "{text}"
+    );
+}

@@ -256,7 +256,7 @@ impl Metrics {
 
 /// Whether a refusal code means the evidence itself failed verification
 /// (as opposed to policy, input or capacity).
-fn is_evidence_failure(code: ErrorCode) -> bool {
+pub fn is_evidence_failure(code: ErrorCode) -> bool {
     matches!(
         code,
         ErrorCode::JoinTokenMalformed

@@ -254,6 +254,11 @@ fn migrator() -> Migrator {
             "audit_time_index",
             include_str!("../migrations/sqlite/0003_audit_time_index.sql"),
         ),
+        m(
+            4,
+            "report_indexes",
+            include_str!("../migrations/sqlite/0004_report_indexes.sql"),
+        ),
     ])
 }
 
@@ -575,6 +580,43 @@ impl Store {
         .fetch_all(&self.inner.pool)
         .await?;
         rows.iter().map(audit_from_row).collect()
+    }
+
+    /// Lifetimes of the credentials issued in `[since_s, until_s)`:
+    /// (kind, not_before, not_after), for TTL distributions.
+    pub async fn issued_lifetimes(
+        &self,
+        since_s: i64,
+        until_s: i64,
+    ) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT kind, not_before, not_after FROM issued_credentials \
+             WHERE issued_at >= $1 AND issued_at < $2",
+        )
+        .bind(since_s)
+        .bind(until_s)
+        .fetch_all(&self.inner.pool)
+        .await?)
+    }
+
+    /// X.509 SVIDs whose validity ended in `[since_s, until_s)`, each with
+    /// when its first renewal was issued (if ever): (serial, SPIFFE ID,
+    /// not_after, first renewal's issued_at).
+    pub async fn rotation_outcomes(
+        &self,
+        since_s: i64,
+        until_s: i64,
+    ) -> Result<Vec<(String, String, i64, Option<i64>)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT c.serial, c.spiffe_id, c.not_after, MIN(k.issued_at) FROM issued_credentials c \
+             LEFT JOIN issued_credentials k ON k.parent_serial = c.serial \
+             WHERE c.kind = 'x509_svid' AND c.not_after >= $1 AND c.not_after < $2 \
+             GROUP BY c.serial, c.spiffe_id, c.not_after",
+        )
+        .bind(since_s)
+        .bind(until_s)
+        .fetch_all(&self.inner.pool)
+        .await?)
     }
 
     /// Up to `limit` audit records after `after_seq` whose time lies in
