@@ -6,6 +6,7 @@ mod cli;
 mod exchange_cmd;
 mod policy_cmd;
 mod report_cmd;
+mod telemetry;
 
 use std::process::ExitCode;
 
@@ -13,22 +14,13 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // HERALD_LOG_FORMAT=json: one JSON object per line, for log pipelines.
-    if std::env::var("HERALD_LOG_FORMAT").is_ok_and(|v| v == "json") {
-        tracing_subscriber::fmt()
-            .json()
-            .with_current_span(true)
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .init();
-    }
+    let telemetry = match telemetry::init() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("herald: error[config_invalid]: telemetry: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -39,7 +31,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(args)) {
+    let result = runtime.block_on(cli::run(args));
+    // Exporters flush on their own threads; stop them outside the runtime.
+    drop(runtime);
+    drop(telemetry);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald: {e}");

@@ -316,3 +316,157 @@ fn report_figures_match_a_known_sequence_of_decisions() {
         "{text}"
     );
 }
+
+/// What a small OTLP/HTTP receiver has seen.
+#[derive(Default)]
+struct Received {
+    /// (span name, attributes as key=value strings)
+    spans: Vec<(String, Vec<String>)>,
+    metrics: Vec<String>,
+}
+
+async fn otlp_receiver() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Received>>,
+) {
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use prost::Message;
+    type Shared = std::sync::Arc<std::sync::Mutex<Received>>;
+    let seen: Shared = Default::default();
+    const PROTO: (axum::http::HeaderName, &str) =
+        (axum::http::header::CONTENT_TYPE, "application/x-protobuf");
+    let app = axum::Router::new()
+        .route(
+            "/v1/traces",
+            axum::routing::post(|State(seen): State<Shared>, body: Bytes| async move {
+                let req = ExportTraceServiceRequest::decode(body).unwrap();
+                let mut seen = seen.lock().unwrap();
+                for rs in req.resource_spans {
+                    for ss in rs.scope_spans {
+                        for span in ss.spans {
+                            let attrs = span
+                                .attributes
+                                .iter()
+                                .map(|kv| {
+                                    let v = kv.value.as_ref().and_then(|v| v.value.as_ref());
+                                    format!("{}={}", kv.key, match v {
+                                        Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => s.clone(),
+                                        Some(other) => format!("{other:?}"),
+                                        None => String::new(),
+                                    })
+                                })
+                                .collect();
+                            seen.spans.push((span.name, attrs));
+                        }
+                    }
+                }
+                ([PROTO], ExportTraceServiceResponse::default().encode_to_vec())
+            }),
+        )
+        .route(
+            "/v1/metrics",
+            axum::routing::post(|State(seen): State<Shared>, body: Bytes| async move {
+                let req = ExportMetricsServiceRequest::decode(body).unwrap();
+                let mut seen = seen.lock().unwrap();
+                for rm in req.resource_metrics {
+                    for sm in rm.scope_metrics {
+                        for m in sm.metrics {
+                            seen.metrics.push(m.name);
+                        }
+                    }
+                }
+                ([PROTO], ExportMetricsServiceResponse::default().encode_to_vec())
+            }),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_and_metrics_of_an_issuance_arrive_over_otlp() {
+    let (addr, seen) = otlp_receiver().await;
+    let site = Site::new();
+    let server = Server::start_with_env(
+        &site.config(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300".into()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+        ],
+    );
+    let token = site.token(&format!("spiffe://{TRUST_DOMAIN}/ops/otel"));
+    let out_dir = tempfile::tempdir().unwrap();
+    let minted = tokio::task::spawn_blocking({
+        let token = token.clone();
+        let dir = out_dir.path().to_path_buf();
+        let site_cfg = site.config();
+        let url = server.url();
+        let bundle = site.bundle_pem();
+        move || {
+            Command::new(herald_bin())
+                .args([
+                    "svid",
+                    "mint",
+                    "--join-token",
+                    &token,
+                    "--server",
+                    &url,
+                    "--bundle",
+                ])
+                .arg(bundle)
+                .arg("--out")
+                .arg(dir)
+                .env("HERALD_CONFIG", site_cfg)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    ok(minted);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        {
+            let seen = seen.lock().unwrap();
+            let span = seen.spans.iter().find(|(name, _)| name == "svid");
+            let metric = seen.metrics.iter().any(|m| m == "herald.issuance");
+            if let (Some((_, attrs)), true) = (span, metric) {
+                assert!(attrs.contains(&"outcome=success".to_string()), "{attrs:?}");
+                assert!(
+                    attrs.contains(&"evidence_type=join_token".to_string()),
+                    "{attrs:?}"
+                );
+                assert!(
+                    attrs.contains(&"action=x509_svid.mint".to_string()),
+                    "{attrs:?}"
+                );
+                // Never the token itself.
+                assert!(!attrs.iter().any(|a| a.contains(&token)), "{attrs:?}");
+                assert!(seen.metrics.iter().any(|m| m == "herald.issuance.duration"));
+                break;
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            let seen = seen.lock().unwrap();
+            panic!(
+                "no span/metric over OTLP: {:?} {:?}",
+                seen.spans, seen.metrics
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(server);
+}

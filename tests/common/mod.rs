@@ -122,9 +122,15 @@ pub struct Server {
 
 impl Server {
     pub fn start(config: &Path) -> Server {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts the server with extra environment variables.
+    pub fn start_with_env(config: &Path, env: &[(&str, String)]) -> Server {
         let mut child = Command::new(herald_bin())
             .args(["server", "--config"])
             .arg(config)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("HERALD_LOG", "warn")
             .env_remove("HERALD_KEK")
             .stdout(Stdio::piped())

@@ -52,6 +52,11 @@ pub struct Metrics {
     jwks_failures: Family<IssuerLabels, Counter<u64, AtomicU64>>,
     ca_expiry: Gauge,
     bundle_sequence: Gauge,
+    // The same decisions as OpenTelemetry instruments: no-ops unless the
+    // binary installed an OTLP meter provider.
+    otel_issuance: opentelemetry::metrics::Counter<u64>,
+    otel_latency: opentelemetry::metrics::Histogram<f64>,
+    otel_attestation: opentelemetry::metrics::Counter<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -148,7 +153,24 @@ impl Metrics {
             "spiffe_sequence of the published trust bundle",
             bundle_sequence.clone(),
         );
+        let meter = opentelemetry::global::meter("herald");
+        let otel_issuance = meter
+            .u64_counter("herald.issuance")
+            .with_description("Credential requests by credential type and outcome")
+            .build();
+        let otel_latency = meter
+            .f64_histogram("herald.issuance.duration")
+            .with_unit("s")
+            .with_description("Time from request to response")
+            .build();
+        let otel_attestation = meter
+            .u64_counter("herald.attestation")
+            .with_description("Evidence verification results by evidence type and failure reason")
+            .build();
         Self {
+            otel_issuance,
+            otel_latency,
+            otel_attestation,
             registry,
             issuance,
             latency,
@@ -182,17 +204,30 @@ impl Metrics {
             _ if evidence_failed => "failed",
             _ => "verified",
         };
+        let failure_reason = if evidence_failed { reason } else { "" };
         self.attestation
             .get_or_create(&AttestationLabels {
                 evidence_type: evidence.to_string(),
                 result: result.to_string(),
-                reason: if evidence_failed {
-                    reason.to_string()
-                } else {
-                    String::new()
-                },
+                reason: failure_reason.to_string(),
             })
             .inc();
+        use opentelemetry::KeyValue as Kv;
+        let issuance_attrs = [
+            Kv::new("credential_type", labels.credential_type.clone()),
+            Kv::new("outcome", labels.outcome.clone()),
+        ];
+        self.otel_issuance.add(1, &issuance_attrs);
+        self.otel_latency
+            .record(started.elapsed().as_secs_f64(), &issuance_attrs);
+        self.otel_attestation.add(
+            1,
+            &[
+                Kv::new("evidence_type", evidence.to_string()),
+                Kv::new("result", result),
+                Kv::new("reason", failure_reason.to_string()),
+            ],
+        );
         match event.reason {
             Some(
                 ErrorCode::PolicyDenied
