@@ -84,7 +84,7 @@ spiffe_id:
   template: "spiffe://{td}/ci/github/{{repository_owner}}/{{environment}}"
 grants:
   x509_svid: {{ max_ttl: 30m }}
-  jwt_svid: {{ max_ttl: 10m, audiences: [deployer, "https://artifacts.example.com"] }}
+  jwt_svid: {{ max_ttl: 10m, audiences: [deployer, "https://artifacts.example.com", herald-introspection] }}
   cloud:
     - role_arn: {ROLE}
       max_ttl: 2h
@@ -226,6 +226,21 @@ impl Env {
     }
 }
 
+/// A JWT-SVID for the introspection audience: how a resource server
+/// authenticates to `POST /v1/introspect`.
+async fn introspector(env: &Env) -> String {
+    let resp = env
+        .client(None)
+        .await
+        .exchange_token(jwt_request(&env.deploy_token(), &["herald-introspection"]))
+        .await
+        .unwrap();
+    match resp.credential {
+        Some(Given::JwtSvid(j)) => j.token,
+        other => panic!("{other:?}"),
+    }
+}
+
 fn files_bundle(path: &Path) -> Vec<Vec<u8>> {
     let text = std::fs::read_to_string(path).unwrap();
     herald_client::files::from_pem("CERTIFICATE", &text).unwrap()
@@ -311,10 +326,34 @@ async fn jwt_svid_over_grpc_verifies_with_pyjwt_through_discovery() {
     assert_eq!(audit.evidence_type, Some(EvidenceType::Oidc));
     assert_eq!(audit.policy.as_deref(), Some("e2e-deploy"));
     assert!(audit.caller.starts_with("oidc:"));
-    // Introspection says active, then nothing for garbage.
+    // Introspection needs an authenticated caller (RFC 7662 §2.1).
     let http = reqwest::Client::new();
+    let url = format!("{}/v1/introspect", env.http());
+    let anonymous = http
+        .post(&url)
+        .form(&[("token", jwt.token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert!(anonymous.headers().contains_key("www-authenticate"));
+    let wrong_audience = http
+        .post(&url)
+        .bearer_auth(&jwt.token)
+        .form(&[("token", jwt.token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        wrong_audience.status(),
+        401,
+        "a deployer JWT-SVID is not an introspection credential"
+    );
+    // Introspection says active, then nothing for garbage.
+    let bearer = introspector(&env).await;
     let active: Value = http
         .post(format!("{}/v1/introspect", env.http()))
+        .bearer_auth(&bearer)
         .form(&[("token", jwt.token.as_str())])
         .send()
         .await
@@ -326,6 +365,7 @@ async fn jwt_svid_over_grpc_verifies_with_pyjwt_through_discovery() {
     assert_eq!(active["sub"], resp.spiffe_id);
     let inactive: Value = http
         .post(format!("{}/v1/introspect", env.http()))
+        .bearer_auth(&bearer)
         .form(&[("token", "not-a-token")])
         .send()
         .await
@@ -566,8 +606,10 @@ async fn boto3_assume_role_with_web_identity_and_sigv4_verification() {
 
     // Introspection reports the scope; revocation is visible there.
     let http = reqwest::Client::new();
+    let bearer = introspector(&env).await;
     let active: Value = http
         .post(format!("{}/v1/introspect", env.http()))
+        .bearer_auth(&bearer)
         .form(&[
             ("token", creds["SessionToken"].as_str().unwrap()),
             ("access_key_id", creds["AccessKeyId"].as_str().unwrap()),

@@ -246,6 +246,11 @@ fn metrics_parse_as_openmetrics_and_move_with_issuances_and_refusals() {
         .unwrap()
         .as_secs() as f64;
     assert!(sample(&after, "herald_ca_expiry_timestamp_seconds{}") > now);
+    let bundle_expiry = sample(&after, "herald_trust_bundle_expiry_timestamp_seconds{}");
+    assert!(
+        bundle_expiry > now
+            && bundle_expiry <= sample(&after, "herald_ca_expiry_timestamp_seconds{}") + 1.0
+    );
 }
 
 #[test]

@@ -57,6 +57,9 @@ pub struct ServerConfig {
     /// Per-caller rate limits.
     #[serde(default)]
     pub rate_limit: RateLimitConfig,
+    /// RFC 7662 introspection endpoint.
+    #[serde(default)]
+    pub introspection: IntrospectionConfig,
     /// `true` only for `--dev`: generates a KEK file in the data directory when none is configured.
     #[serde(skip)]
     pub dev: bool,
@@ -264,6 +267,37 @@ fn default_jwt_ttl() -> Duration {
     Duration::from_secs(300)
 }
 
+/// Who may call `POST /v1/introspect`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    /// RFC 7662 requires callers to authenticate: when true, a caller
+    /// presents `Authorization: Bearer <JWT-SVID>` issued by this server
+    /// for `audience` (a resource server's own identity).
+    #[serde(default = "default_true")]
+    pub require_client_auth: bool,
+    /// The audience such a JWT-SVID must carry.
+    #[serde(default = "default_introspection_audience")]
+    pub audience: String,
+}
+
+impl Default for IntrospectionConfig {
+    fn default() -> Self {
+        Self {
+            require_client_auth: true,
+            audience: default_introspection_audience(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_introspection_audience() -> String {
+    "herald-introspection".to_owned()
+}
+
 /// Per-caller rate limits (token bucket per source address) on token
 /// exchange, checked before any evidence is verified.
 #[derive(Debug, Clone, Deserialize)]
@@ -360,6 +394,7 @@ impl ServerConfig {
             jwt: JwtConfig::default(),
             cloud: CloudConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            introspection: IntrospectionConfig::default(),
             dev: true,
         })
     }

@@ -526,10 +526,73 @@ pub async fn jwks(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
+/// Authenticates an introspection caller: a bearer JWT-SVID from this
+/// server, unexpired, unrevoked, for the configured audience. Returns the
+/// caller's SPIFFE ID.
+async fn introspection_caller(
+    shared: &Shared,
+    headers: &axum::http::HeaderMap,
+) -> Result<String, &'static str> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .ok_or("present a JWT-SVID as a bearer token")?;
+    let ca = shared.ca();
+    let claims =
+        herald_ca::jwt::verify_jwt(bearer.trim(), &ca.bundle.jwt_authorities, crate::unix_now())
+            .ok_or("the bearer token is not a valid JWT-SVID from this server")?;
+    let want = shared.config.introspection.audience.as_str();
+    let aud_ok = match claims.get("aud") {
+        Some(Value::String(a)) => a == want,
+        Some(Value::Array(items)) => items.iter().any(|a| a.as_str() == Some(want)),
+        _ => false,
+    };
+    if !aud_ok {
+        return Err("the bearer JWT-SVID is not for the introspection audience");
+    }
+    let jti = claims
+        .get("jti")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    match shared.store.is_revoked(jti).await {
+        Ok(false) => {}
+        Ok(true) => return Err("the bearer JWT-SVID has been revoked"),
+        Err(_) => return Err("the datastore is unavailable"),
+    }
+    claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or("the bearer JWT-SVID has no subject")
+}
+
 /// `POST /v1/introspect` — RFC 7662. `token` is a Herald JWT, or a session
 /// token together with its `access_key_id` (the token is sealed to that key
 /// id and cannot be opened without it).
-pub async fn introspect(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+pub async fn introspect(
+    State(shared): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if shared.config.introspection.require_client_auth
+        && let Err(why) = introspection_caller(&shared, &headers).await
+    {
+        let mut resp = (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "application/json")],
+            json!({"error": "invalid_client", "error_description": why}).to_string(),
+        )
+            .into_response();
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"herald\""),
+        );
+        return resp;
+    }
     let f = match form(&body) {
         Ok(f) => f,
         Err(e) => return oauth_plain_error("invalid_request", &e),

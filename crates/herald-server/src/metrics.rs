@@ -51,6 +51,7 @@ pub struct Metrics {
     jwks_fetches: Family<IssuerLabels, Counter<u64, AtomicU64>>,
     jwks_failures: Family<IssuerLabels, Counter<u64, AtomicU64>>,
     ca_expiry: Gauge,
+    bundle_expiry: Gauge,
     bundle_sequence: Gauge,
     // The same decisions as OpenTelemetry instruments: no-ops unless the
     // binary installed an OTLP meter provider.
@@ -147,6 +148,12 @@ impl Metrics {
             "notAfter of the active signing CA, Unix seconds",
             ca_expiry.clone(),
         );
+        let bundle_expiry = Gauge::default();
+        registry.register(
+            "trust_bundle_expiry_timestamp_seconds",
+            "Earliest notAfter among the trust bundle's X.509 authorities, Unix seconds",
+            bundle_expiry.clone(),
+        );
         let bundle_sequence = Gauge::default();
         registry.register(
             "trust_bundle_sequence",
@@ -182,6 +189,7 @@ impl Metrics {
             jwks_fetches,
             jwks_failures,
             ca_expiry,
+            bundle_expiry,
             bundle_sequence,
         }
     }
@@ -266,6 +274,16 @@ impl Metrics {
     pub fn render(&self, shared: &Shared) -> String {
         let ca = shared.ca();
         self.ca_expiry.set(ca.ca.not_after());
+        let earliest = ca
+            .bundle
+            .x509_authorities
+            .iter()
+            .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .min();
+        if let Some(t) = earliest {
+            self.bundle_expiry.set(t);
+        }
         self.bundle_sequence
             .set(i64::try_from(ca.bundle.sequence).unwrap_or(i64::MAX));
         if let Some(ex) = &shared.exchange {
