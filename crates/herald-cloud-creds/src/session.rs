@@ -8,6 +8,11 @@
 //! id is bound as associated data, a token opens only together with the
 //! access key id it was minted for: it cannot be re-bound to another key
 //! pair, and no byte of it can be changed without the tag failing.
+//!
+//! The secret access key travels inside the sealed token: the token alone
+//! is useless only because it is encrypted. Whoever holds the keyring can
+//! open every token and read every secret, so the keyring is as sensitive
+//! as a signing key (see the crate's README.md).
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use base64::Engine;
@@ -67,14 +72,18 @@ fn random<const N: usize>() -> Result<[u8; N], CredsError> {
     Ok(b)
 }
 
-fn ring_key(id: String, raw: [u8; 32]) -> Result<RingKey, CredsError> {
-    let unbound = UnboundKey::new(&AES_256_GCM, &raw)
-        .map_err(|_| CredsError::Internal("bad AEAD key".into()))?;
+fn ring_key(id: String, raw: &[u8; 32]) -> Result<RingKey, CredsError> {
+    let unbound = UnboundKey::new(&AES_256_GCM, raw)
+        .map_err(|_| CredsError::Internal("AEAD key setup failed".into()))?;
     Ok(RingKey {
         id,
-        raw: Zeroizing::new(raw),
+        raw: Zeroizing::new(*raw),
         aead: LessSafeKey::new(unbound),
     })
+}
+
+fn fresh_key_id() -> Result<String, CredsError> {
+    Ok(hex::encode(random::<4>()?))
 }
 
 fn valid_key_id(id: &str) -> bool {
@@ -82,33 +91,45 @@ fn valid_key_id(id: &str) -> bool {
 }
 
 impl SessionKeyring {
-    /// A keyring with one fresh key.
+    /// A keyring with one fresh random key (id: 8 hex characters), active.
     pub fn generate() -> Result<Self, CredsError> {
-        let id = hex::encode(random::<4>()?);
-        let mut raw = random::<32>()?;
-        let key = ring_key(id, raw)?;
-        raw.zeroize();
+        let raw = Zeroizing::new(random::<32>()?);
+        let key = ring_key(fresh_key_id()?, &raw)?;
         Ok(Self {
             keys: vec![key],
             active: 0,
         })
     }
 
-    /// A keyring from stored keys; `active_id` seals new tokens.
-    pub fn from_keys(keys: Vec<(String, [u8; 32])>, active_id: &str) -> Result<Self, CredsError> {
-        let mut ring = Vec::with_capacity(keys.len());
-        for (id, mut raw) in keys {
-            if !valid_key_id(&id) {
-                return Err(CredsError::Internal(format!("invalid key id {id:?}")));
+    /// A keyring from stored keys; `active_id` seals new tokens. Key ids are
+    /// 1–32 characters of `[A-Za-z0-9-]`, unique. The raw keys in `keys` are
+    /// zeroized once copied into the keyring.
+    pub fn from_keys(
+        mut keys: Vec<(String, [u8; 32])>,
+        active_id: &str,
+    ) -> Result<Self, CredsError> {
+        let mut ring: Vec<RingKey> = Vec::with_capacity(keys.len());
+        let mut failure = None;
+        for (id, raw) in keys.iter_mut() {
+            if failure.is_none() {
+                if !valid_key_id(id) {
+                    failure = Some(format!("invalid key id {id:?}"));
+                } else if ring.iter().any(|k| k.id == *id) {
+                    failure = Some(format!("key id {id} given twice"));
+                } else {
+                    match ring_key(id.clone(), raw) {
+                        Ok(k) => ring.push(k),
+                        Err(e) => failure = Some(e.to_string()),
+                    }
+                }
             }
-            if ring.iter().any(|k: &RingKey| k.id == id) {
-                return Err(CredsError::Internal(format!("key id {id} given twice")));
-            }
-            ring.push(ring_key(id, raw)?);
             raw.zeroize();
         }
+        if let Some(why) = failure {
+            return Err(CredsError::InvalidKeyring(why));
+        }
         let active = ring.iter().position(|k| k.id == active_id).ok_or_else(|| {
-            CredsError::Internal(format!("active key {active_id} is not in the ring"))
+            CredsError::InvalidKeyring(format!("active key {active_id} is not in the ring"))
         })?;
         Ok(Self { keys: ring, active })
     }
@@ -118,7 +139,14 @@ impl SessionKeyring {
         &self.keys[self.active].id
     }
 
-    /// Every key, for sealing at rest by the caller.
+    /// The ids of every key held (the active one and those kept to open
+    /// tokens sealed before a rotation).
+    pub fn key_ids(&self) -> Vec<&str> {
+        self.keys.iter().map(|k| k.id.as_str()).collect()
+    }
+
+    /// Every key with its id, for the caller to seal at rest (with the CA's
+    /// key-encryption key). Handle like a CA private key.
     pub fn export(&self) -> Vec<(String, Zeroizing<[u8; 32]>)> {
         self.keys
             .iter()
@@ -127,21 +155,20 @@ impl SessionKeyring {
     }
 
     /// Adds a fresh key and makes it active; older keys keep opening their
-    /// tokens. Returns the new key's id.
+    /// tokens until [`retire`](Self::retire)d. Returns the new key's id.
     pub fn rotate(&mut self) -> Result<String, CredsError> {
-        let mut id = hex::encode(random::<4>()?);
+        let mut id = fresh_key_id()?;
         while self.keys.iter().any(|k| k.id == id) {
-            id = hex::encode(random::<4>()?);
+            id = fresh_key_id()?;
         }
-        let mut raw = random::<32>()?;
-        self.keys.push(ring_key(id.clone(), raw)?);
-        raw.zeroize();
+        let raw = Zeroizing::new(random::<32>()?);
+        self.keys.push(ring_key(id.clone(), &raw)?);
         self.active = self.keys.len() - 1;
         Ok(id)
     }
 
-    /// Drops a key: tokens sealed with it no longer open. The active key
-    /// cannot be retired.
+    /// Drops a key: tokens sealed with it no longer open
+    /// ([`CredsError::UnknownKey`]). The active key cannot be retired.
     pub fn retire(&mut self, id: &str) -> Result<(), CredsError> {
         let pos = self
             .keys
@@ -149,7 +176,7 @@ impl SessionKeyring {
             .position(|k| k.id == id)
             .ok_or(CredsError::UnknownKey)?;
         if pos == self.active {
-            return Err(CredsError::Internal(
+            return Err(CredsError::InvalidKeyring(
                 "the active key cannot be retired".into(),
             ));
         }
@@ -163,21 +190,22 @@ impl SessionKeyring {
     /// Mints credentials for `req`, sealing them with the active key.
     pub fn mint(&self, req: &MintRequest) -> Result<SessionCredentials, CredsError> {
         if req.expires_at <= req.issued_at {
-            return Err(CredsError::Internal("expiry must follow issuance".into()));
+            return Err(CredsError::InvalidMintRequest(
+                "expiry must follow issuance".into(),
+            ));
         }
-        let akid_rand = random::<16>()?;
-        let access_key_id: String = std::iter::once(ACCESS_KEY_PREFIX.to_string())
-            .chain(
-                akid_rand
-                    .iter()
-                    .map(|b| (BASE32[(*b & 31) as usize] as char).to_string()),
-            )
-            .collect();
+        // 16 base32 characters = 80 random bits (256 is a multiple of 32:
+        // masking keeps the distribution uniform).
+        let mut access_key_id = String::with_capacity(20);
+        access_key_id.push_str(ACCESS_KEY_PREFIX);
+        for b in random::<16>()? {
+            access_key_id.push(BASE32[usize::from(b & 31)] as char);
+        }
         let secret_rand = Zeroizing::new(random::<40>()?);
         let secret = Zeroizing::new(
             secret_rand
                 .iter()
-                .map(|b| SECRET_ALPHABET[(*b & 63) as usize] as char)
+                .map(|b| SECRET_ALPHABET[usize::from(*b & 63)] as char)
                 .collect::<String>(),
         );
         let claims = SealedClaims {
@@ -214,8 +242,8 @@ impl SessionKeyring {
         blob.extend_from_slice(&plain);
         let session_token = STANDARD.encode(&blob);
         if session_token.len() > MAX_TOKEN_CHARS {
-            return Err(CredsError::Internal(
-                "session token exceeds its cap (scope too large)".into(),
+            return Err(CredsError::InvalidMintRequest(
+                "session token would exceed its size cap (scope too large)".into(),
             ));
         }
         Ok(SessionCredentials {
@@ -227,7 +255,12 @@ impl SessionKeyring {
         })
     }
 
-    /// Opens `session_token` for `access_key_id` and checks it is valid at `now`.
+    /// Opens `session_token` for `access_key_id` and checks it is valid at
+    /// `now`. Fails with [`CredsError::TokenTooLarge`] before decoding
+    /// anything over the cap, [`CredsError::TokenMalformed`],
+    /// [`CredsError::UnknownKey`] (retired or foreign key),
+    /// [`CredsError::TokenInvalid`] (tampered, or another key pair's token:
+    /// the access key id is associated data) or [`CredsError::Expired`].
     pub fn open(
         &self,
         access_key_id: &str,
@@ -241,7 +274,8 @@ impl SessionKeyring {
         Ok(claims)
     }
 
-    /// Opens a token without judging its validity period.
+    /// Opens a token without judging its validity period (for audit and
+    /// revocation look-ups of expired credentials; never to authorize).
     pub fn open_any_time(
         &self,
         access_key_id: &str,
@@ -421,8 +455,18 @@ impl SessionClaims {
         &self.secret
     }
 
-    /// RFC 7662 introspection response for an active token.
+    /// RFC 7662 introspection response for an active token. `scope` is the
+    /// space-separated list of the action patterns the scope allows (the
+    /// full document is under `herald.scope_policy`); no secret is included.
     pub fn introspection_json(&self) -> Value {
+        let mut actions: Vec<&str> = self
+            .scope
+            .statements()
+            .iter()
+            .flat_map(|s| s.actions.iter().map(String::as_str))
+            .collect();
+        actions.sort_unstable();
+        actions.dedup();
         json!({
             "active": true,
             "token_type": "aws_session_credentials",
@@ -430,6 +474,7 @@ impl SessionClaims {
             "iat": self.issued_at.unix_timestamp(),
             "exp": self.expires_at.unix_timestamp(),
             "jti": self.serial,
+            "scope": actions.join(" "),
             "herald": {
                 "access_key_id": self.access_key_id,
                 "role_arn": self.role_arn,
@@ -532,12 +577,77 @@ mod tests {
         );
         ring.open(&fresh.access_key_id, &fresh.session_token, now)
             .unwrap();
+        assert_eq!(ring.key_ids(), vec![ring.active_id()]);
         // Export and reload.
         let exported: Vec<(String, [u8; 32])> =
             ring.export().into_iter().map(|(i, k)| (i, *k)).collect();
         let again = SessionKeyring::from_keys(exported, ring.active_id()).unwrap();
         again
             .open(&fresh.access_key_id, &fresh.session_token, now)
+            .unwrap();
+    }
+
+    #[test]
+    fn keyring_and_mint_refusals_and_redaction() {
+        let now = OffsetDateTime::now_utc();
+        let mut ring = SessionKeyring::generate().unwrap();
+        assert_eq!(ring.active_id().len(), 8);
+        let active = ring.active_id().to_owned();
+        assert_eq!(ring.retire(&active).unwrap_err().code(), "invalid_keyring");
+        assert_eq!(ring.retire("nope").unwrap_err(), CredsError::UnknownKey);
+        let first = ring.active_id().to_string();
+        let second = ring.rotate().unwrap();
+        assert_eq!(ring.key_ids(), vec![first.as_str(), second.as_str()]);
+        for (keys, active) in [
+            (vec![("a b".to_string(), [1u8; 32])], "a b"),
+            (vec![("k1".into(), [1; 32]), ("k1".into(), [2; 32])], "k1"),
+            (vec![("k1".into(), [1; 32])], "k2"),
+        ] {
+            assert_eq!(
+                SessionKeyring::from_keys(keys, active).unwrap_err().code(),
+                "invalid_keyring"
+            );
+        }
+        let mut bad = req(now);
+        bad.expires_at = now;
+        assert_eq!(ring.mint(&bad).unwrap_err().code(), "invalid_mint_request");
+        // A scope too large for the token cap is refused at mint time.
+        let mut huge = req(now);
+        let resources: Vec<String> = (0..200).map(|i| format!("arn:aws:s3:::b/{i}")).collect();
+        huge.scope = ScopePolicy::from_json(
+            &json!({"Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": resources}]}),
+        )
+        .unwrap();
+        assert_eq!(ring.mint(&huge).unwrap_err().code(), "invalid_mint_request");
+
+        let c = ring.mint(&req(now)).unwrap();
+        // Unique, AWS-shaped identifiers.
+        let d = ring.mint(&req(now)).unwrap();
+        assert_ne!(c.access_key_id, d.access_key_id);
+        assert!(c.access_key_id[4..].bytes().all(|b| BASE32.contains(&b)));
+        assert!(
+            c.secret_access_key
+                .bytes()
+                .all(|b| SECRET_ALPHABET.contains(&b))
+        );
+        assert!(STANDARD.decode(&c.session_token).is_ok());
+        let claims = ring.open(&c.access_key_id, &c.session_token, now).unwrap();
+        let shown = format!("{c:?} {claims:?} {ring:?}");
+        assert!(!shown.contains(c.secret_access_key.as_str()));
+        assert!(!shown.contains(&c.session_token));
+        let intro = claims.introspection_json();
+        assert_eq!(intro["scope"], "s3:GetObject");
+        assert_eq!(intro["token_type"], "aws_session_credentials");
+        assert_eq!(intro["herald"]["access_key_id"], c.access_key_id.as_str());
+        assert!(!intro.to_string().contains(c.secret_access_key.as_str()));
+        assert_eq!(inactive_json(), json!({"active": false}));
+        // Opening ignores expiry only on request.
+        let later = now + time::Duration::hours(3);
+        assert!(
+            ring.open(&c.access_key_id, &c.session_token, later)
+                .is_err()
+        );
+        ring.open_any_time(&c.access_key_id, &c.session_token)
             .unwrap();
     }
 }

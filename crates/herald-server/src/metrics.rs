@@ -17,15 +17,15 @@ use crate::Shared;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IssuanceLabels {
-    credential_type: String,
-    outcome: String,
+    credential_type: &'static str,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttestationLabels {
-    evidence_type: String,
-    result: String,
-    reason: String,
+    evidence_type: &'static str,
+    result: &'static str,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -196,9 +196,11 @@ impl Metrics {
 
     /// Records one decision from its audit event.
     pub fn record(&self, event: &AuditEvent, started: Instant) {
+        // Every label value is a static string: recording allocates nothing
+        // once a label combination has been seen.
         let labels = IssuanceLabels {
-            credential_type: credential_type(&event.action).to_string(),
-            outcome: event.outcome.as_str().to_string(),
+            credential_type: credential_type(&event.action),
+            outcome: event.outcome.as_str(),
         };
         self.issuance.get_or_create(&labels).inc();
         self.latency
@@ -215,15 +217,15 @@ impl Metrics {
         let failure_reason = if evidence_failed { reason } else { "" };
         self.attestation
             .get_or_create(&AttestationLabels {
-                evidence_type: evidence.to_string(),
-                result: result.to_string(),
-                reason: failure_reason.to_string(),
+                evidence_type: evidence,
+                result,
+                reason: failure_reason,
             })
             .inc();
         use opentelemetry::KeyValue as Kv;
         let issuance_attrs = [
-            Kv::new("credential_type", labels.credential_type.clone()),
-            Kv::new("outcome", labels.outcome.clone()),
+            Kv::new("credential_type", labels.credential_type),
+            Kv::new("outcome", labels.outcome),
         ];
         self.otel_issuance.add(1, &issuance_attrs);
         self.otel_latency
@@ -231,9 +233,9 @@ impl Metrics {
         self.otel_attestation.add(
             1,
             &[
-                Kv::new("evidence_type", evidence.to_string()),
+                Kv::new("evidence_type", evidence),
                 Kv::new("result", result),
-                Kv::new("reason", failure_reason.to_string()),
+                Kv::new("reason", failure_reason),
             ],
         );
         match event.reason {
