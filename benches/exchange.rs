@@ -196,6 +196,19 @@ fn main() {
         println!("## policy evaluation (pins + CEL condition + SPIFFE ID template, compiled at load)");
         println!("  {:.1} µs per request", us(eval));
 
+        // Recording one decision: Prometheus families and histogram, OTel
+        // instruments (no-op without a provider), the request span.
+        let mut event = herald_core::AuditEvent::new("exchange.jwt_svid", "bench");
+        event.evidence_type = Some(herald_core::EvidenceType::Oidc);
+        event.policy = Some("bench-deploy".into());
+        let span = tracing::info_span!("exchange", outcome = tracing::field::Empty);
+        let t = Instant::now();
+        for _ in 0..reps {
+            herald_server::metrics::record_decision(&server.shared, &span, &event, t);
+        }
+        println!("## recording a decision (metrics + span fields)");
+        println!("  {:.2} µs per request", us(t.elapsed() / reps));
+
         // Clients.
         let url = format!("https://{}", server.grpc_addr);
         let anchors = server.shared.ca().bundle.x509_authorities.clone();
