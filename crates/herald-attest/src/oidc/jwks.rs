@@ -215,16 +215,18 @@ impl IssuerKeys {
                 .ok_or_else(|| OidcError::Config("static JWKS missing".into()));
         };
         let _flight = self.refresh.lock().await;
+        // Compare with when the keys were stored, not when a fetch began:
+        // a fetch that started before `since` (the start-up refresh racing
+        // the first request) but finished after it is just as fresh.
         {
-            let last = match self.last_attempt.lock() {
-                Ok(g) => *g,
-                Err(p) => *p.into_inner(),
+            let guard = match self.keys.read() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
             };
-            if let Some(t) = last
-                && t > since
-                && let Some((keys, _)) = self.cached()
+            if let Some((keys, at)) = guard.as_ref()
+                && *at > since
             {
-                return Ok(keys);
+                return Ok(keys.clone());
             }
         }
         match self.last_attempt.lock() {
