@@ -7,5 +7,6 @@
 #![forbid(unsafe_code)]
 
 pub mod oidc;
+pub mod tpm;
 
 pub use oidc::{OidcError, OidcVerifier, VerifiedToken};

@@ -95,6 +95,27 @@ error_codes! {
     SessionPolicyMalformed => "session_policy_malformed", InvalidArgument, "The session policy document is not a valid policy.";
     SessionPolicyTooBroad => "session_policy_too_broad", PermissionDenied, "The session policy allows more than the role's scope.";
     RateLimited => "rate_limited", ResourceExhausted, "Too many requests from this caller; retry later.";
+    TpmStructureMalformed => "tpm_structure_malformed", InvalidArgument, "A TPM structure (public area, attestation, signature) does not parse strictly.";
+    TpmEkCertificateUntrusted => "tpm_ek_certificate_untrusted", Unauthenticated, "The EK certificate does not chain to a configured manufacturer root.";
+    TpmEkCertificateInvalid => "tpm_ek_certificate_invalid", Unauthenticated, "The EK certificate is malformed, expired or not an EK certificate.";
+    TpmEkPublicMismatch => "tpm_ek_public_mismatch", Unauthenticated, "The EK public area does not match the EK certificate's key.";
+    TpmAkRefused => "tpm_ak_refused", Unauthenticated, "The attestation key lacks fixedTPM/fixedParent/sensitiveDataOrigin/restricted/sign or is of a refused type.";
+    TpmCredentialMismatch => "tpm_credential_mismatch", Unauthenticated, "The activated credential secret is wrong: the AK is not bound to this EK.";
+    TpmQuoteSignatureInvalid => "tpm_quote_signature_invalid", Unauthenticated, "The quote's signature does not verify with the AK.";
+    TpmQuoteSignerMismatch => "tpm_quote_signer_mismatch", Unauthenticated, "The quote names another signer than the enrolled AK.";
+    TpmNonceMismatch => "tpm_nonce_mismatch", Unauthenticated, "The quote is not over this attestation's nonce and CSR key.";
+    TpmNonceReplayed => "tpm_nonce_replayed", Unauthenticated, "The attestation nonce was already used (nonces are single-use).";
+    TpmPcrSelectionMismatch => "tpm_pcr_selection_mismatch", Unauthenticated, "The quote covers another PCR selection than the one requested.";
+    TpmPcrDigestMismatch => "tpm_pcr_digest_mismatch", Unauthenticated, "The reported PCR values do not hash to the quoted PCR digest.";
+    TpmPcrOffPolicy => "tpm_pcr_off_policy", PermissionDenied, "The PCR values match none of the policy's golden sets.";
+    TpmCounterRollback => "tpm_counter_rollback", PermissionDenied, "The TPM's reset or restart counter went backwards for an enrolled node.";
+    TpmFirmwareRefused => "tpm_firmware_refused", PermissionDenied, "The TPM firmware version is refused by policy.";
+    NodeBanned => "node_banned", PermissionDenied, "The node is banned: its attestations and renewals are refused.";
+    NodeEkChanged => "node_ek_changed", PermissionDenied, "Another EK presented itself for an enrolled node's identity.";
+    AttestationTimeout => "attestation_timeout", InvalidArgument, "The attestation stream stalled past the server's deadline.";
+    AttestationProtocol => "attestation_protocol", InvalidArgument, "The attestation stream's messages came out of order or were missing.";
+    NodeUnknown => "node_unknown", PermissionDenied, "The caller's SVID is not an attested node's: only node agents may ask for workload identities.";
+    WorkloadNotRegistered => "workload_not_registered", PermissionDenied, "The SPIFFE ID is not registered for workloads of this node.";
     StoreUnavailable => "store_unavailable", Unavailable, "The datastore could not be reached or was busy.";
     Internal => "internal", Internal, "An internal error; details are in the server log.";
 }

@@ -25,6 +25,12 @@ pub enum EvidenceType {
     /// Machine MFA: an OIDC token and the caller's current X.509 SVID.
     #[serde(rename = "oidc+x509_svid")]
     OidcAndX509Svid,
+    /// A TPM 2.0 quote with an EK certificate chain and credential
+    /// activation: hardware-backed.
+    Tpm,
+    /// Machine MFA at node enrolment: a TPM quote and a join token.
+    #[serde(rename = "tpm+join_token")]
+    TpmAndJoinToken,
 }
 
 impl EvidenceType {
@@ -37,6 +43,8 @@ impl EvidenceType {
             EvidenceType::Oidc => "oidc",
             EvidenceType::OidcAndJoinToken => "oidc+join_token",
             EvidenceType::OidcAndX509Svid => "oidc+x509_svid",
+            EvidenceType::Tpm => "tpm",
+            EvidenceType::TpmAndJoinToken => "tpm+join_token",
         }
     }
 
@@ -49,6 +57,8 @@ impl EvidenceType {
             "oidc" => Some(EvidenceType::Oidc),
             "oidc+join_token" => Some(EvidenceType::OidcAndJoinToken),
             "oidc+x509_svid" => Some(EvidenceType::OidcAndX509Svid),
+            "tpm" => Some(EvidenceType::Tpm),
+            "tpm+join_token" => Some(EvidenceType::TpmAndJoinToken),
             _ => None,
         }
     }
@@ -58,9 +68,16 @@ impl EvidenceType {
     /// How many independent factors this evidence combines (machine MFA when > 1).
     pub fn factor_count(self) -> usize {
         match self {
-            EvidenceType::OidcAndJoinToken | EvidenceType::OidcAndX509Svid => 2,
+            EvidenceType::OidcAndJoinToken
+            | EvidenceType::OidcAndX509Svid
+            | EvidenceType::TpmAndJoinToken => 2,
             _ => 1,
         }
+    }
+
+    /// Whether the evidence includes a hardware root of trust (a TPM).
+    pub fn is_hardware_backed(self) -> bool {
+        matches!(self, EvidenceType::Tpm | EvidenceType::TpmAndJoinToken)
     }
 }
 

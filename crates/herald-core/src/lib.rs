@@ -10,10 +10,12 @@ pub mod audit;
 pub mod error;
 pub mod evidence;
 pub mod scope;
+pub mod selector;
 pub mod spiffe_id;
 
 pub use audit::{AuditEvent, Outcome};
 pub use error::ErrorCode;
 pub use evidence::EvidenceType;
 pub use scope::{ScopeError, ScopePolicy};
+pub use selector::{Selector, SelectorError};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};

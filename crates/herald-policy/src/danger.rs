@@ -68,7 +68,11 @@ pub(crate) fn check(file: &PolicyFile) -> Result<(), String> {
             ));
         }
     }
-    let issuer = &file.evidence.oidc.issuer;
+    // TPM evidence names the node by its EK: there is no shared issuer.
+    let Some(oidc) = &file.evidence.oidc else {
+        return Ok(());
+    };
+    let issuer = &oidc.issuer;
     let shared = shared_issuer_pins(issuer);
     if let Some(owner_claims) = shared
         && !owner_claims.iter().any(|c| file.pins.contains_key(*c))

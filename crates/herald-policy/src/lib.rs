@@ -46,8 +46,14 @@
 //! whole set, with every problem's path, line and reason; [`PolicyStore`]
 //! then keeps the previous good set.
 //!
+//! TPM node policies use `evidence.tpm` instead of `evidence.oidc` (see
+//! [`tpm`]): trusted EK roots, the PCRs to quote, golden value sets and a
+//! firmware floor; their claims are the EK hash, AK name, firmware version,
+//! TPM counters and EK certificate fields.
+//!
 //! Evaluation: candidates are the policies whose issuer equals the token's
-//! and whose audiences meet the token's, in file-name order; the first whose
+//! and whose audiences meet the token's (for TPM evidence: whose EK roots
+//! the EK certificate chains to), in file-name order; the first whose
 //! pins, condition, SPIFFE ID and factors all hold wins. Otherwise the most
 //! specific refusal is reported: a missing factor, then a SPIFFE ID that
 //! escapes its prefix, then a false pin or condition, then "no policy".
@@ -57,6 +63,7 @@ mod claims;
 pub mod danger;
 mod expr;
 mod model;
+pub mod tpm;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -68,11 +75,13 @@ use serde_json::{Map, Value};
 use crate::claims::{Template, pin_matches, resolve};
 use crate::expr::Compiled;
 use crate::model::{FactorName, PolicyFile};
+pub use crate::tpm::{GoldenSet, Registration, TpmRules};
+use std::collections::BTreeMap;
 
 pub use expr::{MAX_EXPRESSION_BYTES, VARIABLES};
 
 /// Largest policy file, bytes.
-pub const MAX_FILE_BYTES: usize = 64 * 1024;
+pub const MAX_FILE_BYTES: usize = 512 * 1024;
 /// Most embedded tests per file.
 pub const MAX_TESTS: usize = 100;
 /// Most pins per policy.
@@ -143,11 +152,31 @@ pub struct SvidEvidence {
     pub spiffe_id: SpiffeId,
 }
 
+/// A verified TPM quote from a node (EK chain, credential activation, quote
+/// signature, nonce and PCR digest all checked by the verifier).
+#[derive(Debug, Clone)]
+pub struct TpmEvidence {
+    /// The TPM policies whose EK roots the EK certificate chains to; only
+    /// they are candidates.
+    pub trusted_by: Vec<String>,
+    /// The claims (see [`tpm`]).
+    pub claims: Map<String, Value>,
+    /// The quoted PCR values, index → digest.
+    pub pcrs: BTreeMap<u8, Vec<u8>>,
+    /// The TPM's firmware version from the quote.
+    pub firmware_version: u64,
+    /// Whether this EK is already enrolled (active) — required extra
+    /// factors are checked at enrolment only.
+    pub enrolled: bool,
+}
+
 /// Everything verified about one request.
 #[derive(Debug, Clone, Default)]
 pub struct Evidence {
     /// The OIDC token.
     pub oidc: Option<OidcEvidence>,
+    /// A TPM quote.
+    pub tpm: Option<TpmEvidence>,
     /// A join token.
     pub join_token: Option<JoinTokenEvidence>,
     /// The current SVID.
@@ -159,6 +188,8 @@ pub struct Evidence {
 pub enum Factor {
     /// The OIDC token.
     Oidc,
+    /// A TPM quote.
+    Tpm,
     /// A join token.
     JoinToken,
     /// The caller's SVID.
@@ -225,6 +256,8 @@ pub struct Decision {
     pub grants: Grants,
     /// The factors that were verified and required.
     pub factors: Vec<Factor>,
+    /// For TPM evidence: the golden PCR set that matched.
+    pub golden_set: Option<String>,
 }
 
 /// A refusal.
@@ -241,7 +274,8 @@ pub struct Denial {
 impl Denial {
     fn rank(&self) -> u8 {
         match self.code {
-            ErrorCode::FactorMissing => 3,
+            ErrorCode::FactorMissing => 4,
+            ErrorCode::TpmPcrOffPolicy | ErrorCode::TpmFirmwareRefused => 3,
             ErrorCode::SpiffeIdEscapesPrefix => 2,
             ErrorCode::PolicyDenied if self.policy.is_some() => 1,
             _ => 0,
@@ -256,13 +290,22 @@ enum IdRule {
     Expression(Compiled),
 }
 
+/// The evidence a policy is about.
+#[derive(Debug)]
+enum Primary {
+    Oidc {
+        issuer: String,
+        audiences: Vec<String>,
+    },
+    Tpm(TpmRules),
+}
+
 /// One loaded, validated policy.
 #[derive(Debug)]
 pub struct Policy {
     name: String,
     path: PathBuf,
-    issuer: String,
-    audiences: Vec<String>,
+    primary: Primary,
     require: Vec<FactorName>,
     pins: Vec<(String, Value)>,
     condition: Option<Compiled>,
@@ -270,6 +313,7 @@ pub struct Policy {
     trust_domain: TrustDomain,
     id_rule: IdRule,
     grants: Grants,
+    registrations: Vec<Registration>,
 }
 
 impl Policy {
@@ -283,8 +327,35 @@ impl Policy {
         &self.path
     }
 
-    fn is_candidate(&self, oidc: &OidcEvidence) -> bool {
-        oidc.issuer == self.issuer && oidc.audiences.iter().any(|a| self.audiences.contains(a))
+    /// The TPM rules, for a TPM policy.
+    pub fn tpm_rules(&self) -> Option<&TpmRules> {
+        match &self.primary {
+            Primary::Tpm(t) => Some(t),
+            Primary::Oidc { .. } => None,
+        }
+    }
+
+    /// What the policy grants.
+    pub fn grants(&self) -> &Grants {
+        &self.grants
+    }
+
+    /// Workload registrations for the nodes this (TPM) policy admits.
+    pub fn registrations(&self) -> &[Registration] {
+        &self.registrations
+    }
+
+    /// The claims this policy reads from `evidence`, if it is a candidate.
+    fn candidate_claims<'e>(&self, evidence: &'e Evidence) -> Option<&'e Map<String, Value>> {
+        match (&self.primary, &evidence.oidc, &evidence.tpm) {
+            (Primary::Oidc { issuer, audiences }, Some(o), _)
+                if &o.issuer == issuer && o.audiences.iter().any(|a| audiences.contains(a)) =>
+            {
+                Some(&o.claims)
+            }
+            (Primary::Tpm(_), _, Some(t)) if t.trusted_by.contains(&self.name) => Some(&t.claims),
+            _ => None,
+        }
     }
 
     /// Decides for this policy alone.
@@ -303,21 +374,44 @@ impl Policy {
             policy: Some(self.name.clone()),
             reason,
         };
-        let oidc = match &evidence.oidc {
-            Some(o) if self.is_candidate(o) => o,
-            _ => {
-                return Err(Denial {
-                    code: ErrorCode::PolicyDenied,
-                    policy: None,
-                    reason: format!(
-                        "policy {} does not accept this token's issuer and audience",
-                        self.name
-                    ),
-                });
-            }
+        let Some(claims) = self.candidate_claims(evidence) else {
+            return Err(Denial {
+                code: ErrorCode::PolicyDenied,
+                policy: None,
+                reason: format!("policy {} does not accept this evidence", self.name),
+            });
         };
+        let mut golden_set = None;
+        let mut enrolled = false;
+        if let (Primary::Tpm(rules), Some(t)) = (&self.primary, &evidence.tpm) {
+            enrolled = t.enrolled;
+            if let Some(min) = rules.min_firmware_version
+                && t.firmware_version < min
+            {
+                return Err(deny(
+                    ErrorCode::TpmFirmwareRefused,
+                    format!(
+                        "policy {}: TPM firmware {:#x} is older than {min:#x}",
+                        self.name, t.firmware_version
+                    ),
+                ));
+            }
+            match rules.matching_golden(&t.pcrs) {
+                Some(g) => golden_set = Some(g.name.clone()),
+                None => {
+                    return Err(deny(
+                        ErrorCode::TpmPcrOffPolicy,
+                        format!(
+                            "policy {}: the PCR values match none of its {} golden sets",
+                            self.name,
+                            rules.golden.len()
+                        ),
+                    ));
+                }
+            }
+        }
         for (path, expected) in &self.pins {
-            match resolve(&oidc.claims, path) {
+            match resolve(claims, path) {
                 Some(actual) if pin_matches(actual, expected) => {}
                 Some(_) => {
                     return Err(deny(
@@ -336,7 +430,10 @@ impl Policy {
                 }
             }
         }
-        let mut present: Vec<&str> = vec!["oidc"];
+        let mut present: Vec<&str> = vec![match self.primary {
+            Primary::Oidc { .. } => "oidc",
+            Primary::Tpm(_) => "tpm",
+        }];
         if evidence.join_token.is_some() {
             present.push("join_token");
         }
@@ -345,7 +442,7 @@ impl Policy {
         }
         let converted = || {
             cel_claims
-                .get_or_init(|| expr::claims_value(&oidc.claims))
+                .get_or_init(|| expr::claims_value(claims))
                 .as_ref()
                 .map_err(Clone::clone)
         };
@@ -374,7 +471,7 @@ impl Policy {
             )
         };
         let text = match &self.id_rule {
-            IdRule::Template(t) => t.render(&oidc.claims).map_err(escape)?,
+            IdRule::Template(t) => t.render(claims).map_err(escape)?,
             IdRule::Expression(c) => converted()
                 .and_then(|v| c.eval_string(v, &present))
                 .map_err(escape)?,
@@ -390,8 +487,14 @@ impl Policy {
                 self.prefix
             )));
         }
-        let mut factors = vec![Factor::Oidc];
-        for required in &self.require {
+        let mut factors = vec![match self.primary {
+            Primary::Oidc { .. } => Factor::Oidc,
+            Primary::Tpm(_) => Factor::Tpm,
+        }];
+        // A TPM node proves extra factors when it enrols; afterwards its
+        // EK is its identity and re-attestation needs the TPM alone.
+        let required: &[FactorName] = if enrolled { &[] } else { &self.require };
+        for required in required {
             match required {
                 FactorName::JoinToken => match &evidence.join_token {
                     Some(j) if j.spiffe_id == spiffe_id => factors.push(Factor::JoinToken),
@@ -442,6 +545,7 @@ impl Policy {
             spiffe_id,
             grants: self.grants.clone(),
             factors,
+            golden_set,
         })
     }
 }
@@ -533,10 +637,29 @@ impl PolicySet {
 
     /// The OIDC issuers the policies accept.
     pub fn oidc_issuers(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.policies.iter().map(|p| p.issuer.as_str()).collect();
+        let mut v: Vec<&str> = self
+            .policies
+            .iter()
+            .filter_map(|p| match &p.primary {
+                Primary::Oidc { issuer, .. } => Some(issuer.as_str()),
+                Primary::Tpm(_) => None,
+            })
+            .collect();
         v.sort_unstable();
         v.dedup();
         v
+    }
+
+    /// The TPM policies and their rules, in evaluation order.
+    pub fn tpm_policies(&self) -> impl Iterator<Item = (&str, &TpmRules)> {
+        self.policies
+            .iter()
+            .filter_map(|p| p.tpm_rules().map(|t| (p.name.as_str(), t)))
+    }
+
+    /// The policy named `name`.
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.name == name)
     }
 
     /// Decides (see the crate docs).
@@ -544,7 +667,7 @@ impl PolicySet {
         let mut best = Denial {
             code: ErrorCode::PolicyDenied,
             policy: None,
-            reason: "no attestation policy accepts this token's issuer and audience".into(),
+            reason: "no attestation policy accepts this evidence".into(),
         };
         let cel_claims = std::cell::OnceCell::new();
         for p in &self.policies {
@@ -706,19 +829,50 @@ fn compile_one(
             "name must be 1-128 characters of [A-Za-z0-9._-]".into(),
         ));
     }
-    let oidc = &file.evidence.oidc;
-    if !oidc.issuer.starts_with("https://") && !oidc.issuer.starts_with("http://") {
-        errors.push(err(
-            at("issuer:"),
-            "evidence.oidc.issuer must be a URL".into(),
-        ));
-    }
-    if oidc.audiences.is_empty() {
-        errors.push(err(
-            at("audiences:"),
-            "evidence.oidc.audiences must not be empty".into(),
-        ));
-    }
+    let primary = match (&file.evidence.oidc, &file.evidence.tpm) {
+        (Some(oidc), None) => {
+            if !oidc.issuer.starts_with("https://") && !oidc.issuer.starts_with("http://") {
+                errors.push(err(
+                    at("issuer:"),
+                    "evidence.oidc.issuer must be a URL".into(),
+                ));
+            }
+            if oidc.audiences.is_empty() {
+                errors.push(err(
+                    at("audiences:"),
+                    "evidence.oidc.audiences must not be empty".into(),
+                ));
+            }
+            Some(Primary::Oidc {
+                issuer: oidc.issuer.clone(),
+                audiences: oidc.audiences.clone(),
+            })
+        }
+        (None, Some(t)) => {
+            if file.evidence.require.contains(&FactorName::X509Svid) {
+                errors.push(err(
+                    at("require:"),
+                    "a TPM policy may require a join_token at enrolment, not an x509_svid".into(),
+                ));
+            }
+            match tpm::compile(t, path) {
+                Ok(rules) => Some(Primary::Tpm(rules)),
+                Err(es) => {
+                    for e in es {
+                        errors.push(err(at("tpm:"), e));
+                    }
+                    None
+                }
+            }
+        }
+        _ => {
+            errors.push(err(
+                at("evidence:"),
+                "evidence needs exactly one of oidc or tpm".into(),
+            ));
+            None
+        }
+    };
     if file.pins.len() > MAX_PINS {
         errors.push(err(at("pins:"), format!("at most {MAX_PINS} pins")));
     }
@@ -872,14 +1026,50 @@ fn compile_one(
     if !errors.is_empty() {
         return Err(errors);
     }
-    let Some(id_rule) = id_rule else {
+    let registrations = match (&primary, file.workloads.is_empty()) {
+        (_, true) => Vec::new(),
+        (Some(Primary::Tpm(_)), false) => {
+            match tpm::compile_workloads(&file.workloads, &opts.trust_domain, prefix) {
+                Ok(r) => r,
+                Err(es) => {
+                    for e in es {
+                        errors.push(err(at("workloads:"), e));
+                    }
+                    Vec::new()
+                }
+            }
+        }
+        (_, false) => {
+            errors.push(err(
+                at("workloads:"),
+                "workloads are registered on node (TPM) policies only".into(),
+            ));
+            Vec::new()
+        }
+    };
+    for r in &registrations {
+        if let Some(role) = &r.cloud_role
+            && grants.cloud_role(role).is_none()
+        {
+            errors.push(err(
+                at("cloud_role:"),
+                format!(
+                    "workload {}: cloud_role {role} is not one of this policy's grants.cloud roles",
+                    r.spiffe_id
+                ),
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let (Some(id_rule), Some(primary)) = (id_rule, primary) else {
         return Err(vec![err(at("spiffe_id:"), "spiffe_id rule missing".into())]);
     };
     let policy = Policy {
         name: file.name.clone(),
         path: path.to_path_buf(),
-        issuer: oidc.issuer.clone(),
-        audiences: oidc.audiences.clone(),
+        primary,
         require: file.evidence.require.clone(),
         pins: file.pins.clone().into_iter().collect(),
         condition,
@@ -887,6 +1077,7 @@ fn compile_one(
         trust_domain: opts.trust_domain.clone(),
         id_rule,
         grants,
+        registrations,
     };
     Ok((policy, file.tests))
 }
@@ -901,14 +1092,35 @@ fn run_test(policy: &Policy, index: usize, t: &model::TestSpec) -> TestOutcome {
         detail,
     };
     let mut evidence = Evidence::default();
-    if let Some(o) = &t.evidence.oidc {
+    if let (Some(o), Primary::Oidc { issuer, audiences }) = (&t.evidence.oidc, &policy.primary) {
         evidence.oidc = Some(OidcEvidence {
-            issuer: o.issuer.clone().unwrap_or_else(|| policy.issuer.clone()),
+            issuer: o.issuer.clone().unwrap_or_else(|| issuer.clone()),
             audiences: o
                 .audiences
                 .clone()
-                .unwrap_or_else(|| policy.audiences.iter().take(1).cloned().collect()),
+                .unwrap_or_else(|| audiences.iter().take(1).cloned().collect()),
             claims: o.claims.clone(),
+        });
+    }
+    if let Some(tp) = &t.evidence.tpm {
+        let mut pcrs = BTreeMap::new();
+        for (i, v) in &tp.pcrs {
+            match hex::decode(v) {
+                Ok(d) => {
+                    pcrs.insert(*i, d);
+                }
+                Err(_) => return outcome(false, format!("test evidence PCR {i} is not hex")),
+            }
+        }
+        let mut claims = Map::new();
+        claims.insert("ek_hash".into(), Value::String(tp.ek_hash.clone()));
+        claims.insert("firmware_version".into(), Value::from(tp.firmware_version));
+        evidence.tpm = Some(TpmEvidence {
+            trusted_by: vec![policy.name.clone()],
+            claims,
+            pcrs,
+            firmware_version: tp.firmware_version,
+            enrolled: tp.enrolled,
         });
     }
     let factor = |f: &Option<model::TestFactor>| -> Result<Option<SpiffeId>, String> {

@@ -21,15 +21,68 @@ pub(crate) struct PolicyFile {
     pub spiffe_id: SpiffeIdSpec,
     pub grants: GrantsSpec,
     #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+    #[serde(default)]
     pub tests: Vec<TestSpec>,
+}
+
+/// A workload registration: callers on a node's Workload API socket that
+/// match every selector get this SPIFFE ID.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WorkloadSpec {
+    pub spiffe_id: String,
+    pub selectors: Vec<String>,
+    #[serde(default)]
+    pub ttl: Option<String>,
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    #[serde(default)]
+    pub jwt_audiences: Vec<String>,
+    #[serde(default)]
+    pub hint: Option<String>,
+    #[serde(default)]
+    pub cloud_role: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EvidenceSpec {
-    pub oidc: OidcSpec,
+    #[serde(default)]
+    pub oidc: Option<OidcSpec>,
+    #[serde(default)]
+    pub tpm: Option<TpmSpec>,
     #[serde(default)]
     pub require: Vec<FactorName>,
+}
+
+/// TPM 2.0 node evidence: whose EKs are trusted, which PCRs are quoted,
+/// which values are good.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TpmSpec {
+    /// PEM files (relative to the policy file) with manufacturer roots.
+    pub ek_roots: Vec<String>,
+    /// PEM files with intermediate CAs, if the TPMs do not carry them.
+    #[serde(default)]
+    pub ek_intermediates: Vec<String>,
+    #[serde(default = "default_bank")]
+    pub pcr_bank: String,
+    pub pcrs: Vec<u8>,
+    pub golden: Vec<GoldenSpec>,
+    #[serde(default)]
+    pub min_firmware_version: Option<u64>,
+}
+
+fn default_bank() -> String {
+    "sha256".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GoldenSpec {
+    pub name: String,
+    pub pcrs: BTreeMap<u8, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,9 +156,23 @@ pub(crate) struct TestEvidence {
     #[serde(default)]
     pub oidc: Option<TestOidc>,
     #[serde(default)]
+    pub tpm: Option<TestTpm>,
+    #[serde(default)]
     pub join_token: Option<TestFactor>,
     #[serde(default)]
     pub x509_svid: Option<TestFactor>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TestTpm {
+    pub ek_hash: String,
+    #[serde(default)]
+    pub pcrs: BTreeMap<u8, String>,
+    #[serde(default)]
+    pub firmware_version: u64,
+    #[serde(default)]
+    pub enrolled: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

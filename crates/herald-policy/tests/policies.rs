@@ -53,7 +53,7 @@ fn load(text: &str) -> Result<PolicySet, herald_policy::LoadErrors> {
 #[test]
 fn the_shipped_examples_load_and_every_embedded_test_passes() {
     let set = PolicySet::load_dir(&examples(), &opts()).unwrap();
-    assert_eq!(set.len(), 7, "{:?}", set.names());
+    assert_eq!(set.len(), 8, "{:?}", set.names());
     let outcomes = test_dir(&examples(), &opts()).unwrap();
     assert!(outcomes.len() >= 18, "{}", outcomes.len());
     for o in &outcomes {
@@ -227,7 +227,13 @@ fn broken_files_are_refused_with_path_line_and_reason() {
             ),
             "embedded test",
         ),
-        (format!("{BASE}{}", "# padding\n".repeat(7000)), "exceeds"),
+        (
+            format!(
+                "{BASE}{}",
+                "# padding\n".repeat(herald_policy::MAX_FILE_BYTES / 10 + 1)
+            ),
+            "exceeds",
+        ),
     ];
     for (text, needle) in cases {
         let errs = load(&text).unwrap_err();
@@ -359,4 +365,227 @@ fn hot_reload_keeps_the_last_good_set() {
     // A server refuses to start on a broken directory.
     std::fs::write(dir.path().join("q.yaml"), "nope: 1\n").unwrap();
     assert!(PolicyStore::new(dir.path().to_path_buf(), opts()).is_err());
+}
+
+const Z: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// A TPM policy in `dir`, with the example root copied next to it.
+fn tpm_policy(dir: &std::path::Path, extra: &str) -> Result<PolicySet, herald_policy::LoadErrors> {
+    std::fs::create_dir_all(dir.join("roots")).unwrap();
+    std::fs::copy(
+        examples().join("tpm-roots/example-swtpm-root.pem"),
+        dir.join("roots/root.pem"),
+    )
+    .unwrap();
+    let text = format!(
+        r#"name: nodes
+evidence:
+  tpm:
+    ek_roots: [roots/root.pem]
+    pcrs: [0, 7]
+    golden:
+      - {{ name: old-image, pcrs: {{ 0: "{Z}", 7: "{Z}" }} }}
+      - {{ name: new-image, pcrs: {{ 0: "{Z}", 7: "{one}" }} }}
+    min_firmware_version: 2
+{extra}spiffe_id:
+  prefix: spiffe://dev.herald.test/node/
+  template: "spiffe://dev.herald.test/node/{{ek_hash}}"
+grants:
+  x509_svid: {{ max_ttl: 10m }}
+"#,
+        one = "11".repeat(32)
+    );
+    PolicySet::from_sources(&[(dir.join("nodes.yaml"), text)], &opts())
+}
+
+fn tpm_evidence(pcr7: &str, firmware: u64, enrolled: bool) -> Evidence {
+    let mut claims = serde_json::Map::new();
+    claims.insert("ek_hash".into(), json!("ab".repeat(32)));
+    Evidence {
+        tpm: Some(herald_policy::TpmEvidence {
+            trusted_by: vec!["nodes".into()],
+            claims,
+            pcrs: (0u8..7)
+                .map(|i| (i, hex::decode(Z).unwrap()))
+                .chain([(7u8, hex::decode(pcr7).unwrap())])
+                .collect(),
+            firmware_version: firmware,
+            enrolled,
+        }),
+        ..Evidence::default()
+    }
+}
+
+#[test]
+fn tpm_policies_check_golden_sets_firmware_and_trusting_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = tpm_policy(dir.path(), "").unwrap();
+    let (name, rules) = set.tpm_policies().next().unwrap();
+    assert_eq!(name, "nodes");
+    assert_eq!(rules.pcrs, vec![0, 7]);
+    assert_eq!(rules.ek_roots.len(), 1);
+
+    // Either golden set admits the node (an OS update rolling out).
+    let d = set.evaluate(&tpm_evidence(Z, 2, false)).unwrap();
+    assert_eq!(d.golden_set.as_deref(), Some("old-image"));
+    assert_eq!(
+        d.spiffe_id.as_str(),
+        format!("spiffe://dev.herald.test/node/{}", "ab".repeat(32))
+    );
+    assert_eq!(d.factors, vec![Factor::Tpm]);
+    let d = set
+        .evaluate(&tpm_evidence(&"11".repeat(32), 3, false))
+        .unwrap();
+    assert_eq!(d.golden_set.as_deref(), Some("new-image"));
+
+    let off = set
+        .evaluate(&tpm_evidence(&"22".repeat(32), 2, false))
+        .unwrap_err();
+    assert_eq!(off.code, ErrorCode::TpmPcrOffPolicy);
+    let old = set.evaluate(&tpm_evidence(Z, 1, false)).unwrap_err();
+    assert_eq!(old.code, ErrorCode::TpmFirmwareRefused);
+
+    // Only policies whose roots the EK chains to are candidates.
+    let mut untrusted = tpm_evidence(Z, 2, false);
+    if let Some(t) = untrusted.tpm.as_mut() {
+        t.trusted_by.clear();
+    }
+    assert_eq!(
+        set.evaluate(&untrusted).unwrap_err().code,
+        ErrorCode::PolicyDenied
+    );
+    // TPM evidence never satisfies an OIDC policy, nor OIDC a TPM one.
+    assert!(set.oidc_issuers().is_empty());
+}
+
+#[test]
+fn tpm_enrolment_factor_is_required_only_before_enrolment() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = tpm_policy(dir.path(), "").unwrap();
+    assert!(set.evaluate(&tpm_evidence(Z, 2, false)).is_ok());
+    // The shipped node policy with `require: [join_token]`.
+    let src = std::fs::read_to_string(examples().join("tpm-node.yaml")).unwrap();
+    let src = src.replacen(
+        "evidence:\n  tpm:\n",
+        "evidence:\n  require: [join_token]\n  tpm:\n",
+        1,
+    );
+    let err = PolicySet::from_sources(&[(examples().join("tpm-node.yaml"), src.clone())], &opts())
+        .unwrap_err();
+    // The shipped tests now fail: the first attestation lacks the join token.
+    assert!(err.to_string().contains("factor_missing"), "{err}");
+    let no_tests = src.split("\ntests:").next().unwrap().to_string();
+    let set =
+        PolicySet::from_sources(&[(examples().join("tpm-node.yaml"), no_tests)], &opts()).unwrap();
+    let mut ev = tpm_evidence(Z, 0, false);
+    if let Some(t) = ev.tpm.as_mut() {
+        t.trusted_by = vec!["tpm-nodes".into()];
+    }
+    assert_eq!(
+        set.evaluate(&ev).unwrap_err().code,
+        ErrorCode::FactorMissing
+    );
+    let id = format!("spiffe://dev.herald.test/node/tpm/{}", "ab".repeat(32));
+    ev.join_token = Some(JoinTokenEvidence {
+        spiffe_id: SpiffeId::parse(&id).unwrap(),
+    });
+    let d = set.evaluate(&ev).unwrap();
+    assert_eq!(d.factors, vec![Factor::Tpm, Factor::JoinToken]);
+    // An enrolled node re-attests with its TPM alone.
+    ev.join_token = None;
+    if let Some(t) = ev.tpm.as_mut() {
+        t.enrolled = true;
+    }
+    assert!(set.evaluate(&ev).is_ok());
+}
+
+#[test]
+fn broken_tpm_policies_are_refused_with_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    tpm_policy(dir.path(), "").unwrap();
+    let load = |text: String| {
+        PolicySet::from_sources(&[(dir.path().join("x.yaml"), text)], &opts())
+            .unwrap_err()
+            .to_string()
+    };
+    let base = |tpm: &str| {
+        format!(
+            "name: n\nevidence:\n  tpm:\n{tpm}spiffe_id:\n  prefix: spiffe://dev.herald.test/node/\n  template: \"spiffe://dev.herald.test/node/{{ek_hash}}\"\ngrants:\n  x509_svid: {{ max_ttl: 10m }}\n"
+        )
+    };
+    let e = load(base(&format!(
+        "    ek_roots: [roots/missing.pem]\n    pcrs: [0]\n    golden: [{{ name: g, pcrs: {{ 0: \"{Z}\" }} }}]\n"
+    )));
+    assert!(e.contains("missing.pem"), "{e}");
+    let e = load(base(&format!(
+        "    ek_roots: [roots/root.pem]\n    pcrs: [0]\n    golden: [{{ name: g, pcrs: {{ 7: \"{Z}\" }} }}]\n"
+    )));
+    assert!(e.contains("not in evidence.tpm.pcrs"), "{e}");
+    let e = load(base(
+        "    ek_roots: [roots/root.pem]\n    pcrs: [0]\n    golden: [{ name: g, pcrs: { 0: \"zz\" } }]\n",
+    ));
+    assert!(e.contains("64 hex digits"), "{e}");
+    let e = load(base(
+        "    ek_roots: [roots/root.pem]\n    pcrs: [0]\n    golden: []\n",
+    ));
+    assert!(e.contains("deny by default"), "{e}");
+    let e = load(base(&format!(
+        "    ek_roots: [roots/root.pem]\n    pcr_bank: sha1\n    pcrs: [0, 0, 30]\n    golden: [{{ name: g, pcrs: {{ 0: \"{Z}\" }} }}]\n"
+    )));
+    assert!(e.contains("sha1") && e.contains("distinct indices"), "{e}");
+}
+
+#[test]
+fn node_policies_register_workloads_and_refuse_broken_registrations() {
+    let set = PolicySet::load_dir(&examples(), &opts()).unwrap();
+    let regs = set.policy("tpm-nodes").unwrap().registrations();
+    assert_eq!(regs.len(), 2);
+    assert_eq!(
+        regs[0].spiffe_id.as_str(),
+        "spiffe://dev.herald.test/workload/web"
+    );
+    assert_eq!(regs[0].ttl, std::time::Duration::from_secs(1800));
+    assert_eq!(regs[0].jwt_audiences, vec!["api.internal".to_string()]);
+    assert_eq!(
+        regs[0].selectors,
+        vec![
+            herald_core::Selector::Uid(1000),
+            herald_core::Selector::Path("/usr/local/bin/web".into())
+        ]
+    );
+    // OIDC policies cannot register workloads.
+    let with = format!(
+        "{BASE}workloads:\n  - {{ spiffe_id: spiffe://dev.herald.test/w, selectors: [\"unix:uid:1\"] }}\n"
+    );
+    let e = load(&with).unwrap_err().to_string();
+    assert!(e.contains("node (TPM) policies only"), "{e}");
+    // Broken registrations on a node policy.
+    let src = std::fs::read_to_string(examples().join("tpm-node.yaml")).unwrap();
+    let no_tests = src.split("\ntests:").next().unwrap().to_string();
+    for (bad, reason) in [
+        ("unix:uid:1000", "not in"), // foreign trust domain (below)
+        ("k8s:ns:default", "unknown kind"),
+        ("unix:path:relative", "absolute"),
+    ] {
+        let text = if reason == "not in" {
+            no_tests.replace(
+                "spiffe_id: spiffe://dev.herald.test/workload/web",
+                "spiffe_id: spiffe://other.test/workload/web",
+            )
+        } else {
+            no_tests.replace("\"unix:uid:1000\"", &format!("\"{bad}\""))
+        };
+        let e = PolicySet::from_sources(&[(examples().join("tpm-node.yaml"), text)], &opts())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(reason), "{bad}: {e}");
+    }
+    let under_nodes = no_tests.replace(
+        "spiffe_id: spiffe://dev.herald.test/workload/web",
+        "spiffe_id: spiffe://dev.herald.test/node/evil",
+    );
+    let e = PolicySet::from_sources(&[(examples().join("tpm-node.yaml"), under_nodes)], &opts())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("node identities' prefix"), "{e}");
 }
