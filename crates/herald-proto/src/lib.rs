@@ -8,3 +8,13 @@
 pub mod v1 {
     tonic::include_proto!("herald.v1");
 }
+
+/// The SPIFFE Workload API (`proto/spiffe/workload.proto`, no package:
+/// `/SpiffeWorkloadAPI/FetchX509SVID` and so on on the wire).
+pub mod workload {
+    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+
+    /// Encoded `FileDescriptorSet` of the Workload API, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/workload_descriptor.bin"));
+}

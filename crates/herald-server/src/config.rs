@@ -60,6 +60,9 @@ pub struct ServerConfig {
     /// RFC 7662 introspection endpoint.
     #[serde(default)]
     pub introspection: IntrospectionConfig,
+    /// TPM node attestation.
+    #[serde(default)]
+    pub attestation: AttestationConfig,
     /// `true` only for `--dev`: generates a KEK file in the data directory when none is configured.
     #[serde(skip)]
     pub dev: bool,
@@ -123,6 +126,28 @@ impl Default for CaConfig {
 
 fn default_ca_ttl() -> Duration {
     Duration::from_secs(365 * 24 * 3600)
+}
+
+/// TPM node attestation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// How long the server waits for each message of an attestation
+    /// stream before refusing it with `attestation_timeout`.
+    #[serde(default = "default_step_timeout", with = "humantime_serde_compat")]
+    pub step_timeout: Duration,
+}
+
+impl Default for AttestationConfig {
+    fn default() -> Self {
+        Self {
+            step_timeout: default_step_timeout(),
+        }
+    }
+}
+
+fn default_step_timeout() -> Duration {
+    Duration::from_secs(20)
 }
 
 /// X.509 SVID lifetimes.
@@ -395,6 +420,7 @@ impl ServerConfig {
             cloud: CloudConfig::default(),
             rate_limit: RateLimitConfig::default(),
             introspection: IntrospectionConfig::default(),
+            attestation: AttestationConfig::default(),
             dev: true,
         })
     }

@@ -213,6 +213,7 @@ async fn decide_and_issue(
             audiences: token.audiences.clone(),
             claims: token.claims.clone(),
         }),
+        tpm: None,
         join_token: None,
         x509_svid: None,
     };

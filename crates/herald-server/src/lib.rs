@@ -9,6 +9,7 @@
 //! The request path lives in [`svid_service`]; see ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
+pub mod attestation;
 pub mod authority;
 pub mod config;
 pub mod exchange;
@@ -21,6 +22,7 @@ pub mod rate_limit;
 pub mod status;
 pub mod svid_service;
 pub mod tls;
+pub mod workload_service;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
@@ -113,6 +115,9 @@ pub struct Shared {
     pub limiter: rate_limit::RateLimiter,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
+    /// Bumped whenever the policy set is replaced: node agents' registration
+    /// streams wake on it.
+    pub policy_generation: watch::Sender<u64>,
     ca: RwLock<Arc<CaState>>,
 }
 
@@ -219,6 +224,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let shared = Arc::new(Shared {
         limiter,
         metrics: metrics::Metrics::new(),
+        policy_generation: watch::Sender::new(1),
         store,
         config,
         exchange,
@@ -376,6 +382,7 @@ async fn watch_policies(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
             Ok(Ok(n)) => {
                 status.generation += 1;
                 status.last_error = None;
+                shared.policy_generation.send_replace(status.generation);
                 tracing::info!(
                     policies = n,
                     generation = status.generation,
@@ -461,11 +468,22 @@ async fn serve_grpc(
     let exchange =
         TokenExchangeServiceServer::new(exchange_service::ExchangeApi::new(shared.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let attestation =
+        herald_proto::v1::node_attestation_service_server::NodeAttestationServiceServer::new(
+            attestation::NodeAttestationApi::new(shared.clone()),
+        )
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let workloads = herald_proto::v1::workload_service_server::WorkloadServiceServer::new(
+        workload_service::WorkloadApi::new(shared.clone()),
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let bundle =
         BundleServiceServer::new(BundleApi { shared }).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let result = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .add_service(svid)
+        .add_service(attestation)
+        .add_service(workloads)
         .add_service(exchange)
         .add_service(bundle)
         .serve_with_incoming_shutdown(incoming, wait_shutdown(shutdown))

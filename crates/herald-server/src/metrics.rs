@@ -53,6 +53,7 @@ pub struct Metrics {
     ca_expiry: Gauge,
     bundle_expiry: Gauge,
     bundle_sequence: Gauge,
+    renewal_fraction: Histogram,
     // The same decisions as OpenTelemetry instruments: no-ops unless the
     // binary installed an OTLP meter provider.
     otel_issuance: opentelemetry::metrics::Counter<u64>,
@@ -76,8 +77,11 @@ impl Default for Metrics {
 pub fn credential_type(action: &str) -> &'static str {
     match action {
         "exchange.jwt_svid" => "jwt_svid",
-        "exchange.cloud_credentials" => "cloud_credentials",
-        a if a.starts_with("x509_svid.") || a == "exchange.x509_svid" => "x509_svid",
+        "exchange.cloud_credentials" | "cloud_credentials.workload" => "cloud_credentials",
+        "jwt_svid.workload" => "jwt_svid",
+        a if a.starts_with("x509_svid.") || a == "exchange.x509_svid" || a == "node.attest" => {
+            "x509_svid"
+        }
         _ => "other",
     }
 }
@@ -160,6 +164,12 @@ impl Metrics {
             "spiffe_sequence of the published trust bundle",
             bundle_sequence.clone(),
         );
+        let renewal_fraction = Histogram::new([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]);
+        registry.register(
+            "renewal_lifetime_fraction",
+            "How much of the replaced credential's lifetime had passed when it was renewed (agents aim at 0.5 ± jitter; near 1 is rotation lag)",
+            renewal_fraction.clone(),
+        );
         let meter = opentelemetry::global::meter("herald");
         let otel_issuance = meter
             .u64_counter("herald.issuance")
@@ -191,7 +201,15 @@ impl Metrics {
             ca_expiry,
             bundle_expiry,
             bundle_sequence,
+            renewal_fraction,
         }
+    }
+
+    /// Records when, within its lifetime, a credential was renewed.
+    pub fn record_renewal(&self, not_before: i64, not_after: i64, now: i64) {
+        let life = (not_after - not_before).max(1) as f64;
+        self.renewal_fraction
+            .observe(((now - not_before) as f64 / life).clamp(0.0, 1.0));
     }
 
     /// Records one decision from its audit event.
@@ -335,6 +353,22 @@ pub fn is_evidence_failure(code: ErrorCode) -> bool {
             | ErrorCode::TokenClaimsInvalid
             | ErrorCode::TokenReplayed
             | ErrorCode::IssuerUnavailable
+            | ErrorCode::TpmStructureMalformed
+            | ErrorCode::TpmEkCertificateUntrusted
+            | ErrorCode::TpmEkCertificateInvalid
+            | ErrorCode::TpmEkPublicMismatch
+            | ErrorCode::TpmAkRefused
+            | ErrorCode::TpmCredentialMismatch
+            | ErrorCode::TpmQuoteSignatureInvalid
+            | ErrorCode::TpmQuoteSignerMismatch
+            | ErrorCode::TpmNonceMismatch
+            | ErrorCode::TpmNonceReplayed
+            | ErrorCode::TpmPcrSelectionMismatch
+            | ErrorCode::TpmPcrDigestMismatch
+            | ErrorCode::TpmCounterRollback
+            | ErrorCode::NodeEkChanged
+            | ErrorCode::AttestationTimeout
+            | ErrorCode::AttestationProtocol
     )
 }
 

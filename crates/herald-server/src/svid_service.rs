@@ -220,6 +220,13 @@ impl SvidApi {
             }
             Some(_) => {}
         }
+        // A banned node's SVID may have been issued after the ban swept its
+        // credentials: the registry has the last word.
+        if let Some(node) = store.node_by_spiffe_id(current.spiffe_id.as_str()).await?
+            && node.status == herald_store::NodeStatus::Banned
+        {
+            return Err(Refusal::new(ErrorCode::NodeBanned, "the node is banned"));
+        }
         let csr = verify_csr(&req.csr)?;
         if csr.spki_sha256 == current.spki_sha256 {
             return Err(Refusal::new(
@@ -227,9 +234,19 @@ impl SvidApi {
                 "the CSR reuses the current SVID's key",
             ));
         }
+        // A renewal never lives longer than the credential it replaces was
+        // granted (a node policy's short TTL survives rotation).
+        let granted = (current.not_after - current.not_before)
+            .saturating_sub(herald_ca::authority::CLOCK_SKEW.as_secs() as i64)
+            .max(1) as u64;
         let grant = X509Grant {
             spiffe_id: current.spiffe_id.clone(),
-            ttl: self.shared.config.svid.x509_ttl,
+            ttl: self
+                .shared
+                .config
+                .svid
+                .x509_ttl
+                .min(std::time::Duration::from_secs(granted)),
             dns_names: current.dns_names.clone(),
         };
         let issued = ca.ca.issue_x509_svid(&csr, &grant, now)?;
@@ -248,7 +265,12 @@ impl SvidApi {
             audit: audit.clone(),
         };
         match store.commit(commit).await? {
-            Committed::Done { .. } => Ok(response(&issued, &ca.bundle)),
+            Committed::Done { .. } => {
+                self.shared
+                    .metrics
+                    .record_renewal(current.not_before, current.not_after, now);
+                Ok(response(&issued, &ca.bundle))
+            }
             Committed::TokenRejected(code) => Err(Refusal::new(code, "unexpected token rejection")),
         }
     }

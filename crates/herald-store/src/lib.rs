@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod audit_chain;
+mod nodes;
 mod reader;
 mod writer;
 
@@ -29,6 +30,7 @@ use sqlx::{QueryBuilder, Row, SqlSafeStr, Sqlite, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 pub use audit_chain::{GENESIS, audit_hash};
+pub use nodes::{NodeAttestation, NodeCommitted, NodeRecord, NodeStatus, RevocationFilter};
 
 /// Errors from the datastore.
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +260,11 @@ fn migrator() -> Migrator {
             4,
             "report_indexes",
             include_str!("../migrations/sqlite/0004_report_indexes.sql"),
+        ),
+        m(
+            5,
+            "nodes",
+            include_str!("../migrations/sqlite/0005_nodes.sql"),
         ),
     ])
 }
@@ -729,7 +736,7 @@ impl Store {
         self.inner.pool.close().await;
     }
 
-    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         Ok(self.inner.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 }
@@ -820,7 +827,7 @@ pub(crate) fn push_audit_insert(qb: &mut QueryBuilder<Sqlite>, rows: &[ChainRow<
 }
 
 /// Appends `events` to the chain inside `tx`; returns the last sequence number.
-async fn append_audit(
+pub(crate) async fn append_audit(
     tx: &mut Transaction<'static, Sqlite>,
     events: &[AuditEvent],
 ) -> Result<u64, StoreError> {

@@ -449,3 +449,185 @@ async fn a_token_jti_is_used_exactly_once_under_a_race_and_across_restarts() {
     assert!(s.verify_audit_chain(0, None).await.is_ok());
     s.close().await;
 }
+
+fn attestation(ek: &str, id: &str, reset: u32, restart: u32) -> herald_store::NodeAttestation {
+    herald_store::NodeAttestation {
+        ek_hash: ek.into(),
+        spiffe_id: id.into(),
+        ak_name: "000b".into(),
+        policy: "nodes".into(),
+        reset_count: reset,
+        restart_count: restart,
+        firmware_version: 7,
+        golden_set: Some("g".into()),
+        now_s: NOW,
+    }
+}
+
+fn node_svid(serial: &str, id: &str) -> IssuedCredential {
+    IssuedCredential {
+        spiffe_id: id.into(),
+        evidence_type: "tpm".into(),
+        ..issued(serial)
+    }
+}
+
+#[tokio::test]
+async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans() {
+    use herald_store::{NodeCommitted, NodeStatus};
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir).await;
+    let id = "spiffe://td/node/a";
+    let attest = |serial: &str| {
+        let mut a = AuditEvent::new("node.attest", "peer:test");
+        a.serial = Some(serial.into());
+        a
+    };
+    // Enrolment, then a later quote (reset 3 → 4).
+    let r = s
+        .commit_node_attestation(
+            attestation("ek-a", id, 3, 1),
+            node_svid("01", id),
+            None,
+            attest("01"),
+        )
+        .await
+        .unwrap();
+    let NodeCommitted::Done(node) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(
+        (node.status, node.attestations, node.reset_count),
+        (NodeStatus::Active, 1, 3)
+    );
+    let r = s
+        .commit_node_attestation(
+            attestation("ek-a", id, 4, 0),
+            node_svid("02", id),
+            None,
+            attest("02"),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, NodeCommitted::Done(ref n) if n.attestations == 2 && n.reset_count == 4));
+
+    // Backwards (an old TPM state replayed): refused, nothing issued.
+    for (reset, restart) in [(3, 9), (4, 0 /* equal is fine */), (2, 0)] {
+        let r = s
+            .commit_node_attestation(
+                attestation("ek-a", id, reset, restart),
+                node_svid(&format!("b{reset}{restart}"), id),
+                None,
+                attest("x"),
+            )
+            .await
+            .unwrap();
+        if (reset, restart) == (4, 0) {
+            assert!(matches!(r, NodeCommitted::Done(_)), "{r:?}");
+        } else {
+            assert_eq!(r, NodeCommitted::Refused(ErrorCode::TpmCounterRollback));
+            assert!(
+                s.issued(&format!("b{reset}{restart}"))
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+        }
+    }
+    // Another EK for the same identity.
+    let r = s
+        .commit_node_attestation(
+            attestation("ek-b", id, 0, 0),
+            node_svid("03", id),
+            None,
+            attest("03"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, NodeCommitted::Refused(ErrorCode::NodeEkChanged));
+    assert!(s.issued("03").await.unwrap().is_none());
+
+    // A ban revokes the node's unexpired credentials and refuses it after.
+    let (banned, revoked) = s
+        .ban_node(
+            id,
+            "operator:test",
+            "stolen",
+            AuditEvent::new("node.ban", "operator:test"),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(banned.status, NodeStatus::Banned);
+    assert_eq!(banned.ban_reason.as_deref(), Some("stolen"));
+    assert_eq!(revoked, 3);
+    assert!(s.is_revoked("01").await.unwrap() && s.is_revoked("02").await.unwrap());
+    let r = s
+        .commit_node_attestation(
+            attestation("ek-a", id, 5, 0),
+            node_svid("04", id),
+            None,
+            attest("04"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, NodeCommitted::Refused(ErrorCode::NodeBanned));
+    // By EK hash too; an unknown node is None.
+    assert!(
+        s.ban_node("ek-a", "o", "again", AuditEvent::new("node.ban", "o"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.ban_node("nope", "o", "r", AuditEvent::new("node.ban", "o"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(s.list_nodes().await.unwrap().len(), 1);
+    assert_eq!(s.node_by_ek("ek-a").await.unwrap().unwrap().spiffe_id, id);
+
+    // An enrolment's join token is consumed with it, once.
+    s.create_join_token(
+        token(9, NOW + 60),
+        AuditEvent::new("join_token.create", "t"),
+    )
+    .await
+    .unwrap();
+    let id2 = "spiffe://td/node/b";
+    let r = s
+        .commit_node_attestation(
+            attestation("ek-c", id2, 0, 0),
+            node_svid("05", id2),
+            Some([9; 32]),
+            attest("05"),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, NodeCommitted::Done(_)));
+    let r = s
+        .commit_node_attestation(
+            attestation("ek-d", "spiffe://td/node/c", 0, 0),
+            node_svid("06", id2),
+            Some([9; 32]),
+            attest("06"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, NodeCommitted::Refused(ErrorCode::JoinTokenUsed));
+    // Every decision above is in the chain, which verifies.
+    let report = s.verify_audit_chain(1, None).await.unwrap();
+    assert!(report.records >= 11, "{report:?}");
+    let refused: Vec<_> = s
+        .audit_records(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event.outcome != Outcome::Success)
+        .map(|r| r.event.reason)
+        .collect();
+    assert!(refused.contains(&Some(ErrorCode::TpmCounterRollback)));
+    assert!(refused.contains(&Some(ErrorCode::NodeEkChanged)));
+    assert!(refused.contains(&Some(ErrorCode::NodeBanned)));
+}

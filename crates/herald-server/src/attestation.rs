@@ -1,0 +1,478 @@
+//! `herald.v1.NodeAttestationService`: the decision path for TPM nodes.
+//!
+//! One stream, one attestation, one path — hello (EK certificate, EK and AK
+//! public areas) → EK chain against each TPM policy's roots → EK public
+//! matches its certificate → AK attributes → registry pre-check (banned?) →
+//! challenge (software MakeCredential to the EK for the AK's name, a fresh
+//! nonce, the PCR selection) → proof → activated secret (constant time) →
+//! CSR → quote (signature first, signer, nonce bound to the CSR key, PCR
+//! selection and digest) → policy (golden PCRs, firmware, pins, condition,
+//! SPIFFE ID, enrolment factors) → issue → one transaction with the node
+//! registry's rules (bans, counters, one EK per identity) → node SVID.
+//! Every refusal is audited with its stable code before the stream ends.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use herald_attest::tpm::{self as verify, EkTrust, PcrBank, PcrSelection, QuoteInput, TpmPublic};
+use herald_ca::csr::{MAX_CSR_LEN, verify_csr};
+use herald_ca::{X509Grant, sha256_hex};
+use herald_core::{AuditEvent, ErrorCode, EvidenceType, SpiffeId};
+use herald_policy::{Evidence, JoinTokenEvidence, TpmEvidence};
+use herald_proto::v1::node_attestation_service_server::NodeAttestationService;
+use herald_proto::v1::{
+    AttestChallenge, AttestHello, AttestProof, AttestRequest, AttestResponse, X509SvidResponse,
+    attest_request, attest_response,
+};
+use herald_store::{IssuedCredential, NodeAttestation, NodeCommitted, NodeStatus};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::join_token::{self, MAX_TOKEN_LEN};
+use crate::status::Refusal;
+use crate::{Shared, unix_now};
+
+/// Largest EK certificate, intermediate, or TPM structure accepted.
+const MAX_TPM_BLOB: usize = 8 * 1024;
+/// Most intermediates an agent may send.
+const MAX_INTERMEDIATES: usize = 4;
+
+/// The gRPC service.
+pub struct NodeAttestationApi {
+    shared: Arc<Shared>,
+}
+
+impl NodeAttestationApi {
+    /// Serves from `shared` state.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<AttestResponse, Status>> + Send>>;
+
+impl From<verify::TpmError> for Refusal {
+    fn from(e: verify::TpmError) -> Self {
+        Refusal::new(e.code(), e.to_string())
+    }
+}
+
+/// Waits for the next message, within the configured step deadline.
+async fn next_step(
+    shared: &Shared,
+    inbound: &mut Streaming<AttestRequest>,
+) -> Result<attest_request::Step, Refusal> {
+    let deadline = shared.config.attestation.step_timeout;
+    match tokio::time::timeout(deadline, inbound.message()).await {
+        Err(_) => Err(Refusal::new(
+            ErrorCode::AttestationTimeout,
+            format!("no message within {}s", deadline.as_secs()),
+        )),
+        Ok(Err(status)) => Err(Refusal::new(
+            ErrorCode::AttestationProtocol,
+            format!("the stream failed: {}", status.message()),
+        )),
+        Ok(Ok(None)) => Err(Refusal::new(
+            ErrorCode::AttestationProtocol,
+            "the agent closed the stream early",
+        )),
+        Ok(Ok(Some(AttestRequest { step: None }))) => Err(Refusal::new(
+            ErrorCode::AttestationProtocol,
+            "empty message",
+        )),
+        Ok(Ok(Some(AttestRequest { step: Some(s) }))) => Ok(s),
+    }
+}
+
+fn too_large(what: &str) -> Refusal {
+    Refusal::new(
+        ErrorCode::RequestTooLarge,
+        format!("{what} exceeds its size cap"),
+    )
+}
+
+fn check_hello_sizes(h: &AttestHello) -> Result<(), Refusal> {
+    if h.ek_certificate.len() > MAX_TPM_BLOB
+        || h.ek_public.len() > MAX_TPM_BLOB
+        || h.ak_public.len() > MAX_TPM_BLOB
+        || h.ek_intermediates.len() > MAX_INTERMEDIATES
+        || h.ek_intermediates.iter().any(|c| c.len() > MAX_TPM_BLOB)
+        || h.join_token.len() > MAX_TOKEN_LEN
+    {
+        return Err(too_large("a hello field"));
+    }
+    if h.ek_certificate.is_empty() || h.ek_public.is_empty() || h.ak_public.is_empty() {
+        return Err(Refusal::new(
+            ErrorCode::InvalidRequest,
+            "hello needs ek_certificate, ek_public and ak_public",
+        ));
+    }
+    Ok(())
+}
+
+fn check_proof_sizes(p: &AttestProof) -> Result<(), Refusal> {
+    if p.activated_secret.len() > 64
+        || p.quote.len() > MAX_TPM_BLOB
+        || p.quote_signature.len() > MAX_TPM_BLOB
+        || p.pcr_values.len() > 24
+        || p.pcr_values.iter().any(|v| v.len() > 64)
+        || p.csr.len() > MAX_CSR_LEN
+    {
+        return Err(too_large("a proof field"));
+    }
+    Ok(())
+}
+
+fn random<const N: usize>() -> Result<[u8; N], Refusal> {
+    let mut out = [0u8; N];
+    aws_lc_rs::rand::fill(&mut out)
+        .map_err(|_| Refusal::new(ErrorCode::Internal, "no randomness"))?;
+    Ok(out)
+}
+
+/// Hex SHA-256 of the EK public area: the node's hardware identity.
+fn ek_hash(ek_public: &[u8]) -> String {
+    sha256_hex(ek_public)
+}
+
+impl NodeAttestationApi {
+    /// The whole exchange; `tx` carries the challenge and the result.
+    async fn attest(
+        &self,
+        mut inbound: Streaming<AttestRequest>,
+        tx: &mpsc::Sender<Result<AttestResponse, Status>>,
+        audit: &mut AuditEvent,
+    ) -> Result<(), Refusal> {
+        let shared = &self.shared;
+        let Some(ex) = &shared.exchange else {
+            return Err(Refusal::new(
+                ErrorCode::PolicyDenied,
+                "no policy directory is configured: node attestation is refused",
+            ));
+        };
+        let hello = match next_step(shared, &mut inbound).await? {
+            attest_request::Step::Hello(h) => h,
+            attest_request::Step::Proof(_) => {
+                return Err(Refusal::new(
+                    ErrorCode::AttestationProtocol,
+                    "the first message must be a hello",
+                ));
+            }
+        };
+        check_hello_sizes(&hello)?;
+        let ek_public = TpmPublic::parse(&hello.ek_public)?;
+        let ak_public = TpmPublic::parse(&hello.ak_public)?;
+        let ek_id = ek_hash(&hello.ek_public);
+        audit.evidence_digest = Some(ek_id.clone());
+        audit.caller = format!("{} ek:{}", audit.caller, &ek_id[..16]);
+
+        // Which TPM policies trust this EK's manufacturer?
+        let policies = ex.policies.current();
+        let now = std::time::SystemTime::now();
+        let mut trusted_by = Vec::new();
+        let mut selection: Vec<u8> = Vec::new();
+        let mut chain_error = None;
+        let mut verified_ek = None;
+        for (name, rules) in policies.tpm_policies() {
+            let trust = EkTrust::from_der(&rules.ek_roots, &rules.ek_intermediates)?;
+            match verify::verify_ek_certificate(
+                &trust,
+                &hello.ek_certificate,
+                &hello.ek_intermediates,
+                now,
+            ) {
+                Ok(ek) => {
+                    trusted_by.push(name.to_owned());
+                    selection.extend(&rules.pcrs);
+                    verified_ek = Some(ek);
+                }
+                Err(e) => chain_error = Some(e),
+            }
+        }
+        let Some(verified_ek) = verified_ek else {
+            return Err(match chain_error {
+                Some(e) => e.into(),
+                None => Refusal::new(
+                    ErrorCode::PolicyDenied,
+                    "no attestation policy accepts TPM evidence",
+                ),
+            });
+        };
+        selection.sort_unstable();
+        selection.dedup();
+        verify::check_ek_public_matches(&ek_public, &verified_ek)?;
+        verify::check_attestation_key(&ak_public)?;
+        let ak_name = ak_public.name()?;
+        let ak_qualified_name = verify::qualified_name_under_ek(&ek_public, &ak_public)?;
+
+        // A banned node is refused before the TPM does any work.
+        let known = shared.store.node_by_ek(&ek_id).await?;
+        if let Some(node) = &known {
+            audit.spiffe_id = Some(node.spiffe_id.clone());
+            if node.status == NodeStatus::Banned {
+                return Err(Refusal::new(ErrorCode::NodeBanned, "the node is banned"));
+            }
+        }
+
+        let secret = random::<32>()?;
+        let nonce = random::<32>()?;
+        let credential = verify::make_credential(&ek_public, &ak_name, &secret)?;
+        let challenge = AttestChallenge {
+            credential_blob: credential.id_object,
+            encrypted_secret: credential.encrypted_secret,
+            nonce: nonce.to_vec(),
+            pcr_bank: u32::from(herald_policy::tpm::PCR_BANK_SHA256),
+            pcrs: selection.iter().map(|p| u32::from(*p)).collect(),
+        };
+        tx.send(Ok(AttestResponse {
+            step: Some(attest_response::Step::Challenge(challenge)),
+        }))
+        .await
+        .map_err(|_| Refusal::new(ErrorCode::AttestationProtocol, "the agent went away"))?;
+
+        let proof = match next_step(shared, &mut inbound).await? {
+            attest_request::Step::Proof(p) => p,
+            attest_request::Step::Hello(_) => {
+                return Err(Refusal::new(
+                    ErrorCode::AttestationProtocol,
+                    "expected the proof",
+                ));
+            }
+        };
+        check_proof_sizes(&proof)?;
+        if !verify::secret_matches(&secret, &proof.activated_secret) {
+            return Err(Refusal::new(
+                ErrorCode::TpmCredentialMismatch,
+                "the activated secret is wrong: the AK is not resident with this EK",
+            ));
+        }
+        let csr = verify_csr(&proof.csr)?;
+        let expected = verify::attestation_nonce_binding(&nonce, &csr.spki_der);
+        let pcr_selection = PcrSelection {
+            bank: PcrBank::Sha256,
+            pcrs: selection.iter().copied().collect(),
+        };
+        let quote = verify::verify_quote(&QuoteInput {
+            ak: &ak_public,
+            expected_signer: &ak_qualified_name,
+            attest: &proof.quote,
+            signature: &proof.quote_signature,
+            expected_extra_data: &expected,
+            selection: &pcr_selection,
+            pcr_values: &proof.pcr_values,
+        })?;
+
+        // Policy.
+        let now_s = unix_now();
+        let enrolled = known
+            .as_ref()
+            .is_some_and(|n| n.status == NodeStatus::Active);
+        let mut claims = Map::new();
+        claims.insert("ek_hash".into(), Value::String(ek_id.clone()));
+        claims.insert("ak_name".into(), Value::String(hex::encode(&ak_name)));
+        claims.insert(
+            "firmware_version".into(),
+            Value::from(quote.firmware_version),
+        );
+        claims.insert("reset_count".into(), Value::from(quote.reset_count));
+        claims.insert("restart_count".into(), Value::from(quote.restart_count));
+        claims.insert(
+            "ek_certificate".into(),
+            serde_json::json!({
+                "subject": verified_ek.subject(),
+                "issuer": verified_ek.issuer(),
+                "serial": verified_ek.serial_hex(),
+            }),
+        );
+        let pcrs: BTreeMap<u8, Vec<u8>> = quote.pcrs.clone();
+        let mut evidence = Evidence {
+            tpm: Some(TpmEvidence {
+                trusted_by,
+                claims,
+                pcrs,
+                firmware_version: quote.firmware_version,
+                enrolled,
+            }),
+            ..Evidence::default()
+        };
+        let mut join_hash = None;
+        if !hello.join_token.is_empty() && !enrolled {
+            let hash = join_token::parse(&hello.join_token).ok_or_else(|| {
+                Refusal::new(ErrorCode::JoinTokenMalformed, "not a Herald join token")
+            })?;
+            let record =
+                shared.store.join_token(&hash).await?.ok_or_else(|| {
+                    Refusal::new(ErrorCode::JoinTokenUnknown, "no such join token")
+                })?;
+            if record.used_at.is_some() {
+                return Err(Refusal::new(
+                    ErrorCode::JoinTokenUsed,
+                    "the join token was already used",
+                ));
+            }
+            if record.expires_at <= now_s {
+                return Err(Refusal::new(
+                    ErrorCode::JoinTokenExpired,
+                    "the join token has expired",
+                ));
+            }
+            let spiffe_id = SpiffeId::parse(&record.spiffe_id)
+                .map_err(|e| Refusal::new(ErrorCode::Internal, format!("stored SPIFFE ID: {e}")))?;
+            evidence.join_token = Some(JoinTokenEvidence { spiffe_id });
+            join_hash = Some(hash);
+        }
+        let decision = policies.evaluate(&evidence).map_err(|d| {
+            audit.policy = d.policy.clone();
+            Refusal::new(d.code, d.reason)
+        })?;
+        audit.policy = Some(decision.policy.clone());
+        audit.spiffe_id = Some(decision.spiffe_id.to_string());
+        let used_join_token = decision.factors.contains(&herald_policy::Factor::JoinToken);
+        if used_join_token {
+            audit.evidence_type = Some(EvidenceType::TpmAndJoinToken);
+        } else {
+            join_hash = None;
+        }
+        let grant = decision.grants.x509_svid.as_ref().ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::CredentialNotGranted,
+                format!("policy {} grants no X.509 SVID", decision.policy),
+            )
+        })?;
+
+        // Issue, then record everything in one transaction.
+        let ca = shared.ca();
+        let issued = ca.ca.issue_x509_svid(
+            &csr,
+            &X509Grant {
+                spiffe_id: decision.spiffe_id.clone(),
+                ttl: grant.max_ttl,
+                dns_names: Vec::new(),
+            },
+            now_s,
+        )?;
+        audit.serial = Some(issued.serial_hex.clone());
+        let record = IssuedCredential {
+            serial: issued.serial_hex.clone(),
+            kind: "x509_svid".into(),
+            spiffe_id: issued.spiffe_id.to_string(),
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+            issued_at: now_s,
+            evidence_type: audit
+                .evidence_type
+                .map_or_else(String::new, |e| e.as_str().to_owned()),
+            evidence_digest: audit.evidence_digest.clone(),
+            policy: audit.policy.clone(),
+            parent_serial: None,
+            public_key_sha256: csr.spki_sha256.clone(),
+            ca_key_id: issued.ca_key_id.clone(),
+        };
+        let attestation = NodeAttestation {
+            ek_hash: ek_id,
+            spiffe_id: decision.spiffe_id.to_string(),
+            ak_name: hex::encode(&ak_name),
+            policy: decision.policy.clone(),
+            reset_count: quote.reset_count,
+            restart_count: quote.restart_count,
+            firmware_version: quote.firmware_version,
+            golden_set: decision.golden_set.clone(),
+            now_s,
+        };
+        match shared
+            .store
+            .commit_node_attestation(attestation, record, join_hash, audit.clone())
+            .await?
+        {
+            NodeCommitted::Done(_) => {}
+            NodeCommitted::Refused(code) => {
+                return Err(Refusal {
+                    code,
+                    message: match code {
+                        ErrorCode::NodeBanned => "the node is banned".into(),
+                        ErrorCode::TpmCounterRollback => {
+                            "the TPM's reset/restart counters went backwards".into()
+                        }
+                        ErrorCode::NodeEkChanged => {
+                            "another TPM already holds this node identity".into()
+                        }
+                        _ => "the node registry refused the attestation".into(),
+                    },
+                    audited: true,
+                });
+            }
+        }
+        let mut cert_chain = vec![issued.cert_der.clone()];
+        cert_chain.extend(issued.intermediates.iter().cloned());
+        let result = X509SvidResponse {
+            spiffe_id: issued.spiffe_id.to_string(),
+            cert_chain,
+            bundle: ca.bundle.x509_authorities.clone(),
+            serial: issued.serial_hex.clone(),
+            expires_at: issued.not_after,
+        };
+        tx.send(Ok(AttestResponse {
+            step: Some(attest_response::Step::Result(result)),
+        }))
+        .await
+        .map_err(|_| Refusal::new(ErrorCode::AttestationProtocol, "the agent went away"))?;
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl NodeAttestationService for NodeAttestationApi {
+    type AttestStream = ResponseStream;
+
+    async fn attest(
+        &self,
+        request: Request<Streaming<AttestRequest>>,
+    ) -> Result<Response<Self::AttestStream>, Status> {
+        let started = Instant::now();
+        let caller = request
+            .remote_addr()
+            .map_or_else(|| "peer:unknown".to_owned(), |a| format!("peer:{a}"));
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(2);
+        let api = NodeAttestationApi {
+            shared: self.shared.clone(),
+        };
+        let span = tracing::info_span!(
+            "node_attest",
+            evidence_type = tracing::field::Empty,
+            policy = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            reason = tracing::field::Empty,
+            latency_ms = tracing::field::Empty,
+        );
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut audit = AuditEvent::new("node.attest", caller);
+                audit.evidence_type = Some(EvidenceType::Tpm);
+                let span = tracing::Span::current();
+                match api.attest(inbound, &tx, &mut audit).await {
+                    Ok(()) => {
+                        crate::metrics::record_decision(&api.shared, &span, &audit, started);
+                    }
+                    Err(r) => {
+                        let event = audit.deny(r.code);
+                        if !r.audited
+                            && let Err(e) = api.shared.store.audit(event.clone()).await
+                        {
+                            tracing::error!(error = %e, "could not write the audit record of a refusal");
+                        }
+                        crate::metrics::record_decision(&api.shared, &span, &event, started);
+                        let _ = tx.send(Err(r.to_status())).await;
+                    }
+                }
+            },
+            span,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
