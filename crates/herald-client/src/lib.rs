@@ -9,6 +9,7 @@
 
 pub mod files;
 pub mod keys;
+pub mod workload_api;
 
 use std::sync::Arc;
 
@@ -182,6 +183,12 @@ impl HeraldClient {
             .await
             .map_err(|e| ClientError::Transport(format!("{server}: {}", error_chain(&e))))?;
         Ok(Self { channel })
+    }
+
+    /// The underlying gRPC channel, for services this client has no
+    /// method for (node attestation streams).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// Mints an X.509 SVID with a join token.

@@ -1,0 +1,390 @@
+//! The node identity's life: attest, keep the node SVID on disk, renew it
+//! over mTLS at about half its lifetime (with jitter), re-attest when a
+//! renewal is refused or the SVID has expired, back off with jitter while
+//! the servers are unreachable — and meanwhile keep the valid cached SVID.
+//!
+//! This is the one place where the node identity is refreshed; every step
+//! is reflected in `status.json`, which `herald agent status` prints.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use herald_client::files::{self, SvidFiles};
+use herald_client::{ClientError, ClientIdentity, HeraldClient, keys};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::attest::{AttestError, NodeSvid, attest};
+use crate::config::AgentConfig;
+use crate::tpm::TpmHandle;
+
+/// What `status.json` holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentStatus {
+    /// `starting`, `attesting`, `ready`, `backing_off`.
+    pub state: String,
+    /// The node's SPIFFE ID.
+    pub spiffe_id: Option<String>,
+    /// The current node SVID's serial.
+    pub serial: Option<String>,
+    /// Its notAfter, Unix seconds.
+    pub expires_at: Option<i64>,
+    /// When the agent received it, Unix seconds.
+    pub received_at: Option<i64>,
+    /// When the agent will next renew (or retry), Unix seconds.
+    pub next_rotation: Option<i64>,
+    /// The server last used successfully.
+    pub server: Option<String>,
+    /// Successful attestations since start.
+    pub attestations: u64,
+    /// Successful renewals since start.
+    pub renewals: u64,
+    /// Failed attempts since start.
+    pub failures: u64,
+    /// The last failure, with its stable code when the server gave one.
+    pub last_error: Option<String>,
+    /// The stable code of the last refusal.
+    pub last_error_code: Option<String>,
+    /// The agent's process ID.
+    pub pid: u32,
+}
+
+impl AgentStatus {
+    /// Reads a status file.
+    pub fn read(path: &std::path::Path) -> Result<AgentStatus, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// Errors that stop the agent (everything else is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Local state could not be written.
+    #[error("{0}")]
+    Local(String),
+}
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The SVID on disk, if it is still valid.
+struct Current {
+    files: SvidFiles,
+    spiffe_id: String,
+    serial: String,
+    not_before: i64,
+    not_after: i64,
+}
+
+fn inspect(files: SvidFiles) -> Option<Current> {
+    use x509_parser::prelude::*;
+    let leaf = files.cert_chain.first()?;
+    let (_, cert) = X509Certificate::from_der(leaf).ok()?;
+    let spiffe_id = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|n| match n {
+                GeneralName::URI(u) => Some(u.to_string()),
+                _ => None,
+            })
+        })?;
+    Some(Current {
+        spiffe_id,
+        serial: hex::encode(cert.raw_serial())
+            .trim_start_matches('0')
+            .to_owned(),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+        files,
+    })
+}
+
+/// The node agent.
+pub struct Agent {
+    cfg: AgentConfig,
+    tpm: Option<TpmHandle>,
+    status: AgentStatus,
+    server_index: usize,
+    backoff: Duration,
+}
+
+enum Step {
+    Attest,
+    Renew,
+}
+
+impl Agent {
+    /// An agent for `cfg`; nothing happens until [`Agent::run`].
+    pub fn new(cfg: AgentConfig) -> Agent {
+        let backoff = cfg.rotation.backoff_min;
+        Agent {
+            cfg,
+            tpm: None,
+            status: AgentStatus {
+                state: "starting".into(),
+                pid: std::process::id(),
+                ..AgentStatus::default()
+            },
+            server_index: 0,
+            backoff,
+        }
+    }
+
+    fn write_status(&self) {
+        let path = self.cfg.status_path();
+        match serde_json::to_vec_pretty(&self.status) {
+            Ok(bytes) => {
+                if let Err(e) = files::write_atomic(&path, &bytes, 0o644) {
+                    tracing::warn!(error = %e, "could not write the status file");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not encode the status"),
+        }
+    }
+
+    fn current(&self) -> Option<Current> {
+        let c = inspect(files::read_svid_dir(&self.cfg.svid_dir()).ok()?)?;
+        (c.not_after > now_s()).then_some(c)
+    }
+
+    fn bundle(&self) -> Result<Vec<Vec<u8>>, String> {
+        let text = std::fs::read_to_string(&self.cfg.trust_bundle)
+            .map_err(|e| format!("{}: {e}", self.cfg.trust_bundle.display()))?;
+        files::from_pem("CERTIFICATE", &text)
+    }
+
+    /// When to renew `c`: `renew_fraction` of its lifetime from when it
+    /// was received, ± jitter.
+    fn renew_at(&self, c: &Current) -> i64 {
+        let start = match self.status.received_at {
+            Some(r) if self.status.serial.as_deref() == Some(&c.serial) => r,
+            _ => c.not_before,
+        };
+        let life = (c.not_after - start).max(1) as f64;
+        let r = &self.cfg.rotation;
+        let jitter = rand::rng().random_range(-r.jitter_fraction..=r.jitter_fraction);
+        start + (life * (r.renew_fraction + jitter)).round() as i64
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+        std::fs::create_dir_all(&self.cfg.data_dir)
+            .map_err(|e| AgentError::Local(format!("{}: {e}", self.cfg.data_dir.display())))?;
+        let mut force_attest = false;
+        loop {
+            let current = if force_attest { None } else { self.current() };
+            let step = match &current {
+                None => Step::Attest,
+                Some(c) => {
+                    self.status.spiffe_id = Some(c.spiffe_id.clone());
+                    self.status.serial = Some(c.serial.clone());
+                    self.status.expires_at = Some(c.not_after);
+                    let at = self.renew_at(c);
+                    self.status.next_rotation = Some(at);
+                    if self.status.state != "backing_off" {
+                        self.status.state = "ready".into();
+                    }
+                    self.write_status();
+                    let wait = Duration::from_secs((at - now_s()).max(0) as u64);
+                    if !wait.is_zero() {
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = shutdown.changed() => return Ok(()),
+                        }
+                    }
+                    if *shutdown.borrow() {
+                        return Ok(());
+                    }
+                    Step::Renew
+                }
+            };
+            let outcome = match step {
+                Step::Attest => self.attest_any().await,
+                Step::Renew => match current {
+                    Some(c) => self.renew_any(c).await,
+                    None => continue,
+                },
+            };
+            match outcome {
+                Ok(()) => {
+                    force_attest = false;
+                    self.backoff = self.cfg.rotation.backoff_min;
+                    self.status.state = "ready".into();
+                    self.status.last_error = None;
+                    self.status.last_error_code = None;
+                    self.write_status();
+                }
+                Err((e, refused)) => {
+                    self.status.failures += 1;
+                    self.status.last_error_code = refused.map(|c| c.as_str().to_owned());
+                    self.status.last_error = Some(e.clone());
+                    tracing::warn!(error = %e, "node identity step failed");
+                    // A refused renewal means the server no longer honours
+                    // this SVID (revoked, banned, key rotated): only fresh
+                    // TPM evidence can restore the identity.
+                    if refused.is_some() {
+                        force_attest = true;
+                    }
+                    let pause = self.next_backoff();
+                    self.status.state = "backing_off".into();
+                    self.status.next_rotation = Some(now_s() + pause.as_secs() as i64);
+                    self.write_status();
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                }
+            }
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Exponential backoff with full jitter in [backoff/2, backoff].
+    fn next_backoff(&mut self) -> Duration {
+        let b = self.backoff;
+        self.backoff = (b * 2).min(self.cfg.rotation.backoff_max);
+        let ms = b.as_millis() as u64;
+        Duration::from_millis(rand::rng().random_range(ms / 2..=ms.max(1)))
+    }
+
+    fn servers(&self) -> Vec<String> {
+        let n = self.cfg.servers.len();
+        (0..n)
+            .map(|i| self.cfg.servers[(self.server_index + i) % n].clone())
+            .collect()
+    }
+
+    fn store(&mut self, server: &str, svid: NodeSvid, renewal: bool) -> Result<(), String> {
+        let bundle = svid.response.bundle.clone();
+        files::write_svid_dir(
+            &self.cfg.svid_dir(),
+            &SvidFiles {
+                cert_chain: svid.response.cert_chain.clone(),
+                key_pkcs8: svid.key_pkcs8,
+                bundle: bundle.clone(),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        if !bundle.is_empty() {
+            // Later connections trust what the server now publishes (a CA
+            // rotation reaches the agent before SVIDs signed by the new key).
+            files::write_atomic(
+                &self.cfg.trust_bundle,
+                files::to_pem("CERTIFICATE", &bundle).as_bytes(),
+                0o644,
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        self.status.spiffe_id = Some(svid.response.spiffe_id.clone());
+        self.status.serial = Some(svid.response.serial.clone());
+        self.status.expires_at = Some(svid.response.expires_at);
+        self.status.received_at = Some(now_s());
+        self.status.server = Some(server.to_owned());
+        if renewal {
+            self.status.renewals += 1;
+        } else {
+            self.status.attestations += 1;
+        }
+        tracing::info!(
+            spiffe_id = %svid.response.spiffe_id,
+            serial = %svid.response.serial,
+            expires_at = svid.response.expires_at,
+            renewal,
+            "node SVID stored"
+        );
+        Ok(())
+    }
+
+    async fn attest_any(&mut self) -> Result<(), (String, Option<herald_core::ErrorCode>)> {
+        self.status.state = "attesting".into();
+        self.write_status();
+        let bundle = self.bundle().map_err(|e| (e, None))?;
+        let join_token = self.cfg.join_token().map_err(|e| (e, None))?;
+        if self.tpm.is_none() {
+            let dir = self.cfg.data_dir.clone();
+            let tpm = TpmHandle::open(&self.cfg.tpm.tcti, &dir)
+                .await
+                .map_err(|e| (e.to_string(), None))?;
+            self.tpm = Some(tpm);
+        }
+        let mut last = (String::from("no server"), None);
+        for (i, server) in self.servers().into_iter().enumerate() {
+            let client = match HeraldClient::connect(&server, &bundle, None).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = (format!("{server}: {e}"), None);
+                    continue;
+                }
+            };
+            let Some(tpm) = self.tpm.as_ref() else {
+                break;
+            };
+            match attest(&client, tpm, join_token.clone()).await {
+                Ok(svid) => {
+                    self.server_index = (self.server_index + i) % self.cfg.servers.len();
+                    return self.store(&server, svid, false).map_err(|e| (e, None));
+                }
+                Err(AttestError::Client(ClientError::Transport(e))) => {
+                    last = (format!("{server}: {e}"), None);
+                }
+                Err(AttestError::Tpm(e)) => {
+                    // Reopen the TPM next time (it may have been reset).
+                    self.tpm = None;
+                    return Err((format!("TPM: {e}"), None));
+                }
+                Err(AttestError::Client(e)) => {
+                    let code = e.code();
+                    return Err((format!("attestation refused by {server}: {e}"), code));
+                }
+                Err(e) => last = (format!("{server}: {e}"), None),
+            }
+        }
+        Err(last)
+    }
+
+    async fn renew_any(
+        &mut self,
+        c: Current,
+    ) -> Result<(), (String, Option<herald_core::ErrorCode>)> {
+        let bundle = self.bundle().map_err(|e| (e, None))?;
+        let mut last = (String::from("no server"), None);
+        for (i, server) in self.servers().into_iter().enumerate() {
+            let identity = ClientIdentity {
+                cert_chain: c.files.cert_chain.clone(),
+                key_pkcs8: c.files.key_pkcs8.clone(),
+            };
+            let client = match HeraldClient::connect(&server, &bundle, Some(identity)).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = (format!("{server}: {e}"), None);
+                    continue;
+                }
+            };
+            let key = keys::generate_key_and_csr().map_err(|e| (e.to_string(), None))?;
+            match client.renew_x509_svid(key.csr_der).await {
+                Ok(response) => {
+                    self.server_index = (self.server_index + i) % self.cfg.servers.len();
+                    let svid = NodeSvid {
+                        response,
+                        key_pkcs8: key.key_pkcs8,
+                    };
+                    return self.store(&server, svid, true).map_err(|e| (e, None));
+                }
+                Err(ClientError::Transport(e)) => last = (format!("{server}: {e}"), None),
+                Err(e) => {
+                    let code = e.code();
+                    return Err((format!("renewal refused by {server}: {e}"), code));
+                }
+            }
+        }
+        Err(last)
+    }
+}

@@ -1,0 +1,17 @@
+//! Herald's node agent.
+//!
+//! `herald agent` proves its machine with the TPM 2.0 ([`tpm`], the only
+//! code in Herald that links libtss2), runs the attestation stream against
+//! a server ([`attest`]) and keeps the node SVID fresh ([`agent`]): renewal
+//! over mTLS at about half the lifetime with jitter, re-attestation when a
+//! renewal is refused, backoff with jitter while servers are unreachable.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod attest;
+pub mod config;
+pub mod tpm;
+pub mod workload;
+
+pub use agent::{Agent, AgentError, AgentStatus};
+pub use config::AgentConfig;

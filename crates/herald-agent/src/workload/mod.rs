@@ -1,0 +1,525 @@
+//! Workload identities on the node: the registrations the server syncs to
+//! the agent, the X.509 SVIDs the agent keeps for them (keys generated
+//! here, in memory only), JWT-SVIDs per audience, and the SPIFFE Workload
+//! API that serves them.
+//!
+//! One [`WorkloadCache`] holds the state; every change bumps its
+//! generation, which wakes every open Workload API stream to push the full
+//! new state. [`run_sync`] keeps the registrations and bundle current from
+//! the server's stream; [`run_rotation`] issues and renews SVIDs in
+//! batches at about half their lifetime, each SVID with its own jitter so
+//! the renewals of a thousand workloads spread out.
+
+pub mod api;
+pub mod attestor;
+pub mod credentials;
+pub mod jwt;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use herald_client::files;
+use herald_client::{ClientError, ClientIdentity, HeraldClient, keys};
+use herald_core::Selector;
+use herald_proto::v1::workload_service_client::WorkloadServiceClient;
+use herald_proto::v1::{
+    BatchNewX509SvidsRequest, CloudCredentials, NewCloudCredentialsRequest, NewJwtSvidRequest,
+    RegistrationSet, SyncRegistrationsRequest, WorkloadSvidRequest,
+};
+use rand::Rng;
+use tokio::sync::watch;
+use zeroize::Zeroizing;
+
+/// Most SVIDs asked for in one call (the server's cap).
+pub const BATCH: usize = 100;
+
+/// A registration as the agent holds it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The workload's SPIFFE ID.
+    pub spiffe_id: String,
+    /// All must match the caller.
+    pub selectors: Vec<Selector>,
+    /// Allowed JWT-SVID audiences.
+    pub jwt_audiences: Vec<String>,
+    /// The hint (unique per node).
+    pub hint: String,
+    /// The cloud role the credentials endpoint may serve (empty: none).
+    pub cloud_role: String,
+    /// The current SVID, once issued.
+    pub svid: Option<Arc<CachedSvid>>,
+}
+
+/// An X.509 SVID and its key, in memory only.
+#[derive(Debug)]
+pub struct CachedSvid {
+    /// Leaf first, DER.
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 DER.
+    pub key_pkcs8: Zeroizing<Vec<u8>>,
+    /// Serial, hex.
+    pub serial: String,
+    /// notAfter, Unix seconds.
+    pub expires_at: i64,
+    /// When to renew it, Unix seconds (half-life ± jitter).
+    pub renew_at: i64,
+}
+
+/// The node's workload state.
+#[derive(Debug, Default)]
+pub struct State {
+    /// The trust domain.
+    pub trust_domain: String,
+    /// Registrations, in the server's order.
+    pub entries: Vec<Entry>,
+    /// X.509 authorities, DER.
+    pub bundle_x509: Vec<Vec<u8>>,
+    /// The SPIFFE bundle as JWKS JSON (X.509 and JWT authorities).
+    pub bundle_jwks: String,
+    /// Whether a registration set has arrived yet.
+    pub synced: bool,
+    /// The server's revision of the set.
+    pub revision: u64,
+}
+
+/// JWT-SVIDs by (SPIFFE ID, sorted audiences): (token, received, expiry).
+type JwtCache = HashMap<(String, Vec<String>), (String, i64, i64)>;
+
+/// Shared workload state and its change notifications.
+#[derive(Debug)]
+pub struct WorkloadCache {
+    state: RwLock<State>,
+    changed: watch::Sender<u64>,
+    jwts: Mutex<JwtCache>,
+    clouds: Mutex<HashMap<String, (CloudCredentials, i64, i64)>>,
+    renew_fraction: f64,
+    jitter_fraction: f64,
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl WorkloadCache {
+    /// An empty cache; SVIDs are renewed at `renew_fraction` ± `jitter_fraction` of their lifetime.
+    pub fn new(renew_fraction: f64, jitter_fraction: f64) -> Arc<WorkloadCache> {
+        Arc::new(WorkloadCache {
+            state: RwLock::new(State::default()),
+            changed: watch::Sender::new(0),
+            jwts: Mutex::new(HashMap::new()),
+            clouds: Mutex::new(HashMap::new()),
+            renew_fraction,
+            jitter_fraction,
+        })
+    }
+
+    /// Subscribes to changes (the value is a generation counter).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Runs `f` on the current state.
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        match self.state.read() {
+            Ok(s) => f(&s),
+            Err(p) => f(&p.into_inner()),
+        }
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let out = match self.state.write() {
+            Ok(mut s) => f(&mut s),
+            Err(p) => f(&mut p.into_inner()),
+        };
+        self.bump();
+        out
+    }
+
+    /// Replaces the registrations and bundle with the server's set,
+    /// keeping the SVIDs of registrations that did not change.
+    pub fn apply(&self, set: RegistrationSet) {
+        self.write(|s| {
+            let mut old: HashMap<(String, Vec<Selector>), Arc<CachedSvid>> = s
+                .entries
+                .drain(..)
+                .filter_map(|e| Some(((e.spiffe_id, e.selectors), e.svid?)))
+                .collect();
+            s.entries = set
+                .registrations
+                .into_iter()
+                .map(|r| {
+                    let mut selectors: Vec<Selector> = r
+                        .selectors
+                        .iter()
+                        .filter_map(|t| Selector::parse(t).ok())
+                        .collect();
+                    selectors.sort();
+                    // A selector this agent cannot parse makes the
+                    // registration unmatchable rather than broader.
+                    if selectors.len() != r.selectors.len() {
+                        selectors.clear();
+                    }
+                    let svid = old.remove(&(r.spiffe_id.clone(), selectors.clone()));
+                    Entry {
+                        spiffe_id: r.spiffe_id,
+                        selectors,
+                        jwt_audiences: r.jwt_audiences,
+                        hint: r.hint,
+                        cloud_role: r.cloud_role,
+                        svid,
+                    }
+                })
+                .collect();
+            if let Some(b) = set.bundle {
+                s.trust_domain = b.trust_domain;
+                s.bundle_x509 = b.x509_authorities;
+                s.bundle_jwks = b.jwks;
+            }
+            s.revision = set.revision;
+            s.synced = true;
+        });
+    }
+
+    /// The entries a caller with `facts` is entitled to.
+    pub fn matching(&self, facts: &[Selector]) -> Vec<Entry> {
+        self.read(|s| {
+            s.entries
+                .iter()
+                .filter(|e| herald_core::selector::matches(&e.selectors, facts))
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// Registrations whose SVID is missing or due, oldest first.
+    fn due(&self, now: i64) -> Vec<String> {
+        self.read(|s| {
+            let mut v: Vec<(i64, String)> = s
+                .entries
+                .iter()
+                .filter(|e| !e.selectors.is_empty())
+                .filter_map(|e| match &e.svid {
+                    None => Some((0, e.spiffe_id.clone())),
+                    Some(c) if c.renew_at <= now => Some((c.renew_at, e.spiffe_id.clone())),
+                    Some(_) => None,
+                })
+                .collect();
+            v.sort();
+            v.dedup_by(|a, b| a.1 == b.1);
+            v.into_iter().map(|(_, id)| id).collect()
+        })
+    }
+
+    /// When the next SVID falls due (Unix seconds), if any is held.
+    fn next_due(&self) -> Option<i64> {
+        self.read(|s| {
+            s.entries
+                .iter()
+                .filter_map(|e| e.svid.as_ref().map(|c| c.renew_at))
+                .min()
+        })
+    }
+
+    fn store_svid(&self, spiffe_id: &str, svid: CachedSvid) {
+        let svid = Arc::new(svid);
+        self.write(|s| {
+            for e in s.entries.iter_mut().filter(|e| e.spiffe_id == spiffe_id) {
+                e.svid = Some(svid.clone());
+            }
+        });
+    }
+
+    fn renew_at(&self, issued: i64, expires_at: i64) -> i64 {
+        let life = (expires_at - issued).max(1) as f64;
+        let j = self.jitter_fraction;
+        let jitter = if j > 0.0 {
+            rand::rng().random_range(-j..=j)
+        } else {
+            0.0
+        };
+        issued + (life * (self.renew_fraction + jitter)).round() as i64
+    }
+
+    /// A cached JWT-SVID in the first half of its life (a caller never
+    /// gets one about to expire).
+    fn cached_jwt(&self, spiffe_id: &str, audiences: &[String]) -> Option<String> {
+        let key = (spiffe_id.to_owned(), audiences.to_vec());
+        let map = self.jwts.lock().ok()?;
+        let (token, got, exp) = map.get(&key)?;
+        (now_s() < got + (exp - got) / 2).then(|| token.clone())
+    }
+
+    fn put_jwt(&self, spiffe_id: &str, audiences: &[String], token: String, exp: i64) {
+        if let Ok(mut map) = self.jwts.lock() {
+            let now = now_s();
+            if map.len() > 10_000 {
+                map.retain(|_, (_, _, e)| *e > now);
+            }
+            map.insert(
+                (spiffe_id.to_owned(), audiences.to_vec()),
+                (token, now, exp),
+            );
+        }
+    }
+}
+
+/// How the workload tasks reach the server: the servers, the trust bundle
+/// file and the node SVID directory the node identity loop keeps fresh.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Server addresses, tried in order.
+    pub servers: Vec<String>,
+    /// PEM trust anchors for the servers.
+    pub trust_bundle: PathBuf,
+    /// The node SVID directory.
+    pub node_svid_dir: PathBuf,
+}
+
+impl Upstream {
+    /// A client authenticated with the current node SVID, to the first
+    /// server that answers.
+    pub async fn connect(&self) -> Result<HeraldClient, ClientError> {
+        let node = files::read_svid_dir(&self.node_svid_dir)?;
+        let text = std::fs::read_to_string(&self.trust_bundle)
+            .map_err(|e| ClientError::Io(format!("{}: {e}", self.trust_bundle.display())))?;
+        let bundle = files::from_pem("CERTIFICATE", &text).map_err(ClientError::Io)?;
+        let mut last = ClientError::Transport("no server configured".into());
+        for s in &self.servers {
+            let identity = ClientIdentity {
+                cert_chain: node.cert_chain.clone(),
+                key_pkcs8: node.key_pkcs8.clone(),
+            };
+            match HeraldClient::connect(s, &bundle, Some(identity)).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
+async fn pause(shutdown: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = shutdown.changed() => true,
+    }
+}
+
+/// Follows the server's registration stream until `shutdown`, reconnecting
+/// with backoff.
+pub async fn run_sync(
+    cache: Arc<WorkloadCache>,
+    upstream: Upstream,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        // Nothing to authenticate with until the node has attested.
+        if !upstream.node_svid_dir.join(files::SVID_FILE).exists() {
+            if pause(&mut shutdown, Duration::from_millis(200)).await {
+                return;
+            }
+            continue;
+        }
+        let result = async {
+            let client = upstream.connect().await?;
+            let mut api = WorkloadServiceClient::new(client.channel());
+            let mut stream = api
+                .sync_registrations(SyncRegistrationsRequest {})
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            loop {
+                match stream.message().await.map_err(ClientError::from)? {
+                    Some(set) => {
+                        tracing::info!(
+                            registrations = set.registrations.len(),
+                            revision = set.revision,
+                            "workload registrations synced"
+                        );
+                        cache.apply(set);
+                        backoff = Duration::from_millis(200);
+                    }
+                    None => return Ok::<(), ClientError>(()),
+                }
+            }
+        };
+        tokio::select! {
+            r = result => if let Err(e) = r {
+                tracing::warn!(error = %e, "registration sync failed; retrying");
+            },
+            _ = shutdown.changed() => return,
+        }
+        let jittered = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+        if pause(&mut shutdown, jittered).await {
+            return;
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Issues and renews workload SVIDs until `shutdown`: wakes when
+/// registrations change or the next SVID falls due, asks for every due
+/// SVID in batches, and keeps serving the cached ones if the server is
+/// unreachable.
+pub async fn run_rotation(
+    cache: Arc<WorkloadCache>,
+    upstream: Upstream,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changes = cache.subscribe();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let due = cache.due(now_s());
+        if !due.is_empty() {
+            match rotate(&cache, &upstream, &due).await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    tracing::warn!(error = %e, due = due.len(), "workload SVID rotation failed; retrying");
+                    let d = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    if pause(&mut shutdown, d).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            continue;
+        }
+        let wait = cache
+            .next_due()
+            .map_or(Duration::from_secs(3600), |t| {
+                Duration::from_secs((t - now_s()).max(0) as u64)
+            })
+            .max(Duration::from_millis(50));
+        changes.borrow_and_update();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            r = changes.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn rotate(
+    cache: &WorkloadCache,
+    upstream: &Upstream,
+    due: &[String],
+) -> Result<(), ClientError> {
+    let client = upstream.connect().await?;
+    let mut api = WorkloadServiceClient::new(client.channel());
+    for chunk in due.chunks(BATCH) {
+        let mut keys_by_id = HashMap::new();
+        let mut requests = Vec::with_capacity(chunk.len());
+        for id in chunk {
+            let k = keys::generate_key_and_csr()?;
+            requests.push(WorkloadSvidRequest {
+                spiffe_id: id.clone(),
+                csr: k.csr_der,
+            });
+            keys_by_id.insert(id.clone(), Zeroizing::new(k.key_pkcs8));
+        }
+        let resp = api
+            .batch_new_x509_svids(BatchNewX509SvidsRequest { requests })
+            .await
+            .map_err(ClientError::from)?
+            .into_inner();
+        let now = now_s();
+        for r in resp.results {
+            match (r.svid, keys_by_id.remove(&r.spiffe_id)) {
+                (Some(svid), Some(key)) => {
+                    let renew_at = cache.renew_at(now, svid.expires_at);
+                    cache.store_svid(
+                        &r.spiffe_id,
+                        CachedSvid {
+                            chain: svid.cert_chain,
+                            key_pkcs8: key,
+                            serial: svid.serial,
+                            expires_at: svid.expires_at,
+                            renew_at,
+                        },
+                    );
+                }
+                _ => tracing::warn!(
+                    spiffe_id = %r.spiffe_id,
+                    code = %r.error_code,
+                    message = %r.error_message,
+                    "the server refused a workload SVID"
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A JWT-SVID for `spiffe_id` and `audiences`, from the cache or the server.
+pub async fn jwt_svid(
+    cache: &WorkloadCache,
+    upstream: &Upstream,
+    spiffe_id: &str,
+    audiences: &[String],
+) -> Result<String, ClientError> {
+    let mut auds = audiences.to_vec();
+    auds.sort();
+    auds.dedup();
+    if let Some(t) = cache.cached_jwt(spiffe_id, &auds) {
+        return Ok(t);
+    }
+    let client = upstream.connect().await?;
+    let resp = WorkloadServiceClient::new(client.channel())
+        .new_jwt_svid(NewJwtSvidRequest {
+            spiffe_id: spiffe_id.to_owned(),
+            audiences: auds.clone(),
+        })
+        .await
+        .map_err(ClientError::from)?
+        .into_inner();
+    cache.put_jwt(spiffe_id, &auds, resp.token.clone(), resp.expires_at);
+    Ok(resp.token)
+}
+
+/// Session credentials for `spiffe_id`'s cloud role, from the cache (first
+/// half of their life) or the server.
+pub async fn cloud_credentials(
+    cache: &WorkloadCache,
+    upstream: &Upstream,
+    spiffe_id: &str,
+    session_name: &str,
+) -> Result<CloudCredentials, ClientError> {
+    let now = now_s();
+    if let Ok(map) = cache.clouds.lock()
+        && let Some((c, got, exp)) = map.get(spiffe_id)
+        && now < got + (exp - got) / 2
+    {
+        return Ok(c.clone());
+    }
+    let client = upstream.connect().await?;
+    let creds = WorkloadServiceClient::new(client.channel())
+        .new_cloud_credentials(NewCloudCredentialsRequest {
+            spiffe_id: spiffe_id.to_owned(),
+            session_name: session_name.to_owned(),
+        })
+        .await
+        .map_err(ClientError::from)?
+        .into_inner();
+    let exp = time::OffsetDateTime::parse(
+        &creds.expiration,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map_or(now + 60, |t| t.unix_timestamp());
+    if let Ok(mut map) = cache.clouds.lock() {
+        map.insert(spiffe_id.to_owned(), (creds.clone(), now, exp));
+    }
+    Ok(creds)
+}
