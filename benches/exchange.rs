@@ -184,8 +184,7 @@ fn main() {
                 audiences: vec!["herald".into()],
                 claims,
             }),
-            join_token: None,
-            x509_svid: None,
+            ..herald_policy::Evidence::default()
         };
         let reps = 20_000;
         let t = Instant::now();

@@ -3,7 +3,9 @@
 set -euo pipefail
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
-pkgs=(build-essential pkg-config openssl ca-certificates git curl python3 python3-venv)
+# libtss2-dev: the node agent links tpm2-tss (tss-esapi); swtpm, swtpm-tools and
+# tpm2-tools: the TPM tests run a real software TPM and cross-check with tpm2-tools.
+pkgs=(build-essential pkg-config openssl ca-certificates git curl python3 python3-venv libtss2-dev swtpm swtpm-tools tpm2-tools)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -38,11 +38,12 @@ pub fn now_ms() -> i64 {
 
 /// The credential kind an action concerns, from its name.
 pub fn credential_type(action: &str) -> Option<&'static str> {
-    if action.starts_with("x509_svid.") || action == "exchange.x509_svid" {
+    if action.starts_with("x509_svid.") || action == "exchange.x509_svid" || action == "node.attest"
+    {
         Some("x509_svid")
-    } else if action == "exchange.jwt_svid" {
+    } else if action == "exchange.jwt_svid" || action == "jwt_svid.workload" {
         Some("jwt_svid")
-    } else if action == "exchange.cloud_credentials" {
+    } else if action == "exchange.cloud_credentials" || action == "cloud_credentials.workload" {
         Some("cloud_credentials")
     } else {
         None

@@ -49,8 +49,8 @@ enum Command {
         /// Until this time (exclusive): RFC 3339, or a duration ago. Default: now.
         #[arg(long)]
         until: Option<String>,
-        /// Output format.
-        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        /// Output format: a text table, JSON, or a static HTML page with charts.
+        #[arg(long, default_value = "text", value_parser = ["text", "json", "html"])]
         format: String,
     },
     /// Check configuration files offline.
@@ -59,13 +59,36 @@ enum Command {
     /// Check and test attestation policies offline.
     #[command(subcommand)]
     Policy(crate::policy_cmd::PolicyCommand),
+    /// Node registry administration (TPM-attested nodes).
+    #[command(subcommand)]
+    Node(crate::node_cmd::NodeCommand),
+    /// Run the node agent (TPM attestation, node SVID rotation), or show its status.
+    Agent(crate::node_cmd::AgentArgs),
+    /// A workload's SVIDs from the local agent's Workload API.
+    #[command(subcommand)]
+    Workload(WorkloadCommand),
     /// Revoke an issued credential so it can no longer be renewed.
+    /// By serial, or in bulk by SPIFFE ID, policy and issuance window (the
+    /// incident-response path, e.g. `--policy P --since 1h`); nodes are
+    /// banned with `herald node ban`.
     Revoke {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Serial number (hex) of the credential.
+        /// Serial number (hex) of one credential.
+        #[arg(long, conflicts_with_all = ["spiffe_id", "policy", "since", "until"])]
+        serial: Option<String>,
+        /// Every unexpired credential issued to this SPIFFE ID.
         #[arg(long)]
-        serial: String,
+        spiffe_id: Option<String>,
+        /// Every unexpired credential this policy granted.
+        #[arg(long)]
+        policy: Option<String>,
+        /// Issued at or after: RFC 3339, or a duration ago (1h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Issued before: RFC 3339, or a duration ago.
+        #[arg(long)]
+        until: Option<String>,
         /// Why, for the audit log.
         #[arg(long, default_value = "unspecified")]
         reason: String,
@@ -74,13 +97,19 @@ enum Command {
 
 /// Where the server's configuration comes from.
 #[derive(Args, Debug, Clone)]
-struct ConfigArgs {
+pub(crate) struct ConfigArgs {
     /// TOML configuration file.
     #[arg(long, env = "HERALD_CONFIG", conflicts_with = "dev")]
     config: Option<PathBuf>,
     /// Use the embedded development defaults (data in ./.herald-dev).
     #[arg(long)]
     dev: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkloadCommand {
+    /// Fetch X.509 SVIDs (print, write files, or keep them fresh with --watch).
+    Fetch(crate::workload_cmd::FetchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -235,7 +264,7 @@ impl From<herald_server::ServerError> for CliError {
     }
 }
 
-fn load_config(args: &ConfigArgs) -> Result<ServerConfig, CliError> {
+pub(crate) fn load_config(args: &ConfigArgs) -> Result<ServerConfig, CliError> {
     let mut cfg = match (&args.config, args.dev) {
         (Some(path), _) => ServerConfig::from_file(path)?,
         (None, true) => ServerConfig::dev(Path::new(DEV_DATA_DIR))?,
@@ -251,7 +280,7 @@ fn load_config(args: &ConfigArgs) -> Result<ServerConfig, CliError> {
     Ok(cfg)
 }
 
-async fn open_store(cfg: &ServerConfig) -> Result<Store, CliError> {
+pub(crate) async fn open_store(cfg: &ServerConfig) -> Result<Store, CliError> {
     if cfg.database_url().starts_with("sqlite") && !cfg.data_dir.exists() {
         return Err(CliError::new(
             "config",
@@ -265,7 +294,7 @@ async fn open_store(cfg: &ServerConfig) -> Result<Store, CliError> {
 }
 
 /// Who is at the keyboard, for audit records.
-fn operator() -> String {
+pub(crate) fn operator() -> String {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -277,7 +306,7 @@ fn operator() -> String {
     format!("operator:{user}(uid={})", uid.unwrap_or_else(|| "?".into()))
 }
 
-fn operator_event(action: &str) -> AuditEvent {
+pub(crate) fn operator_event(action: &str) -> AuditEvent {
     let mut e = AuditEvent::new(action, operator());
     e.evidence_type = Some(EvidenceType::Operator);
     e.policy = Some("cli".into());
@@ -313,6 +342,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }) => audit_export(config, since, until).await,
         Command::Exchange(args) => crate::exchange_cmd::exchange(*args).await,
         Command::Policy(cmd) => crate::policy_cmd::run(cmd),
+        Command::Node(cmd) => crate::node_cmd::node(cmd).await,
+        Command::Agent(args) => crate::node_cmd::agent(args).await,
+        Command::Workload(WorkloadCommand::Fetch(args)) => crate::workload_cmd::fetch(args).await,
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Report {
             config,
@@ -322,9 +354,19 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         } => report(config, since, until, &format).await,
         Command::Revoke {
             config,
-            serial,
+            serial: Some(serial),
             reason,
+            ..
         } => revoke(config, serial, reason).await,
+        Command::Revoke {
+            config,
+            serial: None,
+            spiffe_id,
+            policy,
+            since,
+            until,
+            reason,
+        } => revoke_bulk(config, spiffe_id, policy, since, until, reason).await,
     }
 }
 
@@ -380,7 +422,7 @@ async fn server(args: ConfigArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
@@ -671,6 +713,8 @@ async fn report(
         let text = serde_json::to_string_pretty(&report)
             .map_err(|e| CliError::new("internal", e.to_string()))?;
         println!("{text}");
+    } else if format == "html" {
+        print!("{}", crate::report_cmd::to_html(&report));
     } else {
         print!("{}", crate::report_cmd::to_text(&report));
     }
@@ -697,6 +741,49 @@ async fn audit_export(
     store.close().await;
     let n = result?;
     eprintln!("exported {n} audit records");
+    Ok(())
+}
+
+async fn revoke_bulk(
+    config: ConfigArgs,
+    spiffe_id: Option<String>,
+    policy: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    reason: String,
+) -> Result<(), CliError> {
+    let now = crate::audit_cmd::now_ms();
+    let at = |t: Option<String>| -> Result<Option<i64>, CliError> {
+        t.map(|t| crate::audit_cmd::parse_time(&t, now).map(|ms| ms.div_euclid(1000)))
+            .transpose()
+    };
+    let filter = herald_store::RevocationFilter {
+        spiffe_id,
+        policy,
+        issued_after: at(since)?,
+        issued_before: at(until)?,
+    };
+    if filter == herald_store::RevocationFilter::default() {
+        return Err(CliError::new(
+            "invalid_request",
+            "name --serial, or at least one of --spiffe-id, --policy, --since, --until",
+        ));
+    }
+    let cfg = load_config(&config)?;
+    let store = open_store(&cfg).await?;
+    let mut audit = operator_event("credential.revoke_bulk");
+    audit.spiffe_id = filter.spiffe_id.clone();
+    audit.evidence_digest = Some(format!(
+        "policy={} since={} until={}",
+        filter.policy.as_deref().unwrap_or("*"),
+        filter.issued_after.map_or("*".into(), |t| t.to_string()),
+        filter.issued_before.map_or("*".into(), |t| t.to_string())
+    ));
+    let result = store
+        .revoke_matching(&filter, &reason, &operator(), audit)
+        .await;
+    store.close().await;
+    println!("revoked {} credential(s)", result?);
     Ok(())
 }
 

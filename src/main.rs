@@ -4,9 +4,11 @@
 mod audit_cmd;
 mod cli;
 mod exchange_cmd;
+mod node_cmd;
 mod policy_cmd;
 mod report_cmd;
 mod telemetry;
+mod workload_cmd;
 
 use std::process::ExitCode;
 

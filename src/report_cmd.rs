@@ -29,6 +29,9 @@ fn is_bypass_attempt(code: ErrorCode) -> bool {
             | ErrorCode::ForeignTrustDomain
             | ErrorCode::SvidRevoked
             | ErrorCode::TtlTooLong
+            | ErrorCode::NodeBanned
+            | ErrorCode::TpmPcrOffPolicy
+            | ErrorCode::TpmFirmwareRefused
     )
 }
 
@@ -151,7 +154,7 @@ pub fn compute(
         bypass_attempts: 0,
         break_glass: Vec::new(),
     };
-    let (mut authenticated, mut multi_factor) = (0, 0);
+    let (mut authenticated, mut multi_factor, mut hardware) = (0, 0, 0);
     for e in events {
         if credential_type(&e.action) == "other" {
             continue;
@@ -176,7 +179,10 @@ pub fn compute(
             m.verified += 1;
         }
         if let Some(code) = e.reason {
-            if matches!(code, ErrorCode::TokenReplayed | ErrorCode::JoinTokenUsed) {
+            if matches!(
+                code,
+                ErrorCode::TokenReplayed | ErrorCode::JoinTokenUsed | ErrorCode::TpmNonceReplayed
+            ) {
                 r.replay_attempts += 1;
             }
             if is_bypass_attempt(code) {
@@ -184,8 +190,13 @@ pub fn compute(
             }
         }
         if e.outcome == Outcome::Success {
-            if e.evidence_type.is_some_and(|t| t.factor_count() > 1) {
+            if e.evidence_type
+                .is_some_and(|t| t.factor_count() > 1 || t.is_hardware_backed())
+            {
                 multi_factor += 1;
+            }
+            if e.evidence_type.is_some_and(|t| t.is_hardware_backed()) {
+                hardware += 1;
             }
             if e.evidence_type == Some(EvidenceType::JoinToken) {
                 r.break_glass.push(BreakGlass {
@@ -202,9 +213,7 @@ pub fn compute(
     }
     r.issuance_error_rate = rate(r.errors, r.requests);
     r.authentication_success_rate = rate(authenticated, r.requests);
-    // No hardware-attested evidence exists yet (TPM attestation arrives
-    // with the node agent); the field is there so dashboards need not change.
-    r.hardware_backed_rate = 0.0;
+    r.hardware_backed_rate = rate(hardware, r.issued);
     r.mfa_enforcement_rate = rate(multi_factor, r.issued);
 
     let mut by_kind: BTreeMap<String, Vec<i64>> = BTreeMap::new();
@@ -322,5 +331,121 @@ pub fn to_text(r: &Report) -> String {
             ));
         }
     }
+    s
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// One horizontal bar (inline SVG) for a rate in 0..=1.
+fn bar(label: &str, rate: f64, detail: &str) -> String {
+    let w = (rate.clamp(0.0, 1.0) * 300.0).round();
+    let colour = if rate >= 0.95 {
+        "#2e7d32"
+    } else if rate >= 0.8 {
+        "#f9a825"
+    } else {
+        "#c62828"
+    };
+    format!(
+        "<tr><th>{}</th><td><svg width=\"300\" height=\"14\" role=\"img\" aria-label=\"{}\"><rect width=\"300\" height=\"14\" fill=\"#eee\"/><rect width=\"{w}\" height=\"14\" fill=\"{colour}\"/></svg></td><td>{}</td><td>{}</td></tr>\n",
+        escape(label),
+        pct(rate),
+        pct(rate),
+        escape(detail)
+    )
+}
+
+/// The report as one self-contained HTML page (inline SVG charts, no
+/// scripts, no external resources): something to attach to an audit.
+pub fn to_html(r: &Report) -> String {
+    let mut s = String::from(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Herald coverage report</title>\n<style>body{font:14px system-ui,sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse;margin:1em 0}th,td{padding:.3em .8em;text-align:left;border-bottom:1px solid #ddd}th{font-weight:600}td.n{text-align:right}</style></head><body>\n",
+    );
+    s.push_str(&format!(
+        "<h1>Herald coverage report</h1>\n<p>{} .. {}</p>\n",
+        escape(&r.since),
+        escape(&r.until)
+    ));
+    s.push_str("<h2>Measures</h2>\n<table>\n");
+    s.push_str(&bar(
+        "machine-MFA enforcement",
+        r.mfa_enforcement_rate,
+        "issued with more than one factor or hardware evidence",
+    ));
+    s.push_str(&bar(
+        "hardware-backed issuance",
+        r.hardware_backed_rate,
+        "TPM-attested",
+    ));
+    s.push_str(&bar(
+        "authentication success",
+        r.authentication_success_rate,
+        "evidence verified",
+    ));
+    s.push_str(&bar(
+        "rotation compliance",
+        r.rotation_compliance,
+        &format!(
+            "{} of {} renewed before expiry",
+            r.rotated_in_time, r.rotation_due
+        ),
+    ));
+    s.push_str(&bar(
+        "issuance without error",
+        1.0 - r.issuance_error_rate,
+        &format!("{} errors", r.errors),
+    ));
+    s.push_str("</table>\n<h2>Counts</h2>\n<table>\n");
+    for (k, v) in [
+        ("credential requests", r.requests),
+        ("issued", r.issued),
+        ("refused", r.refused),
+        ("errors", r.errors),
+        ("replay attempts", r.replay_attempts),
+        ("bypass attempts", r.bypass_attempts),
+        ("break-glass uses", r.break_glass.len() as u64),
+    ] {
+        s.push_str(&format!("<tr><th>{k}</th><td class=\"n\">{v}</td></tr>\n"));
+    }
+    s.push_str("</table>\n<h2>Attestation by method</h2>\n<table>\n");
+    for (m, st) in &r.attestation_by_method {
+        s.push_str(&bar(
+            m,
+            st.success_rate,
+            &format!("{} of {} verified", st.verified, st.attempts),
+        ));
+    }
+    s.push_str("</table>\n<h2>Credential lifetimes (seconds)</h2>\n<table><tr><th>kind</th><th>count</th><th>min</th><th>p50</th><th>p90</th><th>max</th></tr>\n");
+    for (k, t) in &r.ttl_distribution {
+        s.push_str(&format!(
+            "<tr><th>{}</th><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
+            escape(k),
+            t.count,
+            t.min_s,
+            t.p50_s,
+            t.p90_s,
+            t.max_s
+        ));
+    }
+    s.push_str("</table>\n");
+    if !r.break_glass.is_empty() {
+        s.push_str("<h2>Break-glass uses</h2>\n<table><tr><th>time</th><th>caller</th><th>SPIFFE ID</th><th>serial</th></tr>\n");
+        for b in &r.break_glass {
+            s.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                escape(&b.time),
+                escape(&b.caller),
+                escape(b.spiffe_id.as_deref().unwrap_or("-")),
+                escape(b.serial.as_deref().unwrap_or("-"))
+            ));
+        }
+        s.push_str("</table>\n");
+    }
+    s.push_str("</body></html>\n");
     s
 }

@@ -113,6 +113,57 @@ fn kubernetes_manifests_parse_with_the_expected_kinds_and_probes() {
 }
 
 #[test]
+fn the_agent_daemonset_mounts_the_tpm_and_its_config_is_valid() {
+    let text = std::fs::read_to_string(repo("deploy/kubernetes/herald-agent.yaml")).unwrap();
+    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["ConfigMap", "DaemonSet"]);
+    let spec = &docs[1]["spec"]["template"]["spec"];
+    let volumes = spec["volumes"].as_array().unwrap();
+    assert!(
+        volumes.iter().any(
+            |v| v["hostPath"]["path"] == "/dev/tpmrm0" && v["hostPath"]["type"] == "CharDevice"
+        )
+    );
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["hostPath"]["path"] == "/run/herald")
+    );
+    let container = &spec["containers"][0];
+    assert_eq!(container["securityContext"]["privileged"], false);
+    assert_eq!(container["args"][0], "agent");
+    let cfg =
+        herald_agent::AgentConfig::parse(docs[0]["data"]["agent.toml"].as_str().unwrap()).unwrap();
+    assert_eq!(cfg.tpm.tcti, "device:/dev/tpmrm0");
+    assert_eq!(
+        cfg.workload_api.unwrap().socket,
+        std::path::PathBuf::from("/run/herald/agent.sock")
+    );
+    // Workload attestation needs the callers' /proc entries.
+    assert_eq!(spec["hostPID"], true);
+    // The documented example is valid too, and checked by the CLI.
+    let out = herald(&[
+        "agent",
+        "--config",
+        repo("deploy/agent.example.toml").to_str().unwrap(),
+        "check",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bad = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        bad.path(),
+        "servers = [\"http://plain\"]\ntrust_bundle = \"b\"\ndata_dir = \"d\"\n",
+    )
+    .unwrap();
+    let out = herald(&["agent", "--config", bad.path().to_str().unwrap(), "check"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("https://"), "{}", stderr(&out));
+}
+
+#[test]
 fn the_systemd_unit_is_hardened() {
     let unit = std::fs::read_to_string(repo("deploy/systemd/herald-server.service")).unwrap();
     for line in [
@@ -124,6 +175,22 @@ fn the_systemd_unit_is_hardened() {
         "ExecStart=/usr/local/bin/herald server --config /etc/herald/herald.toml",
     ] {
         assert!(unit.lines().any(|l| l == line), "missing {line}");
+    }
+    let agent = std::fs::read_to_string(repo("deploy/systemd/herald-agent.service")).unwrap();
+    for line in [
+        "User=herald-agent",
+        "SupplementaryGroups=tss",
+        "DevicePolicy=closed",
+        "DeviceAllow=/dev/tpmrm0 rw",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+        "ExecStart=/usr/local/bin/herald agent --config /etc/herald/agent.toml",
+    ] {
+        assert!(
+            agent.lines().any(|l| l == line),
+            "agent unit: missing {line}"
+        );
     }
     let containerfile = std::fs::read_to_string(repo("deploy/container/Containerfile")).unwrap();
     assert!(containerfile.contains("USER nonroot"));
@@ -319,6 +386,37 @@ fn report_figures_match_a_known_sequence_of_decisions() {
         text.lines()
             .any(|l| l.starts_with("replay attempts") && l.trim_end().ends_with(" 1")),
         "{text}"
+    );
+    // And the HTML page: well-formed enough for Python's parser, with the
+    // same counts and one chart per measure.
+    let html = stdout(&ok(
+        site.herald(&["report", "--since", "1h", "--format", "html"])
+    ));
+    assert!(html.starts_with("<!doctype html>"));
+    assert!(
+        html.contains("<tr><th>replay attempts</th><td class=\"n\">1</td></tr>"),
+        "{html}"
+    );
+    assert!(html.matches("<svg").count() >= 5, "{html}");
+    assert!(!html.contains("<script"));
+    let check = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, html.parser\nclass P(html.parser.HTMLParser):\n  def __init__(s):\n    super().__init__(); s.stack=[]\n  def handle_starttag(s,t,a):\n    if t not in ('meta','br'): s.stack.append(t)\n  def handle_startendtag(s,t,a):\n    pass\n  def handle_endtag(s,t):\n    assert s.stack and s.stack.pop()==t, t\np=P(); p.feed(sys.stdin.read()); assert not p.stack, p.stack; print('ok')",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(html.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
     );
 }
 

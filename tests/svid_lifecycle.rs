@@ -291,3 +291,63 @@ fn cli_errors_are_one_line_with_a_stable_code() {
     assert!(listed.contains("TOKEN ID"));
     server.stop();
 }
+
+#[test]
+fn bulk_revocation_by_identity_and_window_stops_renewals() {
+    let site = Site::new();
+    let server = site.start();
+    let (a, b) = (
+        format!("spiffe://{TRUST_DOMAIN}/incident/a"),
+        format!("spiffe://{TRUST_DOMAIN}/incident/b"),
+    );
+    let (dir_a, dir_b) = (site.dir.path().join("a"), site.dir.path().join("b"));
+    ok(site.mint(&server, &site.token(&a), &dir_a));
+    ok(site.mint(&server, &site.token(&b), &dir_b));
+    let renew = |dir: &std::path::Path| {
+        site.herald(&[
+            "svid",
+            "renew",
+            "--server",
+            &server.url(),
+            "--out",
+            dir.to_str().unwrap(),
+        ])
+    };
+    // Nothing without a condition.
+    let out = site.herald(&["revoke"]);
+    assert!(
+        stderr(&out).contains("error[invalid_request]"),
+        "{}",
+        stderr(&out)
+    );
+    // Everything issued to a, in the last hour: its renewal is refused, b's is not.
+    let out = ok(site.herald(&[
+        "revoke",
+        "--spiffe-id",
+        &a,
+        "--since",
+        "1h",
+        "--reason",
+        "incident 42",
+    ]));
+    assert_eq!(stdout(&out).trim(), "revoked 1 credential(s)");
+    let refused = renew(&dir_a);
+    assert!(
+        stderr(&refused).contains("error[svid_revoked]"),
+        "{}",
+        stderr(&refused)
+    );
+    ok(renew(&dir_b));
+    // A window that ended before anything was issued matches nothing.
+    let out = ok(site.herald(&["revoke", "--spiffe-id", &b, "--until", "2h"]));
+    assert_eq!(stdout(&out).trim(), "revoked 0 credential(s)");
+    // The bulk revocation is audited with its conditions.
+    let audit = stdout(&ok(site.herald(&["audit", "export", "--since", "1h"])));
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("credential.revoke_bulk") && l.contains(&a)),
+        "{audit}"
+    );
+    server.stop();
+}

@@ -1,0 +1,330 @@
+//! Workload API benchmark (BRIEF §8, issue: Workload API on the agent).
+//!
+//! Prints, from one run on this machine, with a real swtpm, an in-process
+//! server (SQLite) and the real `herald agent` binary:
+//! 1. Workload API fetch latency from the agent's cache (p50/p99), many
+//!    concurrent callers, X.509 (FetchX509SVID first message) and JWT;
+//! 2. the spread of 1,000 workload SVID renewals over time (per-second
+//!    histogram of the renewals after the initial issuance) — no lock-step;
+//! 3. the agent's resident memory with 100 and 1,000 registrations.
+//!
+//! Run: `cargo bench --bench workload` (`HERALD_BENCH_N` scales the fetches).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use herald_client::workload_api::WorkloadApiClient;
+use herald_test_tpm::SoftTpm;
+
+const TD: &str = "bench.herald.test";
+const ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// (VmRSS, RssAnon) in KiB: all resident pages, and the private ones
+/// (the rest are clean pages of the executable, shared and reclaimable).
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("RssAnon:"))
+}
+
+struct Site {
+    _dir: tempfile::TempDir,
+    server: herald_server::RunningServer,
+}
+
+async fn site(tpm: &SoftTpm, registrations: usize, ttl: &str) -> Site {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = dir.path().join("kek");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&kek, "5a".repeat(32)).unwrap();
+        std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::copy(tpm.ek_root_pem_path(), policies.join("root.pem")).unwrap();
+    std::fs::copy(tpm.ek_intermediate_pem_path(), policies.join("inter.pem")).unwrap();
+    // One registration matches the benchmark process (uid 0); the others
+    // are other workloads on the node (distinct cgroups) the agent keeps
+    // SVIDs for all the same.
+    let mut w = format!(
+        "workloads:\n  - {{ spiffe_id: spiffe://{TD}/w/bench, selectors: [\"unix:uid:0\"], ttl: {ttl}, jwt_audiences: [api], hint: bench }}\n"
+    );
+    for i in 1..registrations {
+        w.push_str(&format!(
+            "  - {{ spiffe_id: spiffe://{TD}/w/svc-{i}, selectors: [\"cgroup:/bench.slice/svc-{i}.service\"], ttl: {ttl} }}\n"
+        ));
+    }
+    std::fs::write(
+        policies.join("nodes.yaml"),
+        format!("name: nodes\nevidence:\n  tpm:\n    ek_roots: [root.pem]\n    ek_intermediates: [inter.pem]\n    pcrs: [0, 7]\n    golden:\n      - {{ name: g, pcrs: {{ 0: \"{ZERO}\" }} }}\nspiffe_id:\n  prefix: spiffe://{TD}/node/\n  template: \"spiffe://{TD}/node/{{ek_hash}}\"\ngrants:\n  x509_svid: {{ max_ttl: 1h }}\n{w}"),
+    )
+    .unwrap();
+    let toml = format!(
+        "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[policy]\ndir = \"{}\"\n",
+        dir.path().join("data").display(),
+        kek.display(),
+        policies.display()
+    );
+    let cfg = herald_server::ServerConfig::from_toml(&toml).unwrap();
+    let server = herald_server::start(cfg).await.unwrap();
+    Site { _dir: dir, server }
+}
+
+struct AgentProc {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_agent(site: &Site, tpm: &SoftTpm) -> AgentProc {
+    let dir = tempfile::tempdir().unwrap();
+    let anchors = site.server.shared.ca().bundle.x509_authorities.clone();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        herald_client::files::to_pem("CERTIFICATE", &anchors),
+    )
+    .unwrap();
+    let socket = dir.path().join("agent.sock");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "servers = [\"https://{}\"]\ntrust_bundle = \"{}\"\ndata_dir = \"{}\"\n[tpm]\ntcti = \"{}\"\n[workload_api]\nsocket = \"{}\"\n",
+            site.server.grpc_addr,
+            bundle.display(),
+            dir.path().join("state").display(),
+            tpm.tcti(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["agent", "--config"])
+        .arg(&cfg)
+        .env("HERALD_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    AgentProc {
+        child,
+        _dir: dir,
+        socket,
+    }
+}
+
+/// Workload SVIDs issued so far (from the audit log).
+async fn workload_issuances(site: &Site) -> Vec<i64> {
+    let store = &site.server.shared.store;
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.audit_records(after, 5000).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        out.extend(
+            page.iter()
+                .filter(|r| {
+                    r.event.action == "x509_svid.workload"
+                        && r.event.outcome == herald_core::Outcome::Success
+                })
+                .map(|r| r.event.time_ms),
+        );
+    }
+    out
+}
+
+async fn wait_issued(site: &Site, n: usize, secs: u64) -> Duration {
+    let t = Instant::now();
+    while workload_issuances(site).await.len() < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "SVIDs not issued in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.elapsed()
+}
+
+async fn wait_socket(path: &Path) -> WorkloadApiClient {
+    let t = Instant::now();
+    loop {
+        if let Ok(c) = WorkloadApiClient::connect(path).await
+            && c.fetch_x509().await.is_ok()
+        {
+            return c;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "Workload API not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn main() {
+    let n: usize = std::env::var("HERALD_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("# Workload API benchmark");
+    rt.block_on(async {
+        // 1. Fetch latency from cache, 100 registrations.
+        let tpm = SoftTpm::start().unwrap();
+        let s = site(&tpm, 100, "1h").await;
+        let agent = start_agent(&s, &tpm);
+        let issued = wait_issued(&s, 100, 120).await;
+        let client = wait_socket(&agent.socket).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss100 = rss_kib(agent.child.id());
+        println!(
+            "## 100 registrations: all SVIDs issued {:.2} s after start; agent RSS {:.1} MiB, of which private (anonymous) {:.1} MiB (target ≤ 20 MiB)",
+            issued.as_secs_f64(),
+            rss100.0 as f64 / 1024.0,
+            rss100.1 as f64 / 1024.0
+        );
+        drop(client);
+        let socket = Arc::new(agent.socket.clone());
+        for conc in [1usize, 4, 32] {
+            let per = (n / conc / 4).max(10);
+            let mut lat: Vec<Duration> = Vec::with_capacity(conc * per);
+            let t = Instant::now();
+            let tasks: Vec<_> = (0..conc)
+                .map(|_| {
+                    let socket = socket.clone();
+                    tokio::spawn(async move {
+                        let c = WorkloadApiClient::connect(&socket).await.unwrap();
+                        let mut v = Vec::with_capacity(per);
+                        for _ in 0..per {
+                            let s = Instant::now();
+                            let r = c.fetch_x509().await.unwrap();
+                            assert_eq!(r.svids.len(), 1);
+                            v.push(s.elapsed());
+                        }
+                        v
+                    })
+                })
+                .collect();
+            for task in tasks {
+                lat.extend(task.await.unwrap());
+            }
+            let total = t.elapsed();
+            lat.sort_unstable();
+            println!(
+                "FetchX509SVID from cache, {conc:>2} concurrent caller(s), {} fetches: {:>6.0}/s, p50 {:.3} ms, p99 {:.3} ms (target p99 ≤ 1 ms)",
+                lat.len(),
+                per_sec(lat.len(), total),
+                percentile(&lat, 0.5).as_secs_f64() * 1e3,
+                percentile(&lat, 0.99).as_secs_f64() * 1e3
+            );
+        }
+        // JWT-SVIDs from cache (the first fetch goes to the server).
+        let c = WorkloadApiClient::connect(&agent.socket).await.unwrap();
+        let mut raw = herald_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+            // Reuse the client's connection through a fresh request each time.
+            tonic::transport::Endpoint::from_static("http://x")
+                .connect_with_connector(tower::service_fn({
+                    let p = agent.socket.clone();
+                    move |_| {
+                        let p = p.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                                tokio::net::UnixStream::connect(p).await?,
+                            ))
+                        }
+                    }
+                }))
+                .await
+                .unwrap(),
+        );
+        drop(c);
+        let jwt_req = || {
+            let mut r = tonic::Request::new(herald_proto::workload::JwtsvidRequest {
+                audience: vec!["api".into()],
+                spiffe_id: String::new(),
+            });
+            r.metadata_mut().insert("workload.spiffe.io", "true".parse().unwrap());
+            r
+        };
+        raw.fetch_jwtsvid(jwt_req()).await.unwrap();
+        let mut jl = Vec::new();
+        for _ in 0..(n / 10).max(100) {
+            let s = Instant::now();
+            raw.fetch_jwtsvid(jwt_req()).await.unwrap();
+            jl.push(s.elapsed());
+        }
+        jl.sort_unstable();
+        println!(
+            "FetchJWTSVID from cache, one caller: p50 {:.3} ms, p99 {:.3} ms",
+            percentile(&jl, 0.5).as_secs_f64() * 1e3,
+            percentile(&jl, 0.99).as_secs_f64() * 1e3
+        );
+        drop(raw);
+        drop(agent);
+        drop(s);
+        drop(tpm);
+
+        // 2 + 3. 1,000 registrations on a 40 s TTL: issuance, RSS, renewal spread.
+        let tpm = SoftTpm::start().unwrap();
+        let s = site(&tpm, 1000, "40s").await;
+        let agent = start_agent(&s, &tpm);
+        let issued = wait_issued(&s, 1000, 300).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss1000 = rss_kib(agent.child.id());
+        println!(
+            "## 1,000 registrations: all SVIDs issued {:.2} s after start (batches of 100); agent RSS {:.1} MiB, private {:.1} MiB",
+            issued.as_secs_f64(),
+            rss1000.0 as f64 / 1024.0,
+            rss1000.1 as f64 / 1024.0
+        );
+        // Wait for the first generation of renewals (0.5 ± 0.1 of 40 s).
+        let first = workload_issuances(&s).await;
+        let start_ms = *first.iter().min().unwrap();
+        wait_issued(&s, 2000, 120).await;
+        let all = workload_issuances(&s).await;
+        let mut renewals: Vec<i64> = all.into_iter().filter(|t| *t > start_ms + 10_000).collect();
+        renewals.sort_unstable();
+        renewals.truncate(1000);
+        let mut buckets = std::collections::BTreeMap::<i64, usize>::new();
+        for t in &renewals {
+            *buckets.entry((t - start_ms) / 1000).or_default() += 1;
+        }
+        let max = buckets.values().copied().max().unwrap_or(0);
+        println!("renewals of the 1,000 SVIDs, seconds after first issuance (TTL 40 s, renew at 0.5 ± 0.1):");
+        for (sec, count) in &buckets {
+            println!("  {sec:>3} s {count:>4} {}", "#".repeat(count * 50 / max.max(1)));
+        }
+        println!(
+            "  largest second holds {max} of {} renewals ({:.1} %): spread, not lock-step",
+            renewals.len(),
+            max as f64 * 100.0 / renewals.len().max(1) as f64
+        );
+        drop(agent);
+    });
+}

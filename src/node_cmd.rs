@@ -1,0 +1,269 @@
+//! `herald node list|ban` (operators, against the datastore) and
+//! `herald agent [status]` (the node agent).
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use herald_agent::{Agent, AgentConfig, AgentStatus, workload};
+use herald_store::NodeStatus;
+
+use crate::cli::{CliError, ConfigArgs, load_config, open_store, operator, operator_event};
+
+/// Node registry administration.
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// List attested nodes: SPIFFE ID, EK hash, status, counters, last attestation.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ban a node (by SPIFFE ID or EK hash): its re-attestations and
+    /// renewals are refused from now on and its unexpired credentials revoked.
+    Ban {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The node's SPIFFE ID or EK hash.
+        id: String,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+    },
+}
+
+/// `herald agent`.
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// The agent's TOML configuration (see deploy/agent.example.toml).
+    #[arg(long, env = "HERALD_AGENT_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<AgentCommand>,
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCommand {
+    /// Show the node identity, its expiry, the next rotation and the last error.
+    Status {
+        /// Print the status JSON as is.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an agent configuration file offline.
+    Check,
+}
+
+fn rfc3339(t: Option<i64>) -> String {
+    t.and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Runs `herald node ...`.
+pub async fn node(cmd: NodeCommand) -> Result<(), CliError> {
+    match cmd {
+        NodeCommand::List { config, json } => {
+            let cfg = load_config(&config)?;
+            let store = open_store(&cfg).await?;
+            let nodes = store.list_nodes().await;
+            store.close().await;
+            let nodes = nodes?;
+            if json {
+                for n in &nodes {
+                    let line = serde_json::json!({
+                        "spiffe_id": n.spiffe_id,
+                        "ek_hash": n.ek_hash,
+                        "ak_name": n.ak_name,
+                        "status": match n.status { NodeStatus::Active => "active", NodeStatus::Banned => "banned" },
+                        "policy": n.policy,
+                        "golden_set": n.golden_set,
+                        "reset_count": n.reset_count,
+                        "restart_count": n.restart_count,
+                        "firmware_version": n.firmware_version,
+                        "attestations": n.attestations,
+                        "enrolled_at": rfc3339(Some(n.enrolled_at)),
+                        "last_attested_at": rfc3339(Some(n.last_attested_at)),
+                        "banned_at": rfc3339(n.banned_at),
+                        "ban_reason": n.ban_reason,
+                    });
+                    println!("{line}");
+                }
+                return Ok(());
+            }
+            println!(
+                "{:<56} {:<8} {:<16} {:>6} {:>8} LAST ATTESTED",
+                "SPIFFE ID", "STATUS", "EK HASH", "RESETS", "ATTESTS"
+            );
+            for n in &nodes {
+                println!(
+                    "{:<56} {:<8} {:<16} {:>6} {:>8} {}",
+                    n.spiffe_id,
+                    match n.status {
+                        NodeStatus::Active => "active",
+                        NodeStatus::Banned => "banned",
+                    },
+                    &n.ek_hash[..16.min(n.ek_hash.len())],
+                    n.reset_count,
+                    n.attestations,
+                    rfc3339(Some(n.last_attested_at)),
+                );
+            }
+            Ok(())
+        }
+        NodeCommand::Ban { config, id, reason } => {
+            let cfg = load_config(&config)?;
+            let store = open_store(&cfg).await?;
+            let mut audit = operator_event("node.ban");
+            audit.evidence_digest = Some(id.clone());
+            let result = store.ban_node(&id, &operator(), &reason, audit).await;
+            store.close().await;
+            match result? {
+                Some((node, revoked)) => {
+                    println!(
+                        "banned {} (ek {}); revoked {revoked} credential(s)",
+                        node.spiffe_id, node.ek_hash
+                    );
+                    Ok(())
+                }
+                None => Err(CliError::new("not_found", format!("no node {id}"))),
+            }
+        }
+    }
+}
+
+/// Runs `herald agent ...`.
+pub async fn agent(args: AgentArgs) -> Result<(), CliError> {
+    let path = args.config.ok_or_else(|| {
+        CliError::new(
+            "config",
+            "--config FILE (or HERALD_AGENT_CONFIG) is required",
+        )
+    })?;
+    let cfg = AgentConfig::load(&path).map_err(|e| CliError::new("config", e.to_string()))?;
+    match args.command {
+        Some(AgentCommand::Check) => {
+            println!("{}: ok", path.display());
+            Ok(())
+        }
+        Some(AgentCommand::Status { json }) => {
+            let status = AgentStatus::read(&cfg.status_path())
+                .map_err(|e| CliError::new("not_found", format!("no agent status: {e}")))?;
+            if json {
+                let text = serde_json::to_string_pretty(&status)
+                    .map_err(|e| CliError::new("internal", e.to_string()))?;
+                println!("{text}");
+                return Ok(());
+            }
+            println!("state:          {}", status.state);
+            println!(
+                "spiffe id:      {}",
+                status.spiffe_id.as_deref().unwrap_or("-")
+            );
+            println!(
+                "serial:         {}",
+                status.serial.as_deref().unwrap_or("-")
+            );
+            println!("expires:        {}", rfc3339(status.expires_at));
+            println!("next rotation:  {}", rfc3339(status.next_rotation));
+            println!(
+                "server:         {}",
+                status.server.as_deref().unwrap_or("-")
+            );
+            println!(
+                "attestations:   {}  renewals: {}  failures: {}",
+                status.attestations, status.renewals, status.failures
+            );
+            println!(
+                "last error:     {}",
+                status.last_error.as_deref().unwrap_or("-")
+            );
+            Ok(())
+        }
+        None => {
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            let mut workload_tasks = Vec::new();
+            if let Some(w) = &cfg.workload_api {
+                let listener = workload::api::bind(&w.socket).map_err(|e| {
+                    CliError::new(
+                        "config",
+                        format!("workload_api.socket {}: {e}", w.socket.display()),
+                    )
+                })?;
+                let cache = workload::WorkloadCache::new(
+                    cfg.rotation.renew_fraction,
+                    cfg.rotation.jitter_fraction,
+                );
+                let upstream = workload::Upstream {
+                    servers: cfg.servers.clone(),
+                    trust_bundle: cfg.trust_bundle.clone(),
+                    node_svid_dir: cfg.svid_dir(),
+                };
+                workload_tasks.push(tokio::spawn(workload::run_sync(
+                    cache.clone(),
+                    upstream.clone(),
+                    rx.clone(),
+                )));
+                workload_tasks.push(tokio::spawn(workload::run_rotation(
+                    cache.clone(),
+                    upstream.clone(),
+                    rx.clone(),
+                )));
+                if let Some(c) = &cfg.credentials_endpoint {
+                    let token = match &c.authorization_token_file {
+                        Some(p) => Some(
+                            std::fs::read_to_string(p)
+                                .map_err(|e| {
+                                    CliError::new("config", format!("{}: {e}", p.display()))
+                                })?
+                                .trim()
+                                .to_owned(),
+                        ),
+                        None => None,
+                    };
+                    let listener = tokio::net::TcpListener::bind(c.listen).await.map_err(|e| {
+                        CliError::new(
+                            "config",
+                            format!("credentials_endpoint.listen {}: {e}", c.listen),
+                        )
+                    })?;
+                    workload_tasks.push(tokio::spawn({
+                        let (cache, upstream, srx) = (cache.clone(), upstream.clone(), rx.clone());
+                        async move {
+                            if let Err(e) =
+                                workload::credentials::serve(cache, upstream, token, listener, srx)
+                                    .await
+                            {
+                                tracing::error!(error = %e, "the credentials endpoint stopped");
+                            }
+                        }
+                    }));
+                    tracing::info!(listen = %c.listen, "credentials endpoint listening");
+                }
+                let api = workload::api::WorkloadApi::new(cache, upstream);
+                let socket = w.socket.clone();
+                let srx = rx.clone();
+                workload_tasks.push(tokio::spawn(async move {
+                    if let Err(e) = workload::api::serve(api, listener, socket, srx).await {
+                        tracing::error!(error = %e, "the Workload API stopped");
+                    }
+                }));
+                tracing::info!(socket = %w.socket.display(), "Workload API listening");
+            }
+            let task = tokio::spawn(Agent::new(cfg).run(rx));
+            crate::cli::wait_for_signal().await;
+            let _ = tx.send(true);
+            for t in workload_tasks {
+                let _ = t.await;
+            }
+            match task.await {
+                Ok(r) => r.map_err(|e| CliError::new("agent", e.to_string())),
+                Err(e) => Err(CliError::new("internal", e.to_string())),
+            }
+        }
+    }
+}

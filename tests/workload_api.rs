@@ -1,0 +1,736 @@
+//! The SPIFFE Workload API on the agent, end to end: real swtpm, real
+//! server and agent binaries, and the Rust `spiffe` crate's client (written
+//! by nobody here) as the workload. Covers X.509 SVIDs, bundles, JWT-SVIDs
+//! and their validation, rotation pushed on an open stream, an mTLS
+//! handshake between two workloads, per-uid identities, the file output,
+//! and the refusals.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::node::{NodeSite, start_agent, wait_status};
+use common::{TRUST_DOMAIN, herald_bin, ok, require_tool, stdout};
+use futures::StreamExt;
+use herald_test_tpm::SoftTpm;
+use spiffe::WorkloadApiClient;
+
+const NOBODY: u32 = 65534;
+
+const ROLE: &str = "arn:aws:iam::123456789012:role/reports";
+
+fn workloads(test_exe: &Path) -> String {
+    format!(
+        r#"  cloud:
+    - role_arn: {ROLE}
+      max_ttl: 1h
+      scope: {{ Version: "2012-10-17", Statement: [{{ Effect: Allow, Action: ["s3:GetObject"], Resource: ["arn:aws:s3:::reports/*"] }}] }}
+workloads:
+  - spiffe_id: spiffe://{TRUST_DOMAIN}/workload/web
+    selectors: ["unix:uid:0", "unix:path:{}"]
+    ttl: 8s
+    dns_names: [web.internal]
+    jwt_audiences: [api.internal]
+    hint: web
+  - spiffe_id: spiffe://{TRUST_DOMAIN}/workload/db
+    selectors: ["unix:gid:0"]
+    ttl: 1h
+    hint: db
+  - spiffe_id: spiffe://{TRUST_DOMAIN}/workload/nobody
+    selectors: ["unix:uid:{NOBODY}"]
+    ttl: 1h
+  - spiffe_id: spiffe://{TRUST_DOMAIN}/workload/reports
+    selectors: ["unix:uid:0"]
+    ttl: 1h
+    hint: reports
+    cloud_role: {ROLE}
+  - spiffe_id: spiffe://{TRUST_DOMAIN}/workload/cli
+    selectors: ["unix:uid:0", "unix:path:{}"]
+    ttl: 6s
+    hint: cli
+"#,
+        test_exe.display(),
+        std::fs::canonicalize(herald_bin()).unwrap().display()
+    )
+}
+
+struct Rig {
+    _tpm: SoftTpm,
+    site: NodeSite,
+    _server: common::Server,
+    _agent: common::node::Agent,
+    agent_dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    credentials_port: u16,
+}
+
+fn rig() -> Rig {
+    require_tool("swtpm");
+    let tpm = SoftTpm::start().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let site = NodeSite::with_workloads(
+        &[&tpm],
+        "1h",
+        &format!("spiffe://{TRUST_DOMAIN}/node/tpm/{{ek_hash}}"),
+        "reload_interval = \"1s\"\n",
+        &workloads(&exe),
+    );
+    let server = site.start();
+    let agent_dir = tempfile::tempdir().unwrap();
+    {
+        // Other uids must reach the socket: the directory is traversable.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(agent_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let config = site.agent_config(&tpm, agent_dir.path());
+    let socket = agent_dir.path().join("api/agent.sock");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[workload_api]\nsocket = \"{}\"\n",
+        socket.display()
+    ));
+    let credentials_port = common::node::free_port();
+    let token_file = agent_dir.path().join("ecs-token");
+    std::fs::write(&token_file, "s3cr3t-token\n").unwrap();
+    text.push_str(&format!(
+        "[credentials_endpoint]\nlisten = \"127.0.0.1:{credentials_port}\"\nauthorization_token_file = \"{}\"\n",
+        token_file.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let agent = start_agent(&config);
+    wait_status(agent_dir.path(), 60, "attested", |s| s.state == "ready");
+    Rig {
+        _tpm: tpm,
+        site,
+        _server: server,
+        _agent: agent,
+        agent_dir,
+        socket,
+        credentials_port,
+    }
+}
+
+async fn client(socket: &Path) -> WorkloadApiClient {
+    WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
+        .await
+        .unwrap()
+}
+
+fn id(s: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/workload/{s}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_get_svids_bundles_and_jwts_through_the_spiffe_crate() {
+    let rig = rig();
+    let c = client(&rig.socket).await;
+
+    // X.509: this process (uid 0, gid 0, this executable) matches web and db.
+    let svids = c.fetch_all_x509_svids().await.unwrap();
+    let mut ids: Vec<String> = svids.iter().map(|s| s.spiffe_id().to_string()).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec![id("db"), id("reports"), id("web")],
+        "the cli registration is the herald binary's, not this test's"
+    );
+    let web = svids.iter().find(|s| s.hint() == Some("web")).unwrap();
+    assert_eq!(web.spiffe_id().to_string(), id("web"));
+    // The leaf names the workload and its DNS name, and chains to the bundle.
+    let bundles = c.fetch_x509_bundles().await.unwrap();
+    let td = spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
+    let bundle = bundles.get(&td).unwrap();
+    assert!(!bundle.authorities().is_empty());
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = dir.path().join("leaf.der");
+    std::fs::write(&leaf, web.leaf().as_bytes()).unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(
+        &ca,
+        herald_client::files::to_pem(
+            "CERTIFICATE",
+            &bundle
+                .authorities()
+                .iter()
+                .map(|a| a.as_bytes().to_vec())
+                .collect::<Vec<_>>(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new("openssl")
+        .args([
+            "x509",
+            "-inform",
+            "der",
+            "-noout",
+            "-ext",
+            "subjectAltName",
+            "-in",
+        ])
+        .arg(&leaf)
+        .output()
+        .unwrap();
+    let san = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        san.contains(&format!("URI:{}", id("web"))) && san.contains("DNS:web.internal"),
+        "{san}"
+    );
+    let pem = dir.path().join("leaf.pem");
+    std::fs::write(
+        &pem,
+        herald_client::files::to_pem("CERTIFICATE", &[web.leaf().as_bytes().to_vec()]),
+    )
+    .unwrap();
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&ca)
+        .arg(&pem)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // JWT-SVIDs: for an allowed audience, validated by the agent; an
+    // audience the registration does not allow is refused.
+    let web_id = spiffe::SpiffeId::new(id("web")).unwrap();
+    let jwt = c
+        .fetch_jwt_svid(["api.internal"], Some(&web_id))
+        .await
+        .unwrap();
+    assert_eq!(jwt.spiffe_id().to_string(), id("web"));
+    assert_eq!(jwt.audience(), ["api.internal".to_string()]);
+    let again = c
+        .fetch_jwt_svid(["api.internal"], Some(&web_id))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.token(),
+        jwt.token(),
+        "JWT-SVIDs are cached until near expiry"
+    );
+    let checked = c
+        .validate_jwt_token("api.internal", jwt.token())
+        .await
+        .unwrap();
+    assert_eq!(checked.spiffe_id().to_string(), id("web"));
+    assert!(
+        c.validate_jwt_token("other-audience", jwt.token())
+            .await
+            .is_err()
+    );
+    assert!(
+        c.fetch_jwt_svid(["not-allowed"], Some(&web_id))
+            .await
+            .is_err()
+    );
+    // Extra header fields, a forged signature, an unknown key: all refused.
+    let parts: Vec<&str> = jwt.token().split('.').collect();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut header: serde_json::Value =
+        serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
+    header["x5u"] = serde_json::json!("https://evil.example/keys");
+    let extra = format!(
+        "{}.{}.{}",
+        b64.encode(header.to_string()),
+        parts[1],
+        parts[2]
+    );
+    assert!(c.validate_jwt_token("api.internal", &extra).await.is_err());
+    let mut sig = b64.decode(parts[2]).unwrap();
+    sig[10] ^= 1;
+    let forged = format!("{}.{}.{}", parts[0], parts[1], b64.encode(sig));
+    assert!(c.validate_jwt_token("api.internal", &forged).await.is_err());
+    let mut header: serde_json::Value =
+        serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
+    header["kid"] = serde_json::json!("no-such-key");
+    let unknown = format!(
+        "{}.{}.{}",
+        b64.encode(header.to_string()),
+        parts[1],
+        parts[2]
+    );
+    assert!(
+        c.validate_jwt_token("api.internal", &unknown)
+            .await
+            .is_err()
+    );
+    let jwt_bundles = c.fetch_jwt_bundles().await.unwrap();
+    assert!(jwt_bundles.get(&td).is_some());
+
+    // Rotation: the 8 s web SVID is replaced on the open stream.
+    let mut stream = c.stream_x509_svids().await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    let serial_of = |s: &spiffe::X509Svid| s.leaf().as_bytes().to_vec();
+    let before = serial_of(&first);
+    let rotated = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let next = stream.next().await.unwrap().unwrap();
+            if next.spiffe_id().to_string() == id("web") && serial_of(&next) != before {
+                return next;
+            }
+        }
+    })
+    .await
+    .expect("no rotation pushed within 30 s");
+    assert_eq!(rotated.spiffe_id().to_string(), id("web"));
+
+    // A registration added to the policy reaches the open stream within
+    // seconds (policy reload → registration stream → agent → workload).
+    let policy = rig.site.dir.path().join("policies/nodes.yaml");
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str(&format!(
+        "  - spiffe_id: {}\n    selectors: [\"unix:uid:0\"]\n    ttl: 1h\n",
+        id("late")
+    ));
+    std::fs::write(&policy, text).unwrap();
+    let mut contexts = c.stream_x509_contexts().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let ctx = contexts.next().await.unwrap().unwrap();
+            if ctx
+                .svids()
+                .iter()
+                .any(|s| s.spiffe_id().to_string() == id("late"))
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the new registration did not arrive within 20 s");
+    drop(rig);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workloads_complete_an_mtls_handshake_with_their_svids() {
+    let rig = rig();
+    let c = client(&rig.socket).await;
+    let svids = c.fetch_all_x509_svids().await.unwrap();
+    let web = svids
+        .iter()
+        .find(|s| s.hint() == Some("web"))
+        .unwrap()
+        .clone();
+    let db = svids
+        .iter()
+        .find(|s| s.hint() == Some("db"))
+        .unwrap()
+        .clone();
+    let td = spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
+    let bundle = c.fetch_x509_bundles().await.unwrap().get(&td).unwrap();
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for a in bundle.authorities() {
+        roots
+            .add(CertificateDer::from(a.as_bytes().to_vec()))
+            .unwrap();
+    }
+    let roots = Arc::new(roots);
+    let chain = |s: &spiffe::X509Svid| {
+        s.cert_chain()
+            .iter()
+            .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+            .collect::<Vec<_>>()
+    };
+    let key = |s: &spiffe::X509Svid| {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            s.private_key().as_bytes().to_vec(),
+        ))
+    };
+    // The server is web (its SVID carries web.internal), the client db:
+    // each verifies the other against the bundle and sees its SPIFFE ID.
+    let _ = (&roots, &provider);
+    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new({
+            let mut r = rustls::RootCertStore::empty();
+            for a in bundle.authorities() {
+                r.add(CertificateDer::from(a.as_bytes().to_vec())).unwrap();
+            }
+            r
+        }),
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+    )
+    .build()
+    .unwrap();
+    let server_cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_client_cert_verifier(client_verifier)
+    .with_single_cert(chain(&web), key(&web))
+    .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for a in bundle.authorities() {
+        roots
+            .add(CertificateDer::from(a.as_bytes().to_vec()))
+            .unwrap();
+    }
+    let client_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain(&db), key(&db))
+    .unwrap();
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tls = acceptor.accept(b).await.unwrap();
+        let peer = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+        let mut buf = [0u8; 5];
+        tls.read_exact(&mut buf).await.unwrap();
+        tls.write_all(b"world").await.unwrap();
+        tls.flush().await.unwrap();
+        (
+            spiffe::cert::spiffe_id_from_der(&peer).unwrap().to_string(),
+            buf,
+        )
+    });
+    let mut tls = connector
+        .connect(ServerName::try_from("web.internal").unwrap(), a)
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    tls.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"world");
+    let server_peer = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    assert_eq!(
+        spiffe::cert::spiffe_id_from_der(&server_peer)
+            .unwrap()
+            .to_string(),
+        id("web")
+    );
+    let (client_seen, got) = server.await.unwrap();
+    assert_eq!(client_seen, id("db"));
+    assert_eq!(&got, b"hello");
+    drop(rig);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_follow_the_caller_and_refusals_are_typed() {
+    require_tool("openssl");
+    let rig = rig();
+    let herald = herald_bin();
+    let socket = rig.socket.to_str().unwrap().to_owned();
+
+    // Another uid gets its own identity only (the `herald workload fetch`
+    // client, run as nobody).
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(herald)
+        .args(["workload", "fetch", "--socket", &socket])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.starts_with(&id("nobody")), "{text}");
+    // Root running the herald binary (not the test executable): db and
+    // reports (uid/gid 0) and cli (the herald executable), not web.
+    let text = stdout(&ok(Command::new(herald)
+        .args(["workload", "fetch", "--socket", &socket])
+        .output()
+        .unwrap()));
+    assert_eq!(
+        text.trim(),
+        format!(
+            "{}\tdb\n{}\treports\n{}\tcli",
+            id("db"),
+            id("reports"),
+            id("cli")
+        )
+    );
+    // A uid with no registration: PermissionDenied.
+    let out = Command::new(herald)
+        .args(["workload", "fetch", "--socket", &socket])
+        .uid(4242)
+        .gid(4242)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no identity issued"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Missing security header: InvalidArgument (a raw client without it).
+    let channel = tonic::transport::Endpoint::from_static("http://x")
+        .connect_with_connector(tower::service_fn({
+            let socket = rig.socket.clone();
+            move |_| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
+            }
+        }))
+        .await
+        .unwrap();
+    let mut raw =
+        herald_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+    let err = raw
+        .fetch_x509svid(herald_proto::workload::X509svidRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // Malformed: a JWT request without an audience.
+    let mut req = tonic::Request::new(herald_proto::workload::JwtsvidRequest::default());
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    assert_eq!(
+        raw.fetch_jwtsvid(req).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+
+    // The file output: svid.pem / svid.key (0600) / bundle.pem that
+    // openssl verifies, rewritten on rotation (the cli SVID lives 6 s) with
+    // the reload command run each time.
+    let files = tempfile::tempdir().unwrap();
+    let marker = files.path().join("reloads");
+    let mut watch = Command::new(herald)
+        .args([
+            "workload", "fetch", "--socket", &socket, "--select", "cli", "--watch", "--out",
+        ])
+        .arg(files.path().join("cli"))
+        .arg("--reload")
+        .arg(format!("echo reloaded >> {}", marker.display()))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let reloads = || {
+        std::fs::read_to_string(&marker)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut first_serial = None;
+    while reloads() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rotation reload within 30 s"
+        );
+        if first_serial.is_none() && reloads() == 1 {
+            first_serial = std::fs::read(files.path().join("cli/svid.pem")).ok();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rotated = std::fs::read(files.path().join("cli/svid.pem")).unwrap();
+    assert_ne!(
+        Some(rotated),
+        first_serial,
+        "the files were rewritten with the new SVID"
+    );
+    let _ = watch.kill();
+    let _ = watch.wait();
+    use std::os::unix::fs::PermissionsExt;
+    let key = files.path().join("cli/svid.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let v = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(files.path().join("cli/bundle.pem"))
+        .arg(files.path().join("cli/svid.pem"))
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+
+    // The server side: a node asking for an ID not registered to it.
+    let node =
+        herald_client::files::read_svid_dir(&rig.agent_dir.path().join("state/node")).unwrap();
+    let bundle = herald_client::files::read_svid_dir(&rig.agent_dir.path().join("state/node"))
+        .unwrap()
+        .bundle;
+    let hc = herald_client::HeraldClient::connect(
+        &format!("https://127.0.0.1:{}", rig.site.grpc_port),
+        &bundle,
+        Some(herald_client::ClientIdentity {
+            cert_chain: node.cert_chain.clone(),
+            key_pkcs8: node.key_pkcs8.clone(),
+        }),
+    )
+    .await
+    .unwrap();
+    let mut ws =
+        herald_proto::v1::workload_service_client::WorkloadServiceClient::new(hc.channel());
+    let k = herald_client::keys::generate_key_and_csr().unwrap();
+    let resp = ws
+        .batch_new_x509_svids(herald_proto::v1::BatchNewX509SvidsRequest {
+            requests: vec![
+                herald_proto::v1::WorkloadSvidRequest {
+                    spiffe_id: format!("spiffe://{TRUST_DOMAIN}/workload/not-mine"),
+                    csr: k.csr_der.clone(),
+                },
+                herald_proto::v1::WorkloadSvidRequest {
+                    spiffe_id: id("db"),
+                    csr: k.csr_der,
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.results[0].error_code, "workload_not_registered");
+    assert!(resp.results[1].svid.is_some());
+    // A workload's own SVID is no node: it cannot ask for others.
+    let svids = client(&rig.socket)
+        .await
+        .fetch_all_x509_svids()
+        .await
+        .unwrap();
+    let db = svids.iter().find(|s| s.hint() == Some("db")).unwrap();
+    let as_workload = herald_client::HeraldClient::connect(
+        &format!("https://127.0.0.1:{}", rig.site.grpc_port),
+        &bundle,
+        Some(herald_client::ClientIdentity {
+            cert_chain: db
+                .cert_chain()
+                .iter()
+                .map(|c| c.as_bytes().to_vec())
+                .collect(),
+            key_pkcs8: db.private_key().as_bytes().to_vec(),
+        }),
+    )
+    .await
+    .unwrap();
+    let err = herald_proto::v1::workload_service_client::WorkloadServiceClient::new(
+        as_workload.channel(),
+    )
+    .batch_new_x509_svids(herald_proto::v1::BatchNewX509SvidsRequest { requests: vec![] })
+    .await
+    .unwrap_err();
+    assert_eq!(
+        herald_client::ClientError::from(err).code(),
+        Some(herald_core::ErrorCode::NodeUnknown)
+    );
+
+    // A banned node's agent: the server refuses it, the refusal is audited.
+    let node_id = wait_status(rig.agent_dir.path(), 5, "ready", |s| s.spiffe_id.is_some())
+        .spiffe_id
+        .unwrap();
+    ok(rig.site.herald(&["node", "ban", &node_id]));
+    let err = ws
+        .batch_new_x509_svids(herald_proto::v1::BatchNewX509SvidsRequest { requests: vec![] })
+        .await
+        .unwrap_err();
+    let code = herald_client::ClientError::from(err).code();
+    assert!(
+        matches!(
+            code,
+            Some(herald_core::ErrorCode::SvidRevoked | herald_core::ErrorCode::NodeBanned)
+        ),
+        "{code:?}"
+    );
+    let audit = stdout(&ok(rig.site.herald(&["audit", "export", "--since", "1h"])));
+    assert!(
+        audit.contains("workload_not_registered") && audit.contains("node_unknown"),
+        "{audit}"
+    );
+}
+
+#[test]
+fn an_aws_sdk_reads_scoped_credentials_from_the_container_endpoint() {
+    require_tool("curl");
+    let rig = rig();
+    let python = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"));
+    assert!(
+        python.exists(),
+        "run scripts/install-deps.sh first (the boto3 venv is missing)"
+    );
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/container_credentials.py"
+    );
+    let run = |path: &str, token: &str| {
+        let mut c = Command::new(&python);
+        c.arg(script)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", "/nonexistent")
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env(
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                format!("http://127.0.0.1:{}{path}", rig.credentials_port),
+            )
+            .env("AWS_CONTAINER_AUTHORIZATION_TOKEN", token);
+        c.output().unwrap()
+    };
+    let out = run("/v1/credentials", "s3cr3t-token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["method"], "container-role");
+    assert!(v["access_key"].as_str().unwrap().starts_with("ASIA"), "{v}");
+    assert_eq!(v["has_secret"], true);
+    assert!(v["token_len"].as_u64().unwrap() > 100);
+    // By hint too; and a second read is served from the agent's cache.
+    let again = run("/v1/credentials/reports", "s3cr3t-token");
+    let w: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(w["access_key"], v["access_key"]);
+    // A wrong token, or a uid with no cloud role: no credentials.
+    assert!(!run("/v1/credentials", "wrong").status.success());
+    // (curl as nobody: root's Python is not readable by other users.)
+    let status_as = |uid: u32| {
+        use std::os::unix::process::CommandExt;
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Authorization: s3cr3t-token",
+            ])
+            .arg(format!(
+                "http://127.0.0.1:{}/v1/credentials",
+                rig.credentials_port
+            ))
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(status_as(NOBODY), "403");
+    assert_eq!(status_as(0), "200");
+    // The issuance is audited as the workload's, under the node's policy.
+    let audit = stdout(&ok(rig.site.herald(&["audit", "export", "--since", "1h"])));
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"cloud_credentials.workload\"")
+                && l.contains(&id("reports"))
+                && l.contains("\"success\"")),
+        "{audit}"
+    );
+}
