@@ -62,6 +62,9 @@ enum Command {
     /// Node registry administration (TPM-attested nodes).
     #[command(subcommand)]
     Node(crate::node_cmd::NodeCommand),
+    /// The CA, JWT and session key ring: status, validity, rotation due.
+    #[command(subcommand)]
+    Ca(crate::ca_cmd::CaCommand),
     /// Run the node agent (TPM attestation, node SVID rotation), or show its status.
     Agent(crate::node_cmd::AgentArgs),
     /// A workload's SVIDs from the local agent's Workload API.
@@ -343,6 +346,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Exchange(args) => crate::exchange_cmd::exchange(*args).await,
         Command::Policy(cmd) => crate::policy_cmd::run(cmd),
         Command::Node(cmd) => crate::node_cmd::node(cmd).await,
+        Command::Ca(cmd) => crate::ca_cmd::ca(cmd).await,
         Command::Agent(args) => crate::node_cmd::agent(args).await,
         Command::Workload(WorkloadCommand::Fetch(args)) => crate::workload_cmd::fetch(args).await,
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),

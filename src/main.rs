@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod audit_cmd;
+mod ca_cmd;
 mod cli;
 mod exchange_cmd;
 mod node_cmd;

@@ -351,3 +351,46 @@ fn bulk_revocation_by_identity_and_window_stops_renewals() {
     );
     server.stop();
 }
+
+#[test]
+fn ca_status_lists_the_key_ring_the_bundle_publishes() {
+    let site = Site::new();
+    let server = site.start();
+    let out = ok(site.herald(&["ca", "status", "--json"]));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (summary, keys) = lines.split_last().unwrap();
+    assert_eq!(summary["trust_domain"], TRUST_DOMAIN);
+    assert_eq!(summary["keys"], keys.len());
+    // Every key added bumps the bundle sequence: the CA, JWT and session keys.
+    assert_eq!(summary["bundle_sequence"], keys.len());
+    let of = |kind: &str| -> Vec<&serde_json::Value> {
+        keys.iter().filter(|k| k["kind"] == kind).collect()
+    };
+    for kind in ["x509", "jwt", "session"] {
+        let ks = of(kind);
+        assert_eq!(ks.len(), 1, "{kind}: {ks:?}");
+        assert_eq!(ks[0]["status"], "active");
+        assert_eq!(ks[0]["rotation_due"], false, "a fresh key is not due");
+        assert_eq!(ks[0]["in_bundle"], kind != "session");
+    }
+    assert!(of("x509")[0]["expires_in_secs"].as_i64().unwrap() > 86_400);
+    // The JWT key it lists is the one the server publishes in its JWKS.
+    let (status, jwks) = server.http_get("/.well-known/jwks.json");
+    assert_eq!(status, 200);
+    let jwks: serde_json::Value = serde_json::from_str(&jwks).unwrap();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k["kid"].as_str())
+        .collect();
+    assert_eq!(kids, vec![of("jwt")[0]["key_id"].as_str().unwrap()]);
+    // The table names the same keys.
+    let table = stdout(&ok(site.herald(&["ca", "status"])));
+    for k in keys {
+        assert!(table.contains(k["key_id"].as_str().unwrap()), "{table}");
+    }
+}
