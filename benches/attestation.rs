@@ -23,9 +23,6 @@ use herald_agent::tpm::{NodeTpm, PCR_BANK_SHA256, TpmHandle};
 use herald_attest::tpm::*;
 use herald_test_tpm::SoftTpm;
 
-const TD: &str = "bench.herald.test";
-const ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
 fn pem_ders(path: &std::path::Path) -> Vec<Vec<u8>> {
     pem::parse_many(std::fs::read(path).unwrap())
         .unwrap()
@@ -182,29 +179,7 @@ fn main() {
     let attestations = (n / 200).clamp(20, 200);
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let kek = dir.path().join("kek");
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::write(&kek, "5a".repeat(32)).unwrap();
-            std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
-        }
-        let policies = dir.path().join("policies");
-        std::fs::create_dir_all(&policies).unwrap();
-        std::fs::copy(tpm.ek_root_pem_path(), policies.join("root.pem")).unwrap();
-        std::fs::copy(tpm.ek_intermediate_pem_path(), policies.join("inter.pem")).unwrap();
-        std::fs::write(
-            policies.join("nodes.yaml"),
-            format!("name: nodes\nevidence:\n  tpm:\n    ek_roots: [root.pem]\n    ek_intermediates: [inter.pem]\n    pcrs: [0, 1, 2, 3, 4, 5, 6, 7]\n    golden:\n      - {{ name: g, pcrs: {{ 0: \"{ZERO}\" }} }}\nspiffe_id:\n  prefix: spiffe://{TD}/node/\n  template: \"spiffe://{TD}/node/{{ek_hash}}\"\ngrants:\n  x509_svid: {{ max_ttl: 1h }}\n"),
-        )
-        .unwrap();
-        let toml = format!(
-            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[policy]\ndir = \"{}\"\n",
-            dir.path().join("data").display(),
-            kek.display(),
-            policies.display()
-        );
-        let cfg = herald_server::ServerConfig::from_toml(&toml).unwrap();
-        let server = herald_server::start(cfg).await.unwrap();
+        let server = tpm_node_server(dir.path(), &tpm, "[0, 1, 2, 3, 4, 5, 6, 7]", "").await;
         let url = format!("https://{}", server.grpc_addr);
         let anchors = server.shared.ca().bundle.x509_authorities.clone();
         let client = herald_client::HeraldClient::connect(&url, &anchors, None).await.unwrap();

@@ -21,8 +21,7 @@ use common::*;
 use herald_client::workload_api::WorkloadApiClient;
 use herald_test_tpm::SoftTpm;
 
-const TD: &str = "bench.herald.test";
-const ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const TD: &str = TPM_TD;
 
 /// (VmRSS, RssAnon) in KiB: all resident pages, and the private ones
 /// (the rest are clean pages of the executable, shared and reclaimable).
@@ -45,16 +44,6 @@ struct Site {
 
 async fn site(tpm: &SoftTpm, registrations: usize, ttl: &str) -> Site {
     let dir = tempfile::tempdir().unwrap();
-    let kek = dir.path().join("kek");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::write(&kek, "5a".repeat(32)).unwrap();
-        std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::copy(tpm.ek_root_pem_path(), policies.join("root.pem")).unwrap();
-    std::fs::copy(tpm.ek_intermediate_pem_path(), policies.join("inter.pem")).unwrap();
     // One registration matches the benchmark process (uid 0); the others
     // are other workloads on the node (distinct cgroups) the agent keeps
     // SVIDs for all the same.
@@ -66,19 +55,7 @@ async fn site(tpm: &SoftTpm, registrations: usize, ttl: &str) -> Site {
             "  - {{ spiffe_id: spiffe://{TD}/w/svc-{i}, selectors: [\"cgroup:/bench.slice/svc-{i}.service\"], ttl: {ttl} }}\n"
         ));
     }
-    std::fs::write(
-        policies.join("nodes.yaml"),
-        format!("name: nodes\nevidence:\n  tpm:\n    ek_roots: [root.pem]\n    ek_intermediates: [inter.pem]\n    pcrs: [0, 7]\n    golden:\n      - {{ name: g, pcrs: {{ 0: \"{ZERO}\" }} }}\nspiffe_id:\n  prefix: spiffe://{TD}/node/\n  template: \"spiffe://{TD}/node/{{ek_hash}}\"\ngrants:\n  x509_svid: {{ max_ttl: 1h }}\n{w}"),
-    )
-    .unwrap();
-    let toml = format!(
-        "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[policy]\ndir = \"{}\"\n",
-        dir.path().join("data").display(),
-        kek.display(),
-        policies.display()
-    );
-    let cfg = herald_server::ServerConfig::from_toml(&toml).unwrap();
-    let server = herald_server::start(cfg).await.unwrap();
+    let server = tpm_node_server(dir.path(), tpm, "[0, 7]", &w).await;
     Site { _dir: dir, server }
 }
 

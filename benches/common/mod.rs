@@ -172,3 +172,43 @@ pub fn print_run(name: &str, r: &Run, ceiling: f64) {
         );
     }
 }
+
+/// Trust domain of the TPM benchmarks' servers.
+pub const TPM_TD: &str = "bench.herald.test";
+/// An all-zero SHA-256 PCR value (PCR 0 of a fresh swtpm).
+pub const ZERO_PCR: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Starts an in-process server in `dir` whose node policy trusts `tpm`'s EK
+/// chain, selects `pcrs` (YAML list, e.g. `[0, 7]`) with PCR 0 golden at
+/// zero, and ends with `policy_tail` (e.g. a `workloads:` section).
+pub async fn tpm_node_server(
+    dir: &std::path::Path,
+    tpm: &herald_test_tpm::SoftTpm,
+    pcrs: &str,
+    policy_tail: &str,
+) -> herald_server::RunningServer {
+    let kek = dir.join("kek");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&kek, "5a".repeat(32)).unwrap();
+        std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::copy(tpm.ek_root_pem_path(), policies.join("root.pem")).unwrap();
+    std::fs::copy(tpm.ek_intermediate_pem_path(), policies.join("inter.pem")).unwrap();
+    let td = TPM_TD;
+    std::fs::write(
+        policies.join("nodes.yaml"),
+        format!("name: nodes\nevidence:\n  tpm:\n    ek_roots: [root.pem]\n    ek_intermediates: [inter.pem]\n    pcrs: {pcrs}\n    golden:\n      - {{ name: g, pcrs: {{ 0: \"{ZERO_PCR}\" }} }}\nspiffe_id:\n  prefix: spiffe://{td}/node/\n  template: \"spiffe://{td}/node/{{ek_hash}}\"\ngrants:\n  x509_svid: {{ max_ttl: 1h }}\n{policy_tail}"),
+    )
+    .unwrap();
+    let toml = format!(
+        "trust_domain = \"{td}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[policy]\ndir = \"{}\"\n",
+        dir.join("data").display(),
+        kek.display(),
+        policies.display()
+    );
+    let cfg = herald_server::ServerConfig::from_toml(&toml).unwrap();
+    herald_server::start(cfg).await.unwrap()
+}

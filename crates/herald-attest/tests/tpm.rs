@@ -26,6 +26,24 @@ fn tool(tpm: &SoftTpm, dir: &Path, args: &[&str]) -> Vec<u8> {
 }
 
 /// A TPM2B_PUBLIC file (as tpm2-tools writes) → marshalled TPMT_PUBLIC.
+/// The TPM's ECC P-256 EK public area, made by tpm2_createek.
+fn ecc_ek(tpm: &SoftTpm, dir: &Path) -> TpmPublic {
+    tool(
+        tpm,
+        dir,
+        &[
+            "tpm2_createek",
+            "-c",
+            "ekecc.ctx",
+            "-G",
+            "ecc",
+            "-u",
+            "ekecc.pub",
+        ],
+    );
+    TpmPublic::parse(&tpmt(&dir.join("ekecc.pub"))).unwrap()
+}
+
 fn tpmt(path: &Path) -> Vec<u8> {
     let b = std::fs::read(path).unwrap();
     let n = u16::from_be_bytes([b[0], b[1]]) as usize;
@@ -243,20 +261,7 @@ fn names_ek_chain_and_attestation_key_checks_agree_with_the_tpm() {
         ErrorCode::TpmEkPublicMismatch
     );
     // An ECC EK is not the RSA certificate's key either.
-    tool(
-        &tpm,
-        dir.path(),
-        &[
-            "tpm2_createek",
-            "-c",
-            "ekecc.ctx",
-            "-G",
-            "ecc",
-            "-u",
-            "ekecc.pub",
-        ],
-    );
-    let ecc_ek = TpmPublic::parse(&tpmt(&dir.path().join("ekecc.pub"))).unwrap();
+    let ecc_ek = ecc_ek(&tpm, dir.path());
     assert_eq!(
         check_ek_public_matches(&ecc_ek, &verified).unwrap_err(),
         TpmError::EkPublicMismatch
@@ -614,20 +619,7 @@ fn software_make_credential_is_activated_by_the_tpm_only_for_its_ak() {
 
     // Refusals: an ECC EK (unsupported), a secret over 32 bytes, a name
     // that is not alg ‖ digest.
-    tool(
-        &tpm,
-        dir.path(),
-        &[
-            "tpm2_createek",
-            "-c",
-            "ekecc.ctx",
-            "-G",
-            "ecc",
-            "-u",
-            "ekecc.pub",
-        ],
-    );
-    let ecc_ek = TpmPublic::parse(&tpmt(&dir.path().join("ekecc.pub"))).unwrap();
+    let ecc_ek = ecc_ek(&tpm, dir.path());
     let e = make_credential(&ecc_ek, &ak.name().unwrap(), secret).unwrap_err();
     assert!(matches!(e, TpmError::Unsupported(_)), "{e}");
     assert!(make_credential(&ek, &ak.name().unwrap(), &[0u8; 33]).is_err());

@@ -20,14 +20,14 @@ use futures::Stream;
 use herald_attest::tpm::{self as verify, EkTrust, PcrBank, PcrSelection, QuoteInput, TpmPublic};
 use herald_ca::csr::{MAX_CSR_LEN, verify_csr};
 use herald_ca::{X509Grant, sha256_hex};
-use herald_core::{AuditEvent, ErrorCode, EvidenceType, SpiffeId};
+use herald_core::{AuditEvent, ErrorCode, EvidenceType};
 use herald_policy::{Evidence, JoinTokenEvidence, TpmEvidence};
 use herald_proto::v1::node_attestation_service_server::NodeAttestationService;
 use herald_proto::v1::{
     AttestChallenge, AttestHello, AttestProof, AttestRequest, AttestResponse, X509SvidResponse,
     attest_request, attest_response,
 };
-use herald_store::{IssuedCredential, NodeAttestation, NodeCommitted, NodeStatus};
+use herald_store::{NodeAttestation, NodeCommitted, NodeStatus};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -305,24 +305,8 @@ impl NodeAttestationApi {
             let hash = join_token::parse(&hello.join_token).ok_or_else(|| {
                 Refusal::new(ErrorCode::JoinTokenMalformed, "not a Herald join token")
             })?;
-            let record =
-                shared.store.join_token(&hash).await?.ok_or_else(|| {
-                    Refusal::new(ErrorCode::JoinTokenUnknown, "no such join token")
-                })?;
-            if record.used_at.is_some() {
-                return Err(Refusal::new(
-                    ErrorCode::JoinTokenUsed,
-                    "the join token was already used",
-                ));
-            }
-            if record.expires_at <= now_s {
-                return Err(Refusal::new(
-                    ErrorCode::JoinTokenExpired,
-                    "the join token has expired",
-                ));
-            }
-            let spiffe_id = SpiffeId::parse(&record.spiffe_id)
-                .map_err(|e| Refusal::new(ErrorCode::Internal, format!("stored SPIFFE ID: {e}")))?;
+            let record = join_token::lookup(&shared.store, &hash).await?;
+            let spiffe_id = join_token::usable(&record, now_s)?;
             evidence.join_token = Some(JoinTokenEvidence { spiffe_id });
             join_hash = Some(hash);
         }
@@ -357,22 +341,7 @@ impl NodeAttestationApi {
             now_s,
         )?;
         audit.serial = Some(issued.serial_hex.clone());
-        let record = IssuedCredential {
-            serial: issued.serial_hex.clone(),
-            kind: "x509_svid".into(),
-            spiffe_id: issued.spiffe_id.to_string(),
-            not_before: issued.not_before,
-            not_after: issued.not_after,
-            issued_at: now_s,
-            evidence_type: audit
-                .evidence_type
-                .map_or_else(String::new, |e| e.as_str().to_owned()),
-            evidence_digest: audit.evidence_digest.clone(),
-            policy: audit.policy.clone(),
-            parent_serial: None,
-            public_key_sha256: csr.spki_sha256.clone(),
-            ca_key_id: issued.ca_key_id.clone(),
-        };
+        let record = crate::svid_service::record(&issued, &csr.spki_sha256, audit, None, now_s);
         let attestation = NodeAttestation {
             ek_hash: ek_id,
             spiffe_id: decision.spiffe_id.to_string(),

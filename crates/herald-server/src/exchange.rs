@@ -223,25 +223,8 @@ async fn decide_and_issue(
         })?;
         audit.evidence_type = Some(EvidenceType::OidcAndJoinToken);
         digests.push(hex::encode(hash));
-        let record = shared
-            .store
-            .join_token(&hash)
-            .await?
-            .ok_or_else(|| Refusal::new(ErrorCode::JoinTokenUnknown, "no such join token"))?;
-        if record.used_at.is_some() {
-            return Err(Refusal::new(
-                ErrorCode::JoinTokenUsed,
-                "the join token was already used",
-            ));
-        }
-        if record.expires_at <= now {
-            return Err(Refusal::new(
-                ErrorCode::JoinTokenExpired,
-                "the join token has expired",
-            ));
-        }
-        let spiffe_id = SpiffeId::parse(&record.spiffe_id)
-            .map_err(|e| Refusal::new(ErrorCode::Internal, format!("stored SPIFFE ID: {e}")))?;
+        let record = join_token::lookup(&shared.store, &hash).await?;
+        let spiffe_id = join_token::usable(&record, now)?;
         evidence.join_token = Some(JoinTokenEvidence { spiffe_id });
         join_hash = Some(hash);
     }

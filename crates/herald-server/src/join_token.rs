@@ -8,6 +8,10 @@ use aws_lc_rs::digest::{SHA256, digest};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use herald_core::{ErrorCode, SpiffeId};
+use herald_store::{JoinTokenRecord, Store};
+
+use crate::status::Refusal;
 
 /// Longest string accepted as a join token before parsing.
 pub const MAX_TOKEN_LEN: usize = 128;
@@ -49,6 +53,34 @@ pub fn parse(token: &str) -> Option<[u8; 32]> {
         && secret.len() == 43
         && URL_SAFE_NO_PAD.decode(secret).is_ok();
     well_formed.then(|| hash(token))
+}
+
+/// The stored token with this hash; `join_token_unknown` if there is none.
+pub async fn lookup(store: &Store, hash: &[u8; 32]) -> Result<JoinTokenRecord, Refusal> {
+    store
+        .join_token(hash)
+        .await?
+        .ok_or_else(|| Refusal::new(ErrorCode::JoinTokenUnknown, "no such join token"))
+}
+
+/// The SPIFFE ID a stored token mints, if the token is still usable at
+/// `now` (unused and unexpired). The store consumes it atomically with the
+/// issuance later; this early check names the reason for the caller.
+pub fn usable(record: &JoinTokenRecord, now: i64) -> Result<SpiffeId, Refusal> {
+    if record.used_at.is_some() {
+        return Err(Refusal::new(
+            ErrorCode::JoinTokenUsed,
+            "the join token was already used",
+        ));
+    }
+    if record.expires_at <= now {
+        return Err(Refusal::new(
+            ErrorCode::JoinTokenExpired,
+            "the join token has expired",
+        ));
+    }
+    SpiffeId::parse(&record.spiffe_id)
+        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("stored SPIFFE ID: {e}")))
 }
 
 fn hash(token: &str) -> [u8; 32] {

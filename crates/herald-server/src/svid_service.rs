@@ -9,7 +9,7 @@ use std::sync::Arc;
 use herald_ca::csr::{MAX_CSR_LEN, verify_csr};
 use herald_ca::svid::verify_x509_svid;
 use herald_ca::{X509Grant, sha256_hex};
-use herald_core::{AuditEvent, ErrorCode, EvidenceType, SpiffeId};
+use herald_core::{AuditEvent, ErrorCode, EvidenceType};
 use herald_proto::v1::svid_service_server::SvidService;
 use herald_proto::v1::{MintX509SvidRequest, RenewX509SvidRequest, X509SvidResponse};
 use herald_store::{Commit, Committed, IssuedCredential};
@@ -79,7 +79,8 @@ fn response(issued: &herald_ca::IssuedX509, bundle: &herald_ca::TrustBundle) -> 
     }
 }
 
-fn record(
+/// What the store records of an issued X.509 SVID, from its audit event.
+pub(crate) fn record(
     issued: &herald_ca::IssuedX509,
     csr_spki_sha256: &str,
     audit: &AuditEvent,
@@ -121,32 +122,10 @@ impl SvidApi {
         })?;
         audit.evidence_digest = Some(hex::encode(hash));
         let now = unix_now();
-        let token = self
-            .shared
-            .store
-            .join_token(&hash)
-            .await?
-            .ok_or_else(|| Refusal::new(ErrorCode::JoinTokenUnknown, "no such join token"))?;
+        let token = join_token::lookup(&self.shared.store, &hash).await?;
         audit.spiffe_id = Some(token.spiffe_id.clone());
         audit.policy = Some(format!("join_token:{}", token.token_id));
-        if token.used_at.is_some() {
-            return Err(Refusal::new(
-                ErrorCode::JoinTokenUsed,
-                "the join token was already used",
-            ));
-        }
-        if token.expires_at <= now {
-            return Err(Refusal::new(
-                ErrorCode::JoinTokenExpired,
-                "the join token has expired",
-            ));
-        }
-        let spiffe_id = SpiffeId::parse(&token.spiffe_id).map_err(|e| {
-            Refusal::new(
-                ErrorCode::Internal,
-                format!("stored SPIFFE ID invalid: {e}"),
-            )
-        })?;
+        let spiffe_id = join_token::usable(&token, now)?;
         let csr = verify_csr(&req.csr)?;
         let ca = self.shared.ca();
         let grant = X509Grant {

@@ -159,6 +159,18 @@ fn registration_set(shared: &Shared, node: &NodeRecord) -> RegistrationSet {
     }
 }
 
+/// The registration for `spiffe_id` among this node's, or the refusal.
+fn registered<'a>(regs: &'a [Registration], spiffe_id: &str) -> Result<&'a Registration, Refusal> {
+    regs.iter()
+        .find(|r| r.spiffe_id.as_str() == spiffe_id)
+        .ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::WorkloadNotRegistered,
+                format!("{spiffe_id} is not registered for this node's workloads"),
+            )
+        })
+}
+
 fn peer_certs<T>(req: &Request<T>) -> Option<Vec<Vec<u8>>> {
     req.peer_certs()
         .map(|certs| certs.iter().map(|c| c.to_vec()).collect())
@@ -187,15 +199,7 @@ impl WorkloadApi {
                     "CSR exceeds its size cap",
                 ));
             }
-            let reg = regs
-                .iter()
-                .find(|r| r.spiffe_id.as_str() == spiffe_id)
-                .ok_or_else(|| {
-                    Refusal::new(
-                        ErrorCode::WorkloadNotRegistered,
-                        format!("{spiffe_id} is not registered for this node's workloads"),
-                    )
-                })?;
+            let reg = registered(regs, spiffe_id)?;
             let csr = verify_csr(csr)?;
             let now = unix_now();
             let ca = self.shared.ca();
@@ -209,20 +213,13 @@ impl WorkloadApi {
                 now,
             )?;
             audit.serial = Some(issued.serial_hex.clone());
-            let record = IssuedCredential {
-                serial: issued.serial_hex.clone(),
-                kind: "x509_svid".into(),
-                spiffe_id: issued.spiffe_id.to_string(),
-                not_before: issued.not_before,
-                not_after: issued.not_after,
-                issued_at: now,
-                evidence_type: EvidenceType::X509Svid.as_str().into(),
-                evidence_digest: audit.evidence_digest.clone(),
-                policy: audit.policy.clone(),
-                parent_serial: Some(caller.svid.serial_hex.clone()),
-                public_key_sha256: csr.spki_sha256.clone(),
-                ca_key_id: issued.ca_key_id.clone(),
-            };
+            let record = crate::svid_service::record(
+                &issued,
+                &csr.spki_sha256,
+                &audit,
+                Some(caller.svid.serial_hex.clone()),
+                now,
+            );
             let commit = Commit {
                 consume_join_token: None,
                 consume_replay: None,
@@ -289,18 +286,7 @@ impl WorkloadApi {
         audit: &mut AuditEvent,
     ) -> Result<(CloudCredentials, IssuedCredential), Refusal> {
         let regs = registrations(&self.shared, &caller.node);
-        let reg = regs
-            .iter()
-            .find(|r| r.spiffe_id.as_str() == req.spiffe_id)
-            .ok_or_else(|| {
-                Refusal::new(
-                    ErrorCode::WorkloadNotRegistered,
-                    format!(
-                        "{} is not registered for this node's workloads",
-                        req.spiffe_id
-                    ),
-                )
-            })?;
+        let reg = registered(&regs, &req.spiffe_id)?;
         let role_arn = reg.cloud_role.clone().ok_or_else(|| {
             Refusal::new(
                 ErrorCode::CredentialNotGranted,
@@ -566,18 +552,7 @@ impl WorkloadService for WorkloadApi {
         audit.spiffe_id = Some(req.spiffe_id.clone());
         let regs = registrations(&self.shared, &caller.node);
         let result = (|| {
-            let reg = regs
-                .iter()
-                .find(|r| r.spiffe_id.as_str() == req.spiffe_id)
-                .ok_or_else(|| {
-                    Refusal::new(
-                        ErrorCode::WorkloadNotRegistered,
-                        format!(
-                            "{} is not registered for this node's workloads",
-                            req.spiffe_id
-                        ),
-                    )
-                })?;
+            let reg = registered(&regs, &req.spiffe_id)?;
             if req.audiences.is_empty() || req.audiences.len() > 16 {
                 return Err(Refusal::new(
                     ErrorCode::InvalidRequest,
