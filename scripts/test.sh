@@ -3,4 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
+# The store's suite and the replica tests run against a real PostgreSQL.
+if [ -z "${HERALD_TEST_PG_URL:-}" ]; then
+  bash scripts/ensure-postgres.sh
+fi
 cargo test --workspace --locked

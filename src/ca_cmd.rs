@@ -1,10 +1,12 @@
 //! `herald ca status`: the key ring as the datastore holds it — X.509 CA
 //! keys, JWT signing keys and session-token keys — with what the published
-//! bundle carries, so an operator can plan a rotation before a key expires.
+//! bundle carries and when each key moves next. `herald ca rotate`: start a
+//! rotation now (audited); the servers finish it on their schedule.
 
-use clap::Subcommand;
+use clap::{Subcommand, ValueEnum};
+use herald_server::rotation;
 
-use crate::cli::{CliError, ConfigArgs, load_config, open_store};
+use crate::cli::{CliError, ConfigArgs, load_config, open_store, operator};
 
 /// Key-ring inspection.
 #[derive(Subcommand, Debug)]
@@ -18,12 +20,29 @@ pub enum CaCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Prepare the next CA and/or JWT signing key now. It is published in
+    /// the trust bundle at once and signs only after `ca.rotation.publish_ahead`;
+    /// the key it replaces stays published until everything it signed has
+    /// expired. The running servers make those moves.
+    Rotate {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Which keys.
+        #[arg(long, value_enum, default_value_t = RotateKind::All)]
+        kind: RotateKind,
+    },
 }
 
-/// A key is due for rotation once less than this share of its lifetime is
-/// left: a third leaves time to publish the next key in the bundle ahead of
-/// use and to keep the old one until everything it signed has expired.
-const ROTATE_WHEN_REMAINING: f64 = 1.0 / 3.0;
+/// The keys `herald ca rotate` rotates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RotateKind {
+    /// The X.509 CA key.
+    X509,
+    /// The JWT-SVID signing key.
+    Jwt,
+    /// Both.
+    All,
+}
 
 fn rfc3339(t: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(t)
@@ -41,19 +60,53 @@ fn published(kind: &str, status: &str) -> bool {
     kind != "session" && status != "retired"
 }
 
-/// Whether the key's rotation is due at `now` (keys without a lifetime,
-/// such as session keys, never are).
-fn rotation_due(status: &str, not_before: i64, not_after: i64, now: i64) -> bool {
+/// Whether the key's rotation is due at `now`: it is active and past
+/// `rotate_at` of its lifetime (keys without a lifetime, such as session
+/// keys, never are).
+fn rotation_due(status: &str, not_before: i64, not_after: i64, now: i64, rotate_at: f64) -> bool {
     if status != "active" || not_after <= not_before {
         return false;
     }
-    let left = (not_after - now) as f64 / (not_after - not_before) as f64;
-    left < ROTATE_WHEN_REMAINING
+    let used = (now - not_before) as f64 / (not_after - not_before) as f64;
+    used >= rotate_at
 }
 
 /// Runs `herald ca ...`.
 pub async fn ca(cmd: CaCommand) -> Result<(), CliError> {
-    let CaCommand::Status { config, json } = cmd;
+    match cmd {
+        CaCommand::Status { config, json } => status(config, json).await,
+        CaCommand::Rotate { config, kind } => rotate(config, kind).await,
+    }
+}
+
+async fn rotate(config: ConfigArgs, kind: RotateKind) -> Result<(), CliError> {
+    let cfg = load_config(&config)?;
+    let kek = herald_server::authority::load_kek(&cfg)?;
+    let store = open_store(&cfg).await?;
+    let kinds: &[&str] = match kind {
+        RotateKind::X509 => &["x509"],
+        RotateKind::Jwt => &["jwt"],
+        RotateKind::All => &rotation::KINDS,
+    };
+    let mut result = Ok(());
+    for k in kinds {
+        match rotation::prepare(&store, &cfg, &kek, k, &operator()).await {
+            Ok(Some(id)) => println!(
+                "{k}: prepared {id}; it signs after {} (ca.rotation.publish_ahead)",
+                humantime::format_duration(cfg.ca.rotation.publish_ahead)
+            ),
+            Ok(None) => println!("{k}: a key is already prepared; see `herald ca status`"),
+            Err(e) => {
+                result = Err(e.into());
+                break;
+            }
+        }
+    }
+    store.close().await;
+    result
+}
+
+async fn status(config: ConfigArgs, json: bool) -> Result<(), CliError> {
     let cfg = load_config(&config)?;
     let store = open_store(&cfg).await?;
     let keys = store.ca_keys().await;
@@ -61,6 +114,7 @@ pub async fn ca(cmd: CaCommand) -> Result<(), CliError> {
     store.close().await;
     let (keys, sequence) = (keys?, sequence?);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let rotate_at = cfg.ca.rotation.rotate_at;
     if json {
         for k in &keys {
             let lifetime = k.not_after > k.not_before;
@@ -72,8 +126,9 @@ pub async fn ca(cmd: CaCommand) -> Result<(), CliError> {
                 "not_after": lifetime.then(|| rfc3339(k.not_after)),
                 "expires_in_secs": lifetime.then(|| k.not_after - now),
                 "in_bundle": published(&k.kind, &k.status),
-                "rotation_due": rotation_due(&k.status, k.not_before, k.not_after, now),
+                "rotation_due": rotation_due(&k.status, k.not_before, k.not_after, now, rotate_at),
                 "created_at": rfc3339(k.created_at),
+                "status_since": rfc3339(k.status_since),
             });
             println!("{line}");
         }
@@ -114,7 +169,7 @@ pub async fn ca(cmd: CaCommand) -> Result<(), CliError> {
             },
             nb,
             na,
-            if rotation_due(&k.status, k.not_before, k.not_after, now) {
+            if rotation_due(&k.status, k.not_before, k.not_after, now, rotate_at) {
                 "due"
             } else {
                 "-"
@@ -129,11 +184,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rotation_is_due_in_the_last_third_of_an_active_key() {
-        assert!(!rotation_due("active", 0, 300, 199));
-        assert!(rotation_due("active", 0, 300, 201));
-        assert!(!rotation_due("retired", 0, 300, 299));
-        assert!(!rotation_due("active", 10, 10, 500), "no lifetime");
+    fn rotation_is_due_past_rotate_at_of_an_active_keys_life() {
+        assert!(!rotation_due("active", 0, 300, 199, 2.0 / 3.0));
+        assert!(rotation_due("active", 0, 300, 201, 2.0 / 3.0));
+        assert!(rotation_due("active", 0, 300, 150, 0.5));
+        assert!(!rotation_due("retired", 0, 300, 299, 0.5));
+        assert!(!rotation_due("active", 10, 10, 500, 0.5), "no lifetime");
     }
 
     #[test]

@@ -160,9 +160,11 @@ fn the_agent_fails_over_to_another_server() {
         &format!("spiffe://{TRUST_DOMAIN}/node/tpm/{{ek_hash}}"),
         "",
     );
+    // Two replicas sharing one PostgreSQL: the CA, node registry and audit
+    // chain live in the database, so either serves the agent.
+    let pg = common::PgSchema::new("agent_failover");
+    common::set_database_url(&site.config(), &pg.url);
     let first = site.start();
-    // A second replica on the same datastore (SQLite here: one host; the
-    // CA, node registry and audit chain are shared through the database).
     let port_b = common::node::free_port();
     let config_b = site.dir.path().join("herald-b.toml");
     let text = std::fs::read_to_string(site.config()).unwrap();

@@ -251,3 +251,78 @@ pub fn require_tool(name: &str) {
         "{name} is required by this test (install it: see .ci/run)"
     );
 }
+
+/// The PostgreSQL the tests use: `HERALD_TEST_PG_URL`, by default the
+/// machine's own (`scripts/ensure-postgres.sh` starts it).
+pub fn pg_base_url() -> String {
+    std::env::var("HERALD_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Runs a future on a runtime of its own, on a thread of its own: usable
+/// from sync tests, async tests and `Drop` alike.
+fn block_on<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    })
+    .join()
+    .unwrap()
+}
+
+/// A PostgreSQL schema of this test's own (so runs never collide); dropped
+/// when the test passes, kept for inspection when it fails.
+pub struct PgSchema {
+    base: String,
+    name: String,
+    /// A URL whose connections use the schema.
+    pub url: String,
+}
+
+impl PgSchema {
+    pub fn new(tag: &str) -> PgSchema {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let base = pg_base_url();
+        let name = format!(
+            "herald_e2e_{}_{}_{tag}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let (b, n) = (base.clone(), name.clone());
+        let url = block_on(
+            async move { herald_store::Store::create_postgres_schema(&b, &n).await },
+        )
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL at {base} (HERALD_TEST_PG_URL; see scripts/ensure-postgres.sh): {e}")
+        });
+        PgSchema { base, name, url }
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("keeping PostgreSQL schema {} for inspection", self.name);
+            return;
+        }
+        let (b, n) = (self.base.clone(), self.name.clone());
+        let _ = block_on(async move { herald_store::Store::drop_postgres_schema(&b, &n).await });
+    }
+}
+
+/// Points a server configuration file at `database_url` (a top-level key,
+/// so it goes before the first section).
+pub fn set_database_url(config: &Path, database_url: &str) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let at = text.find("\n[").unwrap();
+    let text = format!(
+        "{}\ndatabase_url = \"{database_url}\"{}",
+        &text[..at],
+        &text[at..]
+    );
+    std::fs::write(config, text).unwrap();
+}

@@ -59,42 +59,124 @@ pub fn load_kek(cfg: &ServerConfig) -> Result<KeyEncryptionKey, ServerError> {
     )))
 }
 
-/// Opens the active CA key from the store, creating the CA on first start.
+/// Opens the key ring from the store, creating the CA, JWT and session keys
+/// on first start (one replica creates each; the others load it).
 pub async fn load_or_create(
     store: &Store,
     cfg: &ServerConfig,
     kek: &KeyEncryptionKey,
     now: i64,
 ) -> Result<Arc<CaState>, ServerError> {
-    let mut keys = store.ca_keys().await?;
-    if !keys
-        .iter()
-        .any(|k| k.status == "active" && k.kind == "x509")
-    {
-        let material = generate(cfg, now)?;
-        let record = CaKeyRecord {
-            key_id: material.key_id.clone(),
-            kind: "x509".into(),
-            status: "active".into(),
-            cert_der: material.cert_der.clone(),
-            chain_der: material.chain_der.clone(),
-            encrypted_key: kek.seal(&material.key_id, &material.key_pkcs8)?,
-            not_before: material.not_before,
-            not_after: material.not_after,
-            created_at: now,
-        };
-        let mut audit = AuditEvent::new("ca.create", "server");
-        audit.evidence_type = Some(EvidenceType::Operator);
-        audit.serial = Some(material.key_id.clone());
-        audit.spiffe_id = Some(cfg.trust_domain.id().to_string());
-        store.insert_ca_key(record, audit).await?;
-        keys = store.ca_keys().await?;
+    let keys = store.ca_keys().await?;
+    let has_active = |kind: &str| keys.iter().any(|k| k.kind == kind && k.status == "active");
+    if !has_active("x509") {
+        let (record, audit) = new_x509_key(cfg, kek, now, "active")?;
+        store
+            .insert_ca_key_unless(record, &["active"], audit)
+            .await?;
     }
+    if !has_active("jwt") {
+        let (record, audit) = new_jwt_key(cfg, kek, now, "active")?;
+        store
+            .insert_ca_key_unless(record, &["active"], audit)
+            .await?;
+    }
+    if !has_active("session") {
+        let ring = SessionKeyring::generate()
+            .map_err(|e| ServerError::Config(format!("session keyring: {e}")))?;
+        let active = ring.active_id().to_string();
+        if let Some((id, key)) = ring.export().into_iter().find(|(id, _)| *id == active) {
+            let record = key_record(
+                "session",
+                &id,
+                Vec::new(),
+                kek.seal(&id, key.as_ref())?,
+                now,
+                0,
+                "active",
+            );
+            store
+                .insert_ca_key_unless(record, &["active"], key_audit("session_key.create", &id))
+                .await?;
+        }
+    }
+    load(store, cfg, kek, now).await
+}
+
+/// A new X.509 CA key (self-signed root, or an intermediate under the
+/// configured upstream CA) in `status`, sealed, with its audit event.
+pub fn new_x509_key(
+    cfg: &ServerConfig,
+    kek: &KeyEncryptionKey,
+    now: i64,
+    status: &str,
+) -> Result<(CaKeyRecord, AuditEvent), ServerError> {
+    let material = generate(cfg, now)?;
+    let record = CaKeyRecord {
+        key_id: material.key_id.clone(),
+        kind: "x509".into(),
+        status: status.into(),
+        cert_der: material.cert_der.clone(),
+        chain_der: material.chain_der.clone(),
+        encrypted_key: kek.seal(&material.key_id, &material.key_pkcs8)?,
+        not_before: material.not_before,
+        not_after: material.not_after,
+        created_at: now,
+        status_since: now,
+    };
+    let action = if status == "active" {
+        "ca.create"
+    } else {
+        "ca.prepare"
+    };
+    let mut audit = key_audit(action, &material.key_id);
+    audit.spiffe_id = Some(cfg.trust_domain.id().to_string());
+    Ok((record, audit))
+}
+
+/// A new JWT signing key in `status` (`cert_der` holds the public point),
+/// sealed, with its audit event.
+pub fn new_jwt_key(
+    cfg: &ServerConfig,
+    kek: &KeyEncryptionKey,
+    now: i64,
+    status: &str,
+) -> Result<(CaKeyRecord, AuditEvent), ServerError> {
+    let (signer, pkcs8) = JwtSigner::generate()?;
+    let record = key_record(
+        "jwt",
+        signer.kid(),
+        signer.public_point().to_vec(),
+        kek.seal(signer.kid(), &pkcs8)?,
+        now,
+        cfg.ca.ttl.as_secs() as i64,
+        status,
+    );
+    let action = if status == "active" {
+        "jwt_key.create"
+    } else {
+        "jwt_key.prepare"
+    };
+    Ok((record, key_audit(action, signer.kid())))
+}
+
+/// Builds the key ring in effect from the store: the active CA, JWT and
+/// session keys, and the bundle of every published (non-retired) key.
+pub async fn load(
+    store: &Store,
+    cfg: &ServerConfig,
+    kek: &KeyEncryptionKey,
+    now: i64,
+) -> Result<Arc<CaState>, ServerError> {
+    // Read the sequence first: a change racing this load shows up as a
+    // newer sequence at the next poll, never as a missed one.
+    let sequence = store.bundle_sequence().await?;
+    let keys = store.ca_keys().await?;
     let active = keys
         .iter()
         .rev()
         .find(|k| k.status == "active" && k.kind == "x509")
-        .ok_or_else(|| ServerError::Config("no active CA key after creation".into()))?;
+        .ok_or_else(|| ServerError::Config("the key ring has no active CA key".into()))?;
     let pkcs8 = kek.open(&active.key_id, &active.encrypted_key)?;
     let ca = CertificateAuthority::load(
         cfg.trust_domain.clone(),
@@ -123,13 +205,13 @@ pub async fn load_or_create(
             anchors.push(anchor);
         }
     }
-    let (jwt, jwt_authorities) = load_or_create_jwt_key(store, kek, &mut keys, cfg, now).await?;
-    let sessions = load_or_create_session_keys(store, kek, &mut keys, now).await?;
+    let (jwt, jwt_authorities) = load_jwt_keys(&keys, kek)?;
+    let sessions = load_session_keys(&keys, kek)?;
     let bundle = TrustBundle {
         trust_domain: cfg.trust_domain.clone(),
         x509_authorities: anchors,
         jwt_authorities,
-        sequence: store.bundle_sequence().await?,
+        sequence,
         refresh_hint_secs: BUNDLE_REFRESH_HINT_SECS,
     };
     Ok(Arc::new(CaState {
@@ -147,17 +229,19 @@ fn key_record(
     sealed: Vec<u8>,
     now: i64,
     ttl: i64,
+    status: &str,
 ) -> CaKeyRecord {
     CaKeyRecord {
         key_id: key_id.to_string(),
         kind: kind.into(),
-        status: "active".into(),
+        status: status.into(),
         cert_der: public,
         chain_der: Vec::new(),
         encrypted_key: sealed,
         not_before: now,
         not_after: now + ttl,
         created_at: now,
+        status_since: now,
     }
 }
 
@@ -168,36 +252,19 @@ fn key_audit(action: &str, key_id: &str) -> AuditEvent {
     audit
 }
 
-/// The JWT signing key (kind `jwt`; `cert_der` holds the public point),
-/// created on first start; returns the signer and every non-retired public
-/// key for the bundle.
-async fn load_or_create_jwt_key(
-    store: &Store,
+/// A published JWT key: (kid, public point).
+type JwtAuthority = (String, Vec<u8>);
+
+/// The active JWT signer and every published (non-retired) public key.
+fn load_jwt_keys(
+    keys: &[CaKeyRecord],
     kek: &KeyEncryptionKey,
-    keys: &mut Vec<CaKeyRecord>,
-    cfg: &ServerConfig,
-    now: i64,
-) -> Result<(JwtSigner, Vec<(String, Vec<u8>)>), ServerError> {
-    if !keys.iter().any(|k| k.kind == "jwt" && k.status == "active") {
-        let (signer, pkcs8) = JwtSigner::generate()?;
-        let record = key_record(
-            "jwt",
-            signer.kid(),
-            signer.public_point().to_vec(),
-            kek.seal(signer.kid(), &pkcs8)?,
-            now,
-            cfg.ca.ttl.as_secs() as i64,
-        );
-        store
-            .insert_ca_key(record, key_audit("jwt_key.create", signer.kid()))
-            .await?;
-        *keys = store.ca_keys().await?;
-    }
+) -> Result<(JwtSigner, Vec<JwtAuthority>), ServerError> {
     let active = keys
         .iter()
         .rev()
         .find(|k| k.kind == "jwt" && k.status == "active")
-        .ok_or_else(|| ServerError::Config("no active JWT key after creation".into()))?;
+        .ok_or_else(|| ServerError::Config("the key ring has no active JWT key".into()))?;
     let pkcs8 = kek.open(&active.key_id, &active.encrypted_key)?;
     let signer = JwtSigner::from_pkcs8(&active.key_id, &pkcs8)?;
     let published = keys
@@ -208,38 +275,11 @@ async fn load_or_create_jwt_key(
     Ok((signer, published))
 }
 
-/// The session-token keyring (kind `session`), created on first start.
-async fn load_or_create_session_keys(
-    store: &Store,
+/// The session-token keyring: every non-retired key opens, the active one seals.
+fn load_session_keys(
+    keys: &[CaKeyRecord],
     kek: &KeyEncryptionKey,
-    keys: &mut Vec<CaKeyRecord>,
-    now: i64,
 ) -> Result<SessionKeyring, ServerError> {
-    if !keys
-        .iter()
-        .any(|k| k.kind == "session" && k.status == "active")
-    {
-        let ring = SessionKeyring::generate()
-            .map_err(|e| ServerError::Config(format!("session keyring: {e}")))?;
-        let active = ring.active_id().to_string();
-        for (id, key) in ring.export() {
-            if id != active {
-                continue;
-            }
-            let record = key_record(
-                "session",
-                &id,
-                Vec::new(),
-                kek.seal(&id, key.as_ref())?,
-                now,
-                0,
-            );
-            store
-                .insert_ca_key(record, key_audit("session_key.create", &id))
-                .await?;
-        }
-        *keys = store.ca_keys().await?;
-    }
     let mut ring_keys = Vec::new();
     let mut active = None;
     for k in keys

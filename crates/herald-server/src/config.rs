@@ -24,7 +24,8 @@ pub struct ServerConfig {
     pub trust_domain: TrustDomain,
     /// Directory for the SQLite database, the dev KEK and `bundle.pem`.
     pub data_dir: PathBuf,
-    /// Database URL; defaults to `sqlite://<data_dir>/herald.db`.
+    /// Database URL: `sqlite://<path>` (one server) or `postgres://…`
+    /// (several replicas sharing it); defaults to `sqlite://<data_dir>/herald.db`.
     #[serde(default)]
     pub database_url: Option<String>,
     /// Listener addresses.
@@ -111,6 +112,14 @@ pub struct CaConfig {
     /// Upstream CA private key (PEM, PKCS#8; mode 0600). Read once to sign Herald's intermediate.
     #[serde(default)]
     pub upstream_key: Option<PathBuf>,
+    /// How often each replica checks the datastore's bundle sequence and
+    /// reloads the key ring when another replica (or `herald ca rotate`)
+    /// changed it.
+    #[serde(default = "default_bundle_poll", with = "humantime_serde_compat")]
+    pub bundle_poll: Duration,
+    /// Key rotation (X.509 CA and JWT signing keys).
+    #[serde(default)]
+    pub rotation: RotationConfig,
 }
 
 impl Default for CaConfig {
@@ -120,8 +129,60 @@ impl Default for CaConfig {
             ttl: default_ca_ttl(),
             upstream_cert: None,
             upstream_key: None,
+            bundle_poll: default_bundle_poll(),
+            rotation: RotationConfig::default(),
         }
     }
+}
+
+fn default_bundle_poll() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// When CA and JWT keys rotate. A key's life: `prepared` (published in the
+/// bundle, not yet signing) → `active` → `retiring` (still published, no
+/// longer signing) → `retired` once everything it signed has expired.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfig {
+    /// Prepare the next key on schedule (`false`: only `herald ca rotate`
+    /// starts a rotation; activation and retirement still follow).
+    #[serde(default = "default_true")]
+    pub automatic: bool,
+    /// Share of the active key's lifetime after which the next key is prepared.
+    #[serde(default = "default_rotate_at")]
+    pub rotate_at: f64,
+    /// How long a prepared key is published before it signs anything: long
+    /// enough for every agent, Workload API client and bundle consumer to
+    /// have fetched it (the bundle endpoint's refresh hint is 5 minutes).
+    #[serde(default = "default_publish_ahead", with = "humantime_serde_compat")]
+    pub publish_ahead: Duration,
+    /// How often the replica holding the rotation lease checks the key ring.
+    #[serde(default = "default_rotation_check", with = "humantime_serde_compat")]
+    pub check_interval: Duration,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        Self {
+            automatic: true,
+            rotate_at: default_rotate_at(),
+            publish_ahead: default_publish_ahead(),
+            check_interval: default_rotation_check(),
+        }
+    }
+}
+
+fn default_rotate_at() -> f64 {
+    0.5
+}
+
+fn default_publish_ahead() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_rotation_check() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_ca_ttl() -> Duration {
@@ -517,6 +578,21 @@ impl ServerConfig {
         }
         if !(self.rate_limit.per_caller_rate >= 0.0 && self.rate_limit.per_caller_burst >= 0.0) {
             return bad("rate_limit values must be non-negative numbers");
+        }
+        let rot = &self.ca.rotation;
+        if !(rot.rotate_at > 0.0 && rot.rotate_at < 1.0) {
+            return bad("ca.rotation.rotate_at must lie between 0 and 1");
+        }
+        if self.ca.bundle_poll < Duration::from_millis(100) {
+            return bad("ca.bundle_poll must be at least 100ms");
+        }
+        // Every replica must have reloaded (and pushed to its agents) the
+        // prepared key well before any replica signs with it.
+        if rot.publish_ahead < self.ca.bundle_poll * 5 {
+            return bad("ca.rotation.publish_ahead must be at least 5 × ca.bundle_poll");
+        }
+        if rot.check_interval < Duration::from_millis(100) {
+            return bad("ca.rotation.check_interval must be at least 100ms");
         }
         if self.cloud.default_ttl < Duration::from_secs(900) {
             return bad("cloud.default_ttl must be at least 15m (the STS minimum)");

@@ -19,6 +19,7 @@ pub mod http_exchange;
 pub mod join_token;
 pub mod metrics;
 pub mod rate_limit;
+pub mod rotation;
 pub mod status;
 pub mod svid_service;
 pub mod tls;
@@ -118,6 +119,10 @@ pub struct Shared {
     /// Bumped whenever the policy set is replaced: node agents' registration
     /// streams wake on it.
     pub policy_generation: watch::Sender<u64>,
+    /// Bumped whenever the key ring in effect is replaced (a rotation here
+    /// or on another replica): agents' registration streams push the new
+    /// bundle on it.
+    pub ring_generation: watch::Sender<u64>,
     ca: RwLock<Arc<CaState>>,
 }
 
@@ -128,6 +133,15 @@ impl Shared {
             Ok(g) => g.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// Puts a reloaded key ring in effect and wakes whoever pushes bundles.
+    pub fn set_ca(&self, state: Arc<CaState>) {
+        match self.ca.write() {
+            Ok(mut g) => *g = state,
+            Err(poisoned) => *poisoned.into_inner() = state,
+        }
+        self.ring_generation.send_modify(|g| *g += 1);
     }
 }
 
@@ -182,7 +196,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let kek = authority::load_kek(&config)?;
     let now = unix_now();
     let ca_state = authority::load_or_create(&store, &config, &kek, now).await?;
-    drop(kek);
+    // Kept for the key-ring refresh and rotation (sealed keys are opened
+    // when a rotation puts them in effect).
+    let kek = Arc::new(kek);
     write_bundle_file(&config, &ca_state)?;
 
     let ips = listener_ips(&config);
@@ -225,6 +241,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         limiter,
         metrics: metrics::Metrics::new(),
         policy_generation: watch::Sender::new(1),
+        ring_generation: watch::Sender::new(1),
         store,
         config,
         exchange,
@@ -253,8 +270,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             cert,
             ips,
             identity.not_after,
-            shutdown_rx,
+            shutdown_rx.clone(),
         )),
+        tokio::spawn(rotation::run(shared.clone(), kek, shutdown_rx)),
     ];
 
     let mut tasks = tasks;
@@ -411,7 +429,7 @@ async fn refresh_jwks(verifier: Arc<herald_attest::OidcVerifier>, shutdown: watc
     }
 }
 
-fn write_bundle_file(cfg: &ServerConfig, ca: &CaState) -> Result<(), ServerError> {
+pub(crate) fn write_bundle_file(cfg: &ServerConfig, ca: &CaState) -> Result<(), ServerError> {
     let path = cfg.data_dir.join("bundle.pem");
     let tmp = cfg.data_dir.join(".bundle.pem.tmp");
     std::fs::write(&tmp, ca.bundle.to_pem())?;
@@ -419,7 +437,7 @@ fn write_bundle_file(cfg: &ServerConfig, ca: &CaState) -> Result<(), ServerError
     Ok(())
 }
 
-async fn wait_shutdown(mut rx: watch::Receiver<bool>) {
+pub(crate) async fn wait_shutdown(mut rx: watch::Receiver<bool>) {
     while !*rx.borrow() {
         if rx.changed().await.is_err() {
             return;

@@ -448,8 +448,10 @@ impl WorkloadService for WorkloadApi {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(async move {
             let mut changes = shared.policy_generation.subscribe();
+            // A new key ring (a rotation on any replica) changes the set's
+            // revision: the agent gets the bundle as soon as it is reloaded.
+            let mut ring = shared.ring_generation.subscribe();
             let mut last = None;
-            let mut bundle_seq = shared.ca().bundle.sequence;
             loop {
                 let set = registration_set(&shared, &caller.node);
                 if last != Some(set.revision) {
@@ -460,6 +462,7 @@ impl WorkloadService for WorkloadApi {
                 }
                 tokio::select! {
                     r = changes.changed() => if r.is_err() { return },
+                    r = ring.changed() => if r.is_err() { return },
                     () = tokio::time::sleep(NODE_RECHECK) => {
                         // Still a node in good standing? (bans, revocations)
                         match shared.store.node_by_spiffe_id(caller.node.spiffe_id.as_str()).await {
@@ -471,10 +474,6 @@ impl WorkloadService for WorkloadApi {
                                 return;
                             }
                             Err(_) => {}
-                        }
-                        let seq = shared.ca().bundle.sequence;
-                        if seq != bundle_seq {
-                            bundle_seq = seq;
                         }
                     }
                     () = tx.closed() => return,

@@ -1,33 +1,36 @@
 //! Herald's datastore.
 //!
-//! sqlx over SQLite (WAL, `synchronous=FULL`: every commit is durable before
-//! its caller hears back). Holds join tokens (hashed), issued credentials,
-//! revocations, the CA key ring and the append-only, hash-chained audit log.
+//! sqlx over SQLite (one file; WAL, `synchronous=FULL`: every commit is
+//! durable before its caller hears back) or PostgreSQL (several server
+//! replicas sharing one database), chosen by the URL. Holds join tokens
+//! (hashed), issued credentials, revocations, the node registry, the CA key
+//! ring and the append-only, hash-chained audit log.
+//!
+//! The SQL is written once (`src/ops/`) and compiled for each backend
+//! (`sqlite`, `postgres`: types, dialect constants, connecting); [`Store`]
+//! dispatches to the one the URL chose.
 //!
 //! Writes on the hot path go through one writer task that **group-commits**:
 //! it drains every queued [`Commit`] into a single transaction with
 //! multi-row statements, then answers each caller with its own outcome.
-//! The audit chain's tail is read inside each write transaction, so several
-//! processes (server and admin CLI) can append to one chain.
+//! Every write transaction first takes the store-wide write lock (SQLite's
+//! `BEGIN IMMEDIATE`; a PostgreSQL transaction-scoped advisory lock) and
+//! reads the audit chain's tail inside it, so several processes — server
+//! replicas and the admin CLI — append to one chain.
 #![forbid(unsafe_code)]
 
 mod audit_chain;
 mod nodes;
-mod reader;
-mod writer;
+mod postgres;
+mod sqlite;
 
-use std::str::FromStr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
-use herald_core::{AuditEvent, ErrorCode, EvidenceType, Outcome};
+use herald_core::{AuditEvent, ErrorCode};
+use sqlx::SqlSafeStr;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
-use sqlx::{QueryBuilder, Row, SqlSafeStr, Sqlite, Transaction};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 pub use audit_chain::{GENESIS, audit_hash};
 pub use nodes::{NodeAttestation, NodeCommitted, NodeRecord, NodeStatus, RevocationFilter};
@@ -138,7 +141,9 @@ pub struct CaKeyRecord {
     pub key_id: String,
     /// `x509`.
     pub kind: String,
-    /// `active`, `prepared` or `retired`.
+    /// `prepared` (published in the bundle, not yet signing), `active`
+    /// (signing), `retiring` (published until what it signed has expired)
+    /// or `retired`.
     pub status: String,
     /// The CA certificate, DER.
     pub cert_der: Vec<u8>,
@@ -152,6 +157,8 @@ pub struct CaKeyRecord {
     pub not_after: i64,
     /// Unix seconds.
     pub created_at: i64,
+    /// When it entered `status`, Unix seconds.
+    pub status_since: i64,
 }
 
 /// One atomic write on the hot path.
@@ -218,123 +225,148 @@ pub struct AuditChainReport {
 /// The datastore handle; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
-    inner: Arc<Inner>,
+    inner: Arc<Backend>,
 }
 
+/// The backend the URL chose.
 #[derive(Debug)]
-struct Inner {
-    pool: SqlitePool,
-    stats: Arc<writer::WriterStats>,
-    lookups: mpsc::Sender<reader::Lookup>,
-    tx: Mutex<Option<mpsc::Sender<writer::Request>>>,
-    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+enum Backend {
+    Sqlite(sqlite::store::Backend),
+    Postgres(postgres::store::Backend),
 }
 
-fn migrator() -> Migrator {
-    let m = |version, name: &str, sql: &'static str| {
-        Migration::new(
-            version,
-            name.to_string().into(),
-            MigrationType::Simple,
-            sql.into_sql_str(),
-            false,
-        )
+/// Runs `$call` on whichever backend the store holds.
+macro_rules! on_backend {
+    ($self:ident . $($call:tt)+) => {
+        match &*$self.inner {
+            Backend::Sqlite(b) => b.$($call)+,
+            Backend::Postgres(b) => b.$($call)+,
+        }
     };
-    Migrator::with_migrations(vec![
-        m(
-            1,
-            "init",
-            include_str!("../migrations/sqlite/0001_init.sql"),
-        ),
-        m(
-            2,
-            "replay_cache",
-            include_str!("../migrations/sqlite/0002_replay_cache.sql"),
-        ),
-        m(
-            3,
-            "audit_time_index",
-            include_str!("../migrations/sqlite/0003_audit_time_index.sql"),
-        ),
-        m(
-            4,
-            "report_indexes",
-            include_str!("../migrations/sqlite/0004_report_indexes.sql"),
-        ),
-        m(
-            5,
-            "nodes",
-            include_str!("../migrations/sqlite/0005_nodes.sql"),
-        ),
-    ])
 }
 
-fn hash32(v: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
-    v.try_into()
-        .map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
+/// A queued [`Commit`] and where its outcome goes.
+pub(crate) struct WriteRequest {
+    pub commit: Commit,
+    pub reply: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+/// Counters of the writer's work, for metrics and benchmarks.
+#[derive(Debug, Default)]
+pub(crate) struct WriterStats {
+    pub transactions: AtomicU64,
+    pub commits: AtomicU64,
+    /// Statements the writer ran (each write transaction's BEGIN, lock,
+    /// reads, inserts and COMMIT).
+    pub statements: AtomicU64,
+    /// Batched hot-path lookup queries.
+    pub reads: AtomicU64,
+}
+
+/// Hot-path datastore work since open: what one issuance costs the database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueryStats {
+    /// Write transactions (each carries a group-committed batch).
+    pub transactions: u64,
+    /// Commits (issuances, refusals, audit events) in them.
+    pub commits: u64,
+    /// Statements the writer ran.
+    pub write_statements: u64,
+    /// Batched lookup queries (join tokens, credential status).
+    pub reads: u64,
+}
+
+/// A hot-path lookup for the batcher.
+pub(crate) enum Lookup {
+    JoinToken(
+        [u8; 32],
+        oneshot::Sender<Result<Option<JoinTokenRecord>, StoreError>>,
+    ),
+    CredentialStatus(
+        String,
+        oneshot::Sender<Result<Option<CredentialStatus>, StoreError>>,
+    ),
+}
+
+/// Whether a failed write is worth retrying as a whole: PostgreSQL's
+/// serialization failure and deadlock (the transaction was rolled back and
+/// may succeed when run again).
+pub(crate) fn is_retryable(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "40001" || c == "40P01")
 }
 
 impl Store {
-    /// Opens (creating if missing) the database at `url` (`sqlite://path`,
-    /// `sqlite:path` or a bare path), applies migrations and starts the
-    /// writer task. Needs a tokio runtime.
+    /// Opens the database at `url` and applies migrations: `postgres://…`
+    /// (or `postgresql://…`) for PostgreSQL, otherwise SQLite (`sqlite://path`,
+    /// `sqlite:path` or a bare path; created if missing). Starts the writer
+    /// task; needs a tokio runtime.
+    ///
+    /// PostgreSQL URLs take the usual parameters (`sslmode`, `options` such
+    /// as `-c search_path=herald`); a 30 s `statement_timeout` applies
+    /// unless the URL sets one.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
-        let url = if url.starts_with("sqlite:") {
-            url.to_owned()
+        let backend = if postgres::is_url(url) {
+            Backend::Postgres(postgres::open(url).await?)
         } else {
-            format!("sqlite://{url}")
+            Backend::Sqlite(sqlite::open(url).await?)
         };
-        let opts = SqliteConnectOptions::from_str(&url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .min_connections(1)
-            .connect_with(opts.clone())
-            .await?;
-        migrator().run(&pool).await?;
-        let (tx, rx) = mpsc::channel(4096);
-        let stats = Arc::new(writer::WriterStats::default());
-        let writer = tokio::spawn(writer::run(opts, rx, stats.clone()));
-        let (lookups, lookup_rx) = mpsc::channel(4096);
-        // The reader task ends when the last Store handle (and its sender) is dropped.
-        tokio::spawn(reader::run(pool.clone(), lookup_rx));
         Ok(Store {
-            inner: Arc::new(Inner {
-                pool,
-                stats,
-                lookups,
-                tx: Mutex::new(Some(tx)),
-                writer: Mutex::new(Some(writer)),
-            }),
+            inner: Arc::new(backend),
         })
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn backend(&self) -> &'static str {
+        match &*self.inner {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Creates `schema` in the PostgreSQL database at `base_url` if it is
+    /// missing and returns a URL whose connections use it — to keep
+    /// deployments (or test runs) apart inside one database. `schema` is
+    /// lowercase ASCII letters, digits and `_`.
+    pub async fn create_postgres_schema(
+        base_url: &str,
+        schema: &str,
+    ) -> Result<String, StoreError> {
+        postgres::create_schema(base_url, schema).await
+    }
+
+    /// Drops a schema made by [`Store::create_postgres_schema`] and everything in it.
+    pub async fn drop_postgres_schema(base_url: &str, schema: &str) -> Result<(), StoreError> {
+        postgres::drop_schema(base_url, schema).await
     }
 
     /// Group-commit counters since open: (write transactions, commits in them).
     pub fn write_stats(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering;
+        let stats = on_backend!(self.stats.clone());
         (
-            self.inner.stats.transactions.load(Ordering::Relaxed),
-            self.inner.stats.commits.load(Ordering::Relaxed),
+            stats.transactions.load(Ordering::Relaxed),
+            stats.commits.load(Ordering::Relaxed),
         )
+    }
+
+    /// Hot-path query counters since open (writer and batched lookups; the
+    /// admin and key-ring queries are not counted).
+    pub fn query_stats(&self) -> QueryStats {
+        use std::sync::atomic::Ordering;
+        let s = on_backend!(self.stats.clone());
+        QueryStats {
+            transactions: s.transactions.load(Ordering::Relaxed),
+            commits: s.commits.load(Ordering::Relaxed),
+            write_statements: s.statements.load(Ordering::Relaxed),
+            reads: s.reads.load(Ordering::Relaxed),
+        }
     }
 
     /// Readiness probe.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.inner.pool).await?;
-        Ok(())
-    }
-
-    fn sender(&self) -> Result<mpsc::Sender<writer::Request>, StoreError> {
-        self.inner
-            .tx
-            .lock()
-            .map_err(|_| StoreError::WriterGone)?
-            .clone()
-            .ok_or(StoreError::WriterGone)
+        on_backend!(self.ping().await)
     }
 
     /// Stores a join token and its audit record in one transaction.
@@ -343,22 +375,7 @@ impl Store {
         token: NewJoinToken,
         audit: AuditEvent,
     ) -> Result<u64, StoreError> {
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO join_tokens (token_hash, token_id, spiffe_id, created_at, expires_at, used_at, created_by) \
-             VALUES ($1, $2, $3, $4, $5, NULL, $6)",
-        )
-        .bind(token.token_hash.as_slice())
-        .bind(&token.token_id)
-        .bind(&token.spiffe_id)
-        .bind(token.created_at)
-        .bind(token.expires_at)
-        .bind(&token.created_by)
-        .execute(&mut *tx)
-        .await?;
-        let seq = append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
-        tx.commit().await?;
-        Ok(seq)
+        on_backend!(self.create_join_token(token, audit).await)
     }
 
     /// Looks a join token up by hash (batched with concurrent lookups).
@@ -366,35 +383,19 @@ impl Store {
         &self,
         token_hash: &[u8; 32],
     ) -> Result<Option<JoinTokenRecord>, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.inner
-            .lookups
-            .send(reader::Lookup::JoinToken(*token_hash, reply))
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
-        rx.await.map_err(|_| StoreError::WriterGone)?
+        on_backend!(self.join_token(token_hash).await)
     }
 
     /// Every join token, newest first.
     pub async fn list_join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT token_id, spiffe_id, created_at, expires_at, used_at, created_by FROM join_tokens ORDER BY created_at DESC",
-        )
-        .fetch_all(&self.inner.pool)
-        .await?;
-        rows.iter().map(join_token_from_row).collect()
+        on_backend!(self.list_join_tokens().await)
     }
 
     /// Group-commits a token consumption, an issued credential and an audit
     /// record atomically. If the token cannot be consumed, only the audit
     /// event — rewritten as a refusal with the reason — is written.
     pub async fn commit(&self, c: Commit) -> Result<Committed, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.sender()?
-            .send(writer::Request { commit: c, reply })
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
-        rx.await.map_err(|_| StoreError::WriterGone)?
+        on_backend!(self.commit(c).await)
     }
 
     /// Appends one audit event through the group commit.
@@ -416,30 +417,7 @@ impl Store {
 
     /// An issued credential by serial.
     pub async fn issued(&self, serial: &str) -> Result<Option<IssuedCredential>, StoreError> {
-        let row = sqlx::query(
-            "SELECT serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, evidence_digest, \
-             policy, parent_serial, public_key_sha256, ca_key_id FROM issued_credentials WHERE serial = $1",
-        )
-        .bind(serial)
-        .fetch_optional(&self.inner.pool)
-        .await?;
-        row.map(|r| -> Result<IssuedCredential, StoreError> {
-            Ok(IssuedCredential {
-                serial: r.try_get(0)?,
-                kind: r.try_get(1)?,
-                spiffe_id: r.try_get(2)?,
-                not_before: r.try_get(3)?,
-                not_after: r.try_get(4)?,
-                issued_at: r.try_get(5)?,
-                evidence_type: r.try_get(6)?,
-                evidence_digest: r.try_get(7)?,
-                policy: r.try_get(8)?,
-                parent_serial: r.try_get(9)?,
-                public_key_sha256: r.try_get(10)?,
-                ca_key_id: r.try_get(11)?,
-            })
-        })
-        .transpose()
+        on_backend!(self.issued(serial).await)
     }
 
     /// Whether `serial` was issued here and, if so, whether it is revoked —
@@ -448,22 +426,12 @@ impl Store {
         &self,
         serial: &str,
     ) -> Result<Option<CredentialStatus>, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.inner
-            .lookups
-            .send(reader::Lookup::CredentialStatus(serial.to_owned(), reply))
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
-        rx.await.map_err(|_| StoreError::WriterGone)?
+        on_backend!(self.credential_status(serial).await)
     }
 
     /// Whether `serial` is revoked.
     pub async fn is_revoked(&self, serial: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query("SELECT 1 FROM revocations WHERE serial = $1")
-            .bind(serial)
-            .fetch_optional(&self.inner.pool)
-            .await?
-            .is_some())
+        on_backend!(self.is_revoked(serial).await)
     }
 
     /// Revokes an issued credential (revocation row and audit record in one
@@ -476,53 +444,29 @@ impl Store {
         revoked_by: &str,
         audit: AuditEvent,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let exists = sqlx::query("SELECT 1 FROM issued_credentials WHERE serial = $1")
-            .bind(serial)
-            .fetch_optional(&mut *tx)
-            .await?
-            .is_some();
-        if !exists {
-            return Ok(false);
-        }
-        sqlx::query(
-            "INSERT INTO revocations (serial, revoked_at, reason, revoked_by) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (serial) DO NOTHING",
+        on_backend!(self.revoke(serial, reason, revoked_by, audit).await)
+    }
+
+    /// Revokes every unexpired credential matching `filter` (at least one
+    /// condition is required), with one audit record, in one transaction;
+    /// returns how many were revoked. The incident-response path: "revoke
+    /// everything policy P issued in the last hour".
+    pub async fn revoke_matching(
+        &self,
+        filter: &RevocationFilter,
+        reason: &str,
+        revoked_by: &str,
+        audit: AuditEvent,
+    ) -> Result<u64, StoreError> {
+        on_backend!(
+            self.revoke_matching(filter, reason, revoked_by, audit)
+                .await
         )
-        .bind(serial)
-        .bind(audit.time_ms / 1000)
-        .bind(reason)
-        .bind(revoked_by)
-        .execute(&mut *tx)
-        .await?;
-        append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
-        tx.commit().await?;
-        Ok(true)
     }
 
     /// The CA key ring, oldest first.
     pub async fn ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT key_id, kind, status, cert_der, chain_der, encrypted_key, not_before, not_after, created_at \
-             FROM ca_keys ORDER BY created_at, key_id",
-        )
-        .fetch_all(&self.inner.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(CaKeyRecord {
-                    key_id: r.try_get(0)?,
-                    kind: r.try_get(1)?,
-                    status: r.try_get(2)?,
-                    cert_der: r.try_get(3)?,
-                    chain_der: r.try_get(4)?,
-                    encrypted_key: r.try_get(5)?,
-                    not_before: r.try_get(6)?,
-                    not_after: r.try_get(7)?,
-                    created_at: r.try_get(8)?,
-                })
-            })
-            .collect()
+        on_backend!(self.ca_keys().await)
     }
 
     /// Adds a CA key and bumps the bundle sequence, with its audit record, in one transaction.
@@ -531,45 +475,56 @@ impl Store {
         key: CaKeyRecord,
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO ca_keys (key_id, kind, status, cert_der, chain_der, encrypted_key, not_before, not_after, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(&key.key_id)
-        .bind(&key.kind)
-        .bind(&key.status)
-        .bind(&key.cert_der)
-        .bind(&key.chain_der)
-        .bind(&key.encrypted_key)
-        .bind(key.not_before)
-        .bind(key.not_after)
-        .bind(key.created_at)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO meta (key, value) VALUES ('bundle_sequence', '1') \
-             ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)",
-        )
-        .execute(&mut *tx)
-        .await?;
-        append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
-        tx.commit().await?;
-        Ok(())
+        self.insert_ca_key_unless(key, &[], audit).await.map(|_| ())
+    }
+
+    /// Adds `key` unless the ring already holds a key of its kind in one of
+    /// `unless_status` (then `Ok(false)` and nothing is written); bumps the
+    /// bundle sequence, with its audit record, in one transaction. Decided
+    /// under the store's write lock: replicas starting or rotating together
+    /// add one key between them.
+    pub async fn insert_ca_key_unless(
+        &self,
+        key: CaKeyRecord,
+        unless_status: &[&str],
+        audit: AuditEvent,
+    ) -> Result<bool, StoreError> {
+        on_backend!(self.insert_ca_key_unless(key, unless_status, audit).await)
+    }
+
+    /// Moves CA keys between statuses atomically (`(key_id, from, to)`
+    /// each), bumping the bundle sequence, with the audit record. `Ok(false)`
+    /// and no change when any key is no longer in its `from` status.
+    pub async fn transition_ca_keys(
+        &self,
+        changes: &[(&str, &str, &str)],
+        now_s: i64,
+        audit: AuditEvent,
+    ) -> Result<bool, StoreError> {
+        on_backend!(self.transition_ca_keys(changes, now_s, audit).await)
+    }
+
+    /// When the last credential signed by `key_id` expires (Unix seconds).
+    pub async fn last_expiry_signed_by(&self, key_id: &str) -> Result<Option<i64>, StoreError> {
+        on_backend!(self.last_expiry_signed_by(key_id).await)
+    }
+
+    /// Takes or renews the lease `name` for `holder` for `ttl_ms`; `Ok(false)`
+    /// while another holder's lease is unexpired. One replica at a time
+    /// drives scheduled work (key rotation) with it.
+    pub async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        on_backend!(self.try_lease(name, holder, now_ms, ttl_ms).await)
     }
 
     /// The bundle's `spiffe_sequence` (0 before any CA key).
     pub async fn bundle_sequence(&self) -> Result<u64, StoreError> {
-        let v: Option<(String,)> =
-            sqlx::query_as("SELECT value FROM meta WHERE key = 'bundle_sequence'")
-                .fetch_optional(&self.inner.pool)
-                .await?;
-        match v {
-            None => Ok(0),
-            Some((s,)) => s
-                .parse()
-                .map_err(|_| StoreError::Corrupt("bundle_sequence is not a number".into())),
-        }
+        on_backend!(self.bundle_sequence().await)
     }
 
     /// Up to `limit` audit records after `after_seq`, in order.
@@ -578,15 +533,7 @@ impl Store {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, time_ms, caller, action, evidence_type, evidence_digest, policy, spiffe_id, serial, \
-             outcome, reason, prev_hash, hash FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
-        )
-        .bind(after_seq as i64)
-        .bind(i64::from(limit))
-        .fetch_all(&self.inner.pool)
-        .await?;
-        rows.iter().map(audit_from_row).collect()
+        on_backend!(self.audit_records(after_seq, limit).await)
     }
 
     /// Lifetimes of the credentials issued in `[since_s, until_s)`:
@@ -596,14 +543,7 @@ impl Store {
         since_s: i64,
         until_s: i64,
     ) -> Result<Vec<(String, i64, i64)>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT kind, not_before, not_after FROM issued_credentials \
-             WHERE issued_at >= $1 AND issued_at < $2",
-        )
-        .bind(since_s)
-        .bind(until_s)
-        .fetch_all(&self.inner.pool)
-        .await?)
+        on_backend!(self.issued_lifetimes(since_s, until_s).await)
     }
 
     /// X.509 SVIDs whose validity ended in `[since_s, until_s)`, each with
@@ -614,16 +554,7 @@ impl Store {
         since_s: i64,
         until_s: i64,
     ) -> Result<Vec<(String, String, i64, Option<i64>)>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT c.serial, c.spiffe_id, c.not_after, MIN(k.issued_at) FROM issued_credentials c \
-             LEFT JOIN issued_credentials k ON k.parent_serial = c.serial \
-             WHERE c.kind = 'x509_svid' AND c.not_after >= $1 AND c.not_after < $2 \
-             GROUP BY c.serial, c.spiffe_id, c.not_after",
-        )
-        .bind(since_s)
-        .bind(until_s)
-        .fetch_all(&self.inner.pool)
-        .await?)
+        on_backend!(self.rotation_outcomes(since_s, until_s).await)
     }
 
     /// Up to `limit` audit records after `after_seq` whose time lies in
@@ -636,18 +567,60 @@ impl Store {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, time_ms, caller, action, evidence_type, evidence_digest, policy, spiffe_id, serial, \
-             outcome, reason, prev_hash, hash FROM audit_log \
-             WHERE seq > $1 AND time_ms >= $2 AND time_ms < $3 ORDER BY seq LIMIT $4",
+        on_backend!(
+            self.audit_records_between(since_ms, until_ms, after_seq, limit)
+                .await
         )
-        .bind(after_seq as i64)
-        .bind(since_ms)
-        .bind(until_ms)
-        .bind(i64::from(limit))
-        .fetch_all(&self.inner.pool)
-        .await?;
-        rows.iter().map(audit_from_row).collect()
+    }
+
+    /// The node with this EK hash.
+    pub async fn node_by_ek(&self, ek_hash: &str) -> Result<Option<NodeRecord>, StoreError> {
+        on_backend!(self.node_by_ek(ek_hash).await)
+    }
+
+    /// The node holding this SPIFFE ID.
+    pub async fn node_by_spiffe_id(
+        &self,
+        spiffe_id: &str,
+    ) -> Result<Option<NodeRecord>, StoreError> {
+        on_backend!(self.node_by_spiffe_id(spiffe_id).await)
+    }
+
+    /// Every node, by SPIFFE ID.
+    pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        on_backend!(self.list_nodes().await)
+    }
+
+    /// Records a verified attestation, its node SVID, the consumed join
+    /// token (enrolment factor) and its audit record in one transaction —
+    /// or, when the registry refuses it (banned node, counters going
+    /// backwards, another EK claiming the identity), only the refusal's
+    /// audit record.
+    pub async fn commit_node_attestation(
+        &self,
+        att: NodeAttestation,
+        issued: IssuedCredential,
+        consume_join_token: Option<[u8; 32]>,
+        audit: AuditEvent,
+    ) -> Result<NodeCommitted, StoreError> {
+        on_backend!(
+            self.commit_node_attestation(att, issued, consume_join_token, audit)
+                .await
+        )
+    }
+
+    /// Bans the node with this SPIFFE ID or EK hash: its attestations and
+    /// renewals are refused from now on, and every unexpired credential
+    /// issued to its SPIFFE ID is revoked — all with the audit record, in
+    /// one transaction. `Ok(None)` if there is no such node.
+    pub async fn ban_node(
+        &self,
+        id_or_ek: &str,
+        banned_by: &str,
+        reason: &str,
+        audit: AuditEvent,
+    ) -> Result<Option<(NodeRecord, u64)>, StoreError> {
+        on_backend!(self.ban_node(id_or_ek, banned_by, reason, audit).await)
     }
 
     /// Recomputes the chain from `from` (≥ 1) to `to` (inclusive; `None` = the end).
@@ -660,14 +633,9 @@ impl Store {
         let mut prev_hash = if from == 1 {
             GENESIS
         } else {
-            let row: Option<(Vec<u8>,)> =
-                sqlx::query_as("SELECT hash FROM audit_log WHERE seq = $1")
-                    .bind((from - 1) as i64)
-                    .fetch_optional(&self.inner.pool)
-                    .await?;
-            match row {
-                Some((h,)) => hash32(h, "hash")?,
-                None => {
+            match self.audit_records(from - 2, 1).await?.pop() {
+                Some(r) if r.seq == from - 1 => r.hash,
+                _ => {
                     return Err(StoreError::AuditChainBroken {
                         seq: from - 1,
                         reason: "record is missing".into(),
@@ -727,58 +695,31 @@ impl Store {
 
     /// Stops the writer after it drains, and closes the pool.
     pub async fn close(&self) {
-        let tx = self.inner.tx.lock().ok().and_then(|mut g| g.take());
-        drop(tx);
-        let handle = self.inner.writer.lock().ok().and_then(|mut g| g.take());
-        if let Some(h) = handle {
-            let _ = h.await;
-        }
-        self.inner.pool.close().await;
-    }
-
-    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.inner.pool.begin_with("BEGIN IMMEDIATE").await?)
+        on_backend!(self.close().await)
     }
 }
 
-fn join_token_from_row(r: &SqliteRow) -> Result<JoinTokenRecord, StoreError> {
-    Ok(JoinTokenRecord {
-        token_id: r.try_get(0)?,
-        spiffe_id: r.try_get(1)?,
-        created_at: r.try_get(2)?,
-        expires_at: r.try_get(3)?,
-        used_at: r.try_get(4)?,
-        created_by: r.try_get(5)?,
-    })
+/// A migrator over one backend's migrations: (version, name, SQL).
+fn migrator(migrations: &[(i64, &str, &'static str)]) -> Migrator {
+    Migrator::with_migrations(
+        migrations
+            .iter()
+            .map(|&(version, name, sql)| {
+                Migration::new(
+                    version,
+                    name.to_string().into(),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
 }
 
-fn audit_from_row(r: &SqliteRow) -> Result<AuditRecord, StoreError> {
-    let corrupt = |what: &str, v: &str| StoreError::Corrupt(format!("audit {what} {v:?}"));
-    let evidence_type: Option<String> = r.try_get(4)?;
-    let outcome: String = r.try_get(9)?;
-    let reason: Option<String> = r.try_get(10)?;
-    let seq: i64 = r.try_get(0)?;
-    Ok(AuditRecord {
-        seq: seq as u64,
-        event: AuditEvent {
-            time_ms: r.try_get(1)?,
-            caller: r.try_get(2)?,
-            action: r.try_get(3)?,
-            evidence_type: evidence_type
-                .map(|s| EvidenceType::from_code(&s).ok_or_else(|| corrupt("evidence_type", &s)))
-                .transpose()?,
-            evidence_digest: r.try_get(5)?,
-            policy: r.try_get(6)?,
-            spiffe_id: r.try_get(7)?,
-            serial: r.try_get(8)?,
-            outcome: Outcome::from_code(&outcome).ok_or_else(|| corrupt("outcome", &outcome))?,
-            reason: reason
-                .map(|s| ErrorCode::from_code(&s).ok_or_else(|| corrupt("reason", &s)))
-                .transpose()?,
-        },
-        prev_hash: hash32(r.try_get(11)?, "prev_hash")?,
-        hash: hash32(r.try_get(12)?, "hash")?,
-    })
+fn hash32(v: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
+    v.try_into()
+        .map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
 }
 
 /// An audit row ready to insert: (seq, event, prev_hash, hash).
@@ -801,53 +742,4 @@ pub(crate) fn chain_rows(
             row
         })
         .collect()
-}
-
-/// Appends a multi-row `INSERT INTO audit_log` statement to `qb`.
-pub(crate) fn push_audit_insert(qb: &mut QueryBuilder<Sqlite>, rows: &[ChainRow<'_>]) {
-    qb.push(
-        "INSERT INTO audit_log (seq, time_ms, caller, action, evidence_type, evidence_digest, policy, \
-         spiffe_id, serial, outcome, reason, prev_hash, hash) ",
-    );
-    qb.push_values(rows, |mut b, (seq, e, prev, hash)| {
-        b.push_bind(*seq as i64)
-            .push_bind(e.time_ms)
-            .push_bind(e.caller.clone())
-            .push_bind(e.action.clone())
-            .push_bind(e.evidence_type.map(|t| t.as_str()))
-            .push_bind(e.evidence_digest.clone())
-            .push_bind(e.policy.clone())
-            .push_bind(e.spiffe_id.clone())
-            .push_bind(e.serial.clone())
-            .push_bind(e.outcome.as_str())
-            .push_bind(e.reason.map(|r| r.as_str()))
-            .push_bind(prev.to_vec())
-            .push_bind(hash.to_vec());
-    });
-}
-
-/// Appends `events` to the chain inside `tx`; returns the last sequence number.
-pub(crate) async fn append_audit(
-    tx: &mut Transaction<'static, Sqlite>,
-    events: &[AuditEvent],
-) -> Result<u64, StoreError> {
-    let tail: Option<(i64, Vec<u8>)> =
-        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut **tx)
-            .await?;
-    let (mut seq, mut prev) = match tail {
-        Some((s, h)) => (s as u64, hash32(h, "hash")?),
-        None => (0, GENESIS),
-    };
-    // SQLite allows 32766 bound parameters; 13 per row.
-    for chunk in events.chunks(1000) {
-        let rows = chain_rows(seq, prev, chunk);
-        if let Some(last) = rows.last() {
-            (seq, prev) = (last.0, last.3);
-        }
-        let mut qb = QueryBuilder::<Sqlite>::new("");
-        push_audit_insert(&mut qb, &rows);
-        qb.build().execute(&mut **tx).await?;
-    }
-    Ok(seq)
 }

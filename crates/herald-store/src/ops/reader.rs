@@ -1,15 +1,16 @@
 //! Batched hot-path lookups: concurrent requests for join tokens and
 //! credential status are folded into one `IN (...)` query per kind, so a
-//! burst costs one round trip to SQLite's connection thread instead of one
-//! per request.
+//! burst costs one round trip to the database instead of one per request.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use sqlx::sqlite::SqlitePool;
-use sqlx::{QueryBuilder, Sqlite};
+use sqlx::QueryBuilder;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{CredentialStatus, JoinTokenRecord, StoreError};
+use super::{Db, Pool};
+use crate::{CredentialStatus, JoinTokenRecord, Lookup, StoreError, WriterStats};
 
 const MAX_BATCH: usize = 500;
 
@@ -20,18 +21,7 @@ type Waiters<K, T> = Vec<(K, Reply<T>)>;
 /// A `join_tokens` row as selected here.
 type TokenRow = (Vec<u8>, String, String, i64, i64, Option<i64>, String);
 
-pub(crate) enum Lookup {
-    JoinToken(
-        [u8; 32],
-        oneshot::Sender<Result<Option<JoinTokenRecord>, StoreError>>,
-    ),
-    CredentialStatus(
-        String,
-        oneshot::Sender<Result<Option<CredentialStatus>, StoreError>>,
-    ),
-}
-
-pub(crate) async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Lookup>) {
+pub(crate) async fn run(pool: Pool, mut rx: mpsc::Receiver<Lookup>, stats: Arc<WriterStats>) {
     while let Some(first) = rx.recv().await {
         let mut tokens = Vec::new();
         let mut statuses = Vec::new();
@@ -46,6 +36,8 @@ pub(crate) async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Lookup>) {
                 Err(_) => break,
             }
         }
+        let queries = u64::from(!tokens.is_empty()) + u64::from(!statuses.is_empty());
+        stats.reads.fetch_add(queries, Ordering::Relaxed);
         // Both kinds run concurrently on separate pool connections.
         tokio::join!(join_tokens(&pool, tokens), statuses_of(&pool, statuses));
     }
@@ -72,12 +64,12 @@ where
     }
 }
 
-async fn join_tokens(pool: &SqlitePool, waiters: Waiters<[u8; 32], JoinTokenRecord>) {
+async fn join_tokens(pool: &Pool, waiters: Waiters<[u8; 32], JoinTokenRecord>) {
     if waiters.is_empty() {
         return;
     }
     let found = async {
-        let mut qb = QueryBuilder::<Sqlite>::new(
+        let mut qb = QueryBuilder::<Db>::new(
             "SELECT token_hash, token_id, spiffe_id, created_at, expires_at, used_at, created_by FROM join_tokens WHERE token_hash IN (",
         );
         let mut sep = qb.separated(", ");
@@ -106,12 +98,12 @@ async fn join_tokens(pool: &SqlitePool, waiters: Waiters<[u8; 32], JoinTokenReco
     reply_all(waiters, found);
 }
 
-async fn statuses_of(pool: &SqlitePool, waiters: Waiters<String, CredentialStatus>) {
+async fn statuses_of(pool: &Pool, waiters: Waiters<String, CredentialStatus>) {
     if waiters.is_empty() {
         return;
     }
     let found = async {
-        let mut qb = QueryBuilder::<Sqlite>::new(
+        let mut qb = QueryBuilder::<Db>::new(
             "SELECT i.serial, i.spiffe_id, i.not_after, r.serial FROM issued_credentials i \
              LEFT JOIN revocations r ON r.serial = i.serial WHERE i.serial IN (",
         );

@@ -1,48 +1,107 @@
 //! The group-commit writer: one task with a connection of its own, one
 //! transaction per batch of queued commits, one fsync shared by the batch.
 //!
-//! Each round trip to SQLite costs a hand-off to sqlx's connection thread,
-//! which dominates a lightly loaded request, so a batch is written in two:
-//! `BEGIN IMMEDIATE; SELECT <chain tail>; UPDATE join_tokens … RETURNING`
-//! and then `INSERT issued…; INSERT audit…; COMMIT` (plus one lookup, only
-//! when some token was refused, to name the reason).
+//! A batch is two scripts: `BEGIN; <write lock>; SELECT <chain tail>;
+//! UPDATE join_tokens … RETURNING; INSERT replay_cache … RETURNING` and then
+//! `INSERT issued…; INSERT audit…; COMMIT` (plus one lookup, only when some
+//! token was refused, to name the reason). SQLite runs each script as one
+//! query — each round trip is a hand-off to sqlx's connection thread, which
+//! dominates a lightly loaded request; PostgreSQL runs it statement by
+//! statement on one connection.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use herald_core::{AuditEvent, ErrorCode};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use sqlx::{Connection, QueryBuilder, Row, Sqlite};
-use tokio::sync::{mpsc, oneshot};
+use sqlx::{Connection, QueryBuilder, Row};
+use tokio::sync::mpsc;
 
-use crate::{Commit, Committed, GENESIS, StoreError, chain_rows, hash32, push_audit_insert};
+use super::store::push_audit_insert;
+use super::{BEGIN_WRITE, Conn, Db, DbRow, MAX_PARAMS, MULTI_STATEMENT, Options};
+use crate::{
+    Commit, Committed, GENESIS, StoreError, WriteRequest, WriterStats, chain_rows, hash32,
+    is_retryable,
+};
 
-/// The most commits folded into one transaction (13 + 12 bound parameters
-/// per commit stays far below SQLite's 32766).
-const MAX_BATCH: usize = 512;
+/// The most commits folded into one transaction: 13 + 12 bound parameters
+/// per commit, and a script's statements share SQLite's parameter limit.
+const MAX_BATCH: usize = if MAX_PARAMS / 32 < 512 {
+    MAX_PARAMS / 32
+} else {
+    512
+};
+
+/// How many times a batch that failed on a serialization failure or
+/// deadlock (PostgreSQL) is retried before its callers get the error.
+const RETRIES: usize = 3;
 
 /// How often expired replay keys are deleted.
 const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-pub(crate) struct Request {
-    pub commit: Commit,
-    pub reply: oneshot::Sender<Result<Committed, StoreError>>,
+/// Statements sent as one query where the backend allows it.
+struct Script {
+    /// Each query and whether its rows are wanted.
+    parts: Vec<(QueryBuilder<Db>, bool)>,
+    /// Statements in it (several per query on SQLite).
+    statements: u64,
 }
 
-/// Counters of the writer's work, for metrics and benchmarks.
-#[derive(Debug, Default)]
-pub(crate) struct WriterStats {
-    pub transactions: AtomicU64,
-    pub commits: AtomicU64,
+impl Script {
+    fn new() -> Script {
+        Script {
+            parts: Vec::new(),
+            statements: 0,
+        }
+    }
+
+    /// Starts the next statement; binds pushed after it belong to it.
+    fn stmt(&mut self, sql: &str) -> &mut QueryBuilder<Db> {
+        self.push(sql, true)
+    }
+
+    /// Starts a statement whose rows are not wanted.
+    fn silent(&mut self, sql: &str) -> &mut QueryBuilder<Db> {
+        self.push(sql, false)
+    }
+
+    fn push(&mut self, sql: &str, rows: bool) -> &mut QueryBuilder<Db> {
+        self.statements += 1;
+        if MULTI_STATEMENT && let Some((last, wanted)) = self.parts.last_mut() {
+            last.push("; ").push(sql);
+            *wanted |= rows;
+        } else {
+            self.parts.push((QueryBuilder::new(sql), rows));
+        }
+        let n = self.parts.len() - 1;
+        &mut self.parts[n].0
+    }
+
+    /// Runs the statements in order; returns the rows of those that want them.
+    async fn run(mut self, conn: &mut Conn, stats: &WriterStats) -> Result<Vec<DbRow>, StoreError> {
+        stats
+            .statements
+            .fetch_add(self.statements, Ordering::Relaxed);
+        let mut rows = Vec::new();
+        for (qb, wanted) in &mut self.parts {
+            if *wanted {
+                rows.extend(qb.build().fetch_all(&mut *conn).await?);
+            } else {
+                qb.build().execute(&mut *conn).await?;
+            }
+        }
+        Ok(rows)
+    }
 }
 
 pub(crate) async fn run(
-    opts: SqliteConnectOptions,
-    mut rx: mpsc::Receiver<Request>,
+    opts: Options,
+    write_lock: Option<String>,
+    mut rx: mpsc::Receiver<WriteRequest>,
     stats: Arc<WriterStats>,
 ) {
-    let mut conn: Option<SqliteConnection> = None;
+    let lock = write_lock.as_deref();
+    let mut conn: Option<Conn> = None;
     let mut last_purge = std::time::Instant::now();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -60,7 +119,7 @@ pub(crate) async fn run(
             .fetch_add(commits.len() as u64, Ordering::Relaxed);
         let c = match &mut conn {
             Some(c) => c,
-            None => match SqliteConnection::connect_with(&opts).await {
+            None => match Conn::connect_with(&opts).await {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
                     let msg = e.to_string();
@@ -81,7 +140,28 @@ pub(crate) async fn run(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64)
         });
-        match write_batch(c, &commits, purge_before).await {
+        let mut result = write_batch(c, lock, &commits, purge_before, &stats).await;
+        for _ in 0..RETRIES {
+            match &result {
+                Err(StoreError::Database(e)) if is_retryable(e) => {
+                    result = write_batch(c, lock, &commits, purge_before, &stats).await;
+                }
+                _ => break,
+            }
+        }
+        if let Err(StoreError::Database(e)) = &result
+            && matches!(e, sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
+        {
+            // The connection is broken: open a fresh one for the next batch.
+            conn = None;
+        }
+        let Some(c) = conn.as_mut() else {
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Corrupt("datastore connection lost".into())));
+            }
+            continue;
+        };
+        match result {
             Ok(results) => {
                 for (reply, res) in replies.into_iter().zip(results) {
                     let _ = reply.send(Ok(res));
@@ -92,7 +172,7 @@ pub(crate) async fn run(
                 // others: retry each on its own so only it gets the error.
                 tracing::warn!(error = %e, size = commits.len(), "batch commit failed; retrying items one by one");
                 for (commit, reply) in commits.into_iter().zip(replies) {
-                    let res = write_batch(c, std::slice::from_ref(&commit), None)
+                    let res = write_batch(c, lock, std::slice::from_ref(&commit), None, &stats)
                         .await
                         .and_then(|mut v| v.pop().ok_or(StoreError::WriterGone));
                     let _ = reply.send(res);
@@ -113,11 +193,13 @@ pub(crate) async fn run(
 /// Writes `commits` in one transaction; on any error the transaction is
 /// rolled back and nothing of the batch remains.
 async fn write_batch(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
+    lock: Option<&str>,
     commits: &[Commit],
     purge_before: Option<i64>,
+    stats: &WriterStats,
 ) -> Result<Vec<Committed>, StoreError> {
-    let result = write_batch_inner(conn, commits, purge_before).await;
+    let result = write_batch_inner(conn, lock, commits, purge_before, stats).await;
     if result.is_err() {
         // Ignore the outcome: there may be no transaction left to roll back.
         let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
@@ -126,9 +208,11 @@ async fn write_batch(
 }
 
 async fn write_batch_inner(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
+    lock: Option<&str>,
     commits: &[Commit],
     purge_before: Option<i64>,
+    stats: &WriterStats,
 ) -> Result<Vec<Committed>, StoreError> {
     // Round trip 1: open the transaction, read the chain tail, consume tokens.
     let mut first_use: HashMap<[u8; 32], usize> = HashMap::new();
@@ -151,12 +235,15 @@ async fn write_batch_inner(
         .map(|c| c.now_s)
         .max()
         .unwrap_or(0);
-    let mut qb = QueryBuilder::<Sqlite>::new(
-        "BEGIN IMMEDIATE; SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1;",
-    );
+    let mut script = Script::new();
+    script.silent(BEGIN_WRITE);
+    if let Some(lock) = lock {
+        script.silent(lock);
+    }
+    script.stmt("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1");
     if !first_use.is_empty() {
-        qb.push(" UPDATE join_tokens SET used_at = ")
-            .push_bind(now)
+        let qb = script.stmt("UPDATE join_tokens SET used_at = ");
+        qb.push_bind(now)
             .push(" WHERE used_at IS NULL AND expires_at > ")
             .push_bind(now)
             .push(" AND token_hash IN (");
@@ -164,25 +251,25 @@ async fn write_batch_inner(
         for h in first_use.keys() {
             sep.push_bind(h.to_vec());
         }
-        qb.push(") RETURNING token_hash;");
+        qb.push(") RETURNING token_hash");
     }
     if !first_replay.is_empty() {
         // A key already present and unexpired is a replay: the upsert
         // returns only keys it inserted or revived from expiry.
-        qb.push(" INSERT INTO replay_cache (key, expires_at) ");
+        let qb = script.stmt("INSERT INTO replay_cache (key, expires_at) ");
         qb.push_values(&first_replay, |mut b, (key, (_, exp))| {
             b.push_bind(key.to_string()).push_bind(*exp);
         });
         qb.push(" ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at WHERE replay_cache.expires_at < ")
             .push_bind(now)
-            .push(" RETURNING key, 0, 0;");
+            .push(" RETURNING key, 0, 0");
     }
     if let Some(before) = purge_before {
-        qb.push(" DELETE FROM replay_cache WHERE expires_at < ")
-            .push_bind(before)
-            .push(";");
+        script
+            .silent("DELETE FROM replay_cache WHERE expires_at < ")
+            .push_bind(before);
     }
-    let rows = qb.build().fetch_all(&mut *conn).await?;
+    let rows = script.run(conn, stats).await?;
     let (mut tail_seq, mut tail_hash) = (0u64, GENESIS);
     let mut consumed = HashSet::new();
     let mut recorded: HashSet<String> = HashSet::new();
@@ -212,7 +299,7 @@ async fn write_batch_inner(
         .collect();
     let mut reasons: HashMap<[u8; 32], ErrorCode> = HashMap::new();
     if !failed.is_empty() {
-        let mut qb = QueryBuilder::<Sqlite>::new(
+        let mut qb = QueryBuilder::<Db>::new(
             "SELECT token_hash, used_at, expires_at FROM join_tokens WHERE token_hash IN (",
         );
         let mut sep = qb.separated(", ");
@@ -220,6 +307,7 @@ async fn write_batch_inner(
             sep.push_bind(h.to_vec());
         }
         qb.push(")");
+        stats.statements.fetch_add(1, Ordering::Relaxed);
         let rows: Vec<(Vec<u8>, Option<i64>, i64)> =
             qb.build_query_as().fetch_all(&mut *conn).await?;
         for (h, used_at, expires_at) in rows {
@@ -275,9 +363,9 @@ async fn write_batch_inner(
         .filter(|(_, r)| r.is_none())
         .filter_map(|(c, _)| c.issued.as_ref())
         .collect();
-    let mut qb = QueryBuilder::<Sqlite>::new("");
+    let mut script = Script::new();
     if !issued.is_empty() {
-        qb.push(
+        let qb = script.stmt(
             "INSERT INTO issued_credentials (serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, \
              evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id) ",
         );
@@ -295,11 +383,10 @@ async fn write_batch_inner(
                 .push_bind(i.public_key_sha256.clone())
                 .push_bind(i.ca_key_id.clone());
         });
-        qb.push("; ");
     }
-    push_audit_insert(&mut qb, &chain);
-    qb.push("; COMMIT");
-    qb.build().execute(&mut *conn).await?;
+    push_audit_insert(script.stmt(""), &chain);
+    script.silent("COMMIT");
+    script.run(conn, stats).await?;
 
     Ok(rejected
         .into_iter()

@@ -1,17 +1,130 @@
-//! The datastore against real SQLite files.
+//! The datastore's suite, run against a real SQLite file and a real
+//! PostgreSQL (each test in a schema of its own; `HERALD_TEST_PG_URL`,
+//! default `postgres://postgres@127.0.0.1:5432/test`). PostgreSQL being
+//! unreachable fails the PostgreSQL half loudly: it is part of the suite.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use herald_core::{AuditEvent, ErrorCode, Outcome};
 use herald_store::{
     CaKeyRecord, Commit, Committed, IssuedCredential, NewJoinToken, ReplayKey, Store, StoreError,
 };
+use sqlx::Connection;
 
 const NOW: i64 = 1_800_000_000;
 
-async fn open(dir: &tempfile::TempDir) -> Store {
-    Store::open(&format!("sqlite://{}", dir.path().join("h.db").display()))
-        .await
-        .unwrap()
+/// One test's own database: a SQLite file in a temporary directory, or a
+/// fresh PostgreSQL schema (dropped when the test passes; a failed test's
+/// schema is left for inspection).
+enum Fixture {
+    Sqlite(tempfile::TempDir),
+    Postgres {
+        base: String,
+        schema: String,
+        url: String,
+    },
+}
+
+fn pg_base_url() -> String {
+    std::env::var("HERALD_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+impl Fixture {
+    async fn sqlite() -> Fixture {
+        Fixture::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    async fn postgres(test: &str) -> Fixture {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let base = pg_base_url();
+        let schema = format!(
+            "herald_test_{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            &test[..test.len().min(20)]
+        );
+        let url = Store::create_postgres_schema(&base, &schema)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {base} (HERALD_TEST_PG_URL): {e}"));
+        Fixture::Postgres { base, schema, url }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Fixture::Sqlite(dir) => format!("sqlite://{}", dir.path().join("h.db").display()),
+            Fixture::Postgres { url, .. } => url.clone(),
+        }
+    }
+
+    async fn open(&self) -> Store {
+        let s = Store::open(&self.url()).await.unwrap();
+        let want = match self {
+            Fixture::Sqlite(_) => "sqlite",
+            Fixture::Postgres { .. } => "postgres",
+        };
+        assert_eq!(s.backend(), want);
+        s
+    }
+
+    /// Runs `sql` on a connection of its own, outside the store.
+    async fn raw(&self, sql: &'static str) -> Result<u64, sqlx::Error> {
+        let url = self.url();
+        Ok(match self {
+            Fixture::Sqlite(_) => {
+                let mut c = sqlx::SqliteConnection::connect(&url).await?;
+                sqlx::query(sql).execute(&mut c).await?.rows_affected()
+            }
+            Fixture::Postgres { .. } => {
+                let mut c = sqlx::PgConnection::connect(&url).await?;
+                sqlx::query(sql).execute(&mut c).await?.rows_affected()
+            }
+        })
+    }
+
+    /// Drops one of the audit log's guard triggers, as an attacker with
+    /// DDL rights could.
+    async fn drop_trigger(&self, name: &str) {
+        let sql = match self {
+            Fixture::Sqlite(_) => format!("DROP TRIGGER {name}"),
+            Fixture::Postgres { .. } => format!("DROP TRIGGER {name} ON audit_log"),
+        };
+        let sql: &'static str = Box::leak(sql.into_boxed_str());
+        self.raw(sql).await.unwrap();
+    }
+
+    async fn finish(self) {
+        if let Fixture::Postgres { base, schema, .. } = self {
+            Store::drop_postgres_schema(&base, &schema).await.unwrap();
+        }
+    }
+}
+
+/// Generates `sqlite::<test>` and `postgres::<test>` for each suite test.
+macro_rules! backend_suite {
+    ($($test:ident,)+) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let db = super::Fixture::sqlite().await;
+                    super::$test(&db).await;
+                    db.finish().await;
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let db = super::Fixture::postgres(stringify!($test)).await;
+                    super::$test(&db).await;
+                    db.finish().await;
+                }
+            )+
+        }
+    };
 }
 
 fn token(n: u8, expires_at: i64) -> NewJoinToken {
@@ -54,22 +167,18 @@ fn mint(hash: Option<[u8; 32]>, serial: &str) -> Commit {
     }
 }
 
-#[tokio::test]
-async fn migrations_apply_and_reopen_is_idempotent() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir).await;
+async fn migrations_apply_and_reopen_is_idempotent(db: &Fixture) {
+    let s = db.open().await;
     s.ping().await.unwrap();
     s.audit(AuditEvent::new("a", "c")).await.unwrap();
     s.close().await;
-    let s = open(&dir).await;
+    let s = db.open().await;
     assert_eq!(s.audit_records(0, 10).await.unwrap().len(), 1);
     s.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_join_token_is_consumed_exactly_once_under_a_race() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir).await;
+async fn a_join_token_is_consumed_exactly_once_under_a_race(db: &Fixture) {
+    let s = db.open().await;
     s.create_join_token(
         token(1, NOW + 600),
         AuditEvent::new("join_token.create", "t"),
@@ -120,10 +229,8 @@ async fn a_join_token_is_consumed_exactly_once_under_a_race() {
     s.close().await;
 }
 
-#[tokio::test]
-async fn unknown_and_expired_tokens_get_their_codes_and_write_nothing_else() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir).await;
+async fn unknown_and_expired_tokens_get_their_codes_and_write_nothing_else(db: &Fixture) {
+    let s = db.open().await;
     s.create_join_token(token(2, NOW - 1), AuditEvent::new("join_token.create", "t"))
         .await
         .unwrap();
@@ -147,10 +254,8 @@ async fn unknown_and_expired_tokens_get_their_codes_and_write_nothing_else() {
     );
 }
 
-#[tokio::test]
-async fn an_issuance_and_its_audit_record_land_together() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir).await;
+async fn an_issuance_and_its_audit_record_land_together(db: &Fixture) {
+    let s = db.open().await;
     let Committed::Done { audit_seq } = s.commit(mint(None, "c0ffee")).await.unwrap() else {
         panic!()
     };
@@ -165,10 +270,8 @@ async fn an_issuance_and_its_audit_record_land_together() {
     s.verify_audit_chain(1, None).await.unwrap();
 }
 
-#[tokio::test]
-async fn revocation_and_the_ca_key_ring() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir).await;
+async fn revocation_and_the_ca_key_ring(db: &Fixture) {
+    let s = db.open().await;
     s.commit(mint(None, "01")).await.unwrap();
     assert!(!s.is_revoked("01").await.unwrap());
     assert!(
@@ -214,6 +317,7 @@ async fn revocation_and_the_ca_key_ring() {
         not_before: NOW,
         not_after: NOW + 10,
         created_at,
+        status_since: created_at,
     };
     s.insert_ca_key(key("k1", 1), AuditEvent::new("ca.create", "server"))
         .await
@@ -243,11 +347,9 @@ async fn revocation_and_the_ca_key_ring() {
     s.verify_audit_chain(1, None).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_processes_appending_keep_one_chain() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = open(&dir).await;
-    let cli = open(&dir).await;
+async fn two_processes_appending_keep_one_chain(db: &Fixture) {
+    let server = db.open().await;
+    let cli = db.open().await;
     let mut tasks = Vec::new();
     for i in 0..40u8 {
         let (server, cli) = (server.clone(), cli.clone());
@@ -280,41 +382,29 @@ async fn two_processes_appending_keep_one_chain() {
     );
 }
 
-async fn raw(dir: &tempfile::TempDir, sql: &'static str) -> Result<u64, sqlx::Error> {
-    use sqlx::Connection;
-    let mut c =
-        sqlx::SqliteConnection::connect(&format!("sqlite://{}", dir.path().join("h.db").display()))
-            .await?;
-    Ok(sqlx::query(sql).execute(&mut c).await?.rows_affected())
-}
-
-#[tokio::test]
-async fn the_audit_log_is_append_only_and_tampering_is_located() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir).await;
+async fn the_audit_log_is_append_only_and_tampering_is_located(db: &Fixture) {
+    let s = db.open().await;
     for i in 0..10 {
         s.audit(AuditEvent::new(format!("a{i}"), "c"))
             .await
             .unwrap();
     }
     assert!(
-        raw(&dir, "UPDATE audit_log SET caller = 'x' WHERE seq = 4")
+        db.raw("UPDATE audit_log SET caller = 'x' WHERE seq = 4")
             .await
             .is_err(),
         "trigger refuses UPDATE"
     );
     assert!(
-        raw(&dir, "DELETE FROM audit_log WHERE seq = 4")
-            .await
-            .is_err(),
+        db.raw("DELETE FROM audit_log WHERE seq = 4").await.is_err(),
         "trigger refuses DELETE"
     );
     s.verify_audit_chain(1, None).await.unwrap();
 
-    raw(&dir, "DROP TRIGGER audit_log_no_update").await.unwrap();
-    raw(&dir, "DROP TRIGGER audit_log_no_delete").await.unwrap();
+    db.drop_trigger("audit_log_no_update").await;
+    db.drop_trigger("audit_log_no_delete").await;
     assert_eq!(
-        raw(&dir, "UPDATE audit_log SET caller = 'x' WHERE seq = 4")
+        db.raw("UPDATE audit_log SET caller = 'x' WHERE seq = 4")
             .await
             .unwrap(),
         1
@@ -335,9 +425,7 @@ async fn the_audit_log_is_append_only_and_tampering_is_located() {
     );
 
     assert_eq!(
-        raw(&dir, "DELETE FROM audit_log WHERE seq = 7")
-            .await
-            .unwrap(),
+        db.raw("DELETE FROM audit_log WHERE seq = 7").await.unwrap(),
         1
     );
     match s.verify_audit_chain(5, None).await {
@@ -354,10 +442,8 @@ async fn the_audit_log_is_append_only_and_tampering_is_located() {
     ));
 }
 
-#[tokio::test]
-async fn credential_status_answers_issued_and_revoked_in_one_query() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir).await;
+async fn credential_status_answers_issued_and_revoked_in_one_query(db: &Fixture) {
+    let s = db.open().await;
     assert_eq!(s.credential_status("0a").await.unwrap(), None);
     s.commit(mint(None, "0a")).await.unwrap();
     let st = s.credential_status("0a").await.unwrap().unwrap();
@@ -378,10 +464,8 @@ fn exchange(key: &str, expires_at: i64, serial: &str) -> Commit {
     c
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_jti_is_used_exactly_once_under_a_race_and_across_restarts() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir).await;
+async fn a_token_jti_is_used_exactly_once_under_a_race_and_across_restarts(db: &Fixture) {
+    let s = db.open().await;
     let tasks: Vec<_> = (0..40)
         .map(|i| {
             let s = s.clone();
@@ -417,7 +501,7 @@ async fn a_token_jti_is_used_exactly_once_under_a_race_and_across_restarts() {
     s.close().await;
 
     // Restarted: still a replay; another key is fine.
-    let s = open(&dir).await;
+    let s = db.open().await;
     assert_eq!(
         s.commit(exchange("jti:iss#one", NOW + 300, "again"))
             .await
@@ -472,11 +556,9 @@ fn node_svid(serial: &str, id: &str) -> IssuedCredential {
     }
 }
 
-#[tokio::test]
-async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans() {
+async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &Fixture) {
     use herald_store::{NodeCommitted, NodeStatus};
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir).await;
+    let s = db.open().await;
     let id = "spiffe://td/node/a";
     let attest = |serial: &str| {
         let mut a = AuditEvent::new("node.attest", "peer:test");
@@ -631,3 +713,136 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans() {
     assert!(refused.contains(&Some(ErrorCode::NodeEkChanged)));
     assert!(refused.contains(&Some(ErrorCode::NodeBanned)));
 }
+
+async fn key_rotation_is_decided_once_through_the_database(db: &Fixture) {
+    let a = db.open().await;
+    let b = db.open().await;
+    let key = |id: &str, status: &str| CaKeyRecord {
+        key_id: id.into(),
+        kind: "jwt".into(),
+        status: status.into(),
+        cert_der: vec![1],
+        chain_der: vec![],
+        encrypted_key: vec![2],
+        not_before: NOW,
+        not_after: NOW + 100,
+        created_at: NOW,
+        status_since: NOW,
+    };
+    // Two replicas creating the first key at once: one key.
+    let (x, y) = tokio::join!(
+        a.insert_ca_key_unless(
+            key("j1", "active"),
+            &["active", "prepared"],
+            AuditEvent::new("jwt_key.create", "a")
+        ),
+        b.insert_ca_key_unless(
+            key("j2", "active"),
+            &["active", "prepared"],
+            AuditEvent::new("jwt_key.create", "b")
+        ),
+    );
+    assert!(x.unwrap() ^ y.unwrap(), "exactly one insert wins");
+    let active = a.ca_keys().await.unwrap();
+    assert_eq!(active.len(), 1);
+    let first = active[0].key_id.clone();
+    let seq = a.bundle_sequence().await.unwrap();
+
+    assert!(
+        a.insert_ca_key_unless(
+            key("j3", "prepared"),
+            &["prepared"],
+            AuditEvent::new("jwt_key.prepare", "a")
+        )
+        .await
+        .unwrap()
+    );
+    assert!(
+        !b.insert_ca_key_unless(
+            key("j4", "prepared"),
+            &["prepared"],
+            AuditEvent::new("jwt_key.prepare", "b")
+        )
+        .await
+        .unwrap()
+    );
+    assert_eq!(a.bundle_sequence().await.unwrap(), seq + 1);
+
+    // Activation swaps both keys or neither.
+    let swap = [
+        ("j3", "prepared", "active"),
+        (first.as_str(), "active", "retiring"),
+    ];
+    let (x, y) = tokio::join!(
+        a.transition_ca_keys(&swap, NOW + 5, AuditEvent::new("jwt_key.activate", "a")),
+        b.transition_ca_keys(&swap, NOW + 5, AuditEvent::new("jwt_key.activate", "b")),
+    );
+    assert!(x.unwrap() ^ y.unwrap(), "exactly one activation wins");
+    let bogus = [("j3", "active", "retiring"), ("nope", "active", "retired")];
+    assert!(
+        !a.transition_ca_keys(&bogus, NOW + 6, AuditEvent::new("x", "a"))
+            .await
+            .unwrap()
+    );
+    let ring = a.ca_keys().await.unwrap();
+    let status = |id: &str| {
+        ring.iter()
+            .find(|k| k.key_id == id)
+            .map(|k| (k.status.clone(), k.status_since))
+    };
+    assert_eq!(
+        status("j3"),
+        Some(("active".into(), NOW + 5)),
+        "the failed transition changed nothing"
+    );
+    assert_eq!(status(&first), Some(("retiring".into(), NOW + 5)));
+    assert_eq!(a.bundle_sequence().await.unwrap(), seq + 2);
+
+    // The retirement clock: when the last credential a key signed expires.
+    assert_eq!(a.last_expiry_signed_by(&first).await.unwrap(), None);
+    let mut c = issued("aa");
+    c.ca_key_id = first.clone();
+    a.commit(Commit {
+        issued: Some(c),
+        ..mint(None, "aa")
+    })
+    .await
+    .unwrap();
+    let mut c = issued("bb");
+    c.ca_key_id = first.clone();
+    c.not_after = NOW + 7200;
+    a.commit(Commit {
+        issued: Some(c),
+        ..mint(None, "bb")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        a.last_expiry_signed_by(&first).await.unwrap(),
+        Some(NOW + 7200)
+    );
+
+    // The lease: one holder at a time, renewable by its holder, free once expired.
+    let ms = NOW * 1000;
+    assert!(a.try_lease("rotation", "a", ms, 1000).await.unwrap());
+    assert!(!b.try_lease("rotation", "b", ms + 10, 1000).await.unwrap());
+    assert!(a.try_lease("rotation", "a", ms + 500, 1000).await.unwrap());
+    assert!(!b.try_lease("rotation", "b", ms + 1400, 1000).await.unwrap());
+    assert!(b.try_lease("rotation", "b", ms + 1500, 1000).await.unwrap());
+    assert!(!a.try_lease("rotation", "a", ms + 1600, 1000).await.unwrap());
+    a.verify_audit_chain(1, None).await.unwrap();
+}
+
+backend_suite!(
+    key_rotation_is_decided_once_through_the_database,
+    migrations_apply_and_reopen_is_idempotent,
+    a_join_token_is_consumed_exactly_once_under_a_race,
+    unknown_and_expired_tokens_get_their_codes_and_write_nothing_else,
+    an_issuance_and_its_audit_record_land_together,
+    revocation_and_the_ca_key_ring,
+    two_processes_appending_keep_one_chain,
+    the_audit_log_is_append_only_and_tampering_is_located,
+    credential_status_answers_issued_and_revoked_in_one_query,
+    a_token_jti_is_used_exactly_once_under_a_race_and_across_restarts,
+    the_node_registry_enforces_counters_one_ek_per_identity_and_bans,
+);

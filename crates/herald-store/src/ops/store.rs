@@ -1,0 +1,562 @@
+//! The datastore's SQL, written once and compiled for each backend (this
+//! file is a module of both `crate::sqlite` and `crate::postgres`; `Db`,
+//! `Pool` and the dialect constants come from the parent).
+
+use std::sync::{Arc, Mutex};
+
+use herald_core::{AuditEvent, ErrorCode, EvidenceType, Outcome};
+use sqlx::{QueryBuilder, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{BEGIN_WRITE, Db, DbRow, MAX_PARAMS, Options, Pool, Tx, reader, writer};
+use crate::{
+    AuditRecord, CaKeyRecord, ChainRow, Commit, Committed, CredentialStatus, GENESIS,
+    IssuedCredential, JoinTokenRecord, Lookup, NewJoinToken, StoreError, WriteRequest, WriterStats,
+    chain_rows, hash32,
+};
+
+/// One backend's connection pool, writer task and lookup batcher.
+#[derive(Debug)]
+pub(crate) struct Backend {
+    pub(crate) pool: Pool,
+    pub(crate) stats: Arc<WriterStats>,
+    lookups: mpsc::Sender<Lookup>,
+    tx: Mutex<Option<mpsc::Sender<WriteRequest>>>,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// A statement run first in every write transaction to take the
+    /// store-wide write lock (PostgreSQL); SQLite's `BEGIN IMMEDIATE` is one.
+    pub(crate) write_lock: Option<String>,
+}
+
+impl Backend {
+    /// Starts the writer (on a connection of its own, opened from `opts`)
+    /// and the lookup batcher over a migrated `pool`.
+    pub(crate) fn start(pool: Pool, opts: Options, write_lock: Option<String>) -> Backend {
+        let (tx, rx) = mpsc::channel(4096);
+        let stats = Arc::new(WriterStats::default());
+        let writer = tokio::spawn(writer::run(opts, write_lock.clone(), rx, stats.clone()));
+        let (lookups, lookup_rx) = mpsc::channel(4096);
+        // The batcher ends when the backend (and its sender) is dropped.
+        tokio::spawn(reader::run(pool.clone(), lookup_rx, stats.clone()));
+        Backend {
+            pool,
+            stats,
+            lookups,
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            write_lock,
+        }
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<WriteRequest>, StoreError> {
+        self.tx
+            .lock()
+            .map_err(|_| StoreError::WriterGone)?
+            .clone()
+            .ok_or(StoreError::WriterGone)
+    }
+
+    /// Readiness probe.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Stores a join token and its audit record in one transaction.
+    pub async fn create_join_token(
+        &self,
+        token: NewJoinToken,
+        audit: AuditEvent,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO join_tokens (token_hash, token_id, spiffe_id, created_at, expires_at, used_at, created_by) \
+             VALUES ($1, $2, $3, $4, $5, NULL, $6)",
+        )
+        .bind(token.token_hash.as_slice())
+        .bind(&token.token_id)
+        .bind(&token.spiffe_id)
+        .bind(token.created_at)
+        .bind(token.expires_at)
+        .bind(&token.created_by)
+        .execute(&mut *tx)
+        .await?;
+        let seq = append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    /// Looks a join token up by hash (batched with concurrent lookups).
+    pub async fn join_token(
+        &self,
+        token_hash: &[u8; 32],
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.lookups
+            .send(Lookup::JoinToken(*token_hash, reply))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Every join token, newest first.
+    pub async fn list_join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT token_id, spiffe_id, created_at, expires_at, used_at, created_by FROM join_tokens ORDER BY created_at DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(join_token_from_row).collect()
+    }
+
+    /// Group-commits a token consumption, an issued credential and an audit
+    /// record atomically. If the token cannot be consumed, only the audit
+    /// event — rewritten as a refusal with the reason — is written.
+    pub async fn commit(&self, c: Commit) -> Result<Committed, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(WriteRequest { commit: c, reply })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// An issued credential by serial.
+    pub async fn issued(&self, serial: &str) -> Result<Option<IssuedCredential>, StoreError> {
+        let row = sqlx::query(
+            "SELECT serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, evidence_digest, \
+             policy, parent_serial, public_key_sha256, ca_key_id FROM issued_credentials WHERE serial = $1",
+        )
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| -> Result<IssuedCredential, StoreError> {
+            Ok(IssuedCredential {
+                serial: r.try_get(0)?,
+                kind: r.try_get(1)?,
+                spiffe_id: r.try_get(2)?,
+                not_before: r.try_get(3)?,
+                not_after: r.try_get(4)?,
+                issued_at: r.try_get(5)?,
+                evidence_type: r.try_get(6)?,
+                evidence_digest: r.try_get(7)?,
+                policy: r.try_get(8)?,
+                parent_serial: r.try_get(9)?,
+                public_key_sha256: r.try_get(10)?,
+                ca_key_id: r.try_get(11)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Whether `serial` was issued here and, if so, whether it is revoked —
+    /// the renewal check, in one (batched) query.
+    pub async fn credential_status(
+        &self,
+        serial: &str,
+    ) -> Result<Option<CredentialStatus>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.lookups
+            .send(Lookup::CredentialStatus(serial.to_owned(), reply))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Whether `serial` is revoked.
+    pub async fn is_revoked(&self, serial: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query("SELECT 1 FROM revocations WHERE serial = $1")
+            .bind(serial)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
+    /// Revokes an issued credential (revocation row and audit record in one
+    /// transaction). `Ok(false)` when no such credential was issued; revoking
+    /// twice keeps the first revocation.
+    pub async fn revoke(
+        &self,
+        serial: &str,
+        reason: &str,
+        revoked_by: &str,
+        audit: AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let exists = sqlx::query("SELECT 1 FROM issued_credentials WHERE serial = $1")
+            .bind(serial)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+        if !exists {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO revocations (serial, revoked_at, reason, revoked_by) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (serial) DO NOTHING",
+        )
+        .bind(serial)
+        .bind(audit.time_ms / 1000)
+        .bind(reason)
+        .bind(revoked_by)
+        .execute(&mut *tx)
+        .await?;
+        append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The CA key ring, oldest first.
+    pub async fn ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT key_id, kind, status, cert_der, chain_der, encrypted_key, not_before, not_after, created_at, \
+             status_since FROM ca_keys ORDER BY created_at, key_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(CaKeyRecord {
+                    key_id: r.try_get(0)?,
+                    kind: r.try_get(1)?,
+                    status: r.try_get(2)?,
+                    cert_der: r.try_get(3)?,
+                    chain_der: r.try_get(4)?,
+                    encrypted_key: r.try_get(5)?,
+                    not_before: r.try_get(6)?,
+                    not_after: r.try_get(7)?,
+                    created_at: r.try_get(8)?,
+                    status_since: r.try_get(9)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Adds `key` — unless the ring already holds a key of its kind whose
+    /// status is one of `unless_status` (`Ok(false)`, nothing written) —
+    /// and bumps the bundle sequence, with its audit record, in one
+    /// transaction. The check runs under the write lock, so replicas
+    /// starting (or rotating) together add one key, not one each.
+    pub async fn insert_ca_key_unless(
+        &self,
+        key: CaKeyRecord,
+        unless_status: &[&str],
+        audit: AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        if !unless_status.is_empty() {
+            let mut qb = QueryBuilder::<Db>::new("SELECT 1 FROM ca_keys WHERE kind = ");
+            qb.push_bind(&key.kind).push(" AND status IN (");
+            let mut list = qb.separated(", ");
+            for st in unless_status {
+                list.push_bind(*st);
+            }
+            qb.push(") LIMIT 1");
+            if qb.build().fetch_optional(&mut *tx).await?.is_some() {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+        }
+        sqlx::query(
+            "INSERT INTO ca_keys (key_id, kind, status, cert_der, chain_der, encrypted_key, not_before, not_after, \
+             created_at, status_since) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&key.key_id)
+        .bind(&key.kind)
+        .bind(&key.status)
+        .bind(&key.cert_der)
+        .bind(&key.chain_der)
+        .bind(&key.encrypted_key)
+        .bind(key.not_before)
+        .bind(key.not_after)
+        .bind(key.created_at)
+        .bind(key.status_since)
+        .execute(&mut *tx)
+        .await?;
+        bump_bundle_sequence(&mut tx).await?;
+        append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Moves keys between statuses in one transaction, bumping the bundle
+    /// sequence, with the audit record: each `(key_id, from, to)` must find
+    /// its key in `from`, else nothing changes and the answer is
+    /// `Ok(false)` (another replica moved it first).
+    pub async fn transition_ca_keys(
+        &self,
+        changes: &[(&str, &str, &str)],
+        now_s: i64,
+        audit: AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        for (key_id, from, to) in changes {
+            let done = sqlx::query(
+                "UPDATE ca_keys SET status = $1, status_since = $2 WHERE key_id = $3 AND status = $4",
+            )
+            .bind(*to)
+            .bind(now_s)
+            .bind(*key_id)
+            .bind(*from)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if done != 1 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+        }
+        bump_bundle_sequence(&mut tx).await?;
+        append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// When the last credential `key_id` signed expires (Unix seconds);
+    /// `None` if it signed none.
+    pub async fn last_expiry_signed_by(&self, key_id: &str) -> Result<Option<i64>, StoreError> {
+        let (v,): (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(not_after) FROM issued_credentials WHERE ca_key_id = $1")
+                .bind(key_id)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(v)
+    }
+
+    /// Takes or renews the lease `name` for `holder` until `now_ms + ttl_ms`;
+    /// `Ok(false)` while another holder's lease is unexpired.
+    pub async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+             WHERE leases.holder = excluded.holder OR leases.expires_at <= $4",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(now_ms.saturating_add(ttl_ms))
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(done == 1)
+    }
+
+    /// The bundle's `spiffe_sequence` (0 before any CA key).
+    pub async fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        let v: Option<(String,)> =
+            sqlx::query_as("SELECT value FROM meta WHERE key = 'bundle_sequence'")
+                .fetch_optional(&self.pool)
+                .await?;
+        match v {
+            None => Ok(0),
+            Some((s,)) => s
+                .parse()
+                .map_err(|_| StoreError::Corrupt("bundle_sequence is not a number".into())),
+        }
+    }
+
+    /// Up to `limit` audit records after `after_seq`, in order.
+    pub async fn audit_records(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, time_ms, caller, action, evidence_type, evidence_digest, policy, spiffe_id, serial, \
+             outcome, reason, prev_hash, hash FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after_seq as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    /// Lifetimes of the credentials issued in `[since_s, until_s)`:
+    /// (kind, not_before, not_after), for TTL distributions.
+    pub async fn issued_lifetimes(
+        &self,
+        since_s: i64,
+        until_s: i64,
+    ) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT kind, not_before, not_after FROM issued_credentials \
+             WHERE issued_at >= $1 AND issued_at < $2",
+        )
+        .bind(since_s)
+        .bind(until_s)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// X.509 SVIDs whose validity ended in `[since_s, until_s)`, each with
+    /// when its first renewal was issued (if ever): (serial, SPIFFE ID,
+    /// not_after, first renewal's issued_at).
+    pub async fn rotation_outcomes(
+        &self,
+        since_s: i64,
+        until_s: i64,
+    ) -> Result<Vec<(String, String, i64, Option<i64>)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT c.serial, c.spiffe_id, c.not_after, MIN(k.issued_at) FROM issued_credentials c \
+             LEFT JOIN issued_credentials k ON k.parent_serial = c.serial \
+             WHERE c.kind = 'x509_svid' AND c.not_after >= $1 AND c.not_after < $2 \
+             GROUP BY c.serial, c.spiffe_id, c.not_after",
+        )
+        .bind(since_s)
+        .bind(until_s)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Up to `limit` audit records after `after_seq` whose time lies in
+    /// `[since_ms, until_ms)`, in order (for export and reports; page with
+    /// the last `seq` returned).
+    pub async fn audit_records_between(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, time_ms, caller, action, evidence_type, evidence_digest, policy, spiffe_id, serial, \
+             outcome, reason, prev_hash, hash FROM audit_log \
+             WHERE seq > $1 AND time_ms >= $2 AND time_ms < $3 ORDER BY seq LIMIT $4",
+        )
+        .bind(after_seq as i64)
+        .bind(since_ms)
+        .bind(until_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    /// Stops the writer after it drains, and closes the pool.
+    pub async fn close(&self) {
+        let tx = self.tx.lock().ok().and_then(|mut g| g.take());
+        drop(tx);
+        let handle = self.writer.lock().ok().and_then(|mut g| g.take());
+        if let Some(h) = handle {
+            let _ = h.await;
+        }
+        self.pool.close().await;
+    }
+
+    /// Opens a write transaction holding the store-wide write lock, so
+    /// writers (threads, processes, replicas) append to one audit chain.
+    pub(crate) async fn begin_write(&self) -> Result<Tx, StoreError> {
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
+        if let Some(lock) = &self.write_lock {
+            sqlx::query(sqlx::AssertSqlSafe(lock.clone()))
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
+    }
+}
+
+fn join_token_from_row(r: &DbRow) -> Result<JoinTokenRecord, StoreError> {
+    Ok(JoinTokenRecord {
+        token_id: r.try_get(0)?,
+        spiffe_id: r.try_get(1)?,
+        created_at: r.try_get(2)?,
+        expires_at: r.try_get(3)?,
+        used_at: r.try_get(4)?,
+        created_by: r.try_get(5)?,
+    })
+}
+
+fn audit_from_row(r: &DbRow) -> Result<AuditRecord, StoreError> {
+    let corrupt = |what: &str, v: &str| StoreError::Corrupt(format!("audit {what} {v:?}"));
+    let evidence_type: Option<String> = r.try_get(4)?;
+    let outcome: String = r.try_get(9)?;
+    let reason: Option<String> = r.try_get(10)?;
+    let seq: i64 = r.try_get(0)?;
+    Ok(AuditRecord {
+        seq: seq as u64,
+        event: AuditEvent {
+            time_ms: r.try_get(1)?,
+            caller: r.try_get(2)?,
+            action: r.try_get(3)?,
+            evidence_type: evidence_type
+                .map(|s| EvidenceType::from_code(&s).ok_or_else(|| corrupt("evidence_type", &s)))
+                .transpose()?,
+            evidence_digest: r.try_get(5)?,
+            policy: r.try_get(6)?,
+            spiffe_id: r.try_get(7)?,
+            serial: r.try_get(8)?,
+            outcome: Outcome::from_code(&outcome).ok_or_else(|| corrupt("outcome", &outcome))?,
+            reason: reason
+                .map(|s| ErrorCode::from_code(&s).ok_or_else(|| corrupt("reason", &s)))
+                .transpose()?,
+        },
+        prev_hash: hash32(r.try_get(11)?, "prev_hash")?,
+        hash: hash32(r.try_get(12)?, "hash")?,
+    })
+}
+
+/// Appends a multi-row `INSERT INTO audit_log` statement to `qb`.
+pub(crate) fn push_audit_insert(qb: &mut QueryBuilder<Db>, rows: &[ChainRow<'_>]) {
+    qb.push(
+        "INSERT INTO audit_log (seq, time_ms, caller, action, evidence_type, evidence_digest, policy, \
+         spiffe_id, serial, outcome, reason, prev_hash, hash) ",
+    );
+    qb.push_values(rows, |mut b, (seq, e, prev, hash)| {
+        b.push_bind(*seq as i64)
+            .push_bind(e.time_ms)
+            .push_bind(e.caller.clone())
+            .push_bind(e.action.clone())
+            .push_bind(e.evidence_type.map(|t| t.as_str()))
+            .push_bind(e.evidence_digest.clone())
+            .push_bind(e.policy.clone())
+            .push_bind(e.spiffe_id.clone())
+            .push_bind(e.serial.clone())
+            .push_bind(e.outcome.as_str())
+            .push_bind(e.reason.map(|r| r.as_str()))
+            .push_bind(prev.to_vec())
+            .push_bind(hash.to_vec());
+    });
+}
+
+/// Bumps the trust bundle's `spiffe_sequence` inside `tx`: every replica
+/// polls it to learn that the key ring changed.
+async fn bump_bundle_sequence(tx: &mut Tx) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO meta (key, value) VALUES ('bundle_sequence', '1') \
+         ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(meta.value AS BIGINT) + 1 AS TEXT)",
+    )
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Appends `events` to the chain inside `tx`; returns the last sequence number.
+pub(crate) async fn append_audit(tx: &mut Tx, events: &[AuditEvent]) -> Result<u64, StoreError> {
+    let tail: Option<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut **tx)
+            .await?;
+    let (mut seq, mut prev) = match tail {
+        Some((s, h)) => (s as u64, hash32(h, "hash")?),
+        None => (0, GENESIS),
+    };
+    // 13 bound parameters per row.
+    for chunk in events.chunks(MAX_PARAMS / 13) {
+        let rows = chain_rows(seq, prev, chunk);
+        if let Some(last) = rows.last() {
+            (seq, prev) = (last.0, last.3);
+        }
+        let mut qb = QueryBuilder::<Db>::new("");
+        push_audit_insert(&mut qb, &rows);
+        qb.build().execute(&mut **tx).await?;
+    }
+    Ok(seq)
+}

@@ -1,0 +1,98 @@
+//! The SQLite backend: one database file, WAL, `synchronous=FULL`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::Transaction;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+
+use crate::StoreError;
+
+// The SQL in `ops/` is compiled once per backend on purpose: each copy
+// binds its parent's `Db`, so one text serves both dialects.
+#[allow(clippy::duplicate_mod)]
+#[path = "ops/nodes.rs"]
+mod nodes;
+#[allow(clippy::duplicate_mod)]
+#[path = "ops/reader.rs"]
+mod reader;
+#[allow(clippy::duplicate_mod)]
+#[path = "ops/store.rs"]
+pub(crate) mod store;
+#[allow(clippy::duplicate_mod)]
+#[path = "ops/writer.rs"]
+mod writer;
+
+pub(crate) type Db = sqlx::Sqlite;
+pub(crate) type DbRow = SqliteRow;
+pub(crate) type Pool = SqlitePool;
+pub(crate) type Conn = SqliteConnection;
+pub(crate) type Options = SqliteConnectOptions;
+pub(crate) type Tx = Transaction<'static, Db>;
+
+/// Opens a write transaction; `IMMEDIATE` takes the database's write lock
+/// at once, so the audit tail read next cannot go stale.
+pub(crate) const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+/// SQLite runs several `;`-separated statements as one query: a write
+/// batch costs two hand-offs to sqlx's connection thread, not ten.
+pub(crate) const MULTI_STATEMENT: bool = true;
+/// Bound parameters allowed in one query.
+pub(crate) const MAX_PARAMS: usize = 32766;
+
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "replay_cache",
+        include_str!("../migrations/sqlite/0002_replay_cache.sql"),
+    ),
+    (
+        3,
+        "audit_time_index",
+        include_str!("../migrations/sqlite/0003_audit_time_index.sql"),
+    ),
+    (
+        4,
+        "report_indexes",
+        include_str!("../migrations/sqlite/0004_report_indexes.sql"),
+    ),
+    (
+        5,
+        "nodes",
+        include_str!("../migrations/sqlite/0005_nodes.sql"),
+    ),
+    (
+        6,
+        "key_rotation",
+        include_str!("../migrations/sqlite/0006_key_rotation.sql"),
+    ),
+];
+
+/// Opens (creating if missing) the database file and migrates it.
+pub(crate) async fn open(url: &str) -> Result<store::Backend, StoreError> {
+    let url = if url.starts_with("sqlite:") {
+        url.to_owned()
+    } else {
+        format!("sqlite://{url}")
+    };
+    let opts = SqliteConnectOptions::from_str(&url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(5));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .min_connections(1)
+        .connect_with(opts.clone())
+        .await?;
+    crate::migrator(MIGRATIONS).run(&pool).await?;
+    Ok(store::Backend::start(pool, opts, None))
+}
