@@ -147,7 +147,7 @@ spiffe_id:
   prefix: spiffe://{TRUST_DOMAIN}/ci/
   template: "spiffe://{TRUST_DOMAIN}/ci/{{environment}}"
 grants:
-  jwt_svid: {{ max_ttl: 5m, audiences: [deployer] }}
+  jwt_svid: {{ max_ttl: 5m, audiences: [deployer, herald-introspection] }}
 "#,
             issuer.issuer()
         ),
@@ -162,14 +162,29 @@ grants:
 }
 
 fn jwt_request(token: &str) -> ExchangeTokenRequest {
+    jwt_request_for(token, "deployer")
+}
+
+fn jwt_request_for(token: &str, audience: &str) -> ExchangeTokenRequest {
     ExchangeTokenRequest {
         subject_token: token.to_owned(),
         join_token: String::new(),
         ttl_seconds: 0,
         credential: Some(Wanted::JwtSvid(JwtSvidParams {
-            audiences: vec!["deployer".into()],
+            audiences: vec![audience.into()],
         })),
     }
+}
+
+/// `POST /v1/introspect` of an X.509 SVID's serial at `server`.
+fn introspect_x509(server: &Server, bearer: &str, serial: &str) -> Value {
+    let (status, body) = server.http_post_form(
+        "/v1/introspect",
+        Some(bearer),
+        &format!("token={serial}&token_type_hint=x509_svid"),
+    );
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,6 +269,38 @@ async fn single_use_evidence_and_revocation_hold_across_replicas() {
             .unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::SvidRevoked), "replica {i}");
     }
+    // Downstream verifiers see the status at either replica (RFC 7662).
+    let oidc = issuer.sign(
+        Alg::RS256,
+        &issuer.github_claims(AUD, "acme/webapp", "refs/heads/main", "prod"),
+    );
+    let bearer = match a
+        .exchange_token(jwt_request_for(&oidc, "herald-introspection"))
+        .await
+        .unwrap()
+        .credential
+    {
+        Some(Given::JwtSvid(j)) => j.token,
+        other => panic!("{other:?}"),
+    };
+    for i in 0..2 {
+        let revoked = introspect_x509(c.server(i), &bearer, &first_serial);
+        assert_eq!(revoked["active"], false, "{revoked}");
+        assert_eq!(revoked["revoked"], true, "{revoked}");
+        let live = introspect_x509(c.server(i), &bearer, &serial);
+        assert_eq!(live["active"], true, "{live}");
+        assert_eq!(live["sub"], format!("spiffe://{TRUST_DOMAIN}/w/renewer"));
+        let unknown = introspect_x509(c.server(i), &bearer, "abcdef0123");
+        assert_eq!(unknown["active"], false);
+    }
+    let (status, body) = c.server(0).http_post_form(
+        "/v1/introspect",
+        Some(&bearer),
+        "token=zz&token_type_hint=x509_svid",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid_request"), "{body}");
+
     let store = c.store().await;
     assert!(store.issued(&serial).await.unwrap().is_some());
     assert!(store.is_revoked(&first_serial).await.unwrap());

@@ -570,9 +570,61 @@ async fn introspection_caller(
         .ok_or("the bearer JWT-SVID has no subject")
 }
 
-/// `POST /v1/introspect` — RFC 7662. `token` is a Herald JWT, or a session
+/// The status of an X.509 SVID for introspection (an OCSP-like answer):
+/// `token` is its PEM certificate or its serial in hex. Active means issued
+/// here, unexpired and not revoked; a certificate must also be the one
+/// recorded under its serial (same public key).
+/// Errors are (OAuth error code, description).
+async fn x509_status(
+    shared: &Shared,
+    token: &str,
+    now: i64,
+) -> Result<Value, (&'static str, &'static str)> {
+    let bad = |why| ("invalid_request", why);
+    let down = |_| ("server_error", "datastore unavailable");
+    let (serial, spki) = if token.trim_start().starts_with("-----BEGIN") {
+        let der = herald_ca::authority::certs_from_pem(token)
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .ok_or(bad("token is not a PEM certificate"))?;
+        let info = herald_ca::svid::parse_x509_svid(&der)
+            .map_err(|_| bad("token is not an X.509 SVID"))?;
+        (info.serial_hex, Some(info.spki_sha256))
+    } else {
+        let serial = token.trim().replace(':', "").to_ascii_lowercase();
+        if serial.is_empty() || serial.len() > 64 || !serial.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(bad("token is not a certificate serial in hex"));
+        }
+        (serial.trim_start_matches('0').to_owned(), None)
+    };
+    let issued = shared.store.issued(&serial).await.map_err(down)?;
+    let Some(issued) = issued.filter(|i| i.kind == "x509_svid") else {
+        return Ok(json!({"active": false}));
+    };
+    if spki.is_some_and(|k| k != issued.public_key_sha256) {
+        return Ok(json!({"active": false}));
+    }
+    let revoked = shared.store.is_revoked(&serial).await.map_err(down)?;
+    if revoked || issued.not_after <= now {
+        return Ok(json!({"active": false, "revoked": revoked}));
+    }
+    Ok(json!({
+        "active": true,
+        "token_type": "x509-svid",
+        "sub": issued.spiffe_id,
+        "serial": serial,
+        "iat": issued.issued_at,
+        "nbf": issued.not_before,
+        "exp": issued.not_after,
+        "policy": issued.policy,
+    }))
+}
+
+/// `POST /v1/introspect` — RFC 7662. `token` is a Herald JWT; a session
 /// token together with its `access_key_id` (the token is sealed to that key
-/// id and cannot be opened without it).
+/// id and cannot be opened without it); or, with `token_type_hint=x509_svid`,
+/// an X.509 SVID (PEM) or its serial — revocation status for verifiers.
 pub async fn introspect(
     State(shared): State<Arc<Shared>>,
     headers: axum::http::HeaderMap,
@@ -602,7 +654,12 @@ pub async fn introspect(
     };
     let now = crate::unix_now();
     let ca = shared.ca();
-    let answer = if let Some(akid) = f.get("access_key_id") {
+    let answer = if f.get("token_type_hint").map(String::as_str) == Some("x509_svid") {
+        match x509_status(&shared, token, now).await {
+            Ok(v) => v,
+            Err((code, why)) => return oauth_plain_error(code, why),
+        }
+    } else if let Some(akid) = f.get("access_key_id") {
         let at = time::OffsetDateTime::from_unix_timestamp(now)
             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
         match ca.sessions().open(akid, token, at) {
