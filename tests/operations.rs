@@ -113,6 +113,43 @@ fn kubernetes_manifests_parse_with_the_expected_kinds_and_probes() {
 }
 
 #[test]
+fn the_replicas_manifest_runs_several_servers_on_postgres() {
+    let text =
+        std::fs::read_to_string(repo("deploy/kubernetes/herald-server-replicas.yaml")).unwrap();
+    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "Namespace",
+            "ConfigMap",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Service",
+            "Service"
+        ]
+    );
+    let deployment = &docs[2];
+    assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 2);
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    assert!(env.iter().any(|e| e["name"] == "HERALD_DATABASE_URL"
+        && e["valueFrom"]["secretKeyRef"]["name"] == "herald-db"));
+    assert_eq!(docs[5]["spec"]["clusterIP"], "None", "headless, for agents");
+    let toml = docs[1]["data"]["herald.toml"].as_str().unwrap();
+    let mut cfg = herald_server::ServerConfig::from_toml(toml).unwrap();
+    cfg.apply_env(|k| {
+        (k == "HERALD_DATABASE_URL").then(|| "postgres://herald@db.example.org/herald".to_owned())
+    })
+    .unwrap();
+    cfg.validate().unwrap();
+    assert!(cfg.database_url().starts_with("postgres://"));
+}
+
+#[test]
 fn the_agent_daemonset_mounts_the_tpm_and_its_config_is_valid() {
     let text = std::fs::read_to_string(repo("deploy/kubernetes/herald-agent.yaml")).unwrap();
     let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
