@@ -221,7 +221,8 @@ async fn run_setup(
         .map(|s| format!("https://{}", s.grpc_addr))
         .collect();
     let store = servers[0].shared.store.clone();
-    let toks = Arc::new(tokens(&store, n + replicas * HOLDERS, label).await);
+    let tag = format!("r{replicas}-{}", if is_pg { "pg" } else { "sqlite" });
+    let toks = Arc::new(tokens(&store, n + replicas * HOLDERS, &tag).await);
 
     // Renewal: HOLDERS mTLS connections per replica, callers spread over all.
     let mut holders = Vec::new();

@@ -430,36 +430,6 @@ async fn a_replica_killed_under_load_loses_no_received_credential() {
     minted(&c, 1, "after").await;
 }
 
-/// Whether `chain` verifies as an X.509 SVID against `anchors`.
-fn verifies(chain: &[Vec<u8>], anchors: &[Vec<u8>]) -> Result<(), String> {
-    use rustls_pki_types::{CertificateDer, UnixTime};
-    let anchors: Vec<_> = anchors
-        .iter()
-        .map(|a| {
-            webpki::anchor_from_trusted_cert(&CertificateDer::from(a.as_slice()))
-                .map(|t| t.to_owned())
-                .map_err(|e| format!("{e:?}"))
-        })
-        .collect::<Result<_, _>>()?;
-    let ee = CertificateDer::from(chain[0].as_slice());
-    let ee = webpki::EndEntityCert::try_from(&ee).map_err(|e| format!("{e:?}"))?;
-    let inters: Vec<_> = chain[1..]
-        .iter()
-        .map(|c| CertificateDer::from(c.as_slice()))
-        .collect();
-    ee.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        &anchors,
-        &inters,
-        UnixTime::now(),
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map(|_| ())
-    .map_err(|e| format!("{e:?}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_rotation_under_load_keeps_every_svid_verifiable() {
     let c = Cluster::start(

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::node::{NodeSite, start_agent, wait_status};
-use common::{TRUST_DOMAIN, herald_bin, ok, require_tool, stdout};
+use common::{TRUST_DOMAIN, herald_bin, ok, require_tool, stdout, verifies};
 use futures::StreamExt;
 use herald_test_tpm::SoftTpm;
 use spiffe::WorkloadApiClient;
@@ -69,6 +69,12 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with("", "")
+}
+
+/// A rig whose server has `ca` added to its `[ca]` section and `extra`
+/// appended to its configuration.
+fn rig_with(ca: &str, extra: &str) -> Rig {
     require_tool("swtpm");
     let tpm = SoftTpm::start().unwrap();
     let exe = std::env::current_exe().unwrap();
@@ -76,9 +82,15 @@ fn rig() -> Rig {
         &[&tpm],
         "1h",
         &format!("spiffe://{TRUST_DOMAIN}/node/tpm/{{ek_hash}}"),
-        "reload_interval = \"1s\"\n",
+        &format!("reload_interval = \"1s\"\n{extra}"),
         &workloads(&exe),
     );
+    let text = std::fs::read_to_string(site.config()).unwrap();
+    std::fs::write(
+        site.config(),
+        text.replacen("[ca]\n", &format!("[ca]\n{ca}"), 1),
+    )
+    .unwrap();
     let server = site.start();
     let agent_dir = tempfile::tempdir().unwrap();
     {
@@ -306,6 +318,85 @@ async fn workloads_get_svids_bundles_and_jwts_through_the_spiffe_crate() {
     })
     .await
     .expect("the new registration did not arrive within 20 s");
+    drop(rig);
+}
+
+/// Issue 6: workloads receive a new CA in their bundle before any SVID it
+/// signed, and keep the old CA while SVIDs it signed are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_get_the_new_ca_before_any_svid_it_signed() {
+    let rig = rig_with(
+        "bundle_poll = \"200ms\"\n",
+        "[ca.rotation]\npublish_ahead = \"3s\"\ncheck_interval = \"200ms\"\n",
+    );
+    let c = client(&rig.socket).await;
+    let td = spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
+    let authorities = |ctx: &spiffe::X509Context| -> Vec<Vec<u8>> {
+        ctx.bundle_set()
+            .get(&td)
+            .expect("a bundle for the trust domain")
+            .authorities()
+            .iter()
+            .map(|a| a.as_bytes().to_vec())
+            .collect()
+    };
+    let chain_of = |s: &spiffe::X509Svid| -> Vec<Vec<u8>> {
+        s.cert_chain()
+            .iter()
+            .map(|c| c.as_bytes().to_vec())
+            .collect()
+    };
+    let mut contexts = c.stream_x509_contexts().await.unwrap();
+    let first = contexts.next().await.unwrap().unwrap();
+    let old = authorities(&first);
+    assert_eq!(old.len(), 1, "one CA before the rotation");
+
+    let out = ok(rig.site.herald(&["ca", "rotate", "--kind", "x509"]));
+    assert!(stdout(&out).contains("x509: prepared"), "{}", stdout(&out));
+
+    // Every update: each SVID verifies against the bundle it came with.
+    // Note the first update publishing the new CA and the first carrying
+    // an SVID it signed (the 8 s web SVID is renewed every few seconds).
+    let (mut published, mut signed) = (None, None);
+    let mut update = 0usize;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while signed.is_none() {
+            let ctx = contexts.next().await.unwrap().unwrap();
+            update += 1;
+            let anchors = authorities(&ctx);
+            assert!(
+                old.iter().all(|a| anchors.contains(a)),
+                "update {update}: the old CA left the bundle while its SVIDs are served"
+            );
+            let new: Vec<Vec<u8>> = anchors
+                .iter()
+                .filter(|a| !old.contains(a))
+                .cloned()
+                .collect();
+            if !new.is_empty() && published.is_none() {
+                published = Some(update);
+            }
+            for svid in ctx.svids() {
+                let chain = chain_of(svid);
+                if let Err(e) = verifies(&chain, &anchors) {
+                    panic!(
+                        "update {update}: {} does not verify against its bundle: {e}",
+                        svid.spiffe_id()
+                    );
+                }
+                if !new.is_empty() && verifies(&chain, &new).is_ok() {
+                    signed = Some(update);
+                }
+            }
+        }
+    })
+    .await
+    .expect("no SVID signed by the new CA within 60 s");
+    let (published, signed) = (published.unwrap(), signed.unwrap());
+    assert!(
+        published < signed,
+        "the new CA was published in update {published}, first used in update {signed}"
+    );
     drop(rig);
 }
 
