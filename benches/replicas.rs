@@ -14,7 +14,8 @@
 //! figures show the per-issuance cost a capacity model scales from.
 //!
 //! Run: `cargo bench --bench replicas` (env `HERALD_BENCH_N`, default 3000
-//! issuances per phase; `HERALD_TEST_PG_URL` for another PostgreSQL).
+//! issuances per phase; `HERALD_BENCH_SETUPS`, e.g. `sqlite,pg1`, for some
+//! setups only; `HERALD_TEST_PG_URL` for another PostgreSQL).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::sync::Arc;
@@ -70,26 +71,40 @@ struct PgCounters {
 
 async fn pg_counters(url: &str) -> PgCounters {
     let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-    // The statistics are flushed by each backend when it goes idle (at most
-    // once a second): ask for a fresh snapshot after waiting that out.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Each backend flushes its statistics when it goes idle, at most once a
+    // second and up to 10 s late under contention: read until two reads a
+    // second apart agree (this connection's own few transactions aside).
+    let mut last = read_pg_counters(&mut c).await;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = read_pg_counters(&mut c).await;
+        let settled = now.inserted == last.inserted && now.xact - last.xact <= 8;
+        last = now;
+        if settled {
+            break;
+        }
+    }
+    c.close().await.unwrap();
+    last
+}
+
+async fn read_pg_counters(c: &mut sqlx::PgConnection) -> PgCounters {
     sqlx::query("SELECT pg_stat_clear_snapshot()")
-        .execute(&mut c)
+        .execute(&mut *c)
         .await
         .unwrap();
     let (xact, inserted, fetched): (i64, i64, i64) = sqlx::query_as(
         "SELECT xact_commit + xact_rollback, tup_inserted, tup_fetched FROM pg_stat_database WHERE datname = current_database()",
     )
-    .fetch_one(&mut c)
+    .fetch_one(&mut *c)
     .await
     .unwrap();
     let (bytes,): (i64,) = sqlx::query_as(
         "SELECT (pg_total_relation_size('issued_credentials') + pg_total_relation_size('audit_log'))::bigint",
     )
-    .fetch_one(&mut c)
+    .fetch_one(&mut *c)
     .await
     .unwrap();
-    c.close().await.unwrap();
     PgCounters {
         xact,
         inserted,
@@ -315,6 +330,14 @@ async fn run_setup(
     }
 }
 
+/// Whether `HERALD_BENCH_SETUPS` (comma-separated: `sqlite`, `pg1`, `pg2`,
+/// `pg3`; all when unset) asks for this setup.
+fn wanted(setup: &str) -> bool {
+    std::env::var("HERALD_BENCH_SETUPS")
+        .map(|v| v.split(',').any(|s| s.trim() == setup))
+        .unwrap_or(true)
+}
+
 fn main() {
     let n: usize = std::env::var("HERALD_BENCH_N")
         .ok()
@@ -344,9 +367,11 @@ fn main() {
         );
         let dir = tempfile::tempdir().unwrap();
         let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
-        run_setup(&sh, "1 replica, SQLite", 1, &sqlite, n, csrs.clone()).await;
+        if wanted("sqlite") {
+            run_setup(&sh, "1 replica, SQLite", 1, &sqlite, n, csrs.clone()).await;
+        }
         let base = pg_base_url();
-        for replicas in 1..=3 {
+        for replicas in (1..=3).filter(|r| wanted(&format!("pg{r}"))) {
             let schema = format!("herald_bench_{}_{replicas}", std::process::id());
             let url = Store::create_postgres_schema(&base, &schema).await.unwrap();
             let label = format!("{replicas} replica(s), PostgreSQL");

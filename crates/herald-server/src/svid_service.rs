@@ -197,14 +197,13 @@ impl SvidApi {
                     "the presented SVID has been revoked",
                 ));
             }
+            // A banned node's SVID may have been issued after the ban swept
+            // its credentials: the registry has the last word (answered by
+            // the same batched lookup).
+            Some(status) if status.node_banned => {
+                return Err(Refusal::new(ErrorCode::NodeBanned, "the node is banned"));
+            }
             Some(_) => {}
-        }
-        // A banned node's SVID may have been issued after the ban swept its
-        // credentials: the registry has the last word.
-        if let Some(node) = store.node_by_spiffe_id(current.spiffe_id.as_str()).await?
-            && node.status == herald_store::NodeStatus::Banned
-        {
-            return Err(Refusal::new(ErrorCode::NodeBanned, "the node is banned"));
         }
         let csr = verify_csr(&req.csr)?;
         if csr.spki_sha256 == current.spki_sha256 {

@@ -58,6 +58,9 @@ pub enum StoreError {
     /// The writer task has stopped.
     #[error("the datastore writer has stopped")]
     WriterGone,
+    /// The writer's thread could not be started.
+    #[error("starting the datastore writer: {0}")]
+    WriterStart(std::io::Error),
 }
 
 /// A join token to store.
@@ -132,6 +135,9 @@ pub struct CredentialStatus {
     pub not_after: i64,
     /// Whether it has been revoked.
     pub revoked: bool,
+    /// Whether its SPIFFE ID is a banned node's: a credential issued after
+    /// the ban swept the node's credentials is refused by this.
+    pub node_banned: bool,
 }
 
 /// A CA key-ring entry.

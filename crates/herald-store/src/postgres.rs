@@ -107,7 +107,7 @@ pub(crate) async fn open(url: &str) -> Result<store::Backend, StoreError> {
             .fetch_one(&pool)
             .await?;
     let lock = format!("SELECT pg_advisory_xact_lock({key})");
-    Ok(store::Backend::start(pool, opts, Some(lock)))
+    store::Backend::start(pool, opts, Some(lock))
 }
 
 fn check_schema_name(schema: &str) -> Result<(), StoreError> {

@@ -94,5 +94,5 @@ pub(crate) async fn open(url: &str) -> Result<store::Backend, StoreError> {
         .connect_with(opts.clone())
         .await?;
     crate::migrator(MIGRATIONS).run(&pool).await?;
-    Ok(store::Backend::start(pool, opts, None))
+    store::Backend::start(pool, opts, None)
 }

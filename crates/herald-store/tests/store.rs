@@ -447,7 +447,7 @@ async fn credential_status_answers_issued_and_revoked_in_one_query(db: &Fixture)
     assert_eq!(s.credential_status("0a").await.unwrap(), None);
     s.commit(mint(None, "0a")).await.unwrap();
     let st = s.credential_status("0a").await.unwrap().unwrap();
-    assert!(!st.revoked);
+    assert!(!st.revoked && !st.node_banned);
     assert_eq!(st.spiffe_id, "spiffe://td/w");
     s.revoke("0a", "r", "op", AuditEvent::new("credential.revoke", "op"))
         .await
@@ -644,6 +644,17 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
     assert_eq!(banned.ban_reason.as_deref(), Some("stolen"));
     assert_eq!(revoked, 3);
     assert!(s.is_revoked("01").await.unwrap() && s.is_revoked("02").await.unwrap());
+    let st = s.credential_status("02").await.unwrap().unwrap();
+    assert!(st.revoked && st.node_banned);
+    // One issued after the sweep is not revoked, but is a banned node's.
+    s.commit(Commit {
+        issued: Some(node_svid("a5", id)),
+        ..mint(None, "a5")
+    })
+    .await
+    .unwrap();
+    let st = s.credential_status("a5").await.unwrap().unwrap();
+    assert!(!st.revoked && st.node_banned, "{st:?}");
     let r = s
         .commit_node_attestation(
             attestation("ek-a", id, 5, 0),

@@ -1,6 +1,8 @@
 //! Batched hot-path lookups: concurrent requests for join tokens and
-//! credential status are folded into one `IN (...)` query per kind, so a
-//! burst costs one round trip to the database instead of one per request.
+//! credential status (issued? revoked? a banned node's?) are folded into
+//! one `IN (...)` query per kind, so a burst costs one round trip to the
+//! database instead of one per request. The batcher has a connection of
+//! its own (reopened when it breaks), beside the writer's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,7 +11,9 @@ use std::sync::atomic::Ordering;
 use sqlx::QueryBuilder;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Db, Pool};
+use sqlx::Connection;
+
+use super::{Conn, Db, Options};
 use crate::{CredentialStatus, JoinTokenRecord, Lookup, StoreError, WriterStats};
 
 const MAX_BATCH: usize = 500;
@@ -20,8 +24,11 @@ type Reply<T> = oneshot::Sender<Result<Option<T>, StoreError>>;
 type Waiters<K, T> = Vec<(K, Reply<T>)>;
 /// A `join_tokens` row as selected here.
 type TokenRow = (Vec<u8>, String, String, i64, i64, Option<i64>, String);
+/// Serial, SPIFFE ID, notAfter, revocation, node status.
+type StatusRow = (String, String, i64, Option<String>, Option<String>);
 
-pub(crate) async fn run(pool: Pool, mut rx: mpsc::Receiver<Lookup>, stats: Arc<WriterStats>) {
+pub(crate) async fn run(opts: Options, mut rx: mpsc::Receiver<Lookup>, stats: Arc<WriterStats>) {
+    let mut conn: Option<Conn> = None;
     while let Some(first) = rx.recv().await {
         let mut tokens = Vec::new();
         let mut statuses = Vec::new();
@@ -36,11 +43,38 @@ pub(crate) async fn run(pool: Pool, mut rx: mpsc::Receiver<Lookup>, stats: Arc<W
                 Err(_) => break,
             }
         }
+        let c = match &mut conn {
+            Some(c) => c,
+            None => match Conn::connect_with(&opts).await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    let msg = format!("datastore unavailable: {e}");
+                    reply_all(tokens, Err(StoreError::Corrupt(msg.clone())));
+                    reply_all(statuses, Err(StoreError::Corrupt(msg)));
+                    continue;
+                }
+            },
+        };
         let queries = u64::from(!tokens.is_empty()) + u64::from(!statuses.is_empty());
         stats.reads.fetch_add(queries, Ordering::Relaxed);
-        // Both kinds run concurrently on separate pool connections.
-        tokio::join!(join_tokens(&pool, tokens), statuses_of(&pool, statuses));
+        let broken = join_tokens(c, tokens).await | statuses_of(c, statuses).await;
+        if broken {
+            conn = None;
+        }
     }
+    if let Some(c) = conn {
+        let _ = c.close().await;
+    }
+}
+
+/// Whether `found` failed because the connection broke.
+fn broke<T>(found: &Result<T, StoreError>) -> bool {
+    matches!(
+        found,
+        Err(StoreError::Database(
+            sqlx::Error::Io(_) | sqlx::Error::Protocol(_)
+        ))
+    )
 }
 
 fn reply_all<K, T: Clone>(waiters: Waiters<K, T>, found: Result<HashMap<K, T>, StoreError>)
@@ -64,9 +98,10 @@ where
     }
 }
 
-async fn join_tokens(pool: &Pool, waiters: Waiters<[u8; 32], JoinTokenRecord>) {
+/// Answers `waiters`; true if the connection broke.
+async fn join_tokens(conn: &mut Conn, waiters: Waiters<[u8; 32], JoinTokenRecord>) -> bool {
     if waiters.is_empty() {
-        return;
+        return false;
     }
     let found = async {
         let mut qb = QueryBuilder::<Db>::new(
@@ -77,7 +112,7 @@ async fn join_tokens(pool: &Pool, waiters: Waiters<[u8; 32], JoinTokenRecord>) {
             sep.push_bind(h.to_vec());
         }
         qb.push(")");
-        let rows: Vec<TokenRow> = qb.build_query_as().fetch_all(pool).await?;
+        let rows: Vec<TokenRow> = qb.build_query_as().fetch_all(&mut *conn).await?;
         let mut map = HashMap::with_capacity(rows.len());
         for (hash, token_id, spiffe_id, created_at, expires_at, used_at, created_by) in rows {
             map.insert(
@@ -95,34 +130,39 @@ async fn join_tokens(pool: &Pool, waiters: Waiters<[u8; 32], JoinTokenRecord>) {
         Ok::<_, StoreError>(map)
     }
     .await;
+    let broken = broke(&found);
     reply_all(waiters, found);
+    broken
 }
 
-async fn statuses_of(pool: &Pool, waiters: Waiters<String, CredentialStatus>) {
+/// Answers `waiters`; true if the connection broke.
+async fn statuses_of(conn: &mut Conn, waiters: Waiters<String, CredentialStatus>) -> bool {
     if waiters.is_empty() {
-        return;
+        return false;
     }
     let found = async {
         let mut qb = QueryBuilder::<Db>::new(
-            "SELECT i.serial, i.spiffe_id, i.not_after, r.serial FROM issued_credentials i \
-             LEFT JOIN revocations r ON r.serial = i.serial WHERE i.serial IN (",
+            "SELECT i.serial, i.spiffe_id, i.not_after, r.serial, n.status FROM issued_credentials i \
+             LEFT JOIN revocations r ON r.serial = i.serial \
+             LEFT JOIN nodes n ON n.spiffe_id = i.spiffe_id WHERE i.serial IN (",
         );
         let mut sep = qb.separated(", ");
         for (s, _) in &waiters {
             sep.push_bind(s.clone());
         }
         qb.push(")");
-        let rows: Vec<(String, String, i64, Option<String>)> =
-            qb.build_query_as().fetch_all(pool).await?;
+        let rows: Vec<StatusRow> = qb.build_query_as().fetch_all(&mut *conn).await?;
         Ok::<_, StoreError>(
             rows.into_iter()
-                .map(|(serial, spiffe_id, not_after, revoked)| {
+                .map(|(serial, spiffe_id, not_after, revoked, node)| {
                     (
                         serial,
                         CredentialStatus {
                             spiffe_id,
                             not_after,
                             revoked: revoked.is_some(),
+                            node_banned: node.as_deref()
+                                == Some(crate::NodeStatus::Banned.as_str()),
                         },
                     )
                 })
@@ -130,5 +170,7 @@ async fn statuses_of(pool: &Pool, waiters: Waiters<String, CredentialStatus>) {
         )
     }
     .await;
+    let broken = broke(&found);
     reply_all(waiters, found);
+    broken
 }
