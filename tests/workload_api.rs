@@ -723,7 +723,23 @@ async fn identities_follow_the_caller_and_refusals_are_typed() {
     let node_id = wait_status(rig.agent_dir.path(), 5, "ready", |s| s.spiffe_id.is_some())
         .spiffe_id
         .unwrap();
+    // Its open registration stream ends with node_banned soon after the
+    // ban (every replica polls the ban sequence each `ca.bundle_poll`, 1 s).
+    let mut sync = ws
+        .sync_registrations(herald_proto::v1::SyncRegistrationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(sync.message().await.unwrap().is_some(), "the first set");
     ok(rig.site.herald(&["node", "ban", &node_id]));
+    let ended = tokio::time::timeout(Duration::from_secs(5), sync.message())
+        .await
+        .expect("the banned node's registration stream is still open after 5 s")
+        .unwrap_err();
+    assert_eq!(
+        herald_client::ClientError::from(ended).code(),
+        Some(herald_core::ErrorCode::NodeBanned)
+    );
     let err = ws
         .batch_new_x509_svids(herald_proto::v1::BatchNewX509SvidsRequest { requests: vec![] })
         .await

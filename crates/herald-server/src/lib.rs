@@ -123,6 +123,9 @@ pub struct Shared {
     /// or on another replica): agents' registration streams push the new
     /// bundle on it.
     pub ring_generation: watch::Sender<u64>,
+    /// The database's node-ban sequence as last polled: agents'
+    /// registration streams recheck their node's standing when it moves.
+    pub ban_generation: watch::Sender<u64>,
     ca: RwLock<Arc<CaState>>,
 }
 
@@ -242,6 +245,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         metrics: metrics::Metrics::new(),
         policy_generation: watch::Sender::new(1),
         ring_generation: watch::Sender::new(1),
+        ban_generation: watch::Sender::new(0),
         store,
         config,
         exchange,

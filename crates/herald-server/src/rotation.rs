@@ -241,11 +241,17 @@ pub async fn check(
     apply(store, cfg, kek, &steps, caller).await
 }
 
-/// Reloads the key ring if the store's bundle sequence moved past the one
-/// in effect; returns whether it did.
+/// Polls the store's change counters (one query): publishes a moved ban
+/// sequence to the registration streams, and reloads the key ring if the
+/// bundle sequence moved past the one in effect; returns whether it did.
 pub async fn refresh(shared: &Shared, kek: &KeyEncryptionKey) -> Result<bool, ServerError> {
-    let seq = shared.store.bundle_sequence().await?;
-    if seq == shared.ca().bundle.sequence {
+    let seq = shared.store.sequences().await?;
+    shared.ban_generation.send_if_modified(|bans| {
+        let moved = *bans != seq.bans;
+        *bans = seq.bans;
+        moved
+    });
+    if seq.bundle == shared.ca().bundle.sequence {
         return Ok(false);
     }
     let state = authority::load(&shared.store, &shared.config, kek, unix_now()).await?;

@@ -28,9 +28,9 @@ use crate::{Shared, unix_now};
 
 /// Most SVIDs one batch may ask for.
 pub const MAX_BATCH: usize = 100;
-/// How often an open registration stream re-checks that its node is still
-/// in good standing (a ban ends the stream).
-const NODE_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+/// How soon a registration stream retries its node's standing check after
+/// the store failed to answer it.
+const RECHECK_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The gRPC service.
 pub struct WorkloadApi {
@@ -451,6 +451,10 @@ impl WorkloadService for WorkloadApi {
             // A new key ring (a rotation on any replica) changes the set's
             // revision: the agent gets the bundle as soon as it is reloaded.
             let mut ring = shared.ring_generation.subscribe();
+            // A ban anywhere (polled with the bundle sequence) makes every
+            // stream recheck its node: a banned node's stream ends within
+            // `ca.bundle_poll`, and no stream polls the database meanwhile.
+            let mut bans = shared.ban_generation.subscribe();
             let mut last = None;
             loop {
                 let set = registration_set(&shared, &caller.node);
@@ -463,8 +467,10 @@ impl WorkloadService for WorkloadApi {
                 tokio::select! {
                     r = changes.changed() => if r.is_err() { return },
                     r = ring.changed() => if r.is_err() { return },
-                    () = tokio::time::sleep(NODE_RECHECK) => {
-                        // Still a node in good standing? (bans, revocations)
+                    r = bans.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
                         match shared.store.node_by_spiffe_id(caller.node.spiffe_id.as_str()).await {
                             Ok(Some(n)) if n.status == NodeStatus::Active => {}
                             Ok(_) => {
@@ -473,7 +479,13 @@ impl WorkloadService for WorkloadApi {
                                     .await;
                                 return;
                             }
-                            Err(_) => {}
+                            Err(e) => {
+                                // Unanswered: ask again shortly rather than
+                                // miss this ban.
+                                tracing::warn!(error = %e, "node standing check failed");
+                                tokio::time::sleep(RECHECK_RETRY).await;
+                                bans.mark_changed();
+                            }
                         }
                     }
                     () = tx.closed() => return,

@@ -140,6 +140,15 @@ pub struct CredentialStatus {
     pub node_banned: bool,
 }
 
+/// The database's change counters, polled by every replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sequences {
+    /// The trust bundle's `spiffe_sequence`: moves with every key-ring change.
+    pub bundle: u64,
+    /// Moves with every node ban.
+    pub bans: u64,
+}
+
 /// A CA key-ring entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaKeyRecord {
@@ -531,6 +540,12 @@ impl Store {
     /// The bundle's `spiffe_sequence` (0 before any CA key).
     pub async fn bundle_sequence(&self) -> Result<u64, StoreError> {
         on_backend!(self.bundle_sequence().await)
+    }
+
+    /// The bundle and ban sequences in one query: what a replica polls to
+    /// learn of rotations and bans made elsewhere.
+    pub async fn sequences(&self) -> Result<Sequences, StoreError> {
+        on_backend!(self.sequences().await)
     }
 
     /// Up to `limit` audit records after `after_seq`, in order.

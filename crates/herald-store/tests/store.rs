@@ -629,7 +629,9 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
     assert_eq!(r, NodeCommitted::Refused(ErrorCode::NodeEkChanged));
     assert!(s.issued("03").await.unwrap().is_none());
 
-    // A ban revokes the node's unexpired credentials and refuses it after.
+    // A ban revokes the node's unexpired credentials and refuses it after;
+    // it moves the ban sequence replicas poll, not the bundle's.
+    let before = s.sequences().await.unwrap();
     let (banned, revoked) = s
         .ban_node(
             id,
@@ -643,6 +645,12 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
     assert_eq!(banned.status, NodeStatus::Banned);
     assert_eq!(banned.ban_reason.as_deref(), Some("stolen"));
     assert_eq!(revoked, 3);
+    let after = s.sequences().await.unwrap();
+    assert_eq!(
+        (after.bans, after.bundle),
+        (before.bans + 1, before.bundle),
+        "{before:?} → {after:?}"
+    );
     assert!(s.is_revoked("01").await.unwrap() && s.is_revoked("02").await.unwrap());
     let st = s.credential_status("02").await.unwrap().unwrap();
     assert!(st.revoked && st.node_banned);

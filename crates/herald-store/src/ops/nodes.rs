@@ -3,7 +3,7 @@
 use herald_core::{AuditEvent, ErrorCode};
 use sqlx::{QueryBuilder, Row};
 
-use super::store::{Backend, append_audit};
+use super::store::{BAN_SEQUENCE, Backend, append_audit, bump_sequence};
 use super::{Db, DbRow, Tx};
 use crate::nodes::check_existing;
 use crate::{
@@ -231,6 +231,7 @@ impl Backend {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        bump_sequence(&mut tx, BAN_SEQUENCE).await?;
         let mut audit = audit;
         audit.spiffe_id = Some(node.spiffe_id.clone());
         append_audit(&mut tx, std::slice::from_ref(&audit)).await?;

@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::{BEGIN_WRITE, Db, DbRow, MAX_PARAMS, Options, Pool, Tx, reader, writer};
 use crate::{
     AuditRecord, CaKeyRecord, ChainRow, Commit, Committed, CredentialStatus, GENESIS,
-    IssuedCredential, JoinTokenRecord, Lookup, NewJoinToken, StoreError, WriteRequest, WriterStats,
-    chain_rows, hash32,
+    IssuedCredential, JoinTokenRecord, Lookup, NewJoinToken, Sequences, StoreError, WriteRequest,
+    WriterStats, chain_rows, hash32,
 };
 
 /// One backend's connection pool, writer task and lookup batcher.
@@ -302,7 +302,7 @@ impl Backend {
         .bind(key.status_since)
         .execute(&mut *tx)
         .await?;
-        bump_bundle_sequence(&mut tx).await?;
+        bump_sequence(&mut tx, BUNDLE_SEQUENCE).await?;
         append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
         tx.commit().await?;
         Ok(true)
@@ -335,7 +335,7 @@ impl Backend {
                 return Ok(false);
             }
         }
-        bump_bundle_sequence(&mut tx).await?;
+        bump_sequence(&mut tx, BUNDLE_SEQUENCE).await?;
         append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
         tx.commit().await?;
         Ok(true)
@@ -388,6 +388,28 @@ impl Backend {
                 .parse()
                 .map_err(|_| StoreError::Corrupt("bundle_sequence is not a number".into())),
         }
+    }
+
+    /// The change counters every replica polls, in one query.
+    pub async fn sequences(&self) -> Result<Sequences, StoreError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT key, value FROM meta WHERE key IN ($1, $2)")
+                .bind(BUNDLE_SEQUENCE)
+                .bind(BAN_SEQUENCE)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut seq = Sequences::default();
+        for (key, value) in rows {
+            let v = value
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("{key} is not a number")))?;
+            if key == BUNDLE_SEQUENCE {
+                seq.bundle = v;
+            } else {
+                seq.bans = v;
+            }
+        }
+        Ok(seq)
     }
 
     /// Up to `limit` audit records after `after_seq`, in order.
@@ -555,13 +577,19 @@ pub(crate) fn push_audit_insert(qb: &mut QueryBuilder<Db>, rows: &[ChainRow<'_>]
     });
 }
 
-/// Bumps the trust bundle's `spiffe_sequence` inside `tx`: every replica
-/// polls it to learn that the key ring changed.
-async fn bump_bundle_sequence(tx: &mut Tx) -> Result<(), StoreError> {
+/// The trust bundle's `spiffe_sequence`: bumped with every key-ring change.
+pub(crate) const BUNDLE_SEQUENCE: &str = "bundle_sequence";
+/// Bumped with every node ban.
+pub(crate) const BAN_SEQUENCE: &str = "ban_sequence";
+
+/// Bumps the counter `key` in `meta` inside `tx`: every replica polls the
+/// counters to learn that the key ring changed or a node was banned.
+pub(crate) async fn bump_sequence(tx: &mut Tx, key: &'static str) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO meta (key, value) VALUES ('bundle_sequence', '1') \
+        "INSERT INTO meta (key, value) VALUES ($1, '1') \
          ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(meta.value AS BIGINT) + 1 AS TEXT)",
     )
+    .bind(key)
     .execute(&mut **tx)
     .await?;
     Ok(())
