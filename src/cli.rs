@@ -65,6 +65,9 @@ enum Command {
     /// The CA, JWT and session key ring: status, validity, rotation due.
     #[command(subcommand)]
     Ca(crate::ca_cmd::CaCommand),
+    /// The server replicas sharing this database: last seen, bundle
+    /// sequence and policy set each serves, and whether they agree.
+    Replicas(crate::replicas_cmd::ReplicasArgs),
     /// Run the node agent (TPM attestation, node SVID rotation), or show its status.
     Agent(crate::node_cmd::AgentArgs),
     /// A workload's SVIDs from the local agent's Workload API.
@@ -347,6 +350,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Policy(cmd) => crate::policy_cmd::run(cmd),
         Command::Node(cmd) => crate::node_cmd::node(cmd).await,
         Command::Ca(cmd) => crate::ca_cmd::ca(cmd).await,
+        Command::Replicas(args) => crate::replicas_cmd::replicas(args).await,
         Command::Agent(args) => crate::node_cmd::agent(args).await,
         Command::Workload(WorkloadCommand::Fetch(args)) => crate::workload_cmd::fetch(args).await,
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),

@@ -7,6 +7,7 @@ mod cli;
 mod exchange_cmd;
 mod node_cmd;
 mod policy_cmd;
+mod replicas_cmd;
 mod report_cmd;
 mod telemetry;
 mod workload_cmd;

@@ -544,3 +544,84 @@ async fn a_ca_rotation_under_load_keeps_every_svid_verifiable() {
     }
     ok(c.site.herald(&["audit", "verify"]));
 }
+
+/// `herald replicas --json`: the replica lines and the summary line.
+fn replicas_view(c: &Cluster) -> (Vec<Value>, Value) {
+    let out = ok(c.site.herald(&["replicas", "--json"]));
+    let mut lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .collect();
+    let summary = lines.pop().unwrap();
+    (lines, summary)
+}
+
+/// Waits until `herald replicas` says both replicas are live, serve bundle
+/// sequence `seq` and one policy set other than `not_digest`; returns it.
+async fn wait_in_sync(c: &Cluster, seq: u64, not_digest: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (lines, summary) = replicas_view(c);
+        let live: Vec<&Value> = lines.iter().filter(|l| l["live"] == true).collect();
+        if summary["in_sync"] == true
+            && summary["bundle_sequence"] == seq
+            && live.len() == 2
+            && live[0]["policy_digest"] != not_digest
+        {
+            assert!(live.iter().all(|l| l["bundle_sequence"] == seq));
+            return live[0]["policy_digest"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas not in sync on sequence {seq} after 15 s: {lines:?} {summary}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_report_what_they_serve_and_catch_up_within_seconds() {
+    let issuer = TestIssuer::start().await;
+    let policies = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "bundle_poll = \"200ms\"\n{}",
+        oidc_policy(&issuer, policies.path()).replacen(
+            "[policy]\n",
+            "[policy]\nreload_interval = \"200ms\"\n",
+            1
+        )
+    );
+    let c = Cluster::start(2, "heartbeat", &extra);
+
+    // Both replicas recorded themselves, serving the database's bundle and
+    // one (non-empty) policy set; `--check` agrees.
+    let (lines, summary) = replicas_view(&c);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let seq = summary["bundle_sequence"].as_u64().unwrap();
+    let digest = wait_in_sync(&c, seq, "").await;
+    assert_eq!(digest.len(), 64);
+    let table = stdout(&ok(c.site.herald(&["replicas", "--check"])));
+    assert!(
+        table.contains(&format!(
+            "in sync: 2 live replica(s) serve bundle sequence {seq}"
+        )),
+        "{table}"
+    );
+    let ids: HashSet<&str> = lines
+        .iter()
+        .map(|l| l["replica_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+
+    // A rotation made by the CLI (not by either replica): both pick up the
+    // new bundle within seconds, and say so.
+    ok(c.site.herald(&["ca", "rotate", "--kind", "x509"]));
+    let digest = wait_in_sync(&c, seq + 1, "").await;
+
+    // A policy change: both reload it and report the same new set.
+    let file = policies.path().join("deploy.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("# reviewed\n{text}")).unwrap();
+    let changed = wait_in_sync(&c, seq + 1, &digest).await;
+    assert_ne!(changed, digest);
+}

@@ -19,6 +19,7 @@ pub mod http_exchange;
 pub mod join_token;
 pub mod metrics;
 pub mod rate_limit;
+pub mod replica;
 pub mod rotation;
 pub mod status;
 pub mod svid_service;
@@ -99,6 +100,8 @@ pub struct PolicyStatus {
     pub last_error: Option<String>,
     /// Fingerprint of the directory content last looked at.
     fingerprint: Option<[u8; 32]>,
+    /// Fingerprint of the set in effect: what replicas compare.
+    active: Option<[u8; 32]>,
 }
 
 /// State shared by every request.
@@ -126,6 +129,8 @@ pub struct Shared {
     /// The database's node-ban sequence as last polled: agents'
     /// registration streams recheck their node's standing when it moves.
     pub ban_generation: watch::Sender<u64>,
+    /// This replica's name in the shared database (heartbeats, leases).
+    pub replica_id: String,
     ca: RwLock<Arc<CaState>>,
 }
 
@@ -136,6 +141,19 @@ impl Shared {
             Ok(g) => g.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// Hex SHA-256 of the policy set in effect (empty without policies) and
+    /// this replica's policy generation.
+    pub fn policy_digest(&self) -> (String, u64) {
+        let status = match self.policy_status.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        (
+            status.active.map(hex::encode).unwrap_or_default(),
+            status.generation,
+        )
     }
 
     /// Puts a reloaded key ring in effect and wakes whoever pushes bundles.
@@ -246,6 +264,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         policy_generation: watch::Sender::new(1),
         ring_generation: watch::Sender::new(1),
         ban_generation: watch::Sender::new(0),
+        replica_id: replica::new_id(),
         store,
         config,
         exchange,
@@ -253,6 +272,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             generation: 1,
             last_error: None,
             fingerprint,
+            active: fingerprint,
         }),
         ca: RwLock::new(ca_state),
     });
@@ -274,6 +294,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             cert,
             ips,
             identity.not_after,
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(replica::run(
+            shared.clone(),
+            grpc_addr.to_string(),
             shutdown_rx.clone(),
         )),
         tokio::spawn(rotation::run(shared.clone(), kek, shutdown_rx)),
@@ -347,7 +372,8 @@ fn exchange_state(cfg: &ServerConfig) -> Result<Option<ExchangeState>, ServerErr
     }))
 }
 
-/// SHA-256 over the names and contents of the directory's policy files.
+/// SHA-256 over the names and contents of the directory's policy files
+/// (`*.yaml`, `*.yml`; files they refer to, such as EK roots, are not in it).
 fn policy_fingerprint(dir: &std::path::Path) -> [u8; 32] {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut names: Vec<_> = std::fs::read_dir(dir)
@@ -359,7 +385,9 @@ fn policy_fingerprint(dir: &std::path::Path) -> [u8; 32] {
         if !is_policy {
             continue;
         }
-        ctx.update(path.as_os_str().as_encoded_bytes());
+        // The file name, not the path: replicas compare fingerprints.
+        let name = path.file_name().unwrap_or_default();
+        ctx.update(name.as_encoded_bytes());
         ctx.update(&[0]);
         if let Ok(bytes) = std::fs::read(&path) {
             ctx.update(&(bytes.len() as u64).to_be_bytes());
@@ -402,6 +430,7 @@ async fn watch_policies(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
         status.fingerprint = Some(fp);
         match result {
             Ok(Ok(n)) => {
+                status.active = Some(fp);
                 status.generation += 1;
                 status.last_error = None;
                 shared.policy_generation.send_replace(status.generation);

@@ -268,12 +268,7 @@ pub async fn refresh(shared: &Shared, kek: &KeyEncryptionKey) -> Result<bool, Se
 /// The replica's background loop: refresh every `ca.bundle_poll`; every
 /// `ca.rotation.check_interval`, take (or keep) the lease and rotate.
 pub async fn run(shared: Arc<Shared>, kek: Arc<KeyEncryptionKey>, shutdown: watch::Receiver<bool>) {
-    let holder = format!(
-        "{}:{}:{:x}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "herald".into()),
-        std::process::id(),
-        rand::random::<u32>()
-    );
+    let holder = shared.replica_id.clone();
     let caller = format!("server:{holder}");
     let poll = shared.config.ca.bundle_poll;
     let every = shared.config.ca.rotation.check_interval;

@@ -140,6 +140,27 @@ pub struct CredentialStatus {
     pub node_banned: bool,
 }
 
+/// A server replica's heartbeat: what it serves, as of when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaRecord {
+    /// Chosen by the replica at start: host, pid and a random part.
+    pub replica_id: String,
+    /// Its gRPC listening address.
+    pub address: String,
+    /// Herald's version.
+    pub version: String,
+    /// When it started, Unix seconds.
+    pub started_at: i64,
+    /// When it last recorded itself, Unix milliseconds.
+    pub last_seen_ms: i64,
+    /// The trust bundle's sequence it serves.
+    pub bundle_sequence: u64,
+    /// Hex SHA-256 of the policy set in effect; empty without policies.
+    pub policy_digest: String,
+    /// Its policy reload generation (local to the replica).
+    pub policy_generation: u64,
+}
+
 /// The database's change counters, polled by every replica.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Sequences {
@@ -546,6 +567,22 @@ impl Store {
     /// learn of rotations and bans made elsewhere.
     pub async fn sequences(&self) -> Result<Sequences, StoreError> {
         on_backend!(self.sequences().await)
+    }
+
+    /// Records (or refreshes) a replica's heartbeat.
+    pub async fn record_replica(&self, replica: &ReplicaRecord) -> Result<(), StoreError> {
+        on_backend!(self.record_replica(replica).await)
+    }
+
+    /// Replicas seen since `since_ms` (Unix milliseconds), most recently
+    /// seen first.
+    pub async fn replicas(&self, since_ms: i64) -> Result<Vec<ReplicaRecord>, StoreError> {
+        on_backend!(self.replicas(since_ms).await)
+    }
+
+    /// Forgets replicas not seen since `before_ms`; returns how many.
+    pub async fn forget_replicas(&self, before_ms: i64) -> Result<u64, StoreError> {
+        on_backend!(self.forget_replicas(before_ms).await)
     }
 
     /// Up to `limit` audit records after `after_seq`, in order.

@@ -79,6 +79,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "key_rotation",
         include_str!("../migrations/postgres/0006_key_rotation.sql"),
     ),
+    (
+        7,
+        "replicas",
+        include_str!("../migrations/postgres/0007_replicas.sql"),
+    ),
 ];
 
 /// Whether `url` names a PostgreSQL database.

@@ -73,6 +73,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "key_rotation",
         include_str!("../migrations/sqlite/0006_key_rotation.sql"),
     ),
+    (
+        7,
+        "replicas",
+        include_str!("../migrations/sqlite/0007_replicas.sql"),
+    ),
 ];
 
 /// Opens (creating if missing) the database file and migrates it.

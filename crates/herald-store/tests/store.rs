@@ -852,7 +852,35 @@ async fn key_rotation_is_decided_once_through_the_database(db: &Fixture) {
     a.verify_audit_chain(1, None).await.unwrap();
 }
 
+async fn replica_heartbeats_are_upserted_listed_and_forgotten(db: &Fixture) {
+    use herald_store::ReplicaRecord;
+    let s = db.open().await;
+    let beat = |id: &str, seen: i64, seq: u64| ReplicaRecord {
+        replica_id: id.into(),
+        address: format!("10.0.0.{}:8443", id.len()),
+        version: "0.1.0".into(),
+        started_at: NOW,
+        last_seen_ms: seen,
+        bundle_sequence: seq,
+        policy_digest: "ab".repeat(32),
+        policy_generation: 1,
+    };
+    s.record_replica(&beat("a", 1_000, 1)).await.unwrap();
+    s.record_replica(&beat("bb", 2_000, 1)).await.unwrap();
+    // A later heartbeat replaces the row, it does not add one.
+    s.record_replica(&beat("a", 3_000, 2)).await.unwrap();
+    let all = s.replicas(0).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0], beat("a", 3_000, 2), "most recently seen first");
+    assert_eq!(all[1].replica_id, "bb");
+    let recent = s.replicas(2_500).await.unwrap();
+    assert_eq!(recent.len(), 1);
+    assert_eq!(s.forget_replicas(2_500).await.unwrap(), 1);
+    assert_eq!(s.replicas(0).await.unwrap().len(), 1);
+}
+
 backend_suite!(
+    replica_heartbeats_are_upserted_listed_and_forgotten,
     key_rotation_is_decided_once_through_the_database,
     migrations_apply_and_reopen_is_idempotent,
     a_join_token_is_consumed_exactly_once_under_a_race,

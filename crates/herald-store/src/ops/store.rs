@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::{BEGIN_WRITE, Db, DbRow, MAX_PARAMS, Options, Pool, Tx, reader, writer};
 use crate::{
     AuditRecord, CaKeyRecord, ChainRow, Commit, Committed, CredentialStatus, GENESIS,
-    IssuedCredential, JoinTokenRecord, Lookup, NewJoinToken, Sequences, StoreError, WriteRequest,
-    WriterStats, chain_rows, hash32,
+    IssuedCredential, JoinTokenRecord, Lookup, NewJoinToken, ReplicaRecord, Sequences, StoreError,
+    WriteRequest, WriterStats, chain_rows, hash32,
 };
 
 /// One backend's connection pool, writer task and lookup batcher.
@@ -412,6 +412,63 @@ impl Backend {
         Ok(seq)
     }
 
+    /// Records (or refreshes) a replica's heartbeat; no audit record (it is
+    /// not a decision) and no write lock (it touches no chain).
+    pub async fn record_replica(&self, r: &ReplicaRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO replicas (replica_id, address, version, started_at, last_seen_ms, \
+             bundle_sequence, policy_digest, policy_generation) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (replica_id) DO UPDATE SET address = excluded.address, \
+             last_seen_ms = excluded.last_seen_ms, bundle_sequence = excluded.bundle_sequence, \
+             policy_digest = excluded.policy_digest, policy_generation = excluded.policy_generation",
+        )
+        .bind(&r.replica_id)
+        .bind(&r.address)
+        .bind(&r.version)
+        .bind(r.started_at)
+        .bind(r.last_seen_ms)
+        .bind(r.bundle_sequence as i64)
+        .bind(&r.policy_digest)
+        .bind(r.policy_generation as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Replicas seen since `since_ms`, most recently seen first.
+    pub async fn replicas(&self, since_ms: i64) -> Result<Vec<ReplicaRecord>, StoreError> {
+        let rows: Vec<ReplicaRow> = sqlx::query_as(
+            "SELECT replica_id, address, version, started_at, last_seen_ms, bundle_sequence, \
+             policy_digest, policy_generation FROM replicas WHERE last_seen_ms >= $1 \
+             ORDER BY last_seen_ms DESC, replica_id",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ReplicaRecord {
+                replica_id: r.0,
+                address: r.1,
+                version: r.2,
+                started_at: r.3,
+                last_seen_ms: r.4,
+                bundle_sequence: r.5.max(0) as u64,
+                policy_digest: r.6,
+                policy_generation: r.7.max(0) as u64,
+            })
+            .collect())
+    }
+
+    /// Forgets replicas not seen since `before_ms`; returns how many.
+    pub async fn forget_replicas(&self, before_ms: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM replicas WHERE last_seen_ms < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
     /// Up to `limit` audit records after `after_seq`, in order.
     pub async fn audit_records(
         &self,
@@ -576,6 +633,9 @@ pub(crate) fn push_audit_insert(qb: &mut QueryBuilder<Db>, rows: &[ChainRow<'_>]
             .push_bind(hash.to_vec());
     });
 }
+
+/// A `replicas` row as selected by `Backend::replicas`.
+type ReplicaRow = (String, String, String, i64, i64, i64, String, i64);
 
 /// The trust bundle's `spiffe_sequence`: bumped with every key-ring change.
 pub(crate) const BUNDLE_SEQUENCE: &str = "bundle_sequence";
