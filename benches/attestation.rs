@@ -170,12 +170,7 @@ fn main() {
     );
 
     // End to end against an in-process server.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("herald-server")
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(SERVER_THREADS);
     let attestations = (n / 200).clamp(20, 200);
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();

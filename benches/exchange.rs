@@ -106,19 +106,9 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3000);
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("herald-server")
-        .enable_all()
-        .build()
-        .unwrap();
+    let server_rt = runtime(SERVER_THREADS);
     let sh = server_rt.handle().clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-client")
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(CLIENT_THREADS);
     rt.block_on(async move {
         let issuer = sh.spawn(TestIssuer::start()).await.unwrap();
         let issuer = Arc::new(issuer);

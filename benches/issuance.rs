@@ -146,19 +146,9 @@ fn main() {
 
     // Server and clients share the 2 cores but run on separate runtimes with
     // named threads, so each side's CPU per request can be reported.
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("herald-server")
-        .enable_all()
-        .build()
-        .unwrap();
+    let server_rt = runtime(SERVER_THREADS);
     let sh = server_rt.handle().clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-client")
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(CLIENT_THREADS);
     rt.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
         let kek = dir.path().join("kek");

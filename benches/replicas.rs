@@ -348,19 +348,9 @@ fn main() {
             .map(|_| generate_key_and_csr().unwrap().csr_der)
             .collect(),
     );
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("herald-server")
-        .enable_all()
-        .build()
-        .unwrap();
+    let server_rt = runtime(SERVER_THREADS);
     let sh = server_rt.handle().clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-client")
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(CLIENT_THREADS);
     rt.block_on(async move {
         println!(
             "# issuance on 2 cores shared by replicas, PostgreSQL and {CONC} callers; {n} issuances per phase"

@@ -164,12 +164,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-client")
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(CLIENT_THREADS);
     println!("# Workload API benchmark");
     rt.block_on(async {
         // 1. Fetch latency from cache, 100 registrations.

@@ -77,13 +77,24 @@ fn the_example_config_passes_config_check_and_a_broken_one_does_not() {
     assert!(stderr(&out).contains("p.yaml"), "{}", stderr(&out));
 }
 
-#[test]
-fn kubernetes_manifests_parse_with_the_expected_kinds_and_probes() {
-    let text = std::fs::read_to_string(repo("deploy/kubernetes/herald-server.yaml")).unwrap();
+/// A multi-document Kubernetes manifest of the repository: its documents
+/// and their kinds, in order.
+fn manifest(path: &str) -> (Vec<Value>, Vec<String>) {
+    let text = std::fs::read_to_string(repo(path)).unwrap();
     let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect();
-    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    let kinds = docs
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap().to_owned())
+        .collect();
+    (docs, kinds)
+}
+
+#[test]
+fn kubernetes_manifests_parse_with_the_expected_kinds_and_probes() {
+    let (docs, kinds) = manifest("deploy/kubernetes/herald-server.yaml");
+    let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
     assert_eq!(
         kinds,
         [
@@ -114,12 +125,8 @@ fn kubernetes_manifests_parse_with_the_expected_kinds_and_probes() {
 
 #[test]
 fn the_replicas_manifest_runs_several_servers_on_postgres() {
-    let text =
-        std::fs::read_to_string(repo("deploy/kubernetes/herald-server-replicas.yaml")).unwrap();
-    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .collect();
-    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    let (docs, kinds) = manifest("deploy/kubernetes/herald-server-replicas.yaml");
+    let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
     assert_eq!(
         kinds,
         [
@@ -151,11 +158,8 @@ fn the_replicas_manifest_runs_several_servers_on_postgres() {
 
 #[test]
 fn the_agent_daemonset_mounts_the_tpm_and_its_config_is_valid() {
-    let text = std::fs::read_to_string(repo("deploy/kubernetes/herald-agent.yaml")).unwrap();
-    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .collect();
-    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    let (docs, kinds) = manifest("deploy/kubernetes/herald-agent.yaml");
+    let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
     assert_eq!(kinds, ["ConfigMap", "DaemonSet"]);
     let spec = &docs[1]["spec"]["template"]["spec"];
     let volumes = spec["volumes"].as_array().unwrap();

@@ -42,9 +42,27 @@ pub struct Run {
     pub sqlite_cpu: Duration,
 }
 
+/// The server's and the benchmark clients' thread names: the CPU split
+/// below tells the two sides apart by them.
+pub const SERVER_THREADS: &str = "herald-server";
+/// See [`SERVER_THREADS`].
+pub const CLIENT_THREADS: &str = "bench-client";
+
+/// A 2-worker runtime whose threads are named `name` (server and clients
+/// share the 2 cores, on separate runtimes, so each side's CPU per request
+/// can be reported).
+pub fn runtime(name: &str) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// CPU time so far of this process's threads, split into the server's
-/// (tokio workers named `herald-server` plus sqlx's SQLite threads) and the
-/// benchmark clients' (`bench-client`).
+/// (tokio workers named `herald-server`, the store's `herald-store` thread
+/// and sqlx's SQLite threads) and the benchmark clients' (`bench-client`).
 pub fn cpu_split() -> (Duration, Duration) {
     let (server, client, _) = cpu_split3();
     (server, client)
@@ -70,9 +88,12 @@ pub fn cpu_split3() -> (Duration, Duration, Duration) {
             if comm.starts_with("sqlx-sqlite") {
                 sqlite += ticks;
             }
-            if comm.starts_with("herald-server") || comm.starts_with("sqlx-sqlite") {
+            if comm.starts_with(SERVER_THREADS)
+                || comm.starts_with("herald-store")
+                || comm.starts_with("sqlx-sqlite")
+            {
                 server += ticks;
-            } else if comm.starts_with("bench-client") {
+            } else if comm.starts_with(CLIENT_THREADS) {
                 client += ticks;
             }
         }

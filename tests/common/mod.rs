@@ -194,39 +194,29 @@ impl Server {
 
     /// Plain HTTP GET on the server's HTTP listener; returns (status, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(self.http).unwrap();
-        write!(
-            s,
+        self.http_request(&format!(
             "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp[9..12].parse().unwrap();
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        ))
     }
-}
 
-impl Server {
     /// Plain HTTP POST of a form on the server's HTTP listener, with an
     /// optional bearer token; returns (status, body).
     pub fn http_post_form(&self, path: &str, bearer: Option<&str>, form: &str) -> (u16, String) {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(self.http).unwrap();
         let auth = bearer
             .map(|b| format!("Authorization: Bearer {b}\r\n"))
             .unwrap_or_default();
-        write!(
-            s,
+        self.http_request(&format!(
             "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
             form.len()
-        )
-        .unwrap();
+        ))
+    }
+
+    /// Sends `request` as is on a fresh connection to the HTTP listener;
+    /// returns (status, body).
+    fn http_request(&self, request: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.http).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).unwrap();
         let status = resp[9..12].parse().unwrap();

@@ -327,6 +327,15 @@ pub(crate) enum Lookup {
 /// Whether a failed write is worth retrying as a whole: PostgreSQL's
 /// serialization failure and deadlock (the transaction was rolled back and
 /// may succeed when run again).
+/// Whether `e` means the connection itself is broken (and must be
+/// replaced), rather than that the statement failed.
+pub(crate) fn is_broken_connection(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
+    )
+}
+
 pub(crate) fn is_retryable(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(|d| d.code())

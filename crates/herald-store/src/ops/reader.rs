@@ -67,16 +67,6 @@ pub(crate) async fn run(opts: Options, mut rx: mpsc::Receiver<Lookup>, stats: Ar
     }
 }
 
-/// Whether `found` failed because the connection broke.
-fn broke<T>(found: &Result<T, StoreError>) -> bool {
-    matches!(
-        found,
-        Err(StoreError::Database(
-            sqlx::Error::Io(_) | sqlx::Error::Protocol(_)
-        ))
-    )
-}
-
 fn reply_all<K, T: Clone>(waiters: Waiters<K, T>, found: Result<HashMap<K, T>, StoreError>)
 where
     K: std::hash::Hash + Eq,
@@ -130,7 +120,7 @@ async fn join_tokens(conn: &mut Conn, waiters: Waiters<[u8; 32], JoinTokenRecord
         Ok::<_, StoreError>(map)
     }
     .await;
-    let broken = broke(&found);
+    let broken = found.as_ref().is_err_and(crate::is_broken_connection);
     reply_all(waiters, found);
     broken
 }
@@ -170,7 +160,7 @@ async fn statuses_of(conn: &mut Conn, waiters: Waiters<String, CredentialStatus>
         )
     }
     .await;
-    let broken = broke(&found);
+    let broken = found.as_ref().is_err_and(crate::is_broken_connection);
     reply_all(waiters, found);
     broken
 }

@@ -49,7 +49,7 @@ impl Backend {
         let (lookups, lookup_rx) = mpsc::channel(4096);
         let (lock, writer_stats, reader_stats) = (write_lock.clone(), stats.clone(), stats.clone());
         std::thread::Builder::new()
-            .name("herald-store-writer".into())
+            .name("herald-store".into())
             .spawn(move || {
                 match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -378,16 +378,7 @@ impl Backend {
 
     /// The bundle's `spiffe_sequence` (0 before any CA key).
     pub async fn bundle_sequence(&self) -> Result<u64, StoreError> {
-        let v: Option<(String,)> =
-            sqlx::query_as("SELECT value FROM meta WHERE key = 'bundle_sequence'")
-                .fetch_optional(&self.pool)
-                .await?;
-        match v {
-            None => Ok(0),
-            Some((s,)) => s
-                .parse()
-                .map_err(|_| StoreError::Corrupt("bundle_sequence is not a number".into())),
-        }
+        Ok(self.sequences().await?.bundle)
     }
 
     /// The change counters every replica polls, in one query.

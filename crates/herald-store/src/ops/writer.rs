@@ -149,9 +149,7 @@ pub(crate) async fn run(
                 _ => break,
             }
         }
-        if let Err(StoreError::Database(e)) = &result
-            && matches!(e, sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
-        {
+        if result.as_ref().is_err_and(crate::is_broken_connection) {
             // The connection is broken: open a fresh one for the next batch.
             conn = None;
         }
