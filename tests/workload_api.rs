@@ -132,6 +132,18 @@ async fn client(socket: &Path) -> WorkloadApiClient {
         .unwrap()
 }
 
+/// A copy of the executable at `path` that other uids can run: the build
+/// tree may sit in a directory only its owner can enter (`mktemp -d`).
+fn executable_by_other_users(path: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = dir.path().join("herald");
+    std::fs::copy(path, &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (dir, copy)
+}
+
 fn id(s: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/workload/{s}")
 }
@@ -522,7 +534,8 @@ async fn identities_follow_the_caller_and_refusals_are_typed() {
     // Another uid gets its own identity only (the `herald workload fetch`
     // client, run as nobody).
     use std::os::unix::process::CommandExt;
-    let out = Command::new(herald)
+    let (_bin_dir, herald_for_others) = executable_by_other_users(herald);
+    let out = Command::new(&herald_for_others)
         .args(["workload", "fetch", "--socket", &socket])
         .uid(NOBODY)
         .gid(NOBODY)
@@ -552,7 +565,7 @@ async fn identities_follow_the_caller_and_refusals_are_typed() {
         )
     );
     // A uid with no registration: PermissionDenied.
-    let out = Command::new(herald)
+    let out = Command::new(&herald_for_others)
         .args(["workload", "fetch", "--socket", &socket])
         .uid(4242)
         .gid(4242)
