@@ -163,7 +163,7 @@ fn main() {
         println!("  2 threads  {c2:>8.0}/s   <- ceiling for the ratios below");
 
         // Policy evaluation alone.
-        let ex = server.shared.exchange.as_ref().unwrap();
+        let ex = server.shared.policy.as_ref().unwrap();
         let set = ex.policies.current();
         let claims = issuer.github_claims("herald", "acme/webapp", "refs/heads/main", "production");
         let mut claims = claims.as_object().unwrap().clone();

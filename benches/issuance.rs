@@ -158,9 +158,10 @@ fn main() {
             std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         let toml = format!(
-            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n",
+            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n{}",
             dir.path().join("data").display(),
-            kek.display()
+            kek.display(),
+            common::bootstrap_policy_section(dir.path(), TD)
         );
         let cfg = herald_server::ServerConfig::from_toml(&toml).unwrap();
         let t0 = Instant::now();
@@ -171,22 +172,13 @@ fn main() {
         let store = server.shared.store.clone();
 
         // Pre-create join tokens (not timed).
-        let now = herald_server::unix_now();
         let mut tokens = Vec::with_capacity(n * 2);
         let mut pending = Vec::new();
         for i in 0..n * 2 {
-            let t = herald_server::join_token::generate().unwrap();
-            let rec = herald_store::NewJoinToken {
-                token_hash: t.hash,
-                token_id: t.token_id.clone(),
-                spiffe_id: format!("spiffe://{TD}/bench/{i}"),
-                created_at: now,
-                expires_at: now + 3600,
-                created_by: "bench".into(),
-            };
+            let (token, rec) = common::bootstrap_token(format!("spiffe://{TD}/bench/{i}"));
             let s = store.clone();
             pending.push(tokio::spawn(async move { s.create_join_token(rec, herald_core::AuditEvent::new("join_token.create", "bench")).await.unwrap() }));
-            tokens.push(t.token);
+            tokens.push(token);
         }
         for p in pending {
             p.await.unwrap();
@@ -196,7 +188,7 @@ fn main() {
         // The store on its own: where the non-crypto time goes.
         let m = n.min(4000);
         let st = store.clone();
-        let hashes: Arc<Vec<[u8; 32]>> = Arc::new(tokens.iter().map(|t| herald_server::join_token::parse(t).unwrap()).collect());
+        let hashes: Arc<Vec<[u8; 32]>> = Arc::new(tokens.iter().map(|t| herald_attest::join_token::parse(t).unwrap()).collect());
         let hs = hashes.clone();
         let reads = sh
             .spawn(drive(m, conc_store(), None, move |i| {
@@ -226,8 +218,11 @@ fn main() {
                     parent_serial: None,
                     public_key_sha256: String::new(),
                     ca_key_id: String::new(),
+                    origin: Some(herald_core::Origin::Bootstrap),
+                    root_serial: format!("ff{i:030x}"),
+                    root_at: 0,
                 };
-                st.commit(herald_store::Commit { consume_join_token: None, consume_replay: None, now_s: 0, issued: Some(issued), audit }).await.unwrap();
+                st.commit(herald_store::Commit { consume_join_token: None, consume_replay: None, parent: None, now_s: 0, issued: Some(issued), audit }).await.unwrap();
             }
         }))
         .await

@@ -177,9 +177,10 @@ async fn setup(
     let mut servers = Vec::new();
     for i in 0..replicas {
         let toml = format!(
-            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\ndatabase_url = \"{database_url}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n",
+            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\ndatabase_url = \"{database_url}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n{}",
             dir.join(format!("data-{i}")).display(),
-            kek.display()
+            kek.display(),
+            common::bootstrap_policy_section(dir, TD)
         );
         let cfg = herald_server::ServerConfig::from_toml(&toml).unwrap();
         servers.push(sh.spawn(herald_server::start(cfg)).await.unwrap().unwrap());
@@ -188,19 +189,10 @@ async fn setup(
 }
 
 async fn tokens(store: &Store, n: usize, tag: &str) -> Vec<String> {
-    let now = herald_server::unix_now();
     let mut out = Vec::with_capacity(n);
     let mut pending = Vec::new();
     for i in 0..n {
-        let t = herald_server::join_token::generate().unwrap();
-        let rec = herald_store::NewJoinToken {
-            token_hash: t.hash,
-            token_id: t.token_id.clone(),
-            spiffe_id: format!("spiffe://{TD}/bench/{tag}/{i}"),
-            created_at: now,
-            expires_at: now + 3600,
-            created_by: "bench".into(),
-        };
+        let (token, rec) = common::bootstrap_token(format!("spiffe://{TD}/bench/{tag}/{i}"));
         let s = store.clone();
         pending.push(tokio::spawn(async move {
             s.create_join_token(
@@ -210,7 +202,7 @@ async fn tokens(store: &Store, n: usize, tag: &str) -> Vec<String> {
             .await
             .unwrap()
         }));
-        out.push(t.token);
+        out.push(token);
     }
     for p in pending {
         p.await.unwrap();

@@ -15,7 +15,7 @@ for _ in $(seq 1 100); do
 done
 echo
 echo "== demo: a join token, an SVID minted with it, then renewed over mTLS =="
-T=$($HERALD token create --dev --spiffe-id spiffe://dev.herald.test/demo --ttl 10m)
+T=$($HERALD token create --dev --spiffe-id spiffe://dev.herald.test/bootstrap/demo --ttl 10m)
 $HERALD svid mint --join-token "$T" --server https://127.0.0.1:8443 --bundle .herald-dev/bundle.pem --out ./.herald-dev/demo-svid
 $HERALD svid show ./.herald-dev/demo-svid/svid.pem
 $HERALD svid renew --server https://127.0.0.1:8443 --out ./.herald-dev/demo-svid

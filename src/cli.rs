@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use herald_ca::svid::parse_x509_svid;
+use herald_attest::svid::parse_x509_svid;
 use herald_client::files::{self, SvidFiles};
 use herald_client::{ClientError, ClientIdentity, HeraldClient, keys};
-use herald_core::{AuditEvent, EvidenceType, SpiffeId};
+use herald_core::{AuditEvent, EvidenceType, JoinTokenPurpose, SpiffeId};
 use herald_proto::v1::X509SvidResponse;
 use herald_server::config::{DEV_DATA_DIR, ServerConfig};
 use herald_store::{NewJoinToken, Store};
@@ -120,16 +120,40 @@ enum WorkloadCommand {
 
 #[derive(Subcommand, Debug)]
 enum TokenCommand {
-    /// Create a join token bound to one SPIFFE ID; prints the token on stdout.
+    /// Create a join token bound to one SPIFFE ID and one purpose; prints
+    /// the token on stdout. A token is refused for any other purpose, and
+    /// grants only what a policy accepting it grants.
     Create {
         #[command(flatten)]
         config: ConfigArgs,
-        /// The SPIFFE ID the token mints.
+        /// The SPIFFE ID the token is bound to.
         #[arg(long)]
         spiffe_id: String,
         /// Token lifetime (e.g. 10m, 1h); defaults to join_token.default_ttl.
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
+        /// What the token is for: `bootstrap` (herald svid mint, under a
+        /// join_token policy), `node` (the enrolment factor of a TPM
+        /// policy), `second-factor` (beside a CI token, for --policy).
+        #[arg(
+            long,
+            value_enum,
+            default_value = "bootstrap",
+            conflicts_with = "break_glass"
+        )]
+        purpose: PurposeArg,
+        /// The policies the token may serve (second-factor: required; node:
+        /// optional, any TPM policy when absent). Repeat for several.
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        /// An emergency mint: time-boxed (join_token.break_glass_max_ttl),
+        /// needs --reason, accepted only by policies listing break_glass,
+        /// and reported as break-glass use.
+        #[arg(long, requires = "reason")]
+        break_glass: bool,
+        /// Why the token is created (required with --break-glass; recorded).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// List join tokens (never their secrets).
     List {
@@ -327,7 +351,28 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             config,
             spiffe_id,
             ttl,
-        }) => token_create(config, spiffe_id, ttl).await,
+            purpose,
+            policies,
+            break_glass,
+            reason,
+        }) => {
+            let purpose = if break_glass {
+                JoinTokenPurpose::BreakGlass
+            } else {
+                purpose.into()
+            };
+            token_create(
+                config,
+                spiffe_id,
+                ttl,
+                TokenUse {
+                    purpose,
+                    policies,
+                    reason,
+                },
+            )
+            .await
+        }
         Command::Token(TokenCommand::List { config }) => token_list(config).await,
         Command::Svid(SvidCommand::Mint {
             join_token,
@@ -409,7 +454,7 @@ async fn server(args: ConfigArgs) -> Result<(), CliError> {
         )
     };
     println!("next, in another shell:");
-    println!("  T=$(herald token create {cfg_flag} --spiffe-id spiffe://{td}/demo)");
+    println!("  T=$(herald token create {cfg_flag} --spiffe-id spiffe://{td}/bootstrap/demo)");
     println!(
         "  herald svid mint --join-token \"$T\" --server {grpc} --bundle {} --out ./svid",
         data_dir.join("bundle.pem").display()
@@ -445,11 +490,73 @@ pub(crate) async fn wait_for_signal() {
     }
 }
 
+/// `--purpose` of `herald token create`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum PurposeArg {
+    Bootstrap,
+    Node,
+    SecondFactor,
+}
+
+impl From<PurposeArg> for JoinTokenPurpose {
+    fn from(p: PurposeArg) -> Self {
+        match p {
+            PurposeArg::Bootstrap => JoinTokenPurpose::Bootstrap,
+            PurposeArg::Node => JoinTokenPurpose::NodeEnrolment,
+            PurposeArg::SecondFactor => JoinTokenPurpose::SecondFactor,
+        }
+    }
+}
+
+/// What a new token is for.
+struct TokenUse {
+    purpose: JoinTokenPurpose,
+    policies: Vec<String>,
+    reason: Option<String>,
+}
+
+impl TokenUse {
+    fn check(&self) -> Result<(), CliError> {
+        let bad = |m: &str| Err(CliError::new("invalid_request", m));
+        for p in &self.policies {
+            if p.is_empty()
+                || p.len() > 128
+                || !p
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                return bad("--policy must name a policy (1-128 characters of [A-Za-z0-9._-])");
+            }
+        }
+        match self.purpose {
+            JoinTokenPurpose::SecondFactor if self.policies.is_empty() => {
+                bad("a second-factor token names the policies it serves: --policy NAME")
+            }
+            JoinTokenPurpose::Bootstrap | JoinTokenPurpose::BreakGlass
+                if !self.policies.is_empty() =>
+            {
+                bad("--policy applies to second-factor and node tokens")
+            }
+            JoinTokenPurpose::BreakGlass
+                if self.reason.as_deref().is_none_or(|r| r.trim().is_empty()) =>
+            {
+                bad("a break-glass token needs --reason")
+            }
+            _ if self.reason.as_ref().is_some_and(|r| r.len() > 1024) => {
+                bad("--reason is at most 1024 characters")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 async fn token_create(
     config: ConfigArgs,
     spiffe_id: String,
     ttl: Option<Duration>,
+    token_use: TokenUse,
 ) -> Result<(), CliError> {
+    token_use.check()?;
     let cfg = load_config(&config)?;
     let id = SpiffeId::parse(&spiffe_id)
         .map_err(|e| CliError::new("invalid_request", format!("--spiffe-id: {e}")))?;
@@ -465,14 +572,19 @@ async fn token_create(
             "a join token's SPIFFE ID needs a path",
         ));
     }
-    let ttl = ttl.unwrap_or(cfg.join_token.default_ttl);
-    if ttl > cfg.join_token.max_ttl {
+    let (max_ttl, max_name) = if token_use.purpose == JoinTokenPurpose::BreakGlass {
+        (cfg.join_token.break_glass_max_ttl, "break_glass_max_ttl")
+    } else {
+        (cfg.join_token.max_ttl, "max_ttl")
+    };
+    let ttl = ttl.unwrap_or(cfg.join_token.default_ttl.min(max_ttl));
+    if ttl > max_ttl {
         return Err(CliError::new(
             "ttl_too_long",
             format!(
-                "--ttl {} exceeds join_token.max_ttl {}",
+                "--ttl {} exceeds join_token.{max_name} {}",
                 humantime::format_duration(ttl),
-                humantime::format_duration(cfg.join_token.max_ttl)
+                humantime::format_duration(max_ttl)
             ),
         ));
     }
@@ -480,13 +592,19 @@ async fn token_create(
         return Err(CliError::new("invalid_request", "--ttl must be positive"));
     }
     let store = open_store(&cfg).await?;
-    let token = herald_server::join_token::generate()
+    let token = herald_attest::join_token::generate()
         .map_err(|_| CliError::new("internal", "system RNG failed"))?;
     let now = herald_server::unix_now();
     let mut audit = operator_event("join_token.create");
     audit.spiffe_id = Some(id.to_string());
     audit.evidence_digest = Some(hex::encode(token.hash));
     audit.serial = Some(token.token_id.clone());
+    // The purpose (and the policies it serves) in the record's policy field.
+    audit.policy = Some(if token_use.policies.is_empty() {
+        token_use.purpose.to_string()
+    } else {
+        format!("{}:{}", token_use.purpose, token_use.policies.join(","))
+    });
     store
         .create_join_token(
             NewJoinToken {
@@ -496,13 +614,17 @@ async fn token_create(
                 created_at: now,
                 expires_at: now + ttl.as_secs() as i64,
                 created_by: operator(),
+                purpose: token_use.purpose,
+                policies: token_use.policies,
+                reason: token_use.reason,
             },
             audit,
         )
         .await?;
     store.close().await;
     eprintln!(
-        "join token {} for {id}, single use, expires in {}",
+        "{} join token {} for {id}, single use, expires in {}",
+        token_use.purpose,
         token.token_id,
         humantime::format_duration(ttl)
     );
@@ -515,8 +637,8 @@ async fn token_list(config: ConfigArgs) -> Result<(), CliError> {
     let store = open_store(&cfg).await?;
     let now = herald_server::unix_now();
     println!(
-        "{:<18} {:<8} {:<22} SPIFFE ID",
-        "TOKEN ID", "STATE", "EXPIRES"
+        "{:<18} {:<8} {:<22} {:<14} SPIFFE ID",
+        "TOKEN ID", "STATE", "EXPIRES", "PURPOSE"
     );
     for t in store.list_join_tokens().await? {
         let state = if t.used_at.is_some() {
@@ -527,10 +649,11 @@ async fn token_list(config: ConfigArgs) -> Result<(), CliError> {
             "unused"
         };
         println!(
-            "{:<18} {:<8} {:<22} {}",
+            "{:<18} {:<8} {:<22} {:<14} {}",
             t.token_id,
             state,
             rfc3339(t.expires_at),
+            t.purpose.as_str(),
             t.spiffe_id
         );
     }
@@ -806,12 +929,12 @@ async fn revoke(config: ConfigArgs, serial: String, reason: String) -> Result<()
     audit.serial = Some(serial.clone());
     let found = store.revoke(&serial, &reason, &operator(), audit).await;
     store.close().await;
-    if !found? {
+    let Some(n) = found? else {
         return Err(CliError::new(
             "not_found",
             format!("no credential with serial {serial}"),
         ));
-    }
-    println!("revoked {serial}");
+    };
+    println!("revoked {serial} ({n} unexpired credentials with its descendants)");
     Ok(())
 }

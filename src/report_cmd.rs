@@ -32,6 +32,12 @@ fn is_bypass_attempt(code: ErrorCode) -> bool {
             | ErrorCode::NodeBanned
             | ErrorCode::TpmPcrOffPolicy
             | ErrorCode::TpmFirmwareRefused
+            | ErrorCode::JoinTokenWrongPurpose
+            | ErrorCode::CredentialNotRenewable
+            | ErrorCode::LineageTooOld
+            | ErrorCode::SvidRecordMismatch
+            | ErrorCode::NodeUnknown
+            | ErrorCode::WorkloadNotRegistered
     )
 }
 
@@ -198,7 +204,7 @@ pub fn compute(
             if e.evidence_type.is_some_and(|t| t.is_hardware_backed()) {
                 hardware += 1;
             }
-            if e.evidence_type == Some(EvidenceType::JoinToken) {
+            if e.evidence_type == Some(EvidenceType::BreakGlass) {
                 r.break_glass.push(BreakGlass {
                     time: rfc3339_ms(e.time_ms),
                     caller: e.caller.clone(),

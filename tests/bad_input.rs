@@ -102,7 +102,7 @@ async fn mint_refusals() {
         act,
     )
     .await;
-    let unknown = herald_server::join_token::generate().unwrap();
+    let unknown = herald_attest::join_token::generate().unwrap();
     assert_refused(
         &store,
         client.mint_x509_svid(&unknown.token, csr()).await,
@@ -111,7 +111,7 @@ async fn mint_refusals() {
     )
     .await;
 
-    let expired = herald_server::join_token::generate().unwrap();
+    let expired = herald_attest::join_token::generate().unwrap();
     store
         .create_join_token(
             NewJoinToken {
@@ -121,6 +121,9 @@ async fn mint_refusals() {
                 created_at: now() - 3600,
                 expires_at: now() - 60,
                 created_by: "test".into(),
+                purpose: herald_core::JoinTokenPurpose::Bootstrap,
+                policies: Vec::new(),
+                reason: None,
             },
             herald_core::AuditEvent::new("join_token.create", "test"),
         )

@@ -930,15 +930,31 @@ async fn machine_mfa_needs_both_factors_bound_to_one_identity() {
         ErrorCode::FactorMissing,
     )
     .await;
+    let second_factor = ["--purpose", "second-factor", "--policy", "e2e-db-mfa"];
     // A join token bound to another identity is no factor for this one.
-    let other = env
-        .site
-        .token(&format!("spiffe://{TRUST_DOMAIN}/ci/db/staging"));
+    let other = env.site.token_with(
+        &format!("spiffe://{TRUST_DOMAIN}/ci/db/staging"),
+        &second_factor,
+    );
     let mut req = jwt_request(&db_token(), &["postgres"]);
     req.join_token = other;
     assert_refused(&env, req, ErrorCode::FactorMissing).await;
+    // A bootstrap token for the right identity is refused as a second
+    // factor, and stays unused for what it was made for.
+    let bootstrap = env.site.token(&id);
+    let mut req = jwt_request(&db_token(), &["postgres"]);
+    req.join_token = bootstrap;
+    assert_refused(&env, req, ErrorCode::JoinTokenWrongPurpose).await;
+    // A second factor made for another policy is none for this one.
+    let elsewhere = env.site.token_with(
+        &id,
+        &["--purpose", "second-factor", "--policy", "e2e-deploy"],
+    );
+    let mut req = jwt_request(&db_token(), &["postgres"]);
+    req.join_token = elsewhere;
+    assert_refused(&env, req, ErrorCode::FactorMissing).await;
     // Both factors: granted, audited as two-factor, join token consumed.
-    let join = env.site.token(&id);
+    let join = env.site.token_with(&id, &second_factor);
     let client = env.client(None).await;
     let mut req = jwt_request(&db_token(), &["postgres"]);
     req.join_token = join.clone();

@@ -49,7 +49,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             None,
         )
         .map_err(|e| rustls::Error::General(format!("{e:?}")))?;
-        let info = herald_ca::svid::parse_x509_svid(end_entity)
+        let info = herald_attest::svid::parse_x509_svid(end_entity)
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         if info.spiffe_id.as_str() != self.expected {
             return Err(rustls::Error::General(format!(
@@ -150,7 +150,7 @@ async fn two_svid_holders_complete_mutual_tls() {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut tls = acceptor.accept(tcp).await.unwrap();
         let peer = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
-        let id = herald_ca::svid::parse_x509_svid(&peer)
+        let id = herald_attest::svid::parse_x509_svid(&peer)
             .unwrap()
             .spiffe_id
             .to_string();

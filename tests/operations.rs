@@ -326,12 +326,18 @@ fn metrics_parse_as_openmetrics_and_move_with_issuances_and_refusals() {
     let out_dir = tempfile::tempdir().unwrap();
     ok(site.mint(&server, &token, out_dir.path()));
     assert!(!site.mint(&server, &token, out_dir.path()).status.success());
+    // A break-glass mint is counted as one; a bootstrap mint is not.
+    let glass = site.token_with(
+        &format!("spiffe://{TRUST_DOMAIN}/ops/glass"),
+        &["--break-glass", "--reason", "metrics test"],
+    );
+    ok(site.mint(&server, &glass, tempfile::tempdir().unwrap().path()));
     let after = scrape(&server);
     let ok_key = "herald_issuance_total{credential_type=x509_svid,outcome=success}";
     let denied_key = "herald_issuance_total{credential_type=x509_svid,outcome=denied}";
     assert_eq!(
         sample(&after, ok_key) - sample(&before, ok_key),
-        1.0,
+        2.0,
         "{after}"
     );
     assert_eq!(
@@ -348,7 +354,7 @@ fn metrics_parse_as_openmetrics_and_move_with_issuances_and_refusals() {
         "herald_attestation_total{evidence_type=join_token,reason=join_token_used,result=failed}";
     assert_eq!(sample(&after, failed), 1.0, "{after}");
     let count = "herald_issuance_duration_seconds_count{credential_type=x509_svid,outcome=success}";
-    assert_eq!(sample(&after, count), 1.0);
+    assert_eq!(sample(&after, count), 2.0);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -367,8 +373,9 @@ fn report_figures_match_a_known_sequence_of_decisions() {
     let server = site.start();
     let a_dir = tempfile::tempdir().unwrap();
     let b_dir = tempfile::tempdir().unwrap();
-    let a = site.token(&format!("spiffe://{TRUST_DOMAIN}/ops/a"));
-    let b = site.token(&format!("spiffe://{TRUST_DOMAIN}/ops/b"));
+    let glass = ["--break-glass", "--reason", "incident 7"];
+    let a = site.token_with(&format!("spiffe://{TRUST_DOMAIN}/ops/a"), &glass);
+    let b = site.token_with(&format!("spiffe://{TRUST_DOMAIN}/ops/b"), &glass);
     ok(site.mint(&server, &a, a_dir.path())); // break-glass 1
     assert!(!site.mint(&server, &a, a_dir.path()).status.success()); // replay
     assert!(
@@ -404,8 +411,10 @@ fn report_figures_match_a_known_sequence_of_decisions() {
     assert_eq!(r["issuance_error_rate"], 0.0);
     assert_eq!(r["authentication_success_rate"], 0.6);
     assert_eq!(r["mfa_enforcement_rate"], 0.0);
-    assert_eq!(r["attestation_by_method"]["join_token"]["attempts"], 4);
-    assert_eq!(r["attestation_by_method"]["join_token"]["verified"], 2);
+    assert_eq!(r["attestation_by_method"]["break_glass"]["attempts"], 3);
+    assert_eq!(r["attestation_by_method"]["break_glass"]["verified"], 2);
+    assert_eq!(r["attestation_by_method"]["join_token"]["attempts"], 1);
+    assert_eq!(r["attestation_by_method"]["join_token"]["verified"], 0);
     assert_eq!(r["attestation_by_method"]["x509_svid"]["attempts"], 1);
     assert_eq!(r["attestation_by_method"]["x509_svid"]["success_rate"], 1.0);
     assert_eq!(r["replay_attempts"], 1);
@@ -585,7 +594,7 @@ async fn spans_and_metrics_of_an_issuance_arrive_over_otlp() {
     loop {
         {
             let seen = seen.lock().unwrap();
-            let span = seen.spans.iter().find(|(name, _)| name == "svid");
+            let span = seen.spans.iter().find(|(name, _)| name == "decision");
             let metric = seen.metrics.iter().any(|m| m == "herald.issuance");
             if let (Some((_, attrs)), true) = (span, metric) {
                 assert!(attrs.contains(&"outcome=success".to_string()), "{attrs:?}");

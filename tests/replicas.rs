@@ -133,6 +133,7 @@ async fn minted(c: &Cluster, i: usize, name: &str) -> ClientIdentity {
 }
 
 fn oidc_policy(issuer: &TestIssuer, dir: &std::path::Path) -> String {
+    write_bootstrap_policy(dir);
     std::fs::write(
         dir.join("deploy.yaml"),
         format!(
@@ -257,7 +258,16 @@ async fn single_use_evidence_and_revocation_hold_across_replicas() {
         .renew_x509_svid(keys::generate_key_and_csr().unwrap().csr_der)
         .await
         .unwrap();
-    let serial = renewed.serial.clone();
+    let renewed_serial = renewed.serial.clone();
+    // An unrelated identity, minted at b, stays live through the revocation.
+    let other = c
+        .site
+        .token(&format!("spiffe://{TRUST_DOMAIN}/w/bystander"));
+    let serial = at_b
+        .mint_x509_svid(&other, keys::generate_key_and_csr().unwrap().csr_der)
+        .await
+        .unwrap()
+        .serial;
     ok(c.site
         .herald(&["revoke", "--serial", &first_serial, "--reason", "test"]));
     for i in 0..2 {
@@ -284,12 +294,15 @@ async fn single_use_evidence_and_revocation_hold_across_replicas() {
         other => panic!("{other:?}"),
     };
     for i in 0..2 {
-        let revoked = introspect_x509(c.server(i), &bearer, &first_serial);
-        assert_eq!(revoked["active"], false, "{revoked}");
-        assert_eq!(revoked["revoked"], true, "{revoked}");
+        // The revoked SVID and its renewal (a descendant) are both revoked.
+        for revoked_serial in [&first_serial, &renewed_serial] {
+            let revoked = introspect_x509(c.server(i), &bearer, revoked_serial);
+            assert_eq!(revoked["active"], false, "{revoked}");
+            assert_eq!(revoked["revoked"], true, "{revoked}");
+        }
         let live = introspect_x509(c.server(i), &bearer, &serial);
         assert_eq!(live["active"], true, "{live}");
-        assert_eq!(live["sub"], format!("spiffe://{TRUST_DOMAIN}/w/renewer"));
+        assert_eq!(live["sub"], format!("spiffe://{TRUST_DOMAIN}/w/bystander"));
         let unknown = introspect_x509(c.server(i), &bearer, "abcdef0123");
         assert_eq!(unknown["active"], false);
     }

@@ -233,3 +233,38 @@ pub async fn tpm_node_server(
     let cfg = herald_server::ServerConfig::from_toml(&toml).unwrap();
     herald_server::start(cfg).await.unwrap()
 }
+
+/// Writes a join-token policy for `td` (bootstrap tokens mint SVIDs under
+/// `spiffe://td/bench/`) into `dir/policies` and returns the `[policy]`
+/// section that points a server at it.
+pub fn bootstrap_policy_section(dir: &std::path::Path, td: &str) -> String {
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("bench-bootstrap.yaml"),
+        format!(
+            "name: bench-bootstrap\nevidence:\n  join_token: {{ purposes: [bootstrap] }}\nspiffe_id:\n  prefix: spiffe://{td}/bench/\ngrants:\n  x509_svid: {{ max_ttl: 24h }}\n"
+        ),
+    )
+    .unwrap();
+    format!("[policy]\ndir = \"{}\"\n", policies.display())
+}
+
+/// A bootstrap join token record bound to `spiffe_id`, valid for an hour:
+/// (the token, what the store keeps).
+pub fn bootstrap_token(spiffe_id: String) -> (String, herald_store::NewJoinToken) {
+    let t = herald_attest::join_token::generate().unwrap();
+    let now = herald_server::unix_now();
+    let rec = herald_store::NewJoinToken {
+        token_hash: t.hash,
+        token_id: t.token_id.clone(),
+        spiffe_id,
+        created_at: now,
+        expires_at: now + 3600,
+        created_by: "bench".into(),
+        purpose: herald_core::JoinTokenPurpose::Bootstrap,
+        policies: Vec::new(),
+        reason: None,
+    };
+    (t.token, rec)
+}

@@ -13,6 +13,32 @@ pub const TRUST_DOMAIN: &str = "e2e.herald.test";
 /// A fixed test KEK (tests need it to reach into the CA like an attacker or operator would).
 pub const KEK_HEX: &str = "4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b";
 
+/// The join-token policy every test site gets unless it brings its own
+/// `[policy]`: bootstrap and break-glass tokens mint anywhere in the test
+/// trust domain (node identities included: the workload service, not this
+/// policy, is what keeps a minted SVID from acting as a node).
+pub const BOOTSTRAP_POLICY: &str = "name: e2e-bootstrap
+description: join tokens mint SVIDs in the test trust domain
+evidence:
+  join_token: { purposes: [bootstrap, break_glass] }
+spiffe_id:
+  prefix: spiffe://e2e.herald.test/
+grants:
+  x509_svid: { max_ttl: 24h, max_lineage_age: 1h }
+tests:
+  - name: a bootstrap token mints its own identity
+    evidence: { join_token: { spiffe_id: spiffe://e2e.herald.test/svc } }
+    expect: { allow: true, spiffe_id: spiffe://e2e.herald.test/svc }
+  - name: a second-factor token mints nothing
+    evidence: { join_token: { spiffe_id: spiffe://e2e.herald.test/svc, purpose: second_factor, policies: [x] } }
+    expect: { allow: false, code: policy_denied }
+";
+
+/// Writes [`BOOTSTRAP_POLICY`] into a policy directory.
+pub fn write_bootstrap_policy(dir: &Path) {
+    std::fs::write(dir.join("e2e-bootstrap.yaml"), BOOTSTRAP_POLICY).unwrap();
+}
+
 pub fn herald_bin() -> &'static str {
     env!("CARGO_BIN_EXE_herald")
 }
@@ -27,7 +53,9 @@ impl Site {
         Self::with_extra("")
     }
 
-    /// `extra` is appended to the TOML (e.g. an `[svid]` section).
+    /// `extra` is appended to the TOML (e.g. an `[svid]` section). Without
+    /// a `[policy]` section in it, the site gets a policy directory holding
+    /// [`BOOTSTRAP_POLICY`].
     pub fn with_extra(extra: &str) -> Self {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
@@ -35,6 +63,13 @@ impl Site {
         std::fs::write(&kek, KEK_HEX).unwrap();
         std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
         let data = dir.path().join("data");
+        let mut extra = extra.to_owned();
+        if !extra.contains("[policy]") {
+            let policies = dir.path().join("policies");
+            std::fs::create_dir(&policies).unwrap();
+            write_bootstrap_policy(&policies);
+            extra.push_str(&format!("\n[policy]\ndir = \"{}\"\n", policies.display()));
+        }
         let cfg = format!(
             "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n{extra}\n",
             data.display(),
@@ -90,9 +125,20 @@ impl Site {
         ])
     }
 
-    /// `herald token create`, returning the token.
+    /// `herald token create` (a bootstrap token), returning the token.
     pub fn token(&self, spiffe_id: &str) -> String {
-        let out = self.herald(&["token", "create", "--spiffe-id", spiffe_id, "--ttl", "10m"]);
+        self.token_with(spiffe_id, &[])
+    }
+
+    /// `herald token create` with extra arguments (`--purpose`, `--policy`,
+    /// `--break-glass`, `--ttl`), returning the token.
+    pub fn token_with(&self, spiffe_id: &str, args: &[&str]) -> String {
+        let mut all = vec!["token", "create", "--spiffe-id", spiffe_id];
+        if !args.contains(&"--ttl") {
+            all.extend(["--ttl", "10m"]);
+        }
+        all.extend_from_slice(args);
+        let out = self.herald(&all);
         assert!(
             out.status.success(),
             "token create failed: {}",

@@ -5,8 +5,6 @@
 //! - [`authority`]: the trust domain's signing CA (self-generated root, or an
 //!   intermediate under an upstream CA) and X.509 SVID issuance per the
 //!   X509-SVID standard.
-//! - [`svid`]: validation of presented X.509 SVIDs (RFC 5280 path validation
-//!   plus the SPIFFE rules).
 //! - [`jwt`]: JWT-SVIDs and Herald's other ES256 JWTs.
 //! - [`bundle`]: the trust bundle as SPIFFE JWKS and PEM.
 #![forbid(unsafe_code)]
@@ -16,14 +14,12 @@ pub mod bundle;
 pub mod csr;
 pub mod jwt;
 pub mod kek;
-pub mod svid;
 
 pub use authority::{CertificateAuthority, IssuedX509, ServerIdentity, X509Grant};
 pub use bundle::TrustBundle;
 pub use csr::VerifiedCsr;
 pub use jwt::{JwtSigner, JwtSvidClaims};
 pub use kek::KeyEncryptionKey;
-pub use svid::{SvidError, SvidInfo};
 
 use herald_core::ErrorCode;
 

@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
+use herald_attest::svid::{SvidError, parse_x509_svid, verify_x509_svid};
 use herald_ca::authority::{CLOCK_SKEW, CaMaterial};
 use herald_ca::csr::verify_csr;
-use herald_ca::svid::{parse_x509_svid, verify_x509_svid};
-use herald_ca::{CaError, CertificateAuthority, SvidError, TrustBundle, X509Grant};
+use herald_ca::{CaError, CertificateAuthority, TrustBundle, X509Grant};
 use herald_core::{SpiffeId, TrustDomain};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
 use x509_parser::extensions::{GeneralName, ParsedExtension};

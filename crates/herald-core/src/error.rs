@@ -116,6 +116,10 @@ error_codes! {
     AttestationProtocol => "attestation_protocol", InvalidArgument, "The attestation stream's messages came out of order or were missing.";
     NodeUnknown => "node_unknown", PermissionDenied, "The caller's SVID is not an attested node's: only node agents may ask for workload identities.";
     WorkloadNotRegistered => "workload_not_registered", PermissionDenied, "The SPIFFE ID is not registered for workloads of this node.";
+    JoinTokenWrongPurpose => "join_token_wrong_purpose", PermissionDenied, "The join token was created for another purpose (bootstrap, node enrolment, second factor of named policies, break-glass).";
+    CredentialNotRenewable => "credential_not_renewable", PermissionDenied, "This credential is not renewed: exchange-issued SVIDs need fresh evidence, workload SVIDs are re-issued to their agent.";
+    LineageTooOld => "lineage_too_old", PermissionDenied, "The credential's lineage is older than its policy's max_lineage_age: present fresh evidence.";
+    SvidRecordMismatch => "svid_record_mismatch", Unauthenticated, "The presented certificate differs from Herald's record of its serial (SPIFFE ID, key or issuing CA key).";
     StoreUnavailable => "store_unavailable", Unavailable, "The datastore could not be reached or was busy.";
     Internal => "internal", Internal, "An internal error; details are in the server log.";
 }

@@ -11,8 +11,11 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum EvidenceType {
-    /// A one-time join token (bootstrap and break-glass).
+    /// A one-time join token used to bootstrap an identity.
     JoinToken,
+    /// A one-time, time-boxed break-glass join token, created with a reason:
+    /// counted apart so every use stands out in reports and metrics.
+    BreakGlass,
     /// The caller's current X.509 SVID, presented over mTLS.
     X509Svid,
     /// An operator at the command line.
@@ -38,6 +41,7 @@ impl EvidenceType {
     pub fn as_str(self) -> &'static str {
         match self {
             EvidenceType::JoinToken => "join_token",
+            EvidenceType::BreakGlass => "break_glass",
             EvidenceType::X509Svid => "x509_svid",
             EvidenceType::Operator => "operator",
             EvidenceType::Oidc => "oidc",
@@ -52,6 +56,7 @@ impl EvidenceType {
     pub fn from_code(s: &str) -> Option<Self> {
         match s {
             "join_token" => Some(EvidenceType::JoinToken),
+            "break_glass" => Some(EvidenceType::BreakGlass),
             "x509_svid" => Some(EvidenceType::X509Svid),
             "operator" => Some(EvidenceType::Operator),
             "oidc" => Some(EvidenceType::Oidc),

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod error;
 pub mod evidence;
+pub mod lineage;
 pub mod scope;
 pub mod selector;
 pub mod spiffe_id;
@@ -16,6 +17,7 @@ pub mod spiffe_id;
 pub use audit::{AuditEvent, Outcome};
 pub use error::ErrorCode;
 pub use evidence::EvidenceType;
+pub use lineage::{CredentialStatus, JoinTokenPurpose, JoinTokenRecord, Origin};
 pub use scope::{ScopeError, ScopePolicy};
 pub use selector::{Selector, SelectorError};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};

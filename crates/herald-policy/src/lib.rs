@@ -62,18 +62,26 @@
 mod claims;
 pub mod danger;
 mod expr;
+mod grant;
+mod lineage;
 mod model;
 pub mod tpm;
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use herald_core::{ErrorCode, ScopePolicy, SpiffeId, TrustDomain};
+use herald_attest::tpm::VerifiedTpm;
+use herald_attest::{VerifiedJoinToken, VerifiedSvid, VerifiedToken};
+use herald_core::{ErrorCode, JoinTokenPurpose, Origin, ScopePolicy, SpiffeId, TrustDomain};
 use serde_json::{Map, Value};
 
 use crate::claims::{Template, pin_matches, resolve};
 use crate::expr::Compiled;
+pub use crate::grant::{
+    CloudRoleGrant, CredentialRequest, Defaults, Grant, Grants, JwtGrant, MAX_AUDIENCES, X509Grant,
+};
 use crate::model::{FactorName, PolicyFile};
 pub use crate::tpm::{GoldenSet, Registration, TpmRules};
 use std::collections::BTreeMap;
@@ -88,6 +96,11 @@ pub const MAX_TESTS: usize = 100;
 pub const MAX_PINS: usize = 50;
 /// Longest lifetime a grant may allow.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest `max_lineage_age` a policy may set.
+pub const MAX_LINEAGE_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How long a lineage renews when its node or join-token policy names no
+/// `max_lineage_age`: after a day, fresh evidence (a new quote, a new token).
+pub const DEFAULT_LINEAGE_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// What the policies are loaded against.
 #[derive(Debug, Clone)]
@@ -138,18 +151,14 @@ pub struct OidcEvidence {
     pub claims: Map<String, Value>,
 }
 
-/// A verified join token presented as an extra factor.
-#[derive(Debug, Clone)]
-pub struct JoinTokenEvidence {
-    /// The SPIFFE ID the token is bound to.
-    pub spiffe_id: SpiffeId,
-}
-
-/// The caller's verified current SVID presented as an extra factor.
-#[derive(Debug, Clone)]
-pub struct SvidEvidence {
-    /// Its SPIFFE ID.
-    pub spiffe_id: SpiffeId,
+impl From<&VerifiedToken> for OidcEvidence {
+    fn from(t: &VerifiedToken) -> Self {
+        OidcEvidence {
+            issuer: t.issuer.clone(),
+            audiences: t.audiences.clone(),
+            claims: t.claims.clone(),
+        }
+    }
 }
 
 /// A verified TPM quote from a node (EK chain, credential activation, quote
@@ -170,17 +179,60 @@ pub struct TpmEvidence {
     pub enrolled: bool,
 }
 
-/// Everything verified about one request.
+impl TpmEvidence {
+    /// The policy's view of a verified quote: its claims (see [`tpm`]),
+    /// PCR values and firmware version.
+    pub fn verified(t: &VerifiedTpm, enrolled: bool) -> TpmEvidence {
+        let mut claims = Map::new();
+        claims.insert("ek_hash".into(), Value::String(t.ek_hash.clone()));
+        claims.insert("ak_name".into(), Value::String(hex::encode(&t.ak_name)));
+        claims.insert(
+            "firmware_version".into(),
+            Value::from(t.quote.firmware_version),
+        );
+        claims.insert("reset_count".into(), Value::from(t.quote.reset_count));
+        claims.insert("restart_count".into(), Value::from(t.quote.restart_count));
+        claims.insert(
+            "ek_certificate".into(),
+            serde_json::json!({
+                "subject": t.ek.subject(),
+                "issuer": t.ek.issuer(),
+                "serial": t.ek.serial_hex(),
+            }),
+        );
+        TpmEvidence {
+            trusted_by: t.trusted_by.clone(),
+            claims,
+            pcrs: t.quote.pcrs.clone(),
+            firmware_version: t.quote.firmware_version,
+            enrolled,
+        }
+    }
+}
+
+/// Everything verified about one request: the verifiers' output, nothing
+/// else.
 #[derive(Debug, Clone, Default)]
 pub struct Evidence {
     /// The OIDC token.
     pub oidc: Option<OidcEvidence>,
     /// A TPM quote.
     pub tpm: Option<TpmEvidence>,
-    /// A join token.
-    pub join_token: Option<JoinTokenEvidence>,
-    /// The current SVID.
-    pub x509_svid: Option<SvidEvidence>,
+    /// A join token: the evidence itself (bootstrap, break-glass) or, beside
+    /// OIDC or TPM evidence, an extra factor.
+    pub join_token: Option<VerifiedJoinToken>,
+    /// The caller's current SVID, as an extra factor.
+    pub x509_svid: Option<VerifiedSvid>,
+}
+
+/// What a join token offers pins, conditions and tests as claims.
+fn join_token_claims(t: &VerifiedJoinToken) -> Map<String, Value> {
+    let mut claims = Map::new();
+    claims.insert("spiffe_id".into(), Value::String(t.spiffe_id.to_string()));
+    claims.insert("token_id".into(), Value::String(t.token_id.clone()));
+    claims.insert("created_by".into(), Value::String(t.created_by.clone()));
+    claims.insert("purpose".into(), Value::String(t.purpose.to_string()));
+    claims
 }
 
 /// A factor that contributed to a decision.
@@ -196,55 +248,6 @@ pub enum Factor {
     X509Svid,
 }
 
-/// An X.509 SVID grant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct X509Grant {
-    /// Longest lifetime.
-    pub max_ttl: Duration,
-}
-
-/// A JWT-SVID grant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JwtGrant {
-    /// Longest lifetime.
-    pub max_ttl: Duration,
-    /// Audiences a JWT-SVID may carry.
-    pub audiences: Vec<String>,
-}
-
-/// A cloud role grant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloudRoleGrant {
-    /// The role.
-    pub role_arn: String,
-    /// What the role allows; a session policy may only narrow it.
-    pub scope: ScopePolicy,
-    /// Longest session.
-    pub max_ttl: Duration,
-}
-
-/// What a policy grants.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Grants {
-    /// X.509 SVIDs.
-    pub x509_svid: Option<X509Grant>,
-    /// JWT-SVIDs.
-    pub jwt_svid: Option<JwtGrant>,
-    /// Cloud roles.
-    pub cloud_roles: Vec<CloudRoleGrant>,
-}
-
-impl Grants {
-    /// The grant for `arn`, if any.
-    pub fn cloud_role(&self, arn: &str) -> Option<&CloudRoleGrant> {
-        self.cloud_roles.iter().find(|r| r.role_arn == arn)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.x509_svid.is_none() && self.jwt_svid.is_none() && self.cloud_roles.is_empty()
-    }
-}
-
 /// A granted decision.
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -258,6 +261,9 @@ pub struct Decision {
     pub factors: Vec<Factor>,
     /// For TPM evidence: the golden PCR set that matched.
     pub golden_set: Option<String>,
+    /// The lineage the credential belongs to: what it may be used for and
+    /// whether it renews.
+    pub origin: Origin,
 }
 
 /// A refusal.
@@ -288,6 +294,8 @@ impl Denial {
 enum IdRule {
     Template(Template),
     Expression(Compiled),
+    /// The identity the join token is bound to.
+    Bound,
 }
 
 /// The evidence a policy is about.
@@ -298,6 +306,19 @@ enum Primary {
         audiences: Vec<String>,
     },
     Tpm(TpmRules),
+    JoinToken {
+        purposes: Vec<JoinTokenPurpose>,
+    },
+}
+
+impl Primary {
+    fn name(&self) -> &'static str {
+        match self {
+            Primary::Oidc { .. } => "oidc",
+            Primary::Tpm(_) => "tpm",
+            Primary::JoinToken { .. } => "join_token",
+        }
+    }
 }
 
 /// One loaded, validated policy.
@@ -331,8 +352,13 @@ impl Policy {
     pub fn tpm_rules(&self) -> Option<&TpmRules> {
         match &self.primary {
             Primary::Tpm(t) => Some(t),
-            Primary::Oidc { .. } => None,
+            _ => None,
         }
+    }
+
+    /// The evidence this policy is about: `oidc`, `tpm` or `join_token`.
+    pub fn evidence_kind(&self) -> &'static str {
+        self.primary.name()
     }
 
     /// What the policy grants.
@@ -346,14 +372,23 @@ impl Policy {
     }
 
     /// The claims this policy reads from `evidence`, if it is a candidate.
-    fn candidate_claims<'e>(&self, evidence: &'e Evidence) -> Option<&'e Map<String, Value>> {
+    fn candidate_claims<'e>(&self, evidence: &'e Evidence) -> Option<Cow<'e, Map<String, Value>>> {
         match (&self.primary, &evidence.oidc, &evidence.tpm) {
             (Primary::Oidc { issuer, audiences }, Some(o), _)
                 if &o.issuer == issuer && o.audiences.iter().any(|a| audiences.contains(a)) =>
             {
-                Some(&o.claims)
+                Some(Cow::Borrowed(&o.claims))
             }
-            (Primary::Tpm(_), _, Some(t)) if t.trusted_by.contains(&self.name) => Some(&t.claims),
+            (Primary::Tpm(_), _, Some(t)) if t.trusted_by.contains(&self.name) => {
+                Some(Cow::Borrowed(&t.claims))
+            }
+            // A join token is the evidence only when it stands alone.
+            (Primary::JoinToken { purposes }, None, None) => {
+                let t = evidence.join_token.as_ref()?;
+                purposes
+                    .contains(&t.purpose)
+                    .then(|| Cow::Owned(join_token_claims(t)))
+            }
             _ => None,
         }
     }
@@ -410,6 +445,7 @@ impl Policy {
                 }
             }
         }
+        let claims: &Map<String, Value> = &claims;
         for (path, expected) in &self.pins {
             match resolve(claims, path) {
                 Some(actual) if pin_matches(actual, expected) => {}
@@ -430,11 +466,8 @@ impl Policy {
                 }
             }
         }
-        let mut present: Vec<&str> = vec![match self.primary {
-            Primary::Oidc { .. } => "oidc",
-            Primary::Tpm(_) => "tpm",
-        }];
-        if evidence.join_token.is_some() {
+        let mut present: Vec<&str> = vec![self.primary.name()];
+        if evidence.join_token.is_some() && !matches!(self.primary, Primary::JoinToken { .. }) {
             present.push("join_token");
         }
         if evidence.x509_svid.is_some() {
@@ -475,30 +508,39 @@ impl Policy {
             IdRule::Expression(c) => converted()
                 .and_then(|v| c.eval_string(v, &present))
                 .map_err(escape)?,
+            IdRule::Bound => evidence
+                .join_token
+                .as_ref()
+                .map(|t| t.spiffe_id.to_string())
+                .ok_or_else(|| escape("no join token to take the identity from".into()))?,
         };
         let spiffe_id = SpiffeId::parse(&text)
             .map_err(|e| escape(format!("built SPIFFE ID is invalid: {e}")))?;
-        if spiffe_id.trust_domain() != &self.trust_domain
-            || !spiffe_id.as_str().starts_with(&self.prefix)
-            || spiffe_id.as_str().len() == self.prefix.len()
-        {
-            return Err(escape(format!(
-                "built SPIFFE ID is not under the prefix {}",
-                self.prefix
-            )));
-        }
-        let mut factors = vec![match self.primary {
-            Primary::Oidc { .. } => Factor::Oidc,
-            Primary::Tpm(_) => Factor::Tpm,
-        }];
+        self.check_under_prefix(&spiffe_id)?;
+        let (mut factors, origin) = match &self.primary {
+            Primary::Oidc { .. } => (vec![Factor::Oidc], Origin::Exchange),
+            Primary::Tpm(_) => (vec![Factor::Tpm], Origin::Node),
+            Primary::JoinToken { .. } => (
+                vec![Factor::JoinToken],
+                match evidence.join_token.as_ref().map(|t| t.purpose) {
+                    Some(JoinTokenPurpose::BreakGlass) => Origin::BreakGlass,
+                    _ => Origin::Bootstrap,
+                },
+            ),
+        };
+        // The role a join token may play as this policy's extra factor: a
+        // TPM policy's enrolment factor, an OIDC policy's second factor.
+        let factor_purpose = match self.primary {
+            Primary::Tpm(_) => JoinTokenPurpose::NodeEnrolment,
+            _ => JoinTokenPurpose::SecondFactor,
+        };
         // A TPM node proves extra factors when it enrols; afterwards its
         // EK is its identity and re-attestation needs the TPM alone.
         let required: &[FactorName] = if enrolled { &[] } else { &self.require };
         for required in required {
             match required {
                 FactorName::JoinToken => match &evidence.join_token {
-                    Some(j) if j.spiffe_id == spiffe_id => factors.push(Factor::JoinToken),
-                    Some(_) => {
+                    Some(j) if j.spiffe_id != spiffe_id => {
                         return Err(deny(
                             ErrorCode::FactorMissing,
                             format!(
@@ -507,6 +549,16 @@ impl Policy {
                             ),
                         ));
                     }
+                    Some(j) if j.purpose != factor_purpose || !j.serves(&self.name) => {
+                        return Err(deny(
+                            ErrorCode::FactorMissing,
+                            format!(
+                                "policy {}: the join token was not created as a {} token for this policy",
+                                self.name, factor_purpose
+                            ),
+                        ));
+                    }
+                    Some(_) => factors.push(Factor::JoinToken),
                     None => {
                         return Err(deny(
                             ErrorCode::FactorMissing,
@@ -546,6 +598,7 @@ impl Policy {
             grants: self.grants.clone(),
             factors,
             golden_set,
+            origin,
         })
     }
 }
@@ -642,7 +695,7 @@ impl PolicySet {
             .iter()
             .filter_map(|p| match &p.primary {
                 Primary::Oidc { issuer, .. } => Some(issuer.as_str()),
-                Primary::Tpm(_) => None,
+                _ => None,
             })
             .collect();
         v.sort_unstable();
@@ -829,8 +882,12 @@ fn compile_one(
             "name must be 1-128 characters of [A-Za-z0-9._-]".into(),
         ));
     }
-    let primary = match (&file.evidence.oidc, &file.evidence.tpm) {
-        (Some(oidc), None) => {
+    let primary = match (
+        &file.evidence.oidc,
+        &file.evidence.tpm,
+        &file.evidence.join_token,
+    ) {
+        (Some(oidc), None, None) => {
             if !oidc.issuer.starts_with("https://") && !oidc.issuer.starts_with("http://") {
                 errors.push(err(
                     at("issuer:"),
@@ -848,7 +905,7 @@ fn compile_one(
                 audiences: oidc.audiences.clone(),
             })
         }
-        (None, Some(t)) => {
+        (None, Some(t), None) => {
             if file.evidence.require.contains(&FactorName::X509Svid) {
                 errors.push(err(
                     at("require:"),
@@ -865,14 +922,44 @@ fn compile_one(
                 }
             }
         }
+        (None, None, Some(j)) => {
+            if !file.evidence.require.is_empty() {
+                errors.push(err(
+                    at("require:"),
+                    "a join-token policy takes no extra factors".into(),
+                ));
+            }
+            let mut purposes = Vec::new();
+            for p in &j.purposes {
+                match JoinTokenPurpose::from_code(p) {
+                    Some(
+                        purpose @ (JoinTokenPurpose::Bootstrap | JoinTokenPurpose::BreakGlass),
+                    ) if !purposes.contains(&purpose) => purposes.push(purpose),
+                    _ => errors.push(err(
+                        at("purposes:"),
+                        format!(
+                            "evidence.join_token.purposes: {p:?} is not one of bootstrap, break_glass (once each)"
+                        ),
+                    )),
+                }
+            }
+            if purposes.is_empty() {
+                errors.push(err(
+                    at("join_token:"),
+                    "evidence.join_token.purposes must name bootstrap and/or break_glass".into(),
+                ));
+            }
+            Some(Primary::JoinToken { purposes })
+        }
         _ => {
             errors.push(err(
                 at("evidence:"),
-                "evidence needs exactly one of oidc or tpm".into(),
+                "evidence needs exactly one of oidc, tpm or join_token".into(),
             ));
             None
         }
     };
+    let bound_identity = matches!(primary, Some(Primary::JoinToken { .. }));
     if file.pins.len() > MAX_PINS {
         errors.push(err(at("pins:"), format!("at most {MAX_PINS} pins")));
     }
@@ -918,6 +1005,16 @@ fn compile_one(
         }
     };
     let id_rule = match (&file.spiffe_id.template, &file.spiffe_id.expression) {
+        // A join token names its identity; the policy only bounds it.
+        (None, None) if bound_identity => Some(IdRule::Bound),
+        _ if bound_identity => {
+            errors.push(err(
+                at("spiffe_id:"),
+                "a join-token policy takes the token's own SPIFFE ID: give only spiffe_id.prefix"
+                    .into(),
+            ));
+            None
+        }
         (Some(t), None) => match Template::parse(t) {
             Ok(tpl) => {
                 // The rendered ID is checked against the prefix on every
@@ -958,13 +1055,54 @@ fn compile_one(
     // Grants.
     let mut grants = Grants::default();
     if let Some(x) = &file.grants.x509_svid {
+        // Node and join-token lineages renew, up to a lineage age; an
+        // exchange's SVIDs never do (the job presents fresh evidence).
+        let renews = matches!(primary, Some(Primary::Tpm(_) | Primary::JoinToken { .. }));
+        let max_lineage_age = match (&x.max_lineage_age, renews) {
+            (None, true) => Some(DEFAULT_LINEAGE_AGE),
+            (None, false) => None,
+            (Some(_), false) => {
+                errors.push(err(
+                    at("max_lineage_age:"),
+                    "max_lineage_age applies to node (tpm) and join_token policies only: an exchange's SVIDs are not renewed"
+                        .into(),
+                ));
+                None
+            }
+            (Some(text), true) => match humantime::parse_duration(text) {
+                Ok(d) if !d.is_zero() && d <= MAX_LINEAGE_AGE => Some(d),
+                _ => {
+                    errors.push(err(
+                        at("max_lineage_age:"),
+                        format!(
+                            "grants.x509_svid.max_lineage_age {text:?} must be more than 0 and at most 90 days"
+                        ),
+                    ));
+                    None
+                }
+            },
+        };
         match parse_ttl(&x.max_ttl) {
-            Ok(max_ttl) => grants.x509_svid = Some(X509Grant { max_ttl }),
+            Ok(max_ttl) => {
+                grants.x509_svid = Some(X509Grant {
+                    max_ttl,
+                    // A node SVID lives as long as its policy allows.
+                    ttl: matches!(primary, Some(Primary::Tpm(_))).then_some(max_ttl),
+                    dns_names: Vec::new(),
+                    max_lineage_age,
+                })
+            }
             Err(e) => errors.push(err(
                 at("x509_svid:"),
                 format!("grants.x509_svid.max_ttl {e}"),
             )),
         }
+    }
+    if bound_identity && (file.grants.jwt_svid.is_some() || !file.grants.cloud.is_empty()) {
+        errors.push(err(
+            at("grants:"),
+            "a join-token policy grants X.509 SVIDs only (herald svid mint)".into(),
+        ));
     }
     if let Some(j) = &file.grants.jwt_svid {
         if j.audiences.is_empty() || j.audiences.iter().any(String::is_empty) {
@@ -1123,21 +1261,21 @@ fn run_test(policy: &Policy, index: usize, t: &model::TestSpec) -> TestOutcome {
             enrolled: tp.enrolled,
         });
     }
-    let factor = |f: &Option<model::TestFactor>| -> Result<Option<SpiffeId>, String> {
-        match f {
-            Some(f) => SpiffeId::parse(&f.spiffe_id)
-                .map(Some)
-                .map_err(|e| format!("test evidence SPIFFE ID: {e}")),
-            None => Ok(None),
-        }
-    };
     match (
-        factor(&t.evidence.join_token),
-        factor(&t.evidence.x509_svid),
+        t.evidence
+            .join_token
+            .as_ref()
+            .map(|j| test_join_token(policy, j))
+            .transpose(),
+        t.evidence
+            .x509_svid
+            .as_ref()
+            .map(|f| test_svid(&f.spiffe_id))
+            .transpose(),
     ) {
         (Ok(j), Ok(s)) => {
-            evidence.join_token = j.map(|spiffe_id| JoinTokenEvidence { spiffe_id });
-            evidence.x509_svid = s.map(|spiffe_id| SvidEvidence { spiffe_id });
+            evidence.join_token = j;
+            evidence.x509_svid = s;
         }
         (Err(e), _) | (_, Err(e)) => return outcome(false, e),
     }
@@ -1162,6 +1300,53 @@ fn run_test(policy: &Policy, index: usize, t: &model::TestSpec) -> TestOutcome {
             _ => outcome(true, format!("refused ({})", d.code)),
         },
     }
+}
+
+/// A test's join token: unless the test says otherwise, one created for the
+/// role it plays under `policy` (see [`model::TestJoinToken`]).
+fn test_join_token(policy: &Policy, j: &model::TestJoinToken) -> Result<VerifiedJoinToken, String> {
+    let spiffe_id =
+        SpiffeId::parse(&j.spiffe_id).map_err(|e| format!("test evidence SPIFFE ID: {e}"))?;
+    let purpose = match &j.purpose {
+        Some(p) => JoinTokenPurpose::from_code(p)
+            .ok_or_else(|| format!("test evidence: unknown join token purpose {p:?}"))?,
+        None => match policy.primary {
+            Primary::JoinToken { .. } => JoinTokenPurpose::Bootstrap,
+            Primary::Tpm(_) => JoinTokenPurpose::NodeEnrolment,
+            Primary::Oidc { .. } => JoinTokenPurpose::SecondFactor,
+        },
+    };
+    let policies = match &j.policies {
+        Some(p) => p.clone(),
+        None if purpose == JoinTokenPurpose::SecondFactor => vec![policy.name.clone()],
+        None => Vec::new(),
+    };
+    Ok(VerifiedJoinToken {
+        hash: [0; 32],
+        token_id: "0000000000000000".into(),
+        spiffe_id,
+        purpose,
+        policies,
+        created_by: "operator:policy-test".into(),
+    })
+}
+
+/// A test's presented SVID: a current node-lineage SVID for `spiffe_id`.
+fn test_svid(spiffe_id: &str) -> Result<VerifiedSvid, String> {
+    Ok(VerifiedSvid {
+        spiffe_id: SpiffeId::parse(spiffe_id)
+            .map_err(|e| format!("test evidence SPIFFE ID: {e}"))?,
+        serial: "00".into(),
+        not_before: 0,
+        not_after: i64::MAX,
+        spki_sha256: String::new(),
+        dns_names: Vec::new(),
+        cert_sha256: String::new(),
+        origin: Origin::Bootstrap,
+        policy: None,
+        root_serial: "00".into(),
+        root_at: 0,
+    })
 }
 
 /// The policy set in effect, reloaded on demand; a broken set never

@@ -53,7 +53,24 @@ pub(crate) struct EvidenceSpec {
     #[serde(default)]
     pub tpm: Option<TpmSpec>,
     #[serde(default)]
+    pub join_token: Option<JoinTokenSpec>,
+    #[serde(default)]
     pub require: Vec<FactorName>,
+}
+
+/// Join tokens as the evidence itself: `herald svid mint` with a token
+/// created for one of `purposes`. The SPIFFE ID is the token's own, which
+/// must lie under the policy's prefix.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JoinTokenSpec {
+    /// `bootstrap` and/or `break_glass`; default `[bootstrap]`.
+    #[serde(default = "default_token_purposes")]
+    pub purposes: Vec<String>,
+}
+
+fn default_token_purposes() -> Vec<String> {
+    vec!["bootstrap".into()]
 }
 
 /// TPM 2.0 node evidence: whose EKs are trusted, which PCRs are quoted,
@@ -113,7 +130,7 @@ pub(crate) struct SpiffeIdSpec {
 #[serde(deny_unknown_fields)]
 pub(crate) struct GrantsSpec {
     #[serde(default)]
-    pub x509_svid: Option<TtlSpec>,
+    pub x509_svid: Option<X509Spec>,
     #[serde(default)]
     pub jwt_svid: Option<JwtSpec>,
     #[serde(default)]
@@ -122,8 +139,12 @@ pub(crate) struct GrantsSpec {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct TtlSpec {
+pub(crate) struct X509Spec {
     pub max_ttl: String,
+    /// How long after its fresh evidence a lineage may keep renewing (node
+    /// and join-token policies only).
+    #[serde(default)]
+    pub max_lineage_age: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -158,7 +179,7 @@ pub(crate) struct TestEvidence {
     #[serde(default)]
     pub tpm: Option<TestTpm>,
     #[serde(default)]
-    pub join_token: Option<TestFactor>,
+    pub join_token: Option<TestJoinToken>,
     #[serde(default)]
     pub x509_svid: Option<TestFactor>,
 }
@@ -191,6 +212,19 @@ pub(crate) struct TestOidc {
 #[serde(deny_unknown_fields)]
 pub(crate) struct TestFactor {
     pub spiffe_id: String,
+}
+
+/// A join token in a test: by default one created for the role it plays
+/// (bootstrap on its own, node enrolment beside TPM evidence, a second
+/// factor naming the policy under test beside OIDC evidence).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TestJoinToken {
+    pub spiffe_id: String,
+    #[serde(default)]
+    pub purpose: Option<String>,
+    #[serde(default)]
+    pub policies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

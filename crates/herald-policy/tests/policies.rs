@@ -3,16 +3,28 @@
 
 use std::path::{Path, PathBuf};
 
-use herald_core::{ErrorCode, SpiffeId, TrustDomain};
+use herald_attest::VerifiedJoinToken;
+use herald_core::{ErrorCode, JoinTokenPurpose, SpiffeId, TrustDomain};
 use herald_policy::{
-    Evidence, Factor, JoinTokenEvidence, LoadOptions, OidcEvidence, PolicySet, PolicyStore,
-    test_dir,
+    Evidence, Factor, LoadOptions, OidcEvidence, PolicySet, PolicyStore, test_dir,
 };
 use serde_json::{Value, json};
 
 fn opts() -> LoadOptions {
     LoadOptions {
         trust_domain: TrustDomain::new("dev.herald.test").unwrap(),
+    }
+}
+
+/// A verified join token for `id`, created for `purpose` (and `policies`).
+fn token(id: &str, purpose: JoinTokenPurpose, policies: &[&str]) -> VerifiedJoinToken {
+    VerifiedJoinToken {
+        hash: [7; 32],
+        token_id: "0123456789abcdef".into(),
+        spiffe_id: SpiffeId::parse(id).unwrap(),
+        purpose,
+        policies: policies.iter().map(|p| p.to_string()).collect(),
+        created_by: "operator:test".into(),
     }
 }
 
@@ -53,7 +65,7 @@ fn load(text: &str) -> Result<PolicySet, herald_policy::LoadErrors> {
 #[test]
 fn the_shipped_examples_load_and_every_embedded_test_passes() {
     let set = PolicySet::load_dir(&examples(), &opts()).unwrap();
-    assert_eq!(set.len(), 8, "{:?}", set.names());
+    assert_eq!(set.len(), 9, "{:?}", set.names());
     let outcomes = test_dir(&examples(), &opts()).unwrap();
     assert!(outcomes.len() >= 18, "{}", outcomes.len());
     for o in &outcomes {
@@ -309,16 +321,35 @@ fn required_factors_must_be_present_and_bound_to_the_same_identity() {
         set.evaluate(&ev).unwrap_err().code,
         ErrorCode::FactorMissing
     );
-    ev.join_token = Some(JoinTokenEvidence {
-        spiffe_id: SpiffeId::parse("spiffe://dev.herald.test/svc/other").unwrap(),
-    });
+    let second = JoinTokenPurpose::SecondFactor;
+    ev.join_token = Some(token("spiffe://dev.herald.test/svc/other", second, &["p"]));
     assert_eq!(
         set.evaluate(&ev).unwrap_err().code,
         ErrorCode::FactorMissing
     );
-    ev.join_token = Some(JoinTokenEvidence {
-        spiffe_id: SpiffeId::parse("spiffe://dev.herald.test/svc/db").unwrap(),
-    });
+    // The right identity, but not created as this policy's second factor.
+    for wrong in [
+        token(
+            "spiffe://dev.herald.test/svc/db",
+            second,
+            &["another-policy"],
+        ),
+        token(
+            "spiffe://dev.herald.test/svc/db",
+            JoinTokenPurpose::Bootstrap,
+            &[],
+        ),
+        token(
+            "spiffe://dev.herald.test/svc/db",
+            JoinTokenPurpose::NodeEnrolment,
+            &[],
+        ),
+    ] {
+        ev.join_token = Some(wrong);
+        let d = set.evaluate(&ev).unwrap_err();
+        assert_eq!(d.code, ErrorCode::FactorMissing, "{}", d.reason);
+    }
+    ev.join_token = Some(token("spiffe://dev.herald.test/svc/db", second, &["p"]));
     let d = set.evaluate(&ev).unwrap();
     assert_eq!(d.factors, vec![Factor::Oidc, Factor::JoinToken]);
     // The condition sees the factors too.
@@ -486,9 +517,19 @@ fn tpm_enrolment_factor_is_required_only_before_enrolment() {
         ErrorCode::FactorMissing
     );
     let id = format!("spiffe://dev.herald.test/node/tpm/{}", "ab".repeat(32));
-    ev.join_token = Some(JoinTokenEvidence {
-        spiffe_id: SpiffeId::parse(&id).unwrap(),
-    });
+    // A second-factor token is no enrolment factor; an enrolment token
+    // naming other policies is none for this one.
+    for wrong in [
+        token(&id, JoinTokenPurpose::SecondFactor, &["tpm-nodes"]),
+        token(&id, JoinTokenPurpose::NodeEnrolment, &["other-nodes"]),
+    ] {
+        ev.join_token = Some(wrong);
+        assert_eq!(
+            set.evaluate(&ev).unwrap_err().code,
+            ErrorCode::FactorMissing
+        );
+    }
+    ev.join_token = Some(token(&id, JoinTokenPurpose::NodeEnrolment, &[]));
     let d = set.evaluate(&ev).unwrap();
     assert_eq!(d.factors, vec![Factor::Tpm, Factor::JoinToken]);
     // An enrolled node re-attests with its TPM alone.

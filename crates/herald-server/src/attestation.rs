@@ -7,33 +7,35 @@
 //! nonce, the PCR selection) → proof → activated secret (constant time) →
 //! CSR → quote (signature first, signer, nonce bound to the CSR key, PCR
 //! selection and digest) → policy (golden PCRs, firmware, pins, condition,
-//! SPIFFE ID, enrolment factors) → issue → one transaction with the node
-//! registry's rules (bans, counters, one EK per identity) → node SVID.
-//! Every refusal is audited with its stable code before the stream ends.
+//! SPIFFE ID, enrolment factors) → the one decision path (issue, then one
+//! transaction with the node registry's rules: bans, counters, one EK per
+//! identity) → node SVID. Every refusal is audited with its stable code
+//! before the stream ends.
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::Stream;
-use herald_attest::tpm::{self as verify, EkTrust, PcrBank, PcrSelection, QuoteInput, TpmPublic};
+use herald_attest::TokenUse;
+use herald_attest::join_token::MAX_TOKEN_LEN;
+use herald_attest::tpm::{
+    self as verify, EkTrust, PcrBank, PcrSelection, QuoteInput, TpmPublic, VerifiedTpm,
+};
 use herald_ca::csr::{MAX_CSR_LEN, verify_csr};
-use herald_ca::{X509Grant, sha256_hex};
-use herald_core::{AuditEvent, ErrorCode, EvidenceType};
-use herald_policy::{Evidence, JoinTokenEvidence, TpmEvidence};
+use herald_ca::sha256_hex;
+use herald_core::{ErrorCode, EvidenceType};
+use herald_policy::{Evidence, Factor, TpmEvidence};
 use herald_proto::v1::node_attestation_service_server::NodeAttestationService;
 use herald_proto::v1::{
-    AttestChallenge, AttestHello, AttestProof, AttestRequest, AttestResponse, X509SvidResponse,
-    attest_request, attest_response,
+    AttestChallenge, AttestHello, AttestProof, AttestRequest, AttestResponse, attest_request,
+    attest_response,
 };
-use herald_store::{NodeAttestation, NodeCommitted, NodeStatus};
-use serde_json::{Map, Value};
+use herald_store::{NodeAttestation, NodeStatus};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::join_token::{self, MAX_TOKEN_LEN};
+use crate::decision::{Decided, RequestedCredential, Run};
 use crate::status::Refusal;
 use crate::{Shared, unix_now};
 
@@ -141,20 +143,18 @@ fn ek_hash(ek_public: &[u8]) -> String {
 }
 
 impl NodeAttestationApi {
-    /// The whole exchange; `tx` carries the challenge and the result.
-    async fn attest(
+    /// The evidence half of an attestation: hello, challenge, proof, every
+    /// TPM check, then policy. `tx` carries the challenge. Returns the
+    /// decision (with the registry row the commit writes) and the CSR the
+    /// node SVID is for.
+    async fn evidence(
         &self,
         mut inbound: Streaming<AttestRequest>,
         tx: &mpsc::Sender<Result<AttestResponse, Status>>,
-        audit: &mut AuditEvent,
-    ) -> Result<(), Refusal> {
-        let shared = &self.shared;
-        let Some(ex) = &shared.exchange else {
-            return Err(Refusal::new(
-                ErrorCode::PolicyDenied,
-                "no policy directory is configured: node attestation is refused",
-            ));
-        };
+        run: &mut Run<'_>,
+    ) -> Result<(Decided, Vec<u8>), Refusal> {
+        let shared = &*self.shared;
+        let policies = shared.policies()?;
         let hello = match next_step(shared, &mut inbound).await? {
             attest_request::Step::Hello(h) => h,
             attest_request::Step::Proof(_) => {
@@ -168,11 +168,10 @@ impl NodeAttestationApi {
         let ek_public = TpmPublic::parse(&hello.ek_public)?;
         let ak_public = TpmPublic::parse(&hello.ak_public)?;
         let ek_id = ek_hash(&hello.ek_public);
-        audit.evidence_digest = Some(ek_id.clone());
-        audit.caller = format!("{} ek:{}", audit.caller, &ek_id[..16]);
+        run.audit.evidence_digest = Some(ek_id.clone());
+        run.audit.caller = format!("{} ek:{}", run.audit.caller, &ek_id[..16]);
 
         // Which TPM policies trust this EK's manufacturer?
-        let policies = ex.policies.current();
         let now = std::time::SystemTime::now();
         let mut trusted_by = Vec::new();
         let mut selection: Vec<u8> = Vec::new();
@@ -213,7 +212,7 @@ impl NodeAttestationApi {
         // A banned node is refused before the TPM does any work.
         let known = shared.store.node_by_ek(&ek_id).await?;
         if let Some(node) = &known {
-            audit.spiffe_id = Some(node.spiffe_id.clone());
+            run.audit.spiffe_id = Some(node.spiffe_id.clone());
             if node.status == NodeStatus::Banned {
                 return Err(Refusal::new(ErrorCode::NodeBanned, "the node is banned"));
             }
@@ -266,131 +265,53 @@ impl NodeAttestationApi {
             selection: &pcr_selection,
             pcr_values: &proof.pcr_values,
         })?;
+        let tpm = VerifiedTpm {
+            ek_hash: ek_id.clone(),
+            ak_name,
+            ek: verified_ek,
+            quote,
+            trusted_by,
+        };
 
         // Policy.
-        let now_s = unix_now();
         let enrolled = known
             .as_ref()
             .is_some_and(|n| n.status == NodeStatus::Active);
-        let mut claims = Map::new();
-        claims.insert("ek_hash".into(), Value::String(ek_id.clone()));
-        claims.insert("ak_name".into(), Value::String(hex::encode(&ak_name)));
-        claims.insert(
-            "firmware_version".into(),
-            Value::from(quote.firmware_version),
-        );
-        claims.insert("reset_count".into(), Value::from(quote.reset_count));
-        claims.insert("restart_count".into(), Value::from(quote.restart_count));
-        claims.insert(
-            "ek_certificate".into(),
-            serde_json::json!({
-                "subject": verified_ek.subject(),
-                "issuer": verified_ek.issuer(),
-                "serial": verified_ek.serial_hex(),
-            }),
-        );
-        let pcrs: BTreeMap<u8, Vec<u8>> = quote.pcrs.clone();
         let mut evidence = Evidence {
-            tpm: Some(TpmEvidence {
-                trusted_by,
-                claims,
-                pcrs,
-                firmware_version: quote.firmware_version,
-                enrolled,
-            }),
+            tpm: Some(TpmEvidence::verified(&tpm, enrolled)),
             ..Evidence::default()
         };
-        let mut join_hash = None;
         if !hello.join_token.is_empty() && !enrolled {
-            let hash = join_token::parse(&hello.join_token).ok_or_else(|| {
-                Refusal::new(ErrorCode::JoinTokenMalformed, "not a Herald join token")
-            })?;
-            let record = join_token::lookup(&shared.store, &hash).await?;
-            let spiffe_id = join_token::usable(&record, now_s)?;
-            evidence.join_token = Some(JoinTokenEvidence { spiffe_id });
-            join_hash = Some(hash);
+            evidence.join_token = Some(
+                crate::flows::join_token(shared, run, &hello.join_token, TokenUse::NodeEnrolment)
+                    .await?,
+            );
         }
-        let decision = policies.evaluate(&evidence).map_err(|d| {
-            audit.policy = d.policy.clone();
-            Refusal::new(d.code, d.reason)
-        })?;
-        audit.policy = Some(decision.policy.clone());
-        audit.spiffe_id = Some(decision.spiffe_id.to_string());
-        let used_join_token = decision.factors.contains(&herald_policy::Factor::JoinToken);
-        if used_join_token {
-            audit.evidence_type = Some(EvidenceType::TpmAndJoinToken);
+        let decision = run.decided(policies.evaluate(&evidence))?;
+        // The token is consumed only when it was a factor of the decision.
+        let join_token = if decision.factors.contains(&Factor::JoinToken) {
+            run.audit.evidence_type = Some(EvidenceType::TpmAndJoinToken);
+            evidence.join_token.map(|t| t.hash)
         } else {
-            join_hash = None;
-        }
-        let grant = decision.grants.x509_svid.as_ref().ok_or_else(|| {
-            Refusal::new(
-                ErrorCode::CredentialNotGranted,
-                format!("policy {} grants no X.509 SVID", decision.policy),
-            )
-        })?;
-
-        // Issue, then record everything in one transaction.
-        let ca = shared.ca();
-        let issued = ca.ca.issue_x509_svid(
-            &csr,
-            &X509Grant {
-                spiffe_id: decision.spiffe_id.clone(),
-                ttl: grant.max_ttl,
-                dns_names: Vec::new(),
-            },
-            now_s,
-        )?;
-        audit.serial = Some(issued.serial_hex.clone());
-        let record = crate::svid_service::record(&issued, &csr.spki_sha256, audit, None, now_s);
-        let attestation = NodeAttestation {
+            None
+        };
+        let node = NodeAttestation {
             ek_hash: ek_id,
             spiffe_id: decision.spiffe_id.to_string(),
-            ak_name: hex::encode(&ak_name),
+            ak_name: hex::encode(&tpm.ak_name),
             policy: decision.policy.clone(),
-            reset_count: quote.reset_count,
-            restart_count: quote.restart_count,
-            firmware_version: quote.firmware_version,
+            reset_count: tpm.quote.reset_count,
+            restart_count: tpm.quote.restart_count,
+            firmware_version: tpm.quote.firmware_version,
             golden_set: decision.golden_set.clone(),
-            now_s,
+            now_s: unix_now(),
         };
-        match shared
-            .store
-            .commit_node_attestation(attestation, record, join_hash, audit.clone())
-            .await?
-        {
-            NodeCommitted::Done(_) => {}
-            NodeCommitted::Refused(code) => {
-                return Err(Refusal {
-                    code,
-                    message: match code {
-                        ErrorCode::NodeBanned => "the node is banned".into(),
-                        ErrorCode::TpmCounterRollback => {
-                            "the TPM's reset/restart counters went backwards".into()
-                        }
-                        ErrorCode::NodeEkChanged => {
-                            "another TPM already holds this node identity".into()
-                        }
-                        _ => "the node registry refused the attestation".into(),
-                    },
-                    audited: true,
-                });
-            }
-        }
-        let mut cert_chain = vec![issued.cert_der.clone()];
-        cert_chain.extend(issued.intermediates.iter().cloned());
-        let result = X509SvidResponse {
-            spiffe_id: issued.spiffe_id.to_string(),
-            cert_chain,
-            bundle: ca.bundle.x509_authorities.clone(),
-            serial: issued.serial_hex.clone(),
-            expires_at: issued.not_after,
+        let decided = Decided {
+            join_token,
+            node: Some(node),
+            ..Decided::new(decision)
         };
-        tx.send(Ok(AttestResponse {
-            step: Some(attest_response::Step::Result(result)),
-        }))
-        .await
-        .map_err(|_| Refusal::new(ErrorCode::AttestationProtocol, "the agent went away"))?;
-        Ok(())
+        Ok((decided, proof.csr))
     }
 }
 
@@ -402,46 +323,39 @@ impl NodeAttestationService for NodeAttestationApi {
         &self,
         request: Request<Streaming<AttestRequest>>,
     ) -> Result<Response<Self::AttestStream>, Status> {
-        let started = Instant::now();
-        let caller = request
-            .remote_addr()
-            .map_or_else(|| "peer:unknown".to_owned(), |a| format!("peer:{a}"));
+        let caller = crate::svid_service::peer_of(&request);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(2);
         let api = NodeAttestationApi {
             shared: self.shared.clone(),
         };
-        let span = tracing::info_span!(
-            "node_attest",
-            evidence_type = tracing::field::Empty,
-            policy = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-            reason = tracing::field::Empty,
-            latency_ms = tracing::field::Empty,
-        );
-        tokio::spawn(tracing::Instrument::instrument(
-            async move {
-                let mut audit = AuditEvent::new("node.attest", caller);
-                audit.evidence_type = Some(EvidenceType::Tpm);
-                let span = tracing::Span::current();
-                match api.attest(inbound, &tx, &mut audit).await {
-                    Ok(()) => {
-                        crate::metrics::record_decision(&api.shared, &span, &audit, started);
-                    }
-                    Err(r) => {
-                        let event = audit.deny(r.code);
-                        if !r.audited
-                            && let Err(e) = api.shared.store.audit(event.clone()).await
-                        {
-                            tracing::error!(error = %e, "could not write the audit record of a refusal");
-                        }
-                        crate::metrics::record_decision(&api.shared, &span, &event, started);
-                        let _ = tx.send(Err(r.to_status())).await;
-                    }
-                }
-            },
-            span,
-        ));
+        tokio::spawn(async move {
+            let shared = api.shared.clone();
+            let mut run = Run::start(&shared, "node.attest", "grpc", caller, EvidenceType::Tpm);
+            let span = run.span();
+            let result = tracing::Instrument::instrument(
+                async {
+                    let (decided, csr) = api.evidence(inbound, &tx, &mut run).await?;
+                    let wanted = RequestedCredential::X509Svid { csr, ttl: None };
+                    let svid =
+                        crate::svid_service::x509_response(run.issue(decided, &wanted).await?)?;
+                    tx.send(Ok(AttestResponse {
+                        step: Some(attest_response::Step::Result(svid)),
+                    }))
+                    .await
+                    .map_err(|_| {
+                        Refusal::new(ErrorCode::AttestationProtocol, "the agent went away")
+                    })
+                },
+                span,
+            )
+            .await;
+            if let Err(r) = run.finish(result).await
+                && tx.send(Err(r.to_status())).await.is_err()
+            {
+                tracing::debug!("the agent left before hearing the refusal");
+            }
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -28,12 +28,25 @@ pub struct CaState {
     sessions: SessionKeyring,
     /// The trust bundle (every non-retired key's anchor and JWT key).
     pub bundle: TrustBundle,
+    /// Every non-retired X.509 CA key: (key id, its CA certificate, DER).
+    x509_keys: Vec<(String, Vec<u8>)>,
 }
 
 impl CaState {
     /// The session-token keyring.
     pub fn sessions(&self) -> &SessionKeyring {
         &self.sessions
+    }
+
+    /// The certificate of the X.509 CA key `key_id`, while it is in the
+    /// key ring: a presented SVID must verify against exactly the key its
+    /// record names (in upstream mode the bundle's anchor is a root other
+    /// CAs may share).
+    pub fn ca_cert(&self, key_id: &str) -> Option<&[u8]> {
+        self.x509_keys
+            .iter()
+            .find(|(id, _)| id == key_id)
+            .map(|(_, cert)| cert.as_slice())
     }
 }
 
@@ -193,10 +206,12 @@ pub async fn load(
         )));
     }
     let mut anchors: Vec<Vec<u8>> = Vec::new();
+    let mut x509_keys = Vec::new();
     for k in keys
         .iter()
         .filter(|k| k.status != "retired" && k.kind == "x509")
     {
+        x509_keys.push((k.key_id.clone(), k.cert_der.clone()));
         let anchor = match herald_ca::authority::split_der_certs(&k.chain_der)?.pop() {
             Some(a) => a,
             None => k.cert_der.clone(),
@@ -219,6 +234,7 @@ pub async fn load(
         jwt,
         sessions,
         bundle,
+        x509_keys,
     }))
 }
 

@@ -242,6 +242,12 @@ pub struct JoinTokenConfig {
     /// Longest lifetime `--ttl` may ask for.
     #[serde(default = "default_token_max_ttl", with = "humantime_serde_compat")]
     pub max_ttl: Duration,
+    /// Longest lifetime of a break-glass token: an emergency is time-boxed.
+    #[serde(
+        default = "default_break_glass_max_ttl",
+        with = "humantime_serde_compat"
+    )]
+    pub break_glass_max_ttl: Duration,
 }
 
 impl Default for JoinTokenConfig {
@@ -249,8 +255,13 @@ impl Default for JoinTokenConfig {
         Self {
             default_ttl: default_token_ttl(),
             max_ttl: default_token_max_ttl(),
+            break_glass_max_ttl: default_break_glass_max_ttl(),
         }
     }
+}
+
+fn default_break_glass_max_ttl() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_token_ttl() -> Duration {
@@ -566,6 +577,13 @@ impl ServerConfig {
         }
         if self.join_token.default_ttl > self.join_token.max_ttl {
             return bad("join_token.default_ttl exceeds join_token.max_ttl");
+        }
+        if self.join_token.break_glass_max_ttl.is_zero()
+            || self.join_token.break_glass_max_ttl > self.join_token.max_ttl
+        {
+            return bad(
+                "join_token.break_glass_max_ttl must be positive and at most join_token.max_ttl",
+            );
         }
         if self.ca.upstream_cert.is_some() != self.ca.upstream_key.is_some() {
             return bad("ca.upstream_cert and ca.upstream_key go together");

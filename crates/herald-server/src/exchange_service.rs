@@ -12,7 +12,9 @@ use herald_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::Shared;
-use crate::exchange::{ExchangeRequest, Issued, RequestedCredential, exchange};
+use crate::decision::{RequestedCredential, Run};
+use crate::exchange::{ExchangeEvidence, ExchangeRequest, exchange};
+use crate::issue::Issued;
 use crate::status::Refusal;
 
 /// The gRPC service.
@@ -48,46 +50,50 @@ impl TokenExchangeService for ExchangeApi {
         request: Request<ExchangeTokenRequest>,
     ) -> Result<Response<ExchangeTokenResponse>, Status> {
         let peer_ip = request.remote_addr().map(|a| a.ip());
-        let caller = request
-            .remote_addr()
-            .map_or_else(|| "peer:unknown".to_owned(), |a| format!("peer:{a}"));
-        let peer_certs: Option<Vec<Vec<u8>>> = request
-            .peer_certs()
-            .map(|certs| certs.iter().map(|c| c.to_vec()).collect());
+        let caller = crate::svid_service::peer_of(&request);
+        let peer_certs = crate::svid_service::peer_certs(&request);
         let req = request.into_inner();
+        let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(req.ttl_seconds.into()));
         let credential = match req.credential {
-            Some(Wanted::X509Svid(p)) => RequestedCredential::X509Svid { csr: p.csr },
+            Some(Wanted::X509Svid(p)) => RequestedCredential::X509Svid { csr: p.csr, ttl },
             Some(Wanted::JwtSvid(p)) => RequestedCredential::JwtSvid {
                 audiences: p.audiences,
+                ttl,
             },
             Some(Wanted::Cloud(p)) => RequestedCredential::Cloud {
                 role_arn: p.role_arn,
                 session_name: p.session_name,
                 session_policy: (!p.session_policy.is_empty()).then_some(p.session_policy),
+                ttl,
             },
             None => {
                 // Audited like any other refusal: it is still a request
                 // that carried a token.
-                let mut audit = herald_core::AuditEvent::new("exchange", caller);
-                audit.evidence_type = Some(herald_core::EvidenceType::Oidc);
-                let r = Refusal::new(
+                let run = Run::start(
+                    &self.shared,
+                    "exchange",
+                    "grpc",
+                    caller,
+                    herald_core::EvidenceType::Oidc,
+                );
+                let refused = Refusal::new(
                     herald_core::ErrorCode::InvalidRequest,
                     "name the credential wanted (x509_svid, jwt_svid or cloud)",
                 );
-                let _ = self.shared.store.audit(audit.deny(r.code)).await;
-                return Err(r.to_status());
+                return Err(run.refuse(refused).await.to_status());
             }
         };
         let outcome = exchange(
             &self.shared,
             ExchangeRequest {
-                subject_token: req.subject_token,
+                evidence: ExchangeEvidence {
+                    subject_token: req.subject_token,
+                    join_token: (!req.join_token.is_empty()).then_some(req.join_token),
+                    peer_certs,
+                    peer_ip,
+                },
                 credential,
-                join_token: (!req.join_token.is_empty()).then_some(req.join_token),
-                peer_certs,
-                ttl: (req.ttl_seconds > 0).then(|| Duration::from_secs(req.ttl_seconds.into())),
                 caller,
-                peer_ip,
                 transport: "grpc",
             },
         )

@@ -158,7 +158,7 @@ async fn policies(State(shared): State<Arc<Shared>>) -> Response {
         }
     };
     let names: Vec<String> = shared
-        .exchange
+        .policy
         .as_ref()
         .map(|ex| {
             ex.policies

@@ -24,8 +24,10 @@ use herald_core::error::ErrorClass;
 use serde_json::{Value, json};
 
 use crate::Shared;
-use crate::exchange::{ExchangeRequest, Issued, RequestedCredential, exchange};
+use crate::decision::RequestedCredential;
+use crate::exchange::{ExchangeEvidence, ExchangeRequest, exchange};
 use crate::exchange_service::iso8601;
+use crate::issue::Issued;
 use crate::status::{ERROR_CODE_METADATA, Refusal};
 
 /// RFC 8693 grant type.
@@ -170,13 +172,17 @@ pub async fn token_exchange(
         return oauth_plain_error("invalid_target", "name the audience of the JWT-SVID");
     }
     let req = ExchangeRequest {
-        subject_token: subject_token.clone(),
-        credential: RequestedCredential::JwtSvid { audiences },
-        join_token,
-        peer_certs: None,
-        ttl: None,
+        evidence: ExchangeEvidence {
+            subject_token: subject_token.clone(),
+            join_token,
+            peer_certs: None,
+            peer_ip: Some(addr.ip()),
+        },
+        credential: RequestedCredential::JwtSvid {
+            audiences,
+            ttl: None,
+        },
         caller: caller(addr, "rfc8693"),
-        peer_ip: Some(addr.ip()),
         transport: "rfc8693",
     };
     match exchange(&shared, req).await {
@@ -375,7 +381,7 @@ pub async fn sts(
     if role_arn.len() < 20 || role_arn.len() > 2048 || !role_arn.starts_with("arn:") {
         return invalid("RoleArn must be an ARN of 20 to 2048 characters");
     }
-    if !crate::exchange::valid_session_name(session_name) {
+    if !crate::issue::valid_session_name(session_name) {
         return invalid("RoleSessionName must be 2 to 64 characters of [\\w+=,.@-]");
     }
     if token.len() < 4 || token.len() > 20_000 {
@@ -398,17 +404,19 @@ pub async fn sts(
         );
     }
     let req = ExchangeRequest {
-        subject_token: token.clone(),
+        evidence: ExchangeEvidence {
+            subject_token: token.clone(),
+            join_token: None,
+            peer_certs: None,
+            peer_ip: Some(addr.ip()),
+        },
         credential: RequestedCredential::Cloud {
             role_arn: role_arn.clone(),
             session_name: session_name.clone(),
             session_policy: policy,
+            ttl,
         },
-        join_token: None,
-        peer_certs: None,
-        ttl,
         caller: caller(addr, "sts"),
-        peer_ip: Some(addr.ip()),
         transport: "sts",
     };
     let done = match exchange(&shared, req).await {
@@ -587,7 +595,7 @@ async fn x509_status(
             .ok()
             .and_then(|c| c.into_iter().next())
             .ok_or(bad("token is not a PEM certificate"))?;
-        let info = herald_ca::svid::parse_x509_svid(&der)
+        let info = herald_attest::svid::parse_x509_svid(&der)
             .map_err(|_| bad("token is not an X.509 SVID"))?;
         (info.serial_hex, Some(info.spki_sha256))
     } else {

@@ -6,17 +6,22 @@
 //! - plain HTTP: `/v1/bundle` (SPIFFE bundle JWKS), `/v1/bundle.pem`,
 //!   `/healthz`, `/readyz`.
 //!
-//! The request path lives in [`svid_service`]; see ARCHITECTURE.md.
+//! Every issuance takes one path, [`decision`]: a transport starts a
+//! [`decision::Run`], a flow ([`flows`], or [`attestation`] for the TPM
+//! stream) verifies the evidence and asks policy, and the run authorizes,
+//! issues ([`issue`]) and commits. See ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
 pub mod attestation;
 pub mod authority;
 pub mod config;
+pub mod decision;
 pub mod exchange;
 pub mod exchange_service;
+pub mod flows;
 pub mod http;
 pub mod http_exchange;
-pub mod join_token;
+pub mod issue;
 pub mod metrics;
 pub mod rate_limit;
 pub mod replica;
@@ -75,18 +80,19 @@ pub fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// What token exchange needs: the OIDC verifier and the policies.
-pub struct ExchangeState {
-    /// Verifies tokens from the configured issuers.
-    pub verifier: Arc<herald_attest::OidcVerifier>,
+/// The attestation policies and the OIDC verifier their evidence needs.
+pub struct PolicyState {
+    /// Verifies tokens from the configured issuers (none configured: every
+    /// OIDC token is refused).
+    pub oidc: Arc<herald_attest::OidcVerifier>,
     /// The policies in effect (hot-reloaded).
     pub policies: Arc<herald_policy::PolicyStore>,
 }
 
-impl std::fmt::Debug for ExchangeState {
+impl std::fmt::Debug for PolicyState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExchangeState")
-            .field("verifier", &self.verifier)
+        f.debug_struct("PolicyState")
+            .field("oidc", &self.oidc)
             .finish_non_exhaustive()
     }
 }
@@ -111,8 +117,9 @@ pub struct Shared {
     pub store: Store,
     /// The configuration in effect.
     pub config: ServerConfig,
-    /// Token exchange; `None` when no issuer or no policy directory is configured.
-    pub exchange: Option<ExchangeState>,
+    /// Policies; `None` when no policy directory is configured, and then
+    /// every issuance is refused (deny by default).
+    pub policy: Option<PolicyState>,
     /// The policy set's reload state, for `/v1/policies`.
     pub policy_status: std::sync::Mutex<PolicyStatus>,
     /// Per-caller token buckets for token exchange.
@@ -135,6 +142,21 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The policies and OIDC verifier; refused when none are configured.
+    pub fn policy_state(&self) -> Result<&PolicyState, status::Refusal> {
+        self.policy.as_ref().ok_or_else(|| {
+            status::Refusal::new(
+                herald_core::ErrorCode::PolicyDenied,
+                "no policy directory is configured: every issuance is refused (deny by default)",
+            )
+        })
+    }
+
+    /// The policy set in effect; refused when none is configured.
+    pub fn policies(&self) -> Result<Arc<herald_policy::PolicySet>, status::Refusal> {
+        Ok(self.policy_state()?.policies.current())
+    }
+
     /// The CA state in effect now.
     pub fn ca(&self) -> Arc<CaState> {
         match self.ca.read() {
@@ -252,7 +274,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         // The bound address, not the configured one: port 0 means "any".
         config.jwt.issuer = Some(format!("http://{http_addr}"));
     }
-    let exchange = exchange_state(&config)?;
+    let policy = policy_state(&config)?;
     let fingerprint = config.policy.dir.as_deref().map(policy_fingerprint);
     let limiter = rate_limit::RateLimiter::new(
         config.rate_limit.per_caller_rate,
@@ -267,7 +289,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         replica_id: replica::new_id(),
         store,
         config,
-        exchange,
+        policy,
         policy_status: std::sync::Mutex::new(PolicyStatus {
             generation: 1,
             last_error: None,
@@ -314,13 +336,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             shutdown.subscribe(),
         )));
     }
-    if let Some(ex) = &shared.exchange {
+    if let Some(p) = &shared.policy {
         tasks.push(tokio::spawn(watch_policies(
             shared.clone(),
             shutdown.subscribe(),
         )));
         tasks.push(tokio::spawn(refresh_jwks(
-            ex.verifier.clone(),
+            p.oidc.clone(),
             shutdown.subscribe(),
         )));
     }
@@ -334,15 +356,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     })
 }
 
-/// Builds the token-exchange state when both issuers and a policy
-/// directory are configured; a broken policy set stops the start.
-fn exchange_state(cfg: &ServerConfig) -> Result<Option<ExchangeState>, ServerError> {
+/// Loads the policies (and builds the OIDC verifier their evidence needs)
+/// when a policy directory is configured; a broken policy set stops the
+/// start. Without one, every issuance is refused.
+fn policy_state(cfg: &ServerConfig) -> Result<Option<PolicyState>, ServerError> {
     let Some(dir) = &cfg.policy.dir else {
-        if !cfg.oidc.issuers.is_empty() {
-            tracing::warn!(
-                "OIDC issuers are configured but no policy.dir: token exchange is refused"
-            );
-        }
+        tracing::warn!("no policy.dir: every issuance is refused (deny by default)");
         return Ok(None);
     };
     let opts = herald_policy::LoadOptions {
@@ -364,10 +383,10 @@ fn exchange_state(cfg: &ServerConfig) -> Result<Option<ExchangeState>, ServerErr
     tracing::info!(
         policies = current.len(),
         issuers = verifier.issuers().len(),
-        "token exchange enabled"
+        "policies loaded"
     );
-    Ok(Some(ExchangeState {
-        verifier: Arc::new(verifier),
+    Ok(Some(PolicyState {
+        oidc: Arc::new(verifier),
         policies: Arc::new(policies),
     }))
 }
@@ -402,7 +421,7 @@ fn policy_fingerprint(dir: &std::path::Path) -> [u8; 32] {
 /// Hot reload: when the policy directory changes, load it; a broken set is
 /// refused (logged, shown on `/v1/policies`) and the last good one stays.
 async fn watch_policies(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
-    let (Some(ex), Some(dir)) = (&shared.exchange, shared.config.policy.dir.clone()) else {
+    let (Some(ex), Some(dir)) = (&shared.policy, shared.config.policy.dir.clone()) else {
         return;
     };
     loop {

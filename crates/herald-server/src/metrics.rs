@@ -48,6 +48,7 @@ pub struct Metrics {
     replays: Counter,
     rate_limited: Counter,
     break_glass: Counter,
+    audit_failures: Counter,
     jwks_fetches: Family<IssuerLabels, Counter<u64, AtomicU64>>,
     jwks_failures: Family<IssuerLabels, Counter<u64, AtomicU64>>,
     ca_expiry: Gauge,
@@ -131,8 +132,14 @@ impl Metrics {
         let break_glass = Counter::default();
         registry.register(
             "break_glass_uses",
-            "Credentials issued on a join token (bootstrap and break-glass)",
+            "Credentials issued on a break-glass join token",
             break_glass.clone(),
+        );
+        let audit_failures = Counter::default();
+        registry.register(
+            "audit_write_failures",
+            "Refusals whose audit record could not be written (each is also logged)",
+            audit_failures.clone(),
         );
         let jwks_fetches = Family::<IssuerLabels, Counter<u64, AtomicU64>>::default();
         registry.register(
@@ -196,6 +203,7 @@ impl Metrics {
             replays,
             rate_limited,
             break_glass,
+            audit_failures,
             jwks_fetches,
             jwks_failures,
             ca_expiry,
@@ -203,6 +211,11 @@ impl Metrics {
             bundle_sequence,
             renewal_fraction,
         }
+    }
+
+    /// Counts a refusal whose audit record could not be written.
+    pub fn record_audit_failure(&self) {
+        self.audit_failures.inc();
     }
 
     /// Records when, within its lifetime, a credential was renewed.
@@ -264,7 +277,10 @@ impl Metrics {
                 | ErrorCode::CredentialNotGranted
                 | ErrorCode::RoleNotGranted
                 | ErrorCode::AudienceNotGranted
-                | ErrorCode::SessionPolicyTooBroad,
+                | ErrorCode::SessionPolicyTooBroad
+                | ErrorCode::CredentialNotRenewable
+                | ErrorCode::LineageTooOld
+                | ErrorCode::WorkloadNotRegistered,
             ) => {
                 self.policy_denials
                     .get_or_create(&PolicyLabels {
@@ -281,10 +297,7 @@ impl Metrics {
             _ => {}
         }
         if event.outcome == Outcome::Success
-            && matches!(
-                event.evidence_type,
-                Some(EvidenceType::JoinToken | EvidenceType::OidcAndJoinToken)
-            )
+            && event.evidence_type == Some(EvidenceType::BreakGlass)
         {
             self.break_glass.inc();
         }
@@ -306,8 +319,8 @@ impl Metrics {
         }
         self.bundle_sequence
             .set(i64::try_from(ca.bundle.sequence).unwrap_or(i64::MAX));
-        if let Some(ex) = &shared.exchange {
-            for s in ex.verifier.stats() {
+        if let Some(p) = &shared.policy {
+            for s in p.oidc.stats() {
                 let labels = IssuerLabels { issuer: s.issuer };
                 let fetched = self.jwks_fetches.get_or_create(&labels);
                 fetched
@@ -336,10 +349,12 @@ pub fn is_evidence_failure(code: ErrorCode) -> bool {
             | ErrorCode::JoinTokenUnknown
             | ErrorCode::JoinTokenExpired
             | ErrorCode::JoinTokenUsed
+            | ErrorCode::JoinTokenWrongPurpose
             | ErrorCode::MtlsRequired
             | ErrorCode::SvidInvalid
             | ErrorCode::SvidExpired
             | ErrorCode::SvidRevoked
+            | ErrorCode::SvidRecordMismatch
             | ErrorCode::ForeignTrustDomain
             | ErrorCode::TokenMalformed
             | ErrorCode::TokenIssuerUnknown

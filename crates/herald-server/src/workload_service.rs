@@ -1,18 +1,18 @@
 //! `herald.v1.WorkloadService`: what a node agent may ask for its
-//! workloads. One gate for every call — the caller's node SVID (mTLS) →
-//! issued here and not revoked → an active node in the registry — then the
-//! node's registrations (from the policy that admitted it) decide which
-//! SPIFFE IDs it may have SVIDs for.
+//! workloads. Every call is gated on the caller's node SVID
+//! ([`crate::flows::node`]: issued here, matching its record, a live
+//! lineage rooted in a node attestation under a node policy still in
+//! effect); every credential is then one decision on the one path
+//! ([`crate::flows::workload`]: the node's policy must register the
+//! identity) and descends from the node SVID, so revoking or banning the
+//! node revokes it.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::Stream;
-use herald_ca::csr::{MAX_CSR_LEN, verify_csr};
-use herald_ca::svid::{SvidInfo, verify_x509_svid};
-use herald_ca::{JwtSvidClaims, X509Grant};
-use herald_core::{AuditEvent, ErrorCode, EvidenceType};
+use herald_attest::VerifiedSvid;
+use herald_core::{ErrorCode, EvidenceType};
 use herald_policy::Registration;
 use herald_proto::v1::workload_service_server::WorkloadService;
 use herald_proto::v1::{
@@ -20,11 +20,14 @@ use herald_proto::v1::{
     NewCloudCredentialsRequest, NewJwtSvidRequest, NewJwtSvidResponse, RegistrationSet,
     SyncRegistrationsRequest, TrustBundle, WorkloadSvidResult, X509SvidResponse,
 };
-use herald_store::{Commit, Committed, IssuedCredential, NodeRecord, NodeStatus};
+use herald_store::NodeStatus;
 use tonic::{Request, Response, Status};
 
+use crate::Shared;
+use crate::decision::{Granted, RequestedCredential, Run};
+use crate::issue::Issued;
 use crate::status::Refusal;
-use crate::{Shared, unix_now};
+use crate::svid_service::{peer_certs, peer_of, x509_response};
 
 /// Most SVIDs one batch may ask for.
 pub const MAX_BATCH: usize = 100;
@@ -44,68 +47,13 @@ impl WorkloadApi {
     }
 }
 
-/// The authenticated node behind a call.
-struct Caller {
-    node: NodeRecord,
-    svid: SvidInfo,
-}
-
-/// Checks the node SVID chain the caller presented.
-async fn authenticate(shared: &Shared, peer: Option<Vec<Vec<u8>>>) -> Result<Caller, Refusal> {
-    let chain = peer.filter(|c| !c.is_empty()).ok_or_else(|| {
-        Refusal::new(
-            ErrorCode::MtlsRequired,
-            "present the node SVID as the TLS client certificate",
-        )
-    })?;
-    let ca = shared.ca();
-    let svid = verify_x509_svid(
-        &chain,
-        &ca.bundle.x509_authorities,
-        ca.ca.trust_domain(),
-        unix_now(),
-    )
-    .map_err(|e| Refusal::new(e.code(), e.to_string()))?;
-    match shared.store.credential_status(&svid.serial_hex).await? {
-        None => {
-            return Err(Refusal::new(
-                ErrorCode::SvidInvalid,
-                "the presented SVID was not issued by this server",
-            ));
-        }
-        Some(s) if s.revoked => {
-            return Err(Refusal::new(
-                ErrorCode::SvidRevoked,
-                "the presented SVID has been revoked",
-            ));
-        }
-        Some(_) => {}
-    }
-    let node = shared
-        .store
-        .node_by_spiffe_id(svid.spiffe_id.as_str())
-        .await?
-        .ok_or_else(|| {
-            Refusal::new(
-                ErrorCode::NodeUnknown,
-                "the presented SVID is not an attested node's",
-            )
-        })?;
-    if node.status == NodeStatus::Banned {
-        return Err(Refusal::new(ErrorCode::NodeBanned, "the node is banned"));
-    }
-    Ok(Caller { node, svid })
-}
-
 /// The registrations in effect for `node`.
-fn registrations(shared: &Shared, node: &NodeRecord) -> Vec<Registration> {
+fn registrations(shared: &Shared, node: &VerifiedSvid) -> Vec<Registration> {
     shared
-        .exchange
-        .as_ref()
-        .and_then(|ex| {
-            ex.policies
-                .current()
-                .policy(&node.policy)
+        .policies()
+        .ok()
+        .and_then(|set| {
+            set.policy(node.policy.as_deref().unwrap_or_default())
                 .map(|p| p.registrations().to_vec())
         })
         .unwrap_or_default()
@@ -125,7 +73,7 @@ fn bundle_message(shared: &Shared) -> TrustBundle {
     }
 }
 
-fn registration_set(shared: &Shared, node: &NodeRecord) -> RegistrationSet {
+fn registration_set(shared: &Shared, node: &VerifiedSvid) -> RegistrationSet {
     let regs = registrations(shared, node);
     let bundle = bundle_message(shared);
     let registrations: Vec<herald_proto::v1::Registration> = regs
@@ -159,222 +107,59 @@ fn registration_set(shared: &Shared, node: &NodeRecord) -> RegistrationSet {
     }
 }
 
-/// The registration for `spiffe_id` among this node's, or the refusal.
-fn registered<'a>(regs: &'a [Registration], spiffe_id: &str) -> Result<&'a Registration, Refusal> {
-    regs.iter()
-        .find(|r| r.spiffe_id.as_str() == spiffe_id)
-        .ok_or_else(|| {
-            Refusal::new(
-                ErrorCode::WorkloadNotRegistered,
-                format!("{spiffe_id} is not registered for this node's workloads"),
-            )
-        })
-}
-
-fn peer_certs<T>(req: &Request<T>) -> Option<Vec<Vec<u8>>> {
-    req.peer_certs()
-        .map(|certs| certs.iter().map(|c| c.to_vec()).collect())
-}
-
 type SyncStream = Pin<Box<dyn Stream<Item = Result<RegistrationSet, Status>> + Send>>;
 
 impl WorkloadApi {
-    async fn issue_one(
+    /// The calling node, or its refusal (audited as `action`).
+    async fn node<T>(
         &self,
-        caller: &Caller,
-        regs: &[Registration],
+        request: &Request<T>,
+        action: &'static str,
+    ) -> Result<VerifiedSvid, Status> {
+        let shared = &*self.shared;
+        let mut run = Run::start(
+            shared,
+            action,
+            "grpc",
+            peer_of(request),
+            EvidenceType::X509Svid,
+        );
+        let chain = peer_certs(request);
+        match crate::flows::node(shared, &mut run, chain.as_deref()).await {
+            // Each credential the node then asks for is a decision of its
+            // own, audited on its own.
+            Ok(node) => Ok(node),
+            Err(r) => Err(run.refuse(r).await.to_status()),
+        }
+    }
+
+    /// One workload credential for `node`: the one decision path.
+    async fn issue(
+        &self,
+        action: &'static str,
+        node: &VerifiedSvid,
         spiffe_id: &str,
-        csr: &[u8],
-    ) -> Result<X509SvidResponse, Refusal> {
-        let started = Instant::now();
-        let mut audit = AuditEvent::new("x509_svid.workload", caller.svid.spiffe_id.to_string());
-        audit.evidence_type = Some(EvidenceType::X509Svid);
-        audit.evidence_digest = Some(caller.svid.serial_hex.clone());
-        audit.policy = Some(caller.node.policy.clone());
-        audit.spiffe_id = Some(spiffe_id.to_owned());
-        let result = async {
-            if csr.len() > MAX_CSR_LEN {
-                return Err(Refusal::new(
-                    ErrorCode::RequestTooLarge,
-                    "CSR exceeds its size cap",
-                ));
-            }
-            let reg = registered(regs, spiffe_id)?;
-            let csr = verify_csr(csr)?;
-            let now = unix_now();
-            let ca = self.shared.ca();
-            let issued = ca.ca.issue_x509_svid(
-                &csr,
-                &X509Grant {
-                    spiffe_id: reg.spiffe_id.clone(),
-                    ttl: reg.ttl,
-                    dns_names: reg.dns_names.clone(),
-                },
-                now,
-            )?;
-            audit.serial = Some(issued.serial_hex.clone());
-            let record = crate::svid_service::record(
-                &issued,
-                &csr.spki_sha256,
-                &audit,
-                Some(caller.svid.serial_hex.clone()),
-                now,
-            );
-            let commit = Commit {
-                consume_join_token: None,
-                consume_replay: None,
-                now_s: now,
-                issued: Some(record),
-                audit: audit.clone(),
-            };
-            match self.shared.store.commit(commit).await? {
-                Committed::Done { .. } => {}
-                Committed::TokenRejected(code) => {
-                    return Err(Refusal::new(code, "unexpected token rejection"));
-                }
-            }
-            let mut cert_chain = vec![issued.cert_der.clone()];
-            cert_chain.extend(issued.intermediates.iter().cloned());
-            Ok(X509SvidResponse {
-                spiffe_id: issued.spiffe_id.to_string(),
-                cert_chain,
-                bundle: ca.bundle.x509_authorities.clone(),
-                serial: issued.serial_hex.clone(),
-                expires_at: issued.not_after,
-            })
-        }
-        .await;
-        let span = tracing::Span::current();
-        match &result {
-            Ok(_) => crate::metrics::record_decision(&self.shared, &span, &audit, started),
-            Err(r) => {
-                let event = audit.deny(r.code);
-                if !r.audited
-                    && let Err(e) = self.shared.store.audit(event.clone()).await
-                {
-                    tracing::error!(error = %e, "could not write the audit record of a refusal");
-                }
-                crate::metrics::record_decision(&self.shared, &span, &event, started);
-            }
-        }
-        result
-    }
-
-    /// Audits a refusal of the node itself (authentication) and turns it
-    /// into a status.
-    async fn refuse_caller(&self, action: &str, r: Refusal, caller: String) -> Status {
-        let mut audit = AuditEvent::new(action, caller);
-        audit.evidence_type = Some(EvidenceType::X509Svid);
-        let event = audit.deny(r.code);
-        if let Err(e) = self.shared.store.audit(event).await {
-            tracing::error!(error = %e, "could not write the audit record of a refusal");
-        }
-        r.to_status()
-    }
-}
-
-fn peer_addr<T>(req: &Request<T>) -> String {
-    req.remote_addr()
-        .map_or_else(|| "peer:unknown".to_owned(), |a| format!("peer:{a}"))
-}
-
-impl WorkloadApi {
-    fn cloud_credentials(
-        &self,
-        caller: &Caller,
-        req: &NewCloudCredentialsRequest,
-        audit: &mut AuditEvent,
-    ) -> Result<(CloudCredentials, IssuedCredential), Refusal> {
-        let regs = registrations(&self.shared, &caller.node);
-        let reg = registered(&regs, &req.spiffe_id)?;
-        let role_arn = reg.cloud_role.clone().ok_or_else(|| {
-            Refusal::new(
-                ErrorCode::CredentialNotGranted,
-                format!("{} has no cloud role", req.spiffe_id),
-            )
-        })?;
-        if !crate::exchange::valid_session_name(&req.session_name) {
-            return Err(Refusal::new(
-                ErrorCode::InvalidRequest,
-                "RoleSessionName must be 2-64 characters of [A-Za-z0-9_+=,.@-]",
-            ));
-        }
-        let role = self
-            .shared
-            .exchange
-            .as_ref()
-            .and_then(|ex| {
-                ex.policies
-                    .current()
-                    .policy(&caller.node.policy)
-                    .and_then(|p| p.grants().cloud_role(&role_arn).cloned())
-            })
-            .ok_or_else(|| {
-                Refusal::new(
-                    ErrorCode::RoleNotGranted,
-                    format!("the node's policy no longer grants {role_arn}"),
-                )
-            })?;
-        let now = unix_now();
-        let ttl = self.shared.config.cloud.default_ttl.min(role.max_ttl);
-        let expires_at = now + ttl.as_secs() as i64;
-        let at = |t: i64| {
-            time::OffsetDateTime::from_unix_timestamp(t)
-                .map_err(|_| Refusal::new(ErrorCode::Internal, "time out of range"))
-        };
-        let mut serial = [0u8; 16];
-        aws_lc_rs::rand::fill(&mut serial)
-            .map_err(|_| Refusal::new(ErrorCode::Internal, "no randomness"))?;
-        let serial = hex::encode(serial);
-        let ca = self.shared.ca();
-        let keyring = ca.sessions();
-        let creds = keyring
-            .mint(&herald_cloud_creds::MintRequest {
-                spiffe_id: reg.spiffe_id.to_string(),
-                role_arn: role_arn.clone(),
-                session_name: req.session_name.clone(),
-                scope: role.scope.clone(),
-                policy: caller.node.policy.clone(),
-                serial: serial.clone(),
-                issued_at: at(now)?,
-                expires_at: at(expires_at)?,
-            })
-            .map_err(|e| {
-                tracing::error!(error = %e, "minting session credentials failed");
-                Refusal::new(ErrorCode::Internal, "minting session credentials failed")
-            })?;
-        audit.serial = Some(serial.clone());
-        let record = IssuedCredential {
-            serial,
-            kind: "cloud_session".into(),
-            spiffe_id: reg.spiffe_id.to_string(),
-            not_before: now,
-            not_after: expires_at,
-            issued_at: now,
-            evidence_type: EvidenceType::X509Svid.as_str().into(),
-            evidence_digest: audit.evidence_digest.clone(),
-            policy: audit.policy.clone(),
-            parent_serial: Some(caller.svid.serial_hex.clone()),
-            public_key_sha256: herald_ca::sha256_hex(creds.access_key_id.as_bytes()),
-            ca_key_id: keyring.active_id().to_owned(),
-        };
-        let expiration = time::OffsetDateTime::from_unix_timestamp(expires_at)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_default();
-        Ok((
-            CloudCredentials {
-                access_key_id: creds.access_key_id.clone(),
-                secret_access_key: creds.secret_access_key.to_string(),
-                session_token: creds.session_token.clone(),
-                expiration,
-                role_arn,
+        wanted: impl FnOnce(&herald_policy::Decision) -> Result<RequestedCredential, Refusal>,
+    ) -> Result<Granted, Refusal> {
+        let shared = &*self.shared;
+        let mut run = Run::start(
+            shared,
+            action,
+            "grpc",
+            node.spiffe_id.to_string(),
+            EvidenceType::X509Svid,
+        );
+        let span = run.span();
+        let result = tracing::Instrument::instrument(
+            async {
+                let decided = crate::flows::workload(shared, &mut run, node, spiffe_id)?;
+                let wanted = wanted(&decided.decision)?;
+                run.issue(decided, &wanted).await
             },
-            record,
-        ))
+            span,
+        )
+        .await;
+        run.finish(result).await
     }
 }
 
@@ -384,53 +169,39 @@ impl WorkloadService for WorkloadApi {
         &self,
         request: Request<NewCloudCredentialsRequest>,
     ) -> Result<Response<CloudCredentials>, Status> {
-        let started = Instant::now();
-        let peer = peer_addr(&request);
-        let caller = match authenticate(&self.shared, peer_certs(&request)).await {
-            Ok(c) => c,
-            Err(r) => {
-                return Err(self
-                    .refuse_caller("cloud_credentials.workload", r, peer)
-                    .await);
-            }
-        };
+        let node = self.node(&request, "cloud_credentials.workload").await?;
         let req = request.into_inner();
-        let mut audit = AuditEvent::new(
-            "cloud_credentials.workload",
-            caller.svid.spiffe_id.to_string(),
-        );
-        audit.evidence_type = Some(EvidenceType::X509Svid);
-        audit.evidence_digest = Some(caller.svid.serial_hex.clone());
-        audit.policy = Some(caller.node.policy.clone());
-        audit.spiffe_id = Some(req.spiffe_id.clone());
-        let span = tracing::Span::current();
-        match self.cloud_credentials(&caller, &req, &mut audit) {
-            Ok((creds, record)) => {
-                let commit = Commit {
-                    consume_join_token: None,
-                    consume_replay: None,
-                    now_s: record.issued_at,
-                    issued: Some(record),
-                    audit: audit.clone(),
-                };
-                match self.shared.store.commit(commit).await {
-                    Ok(Committed::Done { .. }) => {
-                        crate::metrics::record_decision(&self.shared, &span, &audit, started);
-                        Ok(Response::new(creds))
-                    }
-                    Ok(Committed::TokenRejected(code)) => {
-                        Err(Refusal::new(code, "unexpected token rejection").to_status())
-                    }
-                    Err(e) => Err(Refusal::from(e).to_status()),
-                }
-            }
-            Err(r) => {
-                let event = audit.deny(r.code);
-                let _ = self.shared.store.audit(event.clone()).await;
-                crate::metrics::record_decision(&self.shared, &span, &event, started);
-                Err(r.to_status())
-            }
-        }
+        let issued = self
+            .issue("cloud_credentials.workload", &node, &req.spiffe_id, |d| {
+                // The role is the registration's: the one its grants name.
+                let role = d.grants.cloud_roles.first().ok_or_else(|| {
+                    Refusal::new(
+                        ErrorCode::CredentialNotGranted,
+                        format!("{} has no cloud role", req.spiffe_id),
+                    )
+                })?;
+                Ok(RequestedCredential::Cloud {
+                    role_arn: role.role_arn.clone(),
+                    session_name: req.session_name.clone(),
+                    session_policy: None,
+                    ttl: None,
+                })
+            })
+            .await
+            .map_err(|r| r.to_status())?;
+        let Issued::Cloud {
+            creds, role_arn, ..
+        } = issued.issued
+        else {
+            return Err(Refusal::new(ErrorCode::Internal, "unexpected credential").to_status());
+        };
+        Ok(Response::new(CloudCredentials {
+            access_key_id: creds.access_key_id.clone(),
+            secret_access_key: creds.secret_access_key.to_string(),
+            session_token: creds.session_token.clone(),
+            expiration: crate::exchange_service::iso8601(creds.expiration),
+            role_arn,
+        }))
     }
 
     type SyncRegistrationsStream = SyncStream;
@@ -439,11 +210,7 @@ impl WorkloadService for WorkloadApi {
         &self,
         request: Request<SyncRegistrationsRequest>,
     ) -> Result<Response<Self::SyncRegistrationsStream>, Status> {
-        let peer = peer_addr(&request);
-        let caller = match authenticate(&self.shared, peer_certs(&request)).await {
-            Ok(c) => c,
-            Err(r) => return Err(self.refuse_caller("workload.sync", r, peer).await),
-        };
+        let node = self.node(&request, "workload.sync").await?;
         let shared = self.shared.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(async move {
@@ -457,7 +224,7 @@ impl WorkloadService for WorkloadApi {
             let mut bans = shared.ban_generation.subscribe();
             let mut last = None;
             loop {
-                let set = registration_set(&shared, &caller.node);
+                let set = registration_set(&shared, &node);
                 if last != Some(set.revision) {
                     last = Some(set.revision);
                     if tx.send(Ok(set)).await.is_err() {
@@ -471,12 +238,14 @@ impl WorkloadService for WorkloadApi {
                         if r.is_err() {
                             return;
                         }
-                        match shared.store.node_by_spiffe_id(caller.node.spiffe_id.as_str()).await {
+                        match shared.store.node_by_spiffe_id(node.spiffe_id.as_str()).await {
                             Ok(Some(n)) if n.status == NodeStatus::Active => {}
                             Ok(_) => {
-                                let _ = tx
-                                    .send(Err(Refusal::new(ErrorCode::NodeBanned, "the node is banned").to_status()))
-                                    .await;
+                                let refusal = Refusal::new(ErrorCode::NodeBanned, "the node is banned");
+                                // The stream ends: the agent stops serving.
+                                if tx.send(Err(refusal.to_status())).await.is_err() {
+                                    tracing::debug!("the agent left before hearing of its ban");
+                                }
                                 return;
                             }
                             Err(e) => {
@@ -501,46 +270,56 @@ impl WorkloadService for WorkloadApi {
         &self,
         request: Request<BatchNewX509SvidsRequest>,
     ) -> Result<Response<BatchNewX509SvidsResponse>, Status> {
-        let peer = peer_addr(&request);
-        let caller = match authenticate(&self.shared, peer_certs(&request)).await {
-            Ok(c) => c,
-            Err(r) => return Err(self.refuse_caller("x509_svid.workload", r, peer).await),
-        };
-        let req = request.into_inner();
-        if req.requests.len() > MAX_BATCH {
-            return Err(Refusal::new(
+        if request.get_ref().requests.len() > MAX_BATCH {
+            let run = Run::start(
+                &self.shared,
+                "x509_svid.workload",
+                "grpc",
+                peer_of(&request),
+                EvidenceType::X509Svid,
+            );
+            let r = Refusal::new(
                 ErrorCode::RequestTooLarge,
                 format!("at most {MAX_BATCH} SVIDs per batch"),
-            )
-            .to_status());
+            );
+            return Err(run.refuse(r).await.to_status());
         }
-        let regs = registrations(&self.shared, &caller.node);
+        let node = self.node(&request, "x509_svid.workload").await?;
+        let req = request.into_inner();
         // Concurrently, so the group-commit writer lands the batch in few
         // transactions.
-        let results = futures::future::join_all(
-            req.requests
-                .iter()
-                .map(|r| self.issue_one(&caller, &regs, &r.spiffe_id, &r.csr)),
-        )
+        let results = futures::future::join_all(req.requests.iter().map(|r| {
+            let csr = r.csr.clone();
+            async {
+                let granted = self
+                    .issue("x509_svid.workload", &node, &r.spiffe_id, |_| {
+                        Ok(RequestedCredential::X509Svid { csr, ttl: None })
+                    })
+                    .await?;
+                x509_response(granted)
+            }
+        }))
         .await;
         let results = req
             .requests
             .iter()
             .zip(results)
-            .map(|(r, res)| match res {
-                Ok(svid) => WorkloadSvidResult {
-                    spiffe_id: r.spiffe_id.clone(),
-                    svid: Some(svid),
-                    error_code: String::new(),
-                    error_message: String::new(),
+            .map(
+                |(r, res): (_, Result<X509SvidResponse, Refusal>)| match res {
+                    Ok(svid) => WorkloadSvidResult {
+                        spiffe_id: r.spiffe_id.clone(),
+                        svid: Some(svid),
+                        error_code: String::new(),
+                        error_message: String::new(),
+                    },
+                    Err(e) => WorkloadSvidResult {
+                        spiffe_id: r.spiffe_id.clone(),
+                        svid: None,
+                        error_code: e.code.as_str().to_owned(),
+                        error_message: e.message,
+                    },
                 },
-                Err(e) => WorkloadSvidResult {
-                    spiffe_id: r.spiffe_id.clone(),
-                    svid: None,
-                    error_code: e.code.as_str().to_owned(),
-                    error_message: e.message,
-                },
-            })
+            )
             .collect();
         Ok(Response::new(BatchNewX509SvidsResponse { results }))
     }
@@ -549,74 +328,23 @@ impl WorkloadService for WorkloadApi {
         &self,
         request: Request<NewJwtSvidRequest>,
     ) -> Result<Response<NewJwtSvidResponse>, Status> {
-        let started = Instant::now();
-        let peer = peer_addr(&request);
-        let caller = match authenticate(&self.shared, peer_certs(&request)).await {
-            Ok(c) => c,
-            Err(r) => return Err(self.refuse_caller("jwt_svid.workload", r, peer).await),
-        };
+        let node = self.node(&request, "jwt_svid.workload").await?;
         let req = request.into_inner();
-        let mut audit = AuditEvent::new("jwt_svid.workload", caller.svid.spiffe_id.to_string());
-        audit.evidence_type = Some(EvidenceType::X509Svid);
-        audit.evidence_digest = Some(caller.svid.serial_hex.clone());
-        audit.policy = Some(caller.node.policy.clone());
-        audit.spiffe_id = Some(req.spiffe_id.clone());
-        let regs = registrations(&self.shared, &caller.node);
-        let result = (|| {
-            let reg = registered(&regs, &req.spiffe_id)?;
-            if req.audiences.is_empty() || req.audiences.len() > 16 {
-                return Err(Refusal::new(
-                    ErrorCode::InvalidRequest,
-                    "a JWT-SVID needs 1-16 audiences",
-                ));
-            }
-            if let Some(a) = req
-                .audiences
-                .iter()
-                .find(|a| !reg.jwt_audiences.contains(a))
-            {
-                return Err(Refusal::new(
-                    ErrorCode::AudienceNotGranted,
-                    format!(
-                        "{} may not get a JWT-SVID for audience {a:?}",
-                        req.spiffe_id
-                    ),
-                ));
-            }
-            let now = unix_now();
-            let ttl = self.shared.config.jwt.default_ttl.min(reg.ttl);
-            let expires_at = now + ttl.as_secs() as i64;
-            let mut jti = [0u8; 16];
-            aws_lc_rs::rand::fill(&mut jti)
-                .map_err(|_| Refusal::new(ErrorCode::Internal, "no randomness"))?;
-            let token = self.shared.ca().jwt.sign_jwt_svid(&JwtSvidClaims {
-                spiffe_id: reg.spiffe_id.clone(),
-                audiences: req.audiences.clone(),
-                issued_at: now,
-                expires_at,
-                jti: hex::encode(jti),
-                issuer: Some(self.shared.config.jwt_issuer()),
-            })?;
-            Ok(NewJwtSvidResponse { token, expires_at })
-        })();
-        let span = tracing::Span::current();
-        match result {
-            Ok(r) => {
-                crate::metrics::record_decision(&self.shared, &span, &audit, started);
-                if let Err(e) = self.shared.store.audit(audit).await {
-                    tracing::error!(error = %e, "could not write the audit record");
-                    return Err(
-                        Refusal::new(ErrorCode::StoreUnavailable, "audit failed").to_status()
-                    );
-                }
-                Ok(Response::new(r))
-            }
-            Err(r) => {
-                let event = audit.deny(r.code);
-                let _ = self.shared.store.audit(event.clone()).await;
-                crate::metrics::record_decision(&self.shared, &span, &event, started);
-                Err(r.to_status())
-            }
-        }
+        let granted = self
+            .issue("jwt_svid.workload", &node, &req.spiffe_id, |_| {
+                Ok(RequestedCredential::JwtSvid {
+                    audiences: req.audiences.clone(),
+                    ttl: None,
+                })
+            })
+            .await
+            .map_err(|r| r.to_status())?;
+        let Issued::Jwt { token } = granted.issued else {
+            return Err(Refusal::new(ErrorCode::Internal, "unexpected credential").to_status());
+        };
+        Ok(Response::new(NewJwtSvidResponse {
+            token,
+            expires_at: granted.expires_at,
+        }))
     }
 }

@@ -27,7 +27,8 @@ mod sqlite;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use herald_core::{AuditEvent, ErrorCode};
+use herald_core::{AuditEvent, ErrorCode, JoinTokenPurpose, Origin};
+pub use herald_core::{CredentialStatus, JoinTokenRecord};
 use sqlx::SqlSafeStr;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use tokio::sync::oneshot;
@@ -78,23 +79,12 @@ pub struct NewJoinToken {
     pub expires_at: i64,
     /// Who created it.
     pub created_by: String,
-}
-
-/// A stored join token (without its hash).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JoinTokenRecord {
-    /// Public identifier.
-    pub token_id: String,
-    /// The SPIFFE ID the token mints.
-    pub spiffe_id: String,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// Unix seconds.
-    pub expires_at: i64,
-    /// When it was used, Unix seconds.
-    pub used_at: Option<i64>,
-    /// Who created it.
-    pub created_by: String,
+    /// What it may be used for.
+    pub purpose: JoinTokenPurpose,
+    /// The policies it may serve (second factor, node enrolment).
+    pub policies: Vec<String>,
+    /// Why it was created (required for break-glass).
+    pub reason: Option<String>,
 }
 
 /// A credential to record as issued.
@@ -118,26 +108,19 @@ pub struct IssuedCredential {
     pub evidence_digest: Option<String>,
     /// The policy that granted it.
     pub policy: Option<String>,
-    /// The serial this one renews.
+    /// The credential presented to get this one (renewed SVID, node SVID).
     pub parent_serial: Option<String>,
-    /// Hex SHA-256 of the SubjectPublicKeyInfo.
+    /// Hex SHA-256 of the SubjectPublicKeyInfo (X.509) or of the access
+    /// key id (cloud); empty for JWTs.
     pub public_key_sha256: String,
-    /// The signing CA key.
+    /// The signing CA key (or JWT key, or session keyring key).
     pub ca_key_id: String,
-}
-
-/// What the store knows of an issued credential.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CredentialStatus {
-    /// The SPIFFE ID it was issued for.
-    pub spiffe_id: String,
-    /// Its notAfter, Unix seconds.
-    pub not_after: i64,
-    /// Whether it has been revoked.
-    pub revoked: bool,
-    /// Whether its SPIFFE ID is a banned node's: a credential issued after
-    /// the ban swept the node's credentials is refused by this.
-    pub node_banned: bool,
+    /// How its lineage began; `None` only for records this version cannot read.
+    pub origin: Option<Origin>,
+    /// The root of its lineage: itself when issued on fresh evidence.
+    pub root_serial: String,
+    /// When the root's fresh evidence was presented, Unix seconds.
+    pub root_at: i64,
 }
 
 /// A server replica's heartbeat: what it serves, as of when.
@@ -205,6 +188,11 @@ pub struct Commit {
     /// Record this single-use evidence key (an OIDC token's jti); refused
     /// with `token_replayed` if it is already recorded and unexpired.
     pub consume_replay: Option<ReplayKey>,
+    /// The credential presented to get this one: the commit is refused
+    /// (`svid_revoked` or `node_banned`) if, by the time its transaction
+    /// runs, it or its lineage's root is revoked or its node banned — so a
+    /// revocation racing a renewal always wins.
+    pub parent: Option<String>,
     /// Now, Unix seconds.
     pub now_s: i64,
     /// Record this credential as issued.
@@ -230,8 +218,10 @@ pub enum Committed {
         /// The audit record's sequence number.
         audit_seq: u64,
     },
-    /// The token could not be consumed: only a refusal audit record was written.
-    TokenRejected(ErrorCode),
+    /// Refused inside the transaction (the token could not be consumed, the
+    /// replay key was taken, the parent's lineage was revoked): only the
+    /// refusal's audit record was written, with this code.
+    Refused(ErrorCode),
 }
 
 /// A stored audit record.
@@ -448,15 +438,14 @@ impl Store {
         let c = Commit {
             consume_join_token: None,
             consume_replay: None,
+            parent: None,
             now_s: 0,
             issued: None,
             audit: event,
         };
         match self.commit(c).await? {
             Committed::Done { audit_seq } => Ok(audit_seq),
-            Committed::TokenRejected(_) => {
-                Err(StoreError::Corrupt("audit-only commit rejected".into()))
-            }
+            Committed::Refused(_) => Err(StoreError::Corrupt("audit-only commit rejected".into())),
         }
     }
 
@@ -465,8 +454,9 @@ impl Store {
         on_backend!(self.issued(serial).await)
     }
 
-    /// Whether `serial` was issued here and, if so, whether it is revoked —
-    /// the renewal check, in one (batched) query.
+    /// What the store knows of `serial` and its lineage's standing (its or
+    /// its root's revocation, its node's ban) — the presented-SVID check,
+    /// in one batched query.
     pub async fn credential_status(
         &self,
         serial: &str,
@@ -479,21 +469,23 @@ impl Store {
         on_backend!(self.is_revoked(serial).await)
     }
 
-    /// Revokes an issued credential (revocation row and audit record in one
-    /// transaction). `Ok(false)` when no such credential was issued; revoking
-    /// twice keeps the first revocation.
+    /// Revokes an issued credential and everything descending from it
+    /// (revocations and the audit record in one transaction); returns how
+    /// many unexpired credentials that revoked, or `None` when no such
+    /// credential was issued. Revoking twice keeps the first revocation.
     pub async fn revoke(
         &self,
         serial: &str,
         reason: &str,
         revoked_by: &str,
         audit: AuditEvent,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         on_backend!(self.revoke(serial, reason, revoked_by, audit).await)
     }
 
     /// Revokes every unexpired credential matching `filter` (at least one
-    /// condition is required), with one audit record, in one transaction;
+    /// condition is required) or descending from one, with one audit
+    /// record, in one transaction;
     /// returns how many were revoked. The incident-response path: "revoke
     /// everything policy P issued in the last hour".
     pub async fn revoke_matching(
@@ -678,8 +670,9 @@ impl Store {
 
     /// Bans the node with this SPIFFE ID or EK hash: its attestations and
     /// renewals are refused from now on, and every unexpired credential
-    /// issued to its SPIFFE ID is revoked — all with the audit record, in
-    /// one transaction. `Ok(None)` if there is no such node.
+    /// issued to its SPIFFE ID or descending from one (its workloads') is
+    /// revoked — all with the audit record, in one transaction. `Ok(None)`
+    /// if there is no such node.
     pub async fn ban_node(
         &self,
         id_or_ek: &str,

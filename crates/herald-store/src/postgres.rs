@@ -17,6 +17,9 @@ use crate::StoreError;
 // The SQL in `ops/` is compiled once per backend on purpose: each copy
 // binds its parent's `Db`, so one text serves both dialects.
 #[allow(clippy::duplicate_mod)]
+#[path = "ops/lineage.rs"]
+mod lineage;
+#[allow(clippy::duplicate_mod)]
 #[path = "ops/nodes.rs"]
 mod nodes;
 #[allow(clippy::duplicate_mod)]
@@ -83,6 +86,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         7,
         "replicas",
         include_str!("../migrations/postgres/0007_replicas.sql"),
+    ),
+    (
+        8,
+        "lineage",
+        include_str!("../migrations/postgres/0008_lineage.sql"),
     ),
 ];
 

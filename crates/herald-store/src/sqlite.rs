@@ -14,6 +14,9 @@ use crate::StoreError;
 // The SQL in `ops/` is compiled once per backend on purpose: each copy
 // binds its parent's `Db`, so one text serves both dialects.
 #[allow(clippy::duplicate_mod)]
+#[path = "ops/lineage.rs"]
+mod lineage;
+#[allow(clippy::duplicate_mod)]
 #[path = "ops/nodes.rs"]
 mod nodes;
 #[allow(clippy::duplicate_mod)]
@@ -77,6 +80,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         7,
         "replicas",
         include_str!("../migrations/sqlite/0007_replicas.sql"),
+    ),
+    (
+        8,
+        "lineage",
+        include_str!("../migrations/sqlite/0008_lineage.sql"),
     ),
 ];
 

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use herald_core::{AuditEvent, ErrorCode, Outcome};
+use herald_core::{AuditEvent, ErrorCode, JoinTokenPurpose, Origin, Outcome};
 use herald_store::{
     CaKeyRecord, Commit, Committed, IssuedCredential, NewJoinToken, ReplayKey, Store, StoreError,
 };
@@ -135,6 +135,9 @@ fn token(n: u8, expires_at: i64) -> NewJoinToken {
         created_at: NOW - 10,
         expires_at,
         created_by: "test".into(),
+        purpose: JoinTokenPurpose::SecondFactor,
+        policies: vec!["p1".into(), "p2".into()],
+        reason: None,
     }
 }
 
@@ -152,7 +155,22 @@ fn issued(serial: &str) -> IssuedCredential {
         parent_serial: None,
         public_key_sha256: "cd".into(),
         ca_key_id: "k1".into(),
+        origin: Some(Origin::Bootstrap),
+        root_serial: serial.into(),
+        root_at: NOW,
     }
+}
+
+/// A credential issued on `parent`'s lineage (root `root`).
+fn child(serial: &str, parent: &str, root: &str) -> Commit {
+    let mut c = mint(None, serial);
+    c.parent = Some(parent.into());
+    if let Some(i) = c.issued.as_mut() {
+        i.parent_serial = Some(parent.into());
+        i.root_serial = root.into();
+        i.origin = Some(Origin::Workload);
+    }
+    c
 }
 
 fn mint(hash: Option<[u8; 32]>, serial: &str) -> Commit {
@@ -161,6 +179,7 @@ fn mint(hash: Option<[u8; 32]>, serial: &str) -> Commit {
     Commit {
         consume_join_token: hash,
         consume_replay: None,
+        parent: None,
         now_s: NOW,
         issued: Some(issued(serial)),
         audit,
@@ -200,7 +219,7 @@ async fn a_join_token_is_consumed_exactly_once_under_a_race(db: &Fixture) {
     for t in tasks {
         match t.await.unwrap() {
             Committed::Done { .. } => done += 1,
-            Committed::TokenRejected(ErrorCode::JoinTokenUsed) => used += 1,
+            Committed::Refused(ErrorCode::JoinTokenUsed) => used += 1,
             other => panic!("{other:?}"),
         }
     }
@@ -236,11 +255,11 @@ async fn unknown_and_expired_tokens_get_their_codes_and_write_nothing_else(db: &
         .unwrap();
     assert_eq!(
         s.commit(mint(Some([9; 32]), "aa")).await.unwrap(),
-        Committed::TokenRejected(ErrorCode::JoinTokenUnknown)
+        Committed::Refused(ErrorCode::JoinTokenUnknown)
     );
     assert_eq!(
         s.commit(mint(Some([2; 32]), "bb")).await.unwrap(),
-        Committed::TokenRejected(ErrorCode::JoinTokenExpired)
+        Committed::Refused(ErrorCode::JoinTokenExpired)
     );
     assert!(s.issued("aa").await.unwrap().is_none());
     assert!(s.issued("bb").await.unwrap().is_none());
@@ -274,7 +293,7 @@ async fn revocation_and_the_ca_key_ring(db: &Fixture) {
     let s = db.open().await;
     s.commit(mint(None, "01")).await.unwrap();
     assert!(!s.is_revoked("01").await.unwrap());
-    assert!(
+    assert_eq!(
         s.revoke(
             "01",
             "compromise",
@@ -282,9 +301,10 @@ async fn revocation_and_the_ca_key_ring(db: &Fixture) {
             AuditEvent::new("credential.revoke", "op")
         )
         .await
-        .unwrap()
+        .unwrap(),
+        Some(1)
     );
-    assert!(
+    assert_eq!(
         s.revoke(
             "01",
             "again",
@@ -292,18 +312,21 @@ async fn revocation_and_the_ca_key_ring(db: &Fixture) {
             AuditEvent::new("credential.revoke", "op")
         )
         .await
-        .unwrap()
+        .unwrap(),
+        Some(0),
+        "the first revocation stays"
     );
     assert!(s.is_revoked("01").await.unwrap());
-    assert!(
-        !s.revoke(
+    assert_eq!(
+        s.revoke(
             "02",
             "none",
             "op",
             AuditEvent::new("credential.revoke", "op")
         )
         .await
-        .unwrap()
+        .unwrap(),
+        None
     );
 
     assert_eq!(s.bundle_sequence().await.unwrap(), 0);
@@ -455,6 +478,112 @@ async fn credential_status_answers_issued_and_revoked_in_one_query(db: &Fixture)
     assert!(s.credential_status("0a").await.unwrap().unwrap().revoked);
 }
 
+async fn revoking_a_credential_revokes_its_descendants_and_nothing_else(db: &Fixture) {
+    let s = db.open().await;
+    // root → a → a1, a2; root → b. Revoking a revokes a, a1 and a2.
+    s.commit(mint(None, "70")).await.unwrap();
+    for (serial, parent) in [("7a", "70"), ("7b", "70"), ("a1", "7a"), ("a2", "7a")] {
+        let c = s.commit(child(serial, parent, "70")).await.unwrap();
+        assert!(matches!(c, Committed::Done { .. }), "{serial}: {c:?}");
+    }
+    let st = s.credential_status("a1").await.unwrap().unwrap();
+    assert_eq!(
+        (st.origin, st.root_serial.as_str(), st.root_at),
+        (Some(Origin::Workload), "70", NOW)
+    );
+    let n = s
+        .revoke(
+            "7a",
+            "compromise",
+            "op",
+            AuditEvent::new("credential.revoke", "op"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, Some(3));
+    for (serial, revoked) in [
+        ("70", false),
+        ("7a", true),
+        ("7b", false),
+        ("a1", true),
+        ("a2", true),
+    ] {
+        assert_eq!(s.is_revoked(serial).await.unwrap(), revoked, "{serial}");
+    }
+    // Revoking the root reaches everything, and credential_status reports
+    // a descendant's root revocation even for one issued later.
+    s.revoke("70", "r", "op", AuditEvent::new("credential.revoke", "op"))
+        .await
+        .unwrap();
+    assert!(s.is_revoked("7b").await.unwrap());
+    let late = IssuedCredential {
+        root_serial: "70".into(),
+        ..issued("7c")
+    };
+    s.commit(Commit {
+        issued: Some(late),
+        ..mint(None, "7c")
+    })
+    .await
+    .unwrap();
+    assert!(s.credential_status("7c").await.unwrap().unwrap().revoked);
+    s.verify_audit_chain(1, None).await.unwrap();
+}
+
+async fn a_refused_commit_leaves_nothing_behind(db: &Fixture) {
+    let s = db.open().await;
+    // A child of a revoked parent is refused inside the transaction: only
+    // the refusal is audited, nothing is recorded as issued.
+    s.commit(mint(None, "80")).await.unwrap();
+    s.revoke("80", "r", "op", AuditEvent::new("credential.revoke", "op"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.commit(child("81", "80", "80")).await.unwrap(),
+        Committed::Refused(ErrorCode::SvidRevoked)
+    );
+    assert!(s.issued("81").await.unwrap().is_none());
+    // A commit refused for one reason gives back what its other checks
+    // took: the join token stays usable, the replay key unrecorded.
+    s.create_join_token(
+        token(8, NOW + 600),
+        AuditEvent::new("join_token.create", "op"),
+    )
+    .await
+    .unwrap();
+    let mut both = child("82", "80", "80");
+    both.consume_join_token = Some([8; 32]);
+    both.consume_replay = Some(ReplayKey {
+        key: "jti:x#8".into(),
+        expires_at: NOW + 600,
+    });
+    assert_eq!(
+        s.commit(both).await.unwrap(),
+        Committed::Refused(ErrorCode::SvidRevoked)
+    );
+    let t = s.join_token(&[8; 32]).await.unwrap().unwrap();
+    assert_eq!(t.used_at, None, "the token was given back");
+    assert_eq!(t.purpose, JoinTokenPurpose::SecondFactor);
+    assert_eq!(t.policies, ["p1", "p2"]);
+    let again = exchange("jti:x#8", NOW + 600, "83");
+    let again = Commit {
+        consume_join_token: Some([8; 32]),
+        ..again
+    };
+    assert!(
+        matches!(s.commit(again).await.unwrap(), Committed::Done { .. }),
+        "the replay key and the token were both still unused"
+    );
+    let denied = s
+        .audit_records(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event.outcome == Outcome::Denied)
+        .count();
+    assert_eq!(denied, 2);
+}
+
 fn exchange(key: &str, expires_at: i64, serial: &str) -> Commit {
     let mut c = mint(None, serial);
     c.consume_replay = Some(ReplayKey {
@@ -480,7 +609,7 @@ async fn a_token_jti_is_used_exactly_once_under_a_race_and_across_restarts(db: &
     for t in tasks {
         match t.await.unwrap() {
             Committed::Done { .. } => done += 1,
-            Committed::TokenRejected(code) => assert_eq!(code, ErrorCode::TokenReplayed),
+            Committed::Refused(code) => assert_eq!(code, ErrorCode::TokenReplayed),
         }
     }
     assert_eq!(done, 1, "exactly one use of a jti succeeds");
@@ -506,7 +635,7 @@ async fn a_token_jti_is_used_exactly_once_under_a_race_and_across_restarts(db: &
         s.commit(exchange("jti:iss#one", NOW + 300, "again"))
             .await
             .unwrap(),
-        Committed::TokenRejected(ErrorCode::TokenReplayed)
+        Committed::Refused(ErrorCode::TokenReplayed)
     );
     assert!(matches!(
         s.commit(exchange("jti:iss#two", NOW + 300, "two"))
@@ -629,8 +758,16 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
     assert_eq!(r, NodeCommitted::Refused(ErrorCode::NodeEkChanged));
     assert!(s.issued("03").await.unwrap().is_none());
 
-    // A ban revokes the node's unexpired credentials and refuses it after;
-    // it moves the ban sequence replicas poll, not the bundle's.
+    // A workload SVID issued under the node's SVID descends from it.
+    let workload = child("0c", "02", "02");
+    assert!(matches!(
+        s.commit(workload).await.unwrap(),
+        Committed::Done { .. }
+    ));
+
+    // A ban revokes the node's unexpired credentials and their descendants
+    // and refuses the node after; it moves the ban sequence replicas poll,
+    // not the bundle's.
     let before = s.sequences().await.unwrap();
     let (banned, revoked) = s
         .ban_node(
@@ -644,7 +781,11 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
         .unwrap();
     assert_eq!(banned.status, NodeStatus::Banned);
     assert_eq!(banned.ban_reason.as_deref(), Some("stolen"));
-    assert_eq!(revoked, 3);
+    assert_eq!(revoked, 4);
+    assert!(
+        s.is_revoked("0c").await.unwrap(),
+        "the workload's SVID went with its node"
+    );
     let after = s.sequences().await.unwrap();
     assert_eq!(
         (after.bans, after.bundle),
@@ -892,4 +1033,6 @@ backend_suite!(
     credential_status_answers_issued_and_revoked_in_one_query,
     a_token_jti_is_used_exactly_once_under_a_race_and_across_restarts,
     the_node_registry_enforces_counters_one_ek_per_identity_and_bans,
+    revoking_a_credential_revokes_its_descendants_and_nothing_else,
+    a_refused_commit_leaves_nothing_behind,
 );

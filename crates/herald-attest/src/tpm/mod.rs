@@ -34,6 +34,26 @@ pub use quote::{
 
 use herald_core::ErrorCode;
 
+/// A node's TPM evidence after every check of this module passed: the EK
+/// certificate chains to the roots of the policies in `trusted_by`, the AK
+/// was activated under that EK, and the quote is over this attestation's
+/// nonce and the requested PCRs. Policy decides on it (golden values,
+/// firmware, pins); the registry on the counters.
+#[derive(Debug, Clone)]
+pub struct VerifiedTpm {
+    /// Hex SHA-256 of the EK public area: the node's hardware identity.
+    pub ek_hash: String,
+    /// The AK's TPM name.
+    pub ak_name: Vec<u8>,
+    /// The EK certificate.
+    pub ek: VerifiedEk,
+    /// The verified quote: PCR values, counters, firmware version.
+    pub quote: VerifiedQuote,
+    /// The TPM policies whose EK roots vouch for this EK: the only
+    /// candidates for the decision.
+    pub trusted_by: Vec<String>,
+}
+
 /// Why TPM evidence was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TpmError {

@@ -1,10 +1,11 @@
 //! The node registry's SQL (see `crate::nodes` for the rules).
 
 use herald_core::{AuditEvent, ErrorCode};
-use sqlx::{QueryBuilder, Row};
+use sqlx::Row;
 
+use super::lineage::{begin_revocation, finish_revocation};
 use super::store::{BAN_SEQUENCE, Backend, append_audit, bump_sequence};
-use super::{Db, DbRow, Tx};
+use super::{DbRow, Tx};
 use crate::nodes::check_existing;
 use crate::{
     IssuedCredential, NodeAttestation, NodeCommitted, NodeRecord, NodeStatus, RevocationFilter,
@@ -219,18 +220,12 @@ impl Backend {
         .bind(reason)
         .execute(&mut *tx)
         .await?;
-        let revoked = sqlx::query(
-            "INSERT INTO revocations (serial, revoked_at, reason, revoked_by) \
-             SELECT serial, $2, $3, $4 FROM issued_credentials WHERE spiffe_id = $1 AND not_after > $2 \
-             ON CONFLICT (serial) DO NOTHING",
-        )
-        .bind(&node.spiffe_id)
-        .bind(now)
-        .bind(format!("node banned: {reason}"))
-        .bind(banned_by)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        // Everything issued to the node and everything descending from it
+        // (its workloads' SVIDs, JWT-SVIDs and session credentials).
+        let mut qb = begin_revocation();
+        qb.push("spiffe_id = ").push_bind(node.spiffe_id.clone());
+        finish_revocation(&mut qb, now, &format!("node banned: {reason}"), banned_by);
+        let revoked = qb.build().execute(&mut *tx).await?.rows_affected();
         bump_sequence(&mut tx, BAN_SEQUENCE).await?;
         let mut audit = audit;
         audit.spiffe_id = Some(node.spiffe_id.clone());
@@ -246,8 +241,8 @@ impl Backend {
 async fn insert_issued(tx: &mut Tx, i: &IssuedCredential) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO issued_credentials (serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, \
-         evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+         evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(&i.serial)
     .bind(&i.kind)
@@ -261,6 +256,9 @@ async fn insert_issued(tx: &mut Tx, i: &IssuedCredential) -> Result<(), StoreErr
     .bind(&i.parent_serial)
     .bind(&i.public_key_sha256)
     .bind(&i.ca_key_id)
+    .bind(i.origin.map_or("", herald_core::Origin::as_str))
+    .bind(&i.root_serial)
+    .bind(i.root_at)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -268,7 +266,8 @@ async fn insert_issued(tx: &mut Tx, i: &IssuedCredential) -> Result<(), StoreErr
 
 impl Backend {
     /// Revokes every unexpired credential matching `filter` (at least one
-    /// condition is required), with one audit record, in one transaction;
+    /// condition is required) or descending from one, with one audit
+    /// record, in one transaction;
     /// returns how many were revoked. The incident-response path: "revoke
     /// everything policy P issued in the last hour".
     pub async fn revoke_matching(
@@ -285,29 +284,21 @@ impl Backend {
         }
         let now = audit.time_ms / 1000;
         let mut tx = self.begin_write().await?;
-        let mut qb = QueryBuilder::<Db>::new(
-            "INSERT INTO revocations (serial, revoked_at, reason, revoked_by) SELECT serial, ",
-        );
-        qb.push_bind(now)
-            .push(", ")
-            .push_bind(reason.to_owned())
-            .push(", ")
-            .push_bind(revoked_by.to_owned())
-            .push(" FROM issued_credentials WHERE not_after > ")
-            .push_bind(now);
+        let mut qb = begin_revocation();
+        let mut sep = qb.separated(" AND ");
         if let Some(id) = &filter.spiffe_id {
-            qb.push(" AND spiffe_id = ").push_bind(id.clone());
+            sep.push("spiffe_id = ").push_bind_unseparated(id.clone());
         }
         if let Some(p) = &filter.policy {
-            qb.push(" AND policy = ").push_bind(p.clone());
+            sep.push("policy = ").push_bind_unseparated(p.clone());
         }
         if let Some(t) = filter.issued_after {
-            qb.push(" AND issued_at >= ").push_bind(t);
+            sep.push("issued_at >= ").push_bind_unseparated(t);
         }
         if let Some(t) = filter.issued_before {
-            qb.push(" AND issued_at < ").push_bind(t);
+            sep.push("issued_at < ").push_bind_unseparated(t);
         }
-        qb.push(" ON CONFLICT (serial) DO NOTHING");
+        finish_revocation(&mut qb, now, reason, revoked_by);
         let n = qb.build().execute(&mut *tx).await?.rows_affected();
         append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
         tx.commit().await?;

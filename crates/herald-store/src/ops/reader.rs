@@ -13,6 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use sqlx::Connection;
 
+use super::lineage::STANDING_JOINS;
+use super::store::join_token_record;
 use super::{Conn, Db, Options};
 use crate::{CredentialStatus, JoinTokenRecord, Lookup, StoreError, WriterStats};
 
@@ -23,9 +25,18 @@ type Reply<T> = oneshot::Sender<Result<Option<T>, StoreError>>;
 /// Lookups waiting for one batched query: (key, reply).
 type Waiters<K, T> = Vec<(K, Reply<T>)>;
 /// A `join_tokens` row as selected here.
-type TokenRow = (Vec<u8>, String, String, i64, i64, Option<i64>, String);
-/// Serial, SPIFFE ID, notAfter, revocation, node status.
-type StatusRow = (String, String, i64, Option<String>, Option<String>);
+type TokenRow = (
+    Vec<u8>,
+    String,
+    String,
+    i64,
+    i64,
+    Option<i64>,
+    String,
+    String,
+    String,
+    Option<String>,
+);
 
 pub(crate) async fn run(opts: Options, mut rx: mpsc::Receiver<Lookup>, stats: Arc<WriterStats>) {
     let mut conn: Option<Conn> = None;
@@ -95,7 +106,8 @@ async fn join_tokens(conn: &mut Conn, waiters: Waiters<[u8; 32], JoinTokenRecord
     }
     let found = async {
         let mut qb = QueryBuilder::<Db>::new(
-            "SELECT token_hash, token_id, spiffe_id, created_at, expires_at, used_at, created_by FROM join_tokens WHERE token_hash IN (",
+            "SELECT token_hash, token_id, spiffe_id, created_at, expires_at, used_at, created_by, purpose, policies, reason \
+             FROM join_tokens WHERE token_hash IN (",
         );
         let mut sep = qb.separated(", ");
         for (h, _) in &waiters {
@@ -104,17 +116,20 @@ async fn join_tokens(conn: &mut Conn, waiters: Waiters<[u8; 32], JoinTokenRecord
         qb.push(")");
         let rows: Vec<TokenRow> = qb.build_query_as().fetch_all(&mut *conn).await?;
         let mut map = HashMap::with_capacity(rows.len());
-        for (hash, token_id, spiffe_id, created_at, expires_at, used_at, created_by) in rows {
+        for (hash, token_id, spiffe_id, created_at, expires_at, used_at, created_by, p, ps, r) in
+            rows
+        {
             map.insert(
                 crate::hash32(hash, "token_hash")?,
-                JoinTokenRecord {
+                join_token_record(
                     token_id,
                     spiffe_id,
                     created_at,
                     expires_at,
                     used_at,
                     created_by,
-                },
+                    (p, ps, r),
+                )?,
             );
         }
         Ok::<_, StoreError>(map)
@@ -132,32 +147,43 @@ async fn statuses_of(conn: &mut Conn, waiters: Waiters<String, CredentialStatus>
     }
     let found = async {
         let mut qb = QueryBuilder::<Db>::new(
-            "SELECT i.serial, i.spiffe_id, i.not_after, r.serial, n.status FROM issued_credentials i \
-             LEFT JOIN revocations r ON r.serial = i.serial \
-             LEFT JOIN nodes n ON n.spiffe_id = i.spiffe_id WHERE i.serial IN (",
+            "SELECT i.serial, i.spiffe_id, i.kind, i.origin, i.policy, i.not_after, i.public_key_sha256, \
+             i.ca_key_id, i.root_serial, i.root_at, r.serial, rr.serial, n.status FROM issued_credentials i",
         );
+        qb.push(STANDING_JOINS).push("WHERE i.serial IN (");
         let mut sep = qb.separated(", ");
         for (s, _) in &waiters {
             sep.push_bind(s.clone());
         }
         qb.push(")");
-        let rows: Vec<StatusRow> = qb.build_query_as().fetch_all(&mut *conn).await?;
-        Ok::<_, StoreError>(
-            rows.into_iter()
-                .map(|(serial, spiffe_id, not_after, revoked, node)| {
-                    (
-                        serial,
-                        CredentialStatus {
-                            spiffe_id,
-                            not_after,
-                            revoked: revoked.is_some(),
-                            node_banned: node.as_deref()
-                                == Some(crate::NodeStatus::Banned.as_str()),
-                        },
-                    )
-                })
-                .collect(),
-        )
+        let rows = qb.build().fetch_all(&mut *conn).await?;
+        let mut map = HashMap::with_capacity(rows.len());
+        for row in rows {
+            use sqlx::Row;
+            let origin: String = row.try_get(3)?;
+            let revoked: Option<String> = row.try_get(10)?;
+            let root_revoked: Option<String> = row.try_get(11)?;
+            let node: Option<String> = row.try_get(12)?;
+            let serial: String = row.try_get(0)?;
+            map.insert(
+                serial.clone(),
+                CredentialStatus {
+                    serial,
+                    spiffe_id: row.try_get(1)?,
+                    kind: row.try_get(2)?,
+                    origin: herald_core::Origin::from_code(&origin),
+                    policy: row.try_get(4)?,
+                    not_after: row.try_get(5)?,
+                    public_key_sha256: row.try_get(6)?,
+                    ca_key_id: row.try_get(7)?,
+                    root_serial: row.try_get(8)?,
+                    root_at: row.try_get(9)?,
+                    revoked: revoked.is_some() || root_revoked.is_some(),
+                    node_banned: node.as_deref() == Some(crate::NodeStatus::Banned.as_str()),
+                },
+            );
+        }
+        Ok::<_, StoreError>(map)
     }
     .await;
     let broken = found.as_ref().is_err_and(crate::is_broken_connection);

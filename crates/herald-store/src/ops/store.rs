@@ -8,6 +8,7 @@ use herald_core::{AuditEvent, ErrorCode, EvidenceType, Outcome};
 use sqlx::{QueryBuilder, Row};
 use tokio::sync::{mpsc, oneshot};
 
+use super::lineage::{begin_revocation, finish_revocation};
 use super::{BEGIN_WRITE, Db, DbRow, MAX_PARAMS, Options, Pool, Tx, reader, writer};
 use crate::{
     AuditRecord, CaKeyRecord, ChainRow, Commit, Committed, CredentialStatus, GENESIS,
@@ -99,8 +100,8 @@ impl Backend {
     ) -> Result<u64, StoreError> {
         let mut tx = self.begin_write().await?;
         sqlx::query(
-            "INSERT INTO join_tokens (token_hash, token_id, spiffe_id, created_at, expires_at, used_at, created_by) \
-             VALUES ($1, $2, $3, $4, $5, NULL, $6)",
+            "INSERT INTO join_tokens (token_hash, token_id, spiffe_id, created_at, expires_at, used_at, created_by, \
+             purpose, policies, reason) VALUES ($1, $2, $3, $4, $5, NULL, $6, $7, $8, $9)",
         )
         .bind(token.token_hash.as_slice())
         .bind(&token.token_id)
@@ -108,6 +109,9 @@ impl Backend {
         .bind(token.created_at)
         .bind(token.expires_at)
         .bind(&token.created_by)
+        .bind(token.purpose.as_str())
+        .bind(token.policies.join(","))
+        .bind(&token.reason)
         .execute(&mut *tx)
         .await?;
         let seq = append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
@@ -131,7 +135,8 @@ impl Backend {
     /// Every join token, newest first.
     pub async fn list_join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT token_id, spiffe_id, created_at, expires_at, used_at, created_by FROM join_tokens ORDER BY created_at DESC",
+            "SELECT token_id, spiffe_id, created_at, expires_at, used_at, created_by, purpose, policies, reason \
+             FROM join_tokens ORDER BY created_at DESC",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -154,7 +159,8 @@ impl Backend {
     pub async fn issued(&self, serial: &str) -> Result<Option<IssuedCredential>, StoreError> {
         let row = sqlx::query(
             "SELECT serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, evidence_digest, \
-             policy, parent_serial, public_key_sha256, ca_key_id FROM issued_credentials WHERE serial = $1",
+             policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at \
+             FROM issued_credentials WHERE serial = $1",
         )
         .bind(serial)
         .fetch_optional(&self.pool)
@@ -173,6 +179,9 @@ impl Backend {
                 parent_serial: r.try_get(9)?,
                 public_key_sha256: r.try_get(10)?,
                 ca_key_id: r.try_get(11)?,
+                origin: herald_core::Origin::from_code(&r.try_get::<String, _>(12)?),
+                root_serial: r.try_get(13)?,
+                root_at: r.try_get(14)?,
             })
         })
         .transpose()
@@ -201,16 +210,17 @@ impl Backend {
             .is_some())
     }
 
-    /// Revokes an issued credential (revocation row and audit record in one
-    /// transaction). `Ok(false)` when no such credential was issued; revoking
-    /// twice keeps the first revocation.
+    /// Revokes an issued credential and everything descending from it
+    /// (revocations and the audit record in one transaction); returns how
+    /// many unexpired credentials that revoked, or `None` when no such
+    /// credential was issued. Revoking twice keeps the first revocation.
     pub async fn revoke(
         &self,
         serial: &str,
         reason: &str,
         revoked_by: &str,
         audit: AuditEvent,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let mut tx = self.begin_write().await?;
         let exists = sqlx::query("SELECT 1 FROM issued_credentials WHERE serial = $1")
             .bind(serial)
@@ -218,21 +228,15 @@ impl Backend {
             .await?
             .is_some();
         if !exists {
-            return Ok(false);
+            return Ok(None);
         }
-        sqlx::query(
-            "INSERT INTO revocations (serial, revoked_at, reason, revoked_by) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (serial) DO NOTHING",
-        )
-        .bind(serial)
-        .bind(audit.time_ms / 1000)
-        .bind(reason)
-        .bind(revoked_by)
-        .execute(&mut *tx)
-        .await?;
+        let mut qb = begin_revocation();
+        qb.push("serial = ").push_bind(serial.to_owned());
+        finish_revocation(&mut qb, audit.time_ms / 1000, reason, revoked_by);
+        let n = qb.build().execute(&mut *tx).await?.rows_affected();
         append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(Some(n))
     }
 
     /// The CA key ring, oldest first.
@@ -563,13 +567,43 @@ impl Backend {
 }
 
 fn join_token_from_row(r: &DbRow) -> Result<JoinTokenRecord, StoreError> {
+    join_token_record(
+        r.try_get(0)?,
+        r.try_get(1)?,
+        r.try_get(2)?,
+        r.try_get(3)?,
+        r.try_get(4)?,
+        r.try_get(5)?,
+        (r.try_get(6)?, r.try_get(7)?, r.try_get(8)?),
+    )
+}
+
+/// A join token record from its columns: token_id, spiffe_id, created_at,
+/// expires_at, used_at, created_by and (purpose, policies, reason).
+pub(crate) fn join_token_record(
+    token_id: String,
+    spiffe_id: String,
+    created_at: i64,
+    expires_at: i64,
+    used_at: Option<i64>,
+    created_by: String,
+    (purpose, policies, reason): (String, String, Option<String>),
+) -> Result<JoinTokenRecord, StoreError> {
     Ok(JoinTokenRecord {
-        token_id: r.try_get(0)?,
-        spiffe_id: r.try_get(1)?,
-        created_at: r.try_get(2)?,
-        expires_at: r.try_get(3)?,
-        used_at: r.try_get(4)?,
-        created_by: r.try_get(5)?,
+        token_id,
+        spiffe_id,
+        created_at,
+        expires_at,
+        used_at,
+        created_by,
+        purpose: herald_core::JoinTokenPurpose::from_code(&purpose)
+            .ok_or_else(|| StoreError::Corrupt(format!("join token purpose {purpose:?}")))?,
+        policies: policies
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        reason,
     })
 }
 

@@ -17,6 +17,7 @@ use herald_core::{AuditEvent, ErrorCode};
 use sqlx::{Connection, QueryBuilder, Row};
 use tokio::sync::mpsc;
 
+use super::lineage::STANDING_JOINS;
 use super::store::push_audit_insert;
 use super::{BEGIN_WRITE, Conn, Db, DbRow, MAX_PARAMS, MULTI_STATEMENT, Options};
 use crate::{
@@ -24,8 +25,10 @@ use crate::{
     is_retryable,
 };
 
-/// The most commits folded into one transaction: 13 + 12 bound parameters
-/// per commit, and a script's statements share SQLite's parameter limit.
+/// The most commits folded into one transaction: at most 31 bound
+/// parameters per commit (15 for the issued record, 12 for the audit
+/// record, a token, a replay key and its expiry, a parent), and a script's
+/// statements share SQLite's parameter limit.
 const MAX_BATCH: usize = if MAX_PARAMS / 32 < 512 {
     MAX_PARAMS / 32
 } else {
@@ -233,6 +236,7 @@ async fn write_batch_inner(
         .map(|c| c.now_s)
         .max()
         .unwrap_or(0);
+    let parents: HashSet<&str> = commits.iter().filter_map(|c| c.parent.as_deref()).collect();
     let mut script = Script::new();
     script.silent(BEGIN_WRITE);
     if let Some(lock) = lock {
@@ -262,6 +266,19 @@ async fn write_batch_inner(
             .push_bind(now)
             .push(" RETURNING key, 0, 0");
     }
+    if !parents.is_empty() {
+        // Read under the write lock: a revocation or ban committed before
+        // this transaction is seen, one after it cannot have been missed.
+        let qb = script.stmt(
+            "SELECT i.serial, r.serial AS revoked, rr.serial AS root_revoked, n.status FROM issued_credentials i",
+        );
+        qb.push(STANDING_JOINS).push("WHERE i.serial IN (");
+        let mut sep = qb.separated(", ");
+        for p in &parents {
+            sep.push_bind(p.to_string());
+        }
+        qb.push(")");
+    }
     if let Some(before) = purge_before {
         script
             .silent("DELETE FROM replay_cache WHERE expires_at < ")
@@ -271,9 +288,10 @@ async fn write_batch_inner(
     let (mut tail_seq, mut tail_hash) = (0u64, GENESIS);
     let mut consumed = HashSet::new();
     let mut recorded: HashSet<String> = HashSet::new();
+    let mut standing: HashMap<String, Option<ErrorCode>> = HashMap::new();
     for row in rows {
         // Told apart by width: the chain tail has two columns, consumed
-        // join tokens one, recorded replay keys three.
+        // join tokens one, recorded replay keys three, parents four.
         match row.len() {
             2 => {
                 let seq: i64 = row.try_get(0)?;
@@ -282,6 +300,19 @@ async fn write_batch_inner(
             }
             3 => {
                 recorded.insert(row.try_get(0)?);
+            }
+            4 => {
+                let revoked: Option<String> = row.try_get(1)?;
+                let root_revoked: Option<String> = row.try_get(2)?;
+                let node: Option<String> = row.try_get(3)?;
+                let code = if revoked.is_some() || root_revoked.is_some() {
+                    Some(ErrorCode::SvidRevoked)
+                } else if node.as_deref() == Some(crate::NodeStatus::Banned.as_str()) {
+                    Some(ErrorCode::NodeBanned)
+                } else {
+                    None
+                };
+                standing.insert(row.try_get(0)?, code);
             }
             _ => {
                 consumed.insert(hash32(row.try_get(0)?, "token_hash")?);
@@ -321,6 +352,13 @@ async fn write_batch_inner(
         .iter()
         .enumerate()
         .map(|(i, c)| {
+            if let Some(p) = &c.parent {
+                match standing.get(p) {
+                    Some(None) => {}
+                    Some(Some(code)) => return Some(*code),
+                    None => return Some(ErrorCode::SvidInvalid),
+                }
+            }
             if let Some(r) = &c.consume_replay {
                 let first = first_replay.get(r.key.as_str()).map(|(f, _)| *f);
                 if !recorded.contains(&r.key) || first != Some(i) {
@@ -362,10 +400,48 @@ async fn write_batch_inner(
         .filter_map(|(c, _)| c.issued.as_ref())
         .collect();
     let mut script = Script::new();
+    // A refused commit leaves nothing behind: a token it consumed, or a
+    // replay key it recorded, before another of its checks refused it is
+    // put back as it was.
+    let mut unconsume = Vec::new();
+    let mut unrecord = Vec::new();
+    for (i, (c, r)) in commits.iter().zip(&rejected).enumerate() {
+        if r.is_none() {
+            continue;
+        }
+        if let Some(h) = c.consume_join_token
+            && consumed.contains(&h)
+            && first_use.get(&h) == Some(&i)
+        {
+            unconsume.push(h);
+        }
+        if let Some(k) = &c.consume_replay
+            && recorded.contains(&k.key)
+            && first_replay.get(k.key.as_str()).map(|(f, _)| *f) == Some(i)
+        {
+            unrecord.push(k.key.clone());
+        }
+    }
+    if !unconsume.is_empty() {
+        let qb = script.silent("UPDATE join_tokens SET used_at = NULL WHERE token_hash IN (");
+        let mut sep = qb.separated(", ");
+        for h in &unconsume {
+            sep.push_bind(h.to_vec());
+        }
+        qb.push(")");
+    }
+    if !unrecord.is_empty() {
+        let qb = script.silent("DELETE FROM replay_cache WHERE key IN (");
+        let mut sep = qb.separated(", ");
+        for k in &unrecord {
+            sep.push_bind(k.clone());
+        }
+        qb.push(")");
+    }
     if !issued.is_empty() {
         let qb = script.stmt(
             "INSERT INTO issued_credentials (serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, \
-             evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id) ",
+             evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at) ",
         );
         qb.push_values(&issued, |mut b, i| {
             b.push_bind(i.serial.clone())
@@ -379,7 +455,10 @@ async fn write_batch_inner(
                 .push_bind(i.policy.clone())
                 .push_bind(i.parent_serial.clone())
                 .push_bind(i.public_key_sha256.clone())
-                .push_bind(i.ca_key_id.clone());
+                .push_bind(i.ca_key_id.clone())
+                .push_bind(i.origin.map_or("", herald_core::Origin::as_str))
+                .push_bind(i.root_serial.clone())
+                .push_bind(i.root_at);
         });
     }
     push_audit_insert(script.stmt(""), &chain);
@@ -391,7 +470,7 @@ async fn write_batch_inner(
         .zip(&chain)
         .map(|(r, row)| match r {
             None => Committed::Done { audit_seq: row.0 },
-            Some(code) => Committed::TokenRejected(code),
+            Some(code) => Committed::Refused(code),
         })
         .collect())
 }

@@ -1,0 +1,240 @@
+//! The one issuer: an authorized [`Grant`] for a decided identity becomes
+//! the credential and the record the store keeps of it — X.509 SVIDs,
+//! JWT-SVIDs and session credentials alike, each record carrying its
+//! lineage.
+
+use herald_ca::csr::{MAX_CSR_LEN, verify_csr};
+use herald_ca::{IssuedX509, JwtSvidClaims, X509Grant, sha256_hex};
+use herald_cloud_creds::{MintRequest, SessionCredentials};
+use herald_core::{AuditEvent, ErrorCode, Origin};
+use herald_policy::{Decision, Grant};
+use herald_store::IssuedCredential;
+use time::OffsetDateTime;
+
+use crate::decision::{Parent, RequestedCredential};
+use crate::status::Refusal;
+use crate::{CaState, Shared};
+
+/// Longest session name AWS accepts.
+const SESSION_NAME_MAX: usize = 64;
+
+/// An issued credential.
+#[derive(Debug)]
+pub enum Issued {
+    /// An X.509 SVID and the trust anchors.
+    X509 {
+        /// The certificate and its serial.
+        issued: IssuedX509,
+        /// X.509 authorities, DER.
+        bundle: Vec<Vec<u8>>,
+    },
+    /// A JWT-SVID.
+    Jwt {
+        /// JWS compact.
+        token: String,
+    },
+    /// Session credentials.
+    Cloud {
+        /// The credentials.
+        creds: SessionCredentials,
+        /// The role assumed.
+        role_arn: String,
+        /// The session name.
+        session_name: String,
+    },
+}
+
+/// Where a new credential sits: how its lineage began and what it
+/// descends from (`None`: it is a root, issued on fresh evidence).
+#[derive(Debug, Clone)]
+pub struct Lineage {
+    /// How the lineage began.
+    pub origin: Origin,
+    /// The credential presented to get this one.
+    pub parent: Option<Parent>,
+}
+
+/// Checks an AWS-style session name: 2–64 of `[\w+=,.@-]`.
+pub fn valid_session_name(name: &str) -> bool {
+    (2..=SESSION_NAME_MAX).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b))
+}
+
+fn random_serial() -> Result<String, Refusal> {
+    let mut b = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut b)
+        .map_err(|_| Refusal::new(ErrorCode::Internal, "random source failed"))?;
+    Ok(hex::encode(b))
+}
+
+/// Signs the credential `grant` allows for `decision`'s identity, from the
+/// material `wanted` carries (the CSR, the session name), and builds its
+/// record: serial, validity, evidence (from the audit event), policy,
+/// lineage.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn issue(
+    shared: &Shared,
+    ca: &CaState,
+    decision: &Decision,
+    grant: &Grant,
+    wanted: &RequestedCredential,
+    lineage: &Lineage,
+    audit: &AuditEvent,
+    now: i64,
+) -> Result<(Issued, IssuedCredential), Refusal> {
+    let record = |kind: &str,
+                  serial: String,
+                  not_before: i64,
+                  not_after: i64,
+                  key_digest: String,
+                  key_id: &str| {
+        let (root_serial, root_at) = match &lineage.parent {
+            Some(p) => (p.root_serial.clone(), p.root_at),
+            None => (serial.clone(), now),
+        };
+        IssuedCredential {
+            serial,
+            kind: kind.into(),
+            spiffe_id: decision.spiffe_id.to_string(),
+            not_before,
+            not_after,
+            issued_at: now,
+            evidence_type: audit
+                .evidence_type
+                .map_or_else(String::new, |e| e.as_str().to_owned()),
+            evidence_digest: audit.evidence_digest.clone(),
+            policy: Some(decision.policy.clone()),
+            parent_serial: lineage.parent.as_ref().map(|p| p.serial.clone()),
+            public_key_sha256: key_digest,
+            ca_key_id: key_id.to_owned(),
+            origin: Some(lineage.origin),
+            root_serial,
+            root_at,
+        }
+    };
+    match (grant, wanted) {
+        (Grant::X509Svid { ttl, dns_names }, RequestedCredential::X509Svid { csr, .. }) => {
+            if csr.len() > MAX_CSR_LEN {
+                return Err(Refusal::new(
+                    ErrorCode::RequestTooLarge,
+                    "CSR exceeds its size cap",
+                ));
+            }
+            let csr = verify_csr(csr)?;
+            if lineage
+                .parent
+                .as_ref()
+                .is_some_and(|p| p.spki_sha256 == csr.spki_sha256)
+            {
+                return Err(Refusal::new(
+                    ErrorCode::RenewSameKey,
+                    "the CSR reuses the key of the SVID presented for it",
+                ));
+            }
+            let issued = ca.ca.issue_x509_svid(
+                &csr,
+                &X509Grant {
+                    spiffe_id: decision.spiffe_id.clone(),
+                    ttl: *ttl,
+                    dns_names: dns_names.clone(),
+                },
+                now,
+            )?;
+            let rec = record(
+                "x509_svid",
+                issued.serial_hex.clone(),
+                issued.not_before,
+                issued.not_after,
+                csr.spki_sha256.clone(),
+                &issued.ca_key_id,
+            );
+            Ok((
+                Issued::X509 {
+                    issued,
+                    bundle: ca.bundle.x509_authorities.clone(),
+                },
+                rec,
+            ))
+        }
+        (Grant::JwtSvid { ttl, audiences }, RequestedCredential::JwtSvid { .. }) => {
+            let serial = random_serial()?;
+            let expires_at = now + ttl.as_secs() as i64;
+            let token = ca.jwt.sign_jwt_svid(&JwtSvidClaims {
+                spiffe_id: decision.spiffe_id.clone(),
+                audiences: audiences.clone(),
+                issued_at: now,
+                expires_at,
+                jti: serial.clone(),
+                issuer: Some(shared.config.jwt_issuer()),
+            })?;
+            let rec = record(
+                "jwt_svid",
+                serial,
+                now,
+                expires_at,
+                String::new(),
+                ca.jwt.kid(),
+            );
+            Ok((Issued::Jwt { token }, rec))
+        }
+        (
+            Grant::Cloud {
+                ttl,
+                role_arn,
+                scope,
+            },
+            RequestedCredential::Cloud { session_name, .. },
+        ) => {
+            if !valid_session_name(session_name) {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidRequest,
+                    "RoleSessionName must be 2-64 characters of [A-Za-z0-9_+=,.@-]",
+                ));
+            }
+            let serial = random_serial()?;
+            let expires_at = now + ttl.as_secs() as i64;
+            let at = |s: i64| {
+                OffsetDateTime::from_unix_timestamp(s)
+                    .map_err(|_| Refusal::new(ErrorCode::Internal, "time out of range"))
+            };
+            let keyring = ca.sessions();
+            let creds = keyring
+                .mint(&MintRequest {
+                    spiffe_id: decision.spiffe_id.to_string(),
+                    role_arn: role_arn.clone(),
+                    session_name: session_name.clone(),
+                    scope: scope.clone(),
+                    policy: decision.policy.clone(),
+                    serial: serial.clone(),
+                    issued_at: at(now)?,
+                    expires_at: at(expires_at)?,
+                })
+                .map_err(|e| {
+                    tracing::error!(error = %e, "minting session credentials failed");
+                    Refusal::new(ErrorCode::Internal, "minting session credentials failed")
+                })?;
+            let rec = record(
+                "cloud_session",
+                serial,
+                now,
+                expires_at,
+                sha256_hex(creds.access_key_id.as_bytes()),
+                keyring.active_id(),
+            );
+            Ok((
+                Issued::Cloud {
+                    creds,
+                    role_arn: role_arn.clone(),
+                    session_name: session_name.clone(),
+                },
+                rec,
+            ))
+        }
+        _ => Err(Refusal::new(
+            ErrorCode::Internal,
+            "the grant does not match the credential asked for",
+        )),
+    }
+}
