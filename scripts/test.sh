@@ -7,4 +7,7 @@ bash scripts/install-deps.sh
 if [ -z "${HERALD_TEST_PG_URL:-}" ]; then
   bash scripts/ensure-postgres.sh
 fi
+# The house rules first: formatting and lints, as CI enforces them.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

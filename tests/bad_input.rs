@@ -12,7 +12,7 @@ use herald_ca::authority::CaMaterial;
 use herald_ca::{CertificateAuthority, KeyEncryptionKey, X509Grant};
 use herald_client::keys::generate_key_and_csr;
 use herald_client::{ClientError, ClientIdentity, HeraldClient};
-use herald_core::{ErrorCode, Outcome, TrustDomain};
+use herald_core::{ErrorCode, TrustDomain};
 use herald_store::{NewJoinToken, Store};
 
 fn now() -> i64 {
@@ -31,30 +31,6 @@ async fn issued_count(store_url: &str) -> i64 {
         .await
         .unwrap();
     n
-}
-
-/// Asserts a refusal carries `code` and that the newest audit record for `action` says so.
-async fn assert_refused(
-    store: &Store,
-    r: Result<impl std::fmt::Debug, ClientError>,
-    code: ErrorCode,
-    action: &str,
-) {
-    let err = r.expect_err("request should have been refused");
-    assert_eq!(err.code(), Some(code), "wrong code: {err}");
-    let records = store.audit_records(0, 100_000).await.unwrap();
-    let last = records
-        .iter()
-        .rev()
-        .find(|r| r.event.action == action)
-        .unwrap_or_else(|| panic!("no audit record for {action}"));
-    assert_eq!(
-        last.event.reason,
-        Some(code),
-        "audit record: {:?}",
-        last.event
-    );
-    assert_eq!(last.event.outcome, Outcome::Denied);
 }
 
 /// The server's CA, unsealed with the test KEK, as an insider could.

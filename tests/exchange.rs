@@ -1217,3 +1217,207 @@ async fn a_flooding_caller_is_rate_limited_before_verification_and_audited() {
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["herald-error-code"], "rate_limited");
 }
+
+/// An SVID for `id` minted with a bootstrap token, as an mTLS identity.
+async fn bootstrap_identity(env: &Env, id: &str) -> ClientIdentity {
+    let kc = keys::generate_key_and_csr().unwrap();
+    let resp = env
+        .client(None)
+        .await
+        .mint_x509_svid(&env.site.token(id), kc.csr_der)
+        .await
+        .unwrap();
+    ClientIdentity {
+        cert_chain: resp.cert_chain,
+        key_pkcs8: kc.key_pkcs8,
+    }
+}
+
+/// Asserts an exchange presenting `identity` (mTLS) is refused with `code`,
+/// audited as such.
+async fn assert_refused_with(
+    env: &Env,
+    identity: ClientIdentity,
+    req: ExchangeTokenRequest,
+    code: ErrorCode,
+) {
+    let err = env
+        .client(Some(identity))
+        .await
+        .exchange_token(req)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(code), "{err}");
+    let audit = env.last_audit().await;
+    assert_eq!(audit.reason, Some(code), "audit record of {code}");
+    assert_eq!(audit.evidence_type, Some(EvidenceType::OidcAndX509Svid));
+    assert!(audit.serial.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchanged_svid_never_renews_and_an_svid_factor_is_checked_in_full() {
+    let env = Env::start().await;
+    let td = TRUST_DOMAIN;
+    // A policy whose second factor is the caller's own SVID, and bootstrap
+    // tokens to mint such SVIDs.
+    write_bootstrap_policy(&env.policy_dir);
+    std::fs::write(
+        env.policy_dir.join("40-svc-mfa.yaml"),
+        format!(
+            r#"name: e2e-svc-mfa
+evidence:
+  oidc:
+    issuer: {}
+    audiences: [{AUD}]
+  require: [x509_svid]
+pins:
+  repository: acme/svc
+spiffe_id:
+  prefix: spiffe://{td}/ci/svc/
+  template: "spiffe://{td}/ci/svc/{{environment}}"
+grants:
+  x509_svid: {{ max_ttl: 15m }}
+"#,
+            env.issuer.issuer()
+        ),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while env.policy_status()["policies"].as_array().unwrap().len() != 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "policies not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let svc = |env_name: &str| env.token("acme/svc", "refs/heads/main", env_name);
+    let x509 = |token: String| ExchangeTokenRequest {
+        subject_token: token,
+        join_token: String::new(),
+        ttl_seconds: 0,
+        credential: Some(Wanted::X509Svid(X509SvidParams {
+            csr: keys::generate_key_and_csr().unwrap().csr_der,
+        })),
+    };
+    let prod = format!("spiffe://{td}/ci/svc/production");
+
+    // Both factors: an exchange-issued SVID...
+    let factor = bootstrap_identity(&env, &prod).await;
+    let kc = keys::generate_key_and_csr().unwrap();
+    let mut req = x509(svc("production"));
+    req.credential = Some(Wanted::X509Svid(X509SvidParams { csr: kc.csr_der }));
+    let resp = env
+        .client(Some(ClientIdentity {
+            cert_chain: factor.cert_chain.clone(),
+            key_pkcs8: factor.key_pkcs8.clone(),
+        }))
+        .await
+        .exchange_token(req)
+        .await
+        .unwrap();
+    let Some(Given::X509Svid(exchanged)) = resp.credential else {
+        panic!("no X.509 SVID");
+    };
+    assert_eq!(exchanged.spiffe_id, prod);
+    // ...which never renews: the job presents fresh evidence instead.
+    let err = env
+        .client(Some(ClientIdentity {
+            cert_chain: exchanged.cert_chain,
+            key_pkcs8: kc.key_pkcs8,
+        }))
+        .await
+        .renew_x509_svid(keys::generate_key_and_csr().unwrap().csr_der)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::CredentialNotRenewable), "{err}");
+    assert_eq!(
+        env.last_audit().await.reason,
+        Some(ErrorCode::CredentialNotRenewable)
+    );
+
+    // A revoked SVID is no factor.
+    let serial = herald_attest::svid::parse_x509_svid(&factor.cert_chain[0])
+        .unwrap()
+        .serial_hex;
+    ok(env
+        .site
+        .herald(&["revoke", "--serial", &serial, "--reason", "test"]));
+    assert_refused_with(
+        &env,
+        factor,
+        x509(svc("production")),
+        ErrorCode::SvidRevoked,
+    )
+    .await;
+
+    // Nor is one from another deployment of the same trust domain.
+    let elsewhere = Site::new();
+    let other_server = elsewhere.start();
+    let kc = keys::generate_key_and_csr().unwrap();
+    let anchors = files_bundle(&elsewhere.bundle_pem());
+    let foreign = HeraldClient::connect(&other_server.url(), &anchors, None)
+        .await
+        .unwrap()
+        .mint_x509_svid(&elsewhere.token(&prod), kc.csr_der)
+        .await
+        .unwrap();
+    assert_refused_with(
+        &env,
+        ClientIdentity {
+            cert_chain: foreign.cert_chain,
+            key_pkcs8: kc.key_pkcs8,
+        },
+        x509(svc("production")),
+        ErrorCode::SvidInvalid,
+    )
+    .await;
+
+    // Nor one whose lineage belongs to a banned node.
+    let staging = format!("spiffe://{td}/ci/svc/staging");
+    let store = env.store().await;
+    let node_serial = "5e5e5e5e5e5e5e5e".to_string();
+    store
+        .commit_node_attestation(
+            herald_store::NodeAttestation {
+                ek_hash: "ee".repeat(32),
+                spiffe_id: staging.clone(),
+                ak_name: "000b".into(),
+                policy: "e2e-nodes".into(),
+                reset_count: 1,
+                restart_count: 0,
+                firmware_version: 1,
+                golden_set: None,
+                now_s: now(),
+            },
+            herald_store::IssuedCredential {
+                serial: node_serial.clone(),
+                kind: "x509_svid".into(),
+                spiffe_id: staging.clone(),
+                not_before: now(),
+                not_after: now() + 600,
+                issued_at: now(),
+                evidence_type: "tpm".into(),
+                evidence_digest: None,
+                policy: Some("e2e-nodes".into()),
+                parent_serial: None,
+                public_key_sha256: String::new(),
+                ca_key_id: String::new(),
+                origin: Some(herald_core::Origin::Node),
+                root_serial: node_serial,
+                root_at: now(),
+            },
+            None,
+            herald_core::AuditEvent::new("node.attest", "test"),
+        )
+        .await
+        .unwrap();
+    store.close().await;
+    ok(env
+        .site
+        .herald(&["node", "ban", &staging, "--reason", "stolen"]));
+    // Minted after the ban, for the banned node's identity: not revoked by
+    // the ban's sweep, but its lineage is the banned node's.
+    let late = bootstrap_identity(&env, &staging).await;
+    assert_refused_with(&env, late, x509(svc("staging")), ErrorCode::NodeBanned).await;
+    drop(other_server);
+}

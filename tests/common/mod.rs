@@ -418,3 +418,28 @@ pub fn verifies(chain: &[Vec<u8>], anchors: &[Vec<u8>]) -> Result<(), String> {
     .map(|_| ())
     .map_err(|e| format!("{e:?}"))
 }
+
+/// Asserts a refusal carries `code` and that the newest audit record for
+/// `action` says so (denied, with that reason).
+pub async fn assert_refused<T: std::fmt::Debug>(
+    store: &herald_store::Store,
+    r: Result<T, herald_client::ClientError>,
+    code: herald_core::ErrorCode,
+    action: &str,
+) {
+    let err = r.expect_err("request should have been refused");
+    assert_eq!(err.code(), Some(code), "wrong code: {err}");
+    let records = store.audit_records(0, 100_000).await.unwrap();
+    let last = records
+        .iter()
+        .rev()
+        .find(|r| r.event.action == action)
+        .unwrap_or_else(|| panic!("no audit record for {action}"));
+    assert_eq!(
+        last.event.reason,
+        Some(code),
+        "audit record: {:?}",
+        last.event
+    );
+    assert_eq!(last.event.outcome, herald_core::Outcome::Denied);
+}

@@ -161,6 +161,16 @@ pub fn verify_x509_svid(
     trust_domain: &TrustDomain,
     now: i64,
 ) -> Result<SvidInfo, SvidError> {
+    let (leaf, info) = parse_leaf(chain, trust_domain)?;
+    verify_path(leaf, &chain[1..], anchors, now)?;
+    Ok(info)
+}
+
+/// The chain's leaf and what it says, if it is an X509-SVID of `trust_domain`.
+fn parse_leaf<'c>(
+    chain: &'c [Vec<u8>],
+    trust_domain: &TrustDomain,
+) -> Result<(&'c Vec<u8>, SvidInfo), SvidError> {
     let leaf = chain
         .first()
         .ok_or_else(|| SvidError::Malformed("empty certificate chain".into()))?;
@@ -170,8 +180,7 @@ pub fn verify_x509_svid(
             info.spiffe_id.trust_domain().to_string(),
         ));
     }
-    verify_path(leaf, &chain[1..], anchors, now)?;
-    Ok(info)
+    Ok((leaf, info))
 }
 
 /// RFC 5280 path validation of `leaf` for client authentication.
@@ -232,15 +241,7 @@ impl PresentedSvid {
         trust_domain: &TrustDomain,
         now: i64,
     ) -> Result<PresentedSvid, SvidError> {
-        let leaf = chain
-            .first()
-            .ok_or_else(|| SvidError::Malformed("empty certificate chain".into()))?;
-        let info = parse_x509_svid(leaf)?;
-        if info.spiffe_id.trust_domain() != trust_domain {
-            return Err(SvidError::ForeignTrustDomain(
-                info.spiffe_id.trust_domain().to_string(),
-            ));
-        }
+        let (leaf, info) = parse_leaf(chain, trust_domain)?;
         if now < info.not_before || now > info.not_after {
             return Err(SvidError::Expired);
         }

@@ -51,6 +51,24 @@
 //! firmware floor; their claims are the EK hash, AK name, firmware version,
 //! TPM counters and EK certificate fields.
 //!
+//! Join-token policies use `evidence.join_token: { purposes: [bootstrap,
+//! break_glass] }` (default `[bootstrap]`): a token created for one of
+//! those purposes, presented on its own, earns the SPIFFE ID it is bound
+//! to if that lies under `spiffe_id.prefix` (no template: the token names
+//! the identity). Their claims are `spiffe_id`, `token_id`, `created_by`
+//! and `purpose`; they grant X.509 SVIDs only. Tokens created as a second
+//! factor or a node's enrolment factor are never such evidence.
+//!
+//! Node and join-token policies' X.509 grants renew: `x509_svid: { max_ttl:
+//! 1h, max_lineage_age: 24h }` (the default age) lets a lineage renew over
+//! mTLS for that long after its fresh evidence, under the policy as it
+//! stands at each renewal ([`PolicySet::renew`]); an exchange's SVIDs never
+//! renew. A node policy's `workloads` are what [`PolicySet::workload`]
+//! grants its agent, and only a node attestation's lineage is a node.
+//!
+//! A decision grants kinds of credentials; [`Decision::authorize`] checks
+//! the one asked for (audiences, role, lifetime cap, session scope).
+//!
 //! Evaluation: candidates are the policies whose issuer equals the token's
 //! and whose audiences meet the token's (for TPM evidence: whose EK roots
 //! the EK certificate chains to), in file-name order; the first whose
