@@ -378,3 +378,137 @@ async fn fetch_jwks(issuer: &TestIssuer) -> Vec<u8> {
         .unwrap()
         .to_vec()
 }
+
+/// `n − s` for a P-256 signature's `s` (big-endian, 32 bytes).
+fn p256_negate(s: &[u8]) -> Vec<u8> {
+    const N: [u8; 32] = [
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63,
+        0x25, 0x51,
+    ];
+    let mut out = vec![0u8; 32];
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let mut d = i16::from(N[i]) - i16::from(s[i]) - borrow;
+        borrow = i16::from(d < 0);
+        if d < 0 {
+            d += 256;
+        }
+        out[i] = d as u8;
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_token_without_jti_is_single_use_whatever_its_signature_encoding() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (issuer, verifier) = setup().await;
+    let mut claims = gh(&issuer);
+    claims.as_object_mut().unwrap().remove("jti");
+    let token = issuer.sign(Alg::ES256, &claims);
+    let first = verifier.verify(&token, now()).await.unwrap();
+    assert!(
+        first.replay_key.starts_with("sha256:"),
+        "{}",
+        first.replay_key
+    );
+    // The other valid encoding of the same ECDSA signature: (r, n − s).
+    let (signed, sig) = token.rsplit_once('.').unwrap();
+    let raw = URL_SAFE_NO_PAD.decode(sig).unwrap();
+    let mut twin = raw[..32].to_vec();
+    twin.extend(p256_negate(&raw[32..]));
+    let twin = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(twin));
+    assert_ne!(twin, token);
+    let second = verifier.verify(&twin, now()).await.unwrap();
+    assert_eq!(
+        second.replay_key, first.replay_key,
+        "the twin must collide with the original in the replay cache"
+    );
+    assert_ne!(second.digest, first.digest);
+}
+
+#[tokio::test]
+async fn an_issuer_down_at_start_is_fetched_at_most_once_per_interval() {
+    let (issuer, verifier) = setup().await; // min_refresh_interval = 1 h
+    issuer.set_delay(Duration::from_secs(30));
+    let first = refused(&verifier, &issuer.sign(Alg::ES256, &gh(&issuer))).await;
+    assert_eq!(first.code(), ErrorCode::IssuerUnavailable, "{first}");
+    // Tokens naming the issuer (signed or not) no longer reach it: each is
+    // refused with the cause of the last failure.
+    for token in [
+        issuer.sign(Alg::ES256, &gh(&issuer)),
+        issuer.unsigned(&gh(&issuer)),
+        issuer.sign_with_unpublished_key(Alg::RS256, &gh(&issuer)),
+    ] {
+        let e = refused(&verifier, &token).await;
+        if e.code() == ErrorCode::TokenAlgorithmRefused {
+            continue; // `none` is refused before any key is looked for
+        }
+        assert_eq!(e.code(), ErrorCode::IssuerUnavailable, "{e}");
+        assert!(e.to_string().contains("last fetch failed (GET "), "{e}");
+    }
+    assert_eq!(
+        verifier.stats()[0].failures,
+        1,
+        "one fetch attempt, not one per token"
+    );
+}
+
+#[tokio::test]
+async fn issuer_failures_name_their_cause() {
+    // A certificate Herald does not trust.
+    let issuer = TestIssuer::start().await;
+    let mut cfg = config(&issuer);
+    cfg.extra_roots = None;
+    let verifier = OidcVerifier::new(vec![cfg]).unwrap();
+    let e = refused(&verifier, &issuer.sign(Alg::ES256, &gh(&issuer))).await;
+    let text = e.to_string().to_lowercase();
+    assert!(text.contains("certificate"), "{e}");
+    // Nothing listening.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let url = format!("https://127.0.0.1:{port}");
+    let mut cfg = IssuerConfig::new(&url, vec![AUD.into()]);
+    cfg.http_timeout = Duration::from_millis(500);
+    let dead = OidcVerifier::new(vec![cfg]).unwrap();
+    let mut claims = gh(&issuer);
+    claims["iss"] = json!(url);
+    let e = refused(&dead, &issuer.sign(Alg::ES256, &claims)).await;
+    assert!(e.to_string().to_lowercase().contains("refused"), "{e}");
+    // A timeout says so.
+    issuer.set_delay(Duration::from_secs(30));
+    let slow = OidcVerifier::new(vec![config(&issuer)]).unwrap();
+    let e = refused(&slow, &issuer.sign(Alg::ES256, &gh(&issuer))).await;
+    assert!(e.to_string().contains("timed out"), "{e}");
+}
+
+#[tokio::test]
+async fn a_token_without_kid_is_tried_against_a_few_keys_only() {
+    let (issuer, verifier) = setup().await;
+    let kidless = |issuer: &TestIssuer| {
+        issuer.sign_with_header(
+            Alg::ES256,
+            &json!({"alg": "ES256", "typ": "JWT"}),
+            &gh(issuer),
+        )
+    };
+    issuer.rotate(true);
+    // Two keys published: the current one is among the few tried.
+    verifier.verify(&kidless(&issuer), now()).await.unwrap();
+    let mut cfg = config(&issuer);
+    cfg.min_refresh_interval = Duration::ZERO;
+    for _ in 0..5 {
+        issuer.rotate(true);
+    }
+    let fresh = OidcVerifier::new(vec![cfg]).unwrap();
+    // Seven keys: the current one (the last published) is beyond the cap.
+    let e = refused(&fresh, &kidless(&issuer)).await;
+    assert_eq!(e.code(), ErrorCode::TokenSignatureInvalid, "{e}");
+    // With its kid it verifies.
+    fresh
+        .verify(&issuer.sign(Alg::ES256, &gh(&issuer)), now())
+        .await
+        .unwrap();
+}

@@ -22,6 +22,9 @@ use super::config::{Algorithm, IssuerConfig};
 pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
 /// Most keys kept from one JWKS.
 pub const MAX_KEYS: usize = 64;
+/// Most keys a token without `kid` is tried against: each try is a
+/// signature verification an unauthenticated caller makes Herald do.
+pub const MAX_KEYS_WITHOUT_KID: usize = 4;
 
 /// One usable verification key.
 pub(crate) struct Key {
@@ -105,16 +108,23 @@ impl KeySet {
     }
 
     /// Keys that may verify a token with this `kid` and `alg`. A token
-    /// without `kid` may be verified by any key of the right type.
+    /// without `kid` may be verified by the first [`MAX_KEYS_WITHOUT_KID`]
+    /// keys of the right type.
     pub fn candidates<'a>(
         &'a self,
         kid: Option<&'a str>,
         alg: Algorithm,
     ) -> impl Iterator<Item = &'a Key> + 'a {
+        let cap = if kid.is_none() {
+            MAX_KEYS_WITHOUT_KID
+        } else {
+            usize::MAX
+        };
         self.keys
             .iter()
             .filter(move |k| kid.is_none() || k.kid.as_deref() == kid)
             .filter(move |k| k.fits(alg))
+            .take(cap)
     }
 
     /// Whether any key carries this `kid`.
@@ -138,6 +148,9 @@ pub(crate) struct IssuerKeys {
     client: Option<reqwest::Client>,
     keys: RwLock<Option<(Arc<KeySet>, Instant)>>,
     last_attempt: Mutex<Option<Instant>>,
+    /// Why the last fetch failed, for callers refused while it may not be
+    /// retried yet.
+    last_error: Mutex<Option<String>>,
     refresh: tokio::sync::Mutex<()>,
     pub stats: FetchStats,
 }
@@ -175,6 +188,7 @@ impl IssuerKeys {
             client,
             keys: RwLock::new(keys),
             last_attempt: Mutex::new(None),
+            last_error: Mutex::new(None),
             refresh: tokio::sync::Mutex::new(()),
             stats: FetchStats::default(),
         })
@@ -192,8 +206,9 @@ impl IssuerKeys {
         })
     }
 
-    /// Whether an unknown-`kid` refresh is allowed now.
-    pub fn may_refresh_for_unknown_kid(&self) -> bool {
+    /// Whether a refresh on a caller's behalf (an unknown `kid`, or no
+    /// keys yet) is allowed now: at most once per `min_refresh_interval`.
+    pub fn may_refresh(&self) -> bool {
         if self.client.is_none() {
             return false;
         }
@@ -245,9 +260,36 @@ impl IssuerKeys {
             }
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                self.record_failure(&e);
                 tracing::warn!(issuer = %self.cfg.issuer, error = %e, "JWKS refresh failed");
                 Err(e)
             }
+        }
+    }
+
+    /// The refusal while no keys are cached and a fetch may not be retried
+    /// yet, naming why the last one failed.
+    pub fn unavailable_since_last_failure(&self) -> OidcError {
+        let last = match self.last_error.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        OidcError::IssuerUnavailable(format!(
+            "no keys for {} yet; the last fetch failed ({}); retried at most every {}s",
+            self.cfg.issuer,
+            last.as_deref().unwrap_or("in progress"),
+            self.cfg.min_refresh_interval.as_secs()
+        ))
+    }
+
+    fn record_failure(&self, e: &OidcError) {
+        let text = match e {
+            OidcError::IssuerUnavailable(m) => m.clone(),
+            other => other.to_string(),
+        };
+        match self.last_error.lock() {
+            Ok(mut g) => *g = Some(text),
+            Err(p) => *p.into_inner() = Some(text),
         }
     }
 
@@ -326,13 +368,35 @@ async fn get_json(client: &reqwest::Client, url: &str) -> Result<Value, OidcErro
     serde_json::from_slice(&body).map_err(|e| unavailable(format!("GET {url}: not JSON: {e}")))
 }
 
+/// What went wrong, down to the cause an operator can act on: "timed
+/// out", "connection refused", "invalid peer certificate: UnknownIssuer",
+/// rather than reqwest's outermost "error sending request".
 fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
+    let mut causes: Vec<String> = Vec::new();
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        // Wrappers repeat their inner error's text: keep each cause once.
+        if !causes
+            .iter()
+            .any(|c| c.contains(&text) || text.contains(c.as_str()))
+        {
+            causes.push(text);
+        }
+        source = s.source();
+    }
+    let kind = if e.is_timeout() {
+        "timed out"
     } else if e.is_connect() {
-        "connection failed".into()
+        "connection failed"
+    } else if e.is_decode() || e.is_body() {
+        "bad response body"
     } else {
-        e.to_string()
+        "request failed"
+    };
+    match causes.last() {
+        Some(root) if !e.is_timeout() => format!("{kind}: {root}"),
+        _ => kind.to_owned(),
     }
 }
 

@@ -311,6 +311,14 @@ impl OidcVerifier {
             &aws_lc_rs::digest::SHA256,
             token.as_bytes(),
         ));
+        // Without a jti, the token is single-use by what the issuer signed
+        // (header and claims), never by the signature's encoding: an ECDSA
+        // signature (r, s) verifies as (r, n−s) too, so a digest of the
+        // whole token would let a replay through with the other form.
+        let signed_digest = hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            message,
+        ));
         let replay_key = match claims.get("jti") {
             Some(Value::String(j)) if !j.is_empty() && j.len() <= 256 => {
                 format!("jti:{}#{j}", cfg.issuer)
@@ -323,7 +331,7 @@ impl OidcVerifier {
             None if cfg.require_jti => {
                 return Err(OidcError::ClaimsInvalid("jti is required".into()));
             }
-            None => format!("sha256:{digest}"),
+            None => format!("sha256:{signed_digest}"),
         };
         claims::normalise(&mut claims);
         Ok(VerifiedToken {
@@ -355,11 +363,19 @@ impl OidcVerifier {
                 }
                 keys
             }
-            None => issuer.refresh(observed).await?,
+            // No keys yet (the issuer was down at start): fetch, but no
+            // more often than `min_refresh_interval` — unsigned tokens
+            // naming the issuer must not turn into a fetch each.
+            None => {
+                if !issuer.may_refresh() {
+                    return Err(issuer.unavailable_since_last_failure());
+                }
+                issuer.refresh(observed).await?
+            }
         };
         let keys = match kid {
             Some(k) if !keys.has_kid(k) => {
-                if !issuer.may_refresh_for_unknown_kid() {
+                if !issuer.may_refresh() {
                     return Err(OidcError::KeyUnknown(k.to_string()));
                 }
                 let fresh = issuer.refresh(observed).await?;
