@@ -12,10 +12,14 @@
 //!    literal start (for shared issuers one that reaches the owner, e.g.
 //!    `^repo:acme/`); `startsWith` needs a literal that reaches the owner
 //!    on shared issuers; `endsWith`/`contains` on `sub` are refused for
-//!    shared issuers. This is a syntactic check of the condition's text —
-//!    it catches the common mistakes, and the owner pin of rule 1 is what
-//!    actually bounds a shared issuer.
+//!    shared issuers. Every alternative of a regex (`a|b` at the top
+//!    level) must be bounded on its own. The check reads the compiled
+//!    expression, so every spelling is seen: `claims.sub.matches(…)`,
+//!    `claims["sub"].matches(…)`, `matches(claims.sub, …)`. It catches the
+//!    common mistakes; the owner pin of rule 1 is what actually bounds a
+//!    shared issuer.
 
+use crate::expr::Compiled;
 use crate::model::PolicyFile;
 
 /// Shared multi-tenant issuers and the claims that pin a tenant.
@@ -44,6 +48,17 @@ pub const SHARED_ISSUERS: &[(&str, &[&str])] = &[
         "https://agent.buildkite.com",
         &["organization_slug", "organization_id", "sub"],
     ),
+    // Any Google account or service account can mint an ID token for any
+    // audience: only the account itself bounds it.
+    ("https://accounts.google.com", &["sub", "email"]),
+    (
+        "https://app.terraform.io",
+        &[
+            "terraform_organization_id",
+            "terraform_organization_name",
+            "sub",
+        ],
+    ),
 ];
 
 /// The owner-pinning claims of `issuer` if it is a shared issuer.
@@ -59,8 +74,9 @@ const REGEX_META: &[char] = &[
     '.', '*', '+', '?', '[', ']', '(', ')', '{', '}', '|', '\\', '$', '^',
 ];
 
-/// Checks a parsed policy file; `Err` names the danger.
-pub(crate) fn check(file: &PolicyFile) -> Result<(), String> {
+/// Checks a parsed policy file and its compiled condition; `Err` names the
+/// danger.
+pub(crate) fn check(file: &PolicyFile, condition: Option<&Compiled>) -> Result<(), String> {
     for (k, v) in &file.pins {
         if v.as_str().is_some_and(|s| s.contains('*')) {
             return Err(format!(
@@ -82,50 +98,58 @@ pub(crate) fn check(file: &PolicyFile) -> Result<(), String> {
             owner_claims.join(", ")
         ));
     }
-    if let Some(cond) = &file.condition {
-        check_sub_matches(cond, shared.is_some())?;
+    if let Some(cond) = condition {
+        check_sub_calls(cond, shared.is_some())?;
     }
     Ok(())
 }
 
-/// Finds `sub.<method>("literal")` calls in the condition text.
-fn check_sub_matches(cond: &str, shared: bool) -> Result<(), String> {
-    for method in ["matches", "startsWith", "endsWith", "contains"] {
-        let needle = format!("sub.{method}(");
-        let mut rest = cond;
-        while let Some(pos) = rest.find(&needle) {
-            let after = &rest[pos + needle.len()..];
-            let literal = string_literal(after.trim_start());
-            let Some(lit) = literal else {
-                return Err(format!(
-                    "`sub.{method}(...)` must take a string literal so it can be checked for unbounded matches"
-                ));
-            };
-            check_one(method, &lit, shared)?;
-            rest = after;
-        }
+/// Checks every call on the `sub` claim in a compiled condition.
+fn check_sub_calls(cond: &Compiled, shared: bool) -> Result<(), String> {
+    for call in cond.sub_calls() {
+        let Some(lit) = &call.literal else {
+            return Err(format!(
+                "`sub.{}(...)` must take a string literal so it can be checked for unbounded matches",
+                call.method
+            ));
+        };
+        check_one(&call.method, lit, shared)?;
     }
     Ok(())
+}
+
+/// The top-level alternatives of a regex: `a|b(c|d)` → `a`, `b(c|d)`.
+fn alternatives(re: &str) -> Vec<&str> {
+    let (mut depth, mut class, mut escaped, mut start) = (0usize, false, false, 0usize);
+    let mut out = Vec::new();
+    for (i, c) in re.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '[' if !class => class = true,
+            ']' if class => class = false,
+            '(' if !class => depth += 1,
+            ')' if !class => depth = depth.saturating_sub(1),
+            '|' if !class && depth == 0 => {
+                out.push(&re[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&re[start..]);
+    out
 }
 
 fn check_one(method: &str, lit: &str, shared: bool) -> Result<(), String> {
     let unbounded = || format!("`sub.{method}({lit:?})` is an unbounded match on sub");
     match method {
         "matches" => {
-            let Some(body) = lit.strip_prefix('^') else {
-                return Err(format!("{}: anchor it with ^", unbounded()));
-            };
-            let literal_prefix: String = body
-                .chars()
-                .take_while(|c| !REGEX_META.contains(c))
-                .collect();
-            if literal_prefix.is_empty() || (shared && !reaches_owner(&literal_prefix)) {
-                return Err(format!(
-                    "{}: start it with a literal that names the owner",
-                    unbounded()
-                ));
+            for alt in alternatives(lit) {
+                check_one_regex(alt, shared).map_err(|how| format!("{}: {how}", unbounded()))?;
             }
         }
+
         "startsWith" => {
             if lit.is_empty() || (shared && !reaches_owner(lit)) {
                 return Err(format!("{}: the prefix must name the owner", unbounded()));
@@ -143,6 +167,22 @@ fn check_one(method: &str, lit: &str, shared: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// One alternative of a `sub` regex must be anchored and start with a
+/// literal (on a shared issuer, one that names the owner).
+fn check_one_regex(alt: &str, shared: bool) -> Result<(), String> {
+    let Some(body) = alt.strip_prefix('^') else {
+        return Err("anchor every alternative with ^".into());
+    };
+    let literal_prefix: String = body
+        .chars()
+        .take_while(|c| !REGEX_META.contains(c))
+        .collect();
+    if literal_prefix.is_empty() || (shared && !reaches_owner(&literal_prefix)) {
+        return Err("start every alternative with a literal that names the owner".into());
+    }
+    Ok(())
+}
+
 /// Whether a literal `sub` prefix reaches past the owner: GitHub
 /// `repo:OWNER/`, GitLab `project_path:GROUP/`, Buildkite `organization:ORG:`.
 fn reaches_owner(prefix: &str) -> bool {
@@ -155,30 +195,14 @@ fn reaches_owner(prefix: &str) -> bool {
     }
 }
 
-/// The content of a leading `"…"` or `'…'` literal (backslash escapes kept).
-fn string_literal(s: &str) -> Option<String> {
-    let quote = s.chars().next().filter(|c| *c == '"' || *c == '\'')?;
-    let mut out = String::new();
-    let mut escaped = false;
-    for c in s[1..].chars() {
-        if escaped {
-            out.push(c);
-            escaped = false;
-        } else if c == '\\' {
-            out.push(c);
-            escaped = true;
-        } else if c == quote {
-            return Some(out);
-        } else {
-            out.push(c);
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn check_sub_matches(cond: &str, shared: bool) -> Result<(), String> {
+        let c = Compiled::compile(cond, crate::expr::Role::Condition)?;
+        check_sub_calls(&c, shared)
+    }
 
     #[test]
     fn sub_matches_must_be_bounded() {
@@ -212,6 +236,20 @@ mod tests {
                 true,
             ),
             (r#"claims.sub.startsWith("organization:")"#, true, false),
+            // Alternation: each alternative is judged on its own.
+            (r#"claims.sub.matches("^repo:acme/|.*")"#, true, false),
+            (
+                r#"claims.sub.matches("^repo:acme/a|^repo:acme/b")"#,
+                true,
+                true,
+            ),
+            (r#"claims.sub.matches("^repo:acme/(a|b)")"#, true, true),
+            (r#"claims.sub.matches("^repo:acme/[|]x")"#, true, true),
+            // Index and global forms are the same call.
+            (r#"claims["sub"].matches(".*")"#, false, false),
+            (r#"matches(claims.sub, ".*")"#, false, false),
+            (r#"matches(claims["sub"], "^repo:")"#, true, false),
+            (r#"claims["sub"].startsWith("repo:")"#, true, false),
         ] {
             assert_eq!(
                 check_sub_matches(cond, shared).is_ok(),

@@ -1,11 +1,25 @@
 //! CEL expressions: compiled once at load, checked for the variables they
 //! use, evaluated per request against `claims` and `factors`.
+//!
+//! Herald provides two functions beside CEL's standard library:
+//! - `matches` (`s.matches(re)` and `matches(s, re)`), whose pattern must be
+//!   a string literal: every pattern is compiled once, at load, and a bad
+//!   one refuses the policy file instead of failing each request;
+//! - `segment(x)`, which returns `x` as a string if it is one safe SPIFFE ID
+//!   path segment (`[A-Za-z0-9._-]`, not `.` or `..`, not empty) and fails
+//!   otherwise. A `spiffe_id.expression` must pass every claim that reaches
+//!   the ID through it, so a claim can never inject `/`, `..`, `%` or
+//!   another trust domain.
+//!
+//! Evaluation cost is bounded at load (expression size, syntax tree size,
+//! comprehension nesting) and per request (the size of the claims).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
 
-use cel::common::ast::{EntryExpr, Expr, IdedExpr};
-use cel::{Context, Env, Program};
+use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue, operators};
+use cel::extractors::This;
+use cel::{Context, Env, ExecutionError, Program};
 use serde_json::{Map, Value};
 
 /// The variables an expression may reference.
@@ -13,6 +27,28 @@ pub const VARIABLES: &[&str] = &["claims", "factors"];
 
 /// Largest expression accepted, bytes.
 pub const MAX_EXPRESSION_BYTES: usize = 4 * 1024;
+/// Most nodes in an expression's syntax tree.
+pub const MAX_NODES: usize = 1_000;
+/// Deepest nesting of comprehensions (`all`, `exists`, `map`, `filter`):
+/// each level multiplies the work by the size of a claims list.
+pub const MAX_COMPREHENSION_DEPTH: usize = 2;
+/// Most values (scalars, list items, map entries) in the claims an
+/// expression evaluates over.
+pub const MAX_CLAIM_VALUES: usize = 4_096;
+/// Deepest nesting of the claims.
+pub const MAX_CLAIM_DEPTH: usize = 16;
+/// Longest regex pattern.
+pub const MAX_PATTERN_BYTES: usize = 1_024;
+
+/// What an expression computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A `condition`: a boolean.
+    Condition,
+    /// A `spiffe_id.expression`: a string in which every claim passes
+    /// through `segment()`.
+    SpiffeId,
+}
 
 /// The standard CEL environment, built once: building it registers every
 /// standard function, which would otherwise dominate an evaluation.
@@ -22,15 +58,55 @@ fn env() -> Arc<Env> {
 }
 
 /// Claims converted to a CEL value, once per request (shared by every
-/// expression of every candidate policy).
+/// expression of every candidate policy). Refused beyond the size bounds.
 pub fn claims_value(claims: &Map<String, Value>) -> Result<cel::Value, String> {
+    let mut count = 0usize;
+    for v in claims.values() {
+        measure(v, 1, &mut count)?;
+    }
     cel::objects::TryIntoValue::try_into_value(claims).map_err(|e| format!("claims: {e}"))
+}
+
+fn measure(v: &Value, depth: usize, count: &mut usize) -> Result<(), String> {
+    *count += 1;
+    if *count > MAX_CLAIM_VALUES || depth > MAX_CLAIM_DEPTH {
+        return Err(format!(
+            "claims exceed {MAX_CLAIM_VALUES} values or {MAX_CLAIM_DEPTH} levels"
+        ));
+    }
+    match v {
+        Value::Array(items) => items.iter().try_for_each(|i| measure(i, depth + 1, count)),
+        Value::Object(m) => m.values().try_for_each(|i| measure(i, depth + 1, count)),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `s` is one safe SPIFFE ID path segment.
+pub fn is_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// A call on the `sub` claim found in an expression: the method and its
+/// string literal argument, if it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubCall {
+    /// `matches`, `startsWith`, `endsWith` or `contains`.
+    pub method: String,
+    /// The literal pattern or prefix; `None` when it is computed.
+    pub literal: Option<String>,
 }
 
 /// A compiled expression.
 pub struct Compiled {
     program: Program,
     source: String,
+    /// Every `matches` pattern, compiled at load.
+    regexes: Arc<HashMap<String, regex::Regex>>,
+    sub_calls: Vec<SubCall>,
 }
 
 impl std::fmt::Debug for Compiled {
@@ -40,14 +116,17 @@ impl std::fmt::Debug for Compiled {
 }
 
 impl Compiled {
-    /// Compiles `source` and checks that it references only [`VARIABLES`].
-    pub fn compile(source: &str) -> Result<Self, String> {
+    /// Compiles `source` for `role`: only [`VARIABLES`], literal regex
+    /// patterns (each compiled now), bounded size and comprehension depth,
+    /// and for a SPIFFE ID every claim through `segment()`.
+    pub fn compile(source: &str, role: Role) -> Result<Self, String> {
         if source.len() > MAX_EXPRESSION_BYTES {
             return Err(format!("expression exceeds {MAX_EXPRESSION_BYTES} bytes"));
         }
         let program = Program::compile(source).map_err(|e| format!("CEL: {e}"))?;
+        let root = program.expression();
         let mut free = BTreeSet::new();
-        free_variables(program.expression(), &mut Vec::new(), &mut free);
+        free_variables(root, &mut Vec::new(), &mut free);
         let unknown: Vec<&str> = free
             .iter()
             .map(String::as_str)
@@ -59,10 +138,46 @@ impl Compiled {
                 unknown.join(", ")
             ));
         }
+        let mut shape = Shape::default();
+        shape.walk(root, 0);
+        if shape.nodes > MAX_NODES {
+            return Err(format!("expression has more than {MAX_NODES} nodes"));
+        }
+        if shape.max_depth > MAX_COMPREHENSION_DEPTH {
+            return Err(format!(
+                "comprehensions nest deeper than {MAX_COMPREHENSION_DEPTH} levels"
+            ));
+        }
+        if let Some(e) = shape.error {
+            return Err(e);
+        }
+        let mut regexes = HashMap::new();
+        for pattern in shape.patterns {
+            if pattern.len() > MAX_PATTERN_BYTES {
+                return Err(format!(
+                    "a matches() pattern exceeds {MAX_PATTERN_BYTES} bytes"
+                ));
+            }
+            let re = regex::RegexBuilder::new(&pattern)
+                .size_limit(1 << 20)
+                .build()
+                .map_err(|e| format!("matches({pattern:?}): not a valid regex: {e}"))?;
+            regexes.insert(pattern, re);
+        }
+        if role == Role::SpiffeId {
+            raw_claims(root, Flow::Value)?;
+        }
         Ok(Self {
             program,
             source: source.to_string(),
+            regexes: Arc::new(regexes),
+            sub_calls: shape.sub_calls,
         })
+    }
+
+    /// The calls on the `sub` claim (for the dangerous-policy check).
+    pub fn sub_calls(&self) -> &[SubCall] {
+        &self.sub_calls
     }
 
     fn run(&self, claims: &cel::Value, factors: &[&str]) -> Result<cel::Value, String> {
@@ -70,6 +185,49 @@ impl Compiled {
         ctx.add_variable_from_value("claims", claims.clone());
         ctx.add_variable("factors", factors)
             .map_err(|e| format!("factors: {e}"))?;
+        let regexes = self.regexes.clone();
+        ctx.add_function(
+            "matches",
+            move |This(subject): This<Arc<String>>,
+                  pattern: Arc<String>|
+                  -> Result<bool, ExecutionError> {
+                match regexes.get(pattern.as_str()) {
+                    Some(re) => Ok(re.is_match(&subject)),
+                    // Unreachable for a literal pattern; a computed one was
+                    // refused at load.
+                    None => Err(ExecutionError::function_error(
+                        "matches",
+                        "the pattern was not compiled at load",
+                    )),
+                }
+            },
+        )
+        .map_err(|e| format!("matches: {e}"))?;
+        ctx.add_function(
+            "segment",
+            |v: cel::Value| -> Result<Arc<String>, ExecutionError> {
+                let text = match v {
+                    cel::Value::String(s) => s.to_string(),
+                    cel::Value::Int(i) => i.to_string(),
+                    cel::Value::UInt(u) => u.to_string(),
+                    _ => {
+                        return Err(ExecutionError::function_error(
+                            "segment",
+                            "takes a string or an integer",
+                        ));
+                    }
+                };
+                if is_segment(&text) {
+                    Ok(Arc::new(text))
+                } else {
+                    Err(ExecutionError::function_error(
+                        "segment",
+                        "the value is not one SPIFFE ID path segment ([A-Za-z0-9._-], not . or ..)",
+                    ))
+                }
+            },
+        )
+        .map_err(|e| format!("segment: {e}"))?;
         self.program
             .execute(&ctx)
             .map_err(|e| format!("evaluation failed: {e}"))
@@ -89,6 +247,197 @@ impl Compiled {
         match self.run(claims, factors)? {
             cel::Value::String(s) => Ok(s.to_string()),
             other => Err(format!("expression returned {other:?}, not a string")),
+        }
+    }
+}
+
+/// The string literal `e` is, if it is one.
+fn literal(e: &IdedExpr) -> Option<String> {
+    match &e.expr {
+        Expr::Literal(LiteralValue::String(s)) => Some(s.inner().to_owned()),
+        _ => None,
+    }
+}
+
+/// Whether `e` is the `sub` claim: `claims.sub` or `claims["sub"]`.
+fn is_sub_claim(e: &IdedExpr) -> bool {
+    let is_claims = |o: &IdedExpr| matches!(&o.expr, Expr::Ident(n) if n == "claims");
+    match &e.expr {
+        Expr::Select(s) => s.field == "sub" && !s.test && is_claims(&s.operand),
+        Expr::Call(c) if c.func_name == operators::INDEX && c.target.is_none() => {
+            c.args.len() == 2
+                && is_claims(&c.args[0])
+                && literal(&c.args[1]).as_deref() == Some("sub")
+        }
+        _ => false,
+    }
+}
+
+/// What a walk of the syntax tree finds.
+#[derive(Default)]
+struct Shape {
+    nodes: usize,
+    max_depth: usize,
+    patterns: BTreeSet<String>,
+    sub_calls: Vec<SubCall>,
+    error: Option<String>,
+}
+
+impl Shape {
+    fn walk(&mut self, e: &IdedExpr, depth: usize) {
+        self.nodes += 1;
+        self.max_depth = self.max_depth.max(depth);
+        match &e.expr {
+            Expr::Call(c) => {
+                // Receiver form `x.f(a)` or global form `f(x, a)`.
+                let (subject, rest): (Option<&IdedExpr>, &[IdedExpr]) = match &c.target {
+                    Some(t) => (Some(t), &c.args[..]),
+                    None => (c.args.first(), c.args.get(1..).unwrap_or_default()),
+                };
+                if c.func_name == "matches" {
+                    match rest.first().and_then(literal) {
+                        Some(p) if rest.len() == 1 => {
+                            self.patterns.insert(p);
+                        }
+                        _ => {
+                            self.error.get_or_insert_with(|| {
+                                "matches() takes one string literal pattern (compiled at load)"
+                                    .into()
+                            });
+                        }
+                    }
+                }
+                if matches!(
+                    c.func_name.as_str(),
+                    "matches" | "startsWith" | "endsWith" | "contains"
+                ) && subject.is_some_and(is_sub_claim)
+                {
+                    self.sub_calls.push(SubCall {
+                        method: c.func_name.clone(),
+                        literal: rest.first().and_then(literal),
+                    });
+                }
+                if let Some(t) = &c.target {
+                    self.walk(t, depth);
+                }
+                for a in &c.args {
+                    self.walk(a, depth);
+                }
+            }
+            Expr::Select(s) => self.walk(&s.operand, depth),
+            Expr::List(l) => l.elements.iter().for_each(|el| self.walk(el, depth)),
+            Expr::Map(m) => {
+                for entry in &m.entries {
+                    self.entry(&entry.expr, depth);
+                }
+            }
+            Expr::Struct(s) => {
+                for entry in &s.entries {
+                    self.entry(&entry.expr, depth);
+                }
+            }
+            Expr::Comprehension(c) => {
+                self.walk(&c.iter_range, depth);
+                self.walk(&c.accu_init, depth);
+                self.walk(&c.loop_cond, depth + 1);
+                self.walk(&c.loop_step, depth + 1);
+                self.walk(&c.result, depth);
+            }
+            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+        }
+    }
+
+    fn entry(&mut self, e: &EntryExpr, depth: usize) {
+        match e {
+            EntryExpr::StructField(f) => self.walk(&f.value, depth),
+            EntryExpr::MapEntry(m) => {
+                self.walk(&m.key, depth);
+                self.walk(&m.value, depth);
+            }
+        }
+    }
+}
+
+/// Whether a subexpression's value can reach the result.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// Its value may become (part of) the result.
+    Value,
+    /// Only a boolean derived from it can: a comparison, a test.
+    Test,
+}
+
+/// Functions whose result is a boolean (or a number) computed from their
+/// arguments: a claim inside them cannot reach a string result.
+const TESTS: &[&str] = &[
+    operators::EQUALS,
+    operators::NOT_EQUALS,
+    operators::LESS,
+    operators::LESS_EQUALS,
+    operators::GREATER,
+    operators::GREATER_EQUALS,
+    operators::LOGICAL_AND,
+    operators::LOGICAL_OR,
+    operators::LOGICAL_NOT,
+    operators::IN,
+    operators::NOT_STRICTLY_FALSE,
+    operators::HAS,
+    "matches",
+    "startsWith",
+    "endsWith",
+    "contains",
+    "size",
+];
+
+/// Refuses a raw claim that can flow into a SPIFFE ID expression's result
+/// without passing through `segment()`.
+fn raw_claims(e: &IdedExpr, flow: Flow) -> Result<(), String> {
+    let refuse = || {
+        Err("spiffe_id.expression: pass every claim that reaches the ID through segment(), e.g. \"spiffe://td/ci/\" + segment(claims.repository_owner)".to_string())
+    };
+    match &e.expr {
+        Expr::Ident(n) if n == "claims" && flow == Flow::Value => refuse(),
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => Ok(()),
+        Expr::Select(s) => raw_claims(&s.operand, flow),
+        Expr::Call(c) if c.func_name == "segment" => Ok(()),
+        Expr::Call(c) if TESTS.contains(&c.func_name.as_str()) => {
+            if let Some(t) = &c.target {
+                raw_claims(t, Flow::Test)?;
+            }
+            c.args.iter().try_for_each(|a| raw_claims(a, Flow::Test))
+        }
+        Expr::Call(c) if c.func_name == operators::CONDITIONAL => {
+            let mut args = c.args.iter();
+            if let Some(cond) = args.next() {
+                raw_claims(cond, Flow::Test)?;
+            }
+            args.try_for_each(|a| raw_claims(a, flow))
+        }
+        Expr::Call(c) => {
+            if let Some(t) = &c.target {
+                raw_claims(t, flow)?;
+            }
+            c.args.iter().try_for_each(|a| raw_claims(a, flow))
+        }
+        Expr::List(l) => l.elements.iter().try_for_each(|el| raw_claims(el, flow)),
+        Expr::Map(m) => m.entries.iter().try_for_each(|en| match &en.expr {
+            EntryExpr::MapEntry(me) => {
+                raw_claims(&me.key, flow)?;
+                raw_claims(&me.value, flow)
+            }
+            EntryExpr::StructField(f) => raw_claims(&f.value, flow),
+        }),
+        Expr::Struct(s) => s.entries.iter().try_for_each(|en| match &en.expr {
+            EntryExpr::StructField(f) => raw_claims(&f.value, flow),
+            EntryExpr::MapEntry(me) => raw_claims(&me.value, flow),
+        }),
+        // A comprehension's result may carry claim values (`map`): judge
+        // every part as a value.
+        Expr::Comprehension(c) => {
+            raw_claims(&c.iter_range, flow)?;
+            raw_claims(&c.accu_init, flow)?;
+            raw_claims(&c.loop_step, flow)?;
+            raw_claims(&c.result, flow)
         }
     }
 }
@@ -160,43 +509,106 @@ mod tests {
 
     fn claims() -> cel::Value {
         claims_value(
-            json!({"ref": "refs/heads/main", "groups": ["a", "b"], "kubernetes.io": {"namespace": "prod"}, "ref_protected": true})
+            json!({"ref": "refs/heads/main", "ref_name": "release/admin", "owner": "acme", "id": 42, "groups": ["a", "b"], "kubernetes.io": {"namespace": "prod"}, "ref_protected": true, "sub": "repo:acme/app:ref:refs/heads/main"})
                 .as_object()
                 .unwrap(),
         )
         .unwrap()
     }
 
+    fn cond(s: &str) -> Compiled {
+        Compiled::compile(s, Role::Condition).unwrap()
+    }
+
     #[test]
     fn compiles_checks_variables_and_evaluates() {
-        let c = Compiled::compile(r#"claims.ref == "refs/heads/main" && claims.ref_protected"#)
-            .unwrap();
+        let c = cond(r#"claims.ref == "refs/heads/main" && claims.ref_protected"#);
         assert!(c.eval_bool(&claims(), &[]).unwrap());
-        let c =
-            Compiled::compile(r#"claims.groups.exists(g, g == "b") && "join_token" in factors"#)
-                .unwrap();
+        let c = cond(r#"claims.groups.exists(g, g == "b") && "join_token" in factors"#);
         assert!(c.eval_bool(&claims(), &["join_token"]).unwrap());
         assert!(!c.eval_bool(&claims(), &[]).unwrap());
-        let c = Compiled::compile(r#"claims["kubernetes.io"].namespace == "prod""#).unwrap();
+        let c = cond(r#"claims["kubernetes.io"].namespace == "prod""#);
         assert!(c.eval_bool(&claims(), &[]).unwrap());
         // A missing claim is an error, never a silent true.
-        let c = Compiled::compile(r#"claims.environment == "production""#).unwrap();
+        let c = cond(r#"claims.environment == "production""#);
         assert!(c.eval_bool(&claims(), &[]).is_err());
         // Non-bool results are errors.
-        let c = Compiled::compile("claims.ref").unwrap();
+        let c = cond("claims.ref");
         assert!(c.eval_bool(&claims(), &[]).is_err());
         assert_eq!(c.eval_string(&claims(), &[]).unwrap(), "refs/heads/main");
     }
 
     #[test]
     fn refuses_unknown_variables_and_bad_syntax() {
-        let e = Compiled::compile("request.auth == 1").unwrap_err();
+        let e = Compiled::compile("request.auth == 1", Role::Condition).unwrap_err();
         assert!(e.contains("request"), "{e}");
-        let e = Compiled::compile("claims.a == foo").unwrap_err();
+        let e = Compiled::compile("claims.a == foo", Role::Condition).unwrap_err();
         assert!(e.contains("foo"), "{e}");
-        assert!(Compiled::compile("claims.a ==").is_err());
-        assert!(Compiled::compile(&"1 + ".repeat(2000)).is_err());
+        assert!(Compiled::compile("claims.a ==", Role::Condition).is_err());
+        assert!(Compiled::compile(&"1 + ".repeat(2000), Role::Condition).is_err());
         // Comprehension variables are bound, not free.
-        Compiled::compile("claims.groups.all(x, x.size() > 0)").unwrap();
+        cond("claims.groups.all(x, x.size() > 0)");
+    }
+
+    #[test]
+    fn regexes_are_literal_compiled_at_load_and_both_forms_work() {
+        let c = cond(r#"claims.sub.matches("^repo:acme/") && matches(claims.ref, "^refs/heads/")"#);
+        assert!(c.eval_bool(&claims(), &[]).unwrap());
+        assert_eq!(c.regexes.len(), 2);
+        let e =
+            Compiled::compile(r#"claims.sub.matches(claims.ref)"#, Role::Condition).unwrap_err();
+        assert!(e.contains("string literal"), "{e}");
+        let e =
+            Compiled::compile(r#"claims.sub.matches("(unclosed")"#, Role::Condition).unwrap_err();
+        assert!(e.contains("not a valid regex"), "{e}");
+        // Both call forms and the index form are seen as calls on sub.
+        let c = cond(
+            r#"claims["sub"].startsWith("repo:acme/") || matches(claims.sub, "^repo:x/") || claims.sub.endsWith("y")"#,
+        );
+        let methods: Vec<&str> = c.sub_calls().iter().map(|s| s.method.as_str()).collect();
+        assert_eq!(methods, ["startsWith", "matches", "endsWith"]);
+    }
+
+    #[test]
+    fn cost_is_bounded() {
+        let e = Compiled::compile(
+            "claims.groups.all(a, claims.groups.all(b, claims.groups.all(c, a == b)))",
+            Role::Condition,
+        )
+        .unwrap_err();
+        assert!(e.contains("nest"), "{e}");
+        let mut big = serde_json::Map::new();
+        big.insert("xs".into(), json!(vec![1; MAX_CLAIM_VALUES + 1]));
+        assert!(claims_value(&big).is_err());
+    }
+
+    #[test]
+    fn a_spiffe_id_expression_takes_claims_only_through_segment() {
+        let id = |s: &str| Compiled::compile(s, Role::SpiffeId);
+        // A raw claim in the result is refused at load, in every spelling.
+        for bad in [
+            r#""spiffe://td/ci/" + claims.ref_name"#,
+            r#""spiffe://td/ci/" + claims["ref_name"]"#,
+            r#""spiffe://td/" + string(claims.id)"#,
+            r#"claims.owner == "acme" ? "spiffe://td/a/" + claims.ref_name : "spiffe://td/b""#,
+            r#""spiffe://td/" + claims.groups.map(g, g)[0]"#,
+        ] {
+            assert!(id(bad).is_err(), "{bad}");
+        }
+        // Through segment(): a claim with a slash fails at evaluation.
+        let c = id(r#""spiffe://td/ci/" + segment(claims.ref_name)"#).unwrap();
+        assert!(c.eval_string(&claims(), &[]).is_err());
+        let c =
+            id(r#""spiffe://td/ci/" + segment(claims.owner) + "/" + segment(claims.id)"#).unwrap();
+        assert_eq!(
+            c.eval_string(&claims(), &[]).unwrap(),
+            "spiffe://td/ci/acme/42"
+        );
+        // Claims in tests (conditions inside the expression) are fine.
+        let c = id(r#"claims.owner == "acme" ? "spiffe://td/a" : "spiffe://td/b""#).unwrap();
+        assert_eq!(c.eval_string(&claims(), &[]).unwrap(), "spiffe://td/a");
+        for bad in ["", ".", "..", "a/b", "a%2fb", "é"] {
+            assert!(!is_segment(bad), "{bad:?}");
+        }
     }
 }

@@ -374,6 +374,21 @@ impl Policy {
         }
     }
 
+    /// The purpose a join token must have been made for to be this
+    /// policy's extra factor: a TPM policy's enrolment factor, an OIDC
+    /// policy's second factor.
+    fn factor_purpose(&self) -> JoinTokenPurpose {
+        match self.primary {
+            Primary::Tpm(_) => JoinTokenPurpose::NodeEnrolment,
+            _ => JoinTokenPurpose::SecondFactor,
+        }
+    }
+
+    /// Whether `j` is a factor of this policy for `id`.
+    fn join_factor_holds(&self, j: &VerifiedJoinToken, id: &SpiffeId) -> bool {
+        j.spiffe_id == *id && j.purpose == self.factor_purpose() && j.serves(&self.name)
+    }
+
     /// The evidence this policy is about: `oidc`, `tpm` or `join_token`.
     pub fn evidence_kind(&self) -> &'static str {
         self.primary.name()
@@ -484,19 +499,54 @@ impl Policy {
                 }
             }
         }
-        let mut present: Vec<&str> = vec![self.primary.name()];
-        if evidence.join_token.is_some() && !matches!(self.primary, Primary::JoinToken { .. }) {
-            present.push("join_token");
-        }
-        if evidence.x509_svid.is_some() {
-            present.push("x509_svid");
-        }
         let converted = || {
             cel_claims
                 .get_or_init(|| expr::claims_value(claims))
                 .as_ref()
                 .map_err(Clone::clone)
         };
+        // The identity first: the extra factors a condition may test are
+        // only those bound to it.
+        let escape = |e: String| {
+            deny(
+                ErrorCode::SpiffeIdEscapesPrefix,
+                format!("policy {}: {e}", self.name),
+            )
+        };
+        let primary_only = [self.primary.name()];
+        let text = match &self.id_rule {
+            IdRule::Template(t) => t.render(claims).map_err(escape)?,
+            IdRule::Expression(c) => converted()
+                .and_then(|v| c.eval_string(v, &primary_only))
+                .map_err(escape)?,
+            IdRule::Bound => evidence
+                .join_token
+                .as_ref()
+                .map(|t| t.spiffe_id.to_string())
+                .ok_or_else(|| escape("no join token to take the identity from".into()))?,
+        };
+        let spiffe_id = SpiffeId::parse(&text)
+            .map_err(|e| escape(format!("built SPIFFE ID is invalid: {e}")))?;
+        self.check_under_prefix(&spiffe_id)?;
+        // `"x509_svid" in factors` is never weaker than `require:
+        // [x509_svid]`: a factor is listed only when it is bound to this
+        // identity (and a join token only when made for this policy).
+        let mut present: Vec<&str> = vec![self.primary.name()];
+        if !matches!(self.primary, Primary::JoinToken { .. })
+            && evidence
+                .join_token
+                .as_ref()
+                .is_some_and(|j| self.join_factor_holds(j, &spiffe_id))
+        {
+            present.push("join_token");
+        }
+        if evidence
+            .x509_svid
+            .as_ref()
+            .is_some_and(|s| s.spiffe_id == spiffe_id)
+        {
+            present.push("x509_svid");
+        }
         if let Some(cond) = &self.condition {
             let result = converted().and_then(|c| cond.eval_bool(c, &present));
             match result {
@@ -515,26 +565,7 @@ impl Policy {
                 }
             }
         }
-        let escape = |e: String| {
-            deny(
-                ErrorCode::SpiffeIdEscapesPrefix,
-                format!("policy {}: {e}", self.name),
-            )
-        };
-        let text = match &self.id_rule {
-            IdRule::Template(t) => t.render(claims).map_err(escape)?,
-            IdRule::Expression(c) => converted()
-                .and_then(|v| c.eval_string(v, &present))
-                .map_err(escape)?,
-            IdRule::Bound => evidence
-                .join_token
-                .as_ref()
-                .map(|t| t.spiffe_id.to_string())
-                .ok_or_else(|| escape("no join token to take the identity from".into()))?,
-        };
-        let spiffe_id = SpiffeId::parse(&text)
-            .map_err(|e| escape(format!("built SPIFFE ID is invalid: {e}")))?;
-        self.check_under_prefix(&spiffe_id)?;
+
         let (mut factors, origin) = match &self.primary {
             Primary::Oidc { .. } => (vec![Factor::Oidc], Origin::Exchange),
             Primary::Tpm(_) => (vec![Factor::Tpm], Origin::Node),
@@ -546,12 +577,7 @@ impl Policy {
                 },
             ),
         };
-        // The role a join token may play as this policy's extra factor: a
-        // TPM policy's enrolment factor, an OIDC policy's second factor.
-        let factor_purpose = match self.primary {
-            Primary::Tpm(_) => JoinTokenPurpose::NodeEnrolment,
-            _ => JoinTokenPurpose::SecondFactor,
-        };
+        let factor_purpose = self.factor_purpose();
         // A TPM node proves extra factors when it enrols; afterwards its
         // EK is its identity and re-attestation needs the TPM alone.
         let required: &[FactorName] = if enrolled { &[] } else { &self.require };
@@ -990,7 +1016,7 @@ fn compile_one(
         }
     }
     let condition = match &file.condition {
-        Some(c) => match Compiled::compile(c) {
+        Some(c) => match Compiled::compile(c, expr::Role::Condition) {
             Ok(c) => Some(c),
             Err(e) => {
                 errors.push(err(at("condition:"), format!("condition: {e}")));
@@ -999,7 +1025,7 @@ fn compile_one(
         },
         None => None,
     };
-    if let Err(e) = danger::check(&file) {
+    if let Err(e) = danger::check(&file, condition.as_ref()) {
         errors.push(err(at("pins:").or(at("condition:")), e));
     }
 
@@ -1054,7 +1080,7 @@ fn compile_one(
                 None
             }
         },
-        (None, Some(x)) => match Compiled::compile(x) {
+        (None, Some(x)) => match Compiled::compile(x, expr::Role::SpiffeId) {
             Ok(c) => Some(IdRule::Expression(c)),
             Err(e) => {
                 errors.push(err(at("expression:"), format!("spiffe_id.expression: {e}")));

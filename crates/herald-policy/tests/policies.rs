@@ -161,9 +161,17 @@ fn evaluation_picks_the_matching_policy_and_builds_the_id() {
 
 #[test]
 fn expression_ids_are_revalidated_and_kept_under_the_prefix() {
-    let text = BASE.replace(
+    // A raw claim in an expression ID is refused at load: a branch named
+    // `release/admin` would land in another namespace.
+    let raw = BASE.replace(
         "  template: \"spiffe://dev.herald.test/svc/{service}\"",
         "  expression: '\"spiffe://dev.herald.test/svc/\" + claims.service'",
+    );
+    let e = load(&raw).unwrap_err().to_string();
+    assert!(e.contains("segment()"), "{e}");
+    let text = BASE.replace(
+        "  template: \"spiffe://dev.herald.test/svc/{service}\"",
+        "  expression: '\"spiffe://dev.herald.test/svc/\" + segment(claims.service)'",
     );
     let set = load(&text).unwrap();
     let ok = |svc: &str| {
@@ -185,7 +193,7 @@ fn expression_ids_are_revalidated_and_kept_under_the_prefix() {
     }
     let other_td = BASE.replace(
         "  template: \"spiffe://dev.herald.test/svc/{service}\"",
-        "  expression: '\"spiffe://evil.test/svc/\" + claims.service'",
+        "  expression: '\"spiffe://evil.test/svc/\" + segment(claims.service)'",
     );
     let set = load(&other_td).unwrap();
     let d = set
@@ -629,4 +637,78 @@ fn node_policies_register_workloads_and_refuse_broken_registrations() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("node identities' prefix"), "{e}");
+}
+
+#[test]
+fn more_shared_issuers_need_a_tenant_pin() {
+    for (issuer, pin) in [
+        (
+            "https://accounts.google.com",
+            "email: deployer@acme.iam.gserviceaccount.com",
+        ),
+        (
+            "https://app.terraform.io",
+            "terraform_organization_name: acme",
+        ),
+    ] {
+        let text = BASE.replace("https://issuer.example.com", issuer);
+        let e = load(&text).unwrap_err().to_string();
+        assert!(e.contains("shared by every tenant"), "{issuer}: {e}");
+        load(&text.replace("  team: core", &format!("  team: core\n  {pin}"))).unwrap();
+    }
+}
+
+#[test]
+fn a_factor_in_a_condition_is_as_bound_as_a_required_one() {
+    use herald_attest::VerifiedSvid;
+    use herald_core::Origin;
+    // No `require:`, only the condition asks for the caller's SVID.
+    let text = BASE.replace(
+        "condition: claims.env == \"prod\"",
+        "condition: claims.env == \"prod\" && \"x509_svid\" in factors",
+    );
+    let set = load(&text).unwrap();
+    let svid = |id: &str| VerifiedSvid {
+        spiffe_id: SpiffeId::parse(id).unwrap(),
+        serial: "0a".into(),
+        not_before: 0,
+        not_after: i64::MAX,
+        spki_sha256: String::new(),
+        dns_names: Vec::new(),
+        cert_sha256: String::new(),
+        origin: Origin::Bootstrap,
+        policy: None,
+        root_serial: "0a".into(),
+        root_at: 0,
+    };
+    let mut ev = oidc(
+        "https://issuer.example.com",
+        json!({"team": "core", "env": "prod", "service": "db"}),
+    );
+    // Any SVID at all used to satisfy `in factors`: one for another
+    // identity does not.
+    ev.x509_svid = Some(svid("spiffe://dev.herald.test/svc/other"));
+    assert_eq!(set.evaluate(&ev).unwrap_err().code, ErrorCode::PolicyDenied);
+    ev.x509_svid = Some(svid("spiffe://dev.herald.test/svc/db"));
+    assert!(set.evaluate(&ev).is_ok());
+    // Likewise a join token: only one bound to the identity and made as
+    // this policy's second factor counts.
+    let text = BASE.replace(
+        "condition: claims.env == \"prod\"",
+        "condition: claims.env == \"prod\" && \"join_token\" in factors",
+    );
+    let set = load(&text).unwrap();
+    ev.x509_svid = None;
+    ev.join_token = Some(token(
+        "spiffe://dev.herald.test/svc/db",
+        JoinTokenPurpose::Bootstrap,
+        &[],
+    ));
+    assert!(set.evaluate(&ev).is_err());
+    ev.join_token = Some(token(
+        "spiffe://dev.herald.test/svc/db",
+        JoinTokenPurpose::SecondFactor,
+        &["p"],
+    ));
+    assert!(set.evaluate(&ev).is_ok());
 }
