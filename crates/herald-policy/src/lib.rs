@@ -21,7 +21,8 @@
 //! spiffe_id:
 //!   prefix: spiffe://example.org/ci/github/
 //!   template: "spiffe://example.org/ci/github/{repository_owner}/{environment}"
-//!   # or: expression: '"spiffe://example.org/ci/github/" + claims.repository_owner'
+//!   # or: expression: '"spiffe://example.org/ci/github/" + segment(claims.repository_owner)'
+//!   # (every claim reaching the ID goes through segment(): one safe path segment or an error)
 //! grants:
 //!   x509_svid: { max_ttl: 15m }
 //!   jwt_svid: { max_ttl: 5m, audiences: [deployer] }
@@ -40,7 +41,8 @@
 //!
 //! At load every file is parsed strictly (unknown keys refused), every
 //! expression compiled and checked to reference only `claims` and
-//! `factors`, templates parsed, the prefix checked against the trust domain,
+//! `factors` (`matches()` patterns must be literals, compiled then; size
+//! and comprehension nesting are capped), templates parsed, the prefix checked against the trust domain,
 //! TTLs and sizes capped, cloud scopes parsed, dangerous shapes refused (see
 //! [`danger`]), and the embedded tests run. One broken file rejects the
 //! whole set, with every problem's path, line and reason; [`PolicyStore`]
