@@ -69,6 +69,7 @@ pub fn record_json(seq: u64, e: &AuditEvent, hash: &[u8; 32]) -> serde_json::Val
         "serial": e.serial,
         "outcome": e.outcome.as_str(),
         "reason": e.reason.map(|r| r.as_str()),
+        "detail": e.detail,
         "hash": hex::encode(hash),
     })
 }

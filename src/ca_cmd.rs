@@ -20,7 +20,7 @@ pub enum CaCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Prepare the next CA and/or JWT signing key now. It is published in
+    /// Prepare the next CA, JWT signing and/or audit key now. It is published in
     /// the trust bundle at once and signs only after `ca.rotation.publish_ahead`;
     /// the key it replaces stays published until everything it signed has
     /// expired. The running servers make those moves.
@@ -40,7 +40,9 @@ pub enum RotateKind {
     X509,
     /// The JWT-SVID signing key.
     Jwt,
-    /// Both.
+    /// The audit key (signs checkpoints of the audit chain).
+    Audit,
+    /// All three.
     All,
 }
 
@@ -55,9 +57,9 @@ fn rfc3339(t: i64) -> String {
 }
 
 /// Whether a key of this kind and status is in the trust bundle: X.509 and
-/// JWT keys are published until retired; session keys are never published.
+/// JWT keys are published until retired; session and audit keys never are.
 fn published(kind: &str, status: &str) -> bool {
-    kind != "session" && status != "retired"
+    kind != "session" && kind != "audit" && status != "retired"
 }
 
 /// Whether the key's rotation is due at `now`: it is active and past
@@ -86,6 +88,7 @@ async fn rotate(config: ConfigArgs, kind: RotateKind) -> Result<(), CliError> {
     let kinds: &[&str] = match kind {
         RotateKind::X509 => &["x509"],
         RotateKind::Jwt => &["jwt"],
+        RotateKind::Audit => &["audit"],
         RotateKind::All => &rotation::KINDS,
     };
     let mut result = Ok(());

@@ -208,7 +208,10 @@ enum ConfigCommand {
 
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
-    /// Recompute the audit log's hash chain and report the first broken record.
+    /// Recompute the audit log's hash chain and report the first broken
+    /// record; check it against the signed checkpoints stored with it and
+    /// against checkpoint files kept elsewhere (`--checkpoint`), which
+    /// detect truncation and rewrites with recomputed hashes.
     Verify {
         #[command(flatten)]
         config: ConfigArgs,
@@ -218,6 +221,20 @@ enum AuditCommand {
         /// Last sequence number to check (default: the end).
         #[arg(long)]
         to: Option<u64>,
+        /// A checkpoint file (from `herald audit checkpoint` or
+        /// `audit.checkpoint_dir`) the log must still match. Repeatable.
+        #[arg(long = "checkpoint")]
+        checkpoints: Vec<PathBuf>,
+    },
+    /// Sign a checkpoint of the audit chain's head now, store it, and write
+    /// it (JSON: the JWS and the signing key's public JWK) to stdout or
+    /// `--out`. Keep the file off this machine.
+    Checkpoint {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Where to write the checkpoint file (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Export audit records as JSON lines (one object per decision) for a SIEM.
     Export {
@@ -382,8 +399,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }) => svid_mint(join_token, server, bundle, out).await,
         Command::Svid(SvidCommand::Renew { server, out }) => svid_renew(server, out).await,
         Command::Svid(SvidCommand::Show { file }) => svid_show(&file),
-        Command::Audit(AuditCommand::Verify { config, from, to }) => {
-            audit_verify(config, from, to).await
+        Command::Audit(AuditCommand::Verify {
+            config,
+            from,
+            to,
+            checkpoints,
+        }) => audit_verify(config, from, to, checkpoints).await,
+        Command::Audit(AuditCommand::Checkpoint { config, out }) => {
+            audit_checkpoint(config, out).await
         }
         Command::Audit(AuditCommand::Export {
             config,
@@ -774,17 +797,100 @@ fn svid_show(file: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn audit_verify(config: ConfigArgs, from: u64, to: Option<u64>) -> Result<(), CliError> {
+async fn audit_verify(
+    config: ConfigArgs,
+    from: u64,
+    to: Option<u64>,
+    files: Vec<PathBuf>,
+) -> Result<(), CliError> {
+    use herald_server::checkpoint;
     let cfg = load_config(&config)?;
     let store = open_store(&cfg).await?;
-    let report = store.verify_audit_chain(from, to).await;
+    let result = async {
+        let report = store.verify_audit_chain(from, to).await?;
+        println!(
+            "audit chain intact: {} records (seq {}..={})",
+            report.records, report.first_seq, report.last_seq
+        );
+        // Checkpoints are trusted through the KEK: only a key that opens
+        // under it can have signed one.
+        let kek = match herald_server::authority::load_kek(&cfg) {
+            Ok(k) => k,
+            Err(e) if files.is_empty() => {
+                println!("stored checkpoints not checked: {e}");
+                return Ok(());
+            }
+            Err(e) => return Err(CliError::from(e)),
+        };
+        let keys = checkpoint::trusted_keys(&store, &kek).await?;
+        let td = cfg.trust_domain.to_string();
+        let check = |what: String, jws: String| {
+            let (store, keys, td) = (&store, &keys, &td);
+            async move {
+                let v = checkpoint::verify(store, keys, td, &jws)
+                    .await
+                    .map_err(|e| CliError::new(e.code(), format!("{what}: {e}")))?;
+                println!(
+                    "{what}: record {} matches (signed by {}; {} records since)",
+                    v.checkpoint.seq, v.key_id, v.records_after
+                );
+                Ok::<_, CliError>(())
+            }
+        };
+        let stored = store.checkpoints().await?;
+        for c in &stored {
+            check(format!("stored checkpoint {}", c.seq), c.jws.clone()).await?;
+        }
+        for path in &files {
+            let jws =
+                checkpoint::read_file(path).map_err(|e| CliError::new(e.code(), e.to_string()))?;
+            check(path.display().to_string(), jws).await?;
+        }
+        if stored.is_empty() && files.is_empty() {
+            println!("no checkpoints yet: `herald audit checkpoint` signs one");
+        }
+        Ok(())
+    }
+    .await;
     store.close().await;
-    let report = report?;
-    println!(
-        "audit chain intact: {} records (seq {}..={})",
-        report.records, report.first_seq, report.last_seq
-    );
-    Ok(())
+    result
+}
+
+async fn audit_checkpoint(config: ConfigArgs, out: Option<PathBuf>) -> Result<(), CliError> {
+    let cfg = load_config(&config)?;
+    let kek = herald_server::authority::load_kek(&cfg)?;
+    let store = open_store(&cfg).await?;
+    let result = async {
+        let ca =
+            herald_server::authority::load(&store, &cfg, &kek, herald_server::unix_now()).await?;
+        let td = cfg.trust_domain.to_string();
+        let record =
+            match herald_server::checkpoint::create(&store, &ca.audit, &td, &operator()).await? {
+                Some(r) => r,
+                None => {
+                    return Err(CliError::new(
+                        "not_found",
+                        "nothing to checkpoint: the audit log is empty or its head already has one",
+                    ));
+                }
+            };
+        let body = herald_server::checkpoint::file_json(&record, &td, &ca.audit);
+        match &out {
+            Some(path) => {
+                herald_client::files::write_atomic(path, format!("{body}\n").as_bytes(), 0o644)?;
+                eprintln!(
+                    "checkpoint of record {} written to {}",
+                    record.seq,
+                    path.display()
+                );
+            }
+            None => println!("{body}"),
+        }
+        Ok(())
+    }
+    .await;
+    store.close().await;
+    result
 }
 
 fn config_check(file: &Path) -> Result<(), CliError> {

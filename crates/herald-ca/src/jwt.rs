@@ -114,8 +114,19 @@ impl JwtSigner {
 
     /// Signs arbitrary claims with the JWT-SVID header.
     pub fn sign_claims(&self, claims: &Value) -> Result<String, CaError> {
+        self.sign_with_header(&self.header_b64, claims)
+    }
+
+    /// Signs claims under a header whose `typ` is `typ`: a signed object
+    /// that must never pass for a JWT-SVID (or the other way round).
+    pub fn sign_typed(&self, typ: &str, claims: &Value) -> Result<String, CaError> {
+        let header = json!({"alg": "ES256", "kid": self.kid, "typ": typ});
+        self.sign_with_header(&URL_SAFE_NO_PAD.encode(header.to_string()), claims)
+    }
+
+    fn sign_with_header(&self, header_b64: &str, claims: &Value) -> Result<String, CaError> {
         let mut out = String::with_capacity(512);
-        out.push_str(&self.header_b64);
+        out.push_str(header_b64);
         out.push('.');
         URL_SAFE_NO_PAD.encode_string(claims.to_string(), &mut out);
         let sig = self

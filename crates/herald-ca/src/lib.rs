@@ -7,10 +7,12 @@
 //!   X509-SVID standard.
 //! - [`jwt`]: JWT-SVIDs and Herald's other ES256 JWTs.
 //! - [`bundle`]: the trust bundle as SPIFFE JWKS and PEM.
+//! - [`checkpoint`]: signed checkpoints of the audit chain's head.
 #![forbid(unsafe_code)]
 
 pub mod authority;
 pub mod bundle;
+pub mod checkpoint;
 pub mod csr;
 pub mod jwt;
 pub mod kek;

@@ -6,6 +6,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ErrorCode, EvidenceType};
 
+/// Now, Unix milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// The result of a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -63,17 +71,18 @@ pub struct AuditEvent {
     pub outcome: Outcome,
     /// The stable error code of a refusal.
     pub reason: Option<ErrorCode>,
+    /// More about the record where one field is not enough: an aggregated
+    /// record's count and window (rate-limited floods), a checkpoint's
+    /// head. Never a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl AuditEvent {
     /// A new event stamped now, with outcome `Success` until told otherwise.
     pub fn new(action: impl Into<String>, caller: impl Into<String>) -> Self {
-        let time_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
         Self {
-            time_ms,
+            time_ms: now_ms(),
             caller: caller.into(),
             action: action.into(),
             evidence_type: None,
@@ -83,6 +92,7 @@ impl AuditEvent {
             serial: None,
             outcome: Outcome::Success,
             reason: None,
+            detail: None,
         }
     }
 

@@ -24,6 +24,8 @@ pub struct CaState {
     pub ca: CertificateAuthority,
     /// The active JWT signing key.
     pub jwt: JwtSigner,
+    /// The active audit key: signs checkpoints of the audit chain.
+    pub audit: JwtSigner,
     /// Seals and opens cloud session tokens.
     sessions: SessionKeyring,
     /// The trust bundle (every non-retired key's anchor and JWT key).
@@ -94,6 +96,12 @@ pub async fn load_or_create(
             .insert_ca_key_unless(record, &["active"], audit)
             .await?;
     }
+    if !has_active("audit") {
+        let (record, audit) = new_audit_key(cfg, kek, now, "active")?;
+        store
+            .insert_ca_key_unless(record, &["active"], audit)
+            .await?;
+    }
     if !has_active("session") {
         let ring = SessionKeyring::generate()
             .map_err(|e| ServerError::Config(format!("session keyring: {e}")))?;
@@ -155,9 +163,31 @@ pub fn new_jwt_key(
     now: i64,
     status: &str,
 ) -> Result<(CaKeyRecord, AuditEvent), ServerError> {
+    new_es256_key("jwt", "jwt_key", cfg, kek, now, status)
+}
+
+/// A new audit key (signs checkpoints of the audit chain) in `status`,
+/// sealed, with its audit event.
+pub fn new_audit_key(
+    cfg: &ServerConfig,
+    kek: &KeyEncryptionKey,
+    now: i64,
+    status: &str,
+) -> Result<(CaKeyRecord, AuditEvent), ServerError> {
+    new_es256_key("audit", "audit_key", cfg, kek, now, status)
+}
+
+fn new_es256_key(
+    kind: &str,
+    noun: &str,
+    cfg: &ServerConfig,
+    kek: &KeyEncryptionKey,
+    now: i64,
+    status: &str,
+) -> Result<(CaKeyRecord, AuditEvent), ServerError> {
     let (signer, pkcs8) = JwtSigner::generate()?;
     let record = key_record(
-        "jwt",
+        kind,
         signer.kid(),
         signer.public_point().to_vec(),
         kek.seal(signer.kid(), &pkcs8)?,
@@ -165,12 +195,12 @@ pub fn new_jwt_key(
         cfg.ca.ttl.as_secs() as i64,
         status,
     );
-    let action = if status == "active" {
-        "jwt_key.create"
+    let verb = if status == "active" {
+        "create"
     } else {
-        "jwt_key.prepare"
+        "prepare"
     };
-    Ok((record, key_audit(action, signer.kid())))
+    Ok((record, key_audit(&format!("{noun}.{verb}"), signer.kid())))
 }
 
 /// Builds the key ring in effect from the store: the active CA, JWT and
@@ -220,7 +250,8 @@ pub async fn load(
             anchors.push(anchor);
         }
     }
-    let (jwt, jwt_authorities) = load_jwt_keys(&keys, kek)?;
+    let (jwt, jwt_authorities) = load_es256_keys(&keys, kek, "jwt")?;
+    let (audit, _) = load_es256_keys(&keys, kek, "audit")?;
     let sessions = load_session_keys(&keys, kek)?;
     let bundle = TrustBundle {
         trust_domain: cfg.trust_domain.clone(),
@@ -232,6 +263,7 @@ pub async fn load(
     Ok(Arc::new(CaState {
         ca,
         jwt,
+        audit,
         sessions,
         bundle,
         x509_keys,
@@ -271,21 +303,23 @@ fn key_audit(action: &str, key_id: &str) -> AuditEvent {
 /// A published JWT key: (kid, public point).
 type JwtAuthority = (String, Vec<u8>);
 
-/// The active JWT signer and every published (non-retired) public key.
-fn load_jwt_keys(
+/// The active ES256 signer of `kind` (`jwt`, `audit`) and every
+/// non-retired public key of that kind.
+fn load_es256_keys(
     keys: &[CaKeyRecord],
     kek: &KeyEncryptionKey,
+    kind: &str,
 ) -> Result<(JwtSigner, Vec<JwtAuthority>), ServerError> {
     let active = keys
         .iter()
         .rev()
-        .find(|k| k.kind == "jwt" && k.status == "active")
-        .ok_or_else(|| ServerError::Config("the key ring has no active JWT key".into()))?;
+        .find(|k| k.kind == kind && k.status == "active")
+        .ok_or_else(|| ServerError::Config(format!("the key ring has no active {kind} key")))?;
     let pkcs8 = kek.open(&active.key_id, &active.encrypted_key)?;
     let signer = JwtSigner::from_pkcs8(&active.key_id, &pkcs8)?;
     let published = keys
         .iter()
-        .filter(|k| k.kind == "jwt" && k.status != "retired")
+        .filter(|k| k.kind == kind && k.status != "retired")
         .map(|k| (k.key_id.clone(), k.cert_der.clone()))
         .collect();
     Ok((signer, published))

@@ -64,6 +64,9 @@ pub struct ServerConfig {
     /// TPM node attestation.
     #[serde(default)]
     pub attestation: AttestationConfig,
+    /// Signed checkpoints of the audit chain.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// `true` only for `--dev`: generates a KEK file in the data directory when none is configured.
     #[serde(skip)]
     pub dev: bool,
@@ -209,6 +212,35 @@ impl Default for AttestationConfig {
 
 fn default_step_timeout() -> Duration {
     Duration::from_secs(20)
+}
+
+/// Signed checkpoints of the audit chain (see `herald audit checkpoint`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// How often a checkpoint of the chain's head is signed (when it moved).
+    #[serde(
+        default = "default_checkpoint_interval",
+        with = "humantime_serde_compat"
+    )]
+    pub checkpoint_interval: Duration,
+    /// A directory each checkpoint is also written to (ship it off the
+    /// machine); unset: the database and the OTLP span only.
+    #[serde(default)]
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval: default_checkpoint_interval(),
+            checkpoint_dir: None,
+        }
+    }
+}
+
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// X.509 SVID lifetimes.
@@ -493,6 +525,7 @@ impl ServerConfig {
             rate_limit: RateLimitConfig::default(),
             introspection: IntrospectionConfig::default(),
             attestation: AttestationConfig::default(),
+            audit: AuditConfig::default(),
             dev: true,
         })
     }
@@ -574,6 +607,9 @@ impl ServerConfig {
         let bad = |s: &str| Err(ServerError::Config(s.to_owned()));
         if self.svid.x509_ttl < Duration::from_secs(60) {
             return bad("svid.x509_ttl must be at least 1m");
+        }
+        if self.audit.checkpoint_interval < Duration::from_millis(100) {
+            return bad("audit.checkpoint_interval must be at least 100ms");
         }
         if self.join_token.default_ttl > self.join_token.max_ttl {
             return bad("join_token.default_ttl exceeds join_token.max_ttl");

@@ -14,6 +14,7 @@
 
 pub mod attestation;
 pub mod authority;
+pub mod checkpoint;
 pub mod config;
 pub mod decision;
 pub mod exchange;
@@ -323,6 +324,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             grpc_addr.to_string(),
             shutdown_rx.clone(),
         )),
+        tokio::spawn(checkpoint::run(shared.clone(), shutdown_rx.clone())),
         tokio::spawn(rotation::run(shared.clone(), kek, shutdown_rx)),
     ];
 

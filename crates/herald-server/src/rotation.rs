@@ -29,19 +29,19 @@ pub const LEASE: &str = "ca-rotation";
 
 /// The kinds of key that rotate. (Session-token keys are not published and
 /// are not rotated by this schedule.)
-pub const KINDS: [&str; 2] = ["x509", "jwt"];
+pub const KINDS: [&str; 3] = ["x509", "jwt", "audit"];
 
 /// One move of the key ring.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Generate the next key of `kind` and publish it as `prepared`.
     Prepare {
-        /// `x509` or `jwt`.
+        /// `x509`, `jwt` or `audit`.
         kind: &'static str,
     },
     /// Make `next` the signing key; the current one (if any) starts retiring.
     Activate {
-        /// `x509` or `jwt`.
+        /// `x509`, `jwt` or `audit`.
         kind: &'static str,
         /// The prepared key.
         next: String,
@@ -50,7 +50,7 @@ pub enum Step {
     },
     /// Take `key_id` out of the bundle: everything it signed has expired.
     Retire {
-        /// `x509` or `jwt`.
+        /// `x509`, `jwt` or `audit`.
         kind: &'static str,
         /// The retiring key.
         key_id: String,
@@ -146,7 +146,11 @@ fn audit(action: &str, caller: &str, key_id: &str) -> AuditEvent {
 }
 
 fn action(kind: &str, verb: &str) -> String {
-    let noun = if kind == "x509" { "ca" } else { "jwt_key" };
+    let noun = match kind {
+        "x509" => "ca",
+        "audit" => "audit_key",
+        _ => "jwt_key",
+    };
     format!("{noun}.{verb}")
 }
 
@@ -163,9 +167,10 @@ pub async fn prepare(
     let (record, mut event) = match kind {
         "x509" => authority::new_x509_key(cfg, kek, now, "prepared")?,
         "jwt" => authority::new_jwt_key(cfg, kek, now, "prepared")?,
+        "audit" => authority::new_audit_key(cfg, kek, now, "prepared")?,
         other => {
             return Err(ServerError::Config(format!(
-                "unknown key kind {other:?}: x509 or jwt"
+                "unknown key kind {other:?}: x509, jwt or audit"
             )));
         }
     };

@@ -4,7 +4,9 @@
 //! each field as a u32 big-endian length and its bytes (`0xFFFFFFFF` alone
 //! for an absent field), in the order: time_ms (8-byte i64 BE), caller,
 //! action, evidence_type, evidence_digest, policy, spiffe_id, serial,
-//! outcome, reason. The first record's `prev_hash` is 32 zero bytes.
+//! outcome, reason, and — only when present, so records written before it
+//! existed keep their hashes — detail. The first record's `prev_hash` is 32
+//! zero bytes.
 
 use aws_lc_rs::digest::{Context, SHA256};
 use herald_core::AuditEvent;
@@ -41,6 +43,9 @@ pub fn audit_hash(seq: u64, prev_hash: &[u8; 32], event: &AuditEvent) -> [u8; 32
     field(&mut ctx, event.serial.as_deref().map(str::as_bytes));
     field(&mut ctx, Some(event.outcome.as_str().as_bytes()));
     field(&mut ctx, event.reason.map(|r| r.as_str().as_bytes()));
+    if let Some(detail) = &event.detail {
+        field(&mut ctx, Some(detail.as_bytes()));
+    }
     let mut out = [0u8; 32];
     out.copy_from_slice(ctx.finish().as_ref());
     out
@@ -72,5 +77,8 @@ mod tests {
         );
         let e = base.clone().deny(herald_core::ErrorCode::JoinTokenUsed);
         assert_ne!(h, audit_hash(1, &GENESIS, &e));
+        let mut e = base.clone();
+        e.detail = Some(String::new());
+        assert_ne!(h, audit_hash(1, &GENESIS, &e), "a detail is hashed");
     }
 }

@@ -244,8 +244,25 @@ pub struct AuditChainReport {
     pub first_seq: u64,
     /// Last record checked (0 when none).
     pub last_seq: u64,
+    /// Its hash ([`GENESIS`] when none).
+    pub last_hash: [u8; 32],
     /// Records checked.
     pub records: u64,
+}
+
+/// A signed checkpoint of the audit chain's head, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointRecord {
+    /// The last record it covers.
+    pub seq: u64,
+    /// That record's hash.
+    pub hash: [u8; 32],
+    /// When it was signed, Unix milliseconds.
+    pub time_ms: i64,
+    /// The audit key that signed it.
+    pub key_id: String,
+    /// The signed checkpoint (JWS compact).
+    pub jws: String,
 }
 
 /// The datastore handle; cheap to clone.
@@ -706,6 +723,7 @@ impl Store {
         let mut report = AuditChainReport {
             first_seq: 0,
             last_seq: 0,
+            last_hash: GENESIS,
             records: 0,
         };
         let mut expected = from;
@@ -733,6 +751,7 @@ impl Store {
                     report.first_seq = rec.seq;
                 }
                 report.last_seq = rec.seq;
+                report.last_hash = rec.hash;
                 report.records += 1;
                 prev_hash = rec.hash;
                 expected += 1;
@@ -751,6 +770,26 @@ impl Store {
             });
         }
         Ok(report)
+    }
+
+    /// The audit chain's head: the last record's sequence number and hash.
+    pub async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        on_backend!(self.audit_head().await)
+    }
+
+    /// Stores a signed checkpoint with its audit record, in one transaction;
+    /// `Ok(false)` if one for that sequence number exists already.
+    pub async fn record_checkpoint(
+        &self,
+        checkpoint: &CheckpointRecord,
+        audit: AuditEvent,
+    ) -> Result<bool, StoreError> {
+        on_backend!(self.record_checkpoint(checkpoint, audit).await)
+    }
+
+    /// Every stored checkpoint, oldest first.
+    pub async fn checkpoints(&self) -> Result<Vec<CheckpointRecord>, StoreError> {
+        on_backend!(self.checkpoints().await)
     }
 
     /// Stops the writer after it drains, and closes the pool.

@@ -92,6 +92,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "lineage",
         include_str!("../migrations/postgres/0008_lineage.sql"),
     ),
+    (
+        9,
+        "audit_anchors",
+        include_str!("../migrations/postgres/0009_audit_anchors.sql"),
+    ),
 ];
 
 /// Whether `url` names a PostgreSQL database.

@@ -86,6 +86,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "lineage",
         include_str!("../migrations/sqlite/0008_lineage.sql"),
     ),
+    (
+        9,
+        "audit_anchors",
+        include_str!("../migrations/sqlite/0009_audit_anchors.sql"),
+    ),
 ];
 
 /// Opens (creating if missing) the database file and migrates it.

@@ -472,7 +472,7 @@ impl Backend {
     ) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, time_ms, caller, action, evidence_type, evidence_digest, policy, spiffe_id, serial, \
-             outcome, reason, prev_hash, hash FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+             outcome, reason, prev_hash, hash, detail FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(after_seq as i64)
         .bind(i64::from(limit))
@@ -530,7 +530,7 @@ impl Backend {
     ) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, time_ms, caller, action, evidence_type, evidence_digest, policy, spiffe_id, serial, \
-             outcome, reason, prev_hash, hash FROM audit_log \
+             outcome, reason, prev_hash, hash, detail FROM audit_log \
              WHERE seq > $1 AND time_ms >= $2 AND time_ms < $3 ORDER BY seq LIMIT $4",
         )
         .bind(after_seq as i64)
@@ -563,6 +563,65 @@ impl Backend {
                 .await?;
         }
         Ok(tx)
+    }
+}
+
+impl Backend {
+    /// The audit chain's head.
+    pub async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        let row: Option<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|(seq, hash)| Ok((seq as u64, hash32(hash, "hash")?)))
+            .transpose()
+    }
+
+    /// Stores a checkpoint and its audit record.
+    pub async fn record_checkpoint(
+        &self,
+        c: &crate::CheckpointRecord,
+        audit: AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO audit_checkpoints (seq, hash, time_ms, key_id, jws) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (seq) DO NOTHING",
+        )
+        .bind(c.seq as i64)
+        .bind(c.hash.to_vec())
+        .bind(c.time_ms)
+        .bind(&c.key_id)
+        .bind(&c.jws)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    /// Every checkpoint, oldest first.
+    pub async fn checkpoints(&self) -> Result<Vec<crate::CheckpointRecord>, StoreError> {
+        let rows: Vec<(i64, Vec<u8>, i64, String, String)> = sqlx::query_as(
+            "SELECT seq, hash, time_ms, key_id, jws FROM audit_checkpoints ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(seq, hash, time_ms, key_id, jws)| {
+                Ok(crate::CheckpointRecord {
+                    seq: seq as u64,
+                    hash: hash32(hash, "hash")?,
+                    time_ms,
+                    key_id,
+                    jws,
+                })
+            })
+            .collect()
     }
 }
 
@@ -630,6 +689,7 @@ fn audit_from_row(r: &DbRow) -> Result<AuditRecord, StoreError> {
             reason: reason
                 .map(|s| ErrorCode::from_code(&s).ok_or_else(|| corrupt("reason", &s)))
                 .transpose()?,
+            detail: r.try_get(13)?,
         },
         prev_hash: hash32(r.try_get(11)?, "prev_hash")?,
         hash: hash32(r.try_get(12)?, "hash")?,
@@ -640,7 +700,7 @@ fn audit_from_row(r: &DbRow) -> Result<AuditRecord, StoreError> {
 pub(crate) fn push_audit_insert(qb: &mut QueryBuilder<Db>, rows: &[ChainRow<'_>]) {
     qb.push(
         "INSERT INTO audit_log (seq, time_ms, caller, action, evidence_type, evidence_digest, policy, \
-         spiffe_id, serial, outcome, reason, prev_hash, hash) ",
+         spiffe_id, serial, outcome, reason, prev_hash, hash, detail) ",
     );
     qb.push_values(rows, |mut b, (seq, e, prev, hash)| {
         b.push_bind(*seq as i64)
@@ -655,7 +715,8 @@ pub(crate) fn push_audit_insert(qb: &mut QueryBuilder<Db>, rows: &[ChainRow<'_>]
             .push_bind(e.outcome.as_str())
             .push_bind(e.reason.map(|r| r.as_str()))
             .push_bind(prev.to_vec())
-            .push_bind(hash.to_vec());
+            .push_bind(hash.to_vec())
+            .push_bind(e.detail.clone());
     });
 }
 

@@ -25,12 +25,12 @@ use crate::{
     is_retryable,
 };
 
-/// The most commits folded into one transaction: at most 31 bound
-/// parameters per commit (15 for the issued record, 12 for the audit
+/// The most commits folded into one transaction: at most 33 bound
+/// parameters per commit (15 for the issued record, 14 for the audit
 /// record, a token, a replay key and its expiry, a parent), and a script's
 /// statements share SQLite's parameter limit.
-const MAX_BATCH: usize = if MAX_PARAMS / 32 < 512 {
-    MAX_PARAMS / 32
+const MAX_BATCH: usize = if MAX_PARAMS / 34 < 512 {
+    MAX_PARAMS / 34
 } else {
     512
 };
