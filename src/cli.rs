@@ -905,6 +905,7 @@ fn config_check(file: &Path) -> Result<(), CliError> {
         if dir.is_dir() {
             let opts = herald_policy::LoadOptions {
                 trust_domain: cfg.trust_domain.clone(),
+                reserved_dns_names: cfg.tls.dns_names.clone(),
             };
             let set = herald_policy::PolicySet::load_dir(dir, &opts).map_err(|e| {
                 for err in &e.0 {

@@ -33,7 +33,7 @@ pub enum PolicyCommand {
 fn options(trust_domain: &str) -> Result<LoadOptions, CliError> {
     let trust_domain = TrustDomain::new(trust_domain)
         .map_err(|e| CliError::new("invalid_request", format!("--trust-domain: {e}")))?;
-    Ok(LoadOptions { trust_domain })
+    Ok(LoadOptions::new(trust_domain))
 }
 
 fn load_failed(e: herald_policy::LoadErrors) -> CliError {

@@ -1180,7 +1180,10 @@ async fn cli_fetches_the_github_actions_token_and_writes_credentials_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_caller_is_rate_limited_before_verification_and_audited() {
-    let env = Env::start_with("[rate_limit]\nper_caller_rate = 0.01\nper_caller_burst = 3\n").await;
+    let env = Env::start_with(
+        "[rate_limit]\nper_caller_rate = 0.01\nper_caller_burst = 3\nreport_interval = \"300ms\"\n",
+    )
+    .await;
     let client = env.client(None).await;
     for _ in 0..3 {
         client
@@ -1189,15 +1192,23 @@ async fn a_flooding_caller_is_rate_limited_before_verification_and_audited() {
             .unwrap();
     }
     let fetches = env.issuer.jwks_fetches();
+    let records_before = env
+        .store()
+        .await
+        .verify_audit_chain(0, None)
+        .await
+        .unwrap()
+        .records;
     // Even a token that would be refused anyway costs the caller nothing
     // more than the refusal: no signature check, no JWKS fetch.
     env.issuer.rotate(false);
-    assert_refused(
-        &env,
-        jwt_request(&env.deploy_token(), &["deployer"]),
-        ErrorCode::RateLimited,
-    )
-    .await;
+    for _ in 0..20 {
+        let err = client
+            .exchange_token(jwt_request(&env.deploy_token(), &["deployer"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::RateLimited), "{err}");
+    }
     assert_eq!(env.issuer.jwks_fetches(), fetches);
     // Over HTTP too, as OAuth's and STS's throttling answers.
     let resp = reqwest::Client::new()
@@ -1216,6 +1227,49 @@ async fn a_flooding_caller_is_rate_limited_before_verification_and_audited() {
         .unwrap();
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["herald-error-code"], "rate_limited");
+    // The flood is audited in aggregate: one record per caller per
+    // interval, with its count and what it asked for, not one durable
+    // write per refusal.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (summaries, counted) = loop {
+        let store = env.store().await;
+        let records = store.audit_records(records_before, 10_000).await.unwrap();
+        store.close().await;
+        let summaries: Vec<_> = records
+            .iter()
+            .filter(|r| r.event.action == "rate_limited")
+            .map(|r| r.event.clone())
+            .collect();
+        let counted: u64 = summaries
+            .iter()
+            .map(|e| {
+                let d = e.detail.as_deref().unwrap_or_default();
+                d.split(' ').next().unwrap_or("0").parse::<u64>().unwrap()
+            })
+            .sum();
+        if counted >= 21 {
+            break (summaries, counted);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "aggregated records: {summaries:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(counted, 21);
+    assert!(
+        summaries.len() <= 3,
+        "{} records for 21 refusals",
+        summaries.len()
+    );
+    for s in &summaries {
+        assert_eq!(s.reason, Some(ErrorCode::RateLimited));
+        assert!(s.caller.starts_with("peer:127.0.0.1"), "{}", s.caller);
+        assert!(
+            s.detail.as_deref().unwrap().contains("exchange.jwt_svid x"),
+            "{s:?}"
+        );
+    }
 }
 
 /// An SVID for `id` minted with a bootstrap token, as an mTLS identity.

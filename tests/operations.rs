@@ -75,6 +75,30 @@ fn the_example_config_passes_config_check_and_a_broken_one_does_not() {
     let out = herald(&["config", "check", f.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("p.yaml"), "{}", stderr(&out));
+    // The shipped policies register web.internal: a server that calls
+    // itself that would hand its name to a workload, and is refused.
+    let examples = repo("attestation-policies");
+    for (names, refused) in [
+        ("[\"herald.internal\"]", false),
+        ("[\"Web.Internal\"]", true),
+    ] {
+        std::fs::write(
+            &f,
+            format!(
+                "trust_domain = \"dev.herald.test\"\ndata_dir = \"/x\"\n[tls]\ndns_names = {names}\n[policy]\ndir = \"{}\"\n",
+                examples.display()
+            ),
+        )
+        .unwrap();
+        let out = herald(&["config", "check", f.to_str().unwrap()]);
+        assert_eq!(!out.status.success(), refused, "{names}: {}", stderr(&out));
+        assert_eq!(
+            stderr(&out).contains("one of the server's own names"),
+            refused,
+            "{}",
+            stderr(&out)
+        );
+    }
 }
 
 /// A multi-document Kubernetes manifest of the repository: its documents

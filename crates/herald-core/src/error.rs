@@ -120,6 +120,8 @@ error_codes! {
     CredentialNotRenewable => "credential_not_renewable", PermissionDenied, "This credential is not renewed: exchange-issued SVIDs need fresh evidence, workload SVIDs are re-issued to their agent.";
     LineageTooOld => "lineage_too_old", PermissionDenied, "The credential's lineage is older than its policy's max_lineage_age: present fresh evidence.";
     SvidRecordMismatch => "svid_record_mismatch", Unauthenticated, "The presented certificate differs from Herald's record of its serial (SPIFFE ID, key or issuing CA key).";
+    DnsNameReserved => "dns_name_reserved", PermissionDenied, "The grant names one of the server's own DNS names (tls.dns_names); no workload may pose as the server.";
+    ClientUnauthenticated => "client_unauthenticated", Unauthenticated, "The caller of an authenticated endpoint (introspection) presented no valid credential.";
     StoreUnavailable => "store_unavailable", Unavailable, "The datastore could not be reached or was busy.";
     Internal => "internal", Internal, "An internal error; details are in the server log.";
 }

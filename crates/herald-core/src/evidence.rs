@@ -18,6 +18,8 @@ pub enum EvidenceType {
     BreakGlass,
     /// The caller's current X.509 SVID, presented over mTLS.
     X509Svid,
+    /// A JWT-SVID presented as a bearer token (introspection callers).
+    JwtSvid,
     /// An operator at the command line.
     Operator,
     /// A verified OIDC ID token from a configured issuer.
@@ -43,6 +45,7 @@ impl EvidenceType {
             EvidenceType::JoinToken => "join_token",
             EvidenceType::BreakGlass => "break_glass",
             EvidenceType::X509Svid => "x509_svid",
+            EvidenceType::JwtSvid => "jwt_svid",
             EvidenceType::Operator => "operator",
             EvidenceType::Oidc => "oidc",
             EvidenceType::OidcAndJoinToken => "oidc+join_token",
@@ -58,6 +61,7 @@ impl EvidenceType {
             "join_token" => Some(EvidenceType::JoinToken),
             "break_glass" => Some(EvidenceType::BreakGlass),
             "x509_svid" => Some(EvidenceType::X509Svid),
+            "jwt_svid" => Some(EvidenceType::JwtSvid),
             "operator" => Some(EvidenceType::Operator),
             "oidc" => Some(EvidenceType::Oidc),
             "oidc+join_token" => Some(EvidenceType::OidcAndJoinToken),

@@ -127,6 +127,24 @@ pub const DEFAULT_LINEAGE_AGE: Duration = Duration::from_secs(24 * 3600);
 pub struct LoadOptions {
     /// Every granted SPIFFE ID must be in this trust domain.
     pub trust_domain: TrustDomain,
+    /// The server's own DNS names (`tls.dns_names`): no workload may be
+    /// registered under one, or its SVID would pass as the server's.
+    pub reserved_dns_names: Vec<String>,
+}
+
+impl LoadOptions {
+    /// Options for `trust_domain` with no reserved DNS names.
+    pub fn new(trust_domain: TrustDomain) -> Self {
+        Self {
+            trust_domain,
+            reserved_dns_names: Vec::new(),
+        }
+    }
+}
+
+/// A DNS name as compared: case-insensitive, without the root's dot.
+pub fn dns_name_key(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// One problem found while loading.
@@ -1213,7 +1231,7 @@ fn compile_one(
     let registrations = match (&primary, file.workloads.is_empty()) {
         (_, true) => Vec::new(),
         (Some(Primary::Tpm(_)), false) => {
-            match tpm::compile_workloads(&file.workloads, &opts.trust_domain, prefix) {
+            match tpm::compile_workloads(&file.workloads, opts, prefix) {
                 Ok(r) => r,
                 Err(es) => {
                     for e in es {

@@ -200,9 +200,15 @@ pub struct Registration {
 /// Validates a policy's `workloads`.
 pub(crate) fn compile_workloads(
     specs: &[crate::model::WorkloadSpec],
-    trust_domain: &herald_core::TrustDomain,
+    opts: &crate::LoadOptions,
     node_prefix: &str,
 ) -> Result<Vec<Registration>, Vec<String>> {
+    let trust_domain = &opts.trust_domain;
+    let reserved: Vec<String> = opts
+        .reserved_dns_names
+        .iter()
+        .map(|d| crate::dns_name_key(d))
+        .collect();
     let mut errors = Vec::new();
     let mut out: Vec<Registration> = Vec::new();
     if specs.len() > MAX_REGISTRATIONS {
@@ -256,6 +262,10 @@ pub(crate) fn compile_workloads(
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
             {
                 errors.push(at(format!("dns name {d:?} is not a hostname")));
+            } else if reserved.contains(&crate::dns_name_key(d)) {
+                errors.push(at(format!(
+                    "dns name {d:?} is one of the server's own names (tls.dns_names)"
+                )));
             }
         }
         if w.jwt_audiences.iter().any(String::is_empty) {

@@ -16,9 +16,7 @@ const HOUR: i64 = 3600;
 const NOW: i64 = 1_800_000_000;
 
 fn opts() -> LoadOptions {
-    LoadOptions {
-        trust_domain: TrustDomain::new("dev.herald.test").unwrap(),
-    }
+    LoadOptions::new(TrustDomain::new("dev.herald.test").unwrap())
 }
 
 fn examples() -> PathBuf {

@@ -11,9 +11,7 @@ use herald_policy::{
 use serde_json::{Value, json};
 
 fn opts() -> LoadOptions {
-    LoadOptions {
-        trust_domain: TrustDomain::new("dev.herald.test").unwrap(),
-    }
+    LoadOptions::new(TrustDomain::new("dev.herald.test").unwrap())
 }
 
 /// A verified join token for `id`, created for `purpose` (and `policies`).
@@ -637,6 +635,28 @@ fn node_policies_register_workloads_and_refuse_broken_registrations() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("node identities' prefix"), "{e}");
+}
+
+#[test]
+fn a_workload_may_not_claim_the_servers_dns_names() {
+    let src = std::fs::read_to_string(examples().join("tpm-node.yaml")).unwrap();
+    let path = examples().join("tpm-node.yaml");
+    let mut reserved = opts();
+    reserved.reserved_dns_names = vec!["herald.example.org".into(), "Localhost".into()];
+    PolicySet::from_sources(&[(path.clone(), src.clone())], &reserved).unwrap();
+    for claim in ["herald.example.org", "HERALD.example.org.", "localhost"] {
+        let text = src.replace(
+            "dns_names: [web.internal]",
+            &format!("dns_names: [web.internal, {claim}]"),
+        );
+        assert_ne!(text, src, "the example still registers web.internal");
+        let e = PolicySet::from_sources(&[(path.clone(), text.clone())], &reserved)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("one of the server's own names"), "{claim}: {e}");
+        // Without the server's names (`herald policy check`) it loads.
+        PolicySet::from_sources(&[(path.clone(), text)], &opts()).unwrap();
+    }
 }
 
 #[test]

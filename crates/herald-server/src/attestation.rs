@@ -153,6 +153,7 @@ impl NodeAttestationApi {
         tx: &mpsc::Sender<Result<AttestResponse, Status>>,
         run: &mut Run<'_>,
     ) -> Result<(Decided, Vec<u8>), Refusal> {
+        run.admit()?;
         let shared = &*self.shared;
         let policies = shared.policies()?;
         let hello = match next_step(shared, &mut inbound).await? {
@@ -323,7 +324,7 @@ impl NodeAttestationService for NodeAttestationApi {
         &self,
         request: Request<Streaming<AttestRequest>>,
     ) -> Result<Response<Self::AttestStream>, Status> {
-        let caller = crate::svid_service::peer_of(&request);
+        let peer = request.remote_addr();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(2);
         let api = NodeAttestationApi {
@@ -331,7 +332,7 @@ impl NodeAttestationService for NodeAttestationApi {
         };
         tokio::spawn(async move {
             let shared = api.shared.clone();
-            let mut run = Run::start(&shared, "node.attest", "grpc", caller, EvidenceType::Tpm);
+            let mut run = Run::start(&shared, "node.attest", "grpc", peer, EvidenceType::Tpm);
             let span = run.span();
             let result = tracing::Instrument::instrument(
                 async {

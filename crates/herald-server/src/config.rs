@@ -85,6 +85,22 @@ pub struct ListenConfig {
     /// deployments not behind a TLS-terminating proxy should use this.
     #[serde(default)]
     pub https: Option<SocketAddr>,
+    /// Most open connections per listener; past it, new ones are closed at
+    /// once (and counted).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to send a request's head (HTTP), or its first
+    /// bytes after the TLS handshake (gRPC): a client dribbling headers is
+    /// cut off.
+    #[serde(
+        default = "default_header_read_timeout",
+        with = "humantime_serde_compat"
+    )]
+    pub header_read_timeout: Duration,
+    /// A gRPC connection with nothing read for this long is closed (live
+    /// clients answer the server's keep-alive pings well within it).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for ListenConfig {
@@ -93,8 +109,23 @@ impl Default for ListenConfig {
             grpc: SocketAddr::from(([127, 0, 0, 1], 8443)),
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
             https: None,
+            max_connections: default_max_connections(),
+            header_read_timeout: default_header_read_timeout(),
+            idle_timeout: default_idle_timeout(),
         }
     }
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// CA settings.
@@ -427,8 +458,9 @@ fn default_introspection_audience() -> String {
     "herald-introspection".to_owned()
 }
 
-/// Per-caller rate limits (token bucket per source address) on token
-/// exchange, checked before any evidence is verified.
+/// Per-caller rate limits (token bucket per source address) on every
+/// issuing call (mint, renew, node attestation, token exchange),
+/// checked before any evidence is parsed or verified.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
@@ -438,6 +470,10 @@ pub struct RateLimitConfig {
     /// Requests a caller may make at once.
     #[serde(default = "default_burst")]
     pub per_caller_burst: f64,
+    /// How often each caller's rate-limited refusals are written as one
+    /// aggregated audit record.
+    #[serde(default = "default_report_interval", with = "humantime_serde_compat")]
+    pub report_interval: Duration,
 }
 
 impl Default for RateLimitConfig {
@@ -445,8 +481,13 @@ impl Default for RateLimitConfig {
         Self {
             per_caller_rate: default_rate(),
             per_caller_burst: default_burst(),
+            report_interval: default_report_interval(),
         }
     }
+}
+
+fn default_report_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 // Generous enough for a CI fleet behind one NAT address; tight enough that
@@ -607,6 +648,12 @@ impl ServerConfig {
         let bad = |s: &str| Err(ServerError::Config(s.to_owned()));
         if self.svid.x509_ttl < Duration::from_secs(60) {
             return bad("svid.x509_ttl must be at least 1m");
+        }
+        if self.listen.max_connections == 0 {
+            return bad("listen.max_connections must be at least 1");
+        }
+        if self.listen.header_read_timeout.is_zero() || self.listen.idle_timeout.is_zero() {
+            return bad("listen.header_read_timeout and listen.idle_timeout must be positive");
         }
         if self.audit.checkpoint_interval < Duration::from_millis(100) {
             return bad("audit.checkpoint_interval must be at least 100ms");

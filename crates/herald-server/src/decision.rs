@@ -19,6 +19,7 @@
 //! their own shapes; flows only gather evidence. Nothing issues outside
 //! this module.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use herald_core::{AuditEvent, ErrorCode, EvidenceType, SpiffeId};
@@ -159,6 +160,9 @@ pub struct Run<'s> {
     shared: &'s Shared,
     span: tracing::Span,
     started: Instant,
+    action: &'static str,
+    peer: Option<IpAddr>,
+    admitted: bool,
     /// The audit event; flows fill in the caller, evidence digests, policy
     /// and SPIFFE ID as they learn them, so a refusal records how far the
     /// request got.
@@ -167,14 +171,16 @@ pub struct Run<'s> {
 
 impl<'s> Run<'s> {
     /// Starts a decision on `action` (`x509_svid.mint`, `exchange.jwt_svid`,
-    /// `node.attest`, ...) asked through `transport` by `caller`.
+    /// `node.attest`, ...) asked through `transport` from `peer` (the
+    /// audit record's caller until the evidence says more).
     pub fn start(
         shared: &'s Shared,
         action: &'static str,
         transport: &'static str,
-        caller: String,
+        peer: Option<SocketAddr>,
         evidence_type: EvidenceType,
     ) -> Run<'s> {
+        let caller = peer.map_or_else(|| "peer:unknown".to_owned(), |a| format!("peer:{a}"));
         let span = tracing::info_span!(
             "decision",
             action,
@@ -191,7 +197,27 @@ impl<'s> Run<'s> {
             shared,
             span,
             started: Instant::now(),
+            action,
+            peer: peer.map(|a| a.ip()),
+            admitted: false,
             audit,
+        }
+    }
+
+    /// Admits the request past the caller's rate limit — the first thing
+    /// every transport and flow does, before any crypto or store work. Past
+    /// the limit the refusal is counted for the caller's aggregated audit
+    /// record, never written on its own. Once per run.
+    pub fn admit(&mut self) -> Result<(), Refusal> {
+        if std::mem::replace(&mut self.admitted, true) {
+            return Ok(());
+        }
+        match self.peer {
+            Some(ip) if !self.shared.limiter.allow(ip, Instant::now()) => Err(Refusal::new(
+                ErrorCode::RateLimited,
+                "too many requests from this address; retry later",
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -330,10 +356,16 @@ impl<'s> Run<'s> {
     }
 
     /// Ends the decision with a refusal — also one decided before any
-    /// evidence was looked at (a malformed request): audited like any other.
+    /// evidence was looked at (a malformed request): audited like any other,
+    /// except rate-limited ones, which go into their caller's aggregated
+    /// record (a flood must not become a durable write per request).
     pub async fn refuse(self, r: Refusal) -> Refusal {
         let event = self.audit.clone().deny(r.code);
-        if !r.audited
+        if r.code == ErrorCode::RateLimited {
+            self.shared
+                .floods
+                .count(self.peer, self.action, herald_core::audit::now_ms());
+        } else if !r.audited
             && let Err(e) = self.shared.store.audit(event.clone()).await
         {
             self.shared.metrics.record_audit_failure();

@@ -20,10 +20,6 @@ pub struct ExchangeRequest {
     pub evidence: ExchangeEvidence,
     /// The credential wanted.
     pub credential: RequestedCredential,
-    /// Who is asking, before evidence says more (peer address, transport).
-    pub caller: String,
-    /// Which API the request came through (`grpc`, `rfc8693`, `sts`).
-    pub transport: &'static str,
 }
 
 /// A granted exchange.
@@ -46,7 +42,7 @@ pub struct Exchanged {
 }
 
 /// The audit action for the credential wanted.
-fn action(c: &RequestedCredential) -> &'static str {
+pub fn action(c: &RequestedCredential) -> &'static str {
     match c {
         RequestedCredential::X509Svid { .. } => "exchange.x509_svid",
         RequestedCredential::JwtSvid { .. } => "exchange.jwt_svid",
@@ -54,15 +50,23 @@ fn action(c: &RequestedCredential) -> &'static str {
     }
 }
 
-/// Runs one exchange. Refusals come back already audited.
-pub async fn exchange(shared: &Shared, req: ExchangeRequest) -> Result<Exchanged, Refusal> {
-    let mut run = Run::start(
-        shared,
-        action(&req.credential),
-        req.transport,
-        req.caller,
-        EvidenceType::Oidc,
-    );
+/// Starts the decision of an exchange asked through `transport`.
+pub fn start<'s>(
+    shared: &'s Shared,
+    action: &'static str,
+    transport: &'static str,
+    peer: Option<std::net::SocketAddr>,
+) -> Run<'s> {
+    Run::start(shared, action, transport, peer, EvidenceType::Oidc)
+}
+
+/// Runs one exchange on `run` (started by the transport, which may have
+/// refused malformed requests on it already). Refusals come back audited.
+pub async fn exchange(
+    shared: &Shared,
+    mut run: Run<'_>,
+    req: ExchangeRequest,
+) -> Result<Exchanged, Refusal> {
     let span = run.span();
     let result = tracing::Instrument::instrument(
         async {

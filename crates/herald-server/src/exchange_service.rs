@@ -12,8 +12,8 @@ use herald_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::Shared;
-use crate::decision::{RequestedCredential, Run};
-use crate::exchange::{ExchangeEvidence, ExchangeRequest, exchange};
+use crate::decision::RequestedCredential;
+use crate::exchange::{ExchangeEvidence, ExchangeRequest, action, exchange, start};
 use crate::issue::Issued;
 use crate::status::Refusal;
 
@@ -49,8 +49,7 @@ impl TokenExchangeService for ExchangeApi {
         &self,
         request: Request<ExchangeTokenRequest>,
     ) -> Result<Response<ExchangeTokenResponse>, Status> {
-        let peer_ip = request.remote_addr().map(|a| a.ip());
-        let caller = crate::svid_service::peer_of(&request);
+        let peer = request.remote_addr();
         let peer_certs = crate::svid_service::peer_certs(&request);
         let req = request.into_inner();
         let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(req.ttl_seconds.into()));
@@ -69,32 +68,28 @@ impl TokenExchangeService for ExchangeApi {
             None => {
                 // Audited like any other refusal: it is still a request
                 // that carried a token.
-                let run = Run::start(
-                    &self.shared,
-                    "exchange",
-                    "grpc",
-                    caller,
-                    herald_core::EvidenceType::Oidc,
-                );
-                let refused = Refusal::new(
-                    herald_core::ErrorCode::InvalidRequest,
-                    "name the credential wanted (x509_svid, jwt_svid or cloud)",
-                );
+                let mut run = start(&self.shared, "exchange", "grpc", peer);
+                let refused = match run.admit() {
+                    Err(r) => r,
+                    Ok(()) => Refusal::new(
+                        herald_core::ErrorCode::InvalidRequest,
+                        "name the credential wanted (x509_svid, jwt_svid or cloud)",
+                    ),
+                };
                 return Err(run.refuse(refused).await.to_status());
             }
         };
+        let run = start(&self.shared, action(&credential), "grpc", peer);
         let outcome = exchange(
             &self.shared,
+            run,
             ExchangeRequest {
                 evidence: ExchangeEvidence {
                     subject_token: req.subject_token,
                     join_token: (!req.join_token.is_empty()).then_some(req.join_token),
                     peer_certs,
-                    peer_ip,
                 },
                 credential,
-                caller,
-                transport: "grpc",
             },
         )
         .await

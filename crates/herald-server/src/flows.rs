@@ -72,6 +72,7 @@ pub async fn presented_svid(
 /// a policy accepting join-token evidence must grant the identity it is
 /// bound to.
 pub async fn mint(shared: &Shared, run: &mut Run<'_>, token: &str) -> Result<Decided, Refusal> {
+    run.admit()?;
     let token = join_token(shared, run, token, TokenUse::Mint).await?;
     let hash = token.hash;
     let evidence = Evidence {
@@ -92,6 +93,7 @@ pub async fn renew(
     run: &mut Run<'_>,
     chain: Option<&[Vec<u8>]>,
 ) -> Result<Decided, Refusal> {
+    run.admit()?;
     if let Some(leaf) = chain.and_then(<[_]>::first) {
         run.audit.evidence_digest = Some(herald_ca::sha256_hex(leaf));
     }
@@ -114,6 +116,7 @@ pub async fn node(
     run: &mut Run<'_>,
     chain: Option<&[Vec<u8>]>,
 ) -> Result<VerifiedSvid, Refusal> {
+    run.admit()?;
     let node = presented_svid(shared, chain).await?;
     run.audit.caller = node.spiffe_id.to_string();
     run.audit.evidence_digest = Some(node.cert_sha256.clone());
@@ -153,8 +156,6 @@ pub struct ExchangeEvidence {
     pub join_token: Option<String>,
     /// The caller's SVID chain from mTLS.
     pub peer_certs: Option<Vec<Vec<u8>>>,
-    /// The caller's address, for per-caller rate limiting.
-    pub peer_ip: Option<std::net::IpAddr>,
 }
 
 /// Token exchange: the OIDC token is the evidence (rate-limited per caller
@@ -165,15 +166,8 @@ pub async fn exchange(
     run: &mut Run<'_>,
     ev: &ExchangeEvidence,
 ) -> Result<(Decided, VerifiedToken), Refusal> {
+    run.admit()?;
     let state = shared.policy_state()?;
-    if let Some(ip) = ev.peer_ip
-        && !shared.limiter.allow(ip, std::time::Instant::now())
-    {
-        return Err(Refusal::new(
-            ErrorCode::RateLimited,
-            "too many requests from this address; retry later",
-        ));
-    }
     let token = state
         .oidc
         .verify(&ev.subject_token, unix_now())

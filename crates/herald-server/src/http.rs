@@ -8,7 +8,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -25,9 +25,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/bundle", get(bundle_jwks))
         .route("/v1/bundle.pem", get(bundle_pem))
-        .route("/v1/token", post(http_exchange::token_exchange))
-        .route("/v1/introspect", post(http_exchange::introspect))
-        .route("/", post(http_exchange::sts))
+        // Any method: a wrong one is refused in the endpoint's own shape,
+        // and audited, like every other refusal.
+        .route("/v1/token", any(http_exchange::token_exchange))
+        .route("/v1/introspect", any(http_exchange::introspect))
+        .route("/", any(http_exchange::sts))
         .route(
             "/.well-known/openid-configuration",
             get(http_exchange::openid_configuration),
@@ -39,84 +41,23 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Serves the routes until shutdown.
+/// Serves the routes until shutdown, within the listener limits.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
-    let app = router(shared);
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(crate::wait_shutdown(shutdown))
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "HTTP server stopped");
-    }
+    let limits = crate::listener::Limits::new(&shared.config.listen);
+    let routes = router(shared.clone());
+    crate::listener::serve_http(shared, routes, listener, None, limits, shutdown).await;
 }
 
-/// Serves the routes over TLS until shutdown. Handshakes run in their own
-/// tasks (bounded by a timeout), so a slow client never holds up accepts.
+/// Serves the routes over TLS until shutdown, within the listener limits.
 pub async fn serve_tls(
     shared: Arc<Shared>,
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     shutdown: watch::Receiver<bool>,
 ) {
-    let local = listener.local_addr();
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
-    let accept = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, peer)) = listener.accept().await else {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                let handshake = acceptor.accept(tcp);
-                if let Ok(Ok(tls)) = tokio::time::timeout(crate::HANDSHAKE_TIMEOUT, handshake).await
-                {
-                    let _ = tx.send((tls, peer)).await;
-                }
-            });
-        }
-    });
-    // tap_io: axum implements ConnectInfo<SocketAddr> for tapped listeners
-    // of any kind, which is how handlers learn the caller's address here.
-    let listener =
-        axum::serve::ListenerExt::tap_io(TlsListener { rx, local }, |_: &mut TlsConn| {});
-    let app = router(shared).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(crate::wait_shutdown(shutdown))
-        .await
-    {
-        tracing::error!(error = %e, "HTTPS server stopped");
-    }
-    accept.abort();
-}
-
-type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-
-struct TlsListener {
-    rx: tokio::sync::mpsc::Receiver<(TlsConn, std::net::SocketAddr)>,
-    local: std::io::Result<std::net::SocketAddr>,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsConn;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(conn) => conn,
-            // The accept loop is gone (shutdown): wait for the graceful
-            // shutdown to end the server.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        match &self.local {
-            Ok(a) => Ok(*a),
-            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-        }
-    }
+    let limits = crate::listener::Limits::new(&shared.config.listen);
+    let routes = router(shared.clone());
+    crate::listener::serve_http(shared, routes, listener, Some(acceptor), limits, shutdown).await;
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {

@@ -16,8 +16,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use herald_core::ErrorCode;
 use herald_core::error::ErrorClass;
@@ -25,7 +25,8 @@ use serde_json::{Value, json};
 
 use crate::Shared;
 use crate::decision::RequestedCredential;
-use crate::exchange::{ExchangeEvidence, ExchangeRequest, exchange};
+use crate::decision::Run;
+use crate::exchange::{ExchangeEvidence, ExchangeRequest, exchange, start};
 use crate::exchange_service::iso8601;
 use crate::issue::Issued;
 use crate::status::{ERROR_CODE_METADATA, Refusal};
@@ -45,27 +46,183 @@ const STS_MAX_POLICY: usize = 2048;
 
 type Form = HashMap<String, String>;
 
-fn form(body: &[u8]) -> Result<Form, String> {
-    // Repeated keys are refused rather than silently collapsed, except
-    // RFC 8693's `audience`/`resource`, which are collected separately.
+/// A protocol-level refusal: the stable code for the audit record and the
+/// error name the endpoint's clients parse (an OAuth `error`, an STS `Code`).
+struct Protocol {
+    code: ErrorCode,
+    wire: &'static str,
+    status: StatusCode,
+    message: String,
+}
+
+impl Protocol {
+    fn new(code: ErrorCode, wire: &'static str, message: impl Into<String>) -> Self {
+        let status = match code.class() {
+            ErrorClass::ResourceExhausted if code == ErrorCode::RequestTooLarge => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ErrorClass::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self {
+            code,
+            wire,
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn method(allowed: &str, wire: &'static str) -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            ..Self::new(
+                ErrorCode::InvalidRequest,
+                wire,
+                format!("use {allowed} on this endpoint"),
+            )
+        }
+    }
+}
+
+/// The request body, read up to [`crate::http::MAX_BODY_BYTES`]: larger is
+/// `request_too_large`, unreadable (a bad chunk, a cut connection) is
+/// `invalid_request` — both answered in the endpoint's own shape.
+async fn read_body(
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+    too_large: &'static str,
+    invalid: &'static str,
+) -> Result<axum::body::Bytes, Protocol> {
+    use http_body_util::BodyExt;
+    let limit = crate::http::MAX_BODY_BYTES;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_big = || {
+        Protocol::new(
+            ErrorCode::RequestTooLarge,
+            too_large,
+            format!("the request body exceeds {limit} bytes"),
+        )
+    };
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_big());
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_big()),
+        Err(e) => Err(Protocol::new(
+            ErrorCode::InvalidRequest,
+            invalid,
+            format!("the request body could not be read: {e}"),
+        )),
+    }
+}
+
+/// A form body (or query string): every pair, in order. Refused when it is
+/// not `application/x-www-form-urlencoded`.
+fn form_pairs(body: &[u8], wire: &'static str) -> Result<Vec<(String, String)>, Protocol> {
+    let malformed = || {
+        Protocol::new(
+            ErrorCode::InvalidRequest,
+            wire,
+            "the body is not application/x-www-form-urlencoded",
+        )
+    };
+    // The form decoder is lenient (a bad escape passes through, invalid
+    // UTF-8 becomes U+FFFD); a security boundary refuses instead, so that
+    // what is audited is exactly what was sent.
+    if !strictly_form_encoded(body) {
+        return Err(malformed());
+    }
+    serde_urlencoded::from_bytes::<Vec<(String, String)>>(body).map_err(|_| malformed())
+}
+
+/// Every `%` starts a two-hex-digit escape and the decoded bytes are UTF-8.
+fn strictly_form_encoded(body: &[u8]) -> bool {
+    let mut decoded = Vec::with_capacity(body.len());
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] == b'%' {
+            let hex = body
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match hex {
+                Some(byte) => decoded.push(byte),
+                None => return false,
+            }
+            i += 3;
+        } else {
+            decoded.push(body[i]);
+            i += 1;
+        }
+    }
+    std::str::from_utf8(&decoded).is_ok()
+}
+
+/// The form's parameters; a repeated one is refused rather than silently
+/// collapsed — except RFC 8693's `audience`/`resource`, which repeat.
+fn form(pairs: &[(String, String)], wire: &'static str) -> Result<Form, Protocol> {
     let mut out = Form::new();
-    for (k, v) in form_urlencoded_pairs(body) {
+    for (k, v) in pairs {
         if k == "audience" || k == "resource" {
             continue;
         }
-        if out.insert(k.clone(), v).is_some() {
-            return Err(format!("parameter {k} given twice"));
+        if out.insert(k.clone(), v.clone()).is_some() {
+            return Err(Protocol::new(
+                ErrorCode::InvalidRequest,
+                wire,
+                format!("parameter {k} given twice"),
+            ));
         }
     }
     Ok(out)
 }
 
-fn form_urlencoded_pairs(body: &[u8]) -> Vec<(String, String)> {
-    serde_urlencoded::from_bytes::<Vec<(String, String)>>(body).unwrap_or_default()
+/// A refusal of a request whose head does not parse, in the shape the
+/// path's clients parse: (status, content type, body). `path` is `None`
+/// when not even the request line parsed.
+pub(crate) fn malformed_head(
+    path: Option<&str>,
+    code: ErrorCode,
+    message: &str,
+) -> (StatusCode, &'static str, String) {
+    let status = match code {
+        ErrorCode::RequestTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let text = format!("{code}: {message}");
+    match path.map(|p| p.split('?').next().unwrap_or(p)) {
+        Some("/") => (
+            status,
+            "text/xml",
+            format!(
+                "<ErrorResponse xmlns=\"{STS_NS}\">\n  <Error>\n    <Type>Sender</Type>\n    <Code>MalformedInput</Code>\n    <Message>{}</Message>\n  </Error>\n  <RequestId>{}</RequestId>\n</ErrorResponse>\n",
+                xml_escape(&text),
+                request_id()
+            ),
+        ),
+        Some("/v1/token" | "/v1/introspect") => (
+            status,
+            "application/json",
+            json!({"error": "invalid_request", "error_description": text}).to_string(),
+        ),
+        _ => (status, "text/plain; charset=utf-8", format!("{text}\n")),
+    }
 }
 
-fn caller(addr: SocketAddr, transport: &str) -> String {
-    format!("peer:{addr}/{transport}")
+/// The audit action of a request to `path`, for refusals made before it
+/// reached its handler.
+pub(crate) fn action_of(path: Option<&str>) -> &'static str {
+    match path.map(|p| p.split('?').next().unwrap_or(p)) {
+        Some("/") => "exchange.cloud_credentials",
+        Some("/v1/token") => "exchange.jwt_svid",
+        Some("/v1/introspect") => "introspect",
+        _ => "http.request",
+    }
 }
 
 // ---------------------------------------------------------------- RFC 8693
@@ -78,11 +235,11 @@ fn oauth_error(code: ErrorCode) -> (StatusCode, &'static str) {
         | ErrorCode::RoleNotGranted => (StatusCode::BAD_REQUEST, "invalid_target"),
         ErrorCode::InvalidRequest
         | ErrorCode::TtlTooLong
-        | ErrorCode::RequestTooLarge
         | ErrorCode::CsrMalformed
         | ErrorCode::CsrSignatureInvalid
         | ErrorCode::CsrUnsupportedKey
         | ErrorCode::SessionPolicyMalformed => (StatusCode::BAD_REQUEST, "invalid_request"),
+        ErrorCode::RequestTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"),
         ErrorCode::PolicyDenied | ErrorCode::FactorMissing | ErrorCode::SpiffeIdEscapesPrefix => {
             (StatusCode::BAD_REQUEST, "unauthorized_client")
         }
@@ -95,8 +252,8 @@ fn oauth_error(code: ErrorCode) -> (StatusCode, &'static str) {
     }
 }
 
-fn oauth_refusal(code: ErrorCode, message: &str) -> Response {
-    let (status, error) = oauth_error(code);
+/// An OAuth error body with Herald's code beside it.
+fn oauth_response(status: StatusCode, error: &str, code: ErrorCode, message: &str) -> Response {
     let mut resp = (
         status,
         [
@@ -111,43 +268,51 @@ fn oauth_refusal(code: ErrorCode, message: &str) -> Response {
     resp
 }
 
-/// `POST /v1/token`.
-pub async fn token_exchange(
-    State(shared): State<Arc<Shared>>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    body: axum::body::Bytes,
-) -> Response {
-    let pairs = form_urlencoded_pairs(&body);
-    let f = match form(&body) {
-        Ok(f) => f,
-        Err(e) => return oauth_plain_error("invalid_request", &e),
-    };
+fn oauth_refusal(r: &Refusal) -> Response {
+    let (status, error) = oauth_error(r.code);
+    oauth_response(status, error, r.code, &r.message)
+}
+
+/// Audits a protocol refusal on `run` and answers it the OAuth way.
+async fn oauth_protocol(run: Run<'_>, p: Protocol) -> Response {
+    let r = run.refuse(Refusal::new(p.code, p.message)).await;
+    if r.code == ErrorCode::RateLimited {
+        return oauth_refusal(&r);
+    }
+    oauth_response(p.status, p.wire, r.code, &r.message)
+}
+
+/// What a token-exchange form asks for, checked.
+fn rfc8693_request(
+    f: &Form,
+    pairs: &[(String, String)],
+) -> Result<(ExchangeRequest, String), Protocol> {
+    let invalid = |m: &str| Protocol::new(ErrorCode::InvalidRequest, "invalid_request", m);
     if f.get("grant_type").map(String::as_str) != Some(TOKEN_EXCHANGE_GRANT) {
-        return oauth_plain_error(
+        return Err(Protocol::new(
+            ErrorCode::InvalidRequest,
             "unsupported_grant_type",
             "grant_type must be urn:ietf:params:oauth:grant-type:token-exchange",
-        );
+        ));
     }
     let Some(subject_token) = f.get("subject_token").filter(|t| !t.is_empty()) else {
-        return oauth_plain_error("invalid_request", "subject_token is required");
+        return Err(invalid("subject_token is required"));
     };
     match f.get("subject_token_type").map(String::as_str) {
         Some(TOKEN_TYPE_JWT | TOKEN_TYPE_ID_TOKEN) => {}
         _ => {
-            return oauth_plain_error(
-                "invalid_request",
+            return Err(invalid(
                 "subject_token_type must be urn:ietf:params:oauth:token-type:jwt or :id_token",
-            );
+            ));
         }
     }
     match f.get("requested_token_type").map(String::as_str) {
         None | Some(TOKEN_TYPE_JWT) => {}
         Some(_) => {
-            return oauth_plain_error(
-                "invalid_request",
+            return Err(invalid(
                 "requested_token_type: only urn:ietf:params:oauth:token-type:jwt (a JWT-SVID) is issued here; \
                  use the STS endpoint for session credentials",
-            );
+            ));
         }
     }
     let join_token = match (
@@ -157,10 +322,9 @@ pub async fn token_exchange(
         (None, None) => None,
         (Some(t), Some(TOKEN_TYPE_JOIN_TOKEN)) => Some(t.clone()),
         _ => {
-            return oauth_plain_error(
-                "invalid_request",
+            return Err(invalid(
                 "actor_token must come with actor_token_type urn:herald:params:oauth:token-type:join-token",
-            );
+            ));
         }
     };
     let audiences: Vec<String> = pairs
@@ -169,26 +333,63 @@ pub async fn token_exchange(
         .map(|(_, v)| v.clone())
         .collect();
     if audiences.is_empty() {
-        return oauth_plain_error("invalid_target", "name the audience of the JWT-SVID");
+        return Err(Protocol::new(
+            ErrorCode::InvalidRequest,
+            "invalid_target",
+            "name the audience of the JWT-SVID",
+        ));
     }
-    let req = ExchangeRequest {
-        evidence: ExchangeEvidence {
-            subject_token: subject_token.clone(),
-            join_token,
-            peer_certs: None,
-            peer_ip: Some(addr.ip()),
+    Ok((
+        ExchangeRequest {
+            evidence: ExchangeEvidence {
+                subject_token: subject_token.clone(),
+                join_token,
+                peer_certs: None,
+            },
+            credential: RequestedCredential::JwtSvid {
+                audiences,
+                ttl: None,
+            },
         },
-        credential: RequestedCredential::JwtSvid {
-            audiences,
-            ttl: None,
-        },
-        caller: caller(addr, "rfc8693"),
-        transport: "rfc8693",
+        f.get("scope").cloned().unwrap_or_default(),
+    ))
+}
+
+/// `POST /v1/token` — RFC 8693. Every refusal, protocol errors included,
+/// is audited and answered as OAuth error JSON.
+pub async fn token_exchange(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    method: Method,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let mut run = start(&shared, "exchange.jwt_svid", "rfc8693", Some(addr));
+    let parsed = async {
+        run.admit()
+            .map_err(|r| Protocol::new(r.code, "invalid_request", r.message))?;
+        if method != Method::POST {
+            return Err(Protocol::method("POST", "invalid_request"));
+        }
+        let body = read_body(&headers, body, "invalid_request", "invalid_request").await?;
+        let pairs = form_pairs(&body, "invalid_request")?;
+        let f = form(&pairs, "invalid_request")?;
+        rfc8693_request(&f, &pairs)
+    }
+    .await;
+    let (req, scope) = match parsed {
+        Ok(v) => v,
+        Err(p) => return oauth_protocol(run, p).await,
     };
-    match exchange(&shared, req).await {
+    match exchange(&shared, run, req).await {
         Ok(done) => {
             let Issued::Jwt { token } = done.issued else {
-                return oauth_plain_error("server_error", "unexpected credential");
+                return oauth_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    ErrorCode::Internal,
+                    "unexpected credential",
+                );
             };
             let expires_in = (done.expires_at - crate::unix_now()).max(0);
             (
@@ -202,32 +403,14 @@ pub async fn token_exchange(
                     "issued_token_type": TOKEN_TYPE_JWT,
                     "token_type": "Bearer",
                     "expires_in": expires_in,
-                    "scope": f.get("scope").cloned().unwrap_or_default(),
+                    "scope": scope,
                 })
                 .to_string(),
             )
                 .into_response()
         }
-        Err(r) => oauth_refusal(r.code, &r.message),
+        Err(r) => oauth_refusal(&r),
     }
-}
-
-/// An OAuth error for a request refused before it reached the decision
-/// path: malformed at the protocol level, nothing to audit beyond the log.
-fn oauth_plain_error(error: &str, description: &str) -> Response {
-    let status = match error {
-        "server_error" => StatusCode::INTERNAL_SERVER_ERROR,
-        _ => StatusCode::BAD_REQUEST,
-    };
-    (
-        status,
-        [
-            (header::CONTENT_TYPE, "application/json"),
-            (header::CACHE_CONTROL, "no-store"),
-        ],
-        json!({"error": error, "error_description": description}).to_string(),
-    )
-        .into_response()
 }
 
 // ---------------------------------------------------------------- AWS STS
@@ -249,7 +432,10 @@ fn xml_escape(s: &str) -> String {
 
 fn request_id() -> String {
     let mut b = [0u8; 16];
-    let _ = aws_lc_rs::rand::fill(&mut b);
+    if aws_lc_rs::rand::fill(&mut b).is_err() {
+        // A request id is correlation, not security: a fixed one will do.
+        b = [0; 16];
+    }
     let h = hex::encode(b);
     format!(
         "{}-{}-{}-{}-{}",
@@ -261,12 +447,7 @@ fn request_id() -> String {
     )
 }
 
-fn sts_error(
-    status: StatusCode,
-    code: &str,
-    message: &str,
-    herald_code: Option<ErrorCode>,
-) -> Response {
+fn sts_error(status: StatusCode, code: &str, message: &str, herald_code: ErrorCode) -> Response {
     let kind = if status.is_server_error() {
         "Receiver"
     } else {
@@ -279,10 +460,10 @@ fn sts_error(
         request_id()
     );
     let mut resp = (status, [(header::CONTENT_TYPE, "text/xml")], body).into_response();
-    if let Some(c) = herald_code {
-        resp.headers_mut()
-            .insert(ERROR_CODE_METADATA, HeaderValue::from_static(c.as_str()));
-    }
+    resp.headers_mut().insert(
+        ERROR_CODE_METADATA,
+        HeaderValue::from_static(herald_code.as_str()),
+    );
     resp
 }
 
@@ -303,6 +484,7 @@ fn sts_refusal(r: &Refusal) -> Response {
         ErrorCode::TtlTooLong | ErrorCode::InvalidRequest => {
             (StatusCode::BAD_REQUEST, "InvalidParameterValue")
         }
+        ErrorCode::RequestTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge"),
         c => match c.class() {
             ErrorClass::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "InternalFailure"),
             ErrorClass::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
@@ -312,57 +494,39 @@ fn sts_refusal(r: &Refusal) -> Response {
             _ => (StatusCode::BAD_REQUEST, "InvalidIdentityToken"),
         },
     };
+    sts_error(status, code, &format!("{}: {}", r.code, r.message), r.code)
+}
+
+/// Audits a protocol refusal on `run` and answers it the STS way.
+async fn sts_protocol(run: Run<'_>, p: Protocol) -> Response {
+    let r = run.refuse(Refusal::new(p.code, p.message)).await;
+    if r.code == ErrorCode::RateLimited {
+        return sts_refusal(&r);
+    }
     sts_error(
-        status,
-        code,
+        p.status,
+        p.wire,
         &format!("{}: {}", r.code, r.message),
-        Some(r.code),
+        r.code,
     )
 }
 
-/// `POST /` — AWS STS query API.
-pub async fn sts(
-    State(shared): State<Arc<Shared>>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    body: axum::body::Bytes,
-) -> Response {
-    let f = match form(&body) {
-        Ok(f) => f,
-        Err(e) => {
-            return sts_error(
-                StatusCode::BAD_REQUEST,
-                "InvalidParameterCombination",
-                &e,
-                None,
-            );
-        }
-    };
+/// What an `AssumeRoleWithWebIdentity` call asks for, checked as AWS
+/// checks it.
+fn sts_request(f: &Form) -> Result<ExchangeRequest, Protocol> {
+    let p = |wire, m: &str| Protocol::new(ErrorCode::InvalidRequest, wire, m);
     match f.get("Action").map(String::as_str) {
         Some("AssumeRoleWithWebIdentity") => {}
         Some(other) => {
-            return sts_error(
-                StatusCode::BAD_REQUEST,
+            return Err(p(
                 "InvalidAction",
                 &format!("Could not find operation {other} for version 2011-06-15"),
-                None,
-            );
+            ));
         }
-        None => {
-            return sts_error(
-                StatusCode::BAD_REQUEST,
-                "MissingAction",
-                "Action is required",
-                None,
-            );
-        }
+        None => return Err(p("MissingAction", "Action is required")),
     }
     if f.get("Version").map(String::as_str) != Some("2011-06-15") {
-        return sts_error(
-            StatusCode::BAD_REQUEST,
-            "InvalidParameterValue",
-            "Version must be 2011-06-15",
-            None,
-        );
+        return Err(p("InvalidParameterValue", "Version must be 2011-06-15"));
     }
     let required = |k: &str| f.get(k).filter(|v| !v.is_empty());
     let (Some(role_arn), Some(session_name), Some(token)) = (
@@ -370,45 +534,47 @@ pub async fn sts(
         required("RoleSessionName"),
         required("WebIdentityToken"),
     ) else {
-        return sts_error(
-            StatusCode::BAD_REQUEST,
+        return Err(p(
             "MissingParameter",
             "RoleArn, RoleSessionName and WebIdentityToken are required",
-            None,
-        );
+        ));
     };
-    let invalid = |m: &str| sts_error(StatusCode::BAD_REQUEST, "InvalidParameterValue", m, None);
+    let invalid = |m: &str| p("InvalidParameterValue", m);
     if role_arn.len() < 20 || role_arn.len() > 2048 || !role_arn.starts_with("arn:") {
-        return invalid("RoleArn must be an ARN of 20 to 2048 characters");
+        return Err(invalid("RoleArn must be an ARN of 20 to 2048 characters"));
     }
     if !crate::issue::valid_session_name(session_name) {
-        return invalid("RoleSessionName must be 2 to 64 characters of [\\w+=,.@-]");
+        return Err(invalid(
+            "RoleSessionName must be 2 to 64 characters of [\\w+=,.@-]",
+        ));
     }
     if token.len() < 4 || token.len() > 20_000 {
-        return invalid("WebIdentityToken must be 4 to 20000 characters");
+        return Err(invalid("WebIdentityToken must be 4 to 20000 characters"));
     }
     let ttl = match f.get("DurationSeconds") {
         None => None,
         Some(d) => match d.parse::<u64>() {
             Ok(s) if (900..=43_200).contains(&s) => Some(Duration::from_secs(s)),
-            _ => return invalid("DurationSeconds must be an integer from 900 to 43200"),
+            _ => {
+                return Err(invalid(
+                    "DurationSeconds must be an integer from 900 to 43200",
+                ));
+            }
         },
     };
     let policy = f.get("Policy").cloned();
     if policy.as_ref().is_some_and(|p| p.len() > STS_MAX_POLICY) {
-        return sts_error(
-            StatusCode::BAD_REQUEST,
+        return Err(Protocol::new(
+            ErrorCode::RequestTooLarge,
             "PackedPolicyTooLarge",
             "the session policy exceeds 2048 characters",
-            None,
-        );
+        ));
     }
-    let req = ExchangeRequest {
+    Ok(ExchangeRequest {
         evidence: ExchangeEvidence {
             subject_token: token.clone(),
             join_token: None,
             peer_certs: None,
-            peer_ip: Some(addr.ip()),
         },
         credential: RequestedCredential::Cloud {
             role_arn: role_arn.clone(),
@@ -416,10 +582,42 @@ pub async fn sts(
             session_policy: policy,
             ttl,
         },
-        caller: caller(addr, "sts"),
-        transport: "sts",
+    })
+}
+
+/// `/` — the AWS STS query API: `POST` with a form body, or `GET` with a
+/// query string, as AWS accepts both. Every refusal is audited and
+/// answered as STS error XML.
+pub async fn sts(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let mut run = start(&shared, "exchange.cloud_credentials", "sts", Some(addr));
+    let parsed = async {
+        run.admit()
+            .map_err(|r| Protocol::new(r.code, "Throttling", r.message))?;
+        let pairs = match method {
+            Method::POST => {
+                let body =
+                    read_body(&headers, body, "RequestEntityTooLarge", "MalformedInput").await?;
+                form_pairs(&body, "MalformedInput")?
+            }
+            Method::GET => form_pairs(query.unwrap_or_default().as_bytes(), "MalformedInput")?,
+            _ => return Err(Protocol::method("GET or POST", "InvalidAction")),
+        };
+        let f = form(&pairs, "InvalidParameterCombination")?;
+        sts_request(&f)
+    }
+    .await;
+    let req = match parsed {
+        Ok(r) => r,
+        Err(p) => return sts_protocol(run, p).await,
     };
-    let done = match exchange(&shared, req).await {
+    let done = match exchange(&shared, run, req).await {
         Ok(d) => d,
         Err(r) => return sts_refusal(&r),
     };
@@ -433,7 +631,7 @@ pub async fn sts(
             StatusCode::INTERNAL_SERVER_ERROR,
             "InternalFailure",
             "unexpected credential",
-            None,
+            ErrorCode::Internal,
         );
     };
     let (assumed_arn, assumed_id) = assumed_role(&role_arn, &session_name);
@@ -633,53 +831,101 @@ async fn x509_status(
 /// token together with its `access_key_id` (the token is sealed to that key
 /// id and cannot be opened without it); or, with `token_type_hint=x509_svid`,
 /// an X.509 SVID (PEM) or its serial — revocation status for verifiers.
+/// Refusals (a caller that does not authenticate, a malformed request) are
+/// audited; answers are reads, and are not.
 pub async fn introspect(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    method: Method,
     headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
-    if shared.config.introspection.require_client_auth
-        && let Err(why) = introspection_caller(&shared, &headers).await
-    {
-        let mut resp = (
-            StatusCode::UNAUTHORIZED,
-            [(header::CONTENT_TYPE, "application/json")],
-            json!({"error": "invalid_client", "error_description": why}).to_string(),
-        )
-            .into_response();
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"herald\""),
-        );
-        return resp;
+    let mut run = Run::start(
+        &shared,
+        "introspect",
+        "http",
+        Some(addr),
+        herald_core::EvidenceType::JwtSvid,
+    );
+    let checked = async {
+        run.admit()
+            .map_err(|r| Protocol::new(r.code, "invalid_request", r.message))?;
+        if method != Method::POST {
+            return Err(Protocol::method("POST", "invalid_request"));
+        }
+        if shared.config.introspection.require_client_auth {
+            match introspection_caller(&shared, &headers).await {
+                Ok(caller) => run.audit.caller = caller,
+                Err(why) => {
+                    return Err(Protocol {
+                        status: StatusCode::UNAUTHORIZED,
+                        ..Protocol::new(ErrorCode::ClientUnauthenticated, "invalid_client", why)
+                    });
+                }
+            }
+        }
+        let body = read_body(&headers, body, "invalid_request", "invalid_request").await?;
+        let pairs = form_pairs(&body, "invalid_request")?;
+        let f = form(&pairs, "invalid_request")?;
+        match f.get("token").filter(|t| !t.is_empty()) {
+            Some(token) => Ok((token.clone(), f)),
+            None => Err(Protocol::new(
+                ErrorCode::InvalidRequest,
+                "invalid_request",
+                "token is required",
+            )),
+        }
     }
-    let f = match form(&body) {
-        Ok(f) => f,
-        Err(e) => return oauth_plain_error("invalid_request", &e),
+    .await;
+    let (token, f) = match checked {
+        Ok(v) => v,
+        Err(p) => {
+            let unauthorized = p.status == StatusCode::UNAUTHORIZED;
+            let mut resp = oauth_protocol(run, p).await;
+            if unauthorized {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"herald\""),
+                );
+            }
+            return resp;
+        }
     };
-    let Some(token) = f.get("token").filter(|t| !t.is_empty()) else {
-        return oauth_plain_error("invalid_request", "token is required");
+    let unavailable = || {
+        oauth_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            ErrorCode::StoreUnavailable,
+            "datastore unavailable",
+        )
     };
     let now = crate::unix_now();
     let ca = shared.ca();
     let answer = if f.get("token_type_hint").map(String::as_str) == Some("x509_svid") {
-        match x509_status(&shared, token, now).await {
+        match x509_status(&shared, &token, now).await {
             Ok(v) => v,
-            Err((code, why)) => return oauth_plain_error(code, why),
+            Err(("server_error", _)) => return unavailable(),
+            Err((_, why)) => {
+                return oauth_protocol(
+                    run,
+                    Protocol::new(ErrorCode::InvalidRequest, "invalid_request", why),
+                )
+                .await;
+            }
         }
     } else if let Some(akid) = f.get("access_key_id") {
         let at = time::OffsetDateTime::from_unix_timestamp(now)
             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        match ca.sessions().open(akid, token, at) {
+        match ca.sessions().open(akid, &token, at) {
             Ok(claims) => match shared.store.is_revoked(&claims.serial).await {
                 Ok(false) => claims.introspection_json(),
                 Ok(true) => herald_cloud_creds::inactive_json(),
-                Err(_) => return oauth_plain_error("server_error", "datastore unavailable"),
+                Err(_) => return unavailable(),
             },
             Err(_) => herald_cloud_creds::inactive_json(),
         }
     } else {
-        match herald_ca::jwt::verify_jwt(token, &ca.bundle.jwt_authorities, now) {
+        match herald_ca::jwt::verify_jwt(&token, &ca.bundle.jwt_authorities, now) {
             Some(claims) => {
                 let serial = claims
                     .get("jti")
@@ -693,7 +939,7 @@ pub async fn introspect(
                         v
                     }
                     Ok(true) => json!({"active": false}),
-                    Err(_) => return oauth_plain_error("server_error", "datastore unavailable"),
+                    Err(_) => return unavailable(),
                 }
             }
             None => json!({"active": false}),
@@ -707,4 +953,20 @@ pub async fn introspect(
         answer.to_string(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strictly_form_encoded;
+
+    #[test]
+    fn form_encoding_is_checked_strictly() {
+        assert!(strictly_form_encoded(b"Action=AssumeRole&Name=a%20b+c"));
+        assert!(strictly_form_encoded("x=%C3%A9".as_bytes()));
+        assert!(!strictly_form_encoded(b"Action=%ZZ"));
+        assert!(!strictly_form_encoded(b"Action=%+F"));
+        assert!(!strictly_form_encoded(b"Action=%F"));
+        assert!(!strictly_form_encoded(b"Action=%FF%FE"));
+        assert!(!strictly_form_encoded(b"Action=\xff"));
+    }
 }

@@ -122,6 +122,12 @@ pub(crate) fn issue(
                     "CSR exceeds its size cap",
                 ));
             }
+            if let Some(name) = shared.reserved_dns_name(dns_names) {
+                return Err(Refusal::new(
+                    ErrorCode::DnsNameReserved,
+                    format!("{name} is one of the server's own DNS names"),
+                ));
+            }
             let csr = verify_csr(csr)?;
             if lineage
                 .parent

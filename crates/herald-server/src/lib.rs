@@ -23,6 +23,7 @@ pub mod flows;
 pub mod http;
 pub mod http_exchange;
 pub mod issue;
+pub mod listener;
 pub mod metrics;
 pub mod rate_limit;
 pub mod replica;
@@ -125,6 +126,8 @@ pub struct Shared {
     pub policy_status: std::sync::Mutex<PolicyStatus>,
     /// Per-caller token buckets for token exchange.
     pub limiter: rate_limit::RateLimiter,
+    /// Rate-limited refusals, audited in aggregate.
+    pub floods: rate_limit::FloodLog,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
     /// Bumped whenever the policy set is replaced: node agents' registration
@@ -143,6 +146,24 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The first of `names` that is one of the server's own DNS names: an
+    /// SVID carrying it would pass for the server with a TLS client that
+    /// checks names. Policies with such names are refused at load; this
+    /// also stops lineages issued before `tls.dns_names` changed.
+    pub fn reserved_dns_name<'a>(&self, names: &'a [String]) -> Option<&'a str> {
+        names
+            .iter()
+            .find(|n| {
+                let key = herald_policy::dns_name_key(n);
+                self.config
+                    .tls
+                    .dns_names
+                    .iter()
+                    .any(|own| herald_policy::dns_name_key(own) == key)
+            })
+            .map(String::as_str)
+    }
+
     /// The policies and OIDC verifier; refused when none are configured.
     pub fn policy_state(&self) -> Result<&PolicyState, status::Refusal> {
         self.policy.as_ref().ok_or_else(|| {
@@ -283,6 +304,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     );
     let shared = Arc::new(Shared {
         limiter,
+        floods: rate_limit::FloodLog::default(),
         metrics: metrics::Metrics::new(),
         policy_generation: watch::Sender::new(1),
         ring_generation: watch::Sender::new(1),
@@ -325,6 +347,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             shutdown_rx.clone(),
         )),
         tokio::spawn(checkpoint::run(shared.clone(), shutdown_rx.clone())),
+        tokio::spawn(rate_limit::report(shared.clone(), shutdown_rx.clone())),
         tokio::spawn(rotation::run(shared.clone(), kek, shutdown_rx)),
     ];
 
@@ -368,6 +391,7 @@ fn policy_state(cfg: &ServerConfig) -> Result<Option<PolicyState>, ServerError> 
     };
     let opts = herald_policy::LoadOptions {
         trust_domain: cfg.trust_domain.clone(),
+        reserved_dns_names: cfg.tls.dns_names.clone(),
     };
     let policies = herald_policy::PolicyStore::new(dir.clone(), opts)
         .map_err(|e| ServerError::Config(format!("policies in {}: {e}", dir.display())))?;
@@ -501,40 +525,12 @@ pub(crate) async fn wait_shutdown(mut rx: watch::Receiver<bool>) {
 
 async fn serve_grpc(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    tcp: TcpListener,
     acceptor: TlsAcceptor,
     shutdown: watch::Receiver<bool>,
 ) {
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
-    let accept_shutdown = shutdown.clone();
-    let accept = tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = wait_shutdown(accept_shutdown.clone()) => return,
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let limits = listener::Limits::new(&shared.config.listen);
+    let (incoming, accept) = listener::grpc_incoming(tcp, acceptor, limits, shutdown.clone());
     let svid = SvidServiceServer::new(svid_service::SvidApi::new(shared.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let exchange =
@@ -553,6 +549,10 @@ async fn serve_grpc(
         BundleServiceServer::new(BundleApi { shared }).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let result = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
+        // Pings keep live idle connections (agents' registration streams)
+        // reading, inside listen.idle_timeout; dead ones are dropped.
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(svid)
         .add_service(attestation)
         .add_service(workloads)

@@ -405,8 +405,10 @@ pub fn record_decision(
     span.record("outcome", event.outcome.as_str());
     span.record("reason", event.reason.map_or("", ErrorCode::as_str));
     span.record("latency_ms", latency_ms);
-    span.in_scope(|| match event.outcome {
-        Outcome::Success => tracing::debug!("granted"),
+    span.in_scope(|| match (event.outcome, event.reason) {
+        (Outcome::Success, _) => tracing::debug!("granted"),
+        // A flood is summarised, not logged line by line.
+        (_, Some(ErrorCode::RateLimited)) => tracing::debug!("refused"),
         _ => tracing::info!("refused"),
     });
 }

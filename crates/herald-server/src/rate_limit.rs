@@ -80,6 +80,133 @@ impl RateLimiter {
     }
 }
 
+/// Writes each caller's rate-limited refusals as one audit record per
+/// `rate_limit.report_interval` (and a last time at shutdown).
+pub async fn report(
+    shared: std::sync::Arc<crate::Shared>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let interval = shared.config.rate_limit.report_interval;
+    loop {
+        let stop = tokio::select! {
+            () = tokio::time::sleep(interval) => false,
+            () = crate::wait_shutdown(shutdown.clone()) => true,
+        };
+        for s in shared.floods.drain() {
+            let caller = s
+                .caller
+                .map_or_else(|| "peer:many".to_owned(), |ip| format!("peer:{ip}"));
+            let mut event = herald_core::AuditEvent::new("rate_limited", caller);
+            event.detail = Some(s.detail());
+            let event = event.deny(herald_core::ErrorCode::RateLimited);
+            if let Err(e) = shared.store.audit(event).await {
+                shared.metrics.record_audit_failure();
+                tracing::error!(error = %e, "could not write a rate-limit summary");
+            }
+            tracing::warn!(caller = ?s.caller, refusals = s.count, "callers rate-limited");
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Most callers whose refusals are aggregated per interval; beyond, the
+/// rest are counted under one "many callers" entry.
+pub const MAX_FLOODERS: usize = 4_096;
+
+/// Refusals of one caller in the current interval.
+#[derive(Debug, Default, Clone)]
+struct Flood {
+    count: u64,
+    first_ms: i64,
+    last_ms: i64,
+    actions: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// Rate-limited refusals, counted per caller and written as one audit
+/// record per caller per interval: a flood never becomes a durable write
+/// per request.
+#[derive(Debug, Default)]
+pub struct FloodLog {
+    callers: Mutex<HashMap<Option<IpAddr>, Flood>>,
+}
+
+/// One caller's aggregated refusals, ready to audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FloodSummary {
+    /// The caller (`None`: callers beyond [`MAX_FLOODERS`], together).
+    pub caller: Option<IpAddr>,
+    /// Refusals.
+    pub count: u64,
+    /// First and last refusal, Unix milliseconds.
+    pub window_ms: (i64, i64),
+    /// What was asked, and how often.
+    pub actions: Vec<(&'static str, u64)>,
+}
+
+impl FloodSummary {
+    /// The audit record's `detail`.
+    pub fn detail(&self) -> String {
+        let actions: Vec<String> = self
+            .actions
+            .iter()
+            .map(|(a, n)| format!("{a} x{n}"))
+            .collect();
+        format!(
+            "{} refusals between {} and {} (Unix ms): {}",
+            self.count,
+            self.window_ms.0,
+            self.window_ms.1,
+            actions.join(", ")
+        )
+    }
+}
+
+impl FloodLog {
+    /// Counts one refusal of `caller` asking for `action` at `now_ms`.
+    pub fn count(&self, caller: Option<IpAddr>, action: &'static str, now_ms: i64) {
+        let mut map = match self.callers.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let key = if map.contains_key(&caller) || map.len() < MAX_FLOODERS {
+            caller
+        } else {
+            None
+        };
+        let f = map.entry(key).or_default();
+        if f.count == 0 {
+            f.first_ms = now_ms;
+        }
+        f.count += 1;
+        f.last_ms = now_ms;
+        *f.actions.entry(action).or_default() += 1;
+    }
+
+    /// Takes every caller's refusals counted since the last call.
+    pub fn drain(&self) -> Vec<FloodSummary> {
+        let map = {
+            let mut g = match self.callers.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            std::mem::take(&mut *g)
+        };
+        let mut out: Vec<FloodSummary> = map
+            .into_iter()
+            .map(|(caller, f)| FloodSummary {
+                caller,
+                count: f.count,
+                window_ms: (f.first_ms, f.last_ms),
+                actions: f.actions.into_iter().collect(),
+            })
+            .collect();
+        out.sort_by_key(|s| s.caller);
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +228,39 @@ mod tests {
         );
         let off = RateLimiter::new(0.0, 0.0);
         assert!((0..1000).all(|_| off.allow(a, t0)));
+    }
+
+    #[test]
+    fn floods_are_aggregated_per_caller_and_bounded() {
+        let log = FloodLog::default();
+        let a: IpAddr = [10, 0, 0, 1].into();
+        for i in 0..1000 {
+            log.count(
+                Some(a),
+                if i % 2 == 0 {
+                    "x509_svid.mint"
+                } else {
+                    "exchange.jwt_svid"
+                },
+                i,
+            );
+        }
+        log.count(Some([10, 0, 0, 2].into()), "node.attest", 5);
+        let out = log.drain();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].count, 1000);
+        assert_eq!(out[0].window_ms, (0, 999));
+        assert_eq!(
+            out[0].actions,
+            vec![("exchange.jwt_svid", 500), ("x509_svid.mint", 500)]
+        );
+        assert!(out[0].detail().starts_with("1000 refusals"));
+        assert!(log.drain().is_empty(), "drained");
+        for i in 0..(MAX_FLOODERS as u32 + 10) {
+            log.count(Some(IpAddr::from(i.to_be_bytes())), "x", 0);
+        }
+        let out = log.drain();
+        assert_eq!(out.len(), MAX_FLOODERS + 1, "the rest share one entry");
+        assert_eq!(out.iter().find(|s| s.caller.is_none()).unwrap().count, 10);
     }
 }

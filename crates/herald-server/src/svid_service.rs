@@ -27,12 +27,6 @@ impl SvidApi {
     }
 }
 
-/// `peer:<address>`, the caller before its evidence says more.
-pub(crate) fn peer_of<T>(req: &Request<T>) -> String {
-    req.remote_addr()
-        .map_or_else(|| "peer:unknown".to_owned(), |a| format!("peer:{a}"))
-}
-
 /// The client certificate chain of an mTLS call.
 pub(crate) fn peer_certs<T>(req: &Request<T>) -> Option<Vec<Vec<u8>>> {
     req.peer_certs()
@@ -68,7 +62,7 @@ impl SvidService for SvidApi {
             shared,
             "x509_svid.mint",
             "grpc",
-            peer_of(&request),
+            request.remote_addr(),
             EvidenceType::JoinToken,
         );
         let req = request.into_inner();
@@ -100,7 +94,7 @@ impl SvidService for SvidApi {
             shared,
             "x509_svid.renew",
             "grpc",
-            peer_of(&request),
+            request.remote_addr(),
             EvidenceType::X509Svid,
         );
         let chain = peer_certs(&request);

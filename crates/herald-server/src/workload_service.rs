@@ -27,7 +27,7 @@ use crate::Shared;
 use crate::decision::{Granted, RequestedCredential, Run};
 use crate::issue::Issued;
 use crate::status::Refusal;
-use crate::svid_service::{peer_certs, peer_of, x509_response};
+use crate::svid_service::{peer_certs, x509_response};
 
 /// Most SVIDs one batch may ask for.
 pub const MAX_BATCH: usize = 100;
@@ -121,7 +121,7 @@ impl WorkloadApi {
             shared,
             action,
             "grpc",
-            peer_of(request),
+            request.remote_addr(),
             EvidenceType::X509Svid,
         );
         let chain = peer_certs(request);
@@ -142,13 +142,8 @@ impl WorkloadApi {
         wanted: impl FnOnce(&herald_policy::Decision) -> Result<RequestedCredential, Refusal>,
     ) -> Result<Granted, Refusal> {
         let shared = &*self.shared;
-        let mut run = Run::start(
-            shared,
-            action,
-            "grpc",
-            node.spiffe_id.to_string(),
-            EvidenceType::X509Svid,
-        );
+        let mut run = Run::start(shared, action, "grpc", None, EvidenceType::X509Svid);
+        run.audit.caller = node.spiffe_id.to_string();
         let span = run.span();
         let result = tracing::Instrument::instrument(
             async {
@@ -275,7 +270,7 @@ impl WorkloadService for WorkloadApi {
                 &self.shared,
                 "x509_svid.workload",
                 "grpc",
-                peer_of(&request),
+                request.remote_addr(),
                 EvidenceType::X509Svid,
             );
             let r = Refusal::new(
