@@ -202,6 +202,7 @@ pub async fn agent(args: AgentArgs) -> Result<(), CliError> {
                     servers: cfg.servers.clone(),
                     trust_bundle: cfg.trust_bundle.clone(),
                     node_svid_dir: cfg.svid_dir(),
+                    server_id: cfg.server_id(),
                 };
                 workload_tasks.push(tokio::spawn(workload::run_sync(
                     cache.clone(),

@@ -40,6 +40,13 @@ pub struct AgentConfig {
     pub trust_bundle: PathBuf,
     /// Directory for the AK blobs, the node SVID and the status file.
     pub data_dir: PathBuf,
+    /// The SPIFFE ID the servers' certificates must carry, besides chaining
+    /// to the trust bundle and matching the host name: a full ID, or a
+    /// trust domain meaning its `spiffe://<td>/herald/server`. When absent:
+    /// the node SVID's trust domain once the node has one, before that the
+    /// trust domain the bundle's CA certificates name.
+    #[serde(default)]
+    pub server_spiffe_id: Option<String>,
     /// File holding a join token for the first attestation, when the node
     /// policy requires one (also `HERALD_AGENT_JOIN_TOKEN`).
     #[serde(default)]
@@ -190,6 +197,9 @@ impl AgentConfig {
         {
             return Err("credentials_endpoint.listen must be a loopback address".into());
         }
+        if let Some(id) = &self.server_spiffe_id {
+            herald_client::ServerId::parse(id).map_err(|e| format!("server_spiffe_id: {e}"))?;
+        }
         if self.credentials_endpoint.is_some() && self.workload_api.is_none() {
             return Err(
                 "credentials_endpoint needs [workload_api] (registrations are synced there)".into(),
@@ -221,6 +231,13 @@ impl AgentConfig {
                 .map_err(|e| format!("{}: {e}", p.display())),
             None => Ok(None),
         }
+    }
+
+    /// The configured server identity pin, if any (validated at load).
+    pub fn server_id(&self) -> Option<herald_client::ServerId> {
+        self.server_spiffe_id
+            .as_deref()
+            .and_then(|s| herald_client::ServerId::parse(s).ok())
     }
 
     /// Where the node SVID lives.
