@@ -14,6 +14,7 @@ pub mod api;
 pub mod attestor;
 pub mod credentials;
 pub mod jwt;
+pub mod limit;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -124,6 +125,20 @@ impl WorkloadCache {
 
     fn bump(&self) {
         self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Waits, at most `max`, until the first registration set has arrived
+    /// (the agent may have just started).
+    pub async fn synced(&self, max: Duration) {
+        let mut rx = self.subscribe();
+        let wait = async {
+            while !self.read(|s| s.synced) {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(max, wait).await;
     }
 
     /// Runs `f` on the current state.
