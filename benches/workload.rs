@@ -86,7 +86,9 @@ fn start_agent(site: &Site, tpm: &SoftTpm) -> AgentProc {
     std::fs::write(
         &cfg,
         format!(
-            "servers = [\"https://{}\"]\ntrust_bundle = \"{}\"\ndata_dir = \"{}\"\n[tpm]\ntcti = \"{}\"\n[workload_api]\nsocket = \"{}\"\n",
+            // Every caller here is uid 0: the per-uid rate limit is off so
+            // the fetch path itself is measured.
+            "servers = [\"https://{}\"]\ntrust_bundle = \"{}\"\ndata_dir = \"{}\"\n[tpm]\ntcti = \"{}\"\n[workload_api]\nsocket = \"{}\"\nrate_limit = {{ per_second = 0, burst = 1 }}\n",
             site.server.grpc_addr,
             bundle.display(),
             dir.path().join("state").display(),

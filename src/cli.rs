@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use herald_attest::svid::parse_x509_svid;
 use herald_client::files::{self, SvidFiles};
-use herald_client::{ClientError, ClientIdentity, HeraldClient, keys};
+use herald_client::{ClientError, ClientIdentity, HeraldClient, ServerId, keys};
 use herald_core::{AuditEvent, EvidenceType, JoinTokenPurpose, SpiffeId};
 use herald_proto::v1::X509SvidResponse;
 use herald_server::config::{DEV_DATA_DIR, ServerConfig};
@@ -178,6 +178,10 @@ enum SvidCommand {
         /// Directory for svid.pem, svid.key (0600) and bundle.pem.
         #[arg(long)]
         out: PathBuf,
+        /// The SPIFFE ID (or trust domain) the server's certificate must carry;
+        /// default: spiffe://<the bundle's trust domain>/herald/server.
+        #[arg(long, env = "HERALD_SERVER_SPIFFE_ID")]
+        server_spiffe_id: Option<String>,
     },
     /// Renew the SVID in a directory over mTLS, with a new key.
     Renew {
@@ -187,6 +191,10 @@ enum SvidCommand {
         /// Directory holding svid.pem, svid.key and bundle.pem; replaced atomically.
         #[arg(long)]
         out: PathBuf,
+        /// The SPIFFE ID (or trust domain) the server's certificate must carry;
+        /// default: spiffe://<the SVID's trust domain>/herald/server.
+        #[arg(long, env = "HERALD_SERVER_SPIFFE_ID")]
+        server_spiffe_id: Option<String>,
     },
     /// Show an X.509 SVID (PEM or DER file).
     Show {
@@ -396,8 +404,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             server,
             bundle,
             out,
-        }) => svid_mint(join_token, server, bundle, out).await,
-        Command::Svid(SvidCommand::Renew { server, out }) => svid_renew(server, out).await,
+            server_spiffe_id,
+        }) => svid_mint(join_token, server, bundle, out, server_spiffe_id).await,
+        Command::Svid(SvidCommand::Renew {
+            server,
+            out,
+            server_spiffe_id,
+        }) => svid_renew(server, out, server_spiffe_id).await,
         Command::Svid(SvidCommand::Show { file }) => svid_show(&file),
         Command::Audit(AuditCommand::Verify {
             config,
@@ -734,28 +747,51 @@ fn save_svid(
     Ok(())
 }
 
+/// The server identity to pin: `--server-spiffe-id` when given, else
+/// `fallback`.
+pub fn server_pin(given: Option<&str>, fallback: ServerId) -> Result<ServerId, CliError> {
+    match given {
+        Some(text) => Ok(ServerId::parse(text)?),
+        None => Ok(fallback),
+    }
+}
+
 async fn svid_mint(
     join_token: String,
     server: String,
     bundle: PathBuf,
     out: PathBuf,
+    server_spiffe_id: Option<String>,
 ) -> Result<(), CliError> {
     let anchors = read_bundle(&bundle)?;
+    let pin = server_pin(server_spiffe_id.as_deref(), ServerId::FromBundle)?;
     let kc = keys::generate_key_and_csr()?;
-    let client = HeraldClient::connect(&server, &anchors, None).await?;
+    let client = HeraldClient::connect_to(&server, &anchors, None, &pin).await?;
     let resp = client.mint_x509_svid(join_token.trim(), kc.csr_der).await?;
     save_svid("minted", resp, kc.key_pkcs8, &out)
 }
 
-async fn svid_renew(server: String, out: PathBuf) -> Result<(), CliError> {
+async fn svid_renew(
+    server: String,
+    out: PathBuf,
+    server_spiffe_id: Option<String>,
+) -> Result<(), CliError> {
     let current = files::read_svid_dir(&out)?;
-    let client = HeraldClient::connect(
+    // The SVID's own trust domain names its server, even under an upstream root.
+    let own = current
+        .cert_chain
+        .first()
+        .and_then(|leaf| ServerId::of_svid(leaf))
+        .unwrap_or_default();
+    let pin = server_pin(server_spiffe_id.as_deref(), own)?;
+    let client = HeraldClient::connect_to(
         &server,
         &current.bundle,
         Some(ClientIdentity {
             cert_chain: current.cert_chain.clone(),
             key_pkcs8: current.key_pkcs8.clone(),
         }),
+        &pin,
     )
     .await?;
     let kc = keys::generate_key_and_csr()?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use herald_client::files::{self, SvidFiles};
-use herald_client::{ClientIdentity, HeraldClient, keys};
+use herald_client::{ClientIdentity, HeraldClient, ServerId, keys};
 use herald_proto::v1::exchange_token_request::Credential as Wanted;
 use herald_proto::v1::exchange_token_response::Credential as Given;
 use herald_proto::v1::{
@@ -13,7 +13,7 @@ use herald_proto::v1::{
 };
 use serde_json::json;
 
-use crate::cli::{CliError, read_bundle, rfc3339};
+use crate::cli::{CliError, read_bundle, rfc3339, server_pin};
 
 /// How the credentials are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -37,6 +37,10 @@ pub struct ExchangeArgs {
     /// Trust bundle (PEM) to verify the server with.
     #[arg(long)]
     bundle: PathBuf,
+    /// The SPIFFE ID (or trust domain) the server's certificate must carry;
+    /// default: spiffe://<the bundle's trust domain>/herald/server.
+    #[arg(long, env = "HERALD_SERVER_SPIFFE_ID")]
+    server_spiffe_id: Option<String>,
     /// Read the OIDC token from this file (e.g. a Kubernetes projected token).
     #[arg(long, group = "source")]
     token_file: Option<PathBuf>,
@@ -183,7 +187,8 @@ pub async fn exchange(args: ExchangeArgs) -> Result<(), CliError> {
             "say what you want: --x509, --jwt-audience or --role-arn",
         ));
     };
-    let client = HeraldClient::connect(&args.server, &anchors, identity).await?;
+    let pin = server_pin(args.server_spiffe_id.as_deref(), ServerId::FromBundle)?;
+    let client = HeraldClient::connect_to(&args.server, &anchors, identity, &pin).await?;
     let resp = client
         .exchange_token(ExchangeTokenRequest {
             subject_token: token,

@@ -202,6 +202,7 @@ pub async fn agent(args: AgentArgs) -> Result<(), CliError> {
                     servers: cfg.servers.clone(),
                     trust_bundle: cfg.trust_bundle.clone(),
                     node_svid_dir: cfg.svid_dir(),
+                    server_id: cfg.server_id(),
                 };
                 workload_tasks.push(tokio::spawn(workload::run_sync(
                     cache.clone(),
@@ -214,17 +215,13 @@ pub async fn agent(args: AgentArgs) -> Result<(), CliError> {
                     rx.clone(),
                 )));
                 if let Some(c) = &cfg.credentials_endpoint {
-                    let token = match &c.authorization_token_file {
-                        Some(p) => Some(
-                            std::fs::read_to_string(p)
-                                .map_err(|e| {
-                                    CliError::new("config", format!("{}: {e}", p.display()))
-                                })?
-                                .trim()
-                                .to_owned(),
-                        ),
-                        None => None,
-                    };
+                    let token = cfg
+                        .credentials_token()
+                        .map_err(|e| CliError::new("config", e))?
+                        .ok_or_else(|| {
+                            CliError::new("config", "credentials_endpoint needs its token")
+                        })?;
+                    let rate_limit = c.rate_limit;
                     let listener = tokio::net::TcpListener::bind(c.listen).await.map_err(|e| {
                         CliError::new(
                             "config",
@@ -234,9 +231,10 @@ pub async fn agent(args: AgentArgs) -> Result<(), CliError> {
                     workload_tasks.push(tokio::spawn({
                         let (cache, upstream, srx) = (cache.clone(), upstream.clone(), rx.clone());
                         async move {
-                            if let Err(e) =
-                                workload::credentials::serve(cache, upstream, token, listener, srx)
-                                    .await
+                            if let Err(e) = workload::credentials::serve(
+                                cache, upstream, token, rate_limit, listener, srx,
+                            )
+                            .await
                             {
                                 tracing::error!(error = %e, "the credentials endpoint stopped");
                             }
@@ -244,7 +242,7 @@ pub async fn agent(args: AgentArgs) -> Result<(), CliError> {
                     }));
                     tracing::info!(listen = %c.listen, "credentials endpoint listening");
                 }
-                let api = workload::api::WorkloadApi::new(cache, upstream);
+                let api = workload::api::WorkloadApi::new(cache, upstream, w);
                 let socket = w.socket.clone();
                 let srx = rx.clone();
                 workload_tasks.push(tokio::spawn(async move {

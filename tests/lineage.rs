@@ -274,7 +274,14 @@ async fn a_leaf_forged_under_a_shared_upstream_root_renews_nothing() {
         vec![root_cert.der().to_vec()],
         "the bundle is the upstream root"
     );
-    let client = HeraldClient::connect(&server.url(), &anchors, None)
+    // The root names no trust domain: the client must be told which
+    // server identity to expect.
+    assert!(matches!(
+        HeraldClient::connect(&server.url(), &anchors, None).await,
+        Err(herald_client::ClientError::Input(_))
+    ));
+    let pin = herald_client::ServerId::parse(TRUST_DOMAIN).unwrap();
+    let client = HeraldClient::connect_to(&server.url(), &anchors, None, &pin)
         .await
         .unwrap();
     let spiffe_id = format!("spiffe://{TRUST_DOMAIN}/svc/payments");
@@ -309,13 +316,14 @@ async fn a_leaf_forged_under_a_shared_upstream_root_renews_nothing() {
     // accepted — yet it renews nothing.
     let chain = vec![forged.der().to_vec(), rogue_cert.der().to_vec()];
     assert_eq!(verifies(&chain, &anchors), Ok(()));
-    let attacker = HeraldClient::connect(
+    let attacker = HeraldClient::connect_to(
         &server.url(),
         &anchors,
         Some(ClientIdentity {
             cert_chain: chain,
             key_pkcs8: leaf_key.serialize_der(),
         }),
+        &pin,
     )
     .await
     .unwrap();
@@ -329,7 +337,7 @@ async fn a_leaf_forged_under_a_shared_upstream_root_renews_nothing() {
     )
     .await;
     // The genuine holder renews.
-    let holder = HeraldClient::connect(&server.url(), &anchors, Some(genuine_id))
+    let holder = HeraldClient::connect_to(&server.url(), &anchors, Some(genuine_id), &pin)
         .await
         .unwrap();
     holder

@@ -65,8 +65,11 @@ impl Site {
                 .join(", "),
         );
         std::fs::write(policies.join("rack.yaml"), policy).unwrap();
+        // The step timeout is short so that the stalled-stream case ends
+        // quickly, yet long enough for swtpm's activate + quote when the
+        // whole suite loads both cores (1 s was not).
         let cfg = format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[policy]\ndir = \"{}\"\n[attestation]\nstep_timeout = \"1s\"\n",
+            "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[policy]\ndir = \"{}\"\n[attestation]\nstep_timeout = \"5s\"\n",
             dir.path().join("data").display(),
             kek.display(),
             policies.display(),
@@ -434,5 +437,118 @@ async fn every_bad_attestation_is_refused_with_its_code_and_audited() {
     // Exactly one node is registered, and it is A.
     let nodes = stdout(&ok(site.herald(&["node", "list", "--json"])));
     assert_eq!(nodes.lines().count(), 1, "{nodes}");
+    drop(server);
+}
+
+/// An AK made under this TPM's EK (so it would pass credential activation)
+/// whose use or administration a policy can authorize: with `policy` as
+/// authPolicy, and adminWithPolicy when `admin_with_policy`. Returns its
+/// TPMT_PUBLIC.
+fn policy_bearing_ak(tpm: &SoftTpm, dir: &Path, policy: &[u8], admin_with_policy: bool) -> Vec<u8> {
+    std::fs::write(dir.join("policy.dat"), policy).unwrap();
+    tpm.tool(
+        dir,
+        &["tpm2_createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub"],
+    )
+    .unwrap();
+    // The EK's authPolicy is PolicySecret(endorsement): creating a child
+    // under it needs that policy satisfied.
+    tpm.tool(
+        dir,
+        &["tpm2_startauthsession", "--policy-session", "-S", "s.ctx"],
+    )
+    .unwrap();
+    tpm.tool(dir, &["tpm2_policysecret", "-S", "s.ctx", "-c", "e"])
+        .unwrap();
+    let attrs = format!(
+        "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign{}",
+        if admin_with_policy {
+            "|adminwithpolicy"
+        } else {
+            ""
+        }
+    );
+    let mut args = vec![
+        "tpm2_create",
+        "-C",
+        "ek.ctx",
+        "-P",
+        "session:s.ctx",
+        "-G",
+        "ecc256:ecdsa-sha256:null",
+        "-g",
+        "sha256",
+        "-a",
+        &attrs,
+        "-u",
+        "ak.pub",
+        "-r",
+        "ak.priv",
+    ];
+    if !policy.is_empty() {
+        args.extend(["-L", "policy.dat"]);
+    }
+    tpm.tool(dir, &args).unwrap();
+    tpm.tool(dir, &["tpm2_flushcontext", "s.ctx"]).unwrap();
+    tpm.flush_transient(dir).unwrap();
+    // ak.pub is a TPM2B_PUBLIC: drop the size prefix.
+    std::fs::read(dir.join("ak.pub")).unwrap()[2..].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ak_carrying_an_authorization_policy_is_refused() {
+    common::require_tool("swtpm");
+    herald_test_tpm::require_tpm2_tools().unwrap();
+    let tpm = SoftTpm::start().unwrap();
+    let site = Site::new(&[&tpm]);
+    let server = Server::start(&site.dir.path().join("herald.toml"));
+    let bundle = site.bundle();
+    let work = tempfile::tempdir().unwrap();
+    // PolicySecret(TPM_RH_ENDORSEMENT)'s digest: whoever holds the
+    // endorsement authorization could use this AK.
+    let secret_policy =
+        hex::decode("837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa").unwrap();
+    let with_policy = policy_bearing_ak(&tpm, work.path(), &secret_policy, false);
+    let admin_by_policy = policy_bearing_ak(&tpm, work.path(), &[], true);
+    // The TPM made them, and Herald parses them as ECC restricted signing keys.
+    let parsed = herald_attest::tpm::TpmPublic::parse(&with_policy).unwrap();
+    assert_eq!(parsed.auth_policy, secret_policy);
+    let handle = open(&tpm, &work.path().join("agent")).await;
+
+    for (what, ak) in [
+        ("a non-empty authPolicy", with_policy),
+        ("adminWithPolicy", admin_by_policy),
+    ] {
+        let refused = attempt(
+            &server,
+            &bundle,
+            &handle,
+            None,
+            Tamper {
+                hello: Some(Box::new(move |h| h.ak_public = ak)),
+                ..Tamper::default()
+            },
+        )
+        .await;
+        assert_eq!(code(&refused), Some(ErrorCode::TpmAkRefused), "{what}");
+        let message = refused.result.unwrap_err().to_string();
+        assert!(
+            message.contains("authorization policy"),
+            "{what}: {message}"
+        );
+    }
+    // The same TPM with the agent's own AK is admitted: the policy was the
+    // only thing wrong.
+    let good = attempt(&server, &bundle, &handle, None, Tamper::default()).await;
+    assert!(good.result.is_ok(), "{:?}", good.result.err());
+    let audit = stdout(&ok(site.herald(&["audit", "export", "--since", "1h"])));
+    assert_eq!(
+        audit
+            .lines()
+            .filter(|l| l.contains("\"node.attest\"") && l.contains("tpm_ak_refused"))
+            .count(),
+        2,
+        "{audit}"
+    );
     drop(server);
 }

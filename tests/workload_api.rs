@@ -58,6 +58,9 @@ workloads:
     )
 }
 
+/// The credentials endpoint's authorization token in every rig.
+const TOKEN: &str = "s3cr3t-token-0123456789";
+
 struct Rig {
     _tpm: SoftTpm,
     site: NodeSite,
@@ -75,7 +78,31 @@ fn rig() -> Rig {
 /// A rig whose server has `ca` added to its `[ca]` section and `extra`
 /// appended to its configuration.
 fn rig_with(ca: &str, extra: &str) -> Rig {
+    rig_opts(Opts {
+        ca,
+        server_extra: extra,
+        ..Opts::default()
+    })
+}
+
+/// What a rig may add to the defaults.
+#[derive(Default)]
+struct Opts<'a> {
+    /// Added to the server's `[ca]` section.
+    ca: &'a str,
+    /// Appended to the server's configuration.
+    server_extra: &'a str,
+    /// Registrations appended to the node policy's `workloads:`.
+    workloads: &'a str,
+    /// Added to the agent's `[workload_api]` table.
+    workload_api: &'a str,
+    /// Added to the agent's `[credentials_endpoint]` table.
+    credentials_endpoint: &'a str,
+}
+
+fn rig_opts(o: Opts<'_>) -> Rig {
     require_tool("swtpm");
+    let (ca, extra) = (o.ca, o.server_extra);
     let tpm = SoftTpm::start().unwrap();
     let exe = std::env::current_exe().unwrap();
     let site = NodeSite::with_workloads(
@@ -83,7 +110,7 @@ fn rig_with(ca: &str, extra: &str) -> Rig {
         "1h",
         &format!("spiffe://{TRUST_DOMAIN}/node/tpm/{{ek_hash}}"),
         &format!("reload_interval = \"1s\"\n{extra}"),
-        &workloads(&exe),
+        &format!("{}{}", workloads(&exe), o.workloads),
     );
     let text = std::fs::read_to_string(site.config()).unwrap();
     std::fs::write(
@@ -102,15 +129,17 @@ fn rig_with(ca: &str, extra: &str) -> Rig {
     let socket = agent_dir.path().join("api/agent.sock");
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str(&format!(
-        "[workload_api]\nsocket = \"{}\"\n",
-        socket.display()
+        "[workload_api]\nsocket = \"{}\"\n{}\n",
+        socket.display(),
+        o.workload_api
     ));
     let credentials_port = common::node::free_port();
     let token_file = agent_dir.path().join("ecs-token");
-    std::fs::write(&token_file, "s3cr3t-token\n").unwrap();
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     text.push_str(&format!(
-        "[credentials_endpoint]\nlisten = \"127.0.0.1:{credentials_port}\"\nauthorization_token_file = \"{}\"\n",
-        token_file.display()
+        "[credentials_endpoint]\nlisten = \"127.0.0.1:{credentials_port}\"\nauthorization_token_file = \"{}\"\n{}\n",
+        token_file.display(),
+        o.credentials_endpoint
     ));
     std::fs::write(&config, text).unwrap();
     let agent = start_agent(&config);
@@ -801,7 +830,7 @@ fn an_aws_sdk_reads_scoped_credentials_from_the_container_endpoint() {
             .env("AWS_CONTAINER_AUTHORIZATION_TOKEN", token);
         c.output().unwrap()
     };
-    let out = run("/v1/credentials", "s3cr3t-token");
+    let out = run("/v1/credentials", TOKEN);
     assert!(
         out.status.success(),
         "{}",
@@ -813,7 +842,7 @@ fn an_aws_sdk_reads_scoped_credentials_from_the_container_endpoint() {
     assert_eq!(v["has_secret"], true);
     assert!(v["token_len"].as_u64().unwrap() > 100);
     // By hint too; and a second read is served from the agent's cache.
-    let again = run("/v1/credentials/reports", "s3cr3t-token");
+    let again = run("/v1/credentials/reports", TOKEN);
     let w: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(w["access_key"], v["access_key"]);
     // A wrong token, or a uid with no cloud role: no credentials.
@@ -822,15 +851,8 @@ fn an_aws_sdk_reads_scoped_credentials_from_the_container_endpoint() {
     let status_as = |uid: u32| {
         use std::os::unix::process::CommandExt;
         let out = Command::new("curl")
-            .args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-H",
-                "Authorization: s3cr3t-token",
-            ])
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg(format!("Authorization: {TOKEN}"))
             .arg(format!(
                 "http://127.0.0.1:{}/v1/credentials",
                 rig.credentials_port
@@ -852,5 +874,518 @@ fn an_aws_sdk_reads_scoped_credentials_from_the_container_endpoint() {
                 && l.contains(&id("reports"))
                 && l.contains("\"success\"")),
         "{audit}"
+    );
+}
+
+/// A raw Workload API client on `socket` (every call must add the header).
+async fn raw_client(
+    socket: &Path,
+) -> herald_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+    tonic::transport::Channel,
+> {
+    let socket = socket.to_path_buf();
+    let channel = tonic::transport::Endpoint::from_static("http://x")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    herald_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
+}
+
+fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    req
+}
+
+/// The SPIFFE IDs of the first X509-SVID response on `socket`, or the refusal.
+async fn x509_ids(socket: &Path) -> Result<Vec<String>, tonic::Status> {
+    let mut stream = raw_client(socket)
+        .await
+        .fetch_x509svid(with_header(herald_proto::workload::X509svidRequest {}))
+        .await?
+        .into_inner();
+    let first = stream.message().await?.expect("a first response");
+    let mut ids: Vec<String> = first.svids.into_iter().map(|s| s.spiffe_id).collect();
+    ids.sort();
+    Ok(ids)
+}
+
+fn on_path(tool: &str) -> std::path::PathBuf {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .unwrap();
+    std::fs::canonicalize(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+}
+
+fn wait_until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Issue 16 §4.1: a process connects, hands the connection to a child, then
+/// execs a registered binary; the child asks over that connection. The
+/// agent pinned the process when it accepted the connection, and refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_execs_a_registered_binary_after_connecting_is_refused() {
+    require_tool("python3");
+    let sleep = on_path("sleep");
+    let rig = rig_opts(Opts {
+        workloads: &format!(
+            "  - spiffe_id: {}\n    selectors: [\"unix:uid:0\", \"unix:path:{}\"]\n    ttl: 1h\n",
+            id("exec-target"),
+            sleep.display()
+        ),
+        ..Opts::default()
+    });
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/exec_after_connect.py"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let attacker = |relay: &Path, target: &str| {
+        use std::io::BufRead;
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(&rig.socket)
+            .arg(relay)
+            .arg(target)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let pid: u32 = line
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("helper said {line:?}"))
+            .trim()
+            .parse()
+            .unwrap();
+        (child, pid)
+    };
+
+    // Control: the connecting process stays itself (Python, uid 0); the
+    // child relaying its connection is served the uid-0 identities.
+    let relay = dir.path().join("stay.sock");
+    let (mut stay, _) = attacker(&relay, "--stay");
+    let ids = x509_ids(&relay).await.unwrap();
+    assert!(ids.contains(&id("db")), "{ids:?}");
+    assert!(!ids.contains(&id("exec-target")), "{ids:?}");
+    let _ = stay.kill();
+    let _ = stay.wait();
+
+    // Attack: the connecting process now runs the registered binary.
+    let relay = dir.path().join("exec.sock");
+    let (mut execd, pid) = attacker(&relay, sleep.to_str().unwrap());
+    wait_until(10, "the helper execs the registered binary", || {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .as_deref()
+            == Some(sleep.as_path())
+    });
+    let mut raw = raw_client(&relay).await;
+    let refused = raw
+        .fetch_x509svid(with_header(herald_proto::workload::X509svidRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("executed another program since it connected"),
+        "{refused:?}"
+    );
+    // Every call on that connection is refused the same way.
+    let jwt = raw
+        .fetch_jwtsvid(with_header(herald_proto::workload::JwtsvidRequest {
+            audience: vec!["api.internal".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(jwt.code(), tonic::Code::PermissionDenied, "{jwt:?}");
+    let _ = execd.kill();
+    let _ = execd.wait();
+
+    // A stream opened before the exec ends at its next update (the 8 s
+    // web SVID rotates every few seconds) with PermissionDenied.
+    let relay = dir.path().join("later.sock");
+    let (mut later, pid) = attacker(&relay, &format!("later:{}", sleep.display()));
+    let mut stream = raw_client(&relay)
+        .await
+        .fetch_x509svid(with_header(herald_proto::workload::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(first.svids.iter().any(|s| s.spiffe_id == id("db")));
+    {
+        use std::io::Write;
+        later
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(
+                b"go
+",
+            )
+            .unwrap();
+    }
+    wait_until(10, "the helper execs after its stream opened", || {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .as_deref()
+            == Some(sleep.as_path())
+    });
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a refusal"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stream was still open 30 s after the exec");
+    assert_eq!(ended.code(), tonic::Code::PermissionDenied, "{ended:?}");
+    let _ = later.kill();
+    let _ = later.wait();
+}
+
+/// A directory other users can enter, holding copies of the herald binary.
+fn herald_copies(names: &[&str]) -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let paths = names
+        .iter()
+        .map(|n| {
+            let p = dir.path().join(n);
+            std::fs::copy(herald_bin(), &p).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p
+        })
+        .collect();
+    (dir, paths)
+}
+
+/// Issue 16 §4.2: `/proc/<pid>/exe` reads a path in the caller's own mount
+/// namespace. A process that bind-mounts another binary over a registered
+/// path in a namespace of its own, and runs it from there, shows the
+/// registered path — and is not given the registered identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_path_in_another_mount_namespace_is_not_the_registered_binary() {
+    require_tool("unshare");
+    require_tool("mount");
+    let (_dir, copies) = herald_copies(&["registered", "impostor"]);
+    let (registered, impostor) = (&copies[0], &copies[1]);
+    let rig = rig_opts(Opts {
+        workloads: &format!(
+            "  - spiffe_id: {}\n    selectors: [\"unix:uid:0\", \"unix:path:{}\"]\n    ttl: 1h\n",
+            id("by-path"),
+            registered.display()
+        ),
+        ..Opts::default()
+    });
+    let socket = rig.socket.to_str().unwrap();
+    // The registered binary, run as itself: served its identity.
+    let text = stdout(&ok(Command::new(registered)
+        .args(["workload", "fetch", "--socket", socket])
+        .output()
+        .unwrap()));
+    assert!(text.contains(&id("by-path")), "{text}");
+    // The impostor at the registered path, in a private mount namespace:
+    // same path in /proc/<pid>/exe, another file.
+    let out = ok(Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind \"$1\" \"$2\" && exec \"$2\" workload fetch --socket \"$3\"")
+        .arg("sh")
+        .arg(impostor)
+        .arg(registered)
+        .arg(socket)
+        .output()
+        .unwrap());
+    let text = stdout(&out);
+    assert!(
+        text.contains(&id("db")),
+        "the impostor is still a uid-0 caller: {text}"
+    );
+    assert!(!text.contains(&id("by-path")), "{text}");
+    // The bind mount never reached the agent's namespace.
+    assert_eq!(
+        std::fs::read(registered).unwrap().len(),
+        std::fs::metadata(impostor).unwrap().len() as usize
+    );
+}
+
+/// Issue 16 §4.3: a 1 TiB sparse "executable" (the herald binary, extended)
+/// is refused at once, without being read, and meanwhile another caller
+/// is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_sparse_executable_is_refused_quickly_while_others_are_served() {
+    let (_dir, copies) = herald_copies(&["huge"]);
+    let huge = &copies[0];
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(huge)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
+    let rig = rig();
+    let started = std::time::Instant::now();
+    let mut caller = Command::new(huge)
+        .args([
+            "workload",
+            "fetch",
+            "--socket",
+            rig.socket.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Another caller, at the same time.
+    let served_in = {
+        let t = std::time::Instant::now();
+        let svids = client(&rig.socket)
+            .await
+            .fetch_all_x509_svids()
+            .await
+            .unwrap();
+        assert!(!svids.is_empty());
+        t.elapsed()
+    };
+    let deadline = started + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = caller.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = caller.kill();
+            panic!("the 1 TiB caller was not answered within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let refused_in = started.elapsed();
+    let out = caller.wait_with_output().unwrap();
+    assert!(!status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_executable_size"), "{err}");
+    assert!(
+        refused_in < Duration::from_secs(5),
+        "refused after {refused_in:?}"
+    );
+    assert!(
+        served_in < Duration::from_secs(5),
+        "the other caller waited {served_in:?}"
+    );
+    eprintln!(
+        "1 TiB sparse executable refused in {refused_in:?}; the concurrent caller was served in {served_in:?}"
+    );
+}
+
+fn credentials_request(port: u16, host: Option<&str>, token: &str) -> (u16, String) {
+    let host = host.map(|h| format!("Host: {h}\r\n")).unwrap_or_default();
+    common::raw_http(
+        ([127, 0, 0, 1], port).into(),
+        &format!(
+            "GET /v1/credentials HTTP/1.1\r\n{host}Authorization: {token}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+}
+
+/// Issue 16 §4.4: a DNS-rebinding page reaches the loopback endpoint under
+/// its own host name: refused even with the right token; the endpoint
+/// never runs without a token.
+#[test]
+fn the_credentials_endpoint_answers_only_loopback_hosts_with_the_token() {
+    let rig = rig();
+    let port = rig.credentials_port;
+    for host in [
+        "evil.example",
+        &format!("evil.example:{port}"),
+        "127.0.0.1.nip.io",
+    ] {
+        let (status, body) = credentials_request(port, Some(host), TOKEN);
+        assert_eq!(status, 403, "{host}: {body}");
+        assert!(body.contains("host_not_loopback"), "{body}");
+    }
+    let (status, body) = common::raw_http(
+        ([127, 0, 0, 1], port).into(),
+        &format!("GET /v1/credentials HTTP/1.0\r\nAuthorization: {TOKEN}\r\n\r\n"),
+    );
+    assert_eq!(status, 403, "no Host at all: {body}");
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        let (status, body) = credentials_request(port, Some(&host), TOKEN);
+        assert_eq!(status, 200, "{host}: {body}");
+        assert!(body.contains("AccessKeyId"), "{body}");
+    }
+    let (status, body) = credentials_request(port, Some("localhost"), "s3cr3t-token");
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("unauthorized"), "{body}");
+}
+
+#[test]
+fn the_agent_will_not_start_a_credentials_endpoint_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!(
+        "servers = [\"https://127.0.0.1:1\"]\ntrust_bundle = \"{0}/bundle.pem\"\ndata_dir = \"{0}/state\"\n[workload_api]\nsocket = \"{0}/agent.sock\"\n[credentials_endpoint]\nlisten = \"127.0.0.1:{1}\"\n",
+        dir.path().display(),
+        common::node::free_port()
+    );
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, &base).unwrap();
+    let check = Command::new(herald_bin())
+        .args(["agent", "--config"])
+        .arg(&config)
+        .arg("check")
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+    assert!(
+        common::stderr(&check).contains("authorization_token_file"),
+        "{}",
+        common::stderr(&check)
+    );
+    // A token too short to resist guessing: the agent exits at start.
+    let token = dir.path().join("token");
+    std::fs::write(&token, "guessable\n").unwrap();
+    std::fs::write(
+        &config,
+        format!("{base}authorization_token_file = \"{}\"\n", token.display()),
+    )
+    .unwrap();
+    let run = Command::new(herald_bin())
+        .args(["agent", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    assert!(
+        common::stderr(&run).contains("at least 16 characters"),
+        "{}",
+        common::stderr(&run)
+    );
+}
+
+/// Issue 16 §4.5: a flood from one uid is refused (typed: gRPC
+/// ResourceExhausted with `rate_limited`, HTTP 429) while another uid is
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_uid_is_limited_while_another_uid_is_served() {
+    require_tool("curl");
+    let limit = "rate_limit = { per_second = 2, burst = 10 }";
+    let rig = rig_opts(Opts {
+        workload_api: limit,
+        credentials_endpoint: limit,
+        workloads: &format!(
+            "  - spiffe_id: {}\n    selectors: [\"unix:uid:{NOBODY}\"]\n    ttl: 1h\n    cloud_role: {ROLE}\n",
+            id("nobody-cloud")
+        ),
+        ..Opts::default()
+    });
+    // Workload API: 60 calls from this process (uid 0).
+    let mut raw = raw_client(&rig.socket).await;
+    let validate = || {
+        with_header(herald_proto::workload::ValidateJwtsvidRequest {
+            audience: "api.internal".into(),
+            svid: "not.a.token".into(),
+        })
+    };
+    let started = std::time::Instant::now();
+    let (mut limited, mut answered) = (0, 0);
+    for _ in 0..60 {
+        let e = raw.validate_jwtsvid(validate()).await.unwrap_err();
+        match e.code() {
+            tonic::Code::ResourceExhausted => {
+                assert_eq!(
+                    herald_client::ClientError::from(e).code(),
+                    Some(herald_core::ErrorCode::RateLimited)
+                );
+                limited += 1;
+            }
+            tonic::Code::InvalidArgument => answered += 1,
+            other => panic!("{other:?}: {e:?}"),
+        }
+    }
+    let flood = started.elapsed();
+    assert!(
+        (10..=20).contains(&answered),
+        "{answered} answered in {flood:?}"
+    );
+    assert!(limited >= 40, "{limited} limited");
+    assert_eq!(
+        raw.validate_jwtsvid(validate()).await.unwrap_err().code(),
+        tonic::Code::ResourceExhausted,
+        "uid 0 is still over its limit"
+    );
+    // Another uid meanwhile: served.
+    use std::os::unix::process::CommandExt;
+    let (_bin_dir, herald_for_others) = executable_by_other_users(herald_bin());
+    let out = ok(Command::new(&herald_for_others)
+        .args([
+            "workload",
+            "fetch",
+            "--socket",
+            rig.socket.to_str().unwrap(),
+        ])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap());
+    assert!(stdout(&out).contains(&id("nobody")), "{}", stdout(&out));
+
+    // The credentials endpoint: 60 requests from uid 0, then one from nobody.
+    let port = rig.credentials_port;
+    let host = format!("127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..60 {
+        let (status, body) = credentials_request(port, Some(&host), TOKEN);
+        if status == 429 {
+            assert!(body.contains("rate_limited"), "{body}");
+        }
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    let http_flood = started.elapsed();
+    assert!(
+        statuses.get(&429).copied().unwrap_or(0) >= 40,
+        "{statuses:?}"
+    );
+    assert!(
+        (10..=20).contains(&statuses.get(&200).copied().unwrap_or(0)),
+        "{statuses:?}"
+    );
+    let curl = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+        .arg(format!("Authorization: {TOKEN}"))
+        .arg(format!("http://{host}/v1/credentials"))
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&curl), "200", "nobody is served meanwhile");
+    eprintln!(
+        "Workload API: {answered} answered, {limited} limited of 60 in {flood:?}; \
+         credentials endpoint: {statuses:?} of 60 in {http_flood:?}"
     );
 }

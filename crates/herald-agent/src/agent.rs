@@ -9,7 +9,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_client::files::{self, SvidFiles};
-use herald_client::{ClientError, ClientIdentity, HeraldClient, keys};
+use herald_client::{ClientError, ClientIdentity, HeraldClient, ServerId, keys};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -255,6 +255,16 @@ impl Agent {
         Duration::from_millis(rand::rng().random_range(ms / 2..=ms.max(1)))
     }
 
+    /// The server identity to pin: the configured one, else the trust
+    /// domain of the node SVID the agent holds (`node_leaf`), else the
+    /// one the trust bundle names.
+    fn server_id(&self, node_leaf: Option<&[u8]>) -> ServerId {
+        self.cfg
+            .server_id()
+            .or_else(|| node_leaf.and_then(ServerId::of_svid))
+            .unwrap_or_default()
+    }
+
     fn servers(&self) -> Vec<String> {
         let n = self.cfg.servers.len();
         (0..n)
@@ -317,7 +327,8 @@ impl Agent {
         }
         let mut last = (String::from("no server"), None);
         for (i, server) in self.servers().into_iter().enumerate() {
-            let client = match HeraldClient::connect(&server, &bundle, None).await {
+            let pin = self.server_id(None);
+            let client = match HeraldClient::connect_to(&server, &bundle, None, &pin).await {
                 Ok(c) => c,
                 Err(e) => {
                     last = (format!("{server}: {e}"), None);
@@ -361,13 +372,15 @@ impl Agent {
                 cert_chain: c.files.cert_chain.clone(),
                 key_pkcs8: c.files.key_pkcs8.clone(),
             };
-            let client = match HeraldClient::connect(&server, &bundle, Some(identity)).await {
-                Ok(c) => c,
-                Err(e) => {
-                    last = (format!("{server}: {e}"), None);
-                    continue;
-                }
-            };
+            let pin = self.server_id(c.files.cert_chain.first().map(Vec::as_slice));
+            let client =
+                match HeraldClient::connect_to(&server, &bundle, Some(identity), &pin).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last = (format!("{server}: {e}"), None);
+                        continue;
+                    }
+                };
             let key = keys::generate_key_and_csr().map_err(|e| (e.to_string(), None))?;
             match client.renew_x509_svid(key.csr_der).await {
                 Ok(response) => {

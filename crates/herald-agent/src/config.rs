@@ -40,6 +40,13 @@ pub struct AgentConfig {
     pub trust_bundle: PathBuf,
     /// Directory for the AK blobs, the node SVID and the status file.
     pub data_dir: PathBuf,
+    /// The SPIFFE ID the servers' certificates must carry, besides chaining
+    /// to the trust bundle and matching the host name: a full ID, or a
+    /// trust domain meaning its `spiffe://<td>/herald/server`. When absent:
+    /// the node SVID's trust domain once the node has one, before that the
+    /// trust domain the bundle's CA certificates name.
+    #[serde(default)]
+    pub server_spiffe_id: Option<String>,
     /// File holding a join token for the first attestation, when the node
     /// policy requires one (also `HERALD_AGENT_JOIN_TOKEN`).
     #[serde(default)]
@@ -66,11 +73,18 @@ pub struct AgentConfig {
 pub struct CredentialsEndpointConfig {
     /// Loopback address to listen on.
     pub listen: std::net::SocketAddr,
-    /// File holding the token callers must send in `Authorization`; when
-    /// absent, no token is required (the caller's uid still decides).
-    #[serde(default)]
-    pub authorization_token_file: Option<PathBuf>,
+    /// File holding the token callers must send in `Authorization`
+    /// (required, at least [`MIN_TOKEN_LEN`] characters): loopback is
+    /// reachable from a browser, and the token is what a web page cannot
+    /// know.
+    pub authorization_token_file: PathBuf,
+    /// Requests per caller (uid).
+    #[serde(default = "RateLimitConfig::credentials_endpoint")]
+    pub rate_limit: RateLimitConfig,
 }
+
+/// Shortest authorization token the credentials endpoint starts with.
+pub const MIN_TOKEN_LEN: usize = 16;
 
 /// The Workload API endpoint.
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +92,89 @@ pub struct CredentialsEndpointConfig {
 pub struct WorkloadApiConfig {
     /// Unix socket path; workloads find it through `SPIFFE_ENDPOINT_SOCKET=unix://<path>`.
     pub socket: PathBuf,
+    /// Largest executable the agent hashes for `unix:sha256` selectors
+    /// (`"512MiB"`; bytes, or KiB/MiB/GiB). A caller whose executable is
+    /// larger is refused rather than stalling the agent.
+    #[serde(
+        default = "default_max_executable_size",
+        deserialize_with = "deserialize_size"
+    )]
+    pub max_executable_size: u64,
+    /// Calls per caller (uid).
+    #[serde(default = "RateLimitConfig::workload_api")]
+    pub rate_limit: RateLimitConfig,
+}
+
+fn default_max_executable_size() -> u64 {
+    512 << 20
+}
+
+/// A token bucket per caller: `per_second` sustained, `burst` at once;
+/// `per_second = 0` turns limiting off.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests per second, sustained.
+    pub per_second: f64,
+    /// Requests at once.
+    pub burst: u32,
+}
+
+impl RateLimitConfig {
+    /// Workload API default: streams are long-lived, so a well-behaved
+    /// workload opens a handful of calls a minute; this leaves room for
+    /// every process of a uid starting at once.
+    pub fn workload_api() -> Self {
+        Self {
+            per_second: 50.0,
+            burst: 200,
+        }
+    }
+
+    /// Credentials endpoint default: SDKs cache credentials until near
+    /// expiry.
+    pub fn credentials_endpoint() -> Self {
+        Self {
+            per_second: 10.0,
+            burst: 40,
+        }
+    }
+}
+
+/// Parses `"512MiB"`, `"64KiB"`, `"1GiB"` or a plain number of bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("size {text:?}: expected a number of bytes, KiB, MiB or GiB"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        other => {
+            return Err(format!(
+                "size {text:?}: unknown unit {other:?} (B, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+fn deserialize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
+    }
 }
 
 /// Which TPM.
@@ -190,6 +287,32 @@ impl AgentConfig {
         {
             return Err("credentials_endpoint.listen must be a loopback address".into());
         }
+        if let Some(id) = &self.server_spiffe_id {
+            herald_client::ServerId::parse(id).map_err(|e| format!("server_spiffe_id: {e}"))?;
+        }
+        for (name, limit) in [
+            (
+                "workload_api",
+                self.workload_api.as_ref().map(|w| w.rate_limit),
+            ),
+            (
+                "credentials_endpoint",
+                self.credentials_endpoint.as_ref().map(|c| c.rate_limit),
+            ),
+        ] {
+            if let Some(l) = limit
+                && (!l.per_second.is_finite() || l.per_second < 0.0 || l.burst == 0)
+            {
+                return Err(format!(
+                    "{name}.rate_limit: per_second must be >= 0 (0 = off) and burst >= 1"
+                ));
+            }
+        }
+        if let Some(w) = &self.workload_api
+            && w.max_executable_size == 0
+        {
+            return Err("workload_api.max_executable_size must be > 0".into());
+        }
         if self.credentials_endpoint.is_some() && self.workload_api.is_none() {
             return Err(
                 "credentials_endpoint needs [workload_api] (registrations are synced there)".into(),
@@ -223,6 +346,34 @@ impl AgentConfig {
         }
     }
 
+    /// The configured server identity pin, if any (validated at load).
+    pub fn server_id(&self) -> Option<herald_client::ServerId> {
+        self.server_spiffe_id
+            .as_deref()
+            .and_then(|s| herald_client::ServerId::parse(s).ok())
+    }
+
+    /// The credentials endpoint's token, read from its file: refused when
+    /// it is shorter than [`MIN_TOKEN_LEN`] (the endpoint never runs
+    /// without one).
+    pub fn credentials_token(&self) -> Result<Option<zeroize::Zeroizing<String>>, String> {
+        let Some(c) = &self.credentials_endpoint else {
+            return Ok(None);
+        };
+        let p = &c.authorization_token_file;
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        );
+        let token = zeroize::Zeroizing::new(text.trim().to_owned());
+        if token.chars().count() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "{}: the credentials endpoint's authorization token must be at least {MIN_TOKEN_LEN} characters",
+                p.display()
+            ));
+        }
+        Ok(Some(token))
+    }
+
     /// Where the node SVID lives.
     pub fn svid_dir(&self) -> PathBuf {
         self.data_dir.join("node")
@@ -231,5 +382,84 @@ impl AgentConfig {
     /// The status file `herald agent status` reads.
     pub fn status_path(&self) -> PathBuf {
         self.data_dir.join("status.json")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const BASE: &str = "servers = [\"https://h:1\"]\ntrust_bundle = \"/b\"\ndata_dir = \"/d\"\n";
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("64 KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "MiB", "12MB", "-1", "99999999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn workload_api_defaults_and_limits_are_checked() {
+        let cfg = AgentConfig::parse(&format!("{BASE}[workload_api]\nsocket = \"/s\"\n")).unwrap();
+        let w = cfg.workload_api.unwrap();
+        assert_eq!(w.max_executable_size, 512 << 20);
+        assert_eq!(w.rate_limit, RateLimitConfig::workload_api());
+        let cfg = AgentConfig::parse(&format!(
+            "{BASE}[workload_api]\nsocket = \"/s\"\nmax_executable_size = \"1MiB\"\nrate_limit = {{ per_second = 0, burst = 1 }}\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.workload_api.unwrap().max_executable_size, 1 << 20);
+        for bad in [
+            "max_executable_size = 0",
+            "max_executable_size = \"lots\"",
+            "rate_limit = { per_second = -1, burst = 5 }",
+            "rate_limit = { per_second = 5, burst = 0 }",
+        ] {
+            assert!(
+                AgentConfig::parse(&format!("{BASE}[workload_api]\nsocket = \"/s\"\n{bad}\n"))
+                    .is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_credentials_endpoint_needs_a_token_and_the_server_pin_must_parse() {
+        let endpoint = "[workload_api]\nsocket = \"/s\"\n[credentials_endpoint]\nlisten = \"127.0.0.1:8790\"\n";
+        let err = AgentConfig::parse(&format!("{BASE}{endpoint}")).unwrap_err();
+        assert!(err.contains("authorization_token_file"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        let cfg = AgentConfig::parse(&format!(
+            "{BASE}{endpoint}authorization_token_file = \"{}\"\n",
+            file.display()
+        ))
+        .unwrap();
+        assert!(cfg.credentials_token().is_err(), "a missing file");
+        std::fs::write(&file, "short\n").unwrap();
+        assert!(cfg.credentials_token().is_err(), "a short token");
+        std::fs::write(&file, "0123456789abcdef\n").unwrap();
+        assert_eq!(
+            cfg.credentials_token().unwrap().unwrap().as_str(),
+            "0123456789abcdef"
+        );
+
+        let pinned = AgentConfig::parse(&format!(
+            "server_spiffe_id = \"spiffe://example.org/herald/server\"\n{BASE}"
+        ))
+        .unwrap();
+        assert!(matches!(
+            pinned.server_id(),
+            Some(herald_client::ServerId::Exact(_))
+        ));
+        assert!(
+            AgentConfig::parse(&format!("server_spiffe_id = \"Not A Domain\"\n{BASE}")).is_err()
+        );
+        assert_eq!(AgentConfig::parse(BASE).unwrap().server_id(), None);
     }
 }

@@ -1,7 +1,8 @@
 //! A Rust client for Herald.
 //!
 //! [`HeraldClient`] speaks Herald's gRPC API over TLS, verifying the server
-//! against the trust bundle and optionally presenting an SVID (mTLS).
+//! against the trust bundle, the host name dialled and the server's SPIFFE
+//! ID ([`ServerId`]), and optionally presenting an SVID (mTLS).
 //! [`keys`] makes keys and CSRs locally — private keys never leave the
 //! caller — and [`files`] writes credentials to disk atomically with safe
 //! permissions.
@@ -9,7 +10,10 @@
 
 pub mod files;
 pub mod keys;
+pub mod server_id;
 pub mod workload_api;
+
+pub use server_id::{ServerId, ServerIdMismatch};
 
 use std::sync::Arc;
 
@@ -46,6 +50,15 @@ pub enum ClientError {
     /// The server could not be reached or the connection failed.
     #[error("error[unavailable]: {0}")]
     Transport(String),
+    /// The server's certificate chains to the bundle but is not the pinned
+    /// server identity (another SVID of the same CA, or another server).
+    #[error("error[server_identity_mismatch]: {server}: {mismatch}")]
+    ServerIdentity {
+        /// The address dialled.
+        server: String,
+        /// What was expected and found.
+        mismatch: ServerIdMismatch,
+    },
     /// Bad local input (address, bundle, key).
     #[error("error[invalid_input]: {0}")]
     Input(String),
@@ -125,11 +138,23 @@ fn split_host_port(server: &str) -> Result<(String, u16, String), ClientError> {
 impl HeraldClient {
     /// Connects to `server` (`https://host:port`), trusting `bundle` (DER
     /// trust anchors) for the server certificate and presenting `identity`
-    /// if given.
+    /// if given. The server must present `spiffe://<td>/herald/server`, the
+    /// trust domain taken from the bundle ([`ServerId::FromBundle`]).
     pub async fn connect(
         server: &str,
         bundle: &[Vec<u8>],
         identity: Option<ClientIdentity>,
+    ) -> Result<Self, ClientError> {
+        Self::connect_to(server, bundle, identity, &ServerId::FromBundle).await
+    }
+
+    /// As [`HeraldClient::connect`], requiring the server's certificate to
+    /// carry the SPIFFE ID `server_id` names.
+    pub async fn connect_to(
+        server: &str,
+        bundle: &[Vec<u8>],
+        identity: Option<ClientIdentity>,
+        server_id: &ServerId,
     ) -> Result<Self, ClientError> {
         let (host, port, authority) = split_host_port(server)?;
         let mut roots = rustls::RootCertStore::empty();
@@ -141,11 +166,14 @@ impl HeraldClient {
         if roots.is_empty() {
             return Err(ClientError::Input("the trust bundle is empty".into()));
         }
+        let expected = server_id.resolve(bundle)?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier = server_id::PinnedServerVerifier::new(roots, provider.clone(), expected)?;
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| ClientError::Input(e.to_string()))?
-            .with_root_certificates(roots);
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier));
         let mut config = match identity {
             Some(id) => builder
                 .with_client_auth_cert(
@@ -181,7 +209,13 @@ impl HeraldClient {
                 }
             }))
             .await
-            .map_err(|e| ClientError::Transport(format!("{server}: {}", error_chain(&e))))?;
+            .map_err(|e| match server_id::find_mismatch(&e) {
+                Some(mismatch) => ClientError::ServerIdentity {
+                    server: server.to_owned(),
+                    mismatch,
+                },
+                None => ClientError::Transport(format!("{server}: {}", error_chain(&e))),
+            })?;
         Ok(Self { channel })
     }
 

@@ -99,7 +99,7 @@ error_codes! {
     TpmEkCertificateUntrusted => "tpm_ek_certificate_untrusted", Unauthenticated, "The EK certificate does not chain to a configured manufacturer root.";
     TpmEkCertificateInvalid => "tpm_ek_certificate_invalid", Unauthenticated, "The EK certificate is malformed, expired or not an EK certificate.";
     TpmEkPublicMismatch => "tpm_ek_public_mismatch", Unauthenticated, "The EK public area does not match the EK certificate's key.";
-    TpmAkRefused => "tpm_ak_refused", Unauthenticated, "The attestation key lacks fixedTPM/fixedParent/sensitiveDataOrigin/restricted/sign or is of a refused type.";
+    TpmAkRefused => "tpm_ak_refused", Unauthenticated, "The attestation key lacks fixedTPM/fixedParent/sensitiveDataOrigin/restricted/sign, is of a refused type, or carries an authorization policy (authPolicy, adminWithPolicy).";
     TpmCredentialMismatch => "tpm_credential_mismatch", Unauthenticated, "The activated credential secret is wrong: the AK is not bound to this EK.";
     TpmQuoteSignatureInvalid => "tpm_quote_signature_invalid", Unauthenticated, "The quote's signature does not verify with the AK.";
     TpmQuoteSignerMismatch => "tpm_quote_signer_mismatch", Unauthenticated, "The quote names another signer than the enrolled AK.";

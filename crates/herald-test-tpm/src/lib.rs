@@ -70,6 +70,9 @@ pub fn require_tpm2_tools() -> anyhow::Result<()> {
         "tpm2_pcrread",
         "tpm2_activatecredential",
         "tpm2_flushcontext",
+        "tpm2_create",
+        "tpm2_startauthsession",
+        "tpm2_policysecret",
     ] {
         require(tool, "tpm2-tools")?;
     }

@@ -1,15 +1,20 @@
 //! The SPIFFE Workload API on a Unix socket (`proto/spiffe/workload.proto`).
 //!
 //! Every call: the `workload.spiffe.io: true` metadata or
-//! `InvalidArgument`; the caller attested from its peer credentials (no
-//! TLS, no client auth); no matching registration → `PermissionDenied`.
-//! Streams send the caller's full state at once and again on every change.
+//! `InvalidArgument`; the caller's uid within its rate limit or
+//! `ResourceExhausted` (before any other work); the caller attested from
+//! its peer credentials (no TLS, no client auth), as the same process
+//! running the same executable as when it connected, or `PermissionDenied`;
+//! no matching registration → `PermissionDenied`. Streams send the
+//! caller's full state at once and again on every change, and end with
+//! `PermissionDenied` if the caller has since executed another program.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use herald_proto::workload::spiffe_workload_api_server::{
@@ -20,12 +25,15 @@ use herald_proto::workload::{
     ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
     X509svid, X509svidRequest, X509svidResponse,
 };
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
-use tonic::transport::server::UdsConnectInfo;
+use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
-use super::attestor::{Attestor, Facts};
+use super::attestor::{AttestError, Attestor, Facts, Peer};
+use super::limit::RateLimiter;
 use super::{Entry, Upstream, WorkloadCache};
+use crate::config::WorkloadApiConfig;
 
 /// The metadata every Workload API call must carry.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -38,6 +46,112 @@ pub struct WorkloadApi {
     cache: Arc<WorkloadCache>,
     upstream: Upstream,
     attestor: Arc<Attestor>,
+    limiter: Arc<RateLimiter<u32>>,
+}
+
+/// What the agent observed about a connection's peer when it accepted it
+/// (tonic hands it to every call on the connection).
+#[derive(Debug, Clone)]
+pub struct CallerInfo {
+    /// The peer's uid, when the kernel gave credentials.
+    pub uid: Option<u32>,
+    /// The pinned process, or why it could not be pinned.
+    pub peer: Result<Arc<Peer>, AttestError>,
+}
+
+/// An accepted Workload API connection and its [`CallerInfo`].
+#[derive(Debug)]
+pub struct CallerStream {
+    inner: tokio::net::UnixStream,
+    info: CallerInfo,
+}
+
+impl CallerStream {
+    /// Pins the process behind `stream` now, at accept time: what it runs
+    /// from here on is compared with this.
+    pub fn accept(stream: tokio::net::UnixStream) -> CallerStream {
+        let cred = stream.peer_cred().ok();
+        let peer = match cred {
+            Some(c) => Peer::observe(c.uid(), c.gid(), c.pid()).map(Arc::new),
+            None => Err(AttestError::NoCredentials),
+        };
+        CallerStream {
+            inner: stream,
+            info: CallerInfo {
+                uid: cred.map(|c| c.uid()),
+                peer,
+            },
+        }
+    }
+}
+
+impl Connected for CallerStream {
+    type ConnectInfo = CallerInfo;
+
+    fn connect_info(&self) -> CallerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for CallerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CallerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A refusal for a caller over its rate limit, with Herald's stable code.
+fn rate_limited() -> Status {
+    let mut status = Status::resource_exhausted(
+        "rate_limited: too many Workload API calls from this uid; retry later",
+    );
+    status.metadata_mut().insert(
+        herald_client::ERROR_CODE_METADATA,
+        tonic::metadata::MetadataValue::from_static("rate_limited"),
+    );
+    status
+}
+
+/// Checks, off the async workers, that a stream's caller is still the
+/// process that connected, running the same executable.
+async fn still_the_caller(peer: &Arc<Peer>) -> Result<(), AttestError> {
+    let peer = peer.clone();
+    tokio::task::spawn_blocking(move || peer.unchanged())
+        .await
+        .unwrap_or(Err(AttestError::Gone))
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -56,38 +170,45 @@ fn concat(ders: &[Vec<u8>]) -> Vec<u8> {
 }
 
 impl WorkloadApi {
-    /// A service over `cache`, fetching JWT-SVIDs through `upstream`.
-    pub fn new(cache: Arc<WorkloadCache>, upstream: Upstream) -> Self {
+    /// A service over `cache`, fetching JWT-SVIDs through `upstream`, with
+    /// `cfg`'s hashing cap and rate limit.
+    pub fn new(cache: Arc<WorkloadCache>, upstream: Upstream, cfg: &WorkloadApiConfig) -> Self {
         Self {
             cache,
             upstream,
-            attestor: Arc::new(Attestor::default()),
+            attestor: Arc::new(Attestor::new(cfg.max_executable_size)),
+            limiter: Arc::new(RateLimiter::new(cfg.rate_limit)),
         }
     }
 
-    fn attest<T>(&self, req: &Request<T>) -> Result<Facts, Status> {
+    /// Rate-limits, then attests the caller on a blocking thread.
+    async fn attest<T>(&self, req: &Request<T>) -> Result<(Arc<Peer>, Facts), Status> {
         let info = req
             .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
+            .get::<CallerInfo>()
+            .cloned()
             .ok_or_else(|| Status::permission_denied("no peer credentials on this connection"))?;
-        self.attestor
-            .attest(info.uid(), info.gid(), info.pid())
-            .map_err(|e| Status::permission_denied(e.to_string()))
+        if let Some(uid) = info.uid
+            && !self.limiter.allow(uid, Instant::now())
+        {
+            tracing::debug!(uid, "Workload API call refused: rate limited");
+            return Err(rate_limited());
+        }
+        let refuse = |uid: Option<u32>, pid: Option<i32>, e: AttestError| {
+            tracing::warn!(?uid, ?pid, error = %e, "Workload API caller refused");
+            Status::permission_denied(e.to_string())
+        };
+        let peer = info.peer.map_err(|e| refuse(info.uid, None, e))?;
+        let (attestor, p) = (self.attestor.clone(), peer.clone());
+        let facts = tokio::task::spawn_blocking(move || attestor.attest(&p))
+            .await
+            .map_err(|_| Status::internal("workload attestation failed"))?
+            .map_err(|e| refuse(Some(peer.uid), Some(peer.pid), e))?;
+        Ok((peer, facts))
     }
 
-    /// Waits until the first registration set has arrived (the agent may
-    /// have just started).
     async fn synced(&self) {
-        let mut rx = self.cache.subscribe();
-        let wait = async {
-            while !self.cache.read(|s| s.synced) {
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(FIRST_STATE_WAIT, wait).await;
+        self.cache.synced(FIRST_STATE_WAIT).await;
     }
 
     fn entries_for(&self, facts: &Facts) -> Result<Vec<Entry>, Status> {
@@ -143,7 +264,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&request)?;
-        let facts = self.attest(&request)?;
+        let (peer, facts) = self.attest(&request).await?;
         self.synced().await;
         self.entries_for(&facts)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -151,8 +272,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
         tokio::spawn(async move {
             let mut changes = api.cache.subscribe();
             let mut last: Option<Vec<String>> = None;
+            // The caller was attested just now: the first push needs no check.
+            let mut checked = true;
             loop {
                 changes.borrow_and_update();
+                if !std::mem::take(&mut checked)
+                    && let Err(e) = still_the_caller(&peer).await
+                {
+                    tracing::warn!(pid = peer.pid, error = %e, "Workload API stream ended");
+                    let _ = tx.send(Err(Status::permission_denied(e.to_string()))).await;
+                    return;
+                }
                 let entries = api.cache.matching(&facts.selectors);
                 if entries.is_empty() {
                     let _ = tx
@@ -190,12 +320,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&request)?;
-        let facts = self.attest(&request)?;
+        let (peer, facts) = self.attest(&request).await?;
         self.synced().await;
         self.entries_for(&facts)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let cache = self.cache.clone();
-        tokio::spawn(push_on_change(cache, tx, |s| {
+        tokio::spawn(push_on_change(cache, peer, tx, |s| {
             (!s.bundle_x509.is_empty()).then(|| X509BundlesResponse {
                 crl: Vec::new(),
                 bundles: HashMap::from([(
@@ -214,7 +344,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&request)?;
-        let facts = self.attest(&request)?;
+        let (_, facts) = self.attest(&request).await?;
         let req = request.into_inner();
         if req.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
@@ -261,11 +391,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
-        let facts = self.attest(&request)?;
+        let (peer, facts) = self.attest(&request).await?;
         self.synced().await;
         self.entries_for(&facts)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(push_on_change(self.cache.clone(), tx, |s| {
+        tokio::spawn(push_on_change(self.cache.clone(), peer, tx, |s| {
             jwt_only_jwks(&s.bundle_jwks).map(|jwks| JwtBundlesResponse {
                 bundles: HashMap::from([(format!("spiffe://{}", s.trust_domain), jwks)]),
             })
@@ -280,7 +410,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_header(&request)?;
-        let facts = self.attest(&request)?;
+        let (_, facts) = self.attest(&request).await?;
         self.synced().await;
         self.entries_for(&facts)?;
         let req = request.into_inner();
@@ -314,16 +444,27 @@ fn jwt_only_jwks(jwks: &str) -> Option<Vec<u8>> {
     serde_json::to_vec(&serde_json::json!({ "keys": keys })).ok()
 }
 
-/// Sends `make(state)` now and whenever the state changes to something new.
+/// Sends `make(state)` now and whenever the state changes to something
+/// new, while `peer` is still the process that connected.
 async fn push_on_change<T: Clone + PartialEq + Send + 'static>(
     cache: Arc<WorkloadCache>,
+    peer: Arc<Peer>,
     tx: tokio::sync::mpsc::Sender<Result<T, Status>>,
     make: impl Fn(&super::State) -> Option<T> + Send + 'static,
 ) {
     let mut changes = cache.subscribe();
     let mut last: Option<T> = None;
+    // The caller was attested just now: the first push needs no check.
+    let mut checked = true;
     loop {
         changes.borrow_and_update();
+        if !std::mem::take(&mut checked)
+            && let Err(e) = still_the_caller(&peer).await
+        {
+            tracing::warn!(pid = peer.pid, error = %e, "Workload API stream ended");
+            let _ = tx.send(Err(Status::permission_denied(e.to_string()))).await;
+            return;
+        }
         if let Some(msg) = cache.read(&make)
             && last.as_ref() != Some(&msg)
         {
@@ -378,7 +519,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(herald_proto::workload::FILE_DESCRIPTOR_SET)
         .build_v1()
         .ok();
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    use futures::StreamExt;
+    // Each connection's peer is pinned as it is accepted, before it can
+    // send a request.
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+        .map(|accepted| accepted.map(CallerStream::accept));
     let router = tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(api))
         .add_optional_service(reflection);

@@ -1,21 +1,33 @@
 //! Workload attestation: who is calling on the Workload API socket.
 //!
 //! The kernel tells us the caller's uid, gid and pid at connect time
-//! (SO_PEERCRED, read by tonic from the socket). Everything else comes
-//! from `/proc/<pid>`: the executable (path and SHA-256), supplementary
-//! groups and the cgroup. A pid can be reused once its process exits, so
-//! the process start time is read before and after the lookups and must
-//! not change, and `/proc/<pid>`'s real uid must still be the socket
-//! peer's — otherwise another process could inherit the caller's identity.
+//! (SO_PEERCRED). When the agent accepts the connection it pins that
+//! process ([`Peer::observe`]): a pidfd (so a reused pid can never pass for
+//! it), its start time, and the identity (device, inode) of the executable
+//! it runs. On every call the process must still be that one, running that
+//! executable ([`Peer::unchanged`]) — otherwise a process could connect,
+//! hand the socket to a child, and exec a registered binary so that the
+//! child is served the binary's identity.
+//!
+//! Everything else comes from `/proc/<pid>`, read on a blocking thread:
+//! supplementary groups, the cgroup, the executable's path — offered only
+//! when that path names, for the agent, the very file the process runs (a
+//! container's `/usr/bin/app` is not the host's) — and its SHA-256, read
+//! through `/proc/<pid>/exe` itself (whatever mount namespace it lives in),
+//! capped in size and computed once per file version.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::Read;
-use std::sync::Mutex;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use herald_core::Selector;
 
 /// Why a caller could not be attested.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AttestError {
     /// No peer credentials on the connection.
     #[error("the caller's credentials are not available on this socket")]
@@ -23,6 +35,22 @@ pub enum AttestError {
     /// The process went away or changed during attestation.
     #[error("the calling process exited or changed during attestation")]
     Gone,
+    /// The process runs another executable than when it connected.
+    #[error("the calling process has executed another program since it connected")]
+    ExecChanged,
+    /// The executable is over the hashing cap.
+    #[error(
+        "the caller's executable is {size} bytes, over the {cap}-byte cap for hashing (workload_api.max_executable_size)"
+    )]
+    ExecutableTooLarge {
+        /// Its size.
+        size: u64,
+        /// The cap.
+        cap: u64,
+    },
+    /// The executable could not be read.
+    #[error("the caller's executable could not be read: {0}")]
+    Unreadable(String),
 }
 
 /// What was observed about a caller.
@@ -34,18 +62,34 @@ pub struct Facts {
     pub selectors: Vec<Selector>,
 }
 
-/// Digests of executables by (device, inode, size, mtime), so a busy
-/// workload is hashed once, not on every call.
-#[derive(Debug, Default)]
-pub struct Attestor {
-    digests: Mutex<HashMap<(u64, u64, u64, i64), String>>,
+/// A file's identity: the same (device, inode) is the same file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+}
+
+impl FileId {
+    fn of(meta: &std::fs::Metadata) -> FileId {
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+
+    /// The file at `path`, following symbolic links (and `/proc` magic links).
+    fn at(path: &Path) -> Option<FileId> {
+        std::fs::metadata(path).ok().map(|m| FileId::of(&m))
+    }
 }
 
 fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: fields
     // after it are counted from the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     rest.split(' ').nth(19)?.parse().ok()
 }
 
@@ -56,17 +100,134 @@ fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-impl Attestor {
-    /// Attests the caller with these peer credentials.
-    pub fn attest(&self, uid: u32, gid: u32, pid: Option<i32>) -> Result<Facts, AttestError> {
+/// The caller as it was when the agent accepted its connection.
+#[derive(Debug)]
+pub struct Peer {
+    /// Real uid (SO_PEERCRED).
+    pub uid: u32,
+    /// Real gid (SO_PEERCRED).
+    pub gid: u32,
+    /// The process that connected.
+    pub pid: i32,
+    /// A handle on that very process (`None` on kernels without pidfds,
+    /// before 5.3: then the start time alone tells a reused pid apart).
+    pidfd: Option<OwnedFd>,
+    start_time: u64,
+    exe: FileId,
+}
+
+impl Peer {
+    /// Pins the process behind a new connection with these peer credentials.
+    pub fn observe(uid: u32, gid: u32, pid: Option<i32>) -> Result<Peer, AttestError> {
         let pid = pid.filter(|p| *p > 0).ok_or(AttestError::NoCredentials)?;
-        let before = start_time(pid).ok_or(AttestError::Gone)?;
-        let mut selectors = vec![Selector::Uid(uid), Selector::Gid(gid)];
+        let raw = rustix::process::Pid::from_raw(pid).ok_or(AttestError::NoCredentials)?;
+        let pidfd = match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
+            Ok(fd) => Some(fd),
+            Err(rustix::io::Errno::NOSYS) => None,
+            Err(_) => return Err(AttestError::Gone),
+        };
+        let start_time = start_time(pid).ok_or(AttestError::Gone)?;
+        let exe = FileId::at(Path::new(&format!("/proc/{pid}/exe"))).ok_or(AttestError::Gone)?;
+        let peer = Peer {
+            uid,
+            gid,
+            pid,
+            pidfd,
+            start_time,
+            exe,
+        };
+        // The reads above were of the process the pidfd holds only if it
+        // is still running after them.
+        peer.alive()?;
+        Ok(peer)
+    }
+
+    /// Whether the pinned process still runs (a pidfd turns readable when
+    /// its process exits).
+    fn alive(&self) -> Result<(), AttestError> {
+        let Some(fd) = &self.pidfd else {
+            return Ok(());
+        };
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let mut fds = [PollFd::new(fd, PollFlags::IN)];
+        match poll(&mut fds, Some(&Timespec::default())) {
+            Ok(0) => Ok(()),
+            _ => Err(AttestError::Gone),
+        }
+    }
+
+    /// Checks that the process is the one that connected, running the
+    /// executable it ran then.
+    pub fn unchanged(&self) -> Result<(), AttestError> {
+        if start_time(self.pid) != Some(self.start_time) {
+            return Err(AttestError::Gone);
+        }
+        let exe = FileId::at(Path::new(&format!("/proc/{}/exe", self.pid)));
+        self.alive()?;
+        match exe {
+            Some(e) if e == self.exe => Ok(()),
+            Some(_) => Err(AttestError::ExecChanged),
+            None => Err(AttestError::Gone),
+        }
+    }
+}
+
+/// The `unix:path` selector for a process whose `/proc/<pid>/exe` link
+/// reads `link` and which runs the file `running`: offered only when the
+/// path, resolved by the agent (`resolve`), is that same file. A path is
+/// read in the process's mount namespace and root, so a container's
+/// `/usr/bin/app`, a chroot's, a bind mount over the path in another
+/// namespace, or a replaced or deleted binary all fail this, and match no
+/// registration by path.
+pub fn path_selector(
+    link: &Path,
+    running: FileId,
+    resolve: impl Fn(&Path) -> Option<FileId>,
+) -> Option<Selector> {
+    let text = link.to_str()?;
+    if text.ends_with(" (deleted)") || !link.is_absolute() {
+        return None;
+    }
+    (resolve(link)? == running).then(|| Selector::Path(text.to_owned()))
+}
+
+/// (device, inode, size, mtime, ctime): a version of a file. The ctime
+/// cannot be set from user space, so rewriting a file and restoring its
+/// mtime still makes a new version.
+type DigestKey = (u64, u64, u64, i64, i64, i64, i64);
+
+type DigestCell = Arc<OnceLock<Result<String, AttestError>>>;
+
+/// Most executable versions whose digests are kept.
+const MAX_DIGESTS: usize = 1024;
+
+/// Attests callers; holds the digests of executables already hashed.
+#[derive(Debug)]
+pub struct Attestor {
+    max_executable_size: u64,
+    digests: Mutex<HashMap<DigestKey, DigestCell>>,
+}
+
+impl Attestor {
+    /// An attestor hashing executables of at most `max_executable_size` bytes.
+    pub fn new(max_executable_size: u64) -> Attestor {
+        Attestor {
+            max_executable_size,
+            digests: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Attests `peer` as it is now. Blocking (reads `/proc`, may hash an
+    /// executable): run it off the async workers.
+    pub fn attest(&self, peer: &Peer) -> Result<Facts, AttestError> {
+        peer.unchanged()?;
+        let pid = peer.pid;
+        let mut selectors = vec![Selector::Uid(peer.uid), Selector::Gid(peer.gid)];
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .map_err(|_| AttestError::Gone)?;
         let real_uid: Option<u32> =
             status_field(&status, "Uid:").and_then(|v| v.split_whitespace().next()?.parse().ok());
-        if real_uid != Some(uid) {
+        if real_uid != Some(peer.uid) {
             return Err(AttestError::Gone);
         }
         if let Some(groups) = status_field(&status, "Groups:") {
@@ -75,17 +236,17 @@ impl Attestor {
             }
         }
         let exe = format!("/proc/{pid}/exe");
-        if let Ok(path) = std::fs::read_link(&exe) {
-            let text = path.to_string_lossy();
-            // A replaced binary shows as "path (deleted)": its path no
-            // longer names what runs, so it is not offered as a selector.
-            if !text.ends_with(" (deleted)") {
-                selectors.push(Selector::Path(text.into_owned()));
-            }
+        let mut file = File::open(&exe).map_err(|_| AttestError::Gone)?;
+        let meta = file.metadata().map_err(|_| AttestError::Gone)?;
+        if FileId::of(&meta) != peer.exe {
+            return Err(AttestError::ExecChanged);
         }
-        if let Some(d) = self.digest(&exe) {
-            selectors.push(Selector::Sha256(d));
+        if let Ok(link) = std::fs::read_link(&exe)
+            && let Some(s) = path_selector(&link, peer.exe, FileId::at)
+        {
+            selectors.push(s);
         }
+        selectors.push(Selector::Sha256(self.digest(&mut file, &meta)?));
         if let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
             // cgroup v2: "0::/system.slice/web.service".
             for line in cg.lines() {
@@ -94,56 +255,97 @@ impl Attestor {
                 }
             }
         }
-        if start_time(pid) != Some(before) {
-            return Err(AttestError::Gone);
-        }
+        // Everything above described the process that connected.
+        peer.unchanged()?;
         selectors.sort();
         selectors.dedup();
         Ok(Facts { pid, selectors })
     }
 
-    fn digest(&self, exe: &str) -> Option<String> {
-        use std::os::unix::fs::MetadataExt;
-        let mut file = std::fs::File::open(exe).ok()?;
-        let meta = file.metadata().ok()?;
-        let key = (meta.dev(), meta.ino(), meta.size(), meta.mtime());
-        if let Some(d) = self.digests.lock().ok()?.get(&key) {
-            return Some(d.clone());
+    /// The SHA-256 of `file`: refused above the cap without reading it;
+    /// computed once per version, concurrent callers of one version waiting
+    /// for the one computation.
+    fn digest(&self, file: &mut File, meta: &std::fs::Metadata) -> Result<String, AttestError> {
+        let cap = self.max_executable_size;
+        if meta.size() > cap {
+            return Err(AttestError::ExecutableTooLarge {
+                size: meta.size(),
+                cap,
+            });
         }
-        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = file.read(&mut buf).ok()?;
-            if n == 0 {
-                break;
+        let key = (
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec(),
+        );
+        let cell = {
+            let mut map = match self.digests.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if !map.contains_key(&key) && map.len() >= MAX_DIGESTS {
+                // Keep only computations still in flight; their waiters
+                // hold the cells anyway.
+                map.retain(|_, c| c.get().is_none());
             }
-            ctx.update(&buf[..n]);
+            map.entry(key).or_default().clone()
+        };
+        let result = cell.get_or_init(|| hash_capped(file, cap)).clone();
+        if matches!(result, Err(AttestError::Unreadable(_)))
+            && let Ok(mut map) = self.digests.lock()
+        {
+            // A read error may pass; a digest or a size does not change.
+            map.remove(&key);
         }
-        let d = hex::encode(ctx.finish().as_ref());
-        let mut map = self.digests.lock().ok()?;
-        if map.len() > 1024 {
-            map.clear();
-        }
-        map.insert(key, d.clone());
-        Some(d)
+        result
     }
+}
+
+/// SHA-256 of `file`, refusing it once more than `cap` bytes were read (it
+/// may grow after its size was checked).
+fn hash_capped(file: &mut File, cap: u64) -> Result<String, AttestError> {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| AttestError::Unreadable(e.kind().to_string()))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > cap {
+            return Err(AttestError::ExecutableTooLarge { size: total, cap });
+        }
+        ctx.update(buf.get(..n).unwrap_or_default());
+    }
+    Ok(hex::encode(ctx.finish().as_ref()))
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn own_uid() -> u32 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status_field(&status, "Uid:")
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    }
 
     #[test]
     fn this_process_attests_with_its_own_facts() {
-        let a = Attestor::default();
+        let a = Attestor::new(2 << 30);
         let pid = std::process::id() as i32;
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let uid: u32 = status_field(&status, "Uid:")
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(u32::MAX);
-        let facts = a
-            .attest(uid, 0, Some(pid))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let uid = own_uid();
+        let peer = Peer::observe(uid, 0, Some(pid)).unwrap();
+        let facts = a.attest(&peer).unwrap_or_else(|e| panic!("{e}"));
         assert!(facts.selectors.contains(&Selector::Uid(uid)));
         let exe = std::env::current_exe().unwrap_or_default();
         assert!(
@@ -151,15 +353,131 @@ mod tests {
                 .selectors
                 .contains(&Selector::Path(exe.to_string_lossy().into_owned()))
         );
-        assert!(
-            facts
-                .selectors
-                .iter()
-                .any(|s| matches!(s, Selector::Sha256(_)))
-        );
+        let digest = facts
+            .selectors
+            .iter()
+            .find_map(|s| match s {
+                Selector::Sha256(d) => Some(d.clone()),
+                _ => None,
+            })
+            .unwrap();
+        let expected =
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &std::fs::read(&exe).unwrap());
+        assert_eq!(digest, hex::encode(expected.as_ref()));
+        // A second attestation reuses the digest.
+        assert_eq!(a.attest(&peer).unwrap(), facts);
+        assert_eq!(a.digests.lock().unwrap().len(), 1);
         // A uid that is not the process's: refused as a changed process.
-        assert!(a.attest(uid.wrapping_add(1), 0, Some(pid)).is_err());
-        assert!(a.attest(uid, 0, None).is_err());
-        assert!(a.attest(uid, 0, Some(i32::MAX - 1)).is_err());
+        let other = Peer::observe(uid.wrapping_add(1), 0, Some(pid)).unwrap();
+        assert_eq!(a.attest(&other), Err(AttestError::Gone));
+        assert_eq!(
+            Peer::observe(uid, 0, None).unwrap_err(),
+            AttestError::NoCredentials
+        );
+        assert!(Peer::observe(uid, 0, Some(i32::MAX - 1)).is_err());
+    }
+
+    #[test]
+    fn an_executable_over_the_cap_is_refused_without_being_read() {
+        let a = Attestor::new(4096);
+        let peer = Peer::observe(own_uid(), 0, Some(std::process::id() as i32)).unwrap();
+        match a.attest(&peer) {
+            Err(AttestError::ExecutableTooLarge { size, cap: 4096 }) => assert!(size > 4096),
+            other => panic!("{other:?}"),
+        }
+        assert!(a.digests.lock().unwrap().is_empty(), "nothing was hashed");
+        // A file that grows past the cap while it is read is refused too.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 10_000]).unwrap();
+        let mut f = File::open(&path).unwrap();
+        assert!(matches!(
+            hash_capped(&mut f, 4096),
+            Err(AttestError::ExecutableTooLarge { cap: 4096, .. })
+        ));
+    }
+
+    #[test]
+    fn a_child_that_exits_or_execs_is_no_longer_its_connect_time_self() {
+        let uid = own_uid();
+        // `sh` pinned while it runs, then it execs `sleep` (same pid).
+        let dir = tempfile::tempdir().unwrap();
+        let go = dir.path().join("go");
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while [ ! -e {} ]; do sleep 0.01; done; exec sleep 30",
+                go.display()
+            ))
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let peer = Peer::observe(uid, 0, Some(pid)).unwrap();
+        peer.unchanged().unwrap();
+        let sh = FileId::at(Path::new(&format!("/proc/{pid}/exe"))).unwrap();
+        std::fs::write(&go, b"").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while FileId::at(Path::new(&format!("/proc/{pid}/exe"))) == Some(sh) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child never exec'd"
+            );
+            std::thread::yield_now();
+        }
+        assert_eq!(peer.unchanged(), Err(AttestError::ExecChanged));
+        assert_eq!(
+            Attestor::new(1 << 30).attest(&peer),
+            Err(AttestError::ExecChanged)
+        );
+        // Pinned again after the exec, then the process exits: gone, even
+        // while it is an unreaped zombie that still holds its pid.
+        let again = Peer::observe(uid, 0, Some(pid)).unwrap();
+        child.kill().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while again.alive().is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pidfd never fired"
+            );
+            std::thread::yield_now();
+        }
+        assert_eq!(again.unchanged(), Err(AttestError::Gone));
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_path_is_offered_only_when_it_names_the_running_file_for_the_agent() {
+        let running = FileId { dev: 8, ino: 42 };
+        let other = FileId { dev: 8, ino: 43 };
+        let app = Path::new("/usr/bin/app");
+        // The agent sees the same file there.
+        assert_eq!(
+            path_selector(app, running, |_| Some(running)),
+            Some(Selector::Path("/usr/bin/app".into()))
+        );
+        // A container's (or chroot's, or another mount namespace's)
+        // /usr/bin/app: the agent's /usr/bin/app is another file, or none.
+        assert_eq!(path_selector(app, running, |_| Some(other)), None);
+        assert_eq!(path_selector(app, running, |_| None), None);
+        // A deleted or replaced binary; a link that is not a path.
+        assert_eq!(
+            path_selector(Path::new("/usr/bin/app (deleted)"), running, |_| Some(
+                running
+            )),
+            None
+        );
+        assert_eq!(
+            path_selector(Path::new("memfd:x"), running, |_| Some(running)),
+            None
+        );
+        // Against the real file system: this test's executable is itself;
+        // a copy of it at another path is not.
+        let exe = std::env::current_exe().unwrap();
+        let id = FileId::at(&exe).unwrap();
+        assert!(path_selector(&exe, id, FileId::at).is_some());
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("copy");
+        std::fs::copy(&exe, &copy).unwrap();
+        assert_eq!(path_selector(&copy, id, FileId::at), None);
     }
 }

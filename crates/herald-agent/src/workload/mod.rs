@@ -14,6 +14,7 @@ pub mod api;
 pub mod attestor;
 pub mod credentials;
 pub mod jwt;
+pub mod limit;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -21,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use herald_client::files;
-use herald_client::{ClientError, ClientIdentity, HeraldClient, keys};
+use herald_client::{ClientError, ClientIdentity, HeraldClient, ServerId, keys};
 use herald_core::Selector;
 use herald_proto::v1::workload_service_client::WorkloadServiceClient;
 use herald_proto::v1::{
@@ -124,6 +125,20 @@ impl WorkloadCache {
 
     fn bump(&self) {
         self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Waits, at most `max`, until the first registration set has arrived
+    /// (the agent may have just started).
+    pub async fn synced(&self, max: Duration) {
+        let mut rx = self.subscribe();
+        let wait = async {
+            while !self.read(|s| s.synced) {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(max, wait).await;
     }
 
     /// Runs `f` on the current state.
@@ -281,6 +296,9 @@ pub struct Upstream {
     pub trust_bundle: PathBuf,
     /// The node SVID directory.
     pub node_svid_dir: PathBuf,
+    /// The configured server identity pin; when `None`, the node SVID's
+    /// trust domain's `/herald/server`.
+    pub server_id: Option<ServerId>,
 }
 
 impl Upstream {
@@ -291,13 +309,18 @@ impl Upstream {
         let text = std::fs::read_to_string(&self.trust_bundle)
             .map_err(|e| ClientError::Io(format!("{}: {e}", self.trust_bundle.display())))?;
         let bundle = files::from_pem("CERTIFICATE", &text).map_err(ClientError::Io)?;
+        let pin = self
+            .server_id
+            .clone()
+            .or_else(|| node.cert_chain.first().and_then(|l| ServerId::of_svid(l)))
+            .unwrap_or_default();
         let mut last = ClientError::Transport("no server configured".into());
         for s in &self.servers {
             let identity = ClientIdentity {
                 cert_chain: node.cert_chain.clone(),
                 key_pkcs8: node.key_pkcs8.clone(),
             };
-            match HeraldClient::connect(s, &bundle, Some(identity)).await {
+            match HeraldClient::connect_to(s, &bundle, Some(identity), &pin).await {
                 Ok(c) => return Ok(c),
                 Err(e) => last = e,
             }

@@ -72,6 +72,11 @@ pub enum TpmError {
     /// The AK is not an acceptable attestation key.
     #[error("attestation key refused: {0}")]
     AkRefused(String),
+    /// The AK carries an authorization policy (a non-empty authPolicy, or
+    /// adminWithPolicy): refused under the same code as any other AK
+    /// refusal, with its own reason.
+    #[error("attestation key refused: it carries an authorization policy ({0})")]
+    AkPolicyBearing(String),
     /// The activated credential is not the secret that was sealed.
     #[error("the activated credential secret is wrong: the AK is not resident with this EK")]
     CredentialMismatch,
@@ -111,7 +116,7 @@ impl TpmError {
             TpmError::EkCertificateUntrusted(_) => ErrorCode::TpmEkCertificateUntrusted,
             TpmError::EkCertificateInvalid(_) => ErrorCode::TpmEkCertificateInvalid,
             TpmError::EkPublicMismatch => ErrorCode::TpmEkPublicMismatch,
-            TpmError::AkRefused(_) => ErrorCode::TpmAkRefused,
+            TpmError::AkRefused(_) | TpmError::AkPolicyBearing(_) => ErrorCode::TpmAkRefused,
             TpmError::CredentialMismatch => ErrorCode::TpmCredentialMismatch,
             TpmError::TrustConfig(_) => ErrorCode::Internal,
             TpmError::QuoteSignatureInvalid(_) => ErrorCode::TpmQuoteSignatureInvalid,

@@ -362,7 +362,9 @@ impl TpmPublic {
 /// Checks that `ak` can only be an attestation key: an ECC NIST P-256
 /// ECDSA/SHA-256 key that never left the TPM (fixedTPM, fixedParent,
 /// sensitiveDataOrigin) and signs only TPM-made structures (restricted,
-/// sign, not decrypt), with a SHA-256 or SHA-384 name.
+/// sign, not decrypt), with a SHA-256 or SHA-384 name, whose use is
+/// authorized by its authValue alone (empty authPolicy, no
+/// adminWithPolicy).
 pub fn check_attestation_key(ak: &TpmPublic) -> Result<(), TpmError> {
     use attributes::*;
     let required = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | RESTRICTED | SIGN;
@@ -371,6 +373,22 @@ pub fn check_attestation_key(ak: &TpmPublic) -> Result<(), TpmError> {
             "attributes {:#010x} lack fixedTPM/fixedParent/sensitiveDataOrigin/restricted/sign or have decrypt",
             ak.attributes
         )));
+    }
+    // A policy is a second way to authorize the key: whoever can satisfy
+    // it (a PolicySecret on another object, a PolicyAuthorize by an outside
+    // signer, a PCR state) may make the AK sign quotes, or with
+    // adminWithPolicy change its authValue or certify it — so the key no
+    // longer answers only to the agent that holds its authValue.
+    if !ak.auth_policy.is_empty() {
+        return Err(TpmError::AkPolicyBearing(format!(
+            "a {}-byte authPolicy; an AK must be usable with its authValue only",
+            ak.auth_policy.len()
+        )));
+    }
+    if ak.attributes & ADMIN_WITH_POLICY != 0 {
+        return Err(TpmError::AkPolicyBearing(
+            "adminWithPolicy is set; an AK's admin role must stay with its authValue".into(),
+        ));
     }
     if digest_alg(ak.name_alg).is_none() {
         return Err(TpmError::AkRefused(format!(
@@ -471,6 +489,48 @@ mod tests {
         let mut p = [0u8; 133];
         assert_eq!(sec1_point(&ak, &mut p), Some(65));
         assert_eq!(&p[1..33], &[0x11; 32]);
+    }
+
+    /// `ak_bytes` with `policy` as authPolicy and `attributes` as TPMA_OBJECT.
+    fn ak_with(attributes: u32, policy: &[u8]) -> Vec<u8> {
+        let plain = ak_bytes();
+        let mut b = plain[..4].to_vec();
+        b.extend_from_slice(&attributes.to_be_bytes());
+        b.extend_from_slice(&(policy.len() as u16).to_be_bytes());
+        b.extend_from_slice(policy);
+        b.extend_from_slice(&plain[10..]);
+        b
+    }
+
+    #[test]
+    fn an_ak_with_an_authorization_policy_is_refused_with_its_own_reason() {
+        let plain = 0x0005_0072u32;
+        assert_eq!(ak_with(plain, &[]), ak_bytes(), "the builder is faithful");
+        check_attestation_key(&TpmPublic::parse(&ak_with(plain, &[])).unwrap()).unwrap();
+        // A PolicySecret-style 32-byte digest, a 48-byte SHA-384 one, and
+        // adminWithPolicy with or without a digest: parsed, then refused.
+        for (attrs, policy) in [
+            (plain, vec![0xA5; 32]),
+            (plain, vec![0x5A; 48]),
+            (plain | attributes::ADMIN_WITH_POLICY, vec![]),
+            (plain | attributes::ADMIN_WITH_POLICY, vec![0x11; 32]),
+        ] {
+            let ak = TpmPublic::parse(&ak_with(attrs, &policy)).unwrap();
+            assert_eq!(ak.auth_policy, policy);
+            let err = check_attestation_key(&ak).unwrap_err();
+            assert!(
+                matches!(err, TpmError::AkPolicyBearing(_)),
+                "{attrs:#x} {policy:?}: {err}"
+            );
+            assert_eq!(err.code(), herald_core::ErrorCode::TpmAkRefused);
+            assert!(err.to_string().contains("authorization policy"), "{err}");
+        }
+        // A policy on an AK that is refused anyway keeps the older reason.
+        let ak = TpmPublic::parse(&ak_with(plain & !attributes::RESTRICTED, &[1; 32])).unwrap();
+        assert!(matches!(
+            check_attestation_key(&ak),
+            Err(TpmError::AkRefused(_))
+        ));
     }
 
     #[test]
