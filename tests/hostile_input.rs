@@ -10,24 +10,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
 use herald_store::Store;
-
-/// A raw HTTP exchange on a fresh connection: (status, headers, body).
-fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(request).unwrap();
-    let mut resp = Vec::new();
-    let _ = s.read_to_end(&mut resp);
-    let text = String::from_utf8_lossy(&resp).into_owned();
-    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_ascii_lowercase(), body.to_owned())
-}
 
 fn post(path: &str, body: &str) -> Vec<u8> {
     format!(
@@ -167,7 +154,7 @@ async fn every_refusal_is_typed_in_its_transports_shape_and_audited() {
     for c in cases() {
         tried += 1;
         let before = audit_count(&store).await;
-        let (status, head, body) = raw(server.http, &c.request);
+        let (status, head, body) = raw_http_bytes(server.http, &c.request);
         let is_refused = (400..500).contains(&status);
         let code_ok = head.contains(&format!("herald-error-code: {}", c.code));
         let shape_ok = match &c.shape {
@@ -202,6 +189,76 @@ async fn every_refusal_is_typed_in_its_transports_shape_and_audited() {
                 c.name,
                 last.map(|r| r.event)
             ));
+        }
+    }
+    // gRPC messages over the server's cap, refused by tonic's decoder
+    // before any handler: typed and audited all the same.
+    let anchors = herald_client::files::from_pem(
+        "CERTIFICATE",
+        &std::fs::read_to_string(site.bundle_pem()).unwrap(),
+    )
+    .unwrap();
+    let channel = herald_client::HeraldClient::connect(&server.url(), &anchors, None)
+        .await
+        .unwrap()
+        .channel();
+    use herald_proto::v1::{
+        ExchangeTokenRequest, MintX509SvidRequest, RenewX509SvidRequest,
+        svid_service_client::SvidServiceClient,
+        token_exchange_service_client::TokenExchangeServiceClient,
+    };
+    let big = vec![0u8; 70 * 1024];
+    let grpc_cases: Vec<(&str, &str, Result<(), tonic::Status>)> = vec![
+        (
+            "gRPC mint over 64 KiB",
+            "x509_svid.mint",
+            SvidServiceClient::new(channel.clone())
+                .mint_x509_svid(MintX509SvidRequest {
+                    join_token: "x".into(),
+                    csr: big.clone(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "gRPC renew over 64 KiB",
+            "x509_svid.renew",
+            SvidServiceClient::new(channel.clone())
+                .renew_x509_svid(RenewX509SvidRequest { csr: big.clone() })
+                .await
+                .map(drop),
+        ),
+        (
+            "gRPC exchange over 64 KiB",
+            "exchange",
+            TokenExchangeServiceClient::new(channel.clone())
+                .exchange_token(ExchangeTokenRequest {
+                    subject_token: "y".repeat(70 * 1024),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+    ];
+    for (name, action, result) in grpc_cases {
+        tried += 1;
+        let before_records = store.audit_records(0, 1_000_000).await.unwrap();
+        let status = result.err();
+        let is_refused = status.is_some();
+        let code_ok = status.as_ref().is_some_and(|s| {
+            s.metadata()
+                .get("herald-error-code")
+                .is_some_and(|v| v == "request_too_large")
+        });
+        let audit_ok = before_records.iter().any(|r| {
+            r.event.action == action
+                && r.event.reason.map(|c| c.as_str()) == Some("request_too_large")
+        });
+        refused += usize::from(is_refused);
+        typed += usize::from(code_ok);
+        audited += usize::from(audit_ok);
+        if !(is_refused && code_ok && audit_ok) {
+            failures.push(format!("{name}: {status:?}, audited {audit_ok}"));
         }
     }
     println!(
@@ -312,7 +369,7 @@ fn slow_and_idle_clients_are_cut_off_while_others_are_served() {
     let idle: Vec<TcpStream> = (0..8)
         .map(|_| TcpStream::connect(server.http).unwrap())
         .collect();
-    let (status, _, _) = raw(
+    let (status, _, _) = raw_http_bytes(
         server.http,
         b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
@@ -321,7 +378,7 @@ fn slow_and_idle_clients_are_cut_off_while_others_are_served() {
     // Once they are gone, service resumes.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, _, _) = raw(
+        let (status, _, _) = raw_http_bytes(
             server.http,
             b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         );

@@ -267,17 +267,24 @@ impl Server {
 /// Sends `request` as is on a fresh connection to `addr`; returns
 /// (status, body).
 pub fn raw_http(addr: SocketAddr, request: &str) -> (u16, String) {
+    let (status, _, body) = raw_http_bytes(addr, request.as_bytes());
+    (status, body)
+}
+
+/// A raw HTTP exchange on a fresh connection, for requests no HTTP client
+/// would send: (status, head in lowercase, body). Status 0 when the answer
+/// is not HTTP.
+pub fn raw_http_bytes(addr: SocketAddr, request: &[u8]) -> (u16, String, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp[9..12].parse().unwrap();
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(request).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_ascii_lowercase(), body.to_owned())
 }
 
 impl Drop for Server {

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod error;
 pub mod evidence;
 pub mod lineage;
+pub mod rate_limit;
 pub mod scope;
 pub mod selector;
 pub mod spiffe_id;

@@ -20,10 +20,11 @@ pub mod decision;
 pub mod exchange;
 pub mod exchange_service;
 pub mod flows;
+pub mod grpc_oversize;
 pub mod http;
 pub mod http_exchange;
 pub mod issue;
-pub mod listener;
+mod listener;
 pub mod metrics;
 pub mod rate_limit;
 pub mod replica;
@@ -301,6 +302,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let limiter = rate_limit::RateLimiter::new(
         config.rate_limit.per_caller_rate,
         config.rate_limit.per_caller_burst,
+        rate_limit::MAX_CALLERS,
     );
     let shared = Arc::new(Shared {
         limiter,
@@ -545,10 +547,12 @@ async fn serve_grpc(
         workload_service::WorkloadApi::new(shared.clone()),
     )
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let oversize = grpc_oversize::OversizeLayer::new(shared.clone());
     let bundle =
         BundleServiceServer::new(BundleApi { shared }).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let result = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
+        .layer(oversize)
         // Pings keep live idle connections (agents' registration streams)
         // reading, inside listen.idle_timeout; dead ones are dropped.
         .http2_keepalive_interval(Some(Duration::from_secs(60)))

@@ -266,17 +266,21 @@ impl WorkloadService for WorkloadApi {
         request: Request<BatchNewX509SvidsRequest>,
     ) -> Result<Response<BatchNewX509SvidsResponse>, Status> {
         if request.get_ref().requests.len() > MAX_BATCH {
-            let run = Run::start(
+            let mut run = Run::start(
                 &self.shared,
                 "x509_svid.workload",
                 "grpc",
                 request.remote_addr(),
                 EvidenceType::X509Svid,
             );
-            let r = Refusal::new(
-                ErrorCode::RequestTooLarge,
-                format!("at most {MAX_BATCH} SVIDs per batch"),
-            );
+            // Charged like any call, so a flood of oversized batches is
+            // throttled and audited in aggregate, not record by record.
+            let r = run.admit().err().unwrap_or_else(|| {
+                Refusal::new(
+                    ErrorCode::RequestTooLarge,
+                    format!("at most {MAX_BATCH} SVIDs per batch"),
+                )
+            });
             return Err(run.refuse(r).await.to_status());
         }
         let node = self.node(&request, "x509_svid.workload").await?;

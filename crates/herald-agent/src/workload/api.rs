@@ -46,7 +46,7 @@ pub struct WorkloadApi {
     cache: Arc<WorkloadCache>,
     upstream: Upstream,
     attestor: Arc<Attestor>,
-    limiter: Arc<RateLimiter<u32>>,
+    limiter: Arc<RateLimiter>,
 }
 
 /// What the agent observed about a connection's peer when it accepted it
@@ -177,7 +177,7 @@ impl WorkloadApi {
             cache,
             upstream,
             attestor: Arc::new(Attestor::new(cfg.max_executable_size)),
-            limiter: Arc::new(RateLimiter::new(cfg.rate_limit)),
+            limiter: Arc::new(super::limit::limiter(cfg.rate_limit)),
         }
     }
 

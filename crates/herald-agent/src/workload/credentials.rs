@@ -43,7 +43,7 @@ struct Ctx {
     upstream: Upstream,
     token: Arc<Zeroizing<String>>,
     local: SocketAddr,
-    limiter: Arc<RateLimiter<u32>>,
+    limiter: Arc<RateLimiter>,
 }
 
 /// Whether a `Host` header names this machine's loopback: an address in
@@ -256,7 +256,7 @@ pub async fn serve(
         upstream,
         token: Arc::new(token),
         local,
-        limiter: Arc::new(RateLimiter::new(rate_limit)),
+        limiter: Arc::new(super::limit::limiter(rate_limit)),
     };
     let app = axum::Router::new()
         .route("/v1/credentials", get(credentials))
