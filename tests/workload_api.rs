@@ -805,11 +805,7 @@ async fn identities_follow_the_caller_and_refusals_are_typed() {
 fn an_aws_sdk_reads_scoped_credentials_from_the_container_endpoint() {
     require_tool("curl");
     let rig = rig();
-    let python = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"));
-    assert!(
-        python.exists(),
-        "run scripts/install-deps.sh first (the boto3 venv is missing)"
-    );
+    let python = venv_python();
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/python/container_credentials.py"
@@ -875,6 +871,172 @@ fn an_aws_sdk_reads_scoped_credentials_from_the_container_endpoint() {
                 && l.contains("\"success\"")),
         "{audit}"
     );
+}
+
+/// The repository's venv Python (scripts/install-deps.sh makes it).
+fn venv_python() -> std::path::PathBuf {
+    let python = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"));
+    assert!(
+        python.exists(),
+        "run scripts/install-deps.sh first (the Python venv is missing)"
+    );
+    python
+}
+
+#[test]
+fn py_spiffe_fetches_svids_bundles_and_jwts_over_grpcio() {
+    let python = venv_python();
+    // The interpreter the venv runs, as /proc/<pid>/exe names it.
+    let interpreter = std::fs::canonicalize(&python).unwrap();
+    let workloads = format!(
+        "  - spiffe_id: spiffe://{TRUST_DOMAIN}/workload/python\n    selectors: [\"unix:uid:0\", \"unix:path:{}\"]\n    ttl: 1h\n    jwt_audiences: [api.internal]\n    hint: python\n",
+        interpreter.display()
+    );
+    let rig = rig_opts(Opts {
+        workloads: &workloads,
+        ..Opts::default()
+    });
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/spiffe_workload.py"
+    );
+    // Both forms SPIFFE_ENDPOINT_SOCKET takes; grpcio sends the path,
+    // percent-encoded, as the HTTP/2 :authority.
+    for form in [
+        format!("unix://{}", rig.socket.display()),
+        format!("unix:{}", rig.socket.display()),
+    ] {
+        let out = Command::new(&python)
+            .arg(script)
+            .env("SPIFFE_ENDPOINT_SOCKET", &form)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{form}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ids: Vec<&str> = v["x509_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_str().unwrap())
+            .collect();
+        assert!(ids.contains(&id("python").as_str()), "{form}: {v}");
+        assert!(!ids.contains(&id("web").as_str()), "{form}: {v}");
+        assert_eq!(v["x509_bundle_domains"], serde_json::json!([TRUST_DOMAIN]));
+        assert!(v["x509_authorities"].as_u64().unwrap() >= 1, "{v}");
+        assert_eq!(v["jwt_id"], id("python"));
+        assert_eq!(v["jwt_audience"], serde_json::json!(["api.internal"]));
+        assert_eq!(v["jwt_bundle_domains"], serde_json::json!([TRUST_DOMAIN]));
+        assert_eq!(v["validated_id"], id("python"));
+    }
+    // Reflection, v1alpha and v1, through grpcio.
+    let out = Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/reflection_clients.py"
+        ))
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix:{}", rig.socket.display()),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["v1alpha_services", "v1_services"] {
+        assert!(
+            v[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s == "SpiffeWorkloadAPI"),
+            "{key}: {v}"
+        );
+    }
+    assert!(
+        v["v1alpha_methods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == "FetchX509SVID"),
+        "{v}"
+    );
+    // And a raw HTTP/2 client naming the socket path as its authority.
+    let bundles = raw_h2_fetch_jwt_bundles(&rig.socket);
+    assert!(
+        bundles
+            .windows(TRUST_DOMAIN.len())
+            .any(|w| w == TRUST_DOMAIN.as_bytes()),
+        "FetchJWTBundles answered {} bytes without the trust domain",
+        bundles.len()
+    );
+}
+
+/// FetchJWTBundles over a hand-written HTTP/2 connection whose
+/// `:authority` is the socket path, percent-encoded, as grpc-core,
+/// grpc-java and grpc-swift send it. Returns the first response message's
+/// bytes; panics on a stream reset.
+fn raw_h2_fetch_jwt_bundles(socket: &Path) -> Vec<u8> {
+    use std::io::{Read, Write};
+    fn literal(out: &mut Vec<u8>, name: &str, value: &str) {
+        // Literal without indexing, new name, no Huffman; lengths < 127.
+        assert!(name.len() < 127 && value.len() < 127);
+        out.push(0);
+        out.push(name.len() as u8);
+        out.extend_from_slice(name.as_bytes());
+        out.push(value.len() as u8);
+        out.extend_from_slice(value.as_bytes());
+    }
+    fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        out.push(kind);
+        out.push(flags);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+    }
+    let authority = socket.display().to_string().replace('/', "%2F");
+    let mut block = Vec::new();
+    literal(&mut block, ":method", "POST");
+    literal(&mut block, ":scheme", "http");
+    literal(&mut block, ":path", "/SpiffeWorkloadAPI/FetchJWTBundles");
+    literal(&mut block, ":authority", &authority);
+    literal(&mut block, "content-type", "application/grpc");
+    literal(&mut block, "te", "trailers");
+    literal(&mut block, "workload.spiffe.io", "true");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut out, 0x4, 0, 0, &[]); // SETTINGS
+    frame(&mut out, 0x1, 0x4, 1, &block); // HEADERS, END_HEADERS
+    frame(&mut out, 0x0, 0x1, 1, &[0, 0, 0, 0, 0]); // DATA: an empty message, END_STREAM
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&out).unwrap();
+    loop {
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).unwrap();
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).unwrap();
+        match (kind, stream) {
+            (0x4, 0) if flags & 1 == 0 => {
+                let mut ack = Vec::new();
+                frame(&mut ack, 0x4, 0x1, 0, &[]);
+                s.write_all(&ack).unwrap();
+            }
+            (0x3, 1) => panic!("the stream was reset: {payload:?}"),
+            (0x7, _) => panic!("GOAWAY: {payload:?}"),
+            (0x0, 1) if len > 5 => return payload,
+            _ => {}
+        }
+    }
 }
 
 /// A raw Workload API client on `socket` (every call must add the header).

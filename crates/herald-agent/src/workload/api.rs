@@ -64,6 +64,9 @@ pub struct CallerInfo {
 pub struct CallerStream {
     inner: tokio::net::UnixStream,
     info: CallerInfo,
+    /// What the client sends passes through here, so that clients naming
+    /// the socket path as `:authority` are served (see `h2_authority`).
+    rewriter: super::h2_authority::AuthorityRewriter,
 }
 
 impl CallerStream {
@@ -81,6 +84,7 @@ impl CallerStream {
                 uid: cred.map(|c| c.uid()),
                 peer,
             },
+            rewriter: super::h2_authority::AuthorityRewriter::new(),
         }
     }
 }
@@ -99,7 +103,24 @@ impl AsyncRead for CallerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if this.rewriter.has_output() {
+                let n = this.rewriter.take(buf.initialize_unfilled());
+                buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            let mut scratch = [0u8; 8192];
+            let mut read = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if read.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => this.rewriter.feed(read.filled())?,
+                other => return other,
+            }
+        }
     }
 }
 
@@ -515,9 +536,15 @@ pub async fn serve(
     socket: PathBuf,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
+    // Reflection in both versions: grpcurl before 1.9 (and other older
+    // tools) speak only v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(herald_proto::workload::FILE_DESCRIPTOR_SET)
         .build_v1()
+        .ok();
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(herald_proto::workload::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
         .ok();
     use futures::StreamExt;
     // Each connection's peer is pinned as it is accepted, before it can
@@ -526,7 +553,8 @@ pub async fn serve(
         .map(|accepted| accepted.map(CallerStream::accept));
     let router = tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(api))
-        .add_optional_service(reflection);
+        .add_optional_service(reflection)
+        .add_optional_service(reflection_v1alpha);
     let result = router
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.changed().await;

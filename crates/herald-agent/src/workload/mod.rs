@@ -13,6 +13,7 @@
 pub mod api;
 pub mod attestor;
 pub mod credentials;
+pub mod h2_authority;
 pub mod jwt;
 pub mod limit;
 
