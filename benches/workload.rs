@@ -6,7 +6,9 @@
 //!    concurrent callers, X.509 (FetchX509SVID first message) and JWT;
 //! 2. the spread of 1,000 workload SVID renewals over time (per-second
 //!    histogram of the renewals after the initial issuance) — no lock-step;
-//! 3. the agent's resident memory with 100 and 1,000 registrations.
+//! 3. the agent's resident memory with 100 and 1,000 registrations;
+//! 4. Envoy SDS: the agent's memory with 100 SDS streams open, and the time
+//!    from a rotation (the server's issuance) to the push on each stream.
 //!
 //! Run: `cargo bench --bench workload` (`HERALD_BENCH_N` scales the fetches).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -300,5 +302,162 @@ fn main() {
             max as f64 * 100.0 / renewals.len().max(1) as f64
         );
         drop(agent);
+        drop(s);
+        drop(tpm);
+
+        // 4. Envoy SDS: 100 streams open on one agent, then a rotation.
+        sds_phase().await;
     });
+}
+
+/// The leaf serial (lowercase hex, no leading zeros) of an SDS TLS
+/// certificate secret.
+fn sds_leaf_serial(
+    secret: &envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret,
+) -> Option<String> {
+    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret::Type;
+    let Some(Type::TlsCertificate(t)) = &secret.r#type else {
+        return None;
+    };
+    let Some(Specifier::InlineBytes(pem_chain)) = t.certificate_chain.as_ref()?.specifier.as_ref()
+    else {
+        return None;
+    };
+    let leaf = pem::parse_many(pem_chain).ok()?.into_iter().next()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.contents()).ok()?;
+    Some(
+        hex::encode(cert.raw_serial())
+            .trim_start_matches('0')
+            .to_owned(),
+    )
+}
+
+async fn sds_phase() {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+    use prost::Message;
+    const STREAMS: usize = 100;
+    const TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    let tpm = SoftTpm::start().unwrap();
+    let s = site(&tpm, 1, "12s").await;
+    let agent = start_agent(&s, &tpm);
+    wait_issued(&s, 1, 120).await;
+    drop(wait_socket(&agent.socket).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = rss_kib(agent.child.id());
+    let channel = tonic::transport::Endpoint::from_static("http://sds")
+        .connect_with_connector(tower::service_fn({
+            let p = agent.socket.clone();
+            move |_| {
+                let p = p.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(p).await?,
+                    ))
+                }
+            }
+        }))
+        .await
+        .unwrap();
+    // Each stream: ask, ACK, then wait for the push of the next SVID and
+    // note when it arrived (Unix ms) and which serial it carries.
+    let (opened_tx, mut opened_rx) = tokio::sync::mpsc::channel::<()>(STREAMS);
+    let tasks: Vec<_> = (0..STREAMS)
+        .map(|_| {
+            let channel = channel.clone();
+            let opened = opened_tx.clone();
+            tokio::spawn(async move {
+                let mut client = SecretDiscoveryServiceClient::new(channel);
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                let ask = |version: &str, nonce: &str| DiscoveryRequest {
+                    version_info: version.into(),
+                    response_nonce: nonce.into(),
+                    resource_names: vec!["default".into(), "ROOTCA".into()],
+                    type_url: TYPE.into(),
+                    ..DiscoveryRequest::default()
+                };
+                tx.send(ask("", "")).await.unwrap();
+                let mut stream = client
+                    .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let first = stream.message().await.unwrap().unwrap();
+                let serial =
+                    |r: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse| {
+                        r.resources
+                            .iter()
+                            .filter_map(|a| Secret::decode(&a.value[..]).ok())
+                            .find_map(|s| sds_leaf_serial(&s))
+                            .unwrap()
+                    };
+                let before = serial(&first);
+                tx.send(ask(&first.version_info, &first.nonce))
+                    .await
+                    .unwrap();
+                opened.send(()).await.unwrap();
+                loop {
+                    let next = stream.message().await.unwrap().unwrap();
+                    let at = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_millis() as i64;
+                    let now = serial(&next);
+                    tx.send(ask(&next.version_info, &next.nonce)).await.unwrap();
+                    if now != before {
+                        return (now, at);
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(opened_tx);
+    for _ in 0..STREAMS {
+        opened_rx.recv().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let open = rss_kib(agent.child.id());
+    let mut pushes = Vec::new();
+    for t in tasks {
+        pushes.push(
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    // When the server issued each new serial (its audit record).
+    let store = &s.server.shared.store;
+    let records = store.audit_records(0, 100_000).await.unwrap();
+    let issued_at = |serial: &str| {
+        records
+            .iter()
+            .find(|r| {
+                r.event.action == "x509_svid.workload"
+                    && r.event.serial.as_deref().map(|s| s.trim_start_matches('0')) == Some(serial)
+            })
+            .map(|r| r.event.time_ms)
+            .unwrap()
+    };
+    let mut lat: Vec<Duration> = pushes
+        .iter()
+        .map(|(serial, at)| Duration::from_millis((at - issued_at(serial)).max(0) as u64))
+        .collect();
+    lat.sort_unstable();
+    println!(
+        "## SDS: agent RSS {:.1} MiB (private {:.1}) idle, {:.1} MiB (private {:.1}) with {STREAMS} SDS streams open",
+        idle.0 as f64 / 1024.0,
+        idle.1 as f64 / 1024.0,
+        open.0 as f64 / 1024.0,
+        open.1 as f64 / 1024.0
+    );
+    println!(
+        "  rotation → push on {STREAMS} open streams (server issuance to the stream's receipt): p50 {} ms, p99 {} ms, max {} ms",
+        percentile(&lat, 0.5).as_millis(),
+        percentile(&lat, 0.99).as_millis(),
+        lat.last().map_or(0, |d| d.as_millis())
+    );
+    drop(agent);
 }

@@ -243,10 +243,11 @@ pub async fn agent(args: AgentArgs) -> Result<(), CliError> {
                     tracing::info!(listen = %c.listen, "credentials endpoint listening");
                 }
                 let api = workload::api::WorkloadApi::new(cache, upstream, w);
+                let sds = workload::sds::Sds::new(api.clone());
                 let socket = w.socket.clone();
                 let srx = rx.clone();
                 workload_tasks.push(tokio::spawn(async move {
-                    if let Err(e) = workload::api::serve(api, listener, socket, srx).await {
+                    if let Err(e) = workload::api::serve(api, sds, listener, socket, srx).await {
                         tracing::error!(error = %e, "the Workload API stopped");
                     }
                 }));

@@ -647,3 +647,70 @@ async fn spans_and_metrics_of_an_issuance_arrive_over_otlp() {
     }
     drop(server);
 }
+
+/// Runs the Envoy API type check on `config`: (success, stdout, stderr).
+fn envoy_check(config: &Value) -> (bool, Value, String) {
+    use std::io::Write;
+    let python = repo(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "run `bash scripts/install-deps.sh` (it installs envoy-data-plane)"
+    );
+    let mut child = Command::new(python)
+        .arg(repo("tests/python/envoy_bootstrap.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(config.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let found = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (
+        out.status.success(),
+        found,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_envoy_example_is_envoy_config_taking_its_secrets_from_the_agent() {
+    let text = std::fs::read_to_string(repo("deploy/envoy/envoy-sds.yaml")).unwrap();
+    let config: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let (ok, found, err) = envoy_check(&config);
+    assert!(ok, "{err}");
+    // The SDS cluster dials the socket the example agent config serves.
+    let agent = std::fs::read_to_string(repo("deploy/agent.example.toml")).unwrap();
+    let pipes = found["pipes"].as_array().unwrap();
+    assert_eq!(pipes.len(), 1, "{found}");
+    assert!(
+        agent.contains(&format!("socket = \"{}\"", pipes[0].as_str().unwrap())),
+        "{found}"
+    );
+    // Every secret it asks for is a name the agent's SDS serves.
+    use herald_agent::workload::sds::{ALL_BUNDLES, DEFAULT_SVID, ROOT_CA};
+    let names: Vec<&str> = found["sds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 4, "{found}");
+    for name in names {
+        assert!(
+            [DEFAULT_SVID, ROOT_CA, ALL_BUNDLES].contains(&name)
+                || herald_core::SpiffeId::parse(name).is_ok(),
+            "{name}"
+        );
+    }
+    // The check can fail: a misspelt field is refused.
+    let mut broken = config.clone();
+    broken["static_resources"]["clusters"][0]["conect_timeout"] = "1s".into();
+    let (ok, _, err) = envoy_check(&broken);
+    assert!(!ok && err.contains("conect_timeout"), "{err}");
+}

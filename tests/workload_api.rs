@@ -884,7 +884,7 @@ fn venv_python() -> std::path::PathBuf {
 }
 
 #[test]
-fn py_spiffe_fetches_svids_bundles_and_jwts_over_grpcio() {
+fn grpcio_clients_get_svids_bundles_jwts_reflection_and_sds() {
     let python = venv_python();
     // The interpreter the venv runs, as /proc/<pid>/exe names it.
     let interpreter = std::fs::canonicalize(&python).unwrap();
@@ -968,6 +968,54 @@ fn py_spiffe_fetches_svids_bundles_and_jwts_over_grpcio() {
             .any(|m| m == "FetchX509SVID"),
         "{v}"
     );
+    // Envoy's SDS through Envoy's own API types over grpcio.
+    let out = Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/envoy_sds.py"
+        ))
+        .arg(&rig.socket)
+        .arg(id("python"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = &v["first"];
+    assert_eq!(first["version"], "1", "{v}");
+    assert_eq!(first["secrets"][id("python")]["certificates"], 1, "{v}");
+    assert_eq!(first["secrets"][id("python")]["private_key"], true, "{v}");
+    assert_eq!(
+        first["secrets"]["ROOTCA"],
+        serde_json::json!({ "validator": "envoy.tls.cert_validator.spiffe", "trust_domains": [TRUST_DOMAIN] }),
+        "{v}"
+    );
+    let second = &v["second"];
+    assert_eq!(second["version"], "2", "{v}");
+    assert_ne!(second["nonce"], first["nonce"], "{v}");
+    assert!(
+        second["secrets"]["default"]["certificates"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "{v}"
+    );
+    assert_eq!(
+        second["secrets"]["ALL"]["trust_domains"],
+        serde_json::json!([TRUST_DOMAIN]),
+        "{v}"
+    );
+    assert!(
+        v["fetch"]["secrets"]["ROOTCA"]["trusted_ca"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "{v}"
+    );
+    assert_eq!(v["foreign"], "INVALID_ARGUMENT", "{v}");
     // And a raw HTTP/2 client naming the socket path as its authority.
     let bundles = raw_h2_fetch_jwt_bundles(&rig.socket);
     assert!(

@@ -168,7 +168,7 @@ fn rate_limited() -> Status {
 
 /// Checks, off the async workers, that a stream's caller is still the
 /// process that connected, running the same executable.
-async fn still_the_caller(peer: &Arc<Peer>) -> Result<(), AttestError> {
+pub(crate) async fn still_the_caller(peer: &Arc<Peer>) -> Result<(), AttestError> {
     let peer = peer.clone();
     tokio::task::spawn_blocking(move || peer.unchanged())
         .await
@@ -202,8 +202,13 @@ impl WorkloadApi {
         }
     }
 
+    /// The cache it serves from.
+    pub(crate) fn cache(&self) -> &Arc<WorkloadCache> {
+        &self.cache
+    }
+
     /// Rate-limits, then attests the caller on a blocking thread.
-    async fn attest<T>(&self, req: &Request<T>) -> Result<(Arc<Peer>, Facts), Status> {
+    pub(crate) async fn attest<T>(&self, req: &Request<T>) -> Result<(Arc<Peer>, Facts), Status> {
         let info = req
             .extensions()
             .get::<CallerInfo>()
@@ -228,11 +233,11 @@ impl WorkloadApi {
         Ok((peer, facts))
     }
 
-    async fn synced(&self) {
+    pub(crate) async fn synced(&self) {
         self.cache.synced(FIRST_STATE_WAIT).await;
     }
 
-    fn entries_for(&self, facts: &Facts) -> Result<Vec<Entry>, Status> {
+    pub(crate) fn entries_for(&self, facts: &Facts) -> Result<Vec<Entry>, Status> {
         let entries = self.cache.matching(&facts.selectors);
         if entries.is_empty() {
             tracing::info!(
@@ -529,9 +534,10 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// Serves the Workload API on `listener` until `shutdown`.
+/// Serves the Workload API and Envoy SDS on `listener` until `shutdown`.
 pub async fn serve(
     api: WorkloadApi,
+    sds: super::sds::Sds,
     listener: tokio::net::UnixListener,
     socket: PathBuf,
     mut shutdown: watch::Receiver<bool>,
@@ -551,8 +557,10 @@ pub async fn serve(
     // send a request.
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
         .map(|accepted| accepted.map(CallerStream::accept));
+    let sds = sds.into_service();
     let router = tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(api))
+        .add_service(sds)
         .add_optional_service(reflection)
         .add_optional_service(reflection_v1alpha);
     let result = router

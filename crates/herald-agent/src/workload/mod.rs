@@ -16,6 +16,7 @@ pub mod credentials;
 pub mod h2_authority;
 pub mod jwt;
 pub mod limit;
+pub mod sds;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
