@@ -151,6 +151,8 @@ pub struct Sequences {
     pub bundle: u64,
     /// Moves with every node ban.
     pub bans: u64,
+    /// Moves with every change of a federated trust domain's bundle.
+    pub federation: u64,
 }
 
 /// A CA key-ring entry.
@@ -263,6 +265,62 @@ pub struct CheckpointRecord {
     pub key_id: String,
     /// The signed checkpoint (JWS compact).
     pub jws: String,
+}
+
+/// A federated trust domain's bundle, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederatedBundleRecord {
+    /// The trust domain (its name, without `spiffe://`).
+    pub trust_domain: String,
+    /// The validated SPIFFE bundle document, as served to workloads.
+    pub jwks: String,
+    /// Its `spiffe_sequence`.
+    pub sequence: Option<u64>,
+    /// Its `spiffe_refresh_hint`, seconds.
+    pub refresh_hint_secs: Option<u64>,
+    /// `endpoint` (fetched) or `manual` (`herald federation set`).
+    pub source: String,
+    /// When the content last changed, Unix milliseconds.
+    pub updated_at_ms: i64,
+    /// The last successful fetch (changed or not), Unix milliseconds.
+    pub checked_at_ms: i64,
+    /// The last failure since then.
+    pub last_error: Option<String>,
+    /// When it happened, Unix milliseconds.
+    pub last_error_at_ms: Option<i64>,
+}
+
+/// A validated bundle document to store for a trust domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewFederatedBundle {
+    /// The trust domain it was obtained for.
+    pub trust_domain: String,
+    /// The document (normalised).
+    pub jwks: String,
+    /// Its `spiffe_sequence`.
+    pub sequence: Option<u64>,
+    /// Its `spiffe_refresh_hint`, seconds.
+    pub refresh_hint_secs: Option<u64>,
+    /// `endpoint` or `manual`.
+    pub source: String,
+    /// Unix milliseconds.
+    pub now_ms: i64,
+}
+
+/// What storing a federated bundle did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleUpdate {
+    /// The new document replaced the old (or was the first).
+    Stored,
+    /// The same document again: only its check time moved.
+    Unchanged,
+    /// Refused: it does not move `spiffe_sequence` past the stored one.
+    NotNewer {
+        /// The stored sequence.
+        stored: u64,
+        /// The offered one.
+        offered: Option<u64>,
+    },
 }
 
 /// The datastore handle; cheap to clone.
@@ -790,6 +848,47 @@ impl Store {
     /// Every stored checkpoint, oldest first.
     pub async fn checkpoints(&self) -> Result<Vec<CheckpointRecord>, StoreError> {
         on_backend!(self.checkpoints().await)
+    }
+
+    /// Every federated trust domain's bundle.
+    pub async fn federated_bundles(&self) -> Result<Vec<FederatedBundleRecord>, StoreError> {
+        on_backend!(self.federated_bundles().await)
+    }
+
+    /// Stores a federated trust domain's bundle with `audit`, in one
+    /// transaction, unless it is older: a changed document must carry a
+    /// higher `spiffe_sequence` than the stored one. The same document
+    /// again only marks the bundle as checked (no audit record).
+    pub async fn put_federated_bundle(
+        &self,
+        new: &NewFederatedBundle,
+        audit: AuditEvent,
+    ) -> Result<BundleUpdate, StoreError> {
+        on_backend!(self.put_federated_bundle(new, audit).await)
+    }
+
+    /// Records a failed fetch or refused document for `trust_domain` with
+    /// `audit`; the stored bundle stays.
+    pub async fn record_federation_failure(
+        &self,
+        trust_domain: &str,
+        error: &str,
+        now_ms: i64,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        on_backend!(
+            self.record_federation_failure(trust_domain, error, now_ms, audit)
+                .await
+        )
+    }
+
+    /// Forgets `trust_domain`'s bundle (with `audit`); `Ok(false)` if none.
+    pub async fn delete_federated_bundle(
+        &self,
+        trust_domain: &str,
+        audit: AuditEvent,
+    ) -> Result<bool, StoreError> {
+        on_backend!(self.delete_federated_bundle(trust_domain, audit).await)
     }
 
     /// Stops the writer after it drains, and closes the pool.

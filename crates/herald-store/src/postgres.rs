@@ -17,6 +17,9 @@ use crate::StoreError;
 // The SQL in `ops/` is compiled once per backend on purpose: each copy
 // binds its parent's `Db`, so one text serves both dialects.
 #[allow(clippy::duplicate_mod)]
+#[path = "ops/federation.rs"]
+mod federation;
+#[allow(clippy::duplicate_mod)]
 #[path = "ops/lineage.rs"]
 mod lineage;
 #[allow(clippy::duplicate_mod)]
@@ -96,6 +99,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         9,
         "audit_anchors",
         include_str!("../migrations/postgres/0009_audit_anchors.sql"),
+    ),
+    (
+        11,
+        "federation",
+        include_str!("../migrations/postgres/0011_federation.sql"),
     ),
 ];
 

@@ -1020,7 +1020,82 @@ async fn replica_heartbeats_are_upserted_listed_and_forgotten(db: &Fixture) {
     assert_eq!(s.replicas(0).await.unwrap().len(), 1);
 }
 
+async fn federated_bundles_move_forward_only_and_keep_the_last_good_one(db: &Fixture) {
+    use herald_store::{BundleUpdate, NewFederatedBundle};
+    let s = db.open().await;
+    let doc = |td: &str, jwks: &str, seq: Option<u64>, now: i64| NewFederatedBundle {
+        trust_domain: td.into(),
+        jwks: jwks.into(),
+        sequence: seq,
+        refresh_hint_secs: Some(300),
+        source: "endpoint".into(),
+        now_ms: now,
+    };
+    let event = || AuditEvent::new("federation.bundle_update", "server");
+    let before = s.sequences().await.unwrap().federation;
+    assert_eq!(
+        s.put_federated_bundle(&doc("partner", "{\"a\":1}", Some(2), 1_000), event())
+            .await
+            .unwrap(),
+        BundleUpdate::Stored
+    );
+    // The same document again only moves the check time, writes no audit.
+    let audited = s.audit_records(0, 1000).await.unwrap().len();
+    assert_eq!(
+        s.put_federated_bundle(&doc("partner", "{\"a\":1}", Some(2), 2_000), event())
+            .await
+            .unwrap(),
+        BundleUpdate::Unchanged
+    );
+    assert_eq!(s.audit_records(0, 1000).await.unwrap().len(), audited);
+    // Older, equal or missing sequences cannot change the content.
+    for seq in [Some(1), Some(2), None] {
+        assert_eq!(
+            s.put_federated_bundle(&doc("partner", "{\"b\":1}", seq, 3_000), event())
+                .await
+                .unwrap(),
+            BundleUpdate::NotNewer {
+                stored: 2,
+                offered: seq
+            }
+        );
+    }
+    s.record_federation_failure("partner", "connection refused", 4_000, event())
+        .await
+        .unwrap();
+    let all = s.federated_bundles().await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].jwks, "{\"a\":1}", "the last good bundle stays");
+    assert_eq!(all[0].checked_at_ms, 2_000);
+    assert_eq!(all[0].last_error.as_deref(), Some("connection refused"));
+    assert_eq!(all[0].last_error_at_ms, Some(4_000));
+    // A newer one replaces it and clears the error; trust domains are apart.
+    assert_eq!(
+        s.put_federated_bundle(&doc("partner", "{\"b\":1}", Some(3), 5_000), event())
+            .await
+            .unwrap(),
+        BundleUpdate::Stored
+    );
+    s.put_federated_bundle(&doc("other", "{\"c\":1}", None, 5_000), event())
+        .await
+        .unwrap();
+    let all = s.federated_bundles().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(
+        (all[1].trust_domain.as_str(), all[1].jwks.as_str()),
+        ("partner", "{\"b\":1}")
+    );
+    assert_eq!(all[1].sequence, Some(3));
+    assert_eq!(all[1].last_error, None);
+    assert_eq!(s.sequences().await.unwrap().federation, before + 3);
+    assert!(s.delete_federated_bundle("other", event()).await.unwrap());
+    assert!(!s.delete_federated_bundle("other", event()).await.unwrap());
+    assert_eq!(s.federated_bundles().await.unwrap().len(), 1);
+    s.verify_audit_chain(1, None).await.unwrap();
+}
+
 backend_suite!(
+    federated_bundles_move_forward_only_and_keep_the_last_good_one,
     replica_heartbeats_are_upserted_listed_and_forgotten,
     key_rotation_is_decided_once_through_the_database,
     migrations_apply_and_reopen_is_idempotent,

@@ -388,9 +388,10 @@ impl Backend {
     /// The change counters every replica polls, in one query.
     pub async fn sequences(&self) -> Result<Sequences, StoreError> {
         let rows: Vec<(String, String)> =
-            sqlx::query_as("SELECT key, value FROM meta WHERE key IN ($1, $2)")
+            sqlx::query_as("SELECT key, value FROM meta WHERE key IN ($1, $2, $3)")
                 .bind(BUNDLE_SEQUENCE)
                 .bind(BAN_SEQUENCE)
+                .bind(FEDERATION_SEQUENCE)
                 .fetch_all(&self.pool)
                 .await?;
         let mut seq = Sequences::default();
@@ -398,10 +399,10 @@ impl Backend {
             let v = value
                 .parse()
                 .map_err(|_| StoreError::Corrupt(format!("{key} is not a number")))?;
-            if key == BUNDLE_SEQUENCE {
-                seq.bundle = v;
-            } else {
-                seq.bans = v;
+            match key.as_str() {
+                BUNDLE_SEQUENCE => seq.bundle = v,
+                BAN_SEQUENCE => seq.bans = v,
+                _ => seq.federation = v,
             }
         }
         Ok(seq)
@@ -727,6 +728,8 @@ type ReplicaRow = (String, String, String, i64, i64, i64, String, i64);
 pub(crate) const BUNDLE_SEQUENCE: &str = "bundle_sequence";
 /// Bumped with every node ban.
 pub(crate) const BAN_SEQUENCE: &str = "ban_sequence";
+/// Bumped with every change of a federated trust domain's bundle.
+pub(crate) const FEDERATION_SEQUENCE: &str = "federation_sequence";
 
 /// Bumps the counter `key` in `meta` inside `tx`: every replica polls the
 /// counters to learn that the key ring changed or a node was banned.
