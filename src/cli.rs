@@ -65,6 +65,10 @@ enum Command {
     /// The CA, JWT and session key ring: status, validity, rotation due.
     #[command(subcommand)]
     Ca(crate::ca_cmd::CaCommand),
+    /// SPIFFE federation: foreign trust domains' bundles (list, status,
+    /// show, refresh now, set by hand, delete).
+    #[command(subcommand)]
+    Federation(crate::federation_cmd::FederationCommand),
     /// The server replicas sharing this database: last seen, bundle
     /// sequence and policy set each serves, and whether they agree.
     Replicas(crate::replicas_cmd::ReplicasArgs),
@@ -431,6 +435,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Policy(cmd) => crate::policy_cmd::run(cmd),
         Command::Node(cmd) => crate::node_cmd::node(cmd).await,
         Command::Ca(cmd) => crate::ca_cmd::ca(cmd).await,
+        Command::Federation(cmd) => crate::federation_cmd::federation(cmd).await,
         Command::Replicas(args) => crate::replicas_cmd::replicas(args).await,
         Command::Agent(args) => crate::node_cmd::agent(args).await,
         Command::Workload(WorkloadCommand::Fetch(args)) => crate::workload_cmd::fetch(args).await,

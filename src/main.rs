@@ -5,6 +5,7 @@ mod audit_cmd;
 mod ca_cmd;
 mod cli;
 mod exchange_cmd;
+mod federation_cmd;
 mod node_cmd;
 mod policy_cmd;
 mod replicas_cmd;

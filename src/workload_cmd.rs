@@ -18,7 +18,8 @@ pub struct FetchArgs {
     /// The Workload API socket; defaults to SPIFFE_ENDPOINT_SOCKET (unix:///path).
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Write the first SVID (svid.pem, svid.key 0600, bundle.pem) into this directory.
+    /// Write the first SVID (svid.pem, svid.key 0600, bundle.pem, and each federated
+    /// trust domain's bundle as federated/<td>.pem) into this directory.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Which SVID to write when the workload has several: its hint or SPIFFE ID.
@@ -54,6 +55,13 @@ fn write_out(resp: &X509svidResponse, args: &FetchArgs) -> Result<Option<String>
         },
     )
     .map_err(|e| CliError::new("io", e.to_string()))?;
+    let mut federated = Vec::new();
+    for (td, der) in &resp.federated_bundles {
+        federated.push((td.clone(), split_der_certs(der).map_err(err)?));
+    }
+    federated.sort();
+    files::write_federated_bundles(dir, &federated)
+        .map_err(|e| CliError::new("io", e.to_string()))?;
     Ok(Some(svid.spiffe_id.clone()))
 }
 

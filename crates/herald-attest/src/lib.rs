@@ -16,6 +16,7 @@
 //! the caller and handed in).
 #![forbid(unsafe_code)]
 
+pub mod http_fetch;
 pub mod join_token;
 pub mod oidc;
 pub mod svid;

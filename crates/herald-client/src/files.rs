@@ -71,6 +71,50 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ClientErr
     fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }
 
+/// The subdirectory of an SVID directory holding federated bundles.
+pub const FEDERATED_DIR: &str = "federated";
+
+/// Writes each foreign trust domain's bundle as `federated/<td>.pem` in
+/// `dir` and removes the files of trust domains no longer given.
+pub fn write_federated_bundles(
+    dir: &Path,
+    bundles: &[(String, Vec<Vec<u8>>)],
+) -> Result<(), ClientError> {
+    let fed = dir.join(FEDERATED_DIR);
+    if !fed.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&fed)
+            .map_err(|e| io_err(&fed, e))?;
+    }
+    let mut keep = Vec::new();
+    for (td, certs) in bundles {
+        // A trust domain name has no path separators (it was validated by
+        // the server), but a hostile one must not escape the directory.
+        let td = td.strip_prefix("spiffe://").unwrap_or(td);
+        if td.is_empty() || td.contains('/') || td.starts_with('.') {
+            return Err(ClientError::Io(format!(
+                "unusable trust domain name {td:?}"
+            )));
+        }
+        let name = format!("{td}.pem");
+        write_atomic(
+            &fed.join(&name),
+            to_pem("CERTIFICATE", certs).as_bytes(),
+            0o644,
+        )?;
+        keep.push(name);
+    }
+    for entry in fs::read_dir(&fed).map_err(|e| io_err(&fed, e))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".pem") && !keep.contains(&name) {
+            fs::remove_file(entry.path()).map_err(|e| io_err(&entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes an SVID directory (created 0700 if missing). The key is written
 /// first so `svid.pem` never names a key that is not yet on disk.
 pub fn write_svid_dir(dir: &Path, svid: &SvidFiles) -> Result<(), ClientError> {

@@ -122,6 +122,8 @@ error_codes! {
     SvidRecordMismatch => "svid_record_mismatch", Unauthenticated, "The presented certificate differs from Herald's record of its serial (SPIFFE ID, key or issuing CA key).";
     DnsNameReserved => "dns_name_reserved", PermissionDenied, "The grant names one of the server's own DNS names (tls.dns_names); no workload may pose as the server.";
     ClientUnauthenticated => "client_unauthenticated", Unauthenticated, "The caller of an authenticated endpoint (introspection) presented no valid credential.";
+    FederationBundleRefused => "federation_bundle_refused", InvalidArgument, "A federated trust domain's bundle document was refused (another trust domain, an older spiffe_sequence, malformed, oversized or holding a private key); the last good bundle stays.";
+    FederationEndpointUnreachable => "federation_endpoint_unreachable", Unavailable, "A federated trust domain's bundle endpoint could not be fetched (connection, TLS, endpoint SPIFFE ID, HTTP status or timeout); the last good bundle stays.";
     StoreUnavailable => "store_unavailable", Unavailable, "The datastore could not be reached or was busy.";
     Internal => "internal", Internal, "An internal error; details are in the server log.";
 }

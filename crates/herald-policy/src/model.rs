@@ -43,6 +43,8 @@ pub(crate) struct WorkloadSpec {
     pub hint: Option<String>,
     #[serde(default)]
     pub cloud_role: Option<String>,
+    #[serde(default)]
+    pub federates_with: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -195,6 +195,9 @@ pub struct Registration {
     /// The cloud role (one of the policy's `grants.cloud`) whose session
     /// credentials the agent's credentials endpoint serves this workload.
     pub cloud_role: Option<String>,
+    /// Foreign trust domains whose bundles this workload is given (SPIFFE
+    /// federation), so it can authenticate their workloads.
+    pub federates_with: Vec<herald_core::TrustDomain>,
 }
 
 /// Validates a policy's `workloads`.
@@ -271,6 +274,17 @@ pub(crate) fn compile_workloads(
         if w.jwt_audiences.iter().any(String::is_empty) {
             errors.push(at("an empty JWT audience".into()));
         }
+        let mut federates_with = Vec::new();
+        for f in &w.federates_with {
+            match herald_core::TrustDomain::new(f) {
+                Ok(td) if &td == trust_domain => {
+                    errors.push(at(format!("federates_with {f:?} is this trust domain")));
+                }
+                Ok(td) if !federates_with.contains(&td) => federates_with.push(td),
+                Ok(_) => {}
+                Err(e) => errors.push(at(format!("federates_with {f:?}: {e}"))),
+            }
+        }
         let hint = w.hint.clone().unwrap_or_default();
         if !hint.is_empty() && out.iter().any(|r| r.hint == hint) {
             errors.push(at(format!("hint {hint:?} is used twice")));
@@ -292,6 +306,7 @@ pub(crate) fn compile_workloads(
                 jwt_audiences: w.jwt_audiences.clone(),
                 hint,
                 cloud_role: w.cloud_role.clone(),
+                federates_with,
             });
         }
     }

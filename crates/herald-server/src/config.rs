@@ -67,6 +67,9 @@ pub struct ServerConfig {
     /// Signed checkpoints of the audit chain.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// SPIFFE federation: the trust domains whose bundles this one consumes.
+    #[serde(default)]
+    pub federation: FederationConfig,
     /// `true` only for `--dev`: generates a KEK file in the data directory when none is configured.
     #[serde(skip)]
     pub dev: bool,
@@ -567,6 +570,7 @@ impl ServerConfig {
             introspection: IntrospectionConfig::default(),
             attestation: AttestationConfig::default(),
             audit: AuditConfig::default(),
+            federation: FederationConfig::default(),
             dev: true,
         })
     }
@@ -643,6 +647,60 @@ impl ServerConfig {
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("herald.db").display()))
     }
 
+    /// The `[federation]` part of [`ServerConfig::validate`].
+    fn validate_federation(&self) -> Result<(), ServerError> {
+        let bad = |m: String| Err(ServerError::Config(m));
+        let f = &self.federation;
+        if f.min_refresh < Duration::from_secs(1) || f.max_refresh < f.min_refresh {
+            return bad(
+                "federation.min_refresh must be at least 1s and at most max_refresh".into(),
+            );
+        }
+        if f.retry.is_zero() || f.timeout.is_zero() {
+            return bad("federation.retry and federation.timeout must be more than 0".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in &f.trust_domains {
+            let td = &t.trust_domain;
+            let at = |m: &str| format!("federation.trust_domains {td}: {m}");
+            if td == &self.trust_domain {
+                return bad(at("is this server's own trust domain"));
+            }
+            if !seen.insert(td.clone()) {
+                return bad(at("is listed twice"));
+            }
+            if let Some(url) = &t.url
+                && !url.starts_with("https://")
+            {
+                return bad(at("url must be https:// (SPIFFE Federation)"));
+            }
+            match t.profile {
+                BundleEndpointProfile::HttpsSpiffe => {
+                    match &t.endpoint_spiffe_id {
+                        Some(id) if id.trust_domain() == td => {}
+                        Some(id) => {
+                            return bad(at(&format!(
+                                "endpoint_spiffe_id {id} is not in the federated trust domain"
+                            )));
+                        }
+                        None => return bad(at("https_spiffe needs endpoint_spiffe_id")),
+                    }
+                    if t.ca_file.is_some() {
+                        return bad(at("ca_file is for https_web; https_spiffe uses the bundle"));
+                    }
+                }
+                BundleEndpointProfile::HttpsWeb => {
+                    if t.endpoint_spiffe_id.is_some() || t.bootstrap_bundle.is_some() {
+                        return bad(at(
+                            "endpoint_spiffe_id and bootstrap_bundle are for https_spiffe",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the values for consistency.
     pub fn validate(&self) -> Result<(), ServerError> {
         let bad = |s: &str| Err(ServerError::Config(s.to_owned()));
@@ -695,11 +753,123 @@ impl ServerConfig {
         if rot.check_interval < Duration::from_millis(100) {
             return bad("ca.rotation.check_interval must be at least 100ms");
         }
+        self.validate_federation()?;
         if self.cloud.default_ttl < Duration::from_secs(900) {
             return bad("cloud.default_ttl must be at least 15m (the STS minimum)");
         }
         Ok(())
     }
+}
+
+/// SPIFFE federation (SPIFFE Federation spec): the foreign trust domains
+/// whose bundles are fetched from their bundle endpoints, kept in the
+/// datastore and handed to agents whose registrations federate with them.
+/// This server's own bundle endpoint is `/v1/bundle` on the HTTPS listener
+/// (`https_spiffe`, endpoint ID `spiffe://<td>/herald/server`) or behind a
+/// Web PKI TLS terminator (`https_web`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    /// One entry per foreign trust domain (`[[federation.trust_domains]]`).
+    #[serde(default)]
+    pub trust_domains: Vec<FederatedTrustDomain>,
+    /// A foreign `spiffe_refresh_hint` below this is raised to it.
+    #[serde(default = "default_min_refresh", with = "humantime_serde_compat")]
+    pub min_refresh: Duration,
+    /// A foreign `spiffe_refresh_hint` above this (or none) is lowered to it.
+    #[serde(default = "default_max_refresh", with = "humantime_serde_compat")]
+    pub max_refresh: Duration,
+    /// After a failed fetch, the next try comes this soon (at most the
+    /// refresh interval).
+    #[serde(default = "default_federation_retry", with = "humantime_serde_compat")]
+    pub retry: Duration,
+    /// Connect + response deadline of one fetch.
+    #[serde(
+        default = "default_federation_timeout",
+        with = "humantime_serde_compat"
+    )]
+    pub timeout: Duration,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            trust_domains: Vec::new(),
+            min_refresh: default_min_refresh(),
+            max_refresh: default_max_refresh(),
+            retry: default_federation_retry(),
+            timeout: default_federation_timeout(),
+        }
+    }
+}
+
+fn default_min_refresh() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_max_refresh() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_federation_retry() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_federation_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// How a bundle endpoint authenticates itself (SPIFFE Federation §5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BundleEndpointProfile {
+    /// A Web PKI certificate for the URL's host name (system roots, or
+    /// `ca_file` only when set).
+    HttpsWeb,
+    /// An X.509 SVID with `endpoint_spiffe_id`, verified against the
+    /// trust domain's own bundle (the stored one, or the bootstrap bundle
+    /// before the first fetch); the host name is not checked.
+    HttpsSpiffe,
+}
+
+impl BundleEndpointProfile {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BundleEndpointProfile::HttpsWeb => "https_web",
+            BundleEndpointProfile::HttpsSpiffe => "https_spiffe",
+        }
+    }
+}
+
+/// One foreign trust domain this one federates with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedTrustDomain {
+    /// The foreign trust domain (`partner.example` or `spiffe://partner.example`).
+    pub trust_domain: TrustDomain,
+    /// Its bundle endpoint (`https://…`). Unset: the bundle is only ever
+    /// set by hand (`herald federation set`), for air-gapped partners.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// How the endpoint authenticates itself.
+    #[serde(default = "default_profile")]
+    pub profile: BundleEndpointProfile,
+    /// `https_spiffe`: the SPIFFE ID the endpoint's SVID must carry (in
+    /// the federated trust domain).
+    #[serde(default)]
+    pub endpoint_spiffe_id: Option<herald_core::SpiffeId>,
+    /// `https_spiffe`: the trust domain's bundle (SPIFFE bundle JSON or
+    /// PEM) to authenticate the endpoint before anything was fetched.
+    #[serde(default)]
+    pub bootstrap_bundle: Option<PathBuf>,
+    /// `https_web`: PEM roots to use instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_profile() -> BundleEndpointProfile {
+    BundleEndpointProfile::HttpsWeb
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub mod config;
 pub mod decision;
 pub mod exchange;
 pub mod exchange_service;
+pub mod federation;
 pub mod flows;
 pub mod grpc_oversize;
 pub mod http;
@@ -143,7 +144,11 @@ pub struct Shared {
     pub ban_generation: watch::Sender<u64>,
     /// This replica's name in the shared database (heartbeats, leases).
     pub replica_id: String,
+    /// Bumped whenever the federated bundles in effect change: agents'
+    /// registration streams push them on it.
+    pub federation_generation: watch::Sender<u64>,
     ca: RwLock<Arc<CaState>>,
+    federation: RwLock<Arc<federation::FederationState>>,
 }
 
 impl Shared {
@@ -199,6 +204,24 @@ impl Shared {
             status.active.map(hex::encode).unwrap_or_default(),
             status.generation,
         )
+    }
+
+    /// The federated bundles in effect now.
+    pub fn federation(&self) -> Arc<federation::FederationState> {
+        match self.federation.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Puts reloaded federated bundles in effect and wakes the agents'
+    /// registration streams.
+    pub fn set_federation(&self, state: Arc<federation::FederationState>) {
+        match self.federation.write() {
+            Ok(mut g) => *g = state,
+            Err(poisoned) => *poisoned.into_inner() = state,
+        }
+        self.federation_generation.send_modify(|g| *g += 1);
     }
 
     /// Puts a reloaded key ring in effect and wakes whoever pushes bundles.
@@ -304,7 +327,16 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         config.rate_limit.per_caller_burst,
         rate_limit::MAX_CALLERS,
     );
+    let federation_sequence = store.sequences().await?.federation;
+    let federated = federation::FederationState::load(&store, federation_sequence).await?;
+    for t in &config.federation.trust_domains {
+        if t.url.is_none() && federated.bundle(&t.trust_domain).is_none() {
+            tracing::warn!(trust_domain = %t.trust_domain, "federated trust domain has no url and no bundle: set one with `herald federation set`");
+        }
+    }
     let shared = Arc::new(Shared {
+        federation_generation: watch::Sender::new(1),
+        federation: RwLock::new(Arc::new(federated)),
         limiter,
         floods: rate_limit::FloodLog::default(),
         metrics: metrics::Metrics::new(),
@@ -350,6 +382,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         )),
         tokio::spawn(checkpoint::run(shared.clone(), shutdown_rx.clone())),
         tokio::spawn(rate_limit::report(shared.clone(), shutdown_rx.clone())),
+        tokio::spawn(federation::run(shared.clone(), shutdown_rx.clone())),
         tokio::spawn(rotation::run(shared.clone(), kek, shutdown_rx)),
     ];
 

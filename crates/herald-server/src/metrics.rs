@@ -38,6 +38,17 @@ struct IssuerLabels {
     issuer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FederationLabels {
+    trust_domain: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FederationFetchLabels {
+    trust_domain: String,
+    outcome: &'static str,
+}
+
 /// The server's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -55,6 +66,9 @@ pub struct Metrics {
     bundle_expiry: Gauge,
     bundle_sequence: Gauge,
     renewal_fraction: Histogram,
+    federation_fetches: Family<FederationFetchLabels, Counter>,
+    federation_age: Family<FederationLabels, Gauge>,
+    federation_sequence: Family<FederationLabels, Gauge>,
     // The same decisions as OpenTelemetry instruments: no-ops unless the
     // binary installed an OTLP meter provider.
     otel_issuance: opentelemetry::metrics::Counter<u64>,
@@ -177,6 +191,24 @@ impl Metrics {
             "How much of the replaced credential's lifetime had passed when it was renewed (agents aim at 0.5 ± jitter; near 1 is rotation lag)",
             renewal_fraction.clone(),
         );
+        let federation_fetches = Family::<FederationFetchLabels, Counter>::default();
+        registry.register(
+            "federation_fetches",
+            "Fetches of federated trust domains' bundles by outcome (updated, unchanged, refused, unreachable)",
+            federation_fetches.clone(),
+        );
+        let federation_age = Family::<FederationLabels, Gauge>::default();
+        registry.register(
+            "federation_bundle_staleness_seconds",
+            "Seconds since a federated trust domain's bundle was last confirmed by its endpoint (or set)",
+            federation_age.clone(),
+        );
+        let federation_sequence = Family::<FederationLabels, Gauge>::default();
+        registry.register(
+            "federation_bundle_sequence",
+            "spiffe_sequence of the federated bundle held (-1: none in the document)",
+            federation_sequence.clone(),
+        );
         let meter = opentelemetry::global::meter("herald");
         let otel_issuance = meter
             .u64_counter("herald.issuance")
@@ -210,7 +242,20 @@ impl Metrics {
             bundle_expiry,
             bundle_sequence,
             renewal_fraction,
+            federation_fetches,
+            federation_age,
+            federation_sequence,
         }
+    }
+
+    /// Counts one fetch of a federated trust domain's bundle.
+    pub fn record_federation_fetch(&self, trust_domain: &str, outcome: &'static str) {
+        self.federation_fetches
+            .get_or_create(&FederationFetchLabels {
+                trust_domain: trust_domain.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     /// Counts a refusal whose audit record could not be written.
@@ -331,6 +376,20 @@ impl Metrics {
                     .inner()
                     .store(s.failures, std::sync::atomic::Ordering::Relaxed);
             }
+        }
+        let now_ms = crate::unix_now().saturating_mul(1000);
+        for (td, (record, bundle)) in &shared.federation().bundles {
+            let labels = FederationLabels {
+                trust_domain: td.to_string(),
+            };
+            self.federation_age
+                .get_or_create(&labels)
+                .set((now_ms - record.checked_at_ms).max(0) / 1000);
+            self.federation_sequence.get_or_create(&labels).set(
+                bundle
+                    .sequence
+                    .map_or(-1, |s| i64::try_from(s).unwrap_or(i64::MAX)),
+            );
         }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

@@ -256,6 +256,9 @@ pub async fn refresh(shared: &Shared, kek: &KeyEncryptionKey) -> Result<bool, Se
         *bans = seq.bans;
         moved
     });
+    if let Err(e) = crate::federation::reload_if_moved(shared, seq.federation).await {
+        tracing::warn!(error = %e, "federated bundles reload failed");
+    }
     if seq.bundle == shared.ca().bundle.sequence {
         return Ok(false);
     }

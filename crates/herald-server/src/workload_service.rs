@@ -86,16 +86,22 @@ fn registration_set(shared: &Shared, node: &VerifiedSvid) -> RegistrationSet {
             jwt_audiences: r.jwt_audiences.clone(),
             hint: r.hint.clone(),
             cloud_role: r.cloud_role.clone().unwrap_or_default(),
+            federates_with: r.federates_with.iter().map(ToString::to_string).collect(),
         })
         .collect();
+    let federated = federated_bundles(shared, &regs);
     // The revision is a digest of everything the agent acts on.
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for r in &registrations {
         ctx.update(format!("{r:?}").as_bytes());
     }
-    ctx.update(&bundle.sequence.to_be_bytes());
-    for a in &bundle.x509_authorities {
-        ctx.update(a);
+    for b in std::iter::once(&bundle).chain(&federated) {
+        ctx.update(b.trust_domain.as_bytes());
+        ctx.update(&b.sequence.to_be_bytes());
+        ctx.update(b.jwks.as_bytes());
+        for a in &b.x509_authorities {
+            ctx.update(a);
+        }
     }
     let d = ctx.finish();
     let mut rev = [0u8; 8];
@@ -104,7 +110,31 @@ fn registration_set(shared: &Shared, node: &VerifiedSvid) -> RegistrationSet {
         registrations,
         revision: u64::from_be_bytes(rev),
         bundle: Some(bundle),
+        federated_bundles: federated,
     }
+}
+
+/// The bundles held for the foreign trust domains `regs` federate with;
+/// one the server holds no bundle for is left out (the workload cannot
+/// authenticate that domain until one is fetched or set).
+fn federated_bundles(shared: &Shared, regs: &[Registration]) -> Vec<TrustBundle> {
+    let held = shared.federation();
+    let mut wanted: Vec<&herald_core::TrustDomain> =
+        regs.iter().flat_map(|r| &r.federates_with).collect();
+    wanted.sort();
+    wanted.dedup();
+    wanted
+        .into_iter()
+        .filter_map(|td| {
+            let b = held.bundle(td)?;
+            Some(TrustBundle {
+                trust_domain: td.to_string(),
+                x509_authorities: b.x509_authorities.clone(),
+                jwks: b.to_jwks().to_string(),
+                sequence: b.sequence.unwrap_or_default(),
+            })
+        })
+        .collect()
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<RegistrationSet, Status>> + Send>>;
@@ -217,6 +247,8 @@ impl WorkloadService for WorkloadApi {
             // stream recheck its node: a banned node's stream ends within
             // `ca.bundle_poll`, and no stream polls the database meanwhile.
             let mut bans = shared.ban_generation.subscribe();
+            // A federated bundle fetched or set on any replica.
+            let mut federation = shared.federation_generation.subscribe();
             let mut last = None;
             loop {
                 let set = registration_set(&shared, &node);
@@ -229,6 +261,7 @@ impl WorkloadService for WorkloadApi {
                 tokio::select! {
                     r = changes.changed() => if r.is_err() { return },
                     r = ring.changed() => if r.is_err() { return },
+                    r = federation.changed() => if r.is_err() { return },
                     r = bans.changed() => {
                         if r.is_err() {
                             return;

@@ -32,6 +32,8 @@ use tonic::{Request, Response, Status};
 
 use super::attestor::{AttestError, Attestor, Facts, Peer};
 use super::limit::RateLimiter;
+use herald_core::Selector;
+
 use super::{Entry, Upstream, WorkloadCache};
 use crate::config::WorkloadApiConfig;
 
@@ -249,8 +251,15 @@ impl WorkloadApi {
         Ok(entries)
     }
 
-    fn x509_response(&self, entries: &[Entry]) -> Option<X509svidResponse> {
-        let bundle = self.cache.read(|s| concat(&s.bundle_x509));
+    fn x509_response(&self, entries: &[Entry], facts: &[Selector]) -> Option<X509svidResponse> {
+        let (bundle, federated_bundles) = self.cache.read(|s| {
+            let federated = s
+                .federated_for(facts)
+                .into_iter()
+                .map(|b| (format!("spiffe://{}", b.trust_domain), concat(&b.x509)))
+                .collect::<HashMap<_, _>>();
+            (concat(&s.bundle_x509), federated)
+        });
         let mut seen_hints = std::collections::HashSet::new();
         let svids: Vec<X509svid> = entries
             .iter()
@@ -274,7 +283,7 @@ impl WorkloadApi {
         (!svids.is_empty()).then_some(X509svidResponse {
             svids,
             crl: Vec::new(),
-            federated_bundles: HashMap::new(),
+            federated_bundles,
         })
     }
 }
@@ -316,7 +325,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         .await;
                     return;
                 }
-                if let Some(resp) = api.x509_response(&entries) {
+                if let Some(resp) = api.x509_response(&entries, &facts.selectors) {
                     // Push only when something changed: serials or the set's revision.
                     let serials: Vec<String> = entries
                         .iter()
@@ -351,13 +360,20 @@ impl SpiffeWorkloadApi for WorkloadApi {
         self.entries_for(&facts)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let cache = self.cache.clone();
-        tokio::spawn(push_on_change(cache, peer, tx, |s| {
+        let selectors = facts.selectors.clone();
+        tokio::spawn(push_on_change(cache, peer, tx, move |s| {
             (!s.bundle_x509.is_empty()).then(|| X509BundlesResponse {
                 crl: Vec::new(),
-                bundles: HashMap::from([(
-                    format!("spiffe://{}", s.trust_domain),
-                    concat(&s.bundle_x509),
-                )]),
+                bundles: s
+                    .federated_for(&selectors)
+                    .into_iter()
+                    .map(|b| (b.trust_domain.as_str(), concat(&b.x509)))
+                    .chain(std::iter::once((
+                        s.trust_domain.as_str(),
+                        concat(&s.bundle_x509),
+                    )))
+                    .map(|(td, der)| (format!("spiffe://{td}"), der))
+                    .collect(),
             })
         }));
         Ok(Response::new(Box::pin(
@@ -421,10 +437,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
         self.synced().await;
         self.entries_for(&facts)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(push_on_change(self.cache.clone(), peer, tx, |s| {
-            jwt_only_jwks(&s.bundle_jwks).map(|jwks| JwtBundlesResponse {
-                bundles: HashMap::from([(format!("spiffe://{}", s.trust_domain), jwks)]),
-            })
+        let selectors = facts.selectors.clone();
+        tokio::spawn(push_on_change(self.cache.clone(), peer, tx, move |s| {
+            let own = jwt_only_jwks(&s.bundle_jwks)?;
+            let mut bundles = HashMap::from([(format!("spiffe://{}", s.trust_domain), own)]);
+            for b in s.federated_for(&selectors) {
+                if let Some(jwks) = jwt_only_jwks(&b.jwks) {
+                    bundles.insert(format!("spiffe://{}", b.trust_domain), jwks);
+                }
+            }
+            Some(JwtBundlesResponse { bundles })
         }));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -446,9 +468,26 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if req.svid.is_empty() {
             return Err(Status::invalid_argument("svid must be specified"));
         }
+        // The token names its trust domain; it is then verified only with
+        // that domain's keys (and its `sub` must stay in that domain).
+        let claimed = super::jwt::claimed_trust_domain(&req.svid)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (jwks, td) = self
             .cache
-            .read(|s| (s.bundle_jwks.clone(), s.trust_domain.clone()));
+            .read(|s| {
+                if claimed == s.trust_domain {
+                    return Some((s.bundle_jwks.clone(), s.trust_domain.clone()));
+                }
+                s.federated_for(&facts.selectors)
+                    .into_iter()
+                    .find(|b| b.trust_domain == claimed)
+                    .map(|b| (b.jwks.clone(), b.trust_domain.clone()))
+            })
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "no bundle for trust domain {claimed}: this caller does not federate with it"
+                ))
+            })?;
         let (spiffe_id, claims) = super::jwt::validate(&req.svid, &req.audience, &jwks, &td)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(ValidateJwtsvidResponse {

@@ -118,6 +118,30 @@ pub fn validate(
     Ok((sub.to_owned(), data.claims))
 }
 
+/// The trust domain a token's (unverified) `sub` names: which bundle to
+/// verify it with. Nothing else is read from the unverified payload.
+pub fn claimed_trust_domain(token: &str) -> Result<String, JwtError> {
+    if token.len() > MAX_TOKEN {
+        return Err(JwtError::Malformed("token exceeds 16 KiB".into()));
+    }
+    let payload = token
+        .split('.')
+        .nth(1)
+        .filter(|_| token.split('.').count() == 3)
+        .ok_or_else(|| JwtError::Malformed("not three dot-separated parts".into()))?;
+    let claims: Map<String, Value> = URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| JwtError::Malformed("the payload is not base64url JSON".into()))?;
+    let sub = claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .ok_or_else(|| JwtError::Invalid("sub is not a string".into()))?;
+    let id = SpiffeId::parse(sub).map_err(|e| JwtError::Invalid(format!("sub: {e}")))?;
+    Ok(id.trust_domain().as_str().to_owned())
+}
+
 /// JSON → protobuf `Struct` for the response's claims.
 pub fn to_struct(map: Map<String, Value>) -> prost_types::Struct {
     prost_types::Struct {

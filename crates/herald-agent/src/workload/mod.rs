@@ -51,6 +51,8 @@ pub struct Entry {
     pub hint: String,
     /// The cloud role the credentials endpoint may serve (empty: none).
     pub cloud_role: String,
+    /// Foreign trust domains (names) whose bundles the workload is given.
+    pub federates_with: Vec<String>,
     /// The current SVID, once issued.
     pub svid: Option<Arc<CachedSvid>>,
 }
@@ -81,10 +83,42 @@ pub struct State {
     pub bundle_x509: Vec<Vec<u8>>,
     /// The SPIFFE bundle as JWKS JSON (X.509 and JWT authorities).
     pub bundle_jwks: String,
+    /// Bundles of foreign trust domains the registrations federate with.
+    pub federated: Vec<FederatedBundle>,
     /// Whether a registration set has arrived yet.
     pub synced: bool,
     /// The server's revision of the set.
     pub revision: u64,
+}
+
+/// A foreign trust domain's bundle (SPIFFE federation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederatedBundle {
+    /// The trust domain's name.
+    pub trust_domain: String,
+    /// X.509 authorities, DER.
+    pub x509: Vec<Vec<u8>>,
+    /// The SPIFFE bundle JWKS JSON.
+    pub jwks: String,
+}
+
+impl State {
+    /// The foreign bundles a caller with `facts` is given: those of the
+    /// trust domains its registrations federate with.
+    pub fn federated_for(&self, facts: &[Selector]) -> Vec<&FederatedBundle> {
+        let mine: Vec<&Entry> = self
+            .entries
+            .iter()
+            .filter(|e| herald_core::selector::matches(&e.selectors, facts))
+            .collect();
+        self.federated
+            .iter()
+            .filter(|b| {
+                mine.iter()
+                    .any(|e| e.federates_with.contains(&b.trust_domain))
+            })
+            .collect()
+    }
 }
 
 /// JWT-SVIDs by (SPIFFE ID, sorted audiences): (token, received, expiry).
@@ -191,6 +225,7 @@ impl WorkloadCache {
                         jwt_audiences: r.jwt_audiences,
                         hint: r.hint,
                         cloud_role: r.cloud_role,
+                        federates_with: r.federates_with,
                         svid,
                     }
                 })
@@ -200,6 +235,15 @@ impl WorkloadCache {
                 s.bundle_x509 = b.x509_authorities;
                 s.bundle_jwks = b.jwks;
             }
+            s.federated = set
+                .federated_bundles
+                .into_iter()
+                .map(|b| FederatedBundle {
+                    trust_domain: b.trust_domain,
+                    x509: b.x509_authorities,
+                    jwks: b.jwks,
+                })
+                .collect();
             s.revision = set.revision;
             s.synced = true;
         });

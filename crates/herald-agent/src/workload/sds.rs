@@ -127,13 +127,27 @@ impl Validation {
     }
 }
 
-/// The trust domains whose bundles this agent holds: (name, DER
-/// authorities), the local one first. Federated domains join here.
-fn bundles(state: &State) -> Vec<(String, Vec<Vec<u8>>)> {
+/// The trust domains whose bundles a caller entitled to `entries` gets:
+/// (name, DER authorities), the local one first, then the foreign ones its
+/// registrations federate with.
+fn bundles(state: &State, entries: &[Entry]) -> Vec<(String, Vec<Vec<u8>>)> {
     if state.bundle_x509.is_empty() {
         return Vec::new();
     }
-    vec![(state.trust_domain.clone(), state.bundle_x509.clone())]
+    let mut out = vec![(state.trust_domain.clone(), state.bundle_x509.clone())];
+    out.extend(
+        state
+            .federated
+            .iter()
+            .filter(|b| {
+                !b.x509.is_empty()
+                    && entries
+                        .iter()
+                        .any(|e| e.federates_with.contains(&b.trust_domain))
+            })
+            .map(|b| (b.trust_domain.clone(), b.x509.clone())),
+    );
+    out
 }
 
 fn inline(bytes: Vec<u8>) -> Option<DataSource> {
@@ -214,7 +228,7 @@ fn resources(
     names: &[String],
     validation: Validation,
 ) -> Result<Vec<Secret>, Status> {
-    let domains = bundles(state);
+    let domains = bundles(state, entries);
     let mut out = Vec::new();
     if names.is_empty() {
         let mut seen = std::collections::HashSet::new();

@@ -339,65 +339,10 @@ fn check_url(url: &str, cfg: &IssuerConfig) -> Result<(), String> {
 
 async fn get_json(client: &reqwest::Client, url: &str) -> Result<Value, OidcError> {
     let unavailable = |m: String| OidcError::IssuerUnavailable(m);
-    let mut resp = client
-        .get(url)
-        .header("accept", "application/json")
-        .send()
+    let body = crate::http_fetch::get_capped(client, url, "application/json", MAX_DOCUMENT_BYTES)
         .await
-        .map_err(|e| unavailable(format!("GET {url}: {}", describe(&e))))?;
-    if !resp.status().is_success() {
-        return Err(unavailable(format!("GET {url}: HTTP {}", resp.status())));
-    }
-    if resp
-        .content_length()
-        .is_some_and(|n| n > MAX_DOCUMENT_BYTES as u64)
-    {
-        return Err(unavailable(format!("GET {url}: document too large")));
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| unavailable(format!("GET {url}: {}", describe(&e))))?
-    {
-        if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
-            return Err(unavailable(format!("GET {url}: document too large")));
-        }
-        body.extend_from_slice(&chunk);
-    }
+        .map_err(|e| unavailable(format!("GET {url}: {e}")))?;
     serde_json::from_slice(&body).map_err(|e| unavailable(format!("GET {url}: not JSON: {e}")))
-}
-
-/// What went wrong, down to the cause an operator can act on: "timed
-/// out", "connection refused", "invalid peer certificate: UnknownIssuer",
-/// rather than reqwest's outermost "error sending request".
-fn describe(e: &reqwest::Error) -> String {
-    let mut causes: Vec<String> = Vec::new();
-    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        // Wrappers repeat their inner error's text: keep each cause once.
-        if !causes
-            .iter()
-            .any(|c| c.contains(&text) || text.contains(c.as_str()))
-        {
-            causes.push(text);
-        }
-        source = s.source();
-    }
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else if e.is_decode() || e.is_body() {
-        "bad response body"
-    } else {
-        "request failed"
-    };
-    match causes.last() {
-        Some(root) if !e.is_timeout() => format!("{kind}: {root}"),
-        _ => kind.to_owned(),
-    }
 }
 
 /// Looks keys up by issuer.
