@@ -83,10 +83,6 @@ fn rfc3339_ms(ms: i64) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-fn now_ms() -> i64 {
-    herald_server::unix_now().saturating_mul(1000)
-}
-
 /// Runs `herald federation …`.
 pub async fn federation(cmd: FederationCommand) -> Result<(), CliError> {
     match cmd {
@@ -186,7 +182,7 @@ async fn status(config: ConfigArgs, max_age: Option<std::time::Duration>) -> Res
     store.close().await;
     let records = records?;
     let max_age = max_age.unwrap_or(cfg.federation.max_refresh * 3);
-    let now = now_ms();
+    let now = herald_core::audit::now_ms();
     let mut stale = Vec::new();
     for t in &cfg.federation.trust_domains {
         let td = t.trust_domain.to_string();
@@ -196,8 +192,9 @@ async fn status(config: ConfigArgs, max_age: Option<std::time::Duration>) -> Res
                 stale.push(td);
             }
             Some(r) => {
-                let age_s = (now - r.checked_at_ms).max(0) / 1000;
-                let is_stale = age_s as u128 > max_age.as_secs() as u128;
+                let age_ms = (now - r.checked_at_ms).max(0);
+                let age_s = age_ms / 1000;
+                let is_stale = age_ms as u128 > max_age.as_millis();
                 println!(
                     "{td}: {} (confirmed {} ago, sequence {}){}",
                     if is_stale { "STALE" } else { "fresh" },

@@ -25,7 +25,7 @@ use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureSchem
 use tokio::sync::watch;
 
 use crate::config::{BundleEndpointProfile, FederatedTrustDomain, FederationConfig};
-use crate::{Shared, unix_now, wait_shutdown};
+use crate::{Shared, wait_shutdown};
 
 /// The audit action of a stored bundle change.
 pub const ACTION_UPDATE: &str = "federation.bundle_update";
@@ -271,7 +271,7 @@ pub async fn store_bundle(
         sequence: bundle.sequence,
         refresh_hint_secs: bundle.refresh_hint_secs,
         source: source.to_owned(),
-        now_ms: unix_now().saturating_mul(1000),
+        now_ms: herald_core::audit::now_ms(),
     };
     match store.put_federated_bundle(&new, audit).await? {
         BundleUpdate::Stored => Ok(RefreshOutcome::Updated {
@@ -310,7 +310,7 @@ async fn record_failure(
         .record_federation_failure(
             td.as_str(),
             &failure.to_string(),
-            unix_now().saturating_mul(1000),
+            herald_core::audit::now_ms(),
             audit,
         )
         .await
@@ -397,7 +397,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
             // Held for one minimum interval: the replica that fetched
             // decides again, the others skip unless it died.
             let lease_ms = cfg.min_refresh.as_millis() as i64;
-            let now_ms = unix_now().saturating_mul(1000);
+            let now_ms = herald_core::audit::now_ms();
             let mine = match shared
                 .store
                 .try_lease(&lease, &shared.replica_id, now_ms, lease_ms)

@@ -377,7 +377,7 @@ impl Metrics {
                     .store(s.failures, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        let now_ms = crate::unix_now().saturating_mul(1000);
+        let now_ms = herald_core::audit::now_ms();
         for (td, (record, bundle)) in &shared.federation().bundles {
             let labels = FederationLabels {
                 trust_domain: td.to_string(),

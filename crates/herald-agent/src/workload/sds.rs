@@ -560,6 +560,7 @@ mod tests {
                 jwks: "{\"keys\":[]}".into(),
                 sequence: 1,
             }),
+            federated_bundles: Vec::new(),
         });
         svid(&cache, "web", "leaf-1");
         svid(&cache, "other", "leaf-x");
@@ -651,6 +652,66 @@ mod tests {
             "trusted_ca".into(),
             vec![(String::new(), text(&c.trusted_ca))],
         )
+    }
+
+    #[test]
+    fn federated_bundles_reach_only_the_workloads_that_federate() {
+        let cache = WorkloadCache::new(0.5, 0.0);
+        let reg = |name: &str, uid: u32, with: &[&str]| Registration {
+            spiffe_id: id(name),
+            selectors: vec![format!("unix:uid:{uid}")],
+            ttl_seconds: 3600,
+            federates_with: with.iter().map(|s| s.to_string()).collect(),
+            ..Registration::default()
+        };
+        let foreign = |td: &str| TrustBundle {
+            trust_domain: td.into(),
+            x509_authorities: vec![format!("root-of-{td}").into_bytes()],
+            jwks: "{\"keys\":[]}".into(),
+            sequence: 7,
+        };
+        cache.apply(RegistrationSet {
+            registrations: vec![
+                reg("web", own_uid(), &["partner.test"]),
+                reg("other", own_uid().wrapping_add(1), &["third.test"]),
+            ],
+            revision: 1,
+            bundle: Some(TrustBundle {
+                trust_domain: TD.into(),
+                x509_authorities: vec![b"root-one".to_vec()],
+                jwks: "{\"keys\":[]}".into(),
+                sequence: 1,
+            }),
+            federated_bundles: vec![foreign("partner.test"), foreign("third.test")],
+        });
+        let (mine, theirs) = state_entries(&cache);
+        let get = |entries: &[Entry], names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            cache.read(|s| resources(s, entries, &names, Validation::Spiffe))
+        };
+        let all = get(&mine, &[ALL_BUNDLES]).unwrap();
+        assert_eq!(
+            validation_of(&all[0]).1,
+            vec![
+                (TD.to_owned(), pem_of("root-one")),
+                ("partner.test".to_owned(), pem_of("root-of-partner.test")),
+            ]
+        );
+        let partner = get(&mine, &["spiffe://partner.test"]).unwrap();
+        assert_eq!(
+            validation_of(&partner[0]).1,
+            vec![("partner.test".to_owned(), pem_of("root-of-partner.test"))]
+        );
+        // A trust domain another workload federates with is not this one's.
+        let refused = get(&mine, &["spiffe://third.test"]).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(get(&theirs, &["spiffe://third.test"]).is_ok());
+        // ROOTCA stays the local trust domain.
+        let root = get(&mine, &[ROOT_CA]).unwrap();
+        assert_eq!(
+            validation_of(&root[0]).1,
+            vec![(TD.to_owned(), pem_of("root-one"))]
+        );
     }
 
     #[test]
