@@ -801,6 +801,15 @@ async fn two_trust_domains_federate_both_ways_and_their_workloads_complete_mtls(
             >= 2,
         "{audit}"
     );
+    let (status, metrics) = a._server.http_get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("federation_bundle_staleness_seconds")
+                && l.contains(&format!("trust_domain=\"{td_b}\""))),
+        "{metrics}"
+    );
     let list = stdout(&ok(a.site.herald(&["federation", "list", "--json"])));
     assert!(list.contains(td_b), "{list}");
     let _ = (a.https_port, b.https_port);
@@ -808,4 +817,70 @@ async fn two_trust_domains_federate_both_ways_and_their_workloads_complete_mtls(
 
 fn pem_certs(path: &Path) -> Vec<Vec<u8>> {
     herald_client::files::from_pem("CERTIFICATE", &std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_endpoint_with_a_web_pki_certificate_serves_the_bundle_document() {
+    use std::os::unix::fs::PermissionsExt;
+    // The operator's Web PKI certificate for the endpoint (here: a test
+    // root and a leaf for 127.0.0.1), its key 0600.
+    let (web_root, web_issuer) = spiffe_ca("web-root.invalid");
+    let (web_leaf, web_key) = leaf(&web_issuer, None, &["127.0.0.1"]);
+    let files = tempfile::tempdir().unwrap();
+    let (cert_file, key_file, roots) = (
+        files.path().join("endpoint.pem"),
+        files.path().join("endpoint.key"),
+        files.path().join("roots.pem"),
+    );
+    std::fs::write(
+        &cert_file,
+        pem::encode(&pem::Pem::new("CERTIFICATE", web_leaf)),
+    )
+    .unwrap();
+    std::fs::write(
+        &key_file,
+        pem::encode(&pem::Pem::new("PRIVATE KEY", web_key)),
+    )
+    .unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&roots, pem::encode(&pem::Pem::new("CERTIFICATE", web_root))).unwrap();
+    let port = free_port();
+    let site = Site::with_extra(&format!(
+        "[federation.bundle_endpoint]\nlisten = \"127.0.0.1:{port}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        cert_file.display(),
+        key_file.display()
+    ));
+    let server = site.start();
+    // A partner trust domain consumes it as https_web, trusting only the
+    // operator's root.
+    let partner = Site::new();
+    let text = std::fs::read_to_string(partner.config()).unwrap().replacen(
+        &format!("trust_domain = \"{TRUST_DOMAIN}\""),
+        "trust_domain = \"partner.herald.test\"",
+        1,
+    );
+    std::fs::write(
+        partner.config(),
+        format!(
+            "{text}\n[[federation.trust_domains]]\ntrust_domain = \"{TRUST_DOMAIN}\"\nurl = \"https://127.0.0.1:{port}/\"\nprofile = \"https_web\"\nca_file = \"{}\"\n",
+            roots.display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(partner.data_dir()).unwrap();
+    let out = ok(federation(&partner.config(), &["refresh"]));
+    assert!(
+        stdout(&out).contains("updated (spiffe_sequence"),
+        "{}",
+        stdout(&out)
+    );
+    let shown = stdout(&ok(federation(
+        &partner.config(),
+        &["show", TRUST_DOMAIN, "--pem"],
+    )));
+    assert_eq!(
+        herald_client::files::from_pem("CERTIFICATE", &shown).unwrap(),
+        pem_certs(&site.bundle_pem())
+    );
+    drop(server);
 }

@@ -659,6 +659,11 @@ impl ServerConfig {
         if f.retry.is_zero() || f.timeout.is_zero() {
             return bad("federation.retry and federation.timeout must be more than 0".into());
         }
+        if let Some(ep) = &f.bundle_endpoint
+            && ep.cert_file.is_some() != ep.key_file.is_some()
+        {
+            return bad("federation.bundle_endpoint: cert_file and key_file go together".into());
+        }
         let mut seen = std::collections::HashSet::new();
         for t in &f.trust_domains {
             let td = &t.trust_domain;
@@ -789,6 +794,24 @@ pub struct FederationConfig {
         with = "humantime_serde_compat"
     )]
     pub timeout: Duration,
+    /// This trust domain's bundle endpoint on a listener of its own.
+    #[serde(default)]
+    pub bundle_endpoint: Option<BundleEndpointConfig>,
+}
+
+/// A listener serving only this trust domain's bundle document.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleEndpointConfig {
+    /// Where to listen (HTTPS).
+    pub listen: SocketAddr,
+    /// `https_web`: the Web PKI certificate chain (PEM), re-read when it
+    /// changes. Unset: the server's SVID is presented (`https_spiffe`).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Its PKCS#8 key (PEM, mode 0600).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for FederationConfig {
@@ -799,6 +822,7 @@ impl Default for FederationConfig {
             max_refresh: default_max_refresh(),
             retry: default_federation_retry(),
             timeout: default_federation_timeout(),
+            bundle_endpoint: None,
         }
     }
 }

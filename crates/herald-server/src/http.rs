@@ -70,7 +70,8 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn bundle_jwks(State(shared): State<Arc<Shared>>) -> Response {
+/// The SPIFFE bundle document (also the bundle endpoint's).
+pub(crate) async fn bundle_jwks(State(shared): State<Arc<Shared>>) -> Response {
     match shared.ca().bundle.to_jwks() {
         Ok(v) => ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response(),
         Err(e) => {

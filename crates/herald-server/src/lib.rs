@@ -14,6 +14,7 @@
 
 pub mod attestation;
 pub mod authority;
+pub mod bundle_endpoint;
 pub mod checkpoint;
 pub mod config;
 pub mod decision;
@@ -242,6 +243,8 @@ pub struct RunningServer {
     pub http_addr: SocketAddr,
     /// The bound HTTPS address, when configured.
     pub https_addr: Option<SocketAddr>,
+    /// The bound bundle endpoint address, when configured.
+    pub bundle_endpoint_addr: Option<SocketAddr>,
     /// State, for in-process callers (tests, benchmarks).
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
@@ -312,6 +315,21 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let https_addr = match &https_listener {
         Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let bundle_endpoint = match &config.federation.bundle_endpoint {
+        Some(ep) => {
+            let resolver: Arc<dyn rustls::server::ResolvesServerCert> =
+                match (&ep.cert_file, &ep.key_file) {
+                    (Some(c), Some(k)) => Arc::new(bundle_endpoint::FileCert::new(c, k)?),
+                    _ => cert.clone(),
+                };
+            Some((TcpListener::bind(ep.listen).await?, resolver))
+        }
+        None => None,
+    };
+    let bundle_endpoint_addr = match &bundle_endpoint {
+        Some((l, _)) => Some(l.local_addr()?),
         None => None,
     };
 
@@ -396,6 +414,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             shutdown.subscribe(),
         )));
     }
+    if let Some((listener, resolver)) = bundle_endpoint {
+        tasks.push(tokio::spawn(bundle_endpoint::serve(
+            shared.clone(),
+            listener,
+            resolver,
+            shutdown.subscribe(),
+        )));
+    }
     if let Some(p) = &shared.policy {
         tasks.push(tokio::spawn(watch_policies(
             shared.clone(),
@@ -410,6 +436,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         grpc_addr,
         http_addr,
         https_addr,
+        bundle_endpoint_addr,
         shared,
         shutdown,
         tasks,

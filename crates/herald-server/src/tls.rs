@@ -109,7 +109,11 @@ impl ResolvesServerCert for RotatingCert {
     }
 }
 
-fn certified_key(chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Result<CertifiedKey, ServerError> {
+/// A rustls certified key from a DER chain (leaf first) and PKCS#8 key.
+pub(crate) fn certified_key(
+    chain: &[Vec<u8>],
+    key_pkcs8: &[u8],
+) -> Result<CertifiedKey, ServerError> {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.to_vec()));
     let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
