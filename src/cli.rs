@@ -470,6 +470,7 @@ async fn server(args: ConfigArgs) -> Result<(), CliError> {
     let data_dir = cfg.data_dir.clone();
     let dev = args.dev;
     let started = std::time::Instant::now();
+    let stop = shutdown_signal();
     let running = herald_server::start(cfg).await?;
     let grpc = format!("https://{}", running.grpc_addr);
     println!(
@@ -510,23 +511,34 @@ async fn server(args: ConfigArgs) -> Result<(), CliError> {
             running.grpc_addr, running.http_addr
         ),
     }
-    wait_for_signal().await;
+    stop.await;
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
 }
 
 pub(crate) async fn wait_for_signal() {
+    shutdown_signal().await;
+}
+
+/// SIGTERM or Ctrl-C. The SIGTERM handler is installed when this is
+/// called, not when it is first awaited: a service manager's SIGTERM sent
+/// right after the "ready" line is then a clean shutdown, not the default
+/// death by signal.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    let term = signal(SignalKind::terminate()).ok();
+    async move {
+        match term {
+            Some(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
             }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

@@ -394,8 +394,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
         let now = tokio::time::Instant::now();
         for (at, td) in due.iter_mut().filter(|(at, _)| *at <= now) {
             let lease = format!("federation:{}", td.trust_domain);
-            // Held for one minimum interval: the replica that fetched
-            // decides again, the others skip unless it died.
+            // Held while fetching; extended below to the next fetch.
             let lease_ms = cfg.min_refresh.as_millis() as i64;
             let now_ms = herald_core::audit::now_ms();
             let mine = match shared
@@ -435,6 +434,24 @@ pub async fn run(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
             } else {
                 cfg.min_refresh
             };
+            if mine {
+                // The lease now covers the whole interval, so the other
+                // replicas (checking every min_refresh) leave the next
+                // fetch to this one; should it die, one of them takes over.
+                let until = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                if let Err(e) = shared
+                    .store
+                    .try_lease(
+                        &lease,
+                        &shared.replica_id,
+                        herald_core::audit::now_ms(),
+                        until,
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, "federation lease not extended");
+                }
+            }
             *at = tokio::time::Instant::now() + delay;
         }
         // Put what changed in effect here at once, not at the next poll.
