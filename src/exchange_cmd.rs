@@ -216,6 +216,12 @@ pub async fn exchange(args: ExchangeArgs) -> Result<(), CliError> {
                     bundle: svid.bundle,
                 },
             )?;
+            let federated: Vec<(String, Vec<Vec<u8>>)> = svid
+                .federated_bundles
+                .into_iter()
+                .map(|b| (b.trust_domain, b.x509_authorities))
+                .collect();
+            files::write_federated_bundles(out, &federated)?;
             println!("{}", out.join(files::SVID_FILE).display());
             Ok(())
         }

@@ -83,7 +83,7 @@ spiffe_id:
   prefix: spiffe://{td}/ci/github/
   template: "spiffe://{td}/ci/github/{{repository_owner}}/{{environment}}"
 grants:
-  x509_svid: {{ max_ttl: 30m }}
+  x509_svid: {{ max_ttl: 30m, federates_with: [spiffe://partner.herald.test] }}
   jwt_svid: {{ max_ttl: 10m, audiences: [deployer, "https://artifacts.example.com", herald-introspection] }}
   cloud:
     - role_arn: {ROLE}
@@ -381,6 +381,39 @@ async fn x509_svid_via_the_cli_passes_openssl_verify() {
     require_tool("openssl");
     let env = Env::start().await;
     let dir = tempfile::tempdir().unwrap();
+    // The policy's grant federates with a partner whose bundle was set by
+    // hand: the SVID comes with it.
+    let partner_ca = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://partner.herald.test".try_into().unwrap(),
+        )];
+        p.self_signed(&key).unwrap()
+    };
+    let partner_file = dir.path().join("partner.pem");
+    std::fs::write(&partner_file, partner_ca.pem()).unwrap();
+    ok(env.site.herald(&[
+        "federation",
+        "set",
+        "partner.herald.test",
+        partner_file.to_str().unwrap(),
+    ]));
+    // Wait until the server has reloaded it (its metrics say so).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !env
+        .server
+        .http_get("/metrics")
+        .1
+        .contains("trust_domain=\"partner.herald.test\"")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "federated bundle not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, env.deploy_token()).unwrap();
     let out_dir = dir.path().join("svid");
@@ -410,6 +443,10 @@ async fn x509_svid_via_the_cli_passes_openssl_verify() {
         .output()
         .unwrap();
     assert!(verify.status.success(), "{}", stdout(&verify));
+    assert_eq!(
+        files_bundle(&out_dir.join("federated/partner.herald.test.pem")),
+        vec![partner_ca.der().to_vec()]
+    );
     let pem = std::fs::read_to_string(out_dir.join("svid.pem")).unwrap();
     let der = herald_client::files::from_pem("CERTIFICATE", &pem).unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).unwrap();

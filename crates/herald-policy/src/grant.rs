@@ -24,6 +24,10 @@ pub struct X509Grant {
     /// How long after its fresh evidence the lineage may keep renewing;
     /// `None` = never renewed.
     pub max_lineage_age: Option<Duration>,
+    /// Foreign trust domains whose bundles are handed out with the SVID
+    /// (SPIFFE federation). Workload registrations name theirs on the
+    /// registration; the agent serves them.
+    pub federates_with: Vec<herald_core::TrustDomain>,
 }
 
 /// A JWT-SVID grant.

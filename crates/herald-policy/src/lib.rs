@@ -1146,6 +1146,21 @@ fn compile_one(
                 }
             },
         };
+        let mut federates_with = Vec::new();
+        for f in &x.federates_with {
+            match herald_core::TrustDomain::new(f) {
+                Ok(td) if td == opts.trust_domain => errors.push(err(
+                    at("federates_with:"),
+                    format!("grants.x509_svid.federates_with {f:?} is this trust domain"),
+                )),
+                Ok(td) if !federates_with.contains(&td) => federates_with.push(td),
+                Ok(_) => {}
+                Err(e) => errors.push(err(
+                    at("federates_with:"),
+                    format!("grants.x509_svid.federates_with {f:?}: {e}"),
+                )),
+            }
+        }
         match parse_ttl(&x.max_ttl) {
             Ok(max_ttl) => {
                 grants.x509_svid = Some(X509Grant {
@@ -1154,6 +1169,7 @@ fn compile_one(
                     ttl: matches!(primary, Some(Primary::Tpm(_))).then_some(max_ttl),
                     dns_names: Vec::new(),
                     max_lineage_age,
+                    federates_with,
                 })
             }
             Err(e) => errors.push(err(

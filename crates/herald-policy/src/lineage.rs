@@ -144,6 +144,9 @@ impl PolicySet {
                     ttl: Some(reg.ttl),
                     dns_names: reg.dns_names.clone(),
                     max_lineage_age: None,
+                    // The agent gets the registration's federated bundles
+                    // with the registrations, not with every SVID.
+                    federates_with: Vec::new(),
                 }),
                 jwt_svid: (!reg.jwt_audiences.is_empty()).then(|| JwtGrant {
                     max_ttl: reg.ttl,

@@ -147,6 +147,8 @@ pub(crate) struct X509Spec {
     /// and join-token policies only).
     #[serde(default)]
     pub max_lineage_age: Option<String>,
+    #[serde(default)]
+    pub federates_with: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -338,8 +338,9 @@ impl NodeAttestationService for NodeAttestationApi {
                 async {
                     let (decided, csr) = api.evidence(inbound, &tx, &mut run).await?;
                     let wanted = RequestedCredential::X509Svid { csr, ttl: None };
-                    let svid =
-                        crate::svid_service::x509_response(run.issue(decided, &wanted).await?)?;
+                    let svid = crate::svid_service::x509_response(
+                        run.issue(decided, &wanted).await?.issued,
+                    )?;
                     tx.send(Ok(AttestResponse {
                         step: Some(attest_response::Step::Result(svid)),
                     }))

@@ -6,9 +6,7 @@ use std::time::Duration;
 use herald_proto::v1::exchange_token_request::Credential as Wanted;
 use herald_proto::v1::exchange_token_response::Credential as Given;
 use herald_proto::v1::token_exchange_service_server::TokenExchangeService;
-use herald_proto::v1::{
-    CloudCredentials, ExchangeTokenRequest, ExchangeTokenResponse, JwtSvid, X509SvidResponse,
-};
+use herald_proto::v1::{CloudCredentials, ExchangeTokenRequest, ExchangeTokenResponse, JwtSvid};
 use tonic::{Request, Response, Status};
 
 use crate::Shared;
@@ -95,17 +93,9 @@ impl TokenExchangeService for ExchangeApi {
         .await
         .map_err(|r| r.to_status())?;
         let credential = match outcome.issued {
-            Issued::X509 { issued, bundle } => {
-                let mut cert_chain = vec![issued.cert_der.clone()];
-                cert_chain.extend(issued.intermediates.iter().cloned());
-                Given::X509Svid(X509SvidResponse {
-                    spiffe_id: issued.spiffe_id.to_string(),
-                    cert_chain,
-                    bundle,
-                    serial: issued.serial_hex.clone(),
-                    expires_at: issued.not_after,
-                })
-            }
+            issued @ Issued::X509 { .. } => Given::X509Svid(
+                crate::svid_service::x509_response(issued).map_err(|r| r.to_status())?,
+            ),
             Issued::Jwt { token } => Given::JwtSvid(JwtSvid { token }),
             Issued::Cloud {
                 creds, role_arn, ..

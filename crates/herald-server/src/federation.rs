@@ -76,6 +76,31 @@ impl FederationState {
     }
 }
 
+/// The bundles held for `wanted` as API messages, in trust-domain order;
+/// a trust domain with no bundle held is left out (its workloads cannot
+/// authenticate it until one is fetched or set).
+pub fn bundle_messages<'a>(
+    shared: &Shared,
+    wanted: impl IntoIterator<Item = &'a TrustDomain>,
+) -> Vec<herald_proto::v1::TrustBundle> {
+    let held = shared.federation();
+    let mut wanted: Vec<&TrustDomain> = wanted.into_iter().collect();
+    wanted.sort();
+    wanted.dedup();
+    wanted
+        .into_iter()
+        .filter_map(|td| {
+            let b = held.bundle(td)?;
+            Some(herald_proto::v1::TrustBundle {
+                trust_domain: td.to_string(),
+                x509_authorities: b.x509_authorities.clone(),
+                jwks: b.to_jwks().to_string(),
+                sequence: b.sequence.unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
 /// Why a fetch produced no bundle.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FetchFailure {

@@ -27,6 +27,8 @@ pub enum Issued {
         issued: IssuedX509,
         /// X.509 authorities, DER.
         bundle: Vec<Vec<u8>>,
+        /// Bundles of the foreign trust domains the grant federates with.
+        federated: Vec<herald_proto::v1::TrustBundle>,
     },
     /// A JWT-SVID.
     Jwt {
@@ -160,6 +162,14 @@ pub(crate) fn issue(
                 Issued::X509 {
                     issued,
                     bundle: ca.bundle.x509_authorities.clone(),
+                    federated: crate::federation::bundle_messages(
+                        shared,
+                        decision
+                            .grants
+                            .x509_svid
+                            .iter()
+                            .flat_map(|g| &g.federates_with),
+                    ),
                 },
                 rec,
             ))

@@ -11,7 +11,7 @@ use herald_proto::v1::{MintX509SvidRequest, RenewX509SvidRequest, X509SvidRespon
 use tonic::{Request, Response, Status};
 
 use crate::Shared;
-use crate::decision::{Granted, RequestedCredential, Run};
+use crate::decision::{RequestedCredential, Run};
 use crate::issue::Issued;
 use crate::status::Refusal;
 
@@ -34,9 +34,13 @@ pub(crate) fn peer_certs<T>(req: &Request<T>) -> Option<Vec<Vec<u8>>> {
 }
 
 /// The gRPC form of an issued X.509 SVID.
-pub(crate) fn x509_response(granted: Granted) -> Result<X509SvidResponse, Refusal> {
-    match granted.issued {
-        Issued::X509 { issued, bundle } => {
+pub(crate) fn x509_response(issued: Issued) -> Result<X509SvidResponse, Refusal> {
+    match issued {
+        Issued::X509 {
+            issued,
+            bundle,
+            federated,
+        } => {
             let mut cert_chain = vec![issued.cert_der];
             cert_chain.extend(issued.intermediates);
             Ok(X509SvidResponse {
@@ -45,6 +49,7 @@ pub(crate) fn x509_response(granted: Granted) -> Result<X509SvidResponse, Refusa
                 bundle,
                 serial: issued.serial_hex,
                 expires_at: issued.not_after,
+                federated_bundles: federated,
             })
         }
         _ => Err(Refusal::new(ErrorCode::Internal, "unexpected credential")),
@@ -74,7 +79,7 @@ impl SvidService for SvidApi {
                     csr: req.csr,
                     ttl: None,
                 };
-                x509_response(run.issue(decided, &wanted).await?)
+                x509_response(run.issue(decided, &wanted).await?.issued)
             },
             span,
         )
@@ -107,7 +112,7 @@ impl SvidService for SvidApi {
                     csr: req.csr,
                     ttl: None,
                 };
-                x509_response(run.issue(decided, &wanted).await?)
+                x509_response(run.issue(decided, &wanted).await?.issued)
             },
             span,
         )

@@ -114,27 +114,9 @@ fn registration_set(shared: &Shared, node: &VerifiedSvid) -> RegistrationSet {
     }
 }
 
-/// The bundles held for the foreign trust domains `regs` federate with;
-/// one the server holds no bundle for is left out (the workload cannot
-/// authenticate that domain until one is fetched or set).
+/// The bundles held for the foreign trust domains `regs` federate with.
 fn federated_bundles(shared: &Shared, regs: &[Registration]) -> Vec<TrustBundle> {
-    let held = shared.federation();
-    let mut wanted: Vec<&herald_core::TrustDomain> =
-        regs.iter().flat_map(|r| &r.federates_with).collect();
-    wanted.sort();
-    wanted.dedup();
-    wanted
-        .into_iter()
-        .filter_map(|td| {
-            let b = held.bundle(td)?;
-            Some(TrustBundle {
-                trust_domain: td.to_string(),
-                x509_authorities: b.x509_authorities.clone(),
-                jwks: b.to_jwks().to_string(),
-                sequence: b.sequence.unwrap_or_default(),
-            })
-        })
-        .collect()
+    crate::federation::bundle_messages(shared, regs.iter().flat_map(|r| &r.federates_with))
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<RegistrationSet, Status>> + Send>>;
@@ -328,7 +310,7 @@ impl WorkloadService for WorkloadApi {
                         Ok(RequestedCredential::X509Svid { csr, ttl: None })
                     })
                     .await?;
-                x509_response(granted)
+                x509_response(granted.issued)
             }
         }))
         .await;
