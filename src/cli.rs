@@ -73,6 +73,9 @@ enum Command {
     /// A workload's SVIDs from the local agent's Workload API.
     #[command(subcommand)]
     Workload(WorkloadCommand),
+    /// Development helpers for `herald server --dev` (DEV ONLY).
+    #[command(subcommand)]
+    Dev(crate::dev_cmd::DevCommand),
     /// Revoke an issued credential so it can no longer be renewed.
     /// By serial, or in bulk by SPIFFE ID, policy and issuance window (the
     /// incident-response path, e.g. `--policy P --since 1h`); nodes are
@@ -205,6 +208,9 @@ enum SvidCommand {
 
 #[derive(Subcommand, Debug)]
 enum ConfigCommand {
+    /// Print every server configuration key with its real default, as
+    /// TOML (serialised from the code's defaults, so it cannot drift).
+    Defaults,
     /// Parse and validate a server configuration file exactly as `herald
     /// server` would (keys, values, OIDC issuers, the policy directory),
     /// without opening the database or binding listeners.
@@ -427,6 +433,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             until,
             format: _,
         }) => audit_export(config, since, until).await,
+        Command::Dev(cmd) => crate::dev_cmd::run(cmd),
         Command::Exchange(args) => crate::exchange_cmd::exchange(*args).await,
         Command::Policy(cmd) => crate::policy_cmd::run(cmd),
         Command::Node(cmd) => crate::node_cmd::node(cmd).await,
@@ -435,6 +442,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Agent(args) => crate::node_cmd::agent(args).await,
         Command::Workload(WorkloadCommand::Fetch(args)) => crate::workload_cmd::fetch(args).await,
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
+        Command::Config(ConfigCommand::Defaults) => {
+            print!("{}", ServerConfig::defaults_toml()?);
+            Ok(())
+        }
         Command::Report {
             config,
             since,
@@ -472,11 +483,20 @@ async fn server(args: ConfigArgs) -> Result<(), CliError> {
         started.elapsed().as_millis()
     );
     println!("  trust domain  {td}");
-    println!("  gRPC (TLS)    {grpc}");
+    println!("  gRPC (TLS)    {grpc}  (mint, renew, exchange, bundle, node attestation)");
     println!(
-        "  HTTP          http://{}  (/v1/bundle, /v1/bundle.pem, /healthz, /readyz)",
+        "  HTTP          http://{}  (/v1/bundle, /v1/bundle.pem, /v1/token, STS POST /, /metrics, /healthz, /readyz)",
         running.http_addr
     );
+    match running.https_addr {
+        Some(https) => println!("  HTTPS         https://{https}  (the HTTP routes over TLS)"),
+        None => println!("  HTTPS         off (listen.https)"),
+    }
+    if let Some(url) = &running.dev_issuer {
+        println!(
+            "  DEV OIDC      {url}  (DEV ONLY, loopback: tokens from `herald dev token`, policy dev-ci)"
+        );
+    }
     println!("  data dir      {}", data_dir.display());
     let cfg_flag = if dev {
         "--dev".to_owned()
@@ -495,6 +515,12 @@ async fn server(args: ConfigArgs) -> Result<(), CliError> {
         "  herald svid mint --join-token \"$T\" --server {grpc} --bundle {} --out ./svid",
         data_dir.join("bundle.pem").display()
     );
+    if running.dev_issuer.is_some() {
+        println!(
+            "  herald exchange --token-env T --bundle {} --server {grpc} --jwt-audience demo-service  # with T=$(herald dev token)",
+            data_dir.join("bundle.pem").display()
+        );
+    }
     match running.https_addr {
         Some(https) => println!(
             "listening grpc={} http={} https={https}",
