@@ -23,7 +23,11 @@ mkdir -p "$DEV"
 
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  # Last started first: the agent before the server and its TPM.
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    kill "${PIDS[$i]}" 2>/dev/null || true
+    wait "${PIDS[$i]}" 2>/dev/null || true
+  done
 }
 trap cleanup EXIT INT TERM
 
@@ -134,19 +138,21 @@ PY
 
 echo
 echo "== 2b. CI job token → JWT-SVID (RFC 8693 token exchange) =="
-curl -fsS "$HTTP/v1/token" \
+RESP=$(curl -fsS "$HTTP/v1/token" \
   -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \
   --data-urlencode "subject_token=$($HERALD dev token)" \
   -d subject_token_type=urn:ietf:params:oauth:token-type:id_token \
-  -d audience=demo-service | "$PY" -c '
+  -d audience=demo-service)
+"$PY" - "$RESP" <<'PY'
 import base64, json, sys
-r = json.load(sys.stdin)
+r = json.loads(sys.argv[1])
 p = r["access_token"].split(".")[1]
 c = json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))
-print(f"  type        {r[\"issued_token_type\"]}, expires in {r[\"expires_in\"]} s")
-print(f"  sub         {c[\"sub\"]}")
-print(f"  aud         {c[\"aud\"]}")
-print("ok: CI token → JWT-SVID")'
+print(f"  type        {r['issued_token_type']}, expires in {r['expires_in']} s")
+print(f"  sub         {c['sub']}")
+print(f"  aud         {c['aud']}")
+print("ok: CI token → JWT-SVID")
+PY
 
 if [ -n "$TPM" ]; then
   echo
@@ -173,7 +179,8 @@ EOF
     sleep 0.1
   done
   [ -n "$fetched" ] || { echo "dev.sh: the agent served no SVID (see above)" >&2; exit 1; }
-  echo "  node        $($HERALD agent --config "$AGENT/agent.toml" status 2>/dev/null | grep -m1 -o 'spiffe://[^ ]*' || echo '?')"
+  STATUS=$($HERALD agent --config "$AGENT/agent.toml" status 2>&1 || true)
+  echo "  node        $(grep -o 'spiffe://[^ ]*' <<<"$STATUS" | head -n1)"
   echo "  workload    $fetched"
   echo "ok: TPM attestation → node SVID → workload SVID (herald workload fetch)"
 else
