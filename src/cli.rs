@@ -173,7 +173,7 @@ enum SvidCommand {
         #[arg(long, env = "HERALD_JOIN_TOKEN", hide_env_values = true)]
         join_token: String,
         /// Server address.
-        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        #[arg(long, env = "HERALD_SERVER", default_value = "https://127.0.0.1:8443")]
         server: String,
         /// Trust bundle (PEM) to verify the server with, e.g. the server's <data_dir>/bundle.pem.
         #[arg(long)]
@@ -189,7 +189,7 @@ enum SvidCommand {
     /// Renew the SVID in a directory over mTLS, with a new key.
     Renew {
         /// Server address.
-        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        #[arg(long, env = "HERALD_SERVER", default_value = "https://127.0.0.1:8443")]
         server: String,
         /// Directory holding svid.pem, svid.key and bundle.pem; replaced atomically.
         #[arg(long)]
@@ -517,7 +517,7 @@ async fn server(args: ConfigArgs) -> Result<(), CliError> {
     );
     if running.dev_issuer.is_some() {
         println!(
-            "  herald exchange --token-env T --bundle {} --server {grpc} --jwt-audience demo-service  # with T=$(herald dev token)",
+            "  export T=$(herald dev token); herald exchange --token-env T --bundle {} --server {grpc} --jwt-audience demo-service",
             data_dir.join("bundle.pem").display()
         );
     }

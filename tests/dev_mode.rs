@@ -264,3 +264,74 @@ fn the_dev_issuer_exists_only_under_dev() {
         .unwrap();
     assert!(!out.status.success(), "a dev token without the dev server");
 }
+
+/// The fenced block following `<!-- readme-test: NAME -->` in README.md:
+/// the README's own text, not a copy.
+fn readme_block(name: &str) -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let marker = format!("<!-- readme-test: {name} -->");
+    let after = readme
+        .split_once(&marker)
+        .unwrap_or_else(|| panic!("README.md has no {marker}"))
+        .1;
+    let body = after.split_once("```").unwrap().1;
+    let body = body.split_once('\n').unwrap().1;
+    body.split_once("```").unwrap().0.to_owned()
+}
+
+#[test]
+fn the_readme_ci_exchange_quickstart_runs_as_written() {
+    require_tool("bash");
+    let server = DevServer::start();
+    // The quickstart runs from the repository root, where .herald-dev is
+    // the dev server's data directory: a scratch root with that link.
+    let work = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(server.data.path(), work.path().join(".herald-dev")).unwrap();
+    let bin_dir = Path::new(herald_bin()).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &readme_block("ci-exchange")])
+        .current_dir(work.path())
+        .env("PATH", path)
+        .env("HERALD_SERVER", format!("https://{}", server.addr("grpc")))
+        .env("HERALD_DATA_DIR", server.data.path())
+        .env_remove("HERALD_CONFIG")
+        .output()
+        .unwrap();
+    let text = stdout(&ok(out));
+    assert!(
+        text.contains("spiffe://dev.herald.test/ci/dev/dev/demo"),
+        "{text}"
+    );
+    assert!(text.contains("session credentials: ASIA"), "{text}");
+    assert!(work.path().join("ci-svid/svid.pem").is_file());
+}
+
+#[test]
+fn the_readme_github_actions_quickstart_is_a_workflow_and_a_valid_policy() {
+    let workflow: Value = serde_yaml_ng::from_str(&readme_block("github-workflow")).unwrap();
+    assert_eq!(workflow["permissions"]["id-token"], "write");
+    let steps = workflow["jobs"]["deploy"]["steps"].as_array().unwrap();
+    let run = steps
+        .iter()
+        .find_map(|s| s["run"].as_str())
+        .expect("a run step");
+    assert!(
+        run.contains("herald exchange") && run.contains("--github-actions"),
+        "{run}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("deploy.yaml");
+    std::fs::write(&policy, readme_block("github-policy")).unwrap();
+    for args in [
+        vec!["policy", "check", dir.path().to_str().unwrap()],
+        vec!["policy", "explain", policy.to_str().unwrap()],
+    ] {
+        let mut args = args;
+        args.extend(["--trust-domain", "example.org"]);
+        let out = Command::new(herald_bin()).args(&args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+}
