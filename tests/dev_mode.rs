@@ -335,3 +335,89 @@ fn the_readme_github_actions_quickstart_is_a_workflow_and_a_valid_policy() {
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));
     }
 }
+
+/// A free loopback port whose successor is free too (swtpm's command and
+/// control ports).
+fn free_port_pair() -> u16 {
+    loop {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills a process group (the quickstart's background server, agent and
+/// swtpm) when dropped.
+struct Group(u32);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", "--", &format!("-{}", self.0)])
+            .status();
+    }
+}
+
+#[test]
+fn the_readme_swtpm_agent_quickstart_runs_as_written() {
+    use std::os::unix::process::CommandExt as _;
+    for tool in [
+        "bash",
+        "curl",
+        "swtpm",
+        "swtpm_setup",
+        "swtpm_localca",
+        "timeout",
+    ] {
+        require_tool(tool);
+    }
+    let work = tempfile::tempdir().unwrap();
+    let bin_dir = Path::new(herald_bin()).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let (grpc, http) = (free_port(), free_port());
+    // Output to files, not pipes: the block leaves the server, the agent
+    // and swtpm running in the background, holding whatever it was given.
+    let out_path = work.path().join("stdout");
+    let err_path = work.path().join("stderr");
+    let mut child = Command::new("timeout")
+        .args(["180", "bash", "-euo", "pipefail", "-c"])
+        .arg(readme_block("swtpm-agent"))
+        .current_dir(work.path())
+        .env("PATH", path)
+        .env("TPM_PORT", free_port_pair().to_string())
+        .env("HERALD_LISTEN_GRPC", format!("127.0.0.1:{grpc}"))
+        .env("HERALD_LISTEN_HTTP", format!("127.0.0.1:{http}"))
+        .env("HERALD_SERVER", format!("https://127.0.0.1:{grpc}"))
+        .env("HERALD_HTTP", format!("http://127.0.0.1:{http}"))
+        .env("HERALD_LOG", "warn")
+        .env_remove("HERALD_CONFIG")
+        .env_remove("HERALD_KEK")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let group = Group(child.id());
+    let status = child.wait().unwrap();
+    drop(group);
+    let text = std::fs::read_to_string(&out_path).unwrap();
+    let errors = std::fs::read_to_string(&err_path).unwrap();
+    assert!(
+        status.success(),
+        "{status}\nstdout: {text}\nstderr: {errors}"
+    );
+    assert!(text.contains("spiffe://example.org/app/me"), "{text}");
+    assert!(text.contains("spiffe://example.org/node/"), "{text}");
+    assert!(work.path().join("tpm-quickstart/svid/svid.pem").is_file());
+}
