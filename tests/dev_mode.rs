@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use common::node::free_port;
 use common::*;
 use serde_json::Value;
 
@@ -346,14 +347,6 @@ fn free_port_pair() -> u16 {
             return port;
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Kills a process group (the quickstart's background server, agent and
