@@ -11,3 +11,5 @@ fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The README's first command, as a newcomer runs it: every flow must succeed.
+bash scripts/check-dev.sh

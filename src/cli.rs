@@ -77,6 +77,9 @@ enum Command {
     /// A workload's SVIDs from the local agent's Workload API.
     #[command(subcommand)]
     Workload(WorkloadCommand),
+    /// Development helpers for `herald server --dev` (DEV ONLY).
+    #[command(subcommand)]
+    Dev(crate::dev_cmd::DevCommand),
     /// Revoke an issued credential so it can no longer be renewed.
     /// By serial, or in bulk by SPIFFE ID, policy and issuance window (the
     /// incident-response path, e.g. `--policy P --since 1h`); nodes are
@@ -174,7 +177,7 @@ enum SvidCommand {
         #[arg(long, env = "HERALD_JOIN_TOKEN", hide_env_values = true)]
         join_token: String,
         /// Server address.
-        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        #[arg(long, env = "HERALD_SERVER", default_value = "https://127.0.0.1:8443")]
         server: String,
         /// Trust bundle (PEM) to verify the server with, e.g. the server's <data_dir>/bundle.pem.
         #[arg(long)]
@@ -190,7 +193,7 @@ enum SvidCommand {
     /// Renew the SVID in a directory over mTLS, with a new key.
     Renew {
         /// Server address.
-        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        #[arg(long, env = "HERALD_SERVER", default_value = "https://127.0.0.1:8443")]
         server: String,
         /// Directory holding svid.pem, svid.key and bundle.pem; replaced atomically.
         #[arg(long)]
@@ -209,6 +212,9 @@ enum SvidCommand {
 
 #[derive(Subcommand, Debug)]
 enum ConfigCommand {
+    /// Print every server configuration key with its real default, as
+    /// TOML (serialised from the code's defaults, so it cannot drift).
+    Defaults,
     /// Parse and validate a server configuration file exactly as `herald
     /// server` would (keys, values, OIDC issuers, the policy directory),
     /// without opening the database or binding listeners.
@@ -431,6 +437,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             until,
             format: _,
         }) => audit_export(config, since, until).await,
+        Command::Dev(cmd) => crate::dev_cmd::run(cmd),
         Command::Exchange(args) => crate::exchange_cmd::exchange(*args).await,
         Command::Policy(cmd) => crate::policy_cmd::run(cmd),
         Command::Node(cmd) => crate::node_cmd::node(cmd).await,
@@ -440,6 +447,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Agent(args) => crate::node_cmd::agent(args).await,
         Command::Workload(WorkloadCommand::Fetch(args)) => crate::workload_cmd::fetch(args).await,
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
+        Command::Config(ConfigCommand::Defaults) => {
+            print!("{}", ServerConfig::defaults_toml()?);
+            Ok(())
+        }
         Command::Report {
             config,
             since,
@@ -478,11 +489,25 @@ async fn server(args: ConfigArgs) -> Result<(), CliError> {
         started.elapsed().as_millis()
     );
     println!("  trust domain  {td}");
-    println!("  gRPC (TLS)    {grpc}");
+    println!("  gRPC (TLS)    {grpc}  (mint, renew, exchange, bundle, node attestation)");
     println!(
-        "  HTTP          http://{}  (/v1/bundle, /v1/bundle.pem, /healthz, /readyz)",
+        "  HTTP          http://{}  (/v1/bundle, /v1/bundle.pem, /v1/token, STS POST /, /metrics, /healthz, /readyz)",
         running.http_addr
     );
+    match running.https_addr {
+        Some(https) => println!("  HTTPS         https://{https}  (the HTTP routes over TLS)"),
+        None => println!("  HTTPS         off (listen.https)"),
+    }
+    if let Some(addr) = running.bundle_endpoint_addr {
+        println!(
+            "  BUNDLE        https://{addr}/  (SPIFFE bundle endpoint, [federation.bundle_endpoint])"
+        );
+    }
+    if let Some(url) = &running.dev_issuer {
+        println!(
+            "  DEV OIDC      {url}  (DEV ONLY, loopback: tokens from `herald dev token`, policy dev-ci)"
+        );
+    }
     println!("  data dir      {}", data_dir.display());
     let cfg_flag = if dev {
         "--dev".to_owned()
@@ -501,6 +526,12 @@ async fn server(args: ConfigArgs) -> Result<(), CliError> {
         "  herald svid mint --join-token \"$T\" --server {grpc} --bundle {} --out ./svid",
         data_dir.join("bundle.pem").display()
     );
+    if running.dev_issuer.is_some() {
+        println!(
+            "  export T=$(herald dev token); herald exchange --token-env T --bundle {} --server {grpc} --jwt-audience demo-service",
+            data_dir.join("bundle.pem").display()
+        );
+    }
     match running.https_addr {
         Some(https) => println!(
             "listening grpc={} http={} https={https}",

@@ -32,7 +32,7 @@ pub enum Format {
 #[derive(Args, Debug)]
 pub struct ExchangeArgs {
     /// Server address.
-    #[arg(long, default_value = "https://127.0.0.1:8443")]
+    #[arg(long, env = "HERALD_SERVER", default_value = "https://127.0.0.1:8443")]
     server: String,
     /// Trust bundle (PEM) to verify the server with.
     #[arg(long)]

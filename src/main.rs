@@ -4,6 +4,7 @@
 mod audit_cmd;
 mod ca_cmd;
 mod cli;
+mod dev_cmd;
 mod exchange_cmd;
 mod federation_cmd;
 mod node_cmd;

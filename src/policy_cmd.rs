@@ -1,8 +1,8 @@
-//! `herald policy check|test DIR`: the server's load-time checks, offline.
+//! `herald policy check|test [DIR]`: the server's load-time checks, offline.
 
 use std::path::PathBuf;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use herald_core::TrustDomain;
 use herald_policy::{LoadOptions, PolicySet};
 
@@ -13,27 +13,74 @@ use crate::cli::CliError;
 pub enum PolicyCommand {
     /// Load and validate every policy in DIR exactly as the server would
     /// (compile, variables, size caps, dangerous patterns, embedded tests).
-    Check {
-        /// The policy directory.
-        dir: PathBuf,
-        /// The trust domain SPIFFE IDs must belong to.
-        #[arg(long, default_value = herald_server::config::DEV_TRUST_DOMAIN)]
-        trust_domain: String,
-    },
+    Check(Target),
     /// Run every policy's embedded tests and report each one.
-    Test {
-        /// The policy directory.
-        dir: PathBuf,
-        /// The trust domain SPIFFE IDs must belong to.
-        #[arg(long, default_value = herald_server::config::DEV_TRUST_DOMAIN)]
-        trust_domain: String,
+    Test(Target),
+    /// Say in words what one policy accepts and grants (after loading it
+    /// exactly as the server would: a policy it would refuse is not explained).
+    Explain {
+        /// The policy file.
+        file: PathBuf,
+        /// A server configuration file, for its trust domain and DNS names.
+        #[arg(long, env = "HERALD_CONFIG", conflicts_with = "trust_domain")]
+        config: Option<PathBuf>,
+        /// The trust domain SPIFFE IDs must belong to (without --config).
+        #[arg(long)]
+        trust_domain: Option<String>,
     },
 }
 
-fn options(trust_domain: &str) -> Result<LoadOptions, CliError> {
-    let trust_domain = TrustDomain::new(trust_domain)
-        .map_err(|e| CliError::new("invalid_request", format!("--trust-domain: {e}")))?;
-    Ok(LoadOptions::new(trust_domain))
+/// Which policies, checked for which server.
+#[derive(Args, Debug)]
+pub struct Target {
+    /// The policy directory (default: the configuration's `policy.dir`).
+    #[arg(required_unless_present = "config")]
+    dir: Option<PathBuf>,
+    /// A server configuration file: its trust domain, its own DNS names
+    /// (which no workload may register) and, without DIR, its policy.dir —
+    /// so the check is the one that server would make.
+    #[arg(long, env = "HERALD_CONFIG", conflicts_with = "trust_domain")]
+    config: Option<PathBuf>,
+    /// The trust domain SPIFFE IDs must belong to (without --config).
+    #[arg(long)]
+    trust_domain: Option<String>,
+}
+
+impl Target {
+    /// The directory and the load options the server would use.
+    fn resolve(self) -> Result<(PathBuf, LoadOptions), CliError> {
+        let (opts, configured) = load_options(self.config, self.trust_domain)?;
+        let dir = self.dir.or(configured).ok_or_else(|| {
+            CliError::new(
+                "invalid_request",
+                "give a policy directory (the configuration has no policy.dir)",
+            )
+        })?;
+        Ok((dir, opts))
+    }
+}
+
+/// The load options of the server configured in `config` (and its
+/// `policy.dir`), or of a server of `trust_domain` (default: the dev one).
+fn load_options(
+    config: Option<PathBuf>,
+    trust_domain: Option<String>,
+) -> Result<(LoadOptions, Option<PathBuf>), CliError> {
+    let Some(file) = config else {
+        let td = trust_domain
+            .as_deref()
+            .unwrap_or(herald_server::config::DEV_TRUST_DOMAIN);
+        let td = TrustDomain::new(td)
+            .map_err(|e| CliError::new("invalid_request", format!("--trust-domain: {e}")))?;
+        return Ok((LoadOptions::new(td), None));
+    };
+    let cfg = herald_server::config::ServerConfig::from_file(&file)
+        .map_err(|e| CliError::new("config_invalid", e.to_string()))?;
+    let opts = LoadOptions {
+        trust_domain: cfg.trust_domain,
+        reserved_dns_names: cfg.tls.dns_names,
+    };
+    Ok((opts, cfg.policy.dir))
 }
 
 fn load_failed(e: herald_policy::LoadErrors) -> CliError {
@@ -49,19 +96,31 @@ fn load_failed(e: herald_policy::LoadErrors) -> CliError {
 /// Runs a `herald policy` command.
 pub fn run(cmd: PolicyCommand) -> Result<(), CliError> {
     match cmd {
-        PolicyCommand::Check { dir, trust_domain } => {
-            let set = PolicySet::load_dir(&dir, &options(&trust_domain)?).map_err(load_failed)?;
+        PolicyCommand::Check(target) => {
+            let (dir, opts) = target.resolve()?;
+            let set = PolicySet::load_dir(&dir, &opts).map_err(load_failed)?;
             println!(
-                "ok: {} policies in {} ({})",
+                "ok: {} policies in {} for trust domain {} ({})",
                 set.len(),
                 dir.display(),
+                opts.trust_domain,
                 set.names().join(", ")
             );
             Ok(())
         }
-        PolicyCommand::Test { dir, trust_domain } => {
-            let outcomes =
-                herald_policy::test_dir(&dir, &options(&trust_domain)?).map_err(load_failed)?;
+        PolicyCommand::Explain {
+            file,
+            config,
+            trust_domain,
+        } => {
+            let (opts, _) = load_options(config, trust_domain)?;
+            let text = herald_policy::explain(&file, &opts).map_err(load_failed)?;
+            print!("{text}");
+            Ok(())
+        }
+        PolicyCommand::Test(target) => {
+            let (dir, opts) = target.resolve()?;
+            let outcomes = herald_policy::test_dir(&dir, &opts).map_err(load_failed)?;
             let mut failed = 0;
             for o in &outcomes {
                 let name = o

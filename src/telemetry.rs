@@ -9,6 +9,7 @@
 //! server's instruments (`herald.issuance`, `herald.issuance.duration`,
 //! ...) are exported every `OTEL_METRIC_EXPORT_INTERVAL` ms (default 60 s).
 
+use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -99,6 +100,9 @@ pub fn init() -> anyhow::Result<Telemetry> {
             ))
     });
     let registry = tracing_subscriber::registry().with(otel_layer);
+    // Colour only for a person at a terminal: piped into a file, journald or
+    // a log shipper, escape codes are noise (and NO_COLOR opts out anyway).
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     if json {
         registry
             .with(
@@ -113,6 +117,7 @@ pub fn init() -> anyhow::Result<Telemetry> {
         registry
             .with(
                 tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
                     .with_writer(std::io::stderr)
                     .with_filter(filter),
             )

@@ -714,3 +714,178 @@ fn the_envoy_example_is_envoy_config_taking_its_secrets_from_the_agent() {
     let (ok, _, err) = envoy_check(&broken);
     assert!(!ok && err.contains("conect_timeout"), "{err}");
 }
+
+#[test]
+fn config_defaults_prints_the_real_defaults_as_toml() {
+    let out = ok(herald(&["config", "defaults"]));
+    let text = stdout(&out);
+    // With the two required keys it is a configuration the server accepts.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("defaults.toml");
+    std::fs::write(
+        &f,
+        format!("trust_domain = \"a.test\"\ndata_dir = \"/x\"\n{text}"),
+    )
+    .unwrap();
+    let check = herald(&["config", "check", f.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", stderr(&check));
+    let table: toml::Table = toml::from_str(&text).unwrap();
+    assert_eq!(table["listen"]["grpc"].as_str(), Some("127.0.0.1:8443"));
+    assert!(
+        table["listen"].get("https").is_none(),
+        "HTTPS is off by default"
+    );
+    assert!(text.contains("# require_jti = false"), "{text}");
+}
+
+#[test]
+fn policy_check_takes_the_trust_domain_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("p.yaml"),
+        "name: p\nevidence:\n  join_token: { purposes: [bootstrap] }\nspiffe_id:\n  prefix: spiffe://prod.example/svc/\ngrants:\n  x509_svid: { max_ttl: 1h }\n",
+    )
+    .unwrap();
+    let cfg = |td: &str| {
+        let f = dir.path().join(format!("{td}.toml"));
+        std::fs::write(
+            &f,
+            format!(
+                "trust_domain = \"{td}\"\ndata_dir = \"/x\"\n[policy]\ndir = \"{}\"\n",
+                policies.display()
+            ),
+        )
+        .unwrap();
+        f
+    };
+    // The policy's prefix is in prod.example: that server accepts it ...
+    let good = cfg("prod.example");
+    let out = ok(herald(&[
+        "policy",
+        "check",
+        "--config",
+        good.to_str().unwrap(),
+    ]));
+    assert!(
+        stdout(&out).contains("for trust domain prod.example"),
+        "{}",
+        stdout(&out)
+    );
+    // ... a server of another trust domain refuses it, directory given or not.
+    let other = cfg("other.example");
+    for args in [
+        vec!["policy", "check", "--config", other.to_str().unwrap()],
+        vec![
+            "policy",
+            "check",
+            policies.to_str().unwrap(),
+            "--config",
+            other.to_str().unwrap(),
+        ],
+    ] {
+        let out = herald(&args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr(&out).contains("error[policy_invalid]"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // Without --config and --trust-domain, a directory is required.
+    let out = herald(&["policy", "check"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn piped_logs_carry_no_colour_codes_and_the_banner_names_every_listener() {
+    use std::io::Read;
+    let site = Site::new();
+    let mut child = Command::new(herald_bin())
+        .args(["server", "--config"])
+        .arg(site.config())
+        .env("HERALD_LOG", "info")
+        .env_remove("HERALD_KEK")
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout_pipe = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stdout_pipe, &mut line).unwrap();
+        if n == 0 {
+            let _ = child.kill();
+            panic!("server exited before it was ready: {banner}");
+        }
+        banner.push_str(&line);
+        if line.starts_with("listening ") {
+            break;
+        }
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    child.wait().unwrap();
+    assert!(logs.contains("INFO"), "the server logged nothing: {logs}");
+    assert!(
+        !logs.contains("\x1b["),
+        "ANSI codes in piped logs: {logs:?}"
+    );
+    assert!(!banner.contains("\x1b["), "{banner:?}");
+    let https = banner
+        .lines()
+        .find_map(|l| l.strip_prefix("listening "))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|kv| kv.strip_prefix("https="))
+        })
+        .unwrap();
+    for listener in ["gRPC (TLS)", "HTTP ", "HTTPS "] {
+        assert!(banner.contains(listener), "{listener} missing: {banner}");
+    }
+    assert!(
+        banner.contains(&format!("https://{https}")),
+        "the HTTPS listener is not in the banner: {banner}"
+    );
+}
+
+#[test]
+fn policy_explain_describes_every_example_policy() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(repo("attestation-policies")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let out = ok(herald(&["policy", "explain", path.to_str().unwrap()]));
+        let text = stdout(&out);
+        let name = path.file_stem().unwrap().to_str().unwrap();
+        assert!(text.contains("Accepts"), "{name}: {text}");
+        assert!(text.contains("Grants"), "{name}: {text}");
+        assert!(text.contains("deny by default"), "{name}: {text}");
+        seen += 1;
+    }
+    assert!(seen >= 5);
+    // A file the server would refuse is not explained.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "name: bad\nevidence: {}\n").unwrap();
+    let out = herald(&["policy", "explain", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("error[policy_invalid]"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -166,6 +166,8 @@ pub struct Server {
     pub http: SocketAddr,
     pub https: Option<SocketAddr>,
     pub startup_line: String,
+    /// Everything the server printed on stdout up to and including `listening …`.
+    pub banner: String,
 }
 
 impl Server {
@@ -191,6 +193,7 @@ impl Server {
         let mut reader = BufReader::new(stdout);
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut first = String::new();
+        let mut banner = String::new();
         loop {
             let mut line = String::new();
             let n = reader.read_line(&mut line).unwrap();
@@ -198,6 +201,7 @@ impl Server {
             if first.is_empty() {
                 first = line.clone();
             }
+            banner.push_str(&line);
             if let Some(rest) = line.trim().strip_prefix("listening ") {
                 let mut grpc = None;
                 let mut http = None;
@@ -218,6 +222,7 @@ impl Server {
                     http: http.unwrap(),
                     https,
                     startup_line: first,
+                    banner,
                 };
             }
             assert!(Instant::now() < deadline, "server not ready in time");

@@ -143,7 +143,8 @@ pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-fn check_private_mode(path: &Path) -> Result<(), String> {
+/// Refuses a key file readable or writable by anyone but its owner.
+pub fn check_private_mode(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let mode = fs::metadata(path)
         .map_err(|e| e.to_string())?

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod duration;
 pub mod error;
 pub mod evidence;
 pub mod lineage;

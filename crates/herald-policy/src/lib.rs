@@ -81,11 +81,14 @@
 
 mod claims;
 pub mod danger;
+mod explain;
 mod expr;
 mod grant;
 mod lineage;
 mod model;
 pub mod tpm;
+
+pub use explain::explain;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -693,7 +696,20 @@ pub struct TestOutcome {
 impl PolicySet {
     /// Loads every `*.yaml`/`*.yml` in `dir` (not recursive), in file-name order.
     pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<PolicySet, LoadErrors> {
-        let (set, outcomes) = load_with_outcomes(dir, opts)?;
+        Self::load_dir_with(dir, &[], opts)
+    }
+
+    /// Loads `dir` as [`PolicySet::load_dir`] does, then `extra` (path,
+    /// text) sources after its files — policies that live in no file, such
+    /// as the dev policy of `herald server --dev`.
+    pub fn load_dir_with(
+        dir: &Path,
+        extra: &[(PathBuf, String)],
+        opts: &LoadOptions,
+    ) -> Result<PolicySet, LoadErrors> {
+        let mut sources = read_dir_sources(dir)?;
+        sources.extend_from_slice(extra);
+        let (set, outcomes) = compile_sources(&sources, opts)?;
         let failed: Vec<LoadError> = outcomes
             .into_iter()
             .filter(|o| !o.passed)
@@ -906,6 +922,24 @@ fn compile_sources(
     Ok((set, outcomes))
 }
 
+/// The file as written, parsed into the schema.
+fn parse_file(path: &Path, text: &str) -> Result<PolicyFile, Vec<LoadError>> {
+    let yaml_err = |e: serde_yaml_ng::Error| {
+        vec![LoadError {
+            path: path.to_path_buf(),
+            line: e.location().map(|l| l.line()),
+            reason: format!("YAML: {e}"),
+        }]
+    };
+    // Parsed twice: straight into the schema first, so errors carry their
+    // line; then through a value with YAML merge keys (`<<: *anchor`)
+    // applied, which tests use to vary one claim of a shared example.
+    serde_yaml_ng::from_str::<PolicyFile>(text).map_err(yaml_err)?;
+    let mut value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(yaml_err)?;
+    value.apply_merge().map_err(yaml_err)?;
+    serde_yaml_ng::from_value(value).map_err(yaml_err)
+}
+
 fn compile_one(
     path: &Path,
     text: &str,
@@ -922,15 +956,7 @@ fn compile_one(
             format!("file exceeds {MAX_FILE_BYTES} bytes"),
         )]);
     }
-    // Parsed twice: straight into the schema first, so errors carry their
-    // line; then through a value with YAML merge keys (`<<: *anchor`)
-    // applied, which tests use to vary one claim of a shared example.
-    let yaml_err =
-        |e: serde_yaml_ng::Error| vec![err(e.location().map(|l| l.line()), format!("YAML: {e}"))];
-    serde_yaml_ng::from_str::<PolicyFile>(text).map_err(yaml_err)?;
-    let mut value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(yaml_err)?;
-    value.apply_merge().map_err(yaml_err)?;
-    let file: PolicyFile = serde_yaml_ng::from_value(value).map_err(yaml_err)?;
+    let file = parse_file(path, text)?;
     let mut errors = Vec::new();
     let at = |key: &str| line_of(text, key);
 
@@ -1434,6 +1460,7 @@ fn test_svid(spiffe_id: &str) -> Result<VerifiedSvid, String> {
 #[derive(Debug)]
 pub struct PolicyStore {
     dir: PathBuf,
+    extra: Vec<(PathBuf, String)>,
     opts: LoadOptions,
     current: RwLock<Arc<PolicySet>>,
 }
@@ -1441,9 +1468,19 @@ pub struct PolicyStore {
 impl PolicyStore {
     /// Loads `dir`; fails if the set is broken (a server must not start on one).
     pub fn new(dir: PathBuf, opts: LoadOptions) -> Result<Self, LoadErrors> {
-        let set = PolicySet::load_dir(&dir, &opts)?;
+        Self::with_extra(dir, Vec::new(), opts)
+    }
+
+    /// Loads `dir` plus `extra` sources, which stay part of every reload.
+    pub fn with_extra(
+        dir: PathBuf,
+        extra: Vec<(PathBuf, String)>,
+        opts: LoadOptions,
+    ) -> Result<Self, LoadErrors> {
+        let set = PolicySet::load_dir_with(&dir, &extra, &opts)?;
         Ok(Self {
             dir,
+            extra,
             opts,
             current: RwLock::new(Arc::new(set)),
         })
@@ -1460,7 +1497,7 @@ impl PolicyStore {
     /// Loads the directory again; swaps only if the new set is valid.
     /// Returns the number of policies now in effect.
     pub fn reload(&self) -> Result<usize, LoadErrors> {
-        let set = PolicySet::load_dir(&self.dir, &self.opts)?;
+        let set = PolicySet::load_dir_with(&self.dir, &self.extra, &self.opts)?;
         let n = set.len();
         match self.current.write() {
             Ok(mut g) => *g = Arc::new(set),

@@ -2,16 +2,15 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// One policy file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PolicyFile {
     pub name: String,
     #[serde(default)]
-    #[allow(dead_code)]
     pub description: Option<String>,
     pub evidence: EvidenceSpec,
     #[serde(default)]
@@ -28,7 +27,7 @@ pub(crate) struct PolicyFile {
 
 /// A workload registration: callers on a node's Workload API socket that
 /// match every selector get this SPIFFE ID.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct WorkloadSpec {
     pub spiffe_id: String,
@@ -47,7 +46,7 @@ pub(crate) struct WorkloadSpec {
     pub federates_with: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EvidenceSpec {
     #[serde(default)]
@@ -63,7 +62,7 @@ pub(crate) struct EvidenceSpec {
 /// Join tokens as the evidence itself: `herald svid mint` with a token
 /// created for one of `purposes`. The SPIFFE ID is the token's own, which
 /// must lie under the policy's prefix.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct JoinTokenSpec {
     /// `bootstrap` and/or `break_glass`; default `[bootstrap]`.
@@ -77,7 +76,7 @@ fn default_token_purposes() -> Vec<String> {
 
 /// TPM 2.0 node evidence: whose EKs are trusted, which PCRs are quoted,
 /// which values are good.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TpmSpec {
     /// PEM files (relative to the policy file) with manufacturer roots.
@@ -97,28 +96,28 @@ fn default_bank() -> String {
     "sha256".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct GoldenSpec {
     pub name: String,
     pub pcrs: BTreeMap<u8, String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct OidcSpec {
     pub issuer: String,
     pub audiences: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum FactorName {
     JoinToken,
     X509Svid,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SpiffeIdSpec {
     pub prefix: String,
@@ -128,7 +127,7 @@ pub(crate) struct SpiffeIdSpec {
     pub expression: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct GrantsSpec {
     #[serde(default)]
@@ -139,7 +138,7 @@ pub(crate) struct GrantsSpec {
     pub cloud: Vec<CloudSpec>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct X509Spec {
     pub max_ttl: String,
@@ -151,14 +150,14 @@ pub(crate) struct X509Spec {
     pub federates_with: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct JwtSpec {
     pub max_ttl: String,
     pub audiences: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CloudSpec {
     pub role_arn: String,
@@ -166,7 +165,7 @@ pub(crate) struct CloudSpec {
     pub scope: Value,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TestSpec {
     #[serde(default)]
@@ -175,7 +174,7 @@ pub(crate) struct TestSpec {
     pub expect: Expect,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TestEvidence {
     #[serde(default)]
@@ -188,7 +187,7 @@ pub(crate) struct TestEvidence {
     pub x509_svid: Option<TestFactor>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TestTpm {
     pub ek_hash: String,
@@ -200,7 +199,7 @@ pub(crate) struct TestTpm {
     pub enrolled: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TestOidc {
     /// Defaults to the policy's issuer.
@@ -212,7 +211,7 @@ pub(crate) struct TestOidc {
     pub claims: serde_json::Map<String, Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TestFactor {
     pub spiffe_id: String,
@@ -221,7 +220,7 @@ pub(crate) struct TestFactor {
 /// A join token in a test: by default one created for the role it plays
 /// (bootstrap on its own, node enrolment beside TPM evidence, a second
 /// factor naming the policy under test beside OIDC evidence).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TestJoinToken {
     pub spiffe_id: String,
@@ -231,7 +230,7 @@ pub(crate) struct TestJoinToken {
     pub policies: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Expect {
     pub allow: bool,
@@ -239,4 +238,188 @@ pub(crate) struct Expect {
     pub spiffe_id: Option<String>,
     #[serde(default)]
     pub code: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    const REFERENCE: &str = include_str!("../../../docs/policy-reference.md");
+
+    fn s(v: &str) -> String {
+        v.to_owned()
+    }
+
+    /// A policy with every key of the schema set, written as struct
+    /// literals without `..`: a new field breaks this until it is added
+    /// here, and then the reference test below until it is documented.
+    fn every_key() -> PolicyFile {
+        PolicyFile {
+            name: s("n"),
+            description: Some(s("d")),
+            evidence: EvidenceSpec {
+                oidc: Some(OidcSpec {
+                    issuer: s("https://i"),
+                    audiences: vec![s("a")],
+                }),
+                tpm: Some(TpmSpec {
+                    ek_roots: vec![s("r.pem")],
+                    ek_intermediates: vec![s("i.pem")],
+                    pcr_bank: s("sha256"),
+                    pcrs: vec![0],
+                    golden: vec![GoldenSpec {
+                        name: s("g"),
+                        pcrs: BTreeMap::new(),
+                    }],
+                    min_firmware_version: Some(1),
+                }),
+                join_token: Some(JoinTokenSpec {
+                    purposes: vec![s("bootstrap")],
+                }),
+                require: vec![FactorName::JoinToken],
+            },
+            pins: BTreeMap::new(),
+            condition: Some(s("true")),
+            spiffe_id: SpiffeIdSpec {
+                prefix: s("spiffe://t/"),
+                template: Some(s("spiffe://t/x")),
+                expression: Some(s("\"spiffe://t/x\"")),
+            },
+            grants: GrantsSpec {
+                x509_svid: Some(X509Spec {
+                    max_ttl: s("1h"),
+                    max_lineage_age: Some(s("1h")),
+                    federates_with: vec![s("spiffe://partner")],
+                }),
+                jwt_svid: Some(JwtSpec {
+                    max_ttl: s("5m"),
+                    audiences: vec![s("a")],
+                }),
+                cloud: vec![CloudSpec {
+                    role_arn: s("arn"),
+                    max_ttl: s("1h"),
+                    scope: Value::Object(serde_json::Map::new()),
+                }],
+            },
+            workloads: vec![WorkloadSpec {
+                spiffe_id: s("spiffe://t/w"),
+                selectors: vec![s("unix:uid:0")],
+                ttl: Some(s("1h")),
+                dns_names: vec![s("w")],
+                jwt_audiences: vec![s("a")],
+                hint: Some(s("h")),
+                cloud_role: Some(s("arn")),
+                federates_with: vec![s("spiffe://partner")],
+            }],
+            tests: vec![TestSpec {
+                name: Some(s("t")),
+                evidence: TestEvidence {
+                    oidc: Some(TestOidc {
+                        issuer: Some(s("https://i")),
+                        audiences: Some(vec![s("a")]),
+                        claims: serde_json::Map::new(),
+                    }),
+                    tpm: Some(TestTpm {
+                        ek_hash: s("e"),
+                        pcrs: BTreeMap::new(),
+                        firmware_version: 1,
+                        enrolled: true,
+                    }),
+                    join_token: Some(TestJoinToken {
+                        spiffe_id: s("spiffe://t/x"),
+                        purpose: Some(s("bootstrap")),
+                        policies: Some(vec![s("n")]),
+                    }),
+                    x509_svid: Some(TestFactor {
+                        spiffe_id: s("spiffe://t/x"),
+                    }),
+                },
+                expect: Expect {
+                    allow: true,
+                    spiffe_id: Some(s("spiffe://t/x")),
+                    code: Some(s("policy_denied")),
+                },
+            }],
+        }
+    }
+
+    /// Every key path: maps and lists of maps are walked (a list item's
+    /// keys as `list[].key`); empty maps (free-form: pins, claims, scope,
+    /// PCR values) and lists of scalars are leaves.
+    fn paths(prefix: &str, v: &Value, out: &mut Vec<String>) {
+        let walk = |key: &str, child: &Value, out: &mut Vec<String>| {
+            let path = if prefix.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            out.push(path.clone());
+            match child {
+                Value::Array(items) => {
+                    if let Some(first @ Value::Object(_)) = items.first() {
+                        paths(&format!("{path}[]"), first, out);
+                    }
+                }
+                Value::Object(_) => paths(&path, child, out),
+                _ => {}
+            }
+        };
+        if let Value::Object(map) = v {
+            for (k, child) in map {
+                walk(k, child, out);
+            }
+        }
+    }
+
+    #[test]
+    fn the_reference_documents_every_key_and_no_other() {
+        let mut schema = Vec::new();
+        paths("", &serde_json::to_value(every_key()).unwrap(), &mut schema);
+        // The reference's keys: the first cell of each table row.
+        let documented: Vec<String> = REFERENCE
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split_once("` |").map(|(k, _)| k.to_owned()))
+            .collect();
+        let mut problems = Vec::new();
+        for p in &schema {
+            if !documented.contains(p) {
+                problems.push(format!(
+                    "{p}: in the schema, not in docs/policy-reference.md"
+                ));
+            }
+        }
+        for d in &documented {
+            if !schema.contains(d) {
+                problems.push(format!(
+                    "{d}: in docs/policy-reference.md, not in the schema"
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for d in &documented {
+            if !seen.insert(d) {
+                problems.push(format!("{d}: documented twice"));
+            }
+        }
+        assert!(schema.len() > 60, "{schema:?}");
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn the_reference_example_loads_and_its_tests_pass() {
+        let yaml = REFERENCE
+            .split("```yaml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .unwrap();
+        let opts = crate::LoadOptions::new(herald_core::TrustDomain::new("example.org").unwrap());
+        let set = crate::PolicySet::from_sources(
+            &[(std::path::PathBuf::from("reference.yaml"), yaml.to_owned())],
+            &opts,
+        )
+        .unwrap();
+        assert_eq!(set.names(), ["github-actions-deploy"]);
+    }
 }

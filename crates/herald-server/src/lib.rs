@@ -18,6 +18,7 @@ pub mod bundle_endpoint;
 pub mod checkpoint;
 pub mod config;
 pub mod decision;
+pub mod dev_issuer;
 pub mod exchange;
 pub mod exchange_service;
 pub mod federation;
@@ -245,6 +246,8 @@ pub struct RunningServer {
     pub https_addr: Option<SocketAddr>,
     /// The bound bundle endpoint address, when configured.
     pub bundle_endpoint_addr: Option<SocketAddr>,
+    /// The DEV-ONLY OIDC issuer's URL (`--dev` only).
+    pub dev_issuer: Option<String>,
     /// State, for in-process callers (tests, benchmarks).
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
@@ -333,12 +336,26 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         None => None,
     };
 
+    let (shutdown, shutdown_rx) = watch::channel(false);
     let mut config = config;
     if config.jwt.issuer.is_none() {
         // The bound address, not the configured one: port 0 means "any".
         config.jwt.issuer = Some(format!("http://{http_addr}"));
     }
-    let policy = policy_state(&config)?;
+    // DEV ONLY: the local OIDC issuer serves before the verifier exists
+    // (which may fetch its discovery document), and its policy joins the
+    // directory's.
+    let mut dev_policies = Vec::new();
+    let mut dev_task = None;
+    let mut dev_issuer_url = None;
+    if config.dev_issuer {
+        let dev = dev_issuer::start(&config).await?;
+        config.oidc.issuers.push(dev.issuer_config());
+        dev_policies.push(dev.policy_source());
+        dev_issuer_url = Some(dev.url().to_owned());
+        dev_task = Some(dev.serve(shutdown.subscribe()));
+    }
+    let policy = policy_state(&config, dev_policies)?;
     let fingerprint = config.policy.dir.as_deref().map(policy_fingerprint);
     let limiter = rate_limit::RateLimiter::new(
         config.rate_limit.per_caller_rate,
@@ -373,7 +390,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         }),
         ca: RwLock::new(ca_state),
     });
-    let (shutdown, shutdown_rx) = watch::channel(false);
     let tasks = vec![
         tokio::spawn(serve_grpc(
             shared.clone(),
@@ -405,6 +421,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     ];
 
     let mut tasks = tasks;
+    tasks.extend(dev_task);
     if let Some(listener) = https_listener {
         let acceptor = TlsAcceptor::from(Arc::new(tls::https_config(cert_for_https)?));
         tasks.push(tokio::spawn(http::serve_tls(
@@ -437,6 +454,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         http_addr,
         https_addr,
         bundle_endpoint_addr,
+        dev_issuer: dev_issuer_url,
         shared,
         shutdown,
         tasks,
@@ -446,7 +464,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 /// Loads the policies (and builds the OIDC verifier their evidence needs)
 /// when a policy directory is configured; a broken policy set stops the
 /// start. Without one, every issuance is refused.
-fn policy_state(cfg: &ServerConfig) -> Result<Option<PolicyState>, ServerError> {
+fn policy_state(
+    cfg: &ServerConfig,
+    extra: Vec<(std::path::PathBuf, String)>,
+) -> Result<Option<PolicyState>, ServerError> {
     let Some(dir) = &cfg.policy.dir else {
         tracing::warn!("no policy.dir: every issuance is refused (deny by default)");
         return Ok(None);
@@ -455,13 +476,25 @@ fn policy_state(cfg: &ServerConfig) -> Result<Option<PolicyState>, ServerError> 
         trust_domain: cfg.trust_domain.clone(),
         reserved_dns_names: cfg.tls.dns_names.clone(),
     };
-    let policies = herald_policy::PolicyStore::new(dir.clone(), opts)
+    let policies = herald_policy::PolicyStore::with_extra(dir.clone(), extra, opts)
         .map_err(|e| ServerError::Config(format!("policies in {}: {e}", dir.display())))?;
     let verifier = herald_attest::OidcVerifier::new(cfg.oidc.issuers.clone())
         .map_err(|e| ServerError::Config(e.to_string()))?;
     let current = policies.current();
-    for issuer in current.oidc_issuers() {
-        if !verifier.issuers().contains(&issuer) {
+    let unconfigured: Vec<&str> = current
+        .oidc_issuers()
+        .into_iter()
+        .filter(|i| !verifier.issuers().contains(i))
+        .collect();
+    if cfg.dev && !unconfigured.is_empty() {
+        // The example policies name real CI platforms; in dev mode that is
+        // expected, and the dev issuer is the one to try.
+        tracing::info!(
+            issuers = unconfigured.join(", "),
+            "dev: example policies name issuers that are not configured; try the dev issuer (herald dev token)"
+        );
+    } else {
+        for issuer in unconfigured {
             tracing::warn!(
                 issuer,
                 "a policy names an issuer that is not configured under [[oidc.issuers]]"

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair as _};
@@ -78,8 +78,7 @@ impl Keys {
         vec![
             json!({"kty": "RSA", "use": "sig", "alg": "RS256", "kid": self.kid(Alg::RS256),
                    "n": URL_SAFE_NO_PAD.encode(&comps.n), "e": URL_SAFE_NO_PAD.encode(&comps.e)}),
-            json!({"kty": "EC", "use": "sig", "alg": "ES256", "crv": "P-256", "kid": self.kid(Alg::ES256),
-                   "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..65])}),
+            herald_oidc_issuer::ec_p256_jwk(point, &self.kid(Alg::ES256)),
         ]
     }
 
@@ -135,10 +134,7 @@ impl Drop for TestIssuer {
 
 /// Unix seconds now.
 pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    herald_oidc_issuer::now()
 }
 
 impl TestIssuer {
@@ -331,37 +327,15 @@ impl TestIssuer {
 
 /// Claims shaped like a GitHub Actions ID token from `issuer`.
 pub fn github_claims(issuer: &str, aud: &str, repo: &str, git_ref: &str, env: &str) -> Value {
-    let now = now();
-    let owner = repo.split('/').next().unwrap_or(repo);
-    json!({
-        "jti": random_id(),
-        "sub": format!("repo:{repo}:environment:{env}"),
-        "aud": aud,
-        "ref": git_ref,
-        "ref_type": "branch",
-        "ref_protected": "true",
-        "sha": "d1a3c8e0b5e1f9a4c3b2a1f0e9d8c7b6a5f4e3d2",
-        "repository": repo,
-        "repository_id": "690373517",
-        "repository_owner": owner,
-        "repository_owner_id": "1342004",
-        "repository_visibility": "private",
-        "run_id": "11890000001",
-        "run_number": "42",
-        "run_attempt": "1",
-        "runner_environment": "github-hosted",
-        "actor": "octocat",
-        "actor_id": "583231",
-        "workflow": "deploy",
-        "workflow_ref": format!("{repo}/.github/workflows/deploy.yml@{git_ref}"),
-        "job_workflow_ref": format!("{repo}/.github/workflows/deploy.yml@{git_ref}"),
-        "event_name": "push",
-        "environment": env,
-        "iss": issuer,
-        "nbf": now - 5,
-        "iat": now - 5,
-        "exp": now + 300,
+    herald_oidc_issuer::github_actions_claims(&herald_oidc_issuer::ActionsJob {
+        issuer,
+        audience: aud,
+        repository: repo,
+        git_ref,
+        environment: env,
+        ttl_secs: 300,
     })
+    .unwrap()
 }
 
 fn alg_name(alg: Alg) -> &'static str {
@@ -373,19 +347,13 @@ fn alg_name(alg: Alg) -> &'static str {
 
 /// A random 128-bit identifier, hex.
 pub fn random_id() -> String {
-    let mut b = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut b).unwrap();
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    herald_oidc_issuer::random_id().unwrap()
 }
 
 fn jws(header: &Value, claims: &Value, sign: impl FnOnce(&[u8]) -> Vec<u8>) -> String {
-    let input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
+    let input = herald_oidc_issuer::signing_input(header, claims);
     let sig = sign(input.as_bytes());
-    format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
+    herald_oidc_issuer::compact(&input, &sig)
 }
 
 async fn pause(state: &IssuerState) {
@@ -404,14 +372,12 @@ async fn discovery(State(state): State<Arc<IssuerState>>) -> Response {
         .unwrap()
         .clone()
         .unwrap_or_else(|| state.issuer.clone());
-    axum::Json(json!({
-        "issuer": issuer,
-        "jwks_uri": format!("{}/jwks", state.issuer),
-        "response_types_supported": ["id_token"],
-        "subject_types_supported": ["public", "pairwise"],
-        "id_token_signing_alg_values_supported": ["RS256", "ES256"],
-        "claims_supported": ["sub", "aud", "exp", "iat", "iss", "jti", "nbf"],
-    }))
+    let jwks_uri = format!("{}/jwks", state.issuer);
+    axum::Json(herald_oidc_issuer::discovery(
+        &issuer,
+        &jwks_uri,
+        &["RS256", "ES256"],
+    ))
     .into_response()
 }
 

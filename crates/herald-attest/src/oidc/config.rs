@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// A JWS algorithm Herald accepts from an issuer. Deliberately closed:
 /// `none` and the HMAC family cannot be expressed, so no configuration can
 /// let a token signed with a public key as an HMAC secret through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 pub enum Algorithm {
     /// RSASSA-PKCS1-v1_5 with SHA-256.
     RS256,
@@ -83,7 +83,7 @@ impl Algorithm {
 
 /// One trusted issuer. Issuers are configured explicitly: a token whose
 /// `iss` is not listed is refused before anything is fetched.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     /// The issuer URL, compared byte for byte with the token's `iss` and the
@@ -95,30 +95,46 @@ pub struct IssuerConfig {
     #[serde(default = "default_algorithms")]
     pub algorithms: Vec<Algorithm>,
     /// A JWKS file used instead of discovery (air-gapped issuers).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub static_jwks: Option<PathBuf>,
     /// Extra PEM trust roots for the issuer's HTTPS certificate, added to the
     /// system's.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extra_roots: Option<PathBuf>,
     /// Permits an `http://` issuer. Only for local testing; refused unless
     /// the issuer host is loopback.
     #[serde(default)]
     pub allow_insecure_http: bool,
     /// Clock-skew leeway for `exp`, `nbf` and `iat`.
-    #[serde(default = "default_leeway", deserialize_with = "duration")]
+    #[serde(
+        default = "default_leeway",
+        deserialize_with = "duration",
+        serialize_with = "herald_core::duration::serialize"
+    )]
     pub leeway: Duration,
     /// Largest token accepted, bytes.
     #[serde(default = "default_max_token_bytes")]
     pub max_token_bytes: usize,
     /// How often the JWKS is refreshed in the background.
-    #[serde(default = "default_refresh", deserialize_with = "duration")]
+    #[serde(
+        default = "default_refresh",
+        deserialize_with = "duration",
+        serialize_with = "herald_core::duration::serialize"
+    )]
     pub refresh_interval: Duration,
     /// Least time between two refreshes caused by an unknown `kid`.
-    #[serde(default = "default_min_refresh", deserialize_with = "duration")]
+    #[serde(
+        default = "default_min_refresh",
+        deserialize_with = "duration",
+        serialize_with = "herald_core::duration::serialize"
+    )]
     pub min_refresh_interval: Duration,
     /// Timeout of each HTTPS call to the issuer (connect + response).
-    #[serde(default = "default_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_timeout",
+        deserialize_with = "duration",
+        serialize_with = "herald_core::duration::serialize"
+    )]
     pub http_timeout: Duration,
     /// Tokens without `jti` are refused when true; when false their digest
     /// stands in as the single-use key.
