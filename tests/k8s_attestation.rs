@@ -391,12 +391,17 @@ async fn a_caller_whose_pid_may_be_reused_gets_nothing() {
 async fn attestation_latency_with_a_cold_and_a_warm_pod_list_cache() {
     let rig = rig().await;
     const N: usize = 40;
-    // 40 listed pods, one container each (plus 60 more pods of noise, as
-    // on a busy node).
-    let mut pods: Vec<TestPod> = (0..N + 60)
+    // 60 pods of noise, as on a busy node; the measured pods are added one
+    // by one, each after the agent cached a list without it.
+    let uid = |i: usize| format!("{i:08x}-0000-4000-8000-{i:012x}");
+    let mut pods: Vec<TestPod> = (N..N + 60)
         .map(|i| {
-            let uid = format!("{:08x}-0000-4000-8000-{:012x}", i, i);
-            pod(&format!("web-{i}"), &uid, "web", &format!("{:064x}", i + 1))
+            pod(
+                &format!("web-{i}"),
+                &uid(i),
+                "web",
+                &format!("{:064x}", i + 1),
+            )
         })
         .collect();
     pods.push(pod("web", WEB_UID, "web", &cid('a')));
@@ -408,8 +413,10 @@ async fn attestation_latency_with_a_cold_and_a_warm_pod_list_cache() {
     let mut cold = Vec::new();
     let mut warm = Vec::new();
     for i in 0..N {
-        let uid = format!("{:08x}-0000-4000-8000-{:012x}", i, i);
-        rig.be(&uid, &format!("{:064x}", i + 1));
+        let container = format!("{:064x}", i + 1);
+        rig.kubelet
+            .add_pod(pod(&format!("web-{i}"), &uid(i), "web", &container));
+        rig.be(&uid(i), &container);
         // Each container is new to the agent: a cache miss, one fetch.
         let before = rig.kubelet.requests();
         let t = Instant::now();
@@ -430,8 +437,13 @@ async fn attestation_latency_with_a_cold_and_a_warm_pod_list_cache() {
         v.sort();
         let p = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
         println!(
-            "k8s attestation ({name} pod-list cache, {} pods listed, debug build): p50 {:?}, p90 {:?}, max {:?} (connect + FetchX509SVID first response)",
+            "k8s attestation ({name} pod-list cache, 61-{} pods listed, {} build): p50 {:?}, p90 {:?}, max {:?} (connect + FetchX509SVID first response)",
             N + 61,
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
             p(0.5),
             p(0.9),
             v[v.len() - 1]
@@ -470,4 +482,69 @@ async fn the_kubelet_certificate_is_verified_unless_explicitly_skipped() {
         .set_pods(vec![pod("web", WEB_UID, "web", &cid('a'))]);
     rig.be(WEB_UID, &cid('a'));
     assert_eq!(x509_ids(&rig.socket).await.unwrap().len(), 2);
+}
+
+/// The Kubernetes lookup alone (cgroup text → selectors), as the agent
+/// runs it: a cold cache (each container new, so one `/pods` fetch over
+/// TLS and a parse of the whole list) against a warm one (a map lookup).
+/// Printed, not asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_lookup_cost_with_a_cold_and_a_warm_cache() {
+    let kubelet = Kubelet::start(NODE, TOKEN).await;
+    let cfg = herald_agent::AgentConfig::parse(&format!(
+        "servers = [\"https://h:1\"]\ntrust_bundle = \"/b\"\ndata_dir = \"/d\"\n[workload_api]\nsocket = \"/s\"\n[workload_api.kubernetes]\nkubelet_url = \"{}\"\nkubelet_server_name = \"{NODE}\"\ntoken_path = \"{}\"\nkubelet_ca_path = \"{}\"\nnode_name = \"{NODE}\"\ncache_ttl = \"1h\"\nretry_interval = \"10ms\"\nmax_attempts = 3\n",
+        kubelet.url(),
+        kubelet.token_path().display(),
+        kubelet.ca_path().display(),
+    ))
+    .unwrap();
+    let k8s_cfg = cfg.workload_api.unwrap().kubernetes.unwrap();
+    let k8s = herald_agent::workload::k8s::K8sAttestor::new(&k8s_cfg).unwrap();
+    const N: usize = 200;
+    let uid = |i: usize| format!("{i:08x}-0000-4000-8000-{i:012x}");
+    kubelet.set_pods(
+        (N..N + 100)
+            .map(|i| {
+                pod(
+                    &format!("noise-{i}"),
+                    &uid(i),
+                    "web",
+                    &format!("{:064x}", i + 1),
+                )
+            })
+            .collect(),
+    );
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for i in 0..N {
+        let container = format!("{:064x}", i + 1);
+        kubelet.add_pod(pod(&format!("web-{i}"), &uid(i), "web", &container));
+        let cgroup = containerd_cgroup(&uid(i), &container);
+        let before = kubelet.requests();
+        let t = Instant::now();
+        let s = k8s.selectors(&cgroup).await.unwrap();
+        cold.push(t.elapsed());
+        assert!(s.contains(&herald_core::Selector::K8sNamespace("prod".into())));
+        assert_eq!(kubelet.requests(), before + 1);
+        let t = Instant::now();
+        let again = k8s.selectors(&cgroup).await.unwrap();
+        warm.push(t.elapsed());
+        assert_eq!(again, s);
+        assert_eq!(kubelet.requests(), before + 1);
+    }
+    for (name, v) in [("cold", &mut cold), ("warm", &mut warm)] {
+        v.sort();
+        let p = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+        println!(
+            "k8s lookup alone ({name} cache, 100-{} pods listed, {} build): p50 {:?}, p99 {:?}, max {:?}",
+            N + 100,
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+            p(0.5),
+            p(0.99),
+            v[v.len() - 1]
+        );
+    }
 }
