@@ -253,8 +253,16 @@ async fn pods_get_identities_by_their_kubernetes_selectors() {
     rig.be(WEB_UID, &cid('b'));
     let refused = x509_ids(&rig.socket).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
-    assert_eq!(code_of(&refused), "k8s_workload_not_found", "{refused:?}");
-    assert!(refused.message().starts_with("k8s_workload_not_found"));
+    assert_eq!(
+        code_of(&refused),
+        "kubernetes_workload_not_found",
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .starts_with("kubernetes_workload_not_found")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,7 +298,11 @@ async fn a_pod_not_yet_listed_is_retried_and_one_never_listed_is_refused() {
     let before = rig.kubelet.requests();
     let refused = x509_ids(&rig.socket).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
-    assert_eq!(code_of(&refused), "k8s_workload_not_found", "{refused:?}");
+    assert_eq!(
+        code_of(&refused),
+        "kubernetes_workload_not_found",
+        "{refused:?}"
+    );
     assert!(
         refused.message().contains(&cid('c')) && refused.message().contains(NEVER_UID),
         "{refused:?}"
@@ -304,7 +316,7 @@ async fn a_pod_not_yet_listed_is_retried_and_one_never_listed_is_refused() {
     rig.be(NEVER_UID, &cid('d'));
     let refused = x509_ids(&rig.socket).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    assert_eq!(code_of(&refused), "k8s_kubelet_unavailable", "{refused:?}");
+    assert_eq!(code_of(&refused), "kubelet_unavailable", "{refused:?}");
     assert!(
         !refused.message().contains("rotated-but-wrong"),
         "never the token"
@@ -469,7 +481,7 @@ async fn the_kubelet_certificate_is_verified_unless_explicitly_skipped() {
     rig.be(WEB_UID, &cid('a'));
     let refused = x509_ids(&rig.socket).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    assert_eq!(code_of(&refused), "k8s_kubelet_unavailable", "{refused:?}");
+    assert_eq!(code_of(&refused), "kubelet_unavailable", "{refused:?}");
     assert_eq!(
         (rig.kubelet.requests(), rig.kubelet.refused()),
         (0, 0),
@@ -491,15 +503,7 @@ async fn the_kubelet_certificate_is_verified_unless_explicitly_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubelet_lookup_cost_with_a_cold_and_a_warm_cache() {
     let kubelet = Kubelet::start(NODE, TOKEN).await;
-    let cfg = herald_agent::AgentConfig::parse(&format!(
-        "servers = [\"https://h:1\"]\ntrust_bundle = \"/b\"\ndata_dir = \"/d\"\n[workload_api]\nsocket = \"/s\"\n[workload_api.kubernetes]\nkubelet_url = \"{}\"\nkubelet_server_name = \"{NODE}\"\ntoken_path = \"{}\"\nkubelet_ca_path = \"{}\"\nnode_name = \"{NODE}\"\ncache_ttl = \"1h\"\nretry_interval = \"10ms\"\nmax_attempts = 3\n",
-        kubelet.url(),
-        kubelet.token_path().display(),
-        kubelet.ca_path().display(),
-    ))
-    .unwrap();
-    let k8s_cfg = cfg.workload_api.unwrap().kubernetes.unwrap();
-    let k8s = herald_agent::workload::k8s::K8sAttestor::new(&k8s_cfg).unwrap();
+    let k8s = attestor_for(&kubelet, "1h");
     const N: usize = 200;
     let uid = |i: usize| format!("{i:08x}-0000-4000-8000-{i:012x}");
     kubelet.set_pods(
@@ -547,4 +551,56 @@ async fn kubelet_lookup_cost_with_a_cold_and_a_warm_cache() {
             v[v.len() - 1]
         );
     }
+}
+
+/// A K8sAttestor (the agent's, as a library) for `kubelet`.
+fn attestor_for(kubelet: &Kubelet, cache_ttl: &str) -> herald_agent::workload::k8s::K8sAttestor {
+    let cfg = herald_agent::AgentConfig::parse(&format!(
+        "servers = [\"https://h:1\"]\ntrust_bundle = \"/b\"\ndata_dir = \"/d\"\n[workload_api]\nsocket = \"/s\"\n[workload_api.kubernetes]\nkubelet_url = \"{}\"\nkubelet_server_name = \"{NODE}\"\ntoken_path = \"{}\"\nkubelet_ca_path = \"{}\"\nnode_name = \"{NODE}\"\ncache_ttl = \"{cache_ttl}\"\nretry_interval = \"10ms\"\nmax_attempts = 3\n",
+        kubelet.url(),
+        kubelet.token_path().display(),
+        kubelet.ca_path().display(),
+    ))
+    .unwrap();
+    herald_agent::workload::k8s::K8sAttestor::new(&cfg.workload_api.unwrap().kubernetes.unwrap())
+        .unwrap()
+}
+
+/// Within its TTL the cached list answers (a relabelled pod keeps its old
+/// labels); past it, never: the next lookup fetches and sees the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_list_is_cached_for_its_ttl_only() {
+    let kubelet = Kubelet::start(NODE, TOKEN).await;
+    let cgroup = containerd_cgroup(WEB_UID, &cid('a'));
+    let relabel = |app: &str| {
+        let mut p = pod("web", WEB_UID, "web", &cid('a'));
+        p.labels = vec![("app".into(), app.into())];
+        kubelet.set_pods(vec![p]);
+    };
+    let label = |app: &str| herald_core::Selector::K8sPodLabel("app".into(), app.into());
+    for (ttl, fetches, sees_change) in [("1h", 1, false), ("0s", 2, true)] {
+        relabel("web");
+        let k8s = attestor_for(&kubelet, ttl);
+        let before = kubelet.requests();
+        assert!(
+            k8s.selectors(&cgroup)
+                .await
+                .unwrap()
+                .contains(&label("web"))
+        );
+        relabel("web-v2");
+        let s = k8s.selectors(&cgroup).await.unwrap();
+        assert_eq!(s.contains(&label("web-v2")), sees_change, "ttl {ttl}");
+        assert_eq!(kubelet.requests() - before, fetches, "ttl {ttl}");
+    }
+    // A process in no pod needs no list at all.
+    let k8s = attestor_for(&kubelet, "0s");
+    let before = kubelet.requests();
+    assert_eq!(
+        k8s.selectors("0::/system.slice/cron.service\n")
+            .await
+            .unwrap(),
+        Vec::new()
+    );
+    assert_eq!(kubelet.requests(), before);
 }

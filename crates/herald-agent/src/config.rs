@@ -147,7 +147,7 @@ pub struct KubernetesConfig {
     #[serde(default = "default_retry_interval", with = "humantime_serde_compat")]
     pub retry_interval: Duration,
     /// Fresh lists looked in before a caller is refused
-    /// (`k8s_workload_not_found`).
+    /// (`kubernetes_workload_not_found`).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// Connect and request timeout for the kubelet.

@@ -171,11 +171,7 @@ mod tests {
         assert_eq!(parse(&text), Ok(expect()));
         // Guaranteed pods sit directly under /kubepods; CRI-O and Docker
         // prefix the ID.
-        for c in [
-            format!("{ID}"),
-            format!("crio-{ID}"),
-            format!("docker-{ID}"),
-        ] {
+        for c in [ID.to_string(), format!("crio-{ID}"), format!("docker-{ID}")] {
             let text = format!("3:memory:/kubepods/pod{UID}/{c}\n");
             assert_eq!(parse(&text), Ok(expect()), "{text}");
         }

@@ -340,17 +340,17 @@ impl Kubelet {
         })
     }
 
-    fn current(&self) -> Option<Snapshot> {
+    /// The last list fetched, however old.
+    pub fn current(&self) -> Option<Snapshot> {
         match self.cached.lock() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
     }
 
-    /// The cached list while it is younger than the cache TTL.
-    pub fn fresh(&self) -> Option<Snapshot> {
-        self.current()
-            .filter(|s| s.at.elapsed() < self.settings.cache_ttl)
+    /// Whether `snap` is younger than the cache TTL.
+    pub fn is_fresh(&self, snap: &Snapshot) -> bool {
+        snap.at.elapsed() < self.settings.cache_ttl
     }
 
     /// A list fetched after the one numbered `seen` (any list when

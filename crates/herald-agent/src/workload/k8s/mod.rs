@@ -26,11 +26,11 @@ use crate::config::KubernetesConfig;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum K8sError {
     /// The cgroup file names several containers.
-    #[error("k8s_workload_not_found: {0}")]
+    #[error("kubernetes_workload_not_found: {0}")]
     Cgroup(#[from] cgroup::CgroupError),
     /// The container is not in the pod list, after every attempt.
     #[error(
-        "k8s_workload_not_found: container {container_id} of pod {pod_uid} is not in the kubelet's pod list (looked {attempts} times)"
+        "kubernetes_workload_not_found: container {container_id} of pod {pod_uid} is not in the kubelet's pod list (looked {attempts} times)"
     )]
     NotListed {
         /// Pod UID from the cgroup.
@@ -43,7 +43,7 @@ pub enum K8sError {
     /// The container is listed under another pod than its cgroup names,
     /// or twice.
     #[error(
-        "k8s_workload_not_found: container {container_id} is not listed as a container of pod {pod_uid}"
+        "kubernetes_workload_not_found: container {container_id} is not listed as a container of pod {pod_uid}"
     )]
     Mismatch {
         /// Pod UID from the cgroup.
@@ -52,7 +52,7 @@ pub enum K8sError {
         container_id: String,
     },
     /// The pod list could not be read.
-    #[error("k8s_kubelet_unavailable: {0}")]
+    #[error("kubelet_unavailable: {0}")]
     Kubelet(String),
 }
 
@@ -60,8 +60,8 @@ impl K8sError {
     /// The stable code.
     pub fn code(&self) -> ErrorCode {
         match self {
-            K8sError::Kubelet(_) => ErrorCode::K8sKubeletUnavailable,
-            _ => ErrorCode::K8sWorkloadNotFound,
+            K8sError::Kubelet(_) => ErrorCode::KubeletUnavailable,
+            _ => ErrorCode::KubernetesWorkloadNotFound,
         }
     }
 }
@@ -137,12 +137,13 @@ impl K8sAttestor {
     /// Finds `c` in the pod list: the cached list while it is fresh, then
     /// newer lists, up to `max_attempts` fetches `retry_interval` apart.
     pub async fn lookup(&self, c: &ContainerRef) -> Result<Vec<Selector>, K8sError> {
-        let mut seen = None;
-        if let Some(snap) = self.kubelet.fresh() {
-            match self.check(&snap.index, c)? {
-                Some(s) => return Ok(s),
-                None => seen = Some(snap.generation),
-            }
+        let cached = self.kubelet.current();
+        // Past the TTL a cached list answers nothing: the next must be newer.
+        let mut seen = cached.as_ref().map(|s| s.generation);
+        if let Some(snap) = cached.filter(|s| self.kubelet.is_fresh(s))
+            && let Some(s) = self.check(&snap.index, c)?
+        {
+            return Ok(s);
         }
         let mut last_error = None;
         for attempt in 1..=self.max_attempts {
