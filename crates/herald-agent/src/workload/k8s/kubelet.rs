@@ -316,6 +316,9 @@ impl Kubelet {
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
             .redirect(reqwest::redirect::Policy::none())
+            // The token goes to the node's own kubelet, never through an
+            // HTTPS_PROXY set for the pod's other traffic.
+            .no_proxy()
             .https_only(true);
         builder = match &settings.ca_pem {
             Some(pem) => {
