@@ -604,3 +604,23 @@ async fn the_pod_list_is_cached_for_its_ttl_only() {
     );
     assert_eq!(kubelet.requests(), before);
 }
+
+/// Callers arriving together for a container the cache lacks share one
+/// fetch (single-flight), not one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_share_one_fetch() {
+    let kubelet = Kubelet::start(NODE, TOKEN).await;
+    let k8s = std::sync::Arc::new(attestor_for(&kubelet, "1h"));
+    kubelet.set_pods(vec![pod("web", WEB_UID, "web", &cid('a'))]);
+    let cgroup = containerd_cgroup(WEB_UID, &cid('a'));
+    let lookups: Vec<_> = (0..32)
+        .map(|_| {
+            let (k8s, cgroup) = (k8s.clone(), cgroup.clone());
+            tokio::spawn(async move { k8s.selectors(&cgroup).await })
+        })
+        .collect();
+    for l in lookups {
+        assert!(!l.await.unwrap().unwrap().is_empty());
+    }
+    assert_eq!(kubelet.requests(), 1);
+}
