@@ -9,13 +9,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::TRUST_DOMAIN;
 use common::kubelet::{Kubelet, TestPod, containerd_cgroup, set_cgroup};
-use common::node::{NodeSite, start_agent, wait_status};
+use common::node::{NodeSite, start_agent, wait_status, x509_ids};
 use common::require_tool;
 use herald_test_tpm::SoftTpm;
 
@@ -150,47 +149,6 @@ impl Rig {
             &containerd_cgroup(pod_uid, container),
         );
     }
-}
-
-async fn raw_client(
-    socket: &Path,
-) -> herald_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
-    tonic::transport::Channel,
-> {
-    let socket = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::from_static("http://x")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    herald_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
-}
-
-fn with_header<T>(msg: T) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    req.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    req
-}
-
-/// The SPIFFE IDs of the first X509-SVID response (a new connection, so a
-/// new attestation), or the refusal.
-async fn x509_ids(socket: &Path) -> Result<Vec<String>, tonic::Status> {
-    let mut stream = raw_client(socket)
-        .await
-        .fetch_x509svid(with_header(herald_proto::workload::X509svidRequest {}))
-        .await?
-        .into_inner();
-    let first = stream.message().await?.expect("a first response");
-    let mut ids: Vec<String> = first.svids.into_iter().map(|s| s.spiffe_id).collect();
-    ids.sort();
-    Ok(ids)
 }
 
 fn code_of(s: &tonic::Status) -> String {
@@ -343,34 +301,9 @@ async fn a_caller_whose_pid_may_be_reused_gets_nothing() {
     let rig = rig().await;
     rig.kubelet
         .set_pods(vec![pod("web", WEB_UID, "web", &cid('a'))]);
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/python/exec_after_connect.py"
-    );
     let dir = tempfile::tempdir().unwrap();
     let relay = dir.path().join("relay.sock");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .arg(&rig.socket)
-        .arg(&relay)
-        .arg("--exit")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    {
-        use std::io::BufRead;
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-    }
-    let pid: u32 = line
-        .strip_prefix("ready ")
-        .unwrap_or_else(|| panic!("helper said {line:?}"))
-        .trim()
-        .parse()
-        .unwrap();
+    let (mut child, pid) = common::node::exec_after_connect(&rig.socket, &relay, "--exit");
     set_cgroup(
         rig.proc_root.path(),
         pid,
@@ -445,24 +378,15 @@ async fn attestation_latency_with_a_cold_and_a_warm_pod_list_cache() {
         warm.push(t.elapsed());
         assert_eq!(rig.kubelet.requests(), before + 1, "no fetch when warm");
     }
-    let report = |name: &str, v: &mut Vec<Duration>| {
-        v.sort();
-        let p = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
-        println!(
-            "k8s attestation ({name} pod-list cache, 61-{} pods listed, {} build): p50 {:?}, p90 {:?}, max {:?} (connect + FetchX509SVID first response)",
-            N + 61,
-            if cfg!(debug_assertions) {
-                "debug"
-            } else {
-                "release"
-            },
-            p(0.5),
-            p(0.9),
-            v[v.len() - 1]
+    for (name, v) in [("cold", &mut cold), ("warm", &mut warm)] {
+        report(
+            &format!(
+                "k8s attestation ({name} pod-list cache, 61-{} pods listed; connect + FetchX509SVID first response)",
+                N + 61
+            ),
+            v,
         );
-    };
-    report("cold", &mut cold);
-    report("warm", &mut warm);
+    }
 }
 
 /// The kubelet is verified: against a CA that did not sign its
@@ -536,21 +460,33 @@ async fn kubelet_lookup_cost_with_a_cold_and_a_warm_cache() {
         assert_eq!(kubelet.requests(), before + 1);
     }
     for (name, v) in [("cold", &mut cold), ("warm", &mut warm)] {
-        v.sort();
-        let p = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
-        println!(
-            "k8s lookup alone ({name} cache, 100-{} pods listed, {} build): p50 {:?}, p99 {:?}, max {:?}",
-            N + 100,
-            if cfg!(debug_assertions) {
-                "debug"
-            } else {
-                "release"
-            },
-            p(0.5),
-            p(0.99),
-            v[v.len() - 1]
+        report(
+            &format!(
+                "k8s lookup alone ({name} cache, 100-{} pods listed)",
+                N + 100
+            ),
+            v,
         );
     }
+}
+
+/// Prints `what`'s p50, p90, p99 and max, and the build profile.
+fn report(what: &str, v: &mut [Duration]) {
+    v.sort();
+    let p = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    println!(
+        "{what}, {profile} build, n={}: p50 {:?}, p90 {:?}, p99 {:?}, max {:?}",
+        v.len(),
+        p(0.5),
+        p(0.9),
+        p(0.99),
+        v[v.len() - 1]
+    );
 }
 
 /// A K8sAttestor (the agent's, as a library) for `kubelet`.
