@@ -184,6 +184,11 @@ impl Kubelet {
         self.state.pods.lock().unwrap().push(pod);
     }
 
+    /// The `/pods` document as it would be served now.
+    pub fn body(&self) -> String {
+        pod_list(&self.state)
+    }
+
     /// `/pods` requests answered with the list so far.
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::SeqCst)
@@ -226,19 +231,8 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             st.refused.fetch_add(1, Ordering::SeqCst);
             ("401 Unauthorized", "Unauthorized".to_owned())
         } else if request_line.starts_with("GET /pods ") {
-            let items: Vec<Value> = st
-                .pods
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|p| p.to_json(&st.node))
-                .collect();
             st.requests.fetch_add(1, Ordering::SeqCst);
-            (
-                "200 OK",
-                json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
-                    .to_string(),
-            )
+            ("200 OK", pod_list(st))
         } else {
             ("404 Not Found", "404 page not found".to_owned())
         };
@@ -249,6 +243,18 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         io.write_all(resp.as_bytes()).await?;
         io.flush().await?;
     }
+}
+
+/// The `PodList` document of the pods listed now.
+fn pod_list(st: &State) -> String {
+    let items: Vec<Value> = st
+        .pods
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.to_json(&st.node))
+        .collect();
+    json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}).to_string()
 }
 
 /// CA PEM, serving certificate DER (for the node's name) and its PKCS#8 key.
