@@ -242,7 +242,13 @@ pub async fn agent(args: AgentArgs) -> Result<(), CliError> {
                     }));
                     tracing::info!(listen = %c.listen, "credentials endpoint listening");
                 }
-                let api = workload::api::WorkloadApi::new(cache, upstream, w);
+                let mut api = workload::api::WorkloadApi::new(cache, upstream, w);
+                if let Some(k) = &w.kubernetes {
+                    let k8s = workload::k8s::K8sAttestor::new(k)
+                        .map_err(|e| CliError::new("config", e))?;
+                    api = api.with_kubernetes(std::sync::Arc::new(k8s));
+                    tracing::info!(kubelet = %k.kubelet_url, "Kubernetes workload attestation on");
+                }
                 let sds = workload::sds::Sds::new(api.clone());
                 let socket = w.socket.clone();
                 let srx = rx.clone();

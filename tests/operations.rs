@@ -184,8 +184,17 @@ fn the_replicas_manifest_runs_several_servers_on_postgres() {
 fn the_agent_daemonset_mounts_the_tpm_and_its_config_is_valid() {
     let (docs, kinds) = manifest("deploy/kubernetes/herald-agent.yaml");
     let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
-    assert_eq!(kinds, ["ConfigMap", "DaemonSet"]);
-    let spec = &docs[1]["spec"]["template"]["spec"];
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "DaemonSet"
+        ]
+    );
+    let spec = &docs[4]["spec"]["template"]["spec"];
     let volumes = spec["volumes"].as_array().unwrap();
     assert!(
         volumes.iter().any(
@@ -201,14 +210,41 @@ fn the_agent_daemonset_mounts_the_tpm_and_its_config_is_valid() {
     assert_eq!(container["securityContext"]["privileged"], false);
     assert_eq!(container["args"][0], "agent");
     let cfg =
-        herald_agent::AgentConfig::parse(docs[0]["data"]["agent.toml"].as_str().unwrap()).unwrap();
+        herald_agent::AgentConfig::parse(docs[3]["data"]["agent.toml"].as_str().unwrap()).unwrap();
     assert_eq!(cfg.tpm.tcti, "device:/dev/tpmrm0");
+    let api = cfg.workload_api.unwrap();
     assert_eq!(
-        cfg.workload_api.unwrap().socket,
+        api.socket,
         std::path::PathBuf::from("/run/herald/agent.sock")
     );
     // Workload attestation needs the callers' /proc entries.
     assert_eq!(spec["hostPID"], true);
+    // Kubernetes attestation: the local kubelet on the host network, with
+    // the agent's own service account, allowed exactly `get nodes/pods`,
+    // the kubelet's certificate verified for the node's name.
+    let k8s = api.kubernetes.expect("[workload_api.kubernetes]");
+    assert_eq!(k8s.kubelet_url, "https://127.0.0.1:10250");
+    assert!(!k8s.skip_kubelet_verification);
+    assert_eq!(k8s.kubelet_server_name.as_deref(), Some("{node_name}"));
+    assert_eq!(spec["hostNetwork"], true);
+    assert_eq!(spec["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(spec["serviceAccountName"], "herald-agent");
+    assert!(
+        spec["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "HERALD_NODE_NAME"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName")
+    );
+    assert_eq!(docs[0]["metadata"]["name"], "herald-agent");
+    assert_eq!(
+        docs[1]["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["nodes/pods"], "verbs": ["get"]}])
+    );
+    assert_eq!(docs[2]["roleRef"]["name"], docs[1]["metadata"]["name"]);
+    assert_eq!(docs[2]["subjects"][0]["name"], "herald-agent");
+    assert_eq!(docs[2]["subjects"][0]["namespace"], "herald");
     // The documented example is valid too, and checked by the CLI.
     let out = herald(&[
         "agent",

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::node::{NodeSite, start_agent, wait_status};
+use common::node::{NodeSite, raw_client, start_agent, wait_status, with_header, x509_ids};
 use common::{TRUST_DOMAIN, herald_bin, ok, require_tool, stdout, verifies};
 use futures::StreamExt;
 use herald_test_tpm::SoftTpm;
@@ -1087,47 +1087,6 @@ fn raw_h2_fetch_jwt_bundles(socket: &Path) -> Vec<u8> {
     }
 }
 
-/// A raw Workload API client on `socket` (every call must add the header).
-async fn raw_client(
-    socket: &Path,
-) -> herald_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
-    tonic::transport::Channel,
-> {
-    let socket = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::from_static("http://x")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    herald_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
-}
-
-fn with_header<T>(msg: T) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    req.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    req
-}
-
-/// The SPIFFE IDs of the first X509-SVID response on `socket`, or the refusal.
-async fn x509_ids(socket: &Path) -> Result<Vec<String>, tonic::Status> {
-    let mut stream = raw_client(socket)
-        .await
-        .fetch_x509svid(with_header(herald_proto::workload::X509svidRequest {}))
-        .await?
-        .into_inner();
-    let first = stream.message().await?.expect("a first response");
-    let mut ids: Vec<String> = first.svids.into_iter().map(|s| s.spiffe_id).collect();
-    ids.sort();
-    Ok(ids)
-}
-
 fn on_path(tool: &str) -> std::path::PathBuf {
     let out = Command::new("sh")
         .arg("-c")
@@ -1163,34 +1122,9 @@ async fn a_process_that_execs_a_registered_binary_after_connecting_is_refused() 
         ),
         ..Opts::default()
     });
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/python/exec_after_connect.py"
-    );
     let dir = tempfile::tempdir().unwrap();
-    let attacker = |relay: &Path, target: &str| {
-        use std::io::BufRead;
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg(&rig.socket)
-            .arg(relay)
-            .arg(target)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let pid: u32 = line
-            .strip_prefix("ready ")
-            .unwrap_or_else(|| panic!("helper said {line:?}"))
-            .trim()
-            .parse()
-            .unwrap();
-        (child, pid)
-    };
+    let attacker =
+        |relay: &Path, target: &str| common::node::exec_after_connect(&rig.socket, relay, target);
 
     // Control: the connecting process stays itself (Python, uid 0); the
     // child relaying its connection is served the uid-0 identities.

@@ -157,3 +157,75 @@ pub fn wait_status(
     }
     panic!("agent status never reached: {what}; last: {last:#?}");
 }
+
+/// A raw Workload API client on `socket` (every call must add the header).
+pub async fn raw_client(
+    socket: &Path,
+) -> herald_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+    tonic::transport::Channel,
+> {
+    let socket = socket.to_path_buf();
+    let channel = tonic::transport::Endpoint::from_static("http://x")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    herald_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
+}
+
+pub fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    req
+}
+
+/// The SPIFFE IDs of the first X509-SVID response on `socket`, or the refusal.
+pub async fn x509_ids(socket: &Path) -> Result<Vec<String>, tonic::Status> {
+    let mut stream = raw_client(socket)
+        .await
+        .fetch_x509svid(with_header(herald_proto::workload::X509svidRequest {}))
+        .await?
+        .into_inner();
+    let first = stream.message().await?.expect("a first response");
+    let mut ids: Vec<String> = first.svids.into_iter().map(|s| s.spiffe_id).collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// Runs `tests/python/exec_after_connect.py` (connect to `agent_socket`,
+/// relay the connection at `relay`, then act as `target` says) and waits
+/// for its "ready <pid>": the child and the pid the agent pinned.
+pub fn exec_after_connect(agent_socket: &Path, relay: &Path, target: &str) -> (Child, u32) {
+    use std::io::BufRead;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/exec_after_connect.py"
+    );
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg(agent_socket)
+        .arg(relay)
+        .arg(target)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid: u32 = line
+        .strip_prefix("ready ")
+        .unwrap_or_else(|| panic!("helper said {line:?}"))
+        .trim()
+        .parse()
+        .unwrap();
+    (child, pid)
+}

@@ -1,6 +1,6 @@
 """The exec-after-connect attack on a Workload API socket (stdlib only).
 
-usage: exec_after_connect.py AGENT_SOCKET RELAY_SOCKET (EXEC_PATH | later:EXEC_PATH | --stay)
+usage: exec_after_connect.py AGENT_SOCKET RELAY_SOCKET (EXEC_PATH | later:EXEC_PATH | --stay | --exit)
 
 This process connects to the agent's socket, so the agent attests *this*
 pid. It forks a child that keeps the connection and relays it to
@@ -9,7 +9,9 @@ process execs EXEC_PATH (a registered binary) with the argument "30": from
 then on its pid runs the registered binary, while the child — not the
 binary — holds the connection. With later:EXEC_PATH it execs only once a
 line arrives on stdin (after the test has opened a stream); with --stay it
-keeps running as itself (the control case).
+keeps running as itself (the control case); with --exit it exits once a
+line arrives on stdin (its pid is then free for reuse while the child still
+relays the connection it made).
 
 Prints "ready <pid>" once the agent has accepted the connection (its HTTP/2
 SETTINGS frame arrived) and the relay listens.
@@ -55,6 +57,9 @@ def main():
     print(f"ready {os.getpid()}", flush=True)
     if target == "--stay":
         select.select([], [], [], 30)
+        return
+    if target == "--exit":
+        sys.stdin.readline()
         return
     if target.startswith("later:"):
         target = target[len("later:"):]

@@ -103,6 +103,84 @@ pub struct WorkloadApiConfig {
     /// Calls per caller (uid).
     #[serde(default = "RateLimitConfig::workload_api")]
     pub rate_limit: RateLimitConfig,
+    /// Kubernetes workload attestation (`k8s:*` selectors from the
+    /// kubelet's pod list); off when absent.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// `[workload_api.kubernetes]`: where the kubelet is and how the agent
+/// authenticates to it and trusts it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// The kubelet's HTTPS endpoint (its `/pods` is read), default
+    /// `https://127.0.0.1:10250` (the agent on the host network).
+    #[serde(default = "default_kubelet_url")]
+    pub kubelet_url: String,
+    /// The name the kubelet's serving certificate is verified for when it
+    /// does not name the URL's address (kubelet certificates name the
+    /// node, rarely 127.0.0.1): the agent dials the URL's IP address and
+    /// checks this name. `"{node_name}"` stands for the node's name.
+    #[serde(default)]
+    pub kubelet_server_name: Option<String>,
+    /// The agent's service-account token, sent as a bearer token; read
+    /// for every fetch (the kubelet rotates it), never logged.
+    #[serde(default = "default_token_path")]
+    pub token_path: PathBuf,
+    /// PEM CA the kubelet's serving certificate must chain to (and name
+    /// the URL's host).
+    #[serde(default = "default_kubelet_ca_path")]
+    pub kubelet_ca_path: PathBuf,
+    /// Accept any kubelet certificate: only when it cannot be verified
+    /// (self-signed kubelet certificates); must be set explicitly.
+    #[serde(default)]
+    pub skip_kubelet_verification: bool,
+    /// This node's name: pods the kubelet places elsewhere are ignored.
+    /// When absent, `HERALD_NODE_NAME` (the downward API's `spec.nodeName`).
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// How long a fetched pod list answers lookups.
+    #[serde(default = "default_cache_ttl", with = "humantime_serde_compat")]
+    pub cache_ttl: Duration,
+    /// Pause between fetches while a caller's container is not listed yet.
+    #[serde(default = "default_retry_interval", with = "humantime_serde_compat")]
+    pub retry_interval: Duration,
+    /// Fresh lists looked in before a caller is refused
+    /// (`kubernetes_workload_not_found`).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Connect and request timeout for the kubelet.
+    #[serde(default = "default_kubelet_timeout", with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Test builds only (the `test-hooks` feature): read callers' cgroup
+    /// files from `<test_proc_root>/<pid>/cgroup`, so a test process can
+    /// stand for a container. Production builds refuse the key.
+    #[cfg(feature = "test-hooks")]
+    #[serde(default)]
+    pub test_proc_root: Option<PathBuf>,
+}
+
+fn default_kubelet_url() -> String {
+    "https://127.0.0.1:10250".into()
+}
+fn default_token_path() -> PathBuf {
+    "/var/run/secrets/kubernetes.io/serviceaccount/token".into()
+}
+fn default_kubelet_ca_path() -> PathBuf {
+    "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt".into()
+}
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_interval() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_max_attempts() -> u32 {
+    20
+}
+fn default_kubelet_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_max_executable_size() -> u64 {
@@ -313,6 +391,23 @@ impl AgentConfig {
         {
             return Err("workload_api.max_executable_size must be > 0".into());
         }
+        if let Some(k) = self
+            .workload_api
+            .as_ref()
+            .and_then(|w| w.kubernetes.as_ref())
+        {
+            if !k.kubelet_url.starts_with("https://") {
+                return Err("workload_api.kubernetes.kubelet_url must be an https:// URL".into());
+            }
+            if k.max_attempts == 0 || k.max_attempts > 600 {
+                return Err("workload_api.kubernetes.max_attempts must be within 1..=600".into());
+            }
+            if k.retry_interval.is_zero() || k.timeout.is_zero() {
+                return Err(
+                    "workload_api.kubernetes.retry_interval and timeout must be > 0".into(),
+                );
+            }
+        }
         if self.credentials_endpoint.is_some() && self.workload_api.is_none() {
             return Err(
                 "credentials_endpoint needs [workload_api] (registrations are synced there)".into(),
@@ -426,6 +521,42 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn kubernetes_attestation_defaults_and_limits() {
+        let cfg = AgentConfig::parse(&format!(
+            "{BASE}[workload_api]\nsocket = \"/s\"\n[workload_api.kubernetes]\n"
+        ))
+        .unwrap();
+        let k = cfg.workload_api.unwrap().kubernetes.unwrap();
+        assert_eq!(k.kubelet_url, "https://127.0.0.1:10250");
+        assert_eq!(
+            k.token_path,
+            PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        );
+        assert!(!k.skip_kubelet_verification);
+        assert_eq!((k.cache_ttl, k.max_attempts), (Duration::from_secs(1), 20));
+        for bad in [
+            "kubelet_url = \"http://127.0.0.1:10255\"",
+            "max_attempts = 0",
+            "retry_interval = \"0s\"",
+            "skip_kubelet_verification = \"yes\"",
+            "kubelet_port = 10250",
+        ] {
+            assert!(
+                AgentConfig::parse(&format!(
+                    "{BASE}[workload_api]\nsocket = \"/s\"\n[workload_api.kubernetes]\n{bad}\n"
+                ))
+                .is_err(),
+                "{bad}"
+            );
+        }
+        // The test hook is no key of a production build.
+        let hook = AgentConfig::parse(&format!(
+            "{BASE}[workload_api]\nsocket = \"/s\"\n[workload_api.kubernetes]\ntest_proc_root = \"/tmp\"\n"
+        ));
+        assert_eq!(hook.is_ok(), cfg!(feature = "test-hooks"));
     }
 
     #[test]

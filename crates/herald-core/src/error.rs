@@ -116,6 +116,8 @@ error_codes! {
     AttestationProtocol => "attestation_protocol", InvalidArgument, "The attestation stream's messages came out of order or were missing.";
     NodeUnknown => "node_unknown", PermissionDenied, "The caller's SVID is not an attested node's: only node agents may ask for workload identities.";
     WorkloadNotRegistered => "workload_not_registered", PermissionDenied, "The SPIFFE ID is not registered for workloads of this node.";
+    KubernetesWorkloadNotFound => "kubernetes_workload_not_found", PermissionDenied, "The caller's cgroup names a Kubernetes pod and container that the kubelet's pod list did not contain (after the bounded retries), or names them inconsistently: no identity is served on a partial match.";
+    KubeletUnavailable => "kubelet_unavailable", Unavailable, "The agent could not read the kubelet's pod list (connection, TLS verification, authorization, or a malformed document); retry later.";
     JoinTokenWrongPurpose => "join_token_wrong_purpose", PermissionDenied, "The join token was created for another purpose (bootstrap, node enrolment, second factor of named policies, break-glass).";
     CredentialNotRenewable => "credential_not_renewable", PermissionDenied, "This credential is not renewed: exchange-issued SVIDs need fresh evidence, workload SVIDs are re-issued to their agent.";
     LineageTooOld => "lineage_too_old", PermissionDenied, "The credential's lineage is older than its policy's max_lineage_age: present fresh evidence.";

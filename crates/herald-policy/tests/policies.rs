@@ -586,7 +586,14 @@ fn broken_tpm_policies_are_refused_with_reasons() {
 fn node_policies_register_workloads_and_refuse_broken_registrations() {
     let set = PolicySet::load_dir(&examples(), &opts()).unwrap();
     let regs = set.policy("tpm-nodes").unwrap().registrations();
-    assert_eq!(regs.len(), 2);
+    assert_eq!(regs.len(), 3);
+    assert_eq!(
+        regs[2].selectors,
+        vec![
+            herald_core::Selector::K8sNamespace("payments".into()),
+            herald_core::Selector::K8sServiceAccount("api".into()),
+        ]
+    );
     assert_eq!(
         regs[0].spiffe_id.as_str(),
         "spiffe://dev.herald.test/workload/web"
@@ -611,7 +618,8 @@ fn node_policies_register_workloads_and_refuse_broken_registrations() {
     let no_tests = src.split("\ntests:").next().unwrap().to_string();
     for (bad, reason) in [
         ("unix:uid:1000", "not in"), // foreign trust domain (below)
-        ("k8s:ns:default", "unknown kind"),
+        ("k8s:namespace:default", "unknown k8s kind"),
+        ("k8s:pod-label:app", "k8s:pod-label:<key>:<value>"),
         ("unix:path:relative", "absolute"),
     ] {
         let text = if reason == "not in" {

@@ -49,6 +49,7 @@ pub struct WorkloadApi {
     upstream: Upstream,
     attestor: Arc<Attestor>,
     limiter: Arc<RateLimiter>,
+    kubernetes: Option<Arc<super::k8s::K8sAttestor>>,
 }
 
 /// What the agent observed about a connection's peer when it accepted it
@@ -168,6 +169,20 @@ fn rate_limited() -> Status {
     status
 }
 
+/// A refusal with Herald's stable code in `herald-error-code` and as the
+/// message's prefix.
+fn coded(code: herald_core::ErrorCode, message: String) -> Status {
+    let mut status = match code.class() {
+        herald_core::error::ErrorClass::Unavailable => Status::unavailable(message),
+        _ => Status::permission_denied(message),
+    };
+    status.metadata_mut().insert(
+        herald_client::ERROR_CODE_METADATA,
+        tonic::metadata::MetadataValue::from_static(code.as_str()),
+    );
+    status
+}
+
 /// Checks, off the async workers, that a stream's caller is still the
 /// process that connected, running the same executable.
 pub(crate) async fn still_the_caller(peer: &Arc<Peer>) -> Result<(), AttestError> {
@@ -196,12 +211,30 @@ impl WorkloadApi {
     /// A service over `cache`, fetching JWT-SVIDs through `upstream`, with
     /// `cfg`'s hashing cap and rate limit.
     pub fn new(cache: Arc<WorkloadCache>, upstream: Upstream, cfg: &WorkloadApiConfig) -> Self {
+        #[allow(unused_mut)]
+        let mut attestor = Attestor::new(cfg.max_executable_size);
+        #[cfg(feature = "test-hooks")]
+        if let Some(root) = cfg
+            .kubernetes
+            .as_ref()
+            .and_then(|k| k.test_proc_root.clone())
+        {
+            attestor = attestor.with_test_proc_root(root);
+        }
         Self {
             cache,
             upstream,
-            attestor: Arc::new(Attestor::new(cfg.max_executable_size)),
+            attestor: Arc::new(attestor),
             limiter: Arc::new(super::limit::limiter(cfg.rate_limit)),
+            kubernetes: None,
         }
+    }
+
+    /// Adds Kubernetes attestation: callers in a pod's container get its
+    /// `k8s:*` selectors, or no identity if the kubelet does not list it.
+    pub fn with_kubernetes(mut self, k8s: Arc<super::k8s::K8sAttestor>) -> Self {
+        self.kubernetes = Some(k8s);
+        self
     }
 
     /// The cache it serves from.
@@ -228,10 +261,32 @@ impl WorkloadApi {
         };
         let peer = info.peer.map_err(|e| refuse(info.uid, None, e))?;
         let (attestor, p) = (self.attestor.clone(), peer.clone());
-        let facts = tokio::task::spawn_blocking(move || attestor.attest(&p))
+        let mut facts = tokio::task::spawn_blocking(move || attestor.attest(&p))
             .await
             .map_err(|_| Status::internal("workload attestation failed"))?
             .map_err(|e| refuse(Some(peer.uid), Some(peer.pid), e))?;
+        if let Some(k8s) = &self.kubernetes {
+            let found = k8s.selectors(&facts.cgroup).await.map_err(|e| {
+                tracing::warn!(
+                    uid = peer.uid,
+                    pid = peer.pid,
+                    code = %e.code(),
+                    error = %e,
+                    "Workload API caller refused"
+                );
+                coded(e.code(), e.to_string())
+            })?;
+            if !found.is_empty() {
+                // The lookup may have taken a while: the selectors are the
+                // pinned process's only if it is still there.
+                still_the_caller(&peer)
+                    .await
+                    .map_err(|e| refuse(Some(peer.uid), Some(peer.pid), e))?;
+                facts.selectors.extend(found);
+                facts.selectors.sort();
+                facts.selectors.dedup();
+            }
+        }
         Ok((peer, facts))
     }
 

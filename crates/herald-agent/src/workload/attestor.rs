@@ -60,6 +60,9 @@ pub struct Facts {
     pub pid: i32,
     /// The selectors that hold for the caller.
     pub selectors: Vec<Selector>,
+    /// The caller's `/proc/<pid>/cgroup`, read while it was pinned (empty
+    /// when unreadable): where Kubernetes attestation finds its container.
+    pub cgroup: String,
 }
 
 /// A file's identity: the same (device, inode) is the same file.
@@ -206,6 +209,8 @@ const MAX_DIGESTS: usize = 1024;
 pub struct Attestor {
     max_executable_size: u64,
     digests: Mutex<HashMap<DigestKey, DigestCell>>,
+    /// Where `<pid>/cgroup` is read: `/proc`, or a test's stand-in.
+    cgroup_root: std::path::PathBuf,
 }
 
 impl Attestor {
@@ -214,7 +219,17 @@ impl Attestor {
         Attestor {
             max_executable_size,
             digests: Mutex::new(HashMap::new()),
+            cgroup_root: "/proc".into(),
         }
+    }
+
+    /// Test builds only: read cgroup files from `<root>/<pid>/cgroup`, so
+    /// that a test process can stand in for a container. Every other fact
+    /// (the pin included) still comes from `/proc`.
+    #[cfg(feature = "test-hooks")]
+    pub fn with_test_proc_root(mut self, root: std::path::PathBuf) -> Attestor {
+        self.cgroup_root = root;
+        self
     }
 
     /// Attests `peer` as it is now. Blocking (reads `/proc`, may hash an
@@ -247,19 +262,23 @@ impl Attestor {
             selectors.push(s);
         }
         selectors.push(Selector::Sha256(self.digest(&mut file, &meta)?));
-        if let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
-            // cgroup v2: "0::/system.slice/web.service".
-            for line in cg.lines() {
-                if let Some(path) = line.strip_prefix("0::") {
-                    selectors.push(Selector::Cgroup(path.to_owned()));
-                }
+        let cgroup = std::fs::read_to_string(self.cgroup_root.join(format!("{pid}/cgroup")))
+            .unwrap_or_default();
+        // cgroup v2: "0::/system.slice/web.service".
+        for line in cgroup.lines() {
+            if let Some(path) = line.strip_prefix("0::") {
+                selectors.push(Selector::Cgroup(path.to_owned()));
             }
         }
         // Everything above described the process that connected.
         peer.unchanged()?;
         selectors.sort();
         selectors.dedup();
-        Ok(Facts { pid, selectors })
+        Ok(Facts {
+            pid,
+            selectors,
+            cgroup,
+        })
     }
 
     /// The SHA-256 of `file`: refused above the cap without reading it;

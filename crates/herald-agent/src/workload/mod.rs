@@ -15,6 +15,7 @@ pub mod attestor;
 pub mod credentials;
 pub mod h2_authority;
 pub mod jwt;
+pub mod k8s;
 pub mod limit;
 pub mod sds;
 

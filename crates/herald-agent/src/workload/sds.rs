@@ -588,6 +588,7 @@ mod tests {
                 per_second: 0.0,
                 burst: 1,
             },
+            kubernetes: None,
         };
         let upstream = Upstream {
             servers: Vec::new(),
