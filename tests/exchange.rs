@@ -201,7 +201,7 @@ impl Env {
     }
 
     async fn client(&self, identity: Option<ClientIdentity>) -> HeraldClient {
-        let anchors = files_bundle(&self.site.bundle_pem());
+        let anchors = common::pem_file_certs(&self.site.bundle_pem());
         HeraldClient::connect(&self.server.url(), &anchors, identity)
             .await
             .unwrap()
@@ -239,11 +239,6 @@ async fn introspector(env: &Env) -> String {
         Some(Given::JwtSvid(j)) => j.token,
         other => panic!("{other:?}"),
     }
-}
-
-fn files_bundle(path: &Path) -> Vec<Vec<u8>> {
-    let text = std::fs::read_to_string(path).unwrap();
-    herald_client::files::from_pem("CERTIFICATE", &text).unwrap()
 }
 
 fn jwt_request(token: &str, audiences: &[&str]) -> ExchangeTokenRequest {
@@ -444,7 +439,7 @@ async fn x509_svid_via_the_cli_passes_openssl_verify() {
         .unwrap();
     assert!(verify.status.success(), "{}", stdout(&verify));
     assert_eq!(
-        files_bundle(&out_dir.join("federated/partner.herald.test.pem")),
+        common::pem_file_certs(&out_dir.join("federated/partner.herald.test.pem")),
         vec![partner_ca.der().to_vec()]
     );
     let pem = std::fs::read_to_string(out_dir.join("svid.pem")).unwrap();
@@ -1445,7 +1440,7 @@ grants:
     let elsewhere = Site::new();
     let other_server = elsewhere.start();
     let kc = keys::generate_key_and_csr().unwrap();
-    let anchors = files_bundle(&elsewhere.bundle_pem());
+    let anchors = common::pem_file_certs(&elsewhere.bundle_pem());
     let foreign = HeraldClient::connect(&other_server.url(), &anchors, None)
         .await
         .unwrap()

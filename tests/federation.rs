@@ -617,8 +617,8 @@ async fn two_trust_domains_federate_both_ways_and_their_workloads_complete_mtls(
     // domain's bundle fetched from the other's endpoint.
     let b_at_a = eventually(60, "B's bundle at A's workload", || authorities(&ca, &b.td)).await;
     let a_at_b = eventually(60, "A's bundle at B's workload", || authorities(&cb, &a.td)).await;
-    assert_eq!(b_at_a, pem_certs(&b.bundle_pem()));
-    assert_eq!(a_at_b, pem_certs(&a.bundle_pem()));
+    assert_eq!(b_at_a, common::pem_file_certs(&b.bundle_pem()));
+    assert_eq!(a_at_b, common::pem_file_certs(&a.bundle_pem()));
     let ctx = ca.fetch_x509_context().await.unwrap();
     assert!(
         ctx.bundle_set()
@@ -703,7 +703,7 @@ async fn two_trust_domains_federate_both_ways_and_their_workloads_complete_mtls(
         .unwrap());
     assert!(stdout(&out).contains("workload/web"), "{}", stdout(&out));
     assert_eq!(
-        pem_certs(&files.path().join(format!("web/federated/{td_b}.pem"))),
+        common::pem_file_certs(&files.path().join(format!("web/federated/{td_b}.pem"))),
         b_at_a
     );
 
@@ -731,7 +731,7 @@ async fn two_trust_domains_federate_both_ways_and_their_workloads_complete_mtls(
         &out_dir,
     ));
     let intruder = (
-        pem_certs(&out_dir.join("svid.pem")),
+        common::pem_file_certs(&out_dir.join("svid.pem")),
         pem::parse(std::fs::read(out_dir.join("svid.key")).unwrap())
             .unwrap()
             .into_contents(),
@@ -765,7 +765,7 @@ async fn two_trust_domains_federate_both_ways_and_their_workloads_complete_mtls(
     eprintln!("federation: B's rotated CA reached A's workload in {reached:?}");
     let new_ca: Vec<Vec<u8>> = b_at_a
         .iter()
-        .filter(|c| !a_at_b.contains(c) && !pem_certs(&boot_b).contains(c))
+        .filter(|c| !a_at_b.contains(c) && !common::pem_file_certs(&boot_b).contains(c))
         .cloned()
         .collect();
     assert_eq!(new_ca.len(), 1, "one new authority");
@@ -813,10 +813,6 @@ async fn two_trust_domains_federate_both_ways_and_their_workloads_complete_mtls(
     let list = stdout(&ok(a.site.herald(&["federation", "list", "--json"])));
     assert!(list.contains(td_b), "{list}");
     let _ = (a.https_port, b.https_port);
-}
-
-fn pem_certs(path: &Path) -> Vec<Vec<u8>> {
-    herald_client::files::from_pem("CERTIFICATE", &std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -880,7 +876,7 @@ async fn a_bundle_endpoint_with_a_web_pki_certificate_serves_the_bundle_document
     )));
     assert_eq!(
         herald_client::files::from_pem("CERTIFICATE", &shown).unwrap(),
-        pem_certs(&site.bundle_pem())
+        common::pem_file_certs(&site.bundle_pem())
     );
     drop(server);
 }

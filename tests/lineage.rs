@@ -30,10 +30,6 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
-fn bundle(path: &std::path::Path) -> Vec<Vec<u8>> {
-    herald_client::files::from_pem("CERTIFICATE", &std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 fn identity(resp: &X509SvidResponse, key_pkcs8: Vec<u8>) -> ClientIdentity {
     ClientIdentity {
         cert_chain: resp.cert_chain.clone(),
@@ -54,9 +50,13 @@ async fn a_join_token_serves_only_its_purpose() {
     let site = Site::new();
     let server = site.start();
     let store = Store::open(&site.db_url()).await.unwrap();
-    let client = HeraldClient::connect(&server.url(), &bundle(&site.bundle_pem()), None)
-        .await
-        .unwrap();
+    let client = HeraldClient::connect(
+        &server.url(),
+        &common::pem_file_certs(&site.bundle_pem()),
+        None,
+    )
+    .await
+    .unwrap();
     let id = format!("spiffe://{TRUST_DOMAIN}/ci/db/production");
     // A token made as an MFA policy's second factor mints nothing alone —
     // even though a join-token policy would accept the identity.
@@ -113,9 +113,13 @@ async fn an_expired_break_glass_token_is_refused_and_stands_out() {
     let site = Site::new();
     let server = site.start();
     let store = Store::open(&site.db_url()).await.unwrap();
-    let client = HeraldClient::connect(&server.url(), &bundle(&site.bundle_pem()), None)
-        .await
-        .unwrap();
+    let client = HeraldClient::connect(
+        &server.url(),
+        &common::pem_file_certs(&site.bundle_pem()),
+        None,
+    )
+    .await
+    .unwrap();
     let expired = herald_attest::join_token::generate().unwrap();
     store
         .create_join_token(
@@ -180,7 +184,7 @@ async fn a_lineage_renews_only_within_its_policy_age() {
     ));
     let server = site.start();
     let store = Store::open(&site.db_url()).await.unwrap();
-    let anchors = bundle(&site.bundle_pem());
+    let anchors = common::pem_file_certs(&site.bundle_pem());
     let client = HeraldClient::connect(&server.url(), &anchors, None)
         .await
         .unwrap();
@@ -268,7 +272,7 @@ async fn a_leaf_forged_under_a_shared_upstream_root_renews_nothing() {
     .unwrap();
     let server = site.start();
     let store = Store::open(&site.db_url()).await.unwrap();
-    let anchors = bundle(&site.bundle_pem());
+    let anchors = common::pem_file_certs(&site.bundle_pem());
     assert_eq!(
         anchors,
         vec![root_cert.der().to_vec()],

@@ -40,6 +40,12 @@ pub fn write_bootstrap_policy(dir: &Path) {
     std::fs::write(dir.join("e2e-bootstrap.yaml"), BOOTSTRAP_POLICY).unwrap();
 }
 
+/// The certificates (DER) of a PEM file: a bundle, an SVID chain.
+pub fn pem_file_certs(path: &Path) -> Vec<Vec<u8>> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    herald_client::files::from_pem("CERTIFICATE", &text).unwrap()
+}
+
 pub fn herald_bin() -> &'static str {
     env!("CARGO_BIN_EXE_herald")
 }

@@ -154,24 +154,48 @@ pub fn check_server_certificate(
     }
 }
 
-/// rustls' WebPKI verification (chain to the bundle, validity, host name)
-/// followed by the SPIFFE ID pin.
+/// rustls' WebPKI verification (chain to the bundle, validity and, unless
+/// told otherwise, host name) followed by the SPIFFE ID pin.
 #[derive(Debug)]
-pub(crate) struct PinnedServerVerifier {
+pub struct PinnedServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
+    roots: Arc<rustls::RootCertStore>,
+    provider: Arc<CryptoProvider>,
     expected: SpiffeId,
+    check_host_name: bool,
 }
 
 impl PinnedServerVerifier {
-    pub(crate) fn new(
+    /// Chain to `roots`, the host name dialled, and exactly `expected`.
+    pub fn new(
         roots: rustls::RootCertStore,
         provider: Arc<CryptoProvider>,
         expected: SpiffeId,
     ) -> Result<Self, ClientError> {
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        let roots = Arc::new(roots);
+        let inner = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| ClientError::Input(format!("trust bundle: {e}")))?;
-        Ok(Self { inner, expected })
+        Ok(Self {
+            inner,
+            roots,
+            provider,
+            expected,
+            check_host_name: true,
+        })
+    }
+
+    /// Chain to `roots` and exactly `expected`, whatever host name was
+    /// dialled: SPIFFE authentication proper, for peers whose SVIDs carry
+    /// no DNS names (SPIFFE bundle endpoints under `https_spiffe`).
+    pub fn spiffe_id_only(
+        roots: rustls::RootCertStore,
+        provider: Arc<CryptoProvider>,
+        expected: SpiffeId,
+    ) -> Result<Self, ClientError> {
+        let mut v = Self::new(roots, provider, expected)?;
+        v.check_host_name = false;
+        Ok(v)
     }
 }
 
@@ -184,13 +208,25 @@ impl ServerCertVerifier for PinnedServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
+        let verified = if self.check_host_name {
+            self.inner.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            )?
+        } else {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                &self.roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+            ServerCertVerified::assertion()
+        };
         check_server_certificate(end_entity, &self.expected).map_err(|m| {
             rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(m))))
         })?;

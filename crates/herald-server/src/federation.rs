@@ -16,12 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_ca::bundle::{BundleError, ForeignBundle, MAX_FOREIGN_BUNDLE_BYTES};
-use herald_core::{AuditEvent, ErrorCode, Outcome, SpiffeId, TrustDomain};
+use herald_core::{AuditEvent, ErrorCode, Outcome, TrustDomain};
 use herald_store::{BundleUpdate, FederatedBundleRecord, NewFederatedBundle, Store, StoreError};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
 use tokio::sync::watch;
 
 use crate::config::{BundleEndpointProfile, FederatedTrustDomain, FederationConfig};
@@ -216,11 +212,21 @@ pub async fn fetch(
                     ))
                 })?;
             let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-            let verifier = EndpointSvidVerifier {
-                roots,
+            let mut anchors = rustls::RootCertStore::empty();
+            for der in roots {
+                anchors
+                    .add(rustls::pki_types::CertificateDer::from(der))
+                    .map_err(|e| unreachable(format!("{}'s bundle: {e}", td.trust_domain)))?;
+            }
+            // SPIFFE authentication: chain to the trust domain's bundle and
+            // the endpoint's SPIFFE ID; bundle endpoint SVIDs (SPIRE's among
+            // them) carry no host names to check.
+            let verifier = herald_client::server_id::PinnedServerVerifier::spiffe_id_only(
+                anchors,
+                provider.clone(),
                 expected,
-                algs: provider.signature_verification_algorithms,
-            };
+            )
+            .map_err(|e| unreachable(e.to_string()))?;
             let tls = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map_err(|e| unreachable(format!("TLS: {e}")))?
@@ -497,93 +503,6 @@ pub async fn run(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
             () = tokio::time::sleep_until(next) => {}
             () = wait_shutdown(shutdown.clone()) => return,
         }
-    }
-}
-
-/// Server-certificate verification for `https_spiffe`: the chain must
-/// lead to one of the trust domain's X.509 authorities and the leaf must
-/// carry exactly the configured endpoint SPIFFE ID. Host names are not
-/// checked: SPIFFE authenticates the SPIFFE ID, and bundle endpoint SVIDs
-/// (SPIRE's among them) carry no DNS names.
-#[derive(Debug)]
-struct EndpointSvidVerifier {
-    roots: Vec<Vec<u8>>,
-    expected: SpiffeId,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-fn invalid(m: String) -> rustls::Error {
-    #[derive(Debug)]
-    struct Why(String);
-    impl std::fmt::Display for Why {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(&self.0)
-        }
-    }
-    impl std::error::Error for Why {}
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Why(m)))))
-}
-
-impl ServerCertVerifier for EndpointSvidVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let anchors: Vec<_> = self
-            .roots
-            .iter()
-            .filter_map(|der| {
-                webpki::anchor_from_trusted_cert(&CertificateDer::from(der.as_slice()))
-                    .ok()
-                    .map(|a| a.to_owned())
-            })
-            .collect();
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| invalid(format!("endpoint certificate: {e}")))?;
-        cert.verify_for_usage(
-            self.algs.all,
-            &anchors,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| {
-            invalid(format!(
-                "endpoint SVID does not chain to {}'s bundle: {e}",
-                self.expected.trust_domain()
-            ))
-        })?;
-        herald_client::server_id::check_server_certificate(end_entity, &self.expected)
-            .map_err(|m| invalid(format!("bundle endpoint: {m}")))?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
     }
 }
 
