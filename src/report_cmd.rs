@@ -275,6 +275,12 @@ fn pct(x: f64) -> String {
     format!("{:.1} %", x * 100.0)
 }
 
+/// `rate` as a percentage of `of` cases, or "n/a" when there were none: a
+/// measure with nothing to measure is not 0 %.
+fn measured(rate: f64, of: u64) -> String {
+    if of == 0 { "n/a".to_owned() } else { pct(rate) }
+}
+
 /// The report as a text table.
 pub fn to_text(r: &Report) -> String {
     let mut s = format!("Herald coverage report, {} .. {}\n\n", r.since, r.until);
@@ -285,19 +291,25 @@ pub fn to_text(r: &Report) -> String {
         ("  errors", r.errors.to_string()),
         (
             "machine-MFA enforcement (issued with >1 factor or hardware)",
-            pct(r.mfa_enforcement_rate),
+            measured(r.mfa_enforcement_rate, r.issued),
         ),
-        ("hardware-backed issuance", pct(r.hardware_backed_rate)),
+        (
+            "hardware-backed issuance",
+            measured(r.hardware_backed_rate, r.issued),
+        ),
         (
             "authentication success rate",
-            pct(r.authentication_success_rate),
+            measured(r.authentication_success_rate, r.requests),
         ),
-        ("issuance error rate", pct(r.issuance_error_rate)),
+        (
+            "issuance error rate",
+            measured(r.issuance_error_rate, r.requests),
+        ),
         (
             "rotation compliance (renewed before expiry)",
             format!(
                 "{} ({} of {})",
-                pct(r.rotation_compliance),
+                measured(r.rotation_compliance, r.rotation_due),
                 r.rotated_in_time,
                 r.rotation_due
             ),
@@ -315,7 +327,7 @@ pub fn to_text(r: &Report) -> String {
             "  {m:<60} {:>8} {:>9} {:>7}\n",
             st.attempts,
             st.verified,
-            pct(st.success_rate)
+            measured(st.success_rate, st.attempts)
         ));
     }
     s.push_str("\ncredential lifetimes (s)                                          count    min    p50    p90    max\n");
@@ -348,7 +360,9 @@ fn escape(s: &str) -> String {
 }
 
 /// One horizontal bar (inline SVG) for a rate in 0..=1.
-fn bar(label: &str, rate: f64, detail: &str) -> String {
+fn bar(label: &str, rate: f64, of: u64, detail: &str) -> String {
+    let shown = measured(rate, of);
+    let rate = if of == 0 { 0.0 } else { rate };
     let w = (rate.clamp(0.0, 1.0) * 300.0).round();
     let colour = if rate >= 0.95 {
         "#2e7d32"
@@ -360,8 +374,8 @@ fn bar(label: &str, rate: f64, detail: &str) -> String {
     format!(
         "<tr><th>{}</th><td><svg width=\"300\" height=\"14\" role=\"img\" aria-label=\"{}\"><rect width=\"300\" height=\"14\" fill=\"#eee\"/><rect width=\"{w}\" height=\"14\" fill=\"{colour}\"/></svg></td><td>{}</td><td>{}</td></tr>\n",
         escape(label),
-        pct(rate),
-        pct(rate),
+        shown,
+        shown,
         escape(detail)
     )
 }
@@ -381,21 +395,25 @@ pub fn to_html(r: &Report) -> String {
     s.push_str(&bar(
         "machine-MFA enforcement",
         r.mfa_enforcement_rate,
+        r.issued,
         "issued with more than one factor or hardware evidence",
     ));
     s.push_str(&bar(
         "hardware-backed issuance",
         r.hardware_backed_rate,
+        r.issued,
         "TPM-attested",
     ));
     s.push_str(&bar(
         "authentication success",
         r.authentication_success_rate,
+        r.requests,
         "evidence verified",
     ));
     s.push_str(&bar(
         "rotation compliance",
         r.rotation_compliance,
+        r.rotation_due,
         &format!(
             "{} of {} renewed before expiry",
             r.rotated_in_time, r.rotation_due
@@ -404,6 +422,7 @@ pub fn to_html(r: &Report) -> String {
     s.push_str(&bar(
         "issuance without error",
         1.0 - r.issuance_error_rate,
+        r.requests,
         &format!("{} errors", r.errors),
     ));
     s.push_str("</table>\n<h2>Counts</h2>\n<table>\n");
@@ -423,6 +442,7 @@ pub fn to_html(r: &Report) -> String {
         s.push_str(&bar(
             m,
             st.success_rate,
+            st.attempts,
             &format!("{} of {} verified", st.verified, st.attempts),
         ));
     }
@@ -454,4 +474,37 @@ pub fn to_html(r: &Report) -> String {
     }
     s.push_str("</body></html>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_measure_with_nothing_to_measure_is_not_zero_percent() {
+        let empty = compute(0, 1000, &[], &[], &[]);
+        let text = to_text(&empty);
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(
+            line("rotation compliance").contains("n/a (0 of 0)"),
+            "{text}"
+        );
+        assert!(line("machine-MFA enforcement").ends_with("n/a"), "{text}");
+        assert!(!text.contains("0.0 %"), "{text}");
+        assert!(!to_html(&empty).contains("0.0 %"));
+        // With something to measure, the figure is shown.
+        let rotated = compute(
+            0,
+            1000,
+            &[],
+            &[],
+            &[("a".into(), "x509_svid".into(), 10, Some(5))],
+        );
+        assert!(to_text(&rotated).contains("100.0 % (1 of 1)"));
+    }
 }
