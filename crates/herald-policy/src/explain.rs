@@ -176,6 +176,13 @@ fn describe(path: &Path, f: &PolicyFile, tests: usize, failed: usize) -> String 
             "  X.509 SVIDs valid for at most {}, {renewal}",
             x.max_ttl
         );
+        if !x.federates_with.is_empty() {
+            let _ = writeln!(
+                o,
+                "    handed out with the bundles of the federated trust domains {}",
+                list(&x.federates_with)
+            );
+        }
     }
     if let Some(j) = &g.jwt_svid {
         let _ = writeln!(
@@ -216,6 +223,9 @@ fn describe(path: &Path, f: &PolicyFile, tests: usize, failed: usize) -> String 
             }
             if let Some(r) = &w.cloud_role {
                 extras.push(format!("credentials for {r}"));
+            }
+            if !w.federates_with.is_empty() {
+                extras.push(format!("the bundles of {}", w.federates_with.join(", ")));
             }
             let _ = writeln!(
                 o,
@@ -363,5 +373,25 @@ mod tests {
         let err = explain(&path, &opts()).unwrap_err();
         assert!(err.to_string().contains("p.yaml"), "{err}");
         assert!(explain(&dir.path().join("missing.yaml"), &opts()).is_err());
+    }
+
+    #[test]
+    fn federation_is_named_and_a_policy_cannot_federate_with_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        let policy = |with: &str| {
+            format!(
+                "name: p\nevidence:\n  join_token: {{}}\nspiffe_id:\n  prefix: spiffe://dev.herald.test/x/\ngrants:\n  x509_svid: {{ max_ttl: 1h, federates_with: [{with}] }}\n"
+            )
+        };
+        std::fs::write(&path, policy("spiffe://partner.test")).unwrap();
+        let text = explain(&path, &opts()).unwrap();
+        assert!(
+            text.contains("bundles of the federated trust domains spiffe://partner.test"),
+            "{text}"
+        );
+        std::fs::write(&path, policy("dev.herald.test")).unwrap();
+        let err = explain(&path, &opts()).unwrap_err();
+        assert!(err.to_string().contains("is this trust domain"), "{err}");
     }
 }
