@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use herald_cloud_creds::sigv4::{
     SignedRequest, VerifyOptions, canonical_query, canonical_request, sign_request, verify_request,
 };
-use herald_cloud_creds::{MintRequest, SessionCredentials, SessionKeyring};
+use herald_cloud_creds::{CredsError, MintRequest, SessionCredentials, SessionKeyring};
 use herald_core::ScopePolicy;
 use time::OffsetDateTime;
 
@@ -108,6 +108,7 @@ pub fn sigv4(data: &[u8]) {
     }
     let service = if s3 { "s3" } else { "sts" };
     if sign_request(creds, &mut req, "us-east-1", service, s3, now()).is_ok() {
+        // Presigned parameters may hide behind escapes (`X%2DAmz-...`).
         let presigned = req.query.to_ascii_lowercase().contains("amz") || req.query.contains('%');
         match verify_request(ring, &req, &opts, now()) {
             Ok(caller) => {
@@ -115,7 +116,7 @@ pub fn sigv4(data: &[u8]) {
                 assert_eq!(caller.service, service);
                 assert_eq!(caller.region, "us-east-1");
             }
-            Err(e) if presigned => assert_ne!(e.code(), "internal", "{e}"),
+            Err(CredsError::AuthorizationMalformed(_)) if presigned => {}
             Err(e) => panic!("a request signed with the credentials was refused: {e} ({req:?})"),
         }
     }
