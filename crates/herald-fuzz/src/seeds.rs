@@ -205,6 +205,14 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         svid: unsigned.clone(),
     }
     .encode_to_vec();
+    let sds_req = envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest {
+        version_info: "1".into(),
+        resource_names: vec!["default".into(), "ROOTCA".into()],
+        type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret".into(),
+        response_nonce: "n".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
     vec![
         (
             "tpm",
@@ -244,7 +252,8 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
             vec![
                 with_mode(0, &[&[7u8][..], &h2].concat()),
                 with_mode(1, &[&[3u8][..], &jwt_req].concat()),
-                with_mode(1, &[&[4u8][..], &validate_req].concat()),
+                with_mode(1, &[&[5u8][..], &validate_req].concat()),
+                with_mode(1, &[&[4u8][..], &sds_req].concat()),
                 joined(2, header.as_bytes(), svid_claims.as_bytes()),
             ],
         ),

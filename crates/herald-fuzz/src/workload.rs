@@ -3,6 +3,7 @@
 //! protobuf requests tonic decodes from them, and what the agent does with
 //! a request's content (`ValidateJWTSVID`'s token check).
 
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use herald_agent::workload::h2_authority::AuthorityRewriter;
 use herald_agent::workload::jwt::{to_struct, validate};
 use herald_proto::workload::{
@@ -47,7 +48,8 @@ fn round_trip<M: Message + Default + PartialEq + std::fmt::Debug>(bytes: &[u8]) 
 /// size); the rewriter's output must not depend on how reads split them,
 /// and a connection that is not HTTP/2 passes through untouched. Mode 1:
 /// `rest` is a Workload API request message (the first byte picks which);
-/// it round-trips, and a `ValidateJWTSVID` request's token never validates
+/// it round-trips (and so does an Envoy SDS `DiscoveryRequest`, served on
+/// the same socket), and a `ValidateJWTSVID` request's token never validates
 /// (nothing here is signed by the bundle's key). Mode 2: `rest` is header
 /// JSON `0xff` claims JSON of a JWT-SVID signed with the bundle's key.
 pub fn workload_api(data: &[u8]) {
@@ -81,11 +83,13 @@ pub fn workload_api(data: &[u8]) {
             let Some((&which, msg)) = rest.split_first() else {
                 return;
             };
-            match which % 5 {
+            match which % 6 {
                 0 => drop(round_trip::<X509svidRequest>(msg)),
                 1 => drop(round_trip::<X509BundlesRequest>(msg)),
                 2 => drop(round_trip::<JwtBundlesRequest>(msg)),
                 3 => drop(round_trip::<JwtsvidRequest>(msg)),
+                // Envoy SDS on the same socket.
+                4 => drop(round_trip::<DiscoveryRequest>(msg)),
                 _ => {
                     if let Some(req) = round_trip::<ValidateJwtsvidRequest>(msg) {
                         assert!(
