@@ -92,7 +92,14 @@ pub fn sigv4(data: &[u8]) {
     names.sort();
     names.dedup();
     if let Ok(c) = canonical_request(&req, &names, s3, "UNSIGNED-PAYLOAD", None) {
-        assert!(c.starts_with(&format!("{}\n/", req.method.to_ascii_uppercase())));
+        // S3 signs the path as sent, so only an origin-form target (not
+        // `*`) starts its canonical URI with `/` there.
+        let slash = if s3 && !req.path.is_empty() && !req.path.starts_with('/') {
+            ""
+        } else {
+            "/"
+        };
+        assert!(c.starts_with(&format!("{}\n{slash}", req.method.to_ascii_uppercase())));
         assert!(c.ends_with("\nUNSIGNED-PAYLOAD"));
     }
 
