@@ -182,6 +182,60 @@ fn form(pairs: &[(String, String)], wire: &'static str) -> Result<Form, Protocol
     Ok(out)
 }
 
+/// Why an exchange form was refused before any evidence was looked at:
+/// the stable code (for the audit record) and the error name the
+/// endpoint's clients parse (an OAuth `error`, an STS `Code`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormRefusal {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// The wire error name.
+    pub wire: &'static str,
+    /// The HTTP status the endpoint answers with.
+    pub status: StatusCode,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl From<Protocol> for FormRefusal {
+    fn from(p: Protocol) -> Self {
+        Self {
+            code: p.code,
+            wire: p.wire,
+            status: p.status,
+            message: p.message,
+        }
+    }
+}
+
+/// A `POST /v1/token` body, parsed and checked exactly as the endpoint
+/// does before the exchange: the request and the requested `scope`.
+fn rfc8693_form(body: &[u8]) -> Result<(ExchangeRequest, String), Protocol> {
+    let pairs = form_pairs(body, "invalid_request")?;
+    let f = form(&pairs, "invalid_request")?;
+    rfc8693_request(&f, &pairs)
+}
+
+/// An STS form (a `POST` body or a `GET` query string), parsed and checked
+/// exactly as the endpoint does before the exchange.
+fn sts_form(form_bytes: &[u8]) -> Result<ExchangeRequest, Protocol> {
+    let pairs = form_pairs(form_bytes, "MalformedInput")?;
+    let f = form(&pairs, "InvalidParameterCombination")?;
+    sts_request(&f)
+}
+
+/// The RFC 8693 form parser of `POST /v1/token` (what the fuzz targets and
+/// tests drive; the handler runs the same code).
+pub fn parse_rfc8693_form(body: &[u8]) -> Result<(ExchangeRequest, String), FormRefusal> {
+    rfc8693_form(body).map_err(FormRefusal::from)
+}
+
+/// The STS `AssumeRoleWithWebIdentity` form parser (what the fuzz targets
+/// and tests drive; the handler runs the same code).
+pub fn parse_sts_form(form_bytes: &[u8]) -> Result<ExchangeRequest, FormRefusal> {
+    sts_form(form_bytes).map_err(FormRefusal::from)
+}
+
 /// A refusal of a request whose head does not parse, in the shape the
 /// path's clients parse: (status, content type, body). `path` is `None`
 /// when not even the request line parsed.
@@ -372,9 +426,7 @@ pub async fn token_exchange(
             return Err(Protocol::method("POST", "invalid_request"));
         }
         let body = read_body(&headers, body, "invalid_request", "invalid_request").await?;
-        let pairs = form_pairs(&body, "invalid_request")?;
-        let f = form(&pairs, "invalid_request")?;
-        rfc8693_request(&f, &pairs)
+        rfc8693_form(&body)
     }
     .await;
     let (req, scope) = match parsed {
@@ -600,17 +652,15 @@ pub async fn sts(
     let parsed = async {
         run.admit()
             .map_err(|r| Protocol::new(r.code, "Throttling", r.message))?;
-        let pairs = match method {
+        match method {
             Method::POST => {
                 let body =
                     read_body(&headers, body, "RequestEntityTooLarge", "MalformedInput").await?;
-                form_pairs(&body, "MalformedInput")?
+                sts_form(&body)
             }
-            Method::GET => form_pairs(query.unwrap_or_default().as_bytes(), "MalformedInput")?,
-            _ => return Err(Protocol::method("GET or POST", "InvalidAction")),
-        };
-        let f = form(&pairs, "InvalidParameterCombination")?;
-        sts_request(&f)
+            Method::GET => sts_form(query.unwrap_or_default().as_bytes()),
+            _ => Err(Protocol::method("GET or POST", "InvalidAction")),
+        }
     }
     .await;
     let req = match parsed {
