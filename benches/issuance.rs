@@ -158,7 +158,7 @@ fn main() {
             std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         let toml = format!(
-            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n{}",
+            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[rate_limit]\n# One load generator is one address: the per-address limit would\n# measure itself.\nper_caller_rate = 0.0\n{}",
             dir.path().join("data").display(),
             kek.display(),
             common::bootstrap_policy_section(dir.path(), TD)

@@ -177,7 +177,7 @@ async fn setup(
     let mut servers = Vec::new();
     for i in 0..replicas {
         let toml = format!(
-            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\ndatabase_url = \"{database_url}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n{}",
+            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\ndatabase_url = \"{database_url}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[rate_limit]\n# One load generator is one address: the per-address limit would\n# measure itself.\nper_caller_rate = 0.0\n{}",
             dir.join(format!("data-{i}")).display(),
             kek.display(),
             common::bootstrap_policy_section(dir, TD)

@@ -225,7 +225,7 @@ pub async fn tpm_node_server(
     )
     .unwrap();
     let toml = format!(
-        "trust_domain = \"{td}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[policy]\ndir = \"{}\"\n",
+        "trust_domain = \"{td}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[rate_limit]\n# One load generator is one address: the per-address limit would\n# measure itself.\nper_caller_rate = 0.0\n[policy]\ndir = \"{}\"\n",
         dir.join("data").display(),
         kek.display(),
         policies.display()
