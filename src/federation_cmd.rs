@@ -274,7 +274,7 @@ async fn refresh(config: ConfigArgs, only: Option<&str>) -> Result<(), CliError>
     let mut failed = None;
     for t in targets {
         match federation::refresh(&store, &cfg.federation, t, &caller).await {
-            Ok(outcome) => {
+            Ok((outcome, _)) => {
                 print_outcome(&t.trust_domain, &outcome);
                 if let RefreshOutcome::Failed(f) = &outcome {
                     failed = Some(CliError::new(f.code().as_str(), f.to_string()));

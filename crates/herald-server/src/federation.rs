@@ -348,25 +348,35 @@ async fn record_failure(
 }
 
 /// Fetches `td`'s bundle once and stores the result: a newer bundle, or
-/// the failure (audited; the last good bundle stays).
+/// the failure (audited; the last good bundle stays). Also returns the
+/// `spiffe_refresh_hint` of the bundle now held, for scheduling the next
+/// fetch.
 pub async fn refresh(
     store: &Store,
     cfg: &FederationConfig,
     td: &FederatedTrustDomain,
     caller: &str,
-) -> Result<RefreshOutcome, StoreError> {
+) -> Result<(RefreshOutcome, Option<u64>), StoreError> {
     let stored = store
         .federated_bundles()
         .await?
         .into_iter()
         .find(|r| r.trust_domain == td.trust_domain.as_str());
     let known = known_bundle(td, stored.as_ref());
+    let held_hint = stored.as_ref().and_then(|r| r.refresh_hint_secs);
     match fetch(cfg, td, known.as_ref()).await {
-        Ok(bundle) => store_bundle(store, &bundle, "endpoint", caller).await,
+        Ok(bundle) => {
+            let outcome = store_bundle(store, &bundle, "endpoint", caller).await?;
+            let hint = match outcome {
+                RefreshOutcome::Updated { .. } => bundle.refresh_hint_secs,
+                _ => held_hint,
+            };
+            Ok((outcome, hint))
+        }
         Err(failure) => {
             tracing::warn!(trust_domain = %td.trust_domain, code = failure.code().as_str(), error = %failure, "federated bundle not updated");
             record_failure(store, &td.trust_domain, &failure, caller).await?;
-            Ok(RefreshOutcome::Failed(failure))
+            Ok((RefreshOutcome::Failed(failure), held_hint))
         }
     }
 }
@@ -441,20 +451,10 @@ pub async fn run(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
             };
             let delay = if mine {
                 match refresh(&shared.store, &cfg, td, &caller).await {
-                    Ok(outcome) => {
+                    Ok((outcome, hint)) => {
                         shared
                             .metrics
                             .record_federation_fetch(td.trust_domain.as_str(), outcome.label());
-                        let hint = shared
-                            .store
-                            .federated_bundles()
-                            .await
-                            .ok()
-                            .and_then(|all| {
-                                all.into_iter()
-                                    .find(|r| r.trust_domain == td.trust_domain.as_str())
-                            })
-                            .and_then(|r| r.refresh_hint_secs);
                         next_delay(&cfg, &outcome, hint)
                     }
                     Err(e) => {
