@@ -20,6 +20,7 @@ use std::sync::{Arc, OnceLock};
 use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue, operators};
 use cel::extractors::This;
 use cel::{Context, Env, ExecutionError, Program};
+use herald_core::spiffe_id::is_segment;
 use serde_json::{Map, Value};
 
 /// The variables an expression may reference.
@@ -79,15 +80,6 @@ fn measure(v: &Value, depth: usize, count: &mut usize) -> Result<(), String> {
         Value::Object(m) => m.values().try_for_each(|i| measure(i, depth + 1, count)),
         _ => Ok(()),
     }
-}
-
-/// Whether `s` is one safe SPIFFE ID path segment.
-pub fn is_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 /// A call on the `sub` claim found in an expression: the method and its
