@@ -194,6 +194,13 @@ impl SessionKeyring {
                 "expiry must follow issuance".into(),
             ));
         }
+        // A scope `open` could not read back would seal credentials that
+        // never verify: refuse it here rather than hand them out.
+        if req.scope.statements().is_empty() {
+            return Err(CredsError::InvalidMintRequest(
+                "the scope has no statement".into(),
+            ));
+        }
         // 16 base32 characters = 80 random bits (256 is a multiple of 32:
         // masking keeps the distribution uniform).
         let mut access_key_id = String::with_capacity(20);
@@ -513,6 +520,18 @@ mod tests {
             issued_at: now,
             expires_at: now + time::Duration::hours(1),
         }
+    }
+
+    #[test]
+    fn a_scope_that_could_never_open_is_not_minted() {
+        let now = OffsetDateTime::now_utc();
+        let ring = SessionKeyring::generate().unwrap();
+        let mut r = req(now);
+        r.scope = ScopePolicy::new(Vec::new());
+        assert!(matches!(
+            ring.mint(&r),
+            Err(CredsError::InvalidMintRequest(_))
+        ));
     }
 
     #[test]
