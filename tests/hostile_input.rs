@@ -478,3 +478,105 @@ async fn a_flood_is_refused_before_any_work_and_audited_in_aggregate() {
     );
     store.verify_audit_chain(1, None).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_many_addresses_is_audited_in_aggregate_past_the_servers_budget() {
+    // Every address stays under its own limit; the server-wide refusal
+    // audit budget (10 at once, then next to nothing) is what holds.
+    let site = Site::with_extra(
+        "[rate_limit]\nper_caller_rate = 5.0\nper_caller_burst = 10\nreport_interval = \"500ms\"\nrefusal_audit_rate = 0.001\nrefusal_audit_burst = 10\n",
+    );
+    let server = site.start();
+    let store = Store::open(&site.db_url()).await.unwrap();
+    let before = audit_count(&store).await;
+    const ADDRESSES: u8 = 30;
+    const EACH: u32 = 5;
+    let http = server.http;
+    let mut refused = 0u32;
+    for a in 0..ADDRESSES {
+        for _ in 0..EACH {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind(std::net::SocketAddr::from(([127, 0, 1, 10 + a], 0)))
+                .unwrap();
+            let mut s = socket.connect(http).await.unwrap();
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(&sts(STS_OK)).await.unwrap();
+            let mut resp = Vec::new();
+            let _ = s.read_to_end(&mut resp).await;
+            let text = String::from_utf8_lossy(&resp);
+            assert!(!text.contains("<Code>Throttling</Code>"), "{a}: {text}");
+            assert!(text.contains("<Code>InvalidIdentityToken</Code>"), "{text}");
+            refused += 1;
+        }
+    }
+    // A legitimate caller is served while the budget is spent, and its
+    // issuance is audited as always.
+    let anchors = herald_client::files::from_pem(
+        "CERTIFICATE",
+        &std::fs::read_to_string(site.bundle_pem()).unwrap(),
+    )
+    .unwrap();
+    let client = herald_client::HeraldClient::connect(&server.url(), &anchors, None)
+        .await
+        .unwrap();
+    let token = site.token(&format!("spiffe://{TRUST_DOMAIN}/legit/0"));
+    let minted = client
+        .mint_x509_svid(
+            &token,
+            herald_client::keys::generate_key_and_csr().unwrap().csr_der,
+        )
+        .await
+        .unwrap();
+    // Every refusal is in the log: 10 one by one, the rest counted by
+    // caller, action and code.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (single, aggregated, total) = loop {
+        let records = store.audit_records(before, 10_000).await.unwrap();
+        let single = records
+            .iter()
+            .filter(|r| {
+                r.event.action == "exchange.cloud_credentials"
+                    && r.event.reason == Some(herald_core::ErrorCode::TokenMalformed)
+            })
+            .count() as u64;
+        let aggregated: u64 = records
+            .iter()
+            .filter(|r| r.event.action == "refusals_aggregated")
+            .map(|r| {
+                assert_eq!(
+                    r.event.reason,
+                    Some(herald_core::ErrorCode::RefusalsAggregated)
+                );
+                assert!(
+                    r.event.caller.starts_with("peer:127.0.1."),
+                    "{}",
+                    r.event.caller
+                );
+                let d = r.event.detail.as_deref().unwrap();
+                assert!(
+                    d.contains("exchange.cloud_credentials/token_malformed x"),
+                    "{d}"
+                );
+                d.split(' ').next().unwrap().parse::<u64>().unwrap()
+            })
+            .sum();
+        if single + aggregated >= u64::from(refused) {
+            break (single, aggregated, records.len());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "single {single} + aggregated {aggregated} of {refused}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(single, 10, "the burst, one record each");
+    assert_eq!(single + aggregated, u64::from(refused));
+    assert!(
+        total <= 10 + usize::from(ADDRESSES) + 5,
+        "{total} audit records for {refused} refusals"
+    );
+    let issued = store.issued(&minted.serial).await.unwrap();
+    assert!(issued.is_some(), "the legitimate mint was committed");
+    store.verify_audit_chain(1, None).await.unwrap();
+}

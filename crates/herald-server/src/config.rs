@@ -498,6 +498,15 @@ pub struct RateLimitConfig {
     /// aggregated audit record.
     #[serde(default = "default_report_interval", with = "humantime_serde_compat")]
     pub report_interval: Duration,
+    /// Refusals per second, server-wide, audited one record each; past it
+    /// (many addresses each under their own limit) refusals are counted
+    /// into one `refusals_aggregated` record per caller per interval. 0:
+    /// every refusal gets its own record.
+    #[serde(default = "default_refusal_audit_rate")]
+    pub refusal_audit_rate: f64,
+    /// Refusals audited one by one at once before the rate applies.
+    #[serde(default = "default_refusal_audit_burst")]
+    pub refusal_audit_burst: f64,
 }
 
 impl Default for RateLimitConfig {
@@ -506,8 +515,18 @@ impl Default for RateLimitConfig {
             per_caller_rate: default_rate(),
             per_caller_burst: default_burst(),
             report_interval: default_report_interval(),
+            refusal_audit_rate: default_refusal_audit_rate(),
+            refusal_audit_burst: default_refusal_audit_burst(),
         }
     }
+}
+
+fn default_refusal_audit_rate() -> f64 {
+    100.0
+}
+
+fn default_refusal_audit_burst() -> f64 {
+    1000.0
 }
 
 fn default_report_interval() -> Duration {
@@ -822,7 +841,11 @@ impl ServerConfig {
         if self.jwt.default_ttl < Duration::from_secs(30) {
             return bad("jwt.default_ttl must be at least 30s");
         }
-        if !(self.rate_limit.per_caller_rate >= 0.0 && self.rate_limit.per_caller_burst >= 0.0) {
+        if !(self.rate_limit.per_caller_rate >= 0.0
+            && self.rate_limit.per_caller_burst >= 0.0
+            && self.rate_limit.refusal_audit_rate >= 0.0
+            && self.rate_limit.refusal_audit_burst >= 0.0)
+        {
             return bad("rate_limit values must be non-negative numbers");
         }
         let rot = &self.ca.rotation;

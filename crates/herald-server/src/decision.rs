@@ -359,12 +359,19 @@ impl<'s> Run<'s> {
     /// evidence was looked at (a malformed request): audited like any other,
     /// except rate-limited ones, which go into their caller's aggregated
     /// record (a flood must not become a durable write per request).
+    ///
+    /// Past the server-wide refusal audit budget (a flood from many
+    /// addresses, each under its own limit) a refusal is counted into its
+    /// caller's aggregated record instead: still audited, with its action
+    /// and code, but not a durable write per request.
     pub async fn refuse(self, r: Refusal) -> Refusal {
         let event = self.audit.clone().deny(r.code);
-        if r.code == ErrorCode::RateLimited {
+        let aggregate = r.code == ErrorCode::RateLimited
+            || (!r.audited && !self.shared.refusal_budget.allow((), Instant::now()));
+        if aggregate {
             self.shared
                 .floods
-                .count(self.peer, self.action, herald_core::audit::now_ms());
+                .count(self.peer, self.action, r.code, herald_core::audit::now_ms());
         } else if !r.audited
             && let Err(e) = self.shared.store.audit(event.clone()).await
         {

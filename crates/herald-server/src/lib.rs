@@ -132,6 +132,8 @@ pub struct Shared {
     pub limiter: rate_limit::RateLimiter,
     /// Rate-limited refusals, audited in aggregate.
     pub floods: rate_limit::FloodLog,
+    /// The server-wide budget of refusals audited one record each.
+    pub refusal_budget: herald_core::rate_limit::RateLimiter<()>,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
     /// Bumped whenever the policy set is replaced: node agents' registration
@@ -374,6 +376,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         federation: RwLock::new(Arc::new(federated)),
         limiter,
         floods: rate_limit::FloodLog::default(),
+        refusal_budget: herald_core::rate_limit::RateLimiter::new(
+            config.rate_limit.refusal_audit_rate,
+            config.rate_limit.refusal_audit_burst,
+            1,
+        ),
         metrics: metrics::Metrics::new(),
         policy_generation: watch::Sender::new(1),
         ring_generation: watch::Sender::new(1),

@@ -8,13 +8,15 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
+use herald_core::ErrorCode;
+
 /// Most callers tracked at once.
 pub const MAX_CALLERS: usize = 65_536;
 
 /// Token buckets keyed by caller address.
 pub type RateLimiter = herald_core::rate_limit::RateLimiter<IpAddr>;
 
-/// Writes each caller's rate-limited refusals as one audit record per
+/// Writes each caller's counted refusals as one audit record per
 /// `rate_limit.report_interval` (and a last time at shutdown).
 pub async fn report(
     shared: std::sync::Arc<crate::Shared>,
@@ -30,14 +32,18 @@ pub async fn report(
             let caller = s
                 .caller
                 .map_or_else(|| "peer:many".to_owned(), |ip| format!("peer:{ip}"));
-            let mut event = herald_core::AuditEvent::new("rate_limited", caller);
+            let action = match s.code {
+                ErrorCode::RateLimited => "rate_limited",
+                _ => "refusals_aggregated",
+            };
+            let mut event = herald_core::AuditEvent::new(action, caller);
             event.detail = Some(s.detail());
-            let event = event.deny(herald_core::ErrorCode::RateLimited);
+            let event = event.deny(s.code);
             if let Err(e) = shared.store.audit(event).await {
                 shared.metrics.record_audit_failure();
-                tracing::error!(error = %e, "could not write a rate-limit summary");
+                tracing::error!(error = %e, "could not write a refusal summary");
             }
-            tracing::warn!(caller = ?s.caller, refusals = s.count, "callers rate-limited");
+            tracing::warn!(caller = ?s.caller, refusals = s.count, code = %s.code, "refusals audited in aggregate");
         }
         if stop {
             return;
@@ -55,15 +61,17 @@ struct Flood {
     count: u64,
     first_ms: i64,
     last_ms: i64,
-    actions: std::collections::BTreeMap<&'static str, u64>,
+    actions: std::collections::BTreeMap<String, u64>,
 }
 
-/// Rate-limited refusals, counted per caller and written as one audit
-/// record per caller per interval: a flood never becomes a durable write
+/// Refusals counted rather than written one by one: those past the
+/// caller's rate limit, and those past the server-wide refusal audit
+/// budget. Each caller gets one audit record per interval for each of the
+/// two: a flood, from one address or many, never becomes a durable write
 /// per request.
 #[derive(Debug, Default)]
 pub struct FloodLog {
-    callers: Mutex<HashMap<Option<IpAddr>, Flood>>,
+    callers: Mutex<HashMap<(Option<IpAddr>, ErrorCode), Flood>>,
 }
 
 /// One caller's aggregated refusals, ready to audit.
@@ -71,12 +79,15 @@ pub struct FloodLog {
 pub struct FloodSummary {
     /// The caller (`None`: callers beyond [`MAX_FLOODERS`], together).
     pub caller: Option<IpAddr>,
+    /// `rate_limited`, or `refusals_aggregated` (refused for their own
+    /// reasons, which `actions` names).
+    pub code: ErrorCode,
     /// Refusals.
     pub count: u64,
     /// First and last refusal, Unix milliseconds.
     pub window_ms: (i64, i64),
-    /// What was asked, and how often.
-    pub actions: Vec<(&'static str, u64)>,
+    /// What was asked (and, when aggregated, why it was refused: `action/code`), and how often.
+    pub actions: Vec<(String, u64)>,
 }
 
 impl FloodSummary {
@@ -98,16 +109,28 @@ impl FloodSummary {
 }
 
 impl FloodLog {
-    /// Counts one refusal of `caller` asking for `action` at `now_ms`.
-    pub fn count(&self, caller: Option<IpAddr>, action: &'static str, now_ms: i64) {
+    /// Counts one refusal with `code` of `caller` asking for `action` at
+    /// `now_ms`: a `rate_limited` one under its action, any other under
+    /// `action/code` in the caller's `refusals_aggregated` record.
+    pub fn count(
+        &self,
+        caller: Option<IpAddr>,
+        action: &'static str,
+        code: ErrorCode,
+        now_ms: i64,
+    ) {
+        let (kind, label) = match code {
+            ErrorCode::RateLimited => (ErrorCode::RateLimited, action.to_owned()),
+            other => (ErrorCode::RefusalsAggregated, format!("{action}/{other}")),
+        };
         let mut map = match self.callers.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let key = if map.contains_key(&caller) || map.len() < MAX_FLOODERS {
-            caller
+        let key = if map.contains_key(&(caller, kind)) || map.len() < MAX_FLOODERS {
+            (caller, kind)
         } else {
-            None
+            (None, kind)
         };
         let f = map.entry(key).or_default();
         if f.count == 0 {
@@ -115,7 +138,7 @@ impl FloodLog {
         }
         f.count += 1;
         f.last_ms = now_ms;
-        *f.actions.entry(action).or_default() += 1;
+        *f.actions.entry(label).or_default() += 1;
     }
 
     /// Takes every caller's refusals counted since the last call.
@@ -129,14 +152,15 @@ impl FloodLog {
         };
         let mut out: Vec<FloodSummary> = map
             .into_iter()
-            .map(|(caller, f)| FloodSummary {
+            .map(|((caller, code), f)| FloodSummary {
                 caller,
+                code,
                 count: f.count,
                 window_ms: (f.first_ms, f.last_ms),
                 actions: f.actions.into_iter().collect(),
             })
             .collect();
-        out.sort_by_key(|s| s.caller);
+        out.sort_by_key(|s| (s.caller, s.code.as_str()));
         out
     }
 }
@@ -157,22 +181,46 @@ mod tests {
                 } else {
                     "exchange.jwt_svid"
                 },
+                ErrorCode::RateLimited,
                 i,
             );
         }
-        log.count(Some([10, 0, 0, 2].into()), "node.attest", 5);
+        log.count(
+            Some([10, 0, 0, 2].into()),
+            "node.attest",
+            ErrorCode::RateLimited,
+            5,
+        );
+        // Refused for their own reason, past the server-wide budget: the
+        // same caller's other record, by action and code.
+        log.count(Some(a), "exchange.jwt_svid", ErrorCode::TokenExpired, 7);
+        log.count(Some(a), "exchange.jwt_svid", ErrorCode::TokenExpired, 8);
         let out = log.drain();
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].code, ErrorCode::RateLimited);
         assert_eq!(out[0].count, 1000);
         assert_eq!(out[0].window_ms, (0, 999));
         assert_eq!(
             out[0].actions,
-            vec![("exchange.jwt_svid", 500), ("x509_svid.mint", 500)]
+            vec![
+                ("exchange.jwt_svid".to_owned(), 500),
+                ("x509_svid.mint".to_owned(), 500)
+            ]
+        );
+        assert_eq!(out[1].code, ErrorCode::RefusalsAggregated);
+        assert_eq!(
+            out[1].actions,
+            vec![("exchange.jwt_svid/token_expired".to_owned(), 2)]
         );
         assert!(out[0].detail().starts_with("1000 refusals"));
         assert!(log.drain().is_empty(), "drained");
         for i in 0..(MAX_FLOODERS as u32 + 10) {
-            log.count(Some(IpAddr::from(i.to_be_bytes())), "x", 0);
+            log.count(
+                Some(IpAddr::from(i.to_be_bytes())),
+                "x",
+                ErrorCode::RateLimited,
+                0,
+            );
         }
         let out = log.drain();
         assert_eq!(out.len(), MAX_FLOODERS + 1, "the rest share one entry");

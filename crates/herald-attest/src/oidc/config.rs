@@ -168,7 +168,7 @@ fn default_algorithms() -> Vec<Algorithm> {
 fn default_leeway() -> Duration {
     Duration::from_secs(60)
 }
-fn default_max_token_bytes() -> usize {
+pub(crate) fn default_max_token_bytes() -> usize {
     16 * 1024
 }
 fn default_refresh() -> Duration {

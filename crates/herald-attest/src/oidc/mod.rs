@@ -175,6 +175,11 @@ impl OidcVerifier {
                 return Err(OidcError::Config(format!("issuer {name} configured twice")));
             }
         }
+        // With no issuer the cap is the default one, so a token is refused
+        // for what it is (malformed, issuer unknown), not as "exceeds 0 bytes".
+        if issuers.is_empty() {
+            max_token_bytes = config::default_max_token_bytes();
+        }
         Ok(Self {
             issuers,
             max_token_bytes,
