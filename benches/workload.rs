@@ -99,8 +99,10 @@ fn start_agent(site: &Site, tpm: &SoftTpm) -> AgentProc {
         ),
     )
     .unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["agent", "--config"])
+    // The node agent's own executable (what a node runs): its RSS is the
+    // agent's, not that of the pages of a binary that also holds the server.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_herald-agent"))
+        .arg("--config")
         .arg(&cfg)
         .env("HERALD_LOG", "error")
         .stdout(std::process::Stdio::null())

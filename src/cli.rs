@@ -552,27 +552,8 @@ pub(crate) async fn wait_for_signal() {
     shutdown_signal().await;
 }
 
-/// SIGTERM or Ctrl-C. The SIGTERM handler is installed when this is
-/// called, not when it is first awaited: a service manager's SIGTERM sent
-/// right after the "ready" line is then a clean shutdown, not the default
-/// death by signal.
-pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate()).ok();
-    async move {
-        match term {
-            Some(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            None => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-}
+/// SIGTERM or Ctrl-C (installed when called, not when first awaited).
+pub(crate) use herald_agent::run::shutdown_signal;
 
 /// `--purpose` of `herald token create`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use herald_agent::{Agent, AgentConfig, AgentStatus, workload};
+use herald_agent::{AgentConfig, AgentStatus};
 use herald_store::NodeStatus;
 
 use crate::cli::{CliError, ConfigArgs, load_config, open_store, operator, operator_event};
@@ -184,91 +184,8 @@ pub async fn agent(args: AgentArgs) -> Result<(), CliError> {
             );
             Ok(())
         }
-        None => {
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            let mut workload_tasks = Vec::new();
-            if let Some(w) = &cfg.workload_api {
-                let listener = workload::api::bind(&w.socket).map_err(|e| {
-                    CliError::new(
-                        "config",
-                        format!("workload_api.socket {}: {e}", w.socket.display()),
-                    )
-                })?;
-                let cache = workload::WorkloadCache::new(
-                    cfg.rotation.renew_fraction,
-                    cfg.rotation.jitter_fraction,
-                );
-                let upstream = workload::Upstream {
-                    servers: cfg.servers.clone(),
-                    trust_bundle: cfg.trust_bundle.clone(),
-                    node_svid_dir: cfg.svid_dir(),
-                    server_id: cfg.server_id(),
-                };
-                workload_tasks.push(tokio::spawn(workload::run_sync(
-                    cache.clone(),
-                    upstream.clone(),
-                    rx.clone(),
-                )));
-                workload_tasks.push(tokio::spawn(workload::run_rotation(
-                    cache.clone(),
-                    upstream.clone(),
-                    rx.clone(),
-                )));
-                if let Some(c) = &cfg.credentials_endpoint {
-                    let token = cfg
-                        .credentials_token()
-                        .map_err(|e| CliError::new("config", e))?
-                        .ok_or_else(|| {
-                            CliError::new("config", "credentials_endpoint needs its token")
-                        })?;
-                    let rate_limit = c.rate_limit;
-                    let listener = tokio::net::TcpListener::bind(c.listen).await.map_err(|e| {
-                        CliError::new(
-                            "config",
-                            format!("credentials_endpoint.listen {}: {e}", c.listen),
-                        )
-                    })?;
-                    workload_tasks.push(tokio::spawn({
-                        let (cache, upstream, srx) = (cache.clone(), upstream.clone(), rx.clone());
-                        async move {
-                            if let Err(e) = workload::credentials::serve(
-                                cache, upstream, token, rate_limit, listener, srx,
-                            )
-                            .await
-                            {
-                                tracing::error!(error = %e, "the credentials endpoint stopped");
-                            }
-                        }
-                    }));
-                    tracing::info!(listen = %c.listen, "credentials endpoint listening");
-                }
-                let mut api = workload::api::WorkloadApi::new(cache, upstream, w);
-                if let Some(k) = &w.kubernetes {
-                    let k8s = workload::k8s::K8sAttestor::new(k)
-                        .map_err(|e| CliError::new("config", e))?;
-                    api = api.with_kubernetes(std::sync::Arc::new(k8s));
-                    tracing::info!(kubelet = %k.kubelet_url, "Kubernetes workload attestation on");
-                }
-                let sds = workload::sds::Sds::new(api.clone());
-                let socket = w.socket.clone();
-                let srx = rx.clone();
-                workload_tasks.push(tokio::spawn(async move {
-                    if let Err(e) = workload::api::serve(api, sds, listener, socket, srx).await {
-                        tracing::error!(error = %e, "the Workload API stopped");
-                    }
-                }));
-                tracing::info!(socket = %w.socket.display(), "Workload API listening");
-            }
-            let task = tokio::spawn(Agent::new(cfg).run(rx));
-            crate::cli::wait_for_signal().await;
-            let _ = tx.send(true);
-            for t in workload_tasks {
-                let _ = t.await;
-            }
-            match task.await {
-                Ok(r) => r.map_err(|e| CliError::new("agent", e.to_string())),
-                Err(e) => Err(CliError::new("internal", e.to_string())),
-            }
-        }
+        None => herald_agent::run::run(cfg, crate::cli::wait_for_signal())
+            .await
+            .map_err(|e| CliError::new(e.code(), e.to_string())),
     }
 }

@@ -209,3 +209,95 @@ fn the_agent_fails_over_to_another_server() {
     ok(site.herald(&["audit", "verify"]));
     drop(second);
 }
+
+/// `herald-agent`, the node agent's own executable: the same agent as
+/// `herald agent` (attests, serves the Workload API) and a clean stop on
+/// SIGTERM, from a binary about half the size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_herald_agent_binary_attests_serves_workloads_and_stops_cleanly() {
+    require_tool("swtpm");
+    let bin = env!("CARGO_BIN_EXE_herald-agent");
+    let (small, full) = (
+        std::fs::metadata(bin).unwrap().len(),
+        std::fs::metadata(herald_bin()).unwrap().len(),
+    );
+    assert!(
+        small < full * 3 / 4,
+        "herald-agent {small} B, herald {full} B"
+    );
+    let tpm = SoftTpm::start().unwrap();
+    let uid = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self").unwrap().uid()
+    };
+    let site = common::node::NodeSite::with_workloads(
+        &[&tpm],
+        "1h",
+        &format!("spiffe://{TRUST_DOMAIN}/node/tpm/{{ek_hash}}"),
+        "",
+        &format!(
+            "workloads:\n  - spiffe_id: spiffe://{TRUST_DOMAIN}/workload/small\n    selectors: [\"unix:uid:{uid}\"]\n"
+        ),
+    );
+    let _server = site.start();
+    let agent_dir = tempfile::tempdir().unwrap();
+    let config = site.agent_config(&tpm, agent_dir.path());
+    let socket = agent_dir.path().join("api/agent.sock");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[workload_api]\nsocket = \"{}\"\n",
+        socket.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+
+    let check = Command::new(bin)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(check.status.success());
+    assert!(stdout(&check).ends_with(": ok\n"), "{}", stdout(&check));
+    let missing = Command::new(bin)
+        .args(["--config", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("herald-agent: error[config]"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+
+    let mut agent = common::node::Agent(
+        Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .env("HERALD_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    wait_status(agent_dir.path(), 60, "attested", |s| s.state == "ready");
+    assert_eq!(
+        common::node::x509_ids(&socket).await.unwrap(),
+        vec![format!("spiffe://{TRUST_DOMAIN}/workload/small")]
+    );
+    let kill = Command::new("kill")
+        .args(["-TERM", &agent.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = agent.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}

@@ -286,7 +286,7 @@ fn the_systemd_unit_is_hardened() {
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "CapabilityBoundingSet=",
-        "ExecStart=/usr/local/bin/herald agent --config /etc/herald/agent.toml",
+        "ExecStart=/usr/local/bin/herald-agent --config /etc/herald/agent.toml",
     ] {
         assert!(
             agent.lines().any(|l| l == line),
@@ -295,6 +295,7 @@ fn the_systemd_unit_is_hardened() {
     }
     let containerfile = std::fs::read_to_string(repo("deploy/container/Containerfile")).unwrap();
     assert!(containerfile.contains("USER nonroot"));
+    assert!(containerfile.contains("/usr/local/bin/herald-agent"));
 }
 
 #[test]
