@@ -618,7 +618,9 @@ fn the_readme_kubernetes_quickstart_names_manifests_that_fit_together() {
     // What the block creates by hand.
     let mut made: Vec<String> = words
         .windows(3)
-        .filter(|w| w[0] == "create" && (w[1] == "configmap" || w[1] == "generic"))
+        .filter(|w| {
+            (w[0] == "create" && w[1] == "configmap") || (w[0] == "secret" && w[1] == "generic")
+        })
         .map(|w| w[2].to_owned())
         .collect();
     made.extend(after("namespace"));
