@@ -285,7 +285,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 /// it exactly (`"512MiB"`), else bytes.
 fn serialize_size<S: serde::Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
     for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if *n != 0 && n % (1u64 << shift) == 0 {
+        if *n != 0 && n.is_multiple_of(1u64 << shift) {
             return s.serialize_str(&format!("{}{unit}", n >> shift));
         }
     }
