@@ -281,25 +281,37 @@ fn readme_block(name: &str) -> String {
     body.split_once("```").unwrap().0.to_owned()
 }
 
-#[test]
-fn the_readme_ci_exchange_quickstart_runs_as_written() {
-    require_tool("bash");
-    let server = DevServer::start();
-    // The quickstart runs from the repository root, where .herald-dev is
-    // the dev server's data directory: a scratch root with that link.
+/// `PATH` with the built `herald` first, as a reader who installed it has.
+fn path_with_herald() -> String {
+    let bin_dir = Path::new(herald_bin()).parent().unwrap();
+    format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap())
+}
+
+/// Runs README block `name` with bash beside `server`: from a scratch
+/// repository root (where the quickstarts run) whose `.herald-dev` is the
+/// dev server's data directory, with the server's addresses in
+/// `HERALD_SERVER` and `HERALD_HTTP`. Returns the output and the root.
+fn run_beside(server: &DevServer, name: &str) -> (std::process::Output, tempfile::TempDir) {
     let work = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(server.data.path(), work.path().join(".herald-dev")).unwrap();
-    let bin_dir = Path::new(herald_bin()).parent().unwrap();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
     let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &readme_block("ci-exchange")])
+        .args(["-euo", "pipefail", "-c", &readme_block(name)])
         .current_dir(work.path())
-        .env("PATH", path)
+        .env("PATH", path_with_herald())
         .env("HERALD_SERVER", format!("https://{}", server.addr("grpc")))
+        .env("HERALD_HTTP", format!("http://{}", server.addr("http")))
         .env("HERALD_DATA_DIR", server.data.path())
         .env_remove("HERALD_CONFIG")
         .output()
         .unwrap();
+    (out, work)
+}
+
+#[test]
+fn the_readme_ci_exchange_quickstart_runs_as_written() {
+    require_tool("bash");
+    let server = DevServer::start();
+    let (out, work) = run_beside(&server, "ci-exchange");
     let text = stdout(&ok(out));
     assert!(
         text.contains("spiffe://dev.herald.test/ci/dev/dev/demo"),
@@ -375,8 +387,7 @@ fn the_readme_swtpm_agent_quickstart_runs_as_written() {
         require_tool(tool);
     }
     let work = tempfile::tempdir().unwrap();
-    let bin_dir = Path::new(herald_bin()).parent().unwrap();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let path = path_with_herald();
     let (grpc, http) = (free_port(), free_port());
     // Output to files, not pipes: the block leaves the server, the agent
     // and swtpm running in the background, holding whatever it was given.
@@ -421,19 +432,7 @@ fn the_readme_serverless_quickstart_runs_as_written() {
         require_tool(tool);
     }
     let server = DevServer::start();
-    let work = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(server.data.path(), work.path().join(".herald-dev")).unwrap();
-    let bin_dir = Path::new(herald_bin()).parent().unwrap();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
-    let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &readme_block("serverless")])
-        .current_dir(work.path())
-        .env("PATH", path)
-        .env("HERALD_HTTP", format!("http://{}", server.addr("http")))
-        .env("HERALD_DATA_DIR", server.data.path())
-        .env_remove("HERALD_CONFIG")
-        .output()
-        .unwrap();
+    let (out, work) = run_beside(&server, "serverless");
     let text = stdout(&ok(out));
     assert!(text.contains("access key: ASIA"), "{text}");
     assert!(text.contains("expires:    20"), "{text}");
@@ -520,8 +519,7 @@ fn the_readme_real_tpm_quickstart_runs_on_a_software_tpm() {
     )
     .unwrap();
     let grpc = free_port();
-    let bin_dir = Path::new(herald_bin()).parent().unwrap();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let path = path_with_herald();
     let out = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &readme_block("tpm-device")])
         .current_dir(work.path())
