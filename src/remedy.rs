@@ -62,6 +62,9 @@ fn specific(code: &str, message: &str) -> Option<&'static str> {
         "unavailable" if message.contains("onnection refused") => Some(
             "nothing listens at that address: start the server (`herald server --config FILE`, or `--dev`) or point --server / HERALD_SERVER at its gRPC listener (listen.grpc, default 127.0.0.1:8443)",
         ),
+        "invalid_input" if message.contains("names no SPIFFE trust domain") => Some(
+            "--bundle is not a Herald trust bundle (its CA names no trust domain): use the server's bundle.pem, or name the server's identity with --server-spiffe-id (agent: server_spiffe_id)",
+        ),
         "startup" | "internal" if message.contains("ddress already in use") => Some(
             "another process holds that port (often an earlier `herald server`): find it with `ss -ltnp 'sport = :PORT'` and stop it, or listen elsewhere (listen.grpc / listen.http, HERALD_LISTEN_GRPC / HERALD_LISTEN_HTTP) and point clients there (--server / HERALD_SERVER)",
         ),
@@ -138,7 +141,7 @@ fn refusal(code: ErrorCode) -> &'static str {
             "check the command's arguments (`herald <command> --help`); the message names the field"
         }
         RequestTooLarge => {
-            "send less: the token, CSR or field exceeds the server's size cap (limits.* in its configuration)"
+            "send less: the token, CSR or field exceeds the server's size cap (a token's is max_token_bytes of its [[oidc.issuers]] entry)"
         }
         JoinTokenMalformed => {
             "pass the join token exactly as `herald token create` printed it (HERALD_JOIN_TOKEN keeps it out of the process list)"
@@ -154,7 +157,7 @@ fn refusal(code: ErrorCode) -> &'static str {
             "create a token for this use: `herald token create --purpose bootstrap|node|second-factor` (or --break-glass --reason)"
         }
         CsrMalformed | CsrSignatureInvalid | CsrUnsupportedKey => {
-            "let herald make the key and CSR (`herald svid mint`/`renew` do); a CSR of your own must be PKCS#10 with an ECDSA P-256/P-384 or RSA ≥ 2048 key, self-signed"
+            "let herald make the key and CSR (`herald svid mint`/`renew` do); a CSR of your own must be PKCS#10, self-signed, with a P-256, P-384, Ed25519 or RSA 2048-8192 key"
         }
         CsrRequestsCa => {
             "ask for a leaf certificate: SVIDs are never CAs (drop basicConstraints cA=true from the CSR)"
@@ -235,7 +238,7 @@ fn refusal(code: ErrorCode) -> &'static str {
             "narrow the session policy to actions and resources within the role's scope in the policy"
         }
         RateLimited => {
-            "slow down and retry with backoff; the server's limits are [rate_limit] in its configuration"
+            "slow down and retry with backoff; the server's limits per caller address are [rate_limit] per_caller_rate and per_caller_burst in its configuration (the agent's per uid: rate_limit in agent.toml)"
         }
         TpmStructureMalformed => {
             "the agent and server disagree on a TPM structure: run the same Herald version on both, and report it if they match"

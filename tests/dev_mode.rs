@@ -688,10 +688,12 @@ fn the_readme_kubernetes_quickstart_names_manifests_that_fit_together() {
     );
     assert!(block.contains("port-forward service/herald 8080:8080"));
     // The configurations they embed are valid.
+    let mut trust_domain = None;
     for d in &docs {
         if let Some(text) = d["data"]["herald.toml"].as_str() {
             let cfg = herald_server::ServerConfig::from_toml(text).unwrap();
             cfg.validate().unwrap();
+            trust_domain = Some(cfg.trust_domain.to_string());
         }
         if let Some(text) = d["data"]["agent.toml"].as_str() {
             let cfg = herald_agent::AgentConfig::parse(text).unwrap();
@@ -714,10 +716,12 @@ fn the_readme_kubernetes_quickstart_names_manifests_that_fit_together() {
         )
         .unwrap();
     }
+    // ... for the trust domain of the server the block deploys.
+    let trust_domain = trust_domain.expect("the server manifest embeds herald.toml");
     let out = Command::new(herald_bin())
         .args(["policy", "check"])
         .arg(policies.path())
-        .args(["--trust-domain", "example.org"])
+        .args(["--trust-domain", &trust_domain])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));

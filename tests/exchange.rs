@@ -1536,16 +1536,17 @@ async fn cli_errors_name_what_to_do() {
         untrusted.issuer()
     ))
     .await;
-    let exchange = |token: &str| {
+    let exchange_with = |bundle: &Path, token: &str| {
         Command::new(herald_bin())
             .args(["exchange", "--server", &env.server.url(), "--bundle"])
-            .arg(env.site.bundle_pem())
+            .arg(bundle)
             .args(["--token-env", "T", "--jwt-audience", "deployer"])
             .env("T", token)
             .env_remove("HERALD_KEK")
             .output()
             .unwrap()
     };
+    let exchange = |token: &str| exchange_with(&env.site.bundle_pem(), token);
 
     let token = untrusted.sign(
         Alg::RS256,
@@ -1554,6 +1555,21 @@ async fn cli_errors_name_what_to_do() {
     let fix = code_and_fix(&exchange(&token), "issuer_unavailable");
     assert!(fix.contains("extra_roots"), "{fix}");
     assert!(fix.contains("certificate"), "{fix}");
+
+    // A bundle that is no Herald bundle, and another Herald server's: the
+    // server's certificate is refused.
+    let fix = code_and_fix(
+        &exchange_with(untrusted.ca_pem_path(), &env.deploy_token()),
+        "invalid_input",
+    );
+    assert!(fix.contains("--server-spiffe-id"), "{fix}");
+    let stranger = Site::new();
+    let _stranger_server = stranger.start();
+    let fix = code_and_fix(
+        &exchange_with(&stranger.bundle_pem(), &env.deploy_token()),
+        "unavailable",
+    );
+    assert!(fix.contains("does not chain to --bundle"), "{fix}");
 
     // A token that is no JWT.
     let fix = code_and_fix(&exchange("not-a-jwt"), "token_malformed");
