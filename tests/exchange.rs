@@ -1571,6 +1571,22 @@ async fn cli_errors_name_what_to_do() {
     );
     assert!(fix.contains("does not chain to --bundle"), "{fix}");
 
+    // A call site that knows the cause gives its own fix.
+    let out = Command::new(herald_bin())
+        .args(["exchange", "--server", &env.server.url(), "--bundle"])
+        .arg(env.site.bundle_pem())
+        .args([
+            "--token-env",
+            "HERALD_TEST_UNSET",
+            "--jwt-audience",
+            "deployer",
+        ])
+        .env_remove("HERALD_TEST_UNSET")
+        .output()
+        .unwrap();
+    let fix = code_and_fix(&out, "invalid_request");
+    assert!(fix.contains("export HERALD_TEST_UNSET"), "{fix}");
+
     // A token that is no JWT.
     let fix = code_and_fix(&exchange("not-a-jwt"), "token_malformed");
     assert!(fix.contains("base64url"), "{fix}");
