@@ -684,6 +684,12 @@ async fn token_create(
             "a join token's SPIFFE ID needs a path",
         ));
     }
+    if id.is_reserved() {
+        return Err(CliError::new(
+            "spiffe_id_reserved",
+            format!("{id} is reserved for Herald's own services"),
+        ));
+    }
     let (max_ttl, max_name) = if token_use.purpose == JoinTokenPurpose::BreakGlass {
         (cfg.join_token.break_glass_max_ttl, "break_glass_max_ttl")
     } else {

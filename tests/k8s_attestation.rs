@@ -69,12 +69,16 @@ fn workloads() -> String {
   - spiffe_id: {}
     selectors: ["k8s:ns:prod", "k8s:sa:late"]
     ttl: 1h
+  - spiffe_id: "{}"
+    selectors: ["k8s:pod-label:tier:tenant"]
+    ttl: 1h
 "#,
         spiffe("ns/prod/sa/web"),
         spiffe("workload/web-pinned-image"),
         nginx_digest(),
         spiffe("ns/other/sa/web"),
         spiffe("ns/prod/sa/late"),
+        spiffe("tenant/{k8s:ns}/sa/{k8s:sa}"),
     )
 }
 
@@ -581,4 +585,69 @@ async fn concurrent_misses_share_one_fetch() {
         assert!(!l.await.unwrap().unwrap().is_empty());
     }
     assert_eq!(kubelet.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_registration_gives_each_service_account_its_own_identity() {
+    let rig = rig().await;
+    let tenant = |name: &str, ns: &str, uid: &str, sa: &str, c: char| {
+        let mut p = pod(name, uid, sa, &cid(c));
+        p.namespace = ns.into();
+        p.labels.push(("tier".into(), "tenant".into()));
+        p
+    };
+    const BILLING_UID: &str = "4e7f6a5b-8c9d-0e1f-2a3b-4c5d6e7f8091";
+    const SHOP_UID: &str = "5f8a7b6c-9d0e-1f2a-3b4c-5d6e7f809102";
+    const SHOP2_UID: &str = "6a9b8c7d-0e1f-2a3b-4c5d-6e7f80910213";
+    rig.kubelet.set_pods(vec![
+        tenant("billing-0", "alpha", BILLING_UID, "billing", 'c'),
+        tenant("shop-0", "beta", SHOP_UID, "shop", 'd'),
+        tenant("shop-1", "beta", SHOP2_UID, "shop", 'e'),
+    ]);
+    // Nothing was issued for the template ahead of time: the first caller
+    // of each service account gets its own SVID, issued on first use.
+    rig.be(BILLING_UID, &cid('c'));
+    assert_eq!(
+        x509_ids(&rig.socket).await.unwrap(),
+        vec![spiffe("tenant/alpha/sa/billing")]
+    );
+    rig.be(SHOP_UID, &cid('d'));
+    let started = Instant::now();
+    let first = first_svids(&rig.socket).await;
+    let first_use = started.elapsed();
+    assert_eq!(first[0].spiffe_id, spiffe("tenant/beta/sa/shop"));
+    // A second pod of the same service account shares that identity's SVID.
+    rig.be(SHOP2_UID, &cid('e'));
+    let started = Instant::now();
+    let second = first_svids(&rig.socket).await;
+    let shared = started.elapsed();
+    eprintln!(
+        "template instance: first use (built, issued) {:.1} ms, another pod of the same account {:.1} ms",
+        first_use.as_secs_f64() * 1e3,
+        shared.as_secs_f64() * 1e3
+    );
+    assert_eq!(second.len(), 1);
+    assert_eq!(
+        leaf_serial(&second[0].x509_svid),
+        leaf_serial(&first[0].x509_svid)
+    );
+}
+
+/// The first X.509-SVID answer's SVIDs.
+async fn first_svids(socket: &std::path::Path) -> Vec<herald_proto::workload::X509svid> {
+    let mut stream = common::node::raw_client(socket)
+        .await
+        .fetch_x509svid(common::node::with_header(
+            herald_proto::workload::X509svidRequest {},
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap().svids
+}
+
+/// The leaf's serial (the SVID bytes are the DER chain, leaf first).
+fn leaf_serial(chain: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(chain).unwrap();
+    cert.raw_serial_as_string()
 }

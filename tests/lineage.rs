@@ -105,6 +105,43 @@ async fn a_join_token_serves_only_its_purpose() {
     assert!(refused(&["--purpose", "second-factor"]).contains("--policy"));
     assert!(!refused(&["--break-glass"]).is_empty());
     assert!(refused(&["--break-glass", "--reason", "x", "--ttl", "2h"]).contains("ttl_too_long"));
+
+    // The server's own identity: this bootstrap policy's prefix is the whole
+    // trust domain, yet no token (not even one written straight into the
+    // store) mints spiffe://<td>/herald/server — clients pin the server by it.
+    let server_id = format!("spiffe://{TRUST_DOMAIN}/herald/server");
+    let out = site.herald(&["token", "create", "--spiffe-id", &server_id]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("spiffe_id_reserved"),
+        "{}",
+        stderr(&out)
+    );
+    let forged = herald_attest::join_token::generate().unwrap();
+    store
+        .create_join_token(
+            NewJoinToken {
+                token_hash: forged.hash,
+                token_id: forged.token_id.clone(),
+                spiffe_id: server_id.clone(),
+                created_at: now(),
+                expires_at: now() + 600,
+                created_by: "operator:mallory".into(),
+                purpose: JoinTokenPurpose::Bootstrap,
+                policies: Vec::new(),
+                reason: None,
+            },
+            herald_core::AuditEvent::new("join_token.create", "operator:mallory"),
+        )
+        .await
+        .unwrap();
+    assert_refused(
+        &store,
+        client.mint_x509_svid(&forged.token, csr()).await,
+        ErrorCode::SpiffeIdReserved,
+        "x509_svid.mint",
+    )
+    .await;
     drop(server);
 }
 

@@ -123,6 +123,7 @@ error_codes! {
     LineageTooOld => "lineage_too_old", PermissionDenied, "The credential's lineage is older than its policy's max_lineage_age: present fresh evidence.";
     SvidRecordMismatch => "svid_record_mismatch", Unauthenticated, "The presented certificate differs from Herald's record of its serial (SPIFFE ID, key or issuing CA key).";
     DnsNameReserved => "dns_name_reserved", PermissionDenied, "The grant names one of the server's own DNS names (tls.dns_names); no workload may pose as the server.";
+    SpiffeIdReserved => "spiffe_id_reserved", PermissionDenied, "The grant names an identity under spiffe://<td>/herald/, reserved for Herald's own services (clients pin the server by it); no caller may hold one.";
     ClientUnauthenticated => "client_unauthenticated", Unauthenticated, "The caller of an authenticated endpoint (introspection) presented no valid credential.";
     FederationBundleRefused => "federation_bundle_refused", InvalidArgument, "A federated trust domain's bundle document was refused (another trust domain, an older spiffe_sequence, malformed, oversized or holding a private key); the last good bundle stays.";
     FederationEndpointUnreachable => "federation_endpoint_unreachable", Unavailable, "A federated trust domain's bundle endpoint could not be fetched (connection, TLS, endpoint SPIFFE ID, HTTP status or timeout); the last good bundle stays.";

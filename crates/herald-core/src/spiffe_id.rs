@@ -16,6 +16,10 @@ const SCHEME: &str = "spiffe://";
 pub const MAX_SPIFFE_ID_LEN: usize = 2048;
 /// Longest trust domain accepted, in bytes.
 pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
+/// The path under which Herald's own identities live (the server's is
+/// `/herald/server`). Clients pin the server by its SPIFFE ID, so no
+/// policy may grant anything here.
+pub const RESERVED_PATH: &str = "/herald";
 
 /// Why a string is not a valid SPIFFE ID or trust domain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +114,14 @@ fn is_path_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')
 }
 
+/// Whether `s` can stand as one SPIFFE ID path segment exactly as it is:
+/// non-empty, not `.` or `..`, only `[A-Za-z0-9._-]` — so a value put into
+/// an ID (a claim, a selector) can never add a segment, a dot segment, a
+/// percent-escape or another trust domain.
+pub fn is_segment(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && s.chars().all(is_path_char)
+}
+
 fn validate_path(path: &str) -> Result<(), SpiffeIdError> {
     if path.is_empty() {
         return Ok(());
@@ -200,6 +212,13 @@ impl SpiffeId {
         }
         let (p, q) = (self.path(), prefix.path());
         p == q || (p.starts_with(q) && p.as_bytes().get(q.len()) == Some(&b'/'))
+    }
+
+    /// True when the ID is one of Herald's own ([`RESERVED_PATH`]).
+    pub fn is_reserved(&self) -> bool {
+        let p = self.path();
+        p.strip_prefix(RESERVED_PATH)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     }
 }
 
@@ -314,6 +333,20 @@ mod tests {
             SpiffeId::parse(&long),
             Err(SpiffeIdError::TooLong(2049, MAX_SPIFFE_ID_LEN))
         );
+    }
+
+    #[test]
+    fn herald_paths_are_reserved() {
+        for (id, reserved) in [
+            ("spiffe://td/herald/server", true),
+            ("spiffe://td/herald", true),
+            ("spiffe://td/herald/x/y", true),
+            ("spiffe://td/heraldx", false),
+            ("spiffe://td/ci/herald/server", false),
+            ("spiffe://td", false),
+        ] {
+            assert_eq!(SpiffeId::parse(id).unwrap().is_reserved(), reserved, "{id}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Claim paths, pin comparison and SPIFFE ID templates.
 
+use herald_core::spiffe_id::is_segment;
 use serde_json::{Map, Value};
 
 /// Resolves a dotted claim path. Keys may themselves contain dots
@@ -53,15 +54,6 @@ pub struct Template {
 enum Part {
     Literal(String),
     Claim(String),
-}
-
-/// Characters a claim value may contribute to a SPIFFE ID path segment.
-fn segment_safe(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
 }
 
 impl Template {
@@ -122,7 +114,7 @@ impl Template {
                         .ok_or_else(|| format!("claim `{path}` is missing"))?;
                     let text =
                         scalar_text(v).ok_or_else(|| format!("claim `{path}` is not a scalar"))?;
-                    if !segment_safe(&text) {
+                    if !is_segment(&text) {
                         return Err(format!(
                             "claim `{path}` is not usable in a SPIFFE ID (empty, a dot segment, or a character outside [A-Za-z0-9._-])"
                         ));

@@ -227,6 +227,12 @@ fn describe(path: &Path, f: &PolicyFile, tests: usize, failed: usize) -> String 
             if !w.federates_with.is_empty() {
                 extras.push(format!("the bundles of {}", w.federates_with.join(", ")));
             }
+            if herald_core::IdTemplate::is_template(&w.spiffe_id) {
+                extras.push(
+                    "one identity per caller, its placeholders filled from the caller's own selectors"
+                        .into(),
+                );
+            }
             let _ = writeln!(
                 o,
                 "  {} to callers matching all of: {}{}",

@@ -20,6 +20,7 @@ use std::sync::{Arc, OnceLock};
 use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue, operators};
 use cel::extractors::This;
 use cel::{Context, Env, ExecutionError, Program};
+use herald_core::spiffe_id::is_segment;
 use serde_json::{Map, Value};
 
 /// The variables an expression may reference.
@@ -39,6 +40,11 @@ pub const MAX_CLAIM_VALUES: usize = 4_096;
 pub const MAX_CLAIM_DEPTH: usize = 16;
 /// Longest regex pattern.
 pub const MAX_PATTERN_BYTES: usize = 1_024;
+/// Deepest nesting of brackets — `(`, `[`, `{`, calls included — outside
+/// string literals. The CEL parser and evaluator recurse once per level:
+/// an unoptimised build overflows a 2 MiB thread (a Tokio worker's) at
+/// about 11, so the limit is checked before the parser ever runs.
+pub const MAX_NESTING: usize = 8;
 
 /// What an expression computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,13 +87,43 @@ fn measure(v: &Value, depth: usize, count: &mut usize) -> Result<(), String> {
     }
 }
 
-/// Whether `s` is one safe SPIFFE ID path segment.
-pub fn is_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+/// The deepest bracket nesting of a CEL source outside its string and
+/// bytes literals (quoted with `'`, `"`, or tripled; `r`-prefixed ones
+/// take no escapes).
+fn nesting(source: &str) -> usize {
+    let b = source.as_bytes();
+    let (mut depth, mut max, mut i) = (0usize, 0usize, 0usize);
+    while i < b.len() {
+        match b[i] {
+            q @ (b'"' | b'\'') => {
+                // A prefix (`r`, `b`, `rb`, `br`, any case) only when not
+                // the tail of an identifier, exactly as CEL lexes it.
+                let mut j = i;
+                while j > 0 && i - j < 2 && matches!(b[j - 1], b'r' | b'R' | b'b' | b'B') {
+                    j -= 1;
+                }
+                let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+                let raw = (j == 0 || !ident(b[j - 1]))
+                    && b[j..i].iter().any(|c| matches!(c, b'r' | b'R'));
+                let triple = b[i..].starts_with(&[q, q, q]);
+                let close: &[u8] = if triple { &[q, q, q] } else { &[q] };
+                i += close.len();
+                while i < b.len() && !b[i..].starts_with(close) {
+                    i += if b[i] == b'\\' && !raw { 2 } else { 1 };
+                }
+                i += close.len();
+                continue;
+            }
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    max
 }
 
 /// A call on the `sub` claim found in an expression: the method and its
@@ -122,6 +158,11 @@ impl Compiled {
     pub fn compile(source: &str, role: Role) -> Result<Self, String> {
         if source.len() > MAX_EXPRESSION_BYTES {
             return Err(format!("expression exceeds {MAX_EXPRESSION_BYTES} bytes"));
+        }
+        if nesting(source) > MAX_NESTING {
+            return Err(format!(
+                "expression nests brackets more than {MAX_NESTING} deep"
+            ));
         }
         let program = Program::compile(source).map_err(|e| format!("CEL: {e}"))?;
         let root = program.expression();
@@ -506,6 +547,40 @@ fn entry_vars(e: &EntryExpr, bound: &mut Vec<String>, out: &mut BTreeSet<String>
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn nesting_is_bounded_before_the_parser_runs() {
+        for (src, depth) in [
+            ("claims.a == 1", 0),
+            ("size([(1)])", 3),
+            (r#"claims.x == "((((((((((((" && (true)"#, 1),
+            (r#"claims.x == '\'(((' && (true)"#, 1),
+            (r#"claims.x == r"\" && ((true))"#, 2),
+            (r#"claims.x == R'\' && [[1]] == [[1]]"#, 2),
+            (r#"claims.x == xr"\"(((" && (1)"#, 1),
+            (r#"claims.x == """a"(((""" && [1]"#, 1),
+            ("{1: {2: [3]}}", 3),
+        ] {
+            assert_eq!(nesting(src), depth, "{src}");
+        }
+        // One level past the limit is refused with a reason, in every
+        // bracket kind; at the limit it compiles.
+        for (open, close) in [("(", ")"), ("[", "]"), ("size(", ")")] {
+            let at = format!(
+                "{}1{} == 1",
+                open.repeat(MAX_NESTING),
+                close.repeat(MAX_NESTING)
+            );
+            Compiled::compile(&at, Role::Condition)
+                .map(|_| ())
+                .unwrap_or_else(|e| {
+                    assert!(!e.contains("nests"), "{at}: {e}");
+                });
+            let past = format!("{open}{at}{close}");
+            let e = Compiled::compile(&past, Role::Condition).unwrap_err();
+            assert!(e.contains("nests brackets"), "{past}: {e}");
+        }
+    }
 
     fn claims() -> cel::Value {
         claims_value(

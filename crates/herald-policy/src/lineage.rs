@@ -124,20 +124,28 @@ impl PolicySet {
     /// A workload identity for a node's agent: the node's policy must
     /// register `spiffe_id` for its workloads; the grants are the
     /// registration's (TTL, DNS names, JWT audiences, cloud role).
+    ///
+    /// A template registration admits every ID it could build for a
+    /// caller holding its selectors; the agent, which attests the caller,
+    /// chooses which one. A fixed registration wins over a template for
+    /// the same ID (its grants are the more specific).
     pub fn workload(&self, node: &VerifiedSvid, spiffe_id: &str) -> Result<Decision, Denial> {
         let policy = self.node_policy(node)?;
-        let reg = policy
-            .registrations()
+        let not_registered = || Denial {
+            code: ErrorCode::WorkloadNotRegistered,
+            policy: Some(policy.name.clone()),
+            reason: format!("{spiffe_id} is not registered for this node's workloads"),
+        };
+        let id = herald_core::SpiffeId::parse(spiffe_id).map_err(|_| not_registered())?;
+        let regs = policy.registrations();
+        let reg = regs
             .iter()
-            .find(|r| r.spiffe_id.as_str() == spiffe_id)
-            .ok_or_else(|| Denial {
-                code: ErrorCode::WorkloadNotRegistered,
-                policy: Some(policy.name.clone()),
-                reason: format!("{spiffe_id} is not registered for this node's workloads"),
-            })?;
+            .find(|r| matches!(&r.spiffe_id, herald_core::RegisteredId::Exact(e) if *e == id))
+            .or_else(|| regs.iter().find(|r| r.spiffe_id.admits(&id, &r.selectors)))
+            .ok_or_else(not_registered)?;
         Ok(Decision {
             policy: policy.name.clone(),
-            spiffe_id: reg.spiffe_id.clone(),
+            spiffe_id: id,
             grants: Grants {
                 x509_svid: Some(X509Grant {
                     max_ttl: reg.ttl,

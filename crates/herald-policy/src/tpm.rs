@@ -180,8 +180,9 @@ pub const DEFAULT_WORKLOAD_TTL: std::time::Duration = std::time::Duration::from_
 /// node's Workload API socket matching every selector get `spiffe_id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
-    /// The workload's SPIFFE ID.
-    pub spiffe_id: herald_core::SpiffeId,
+    /// The workload's SPIFFE ID, or a template filled from each caller's
+    /// selectors (`spiffe://td/ns/{k8s:ns}/sa/{k8s:sa}`).
+    pub spiffe_id: herald_core::RegisteredId,
     /// All must match the caller.
     pub selectors: Vec<herald_core::Selector>,
     /// X.509 SVID lifetime.
@@ -217,23 +218,37 @@ pub(crate) fn compile_workloads(
     if specs.len() > MAX_REGISTRATIONS {
         errors.push(format!("at most {MAX_REGISTRATIONS} workloads per policy"));
     }
+    // The node identities' prefix and Herald's own IDs: no registration
+    // (nor any expansion of a template) may land under either.
+    let node_prefix_id = herald_core::SpiffeId::parse(node_prefix.trim_end_matches('/')).ok();
+    let reserved_id = trust_domain
+        .spiffe_id(herald_core::spiffe_id::RESERVED_PATH)
+        .ok();
     for (i, w) in specs.iter().enumerate() {
         let at = |m: String| format!("workloads[{i}]: {m}");
-        let id = match herald_core::SpiffeId::parse(&w.spiffe_id) {
-            Ok(id) if id.trust_domain() == trust_domain => Some(id),
-            Ok(_) => {
-                errors.push(at(format!("{} is not in {trust_domain}", w.spiffe_id)));
-                None
-            }
+        let id = match herald_core::RegisteredId::parse(&w.spiffe_id, trust_domain) {
+            Ok(id) => Some(id),
             Err(e) => {
-                errors.push(at(e.to_string()));
+                errors.push(at(format!("{}: {e}", w.spiffe_id)));
                 None
             }
         };
-        if w.spiffe_id.starts_with(node_prefix) {
-            errors.push(at(
-                "a workload ID may not sit under the node identities' prefix".into(),
-            ));
+        if let Some(id) = &id {
+            let under = |p: &Option<herald_core::SpiffeId>| {
+                p.as_ref().is_some_and(|p| id.could_be_under(p))
+            };
+            if under(&node_prefix_id) || w.spiffe_id.starts_with(node_prefix) {
+                errors.push(at(
+                    "a workload ID may not sit under the node identities' prefix".into(),
+                ));
+            }
+            if under(&reserved_id) {
+                errors.push(at(format!(
+                    "{} can name an identity under spiffe://{trust_domain}{}, reserved for Herald's own services",
+                    w.spiffe_id,
+                    herald_core::spiffe_id::RESERVED_PATH
+                )));
+            }
         }
         let mut selectors = Vec::new();
         for s in &w.selectors {

@@ -586,7 +586,12 @@ fn broken_tpm_policies_are_refused_with_reasons() {
 fn node_policies_register_workloads_and_refuse_broken_registrations() {
     let set = PolicySet::load_dir(&examples(), &opts()).unwrap();
     let regs = set.policy("tpm-nodes").unwrap().registrations();
-    assert_eq!(regs.len(), 3);
+    assert_eq!(regs.len(), 4);
+    assert!(matches!(
+        &regs[3].spiffe_id,
+        herald_core::RegisteredId::Template(t)
+            if t.as_str() == "spiffe://dev.herald.test/ns/{k8s:ns}/sa/{k8s:sa}"
+    ));
     assert_eq!(
         regs[2].selectors,
         vec![
@@ -643,6 +648,89 @@ fn node_policies_register_workloads_and_refuse_broken_registrations() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("node identities' prefix"), "{e}");
+    // Templates: checked whole at load — a placeholder is a whole segment
+    // naming a single-valued selector kind, and no expansion may reach the
+    // node identities or Herald's own.
+    for (template, reason) in [
+        ("spiffe://dev.herald.test/ns-{k8s:ns}", "whole path segment"),
+        (
+            "spiffe://dev.herald.test/{k8s:pod-label}",
+            "unknown placeholder",
+        ),
+        ("spiffe://other.test/{k8s:ns}", "not in trust domain"),
+        (
+            "spiffe://dev.herald.test/{k8s:ns}/x",
+            "node identities' prefix",
+        ),
+        (
+            "spiffe://dev.herald.test/{k8s:sa}",
+            "reserved for Herald's own",
+        ),
+        (
+            "spiffe://dev.herald.test/herald/x",
+            "reserved for Herald's own",
+        ),
+    ] {
+        let text = no_tests.replace(
+            "spiffe_id: spiffe://dev.herald.test/workload/web",
+            &format!("spiffe_id: \"{template}\""),
+        );
+        let e = PolicySet::from_sources(&[(examples().join("tpm-node.yaml"), text)], &opts())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(reason), "{template}: {e}");
+    }
+}
+
+#[test]
+fn a_template_registration_admits_only_what_it_could_build() {
+    use herald_attest::VerifiedSvid;
+    use herald_core::Origin;
+    let set = PolicySet::load_dir(&examples(), &opts()).unwrap();
+    let node = VerifiedSvid {
+        spiffe_id: SpiffeId::parse("spiffe://dev.herald.test/node/tpm/abc").unwrap(),
+        serial: "01".into(),
+        not_before: 0,
+        not_after: i64::MAX,
+        spki_sha256: String::new(),
+        dns_names: Vec::new(),
+        cert_sha256: String::new(),
+        origin: Origin::Node,
+        policy: Some("tpm-nodes".into()),
+        root_serial: "01".into(),
+        root_at: 0,
+    };
+    // `spiffe://…/ns/{k8s:ns}/sa/{k8s:sa}` registered for `k8s:ns:apps`.
+    let d = set
+        .workload(&node, "spiffe://dev.herald.test/ns/apps/sa/billing")
+        .unwrap();
+    assert_eq!(
+        d.spiffe_id.as_str(),
+        "spiffe://dev.herald.test/ns/apps/sa/billing"
+    );
+    assert_eq!(d.policy, "tpm-nodes");
+    let x509 = d.grants.x509_svid.unwrap();
+    assert_eq!(x509.max_ttl, std::time::Duration::from_secs(1800));
+    // The fixed registration of the same shape keeps its own grants.
+    assert!(
+        set.workload(&node, "spiffe://dev.herald.test/ns/payments/sa/api")
+            .is_ok()
+    );
+    for refused in [
+        // The namespace the registration fixes, and nothing else.
+        "spiffe://dev.herald.test/ns/payments/sa/billing",
+        // Not the template's shape.
+        "spiffe://dev.herald.test/ns/apps/sa/billing/extra",
+        "spiffe://dev.herald.test/ns/apps/sb/billing",
+        "spiffe://dev.herald.test/ns/apps/sa/%2e%2e",
+    ] {
+        let e = set.workload(&node, refused).unwrap_err();
+        assert_eq!(
+            e.code,
+            herald_core::ErrorCode::WorkloadNotRegistered,
+            "{refused}"
+        );
+    }
 }
 
 #[test]

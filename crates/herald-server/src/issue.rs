@@ -116,6 +116,19 @@ pub(crate) fn issue(
             root_at,
         }
     };
+    // Checked here, on every credential kind, because this is the one
+    // place every identity passes: policies are also refused at load when
+    // they name a reserved ID, but a prefix of the whole trust domain or a
+    // claim-built ID can still land on one.
+    if decision.spiffe_id.is_reserved() {
+        return Err(Refusal::new(
+            ErrorCode::SpiffeIdReserved,
+            format!(
+                "{} is reserved for Herald's own services",
+                decision.spiffe_id
+            ),
+        ));
+    }
     match (grant, wanted) {
         (Grant::X509Svid { ttl, dns_names }, RequestedCredential::X509Svid { csr, .. }) => {
             if csr.len() > MAX_CSR_LEN {

@@ -41,6 +41,8 @@ use crate::config::WorkloadApiConfig;
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 /// How long a first fetch waits for the agent's first sync or first SVIDs.
 const FIRST_STATE_WAIT: Duration = Duration::from_secs(30);
+/// Longest the first X.509-SVID answer waits for SVIDs still being issued.
+const FIRST_COMPLETE_WAIT: Duration = Duration::from_secs(10);
 
 /// The Workload API service.
 #[derive(Debug, Clone)]
@@ -364,6 +366,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
             let mut last: Option<Vec<String>> = None;
             // The caller was attested just now: the first push needs no check.
             let mut checked = true;
+            // A template instance is issued on first use: the first answer
+            // waits (a bounded time) for every SVID the caller is entitled
+            // to, so a one-shot fetch gets them all.
+            let complete_by = tokio::time::Instant::now() + FIRST_COMPLETE_WAIT;
             loop {
                 changes.borrow_and_update();
                 if !std::mem::take(&mut checked)
@@ -379,6 +385,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         .send(Err(Status::permission_denied("no identity issued")))
                         .await;
                     return;
+                }
+                let incomplete = last.is_none()
+                    && entries.iter().any(|e| e.svid.is_none())
+                    && tokio::time::Instant::now() < complete_by;
+                if incomplete {
+                    tokio::select! {
+                        r = changes.changed() => if r.is_err() { return },
+                        () = tokio::time::sleep_until(complete_by) => {}
+                        () = tx.closed() => return,
+                    }
+                    continue;
                 }
                 if let Some(resp) = api.x509_response(&entries, &facts.selectors) {
                     // Push only when something changed: serials or the set's revision.

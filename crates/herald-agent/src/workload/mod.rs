@@ -5,7 +5,12 @@
 //!
 //! One [`WorkloadCache`] holds the state; every change bumps its
 //! generation, which wakes every open Workload API stream to push the full
-//! new state. [`run_sync`] keeps the registrations and bundle current from
+//! new state. A registration may be a template
+//! (`spiffe://td/ns/{k8s:ns}/sa/{k8s:sa}`): the cache builds an instance of
+//! it for each distinct caller identity when that caller first asks
+//! ([`WorkloadCache::matching`]), the rotation issues and renews instances
+//! like any registration, and drops one no caller has asked for since its
+//! SVID was issued. [`run_sync`] keeps the registrations and bundle current from
 //! the server's stream; [`run_rotation`] issues and renews SVIDs in
 //! batches at about half their lifetime, each SVID with its own jitter so
 //! the renewals of a thousand workloads spread out.
@@ -21,12 +26,13 @@ pub mod sds;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use herald_client::files;
 use herald_client::{ClientError, ClientIdentity, HeraldClient, ServerId, keys};
-use herald_core::Selector;
+use herald_core::{IdTemplate, Selector, TrustDomain};
 use herald_proto::v1::workload_service_client::WorkloadServiceClient;
 use herald_proto::v1::{
     BatchNewX509SvidsRequest, CloudCredentials, NewCloudCredentialsRequest, NewJwtSvidRequest,
@@ -38,6 +44,12 @@ use zeroize::Zeroizing;
 
 /// Most SVIDs asked for in one call (the server's cap).
 pub const BATCH: usize = 100;
+/// Most template instances held at once: each is an SVID and its key in
+/// memory, and callers (pods) can come and go faster than instances idle
+/// out, so the count is capped rather than left to the callers.
+pub const MAX_INSTANCES: usize = 10_000;
+/// How long an SVID the server refused is left before it is asked again.
+const REFUSED_RETRY_S: i64 = 30;
 
 /// A registration as the agent holds it.
 #[derive(Debug, Clone)]
@@ -56,6 +68,36 @@ pub struct Entry {
     pub federates_with: Vec<String>,
     /// The current SVID, once issued.
     pub svid: Option<Arc<CachedSvid>>,
+    /// Set on a template registration (its `spiffe_id` is the template):
+    /// callers get instances built from it, never the template itself.
+    pub template: Option<IdTemplate>,
+    /// On an instance of a template: when a caller last asked for it, Unix
+    /// seconds (shared by every clone).
+    last_used: Option<Arc<AtomicI64>>,
+}
+
+impl Entry {
+    /// An instance of this template registration for `spiffe_id`.
+    fn instance(&self, spiffe_id: String, now: i64) -> Entry {
+        Entry {
+            spiffe_id,
+            template: None,
+            svid: None,
+            last_used: Some(Arc::new(AtomicI64::new(now))),
+            ..self.clone()
+        }
+    }
+
+    /// Whether this is an instance no caller has asked for since its SVID
+    /// was issued, now that the SVID falls due: it is dropped, not renewed.
+    fn idle(&self, now: i64) -> bool {
+        match (&self.last_used, &self.svid) {
+            (Some(used), Some(svid)) => {
+                svid.renew_at <= now && used.load(Ordering::Relaxed) < svid.issued_at
+            }
+            _ => false,
+        }
+    }
 }
 
 /// An X.509 SVID and its key, in memory only.
@@ -69,6 +111,8 @@ pub struct CachedSvid {
     pub serial: String,
     /// notAfter, Unix seconds.
     pub expires_at: i64,
+    /// When the agent received it, Unix seconds.
+    pub issued_at: i64,
     /// When to renew it, Unix seconds (half-life ± jitter).
     pub renew_at: i64,
 }
@@ -80,6 +124,8 @@ pub struct State {
     pub trust_domain: String,
     /// Registrations, in the server's order.
     pub entries: Vec<Entry>,
+    /// Instances of template registrations, built per caller identity.
+    pub instances: Vec<Entry>,
     /// X.509 authorities, DER.
     pub bundle_x509: Vec<Vec<u8>>,
     /// The SPIFFE bundle as JWKS JSON (X.509 and JWT authorities).
@@ -120,6 +166,57 @@ impl State {
             })
             .collect()
     }
+
+    /// The instance of template registration `e` for `id`, if built.
+    fn instance_of(&self, e: &Entry, id: &str) -> Option<&Entry> {
+        self.instances
+            .iter()
+            .find(|i| i.spiffe_id == id && i.selectors == e.selectors)
+    }
+
+    /// The template instances a caller with `facts` needs that are not built yet.
+    fn missing_instances(&self, facts: &[Selector]) -> Vec<(Entry, String)> {
+        self.entries
+            .iter()
+            .filter(|e| herald_core::selector::matches(&e.selectors, facts))
+            .filter_map(|e| {
+                let id = e.template.as_ref()?.expand(facts)?;
+                self.instance_of(e, id.as_str())
+                    .is_none()
+                    .then(|| (e.clone(), id.to_string()))
+            })
+            .collect()
+    }
+
+    /// What a caller with `facts` is entitled to, in registration order:
+    /// fixed registrations as they are, templates as the caller's instance
+    /// (marked as used now). A template the caller holds no value for
+    /// gives nothing.
+    fn entitled(&self, facts: &[Selector], now: i64) -> Vec<Entry> {
+        self.entries
+            .iter()
+            .filter(|e| herald_core::selector::matches(&e.selectors, facts))
+            .filter_map(|e| match &e.template {
+                None => Some(e.clone()),
+                Some(t) => {
+                    let id = t.expand(facts)?;
+                    let i = self.instance_of(e, id.as_str())?;
+                    if let Some(used) = &i.last_used {
+                        used.fetch_max(now, Ordering::Relaxed);
+                    }
+                    Some(i.clone())
+                }
+            })
+            .collect()
+    }
+
+    /// Every entry the rotation keeps an SVID for.
+    fn issued(&self) -> impl Iterator<Item = &Entry> {
+        self.entries
+            .iter()
+            .filter(|e| e.template.is_none())
+            .chain(&self.instances)
+    }
 }
 
 /// JWT-SVIDs by (SPIFFE ID, sorted audiences): (token, received, expiry).
@@ -132,6 +229,8 @@ pub struct WorkloadCache {
     changed: watch::Sender<u64>,
     jwts: Mutex<JwtCache>,
     clouds: Mutex<HashMap<String, (CloudCredentials, i64, i64)>>,
+    /// SPIFFE IDs the server refused, and when to ask again (Unix seconds).
+    refused: Mutex<HashMap<String, i64>>,
     renew_fraction: f64,
     jitter_fraction: f64,
 }
@@ -150,6 +249,7 @@ impl WorkloadCache {
             changed: watch::Sender::new(0),
             jwts: Mutex::new(HashMap::new()),
             clouds: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
             renew_fraction,
             jitter_fraction,
         })
@@ -196,7 +296,8 @@ impl WorkloadCache {
     }
 
     /// Replaces the registrations and bundle with the server's set,
-    /// keeping the SVIDs of registrations that did not change.
+    /// keeping the SVIDs of registrations that did not change, and the
+    /// instances of templates that did not change.
     pub fn apply(&self, set: RegistrationSet) {
         self.write(|s| {
             let mut old: HashMap<(String, Vec<Selector>), Arc<CachedSvid>> = s
@@ -204,6 +305,10 @@ impl WorkloadCache {
                 .drain(..)
                 .filter_map(|e| Some(((e.spiffe_id, e.selectors), e.svid?)))
                 .collect();
+            if let Some(b) = &set.bundle {
+                s.trust_domain = b.trust_domain.clone();
+            }
+            let td = TrustDomain::new(&s.trust_domain).ok();
             s.entries = set
                 .registrations
                 .into_iter()
@@ -214,9 +319,17 @@ impl WorkloadCache {
                         .filter_map(|t| Selector::parse(t).ok())
                         .collect();
                     selectors.sort();
-                    // A selector this agent cannot parse makes the
-                    // registration unmatchable rather than broader.
-                    if selectors.len() != r.selectors.len() {
+                    let template = IdTemplate::is_template(&r.spiffe_id)
+                        .then(|| {
+                            td.as_ref()
+                                .and_then(|td| IdTemplate::parse(&r.spiffe_id, td).ok())
+                        })
+                        .flatten();
+                    // A selector (or a template) this agent cannot parse
+                    // makes the registration unmatchable rather than broader.
+                    if selectors.len() != r.selectors.len()
+                        || (template.is_none() && IdTemplate::is_template(&r.spiffe_id))
+                    {
                         selectors.clear();
                     }
                     let svid = old.remove(&(r.spiffe_id.clone(), selectors.clone()));
@@ -227,12 +340,33 @@ impl WorkloadCache {
                         hint: r.hint,
                         cloud_role: r.cloud_role,
                         federates_with: r.federates_with,
-                        svid,
+                        svid: svid.filter(|_| template.is_none()),
+                        template,
+                        last_used: None,
                     }
                 })
                 .collect();
+            // An instance lives on, with its template's new settings, while
+            // its template (same text, same selectors) is still registered.
+            let instances = std::mem::take(&mut s.instances);
+            s.instances = instances
+                .into_iter()
+                .filter_map(|i| {
+                    let t = s.entries.iter().find(|e| {
+                        e.selectors == i.selectors
+                            && e.template.as_ref().is_some_and(|t| {
+                                herald_core::SpiffeId::parse(&i.spiffe_id)
+                                    .is_ok_and(|id| t.admits(&id, &e.selectors))
+                            })
+                    })?;
+                    Some(Entry {
+                        svid: i.svid,
+                        last_used: i.last_used,
+                        ..t.instance(i.spiffe_id, 0)
+                    })
+                })
+                .collect();
             if let Some(b) = set.bundle {
-                s.trust_domain = b.trust_domain;
                 s.bundle_x509 = b.x509_authorities;
                 s.bundle_jwks = b.jwks;
             }
@@ -250,24 +384,45 @@ impl WorkloadCache {
         });
     }
 
-    /// The entries a caller with `facts` is entitled to.
+    /// The entries a caller with `facts` is entitled to. A template
+    /// registration the caller matches gives it its own instance, built
+    /// (without an SVID yet: the rotation issues it and every stream is
+    /// woken) the first time that identity is asked for.
     pub fn matching(&self, facts: &[Selector]) -> Vec<Entry> {
-        self.read(|s| {
-            s.entries
-                .iter()
-                .filter(|e| herald_core::selector::matches(&e.selectors, facts))
-                .cloned()
-                .collect()
-        })
+        let now = now_s();
+        if !self.read(|s| s.missing_instances(facts)).is_empty() {
+            self.write(|s| {
+                // Built again under the write lock: another caller may have
+                // built some meanwhile.
+                for (template, id) in s.missing_instances(facts) {
+                    if s.instances.len() >= MAX_INSTANCES {
+                        tracing::warn!(
+                            spiffe_id = %id,
+                            max = MAX_INSTANCES,
+                            "template instance not built: the agent holds its maximum"
+                        );
+                        break;
+                    }
+                    s.instances.push(template.instance(id, now));
+                }
+            });
+        }
+        self.read(|s| s.entitled(facts, now))
     }
 
-    /// Registrations whose SVID is missing or due, oldest first.
+    /// Registrations whose SVID is missing or due, oldest first, and not
+    /// refused by the server a moment ago. Instances no caller asked for
+    /// since their SVID was issued are dropped here instead.
     fn due(&self, now: i64) -> Vec<String> {
+        if self.read(|s| s.instances.iter().any(|i| i.idle(now))) {
+            self.write(|s| s.instances.retain(|i| !i.idle(now)));
+        }
+        let refused = self.refused.lock().map(|m| m.clone()).unwrap_or_default();
         self.read(|s| {
             let mut v: Vec<(i64, String)> = s
-                .entries
-                .iter()
+                .issued()
                 .filter(|e| !e.selectors.is_empty())
+                .filter(|e| refused.get(&e.spiffe_id).is_none_or(|t| *t <= now))
                 .filter_map(|e| match &e.svid {
                     None => Some((0, e.spiffe_id.clone())),
                     Some(c) if c.renew_at <= now => Some((c.renew_at, e.spiffe_id.clone())),
@@ -280,12 +435,25 @@ impl WorkloadCache {
         })
     }
 
+    /// Marks `spiffe_id` refused by the server: not asked again for a while.
+    fn refuse(&self, spiffe_id: &str, now: i64) {
+        if let Ok(mut m) = self.refused.lock() {
+            m.retain(|_, t| *t > now);
+            m.insert(spiffe_id.to_owned(), now + REFUSED_RETRY_S);
+        }
+    }
+
     /// When the next SVID falls due (Unix seconds), if any is held.
     fn next_due(&self) -> Option<i64> {
+        let retry = self
+            .refused
+            .lock()
+            .ok()
+            .and_then(|m| m.values().min().copied());
         self.read(|s| {
-            s.entries
-                .iter()
+            s.issued()
                 .filter_map(|e| e.svid.as_ref().map(|c| c.renew_at))
+                .chain(retry)
                 .min()
         })
     }
@@ -293,7 +461,12 @@ impl WorkloadCache {
     fn store_svid(&self, spiffe_id: &str, svid: CachedSvid) {
         let svid = Arc::new(svid);
         self.write(|s| {
-            for e in s.entries.iter_mut().filter(|e| e.spiffe_id == spiffe_id) {
+            for e in s
+                .entries
+                .iter_mut()
+                .chain(s.instances.iter_mut())
+                .filter(|e| e.template.is_none() && e.spiffe_id == spiffe_id)
+            {
                 e.svid = Some(svid.clone());
             }
         });
@@ -517,16 +690,20 @@ async fn rotate(
                             key_pkcs8: key,
                             serial: svid.serial,
                             expires_at: svid.expires_at,
+                            issued_at: now,
                             renew_at,
                         },
                     );
                 }
-                _ => tracing::warn!(
-                    spiffe_id = %r.spiffe_id,
-                    code = %r.error_code,
-                    message = %r.error_message,
-                    "the server refused a workload SVID"
-                ),
+                _ => {
+                    tracing::warn!(
+                        spiffe_id = %r.spiffe_id,
+                        code = %r.error_code,
+                        message = %r.error_message,
+                        "the server refused a workload SVID"
+                    );
+                    cache.refuse(&r.spiffe_id, now);
+                }
             }
         }
     }
@@ -592,4 +769,160 @@ pub async fn cloud_credentials(
         map.insert(spiffe_id.to_owned(), (creds.clone(), now, exp));
     }
     Ok(creds)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use herald_proto::v1::{Registration, TrustBundle};
+
+    const TEMPLATE: &str = "spiffe://td/ns/{k8s:ns}/sa/{k8s:sa}";
+
+    fn set(registrations: Vec<Registration>) -> RegistrationSet {
+        RegistrationSet {
+            registrations,
+            bundle: Some(TrustBundle {
+                trust_domain: "td".into(),
+                ..Default::default()
+            }),
+            revision: 1,
+            ..Default::default()
+        }
+    }
+
+    fn reg(spiffe_id: &str, selectors: &[&str]) -> Registration {
+        Registration {
+            spiffe_id: spiffe_id.into(),
+            selectors: selectors.iter().map(|s| s.to_string()).collect(),
+            ttl_seconds: 3600,
+            ..Default::default()
+        }
+    }
+
+    fn pod(ns: &str, sa: &str) -> Vec<Selector> {
+        let mut v = vec![
+            Selector::K8sNamespace(ns.into()),
+            Selector::K8sServiceAccount(sa.into()),
+        ];
+        v.sort();
+        v
+    }
+
+    fn svid(issued_at: i64, renew_at: i64) -> CachedSvid {
+        CachedSvid {
+            chain: vec![b"leaf".to_vec()],
+            key_pkcs8: Zeroizing::new(b"key".to_vec()),
+            serial: "01".into(),
+            expires_at: renew_at * 2,
+            issued_at,
+            renew_at,
+        }
+    }
+
+    fn ids(entries: &[Entry]) -> Vec<String> {
+        entries.iter().map(|e| e.spiffe_id.clone()).collect()
+    }
+
+    #[test]
+    fn a_template_gives_each_caller_its_own_instance_on_first_use() {
+        let cache = WorkloadCache::new(0.5, 0.0);
+        cache.apply(set(vec![
+            reg("spiffe://td/fixed", &["k8s:ns:apps"]),
+            reg(TEMPLATE, &["k8s:ns:apps"]),
+        ]));
+        // Nothing is issued ahead of time for a template.
+        assert_eq!(cache.due(now_s()), vec!["spiffe://td/fixed".to_string()]);
+        let billing = cache.matching(&pod("apps", "billing"));
+        assert_eq!(
+            ids(&billing),
+            ["spiffe://td/fixed", "spiffe://td/ns/apps/sa/billing"]
+        );
+        assert!(billing[1].svid.is_none() && billing[1].template.is_none());
+        assert_eq!(
+            ids(&cache.matching(&pod("apps", "web"))),
+            ["spiffe://td/fixed", "spiffe://td/ns/apps/sa/web"]
+        );
+        // Asking again builds nothing new; another namespace matches nothing.
+        cache.matching(&pod("apps", "billing"));
+        assert_eq!(cache.read(|s| s.instances.len()), 2);
+        assert!(cache.matching(&pod("prod", "billing")).is_empty());
+        // A caller holding no value for a placeholder gets only the fixed one.
+        assert_eq!(
+            ids(&cache.matching(&[Selector::K8sNamespace("apps".into())])),
+            ["spiffe://td/fixed"]
+        );
+        let mut due = cache.due(now_s());
+        due.sort();
+        assert_eq!(
+            due,
+            [
+                "spiffe://td/fixed",
+                "spiffe://td/ns/apps/sa/billing",
+                "spiffe://td/ns/apps/sa/web"
+            ]
+        );
+        let now = now_s();
+        cache.store_svid("spiffe://td/ns/apps/sa/billing", svid(now, now + 1800));
+        let billing = cache.matching(&pod("apps", "billing"));
+        assert_eq!(billing[1].svid.as_ref().unwrap().serial, "01");
+        assert!(
+            cache.read(|s| s.entries[1].svid.is_none()),
+            "never the template"
+        );
+    }
+
+    #[test]
+    fn idle_instances_are_dropped_and_follow_their_template() {
+        let cache = WorkloadCache::new(0.5, 0.0);
+        cache.apply(set(vec![reg(TEMPLATE, &["k8s:ns:apps"])]));
+        cache.matching(&pod("apps", "a"));
+        cache.matching(&pod("apps", "b"));
+        let now = now_s();
+        // Both issued in the future of their last use; `a` is asked for
+        // again after that, `b` never is.
+        cache.store_svid("spiffe://td/ns/apps/sa/a", svid(now + 1, now + 10));
+        cache.store_svid("spiffe://td/ns/apps/sa/b", svid(now + 1, now + 10));
+        cache.read(|s| {
+            s.instances[0]
+                .last_used
+                .as_ref()
+                .unwrap()
+                .store(now + 5, Ordering::Relaxed)
+        });
+        assert_eq!(
+            cache.due(now + 10),
+            vec!["spiffe://td/ns/apps/sa/a".to_string()]
+        );
+        assert_eq!(
+            ids(&cache.read(|s| s.instances.clone())),
+            ["spiffe://td/ns/apps/sa/a"]
+        );
+        // A new set keeping the template keeps the instance and its SVID;
+        // one without it drops it.
+        cache.apply(set(vec![reg(TEMPLATE, &["k8s:ns:apps"])]));
+        assert!(cache.read(|s| s.instances[0].svid.is_some()));
+        cache.apply(set(vec![reg(TEMPLATE, &["k8s:ns:other"])]));
+        assert!(cache.read(|s| s.instances.is_empty()));
+    }
+
+    #[test]
+    fn a_refused_svid_is_not_asked_for_again_at_once() {
+        let cache = WorkloadCache::new(0.5, 0.0);
+        cache.apply(set(vec![reg("spiffe://td/a", &["unix:uid:1"])]));
+        let now = now_s();
+        assert_eq!(cache.due(now).len(), 1);
+        cache.refuse("spiffe://td/a", now);
+        assert!(cache.due(now).is_empty());
+        assert_eq!(cache.next_due(), Some(now + REFUSED_RETRY_S));
+        assert_eq!(cache.due(now + REFUSED_RETRY_S).len(), 1);
+    }
+
+    #[test]
+    fn an_unparsable_template_matches_nobody() {
+        let cache = WorkloadCache::new(0.5, 0.0);
+        cache.apply(set(vec![reg("spiffe://td/{k8s:nope}", &["k8s:ns:apps"])]));
+        assert!(cache.matching(&pod("apps", "a")).is_empty());
+        assert!(cache.due(now_s()).is_empty());
+    }
 }

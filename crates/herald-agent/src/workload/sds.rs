@@ -575,6 +575,7 @@ mod tests {
                 key_pkcs8: Zeroizing::new(format!("key-of-{leaf}").into_bytes()),
                 serial: leaf.into(),
                 expires_at: i64::MAX,
+                issued_at: 0,
                 renew_at: i64::MAX,
             },
         );
