@@ -301,6 +301,9 @@ fn refusal(code: ErrorCode) -> &'static str {
         DnsNameReserved => {
             "remove the server's own DNS names (tls.dns_names) from the grant or registration"
         }
+        SpiffeIdReserved => {
+            "choose a SPIFFE ID outside spiffe://<trust domain>/herald/ (reserved for Herald's own services) in the policy, registration or --spiffe-id"
+        }
         ClientUnauthenticated => {
             "authenticate with `Authorization: Bearer <JWT-SVID for audience herald-introspection>`"
         }
