@@ -214,7 +214,11 @@ enum SvidCommand {
 enum ConfigCommand {
     /// Print every server configuration key with its real default, as
     /// TOML (serialised from the code's defaults, so it cannot drift).
-    Defaults,
+    Defaults {
+        /// The agent's keys (agent.toml) instead of the server's.
+        #[arg(long)]
+        agent: bool,
+    },
     /// Parse and validate a server configuration file exactly as `herald
     /// server` would (keys, values, OIDC issuers, the policy directory),
     /// without opening the database or binding listeners.
@@ -270,11 +274,14 @@ enum AuditCommand {
     },
 }
 
-/// A one-line CLI error with a stable code.
+/// A CLI error: a stable code and one line on what went wrong (its
+/// `Display`, which scripts may match), and what to do about it ([`CliError::fix`]).
 #[derive(Debug)]
 pub struct CliError {
     code: String,
     message: String,
+    /// A fix for this specific cause, over the code's general remedy.
+    fix: Option<String>,
 }
 
 impl CliError {
@@ -282,7 +289,22 @@ impl CliError {
         Self {
             code: code.to_owned(),
             message: message.into(),
+            fix: None,
         }
+    }
+
+    /// Names the fix for this specific cause (the code's general remedy
+    /// otherwise, from [`crate::remedy`]).
+    pub(crate) fn with_fix(mut self, fix: impl Into<String>) -> Self {
+        self.fix = Some(fix.into());
+        self
+    }
+
+    /// What to do: the call site's fix, else the remedy for the code and message.
+    pub fn fix(&self) -> Option<&str> {
+        self.fix
+            .as_deref()
+            .or_else(|| crate::remedy::remedy(&self.code, &self.message))
     }
 }
 
@@ -447,8 +469,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Agent(args) => crate::node_cmd::agent(args).await,
         Command::Workload(WorkloadCommand::Fetch(args)) => crate::workload_cmd::fetch(args).await,
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
-        Command::Config(ConfigCommand::Defaults) => {
+        Command::Config(ConfigCommand::Defaults { agent: false }) => {
             print!("{}", ServerConfig::defaults_toml()?);
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Defaults { agent: true }) => {
+            let text = herald_agent::AgentConfig::defaults_toml()
+                .map_err(|e| CliError::new("internal", e))?;
+            print!("{text}");
             Ok(())
         }
         Command::Report {

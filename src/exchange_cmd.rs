@@ -90,8 +90,11 @@ async fn read_token(args: &ExchangeArgs) -> Result<String, CliError> {
         std::fs::read_to_string(path)
             .map_err(|e| CliError::new("invalid_request", format!("{}: {e}", path.display())))?
     } else if let Some(var) = &args.token_env {
-        std::env::var(var)
-            .map_err(|_| CliError::new("invalid_request", format!("${var} is not set")))?
+        std::env::var(var).map_err(|_| {
+            CliError::new("invalid_request", format!("${var} is not set")).with_fix(format!(
+                "export {var} holding the platform's ID token (in dev: export {var}=$(herald dev token)), or give it with --token-file FILE"
+            ))
+        })?
     } else if let Some(aud) = &args.github_actions {
         github_actions_token(aud).await?
     } else {

@@ -9,6 +9,7 @@ mod exchange_cmd;
 mod federation_cmd;
 mod node_cmd;
 mod policy_cmd;
+mod remedy;
 mod replicas_cmd;
 mod report_cmd;
 mod telemetry;
@@ -23,8 +24,10 @@ fn main() -> ExitCode {
     let telemetry = match telemetry::init() {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("herald: error[config_invalid]: telemetry: {e:#}");
-            return ExitCode::FAILURE;
+            let e = cli::CliError::new("config_invalid", format!("telemetry: {e:#}")).with_fix(
+                "check the OTEL_* environment variables (OTEL_EXPORTER_OTLP_ENDPOINT is a URL such as http://collector:4318), or unset them to turn export off",
+            );
+            return fail(&e);
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -33,8 +36,9 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("herald: error[internal]: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            let e = cli::CliError::new("internal", format!("cannot start the async runtime: {e}"))
+                .with_fix("the system refused threads or file descriptors: check ulimit -u / -n and free memory");
+            return fail(&e);
         }
     };
     let result = runtime.block_on(cli::run(args));
@@ -43,9 +47,16 @@ fn main() -> ExitCode {
     drop(telemetry);
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("herald: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&e),
     }
+}
+
+/// Prints an error: the stable first line (scripts match `error[code]`),
+/// then what to do.
+fn fail(e: &cli::CliError) -> ExitCode {
+    eprintln!("herald: {e}");
+    if let Some(fix) = e.fix() {
+        eprintln!("  fix: {fix}");
+    }
+    ExitCode::FAILURE
 }

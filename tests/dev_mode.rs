@@ -281,25 +281,37 @@ fn readme_block(name: &str) -> String {
     body.split_once("```").unwrap().0.to_owned()
 }
 
-#[test]
-fn the_readme_ci_exchange_quickstart_runs_as_written() {
-    require_tool("bash");
-    let server = DevServer::start();
-    // The quickstart runs from the repository root, where .herald-dev is
-    // the dev server's data directory: a scratch root with that link.
+/// `PATH` with the built `herald` first, as a reader who installed it has.
+fn path_with_herald() -> String {
+    let bin_dir = Path::new(herald_bin()).parent().unwrap();
+    format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap())
+}
+
+/// Runs README block `name` with bash beside `server`: from a scratch
+/// repository root (where the quickstarts run) whose `.herald-dev` is the
+/// dev server's data directory, with the server's addresses in
+/// `HERALD_SERVER` and `HERALD_HTTP`. Returns the output and the root.
+fn run_beside(server: &DevServer, name: &str) -> (std::process::Output, tempfile::TempDir) {
     let work = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(server.data.path(), work.path().join(".herald-dev")).unwrap();
-    let bin_dir = Path::new(herald_bin()).parent().unwrap();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
     let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &readme_block("ci-exchange")])
+        .args(["-euo", "pipefail", "-c", &readme_block(name)])
         .current_dir(work.path())
-        .env("PATH", path)
+        .env("PATH", path_with_herald())
         .env("HERALD_SERVER", format!("https://{}", server.addr("grpc")))
+        .env("HERALD_HTTP", format!("http://{}", server.addr("http")))
         .env("HERALD_DATA_DIR", server.data.path())
         .env_remove("HERALD_CONFIG")
         .output()
         .unwrap();
+    (out, work)
+}
+
+#[test]
+fn the_readme_ci_exchange_quickstart_runs_as_written() {
+    require_tool("bash");
+    let server = DevServer::start();
+    let (out, work) = run_beside(&server, "ci-exchange");
     let text = stdout(&ok(out));
     assert!(
         text.contains("spiffe://dev.herald.test/ci/dev/dev/demo"),
@@ -375,8 +387,7 @@ fn the_readme_swtpm_agent_quickstart_runs_as_written() {
         require_tool(tool);
     }
     let work = tempfile::tempdir().unwrap();
-    let bin_dir = Path::new(herald_bin()).parent().unwrap();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let path = path_with_herald();
     let (grpc, http) = (free_port(), free_port());
     // Output to files, not pipes: the block leaves the server, the agent
     // and swtpm running in the background, holding whatever it was given.
@@ -413,4 +424,313 @@ fn the_readme_swtpm_agent_quickstart_runs_as_written() {
     assert!(text.contains("spiffe://example.org/app/me"), "{text}");
     assert!(text.contains("spiffe://example.org/node/"), "{text}");
     assert!(work.path().join("tpm-quickstart/svid/svid.pem").is_file());
+}
+
+#[test]
+fn the_readme_serverless_quickstart_runs_as_written() {
+    for tool in ["bash", "curl", "sed"] {
+        require_tool(tool);
+    }
+    let server = DevServer::start();
+    let (out, work) = run_beside(&server, "serverless");
+    let text = stdout(&ok(out));
+    assert!(text.contains("access key: ASIA"), "{text}");
+    assert!(text.contains("expires:    20"), "{text}");
+    assert!(text.contains("JWT-SVID: eyJ"), "{text}");
+    // The JWT-SVID names the function's identity under the dev policy.
+    let body = std::fs::read_to_string(work.path().join("jwt-svid.json")).unwrap();
+    let resp: Value = serde_json::from_str(&body).unwrap();
+    let svid = claims_of(resp["access_token"].as_str().unwrap());
+    assert_eq!(svid["sub"], "spiffe://dev.herald.test/ci/dev/dev/functions");
+    assert_eq!(svid["aud"], "demo-service");
+}
+
+#[test]
+fn the_readme_serverless_issuer_and_policy_are_valid_together() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let policy_file = repo.join("attestation-policies/serverless-platform.yaml");
+    std::fs::copy(&policy_file, policies.join("functions.yaml")).unwrap();
+    // The README's issuer entry in a server configuration whose policy
+    // directory holds the platform policy: the check the server makes.
+    let config = dir.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"dev.herald.test\"\ndata_dir = \"/x\"\n[policy]\ndir = \"{}\"\n{}",
+            policies.display(),
+            readme_block("serverless-issuer")
+        ),
+    )
+    .unwrap();
+    for args in [
+        vec!["config", "check", config.to_str().unwrap()],
+        vec!["policy", "check", "--config", config.to_str().unwrap()],
+        vec!["policy", "test", policies.to_str().unwrap()],
+    ] {
+        let out = Command::new(herald_bin())
+            .args(&args)
+            .env_remove("HERALD_CONFIG")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    // The issuer and audience the README trusts are the policy's.
+    let issuer: toml::Table = toml::from_str(&readme_block("serverless-issuer")).unwrap();
+    let issuer = &issuer["oidc"]["issuers"][0];
+    let policy: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(&policy_file).unwrap()).unwrap();
+    assert_eq!(
+        issuer["issuer"].as_str(),
+        policy["evidence"]["oidc"]["issuer"].as_str()
+    );
+    let audiences = policy["evidence"]["oidc"]["audiences"].as_array().unwrap();
+    assert!(
+        audiences
+            .iter()
+            .any(|a| a.as_str() == issuer["audiences"][0].as_str())
+    );
+    assert!(
+        policy["grants"]["cloud"][0]["scope"].is_object(),
+        "scoped credentials"
+    );
+}
+
+#[test]
+fn the_readme_real_tpm_quickstart_runs_on_a_software_tpm() {
+    // No machine the tests run on has a TPM at /dev/tpmrm0 (and a test
+    // must not depend on, or change, one that does): the block runs as
+    // written with TCTI naming a swtpm, the only line that differs. The
+    // swtpm's local CA stands in for the vendor whose roots step 2 tells
+    // the reader to download.
+    for tool in ["bash", "tpm2_nvread", "tpm2_pcrread", "openssl", "awk"] {
+        require_tool(tool);
+    }
+    let tpm = herald_test_tpm::SoftTpm::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let node = work.path().join("herald-node");
+    std::fs::create_dir_all(node.join("ek-roots")).unwrap();
+    std::fs::copy(tpm.ek_root_pem_path(), node.join("ek-roots/root.pem")).unwrap();
+    std::fs::copy(
+        tpm.ek_intermediate_pem_path(),
+        node.join("ek-roots/intermediate.pem"),
+    )
+    .unwrap();
+    let grpc = free_port();
+    let path = path_with_herald();
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &readme_block("tpm-device")])
+        .current_dir(work.path())
+        .env("PATH", path)
+        .env("TCTI", tpm.tcti())
+        .env("HERALD_SERVER", format!("https://127.0.0.1:{grpc}"))
+        .env_remove("HERALD_CONFIG")
+        .output()
+        .unwrap();
+    let text = stdout(&ok(out));
+    assert!(text.contains("ek.pem: OK"), "{text}");
+    assert!(text.contains("agent.toml: ok"), "{text}");
+
+    // What the block wrote admits that TPM: a server whose policy.dir is
+    // the block's directory, and the block's agent.toml with only its
+    // system paths moved into the test's directory.
+    let kek = work.path().join("kek");
+    std::fs::write(&kek, common::KEK_HEX).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let data = work.path().join("data");
+    let config = work.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:{grpc}\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[policy]\ndir = \"{}\"\n",
+            data.display(),
+            kek.display(),
+            node.display()
+        ),
+    )
+    .unwrap();
+    let _server = Server::start(&config);
+    let agent_dir = work.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    std::fs::copy(data.join("bundle.pem"), agent_dir.join("bundle.pem")).unwrap();
+    let agent_toml = std::fs::read_to_string(node.join("agent.toml"))
+        .unwrap()
+        .replace(
+            "/var/lib/herald-agent/bundle.pem",
+            &agent_dir.join("bundle.pem").display().to_string(),
+        )
+        .replace(
+            "\"/var/lib/herald-agent\"",
+            &format!("\"{}\"", agent_dir.join("state").display()),
+        )
+        .replace(
+            "/run/herald/agent.sock",
+            &agent_dir.join("agent.sock").display().to_string(),
+        );
+    assert!(agent_toml.contains(&tpm.tcti()), "{agent_toml}");
+    let agent_config = agent_dir.join("agent.toml");
+    std::fs::write(&agent_config, agent_toml).unwrap();
+    let _agent = common::node::start_agent(&agent_config);
+    let status = common::node::wait_status(&agent_dir, 90, "attested", |s| s.spiffe_id.is_some());
+    assert!(
+        status
+            .spiffe_id
+            .unwrap()
+            .starts_with("spiffe://example.org/node/"),
+    );
+}
+
+/// The repository file at `path`, as the YAML documents it holds.
+fn manifest_docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_readme_kubernetes_quickstart_names_manifests_that_fit_together() {
+    // No cluster here (and `kubectl apply --dry-run=client` still wants
+    // one): the block's own lines are checked against the manifests.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let block = readme_block("kubernetes");
+    let words: Vec<&str> = block.split_whitespace().collect();
+    let after = |flag: &str| -> Vec<String> {
+        words
+            .windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].to_owned())
+            .collect()
+    };
+    let applied = after("-f");
+    assert_eq!(
+        applied,
+        [
+            "deploy/kubernetes/herald-server.yaml",
+            "deploy/kubernetes/herald-agent.yaml"
+        ]
+    );
+    // What the block creates by hand.
+    let mut made: Vec<String> = words
+        .windows(3)
+        .filter(|w| {
+            (w[0] == "create" && w[1] == "configmap") || (w[0] == "secret" && w[1] == "generic")
+        })
+        .map(|w| w[2].to_owned())
+        .collect();
+    made.extend(after("namespace"));
+    assert!(made.contains(&"herald-kek".to_owned()), "{made:?}");
+
+    let mut docs = Vec::new();
+    for file in &applied {
+        docs.extend(manifest_docs(&repo.join(file)));
+    }
+    let named = |kind: &str, name: &str| {
+        docs.iter()
+            .any(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+    };
+    // Every ConfigMap and Secret the workloads mount or read is in the
+    // manifests or made by the block.
+    let mut wanted = Vec::new();
+    for d in &docs {
+        let spec = &d["spec"]["template"]["spec"];
+        for v in spec["volumes"].as_array().into_iter().flatten() {
+            if let Some(name) = v["configMap"]["name"].as_str()
+                && v["configMap"]["optional"] != true
+            {
+                wanted.push(("ConfigMap", name.to_owned()));
+            }
+        }
+        let containers = spec["containers"].as_array().into_iter().flatten();
+        let inits = spec["initContainers"].as_array().into_iter().flatten();
+        for c in containers.chain(inits) {
+            for e in c["env"].as_array().into_iter().flatten() {
+                if let Some(name) = e["valueFrom"]["secretKeyRef"]["name"].as_str() {
+                    wanted.push(("Secret", name.to_owned()));
+                }
+            }
+            // The herald image is distroless: no shell to run.
+            if c["command"][0] == "/bin/sh" {
+                assert!(
+                    !c["image"].as_str().unwrap().contains("herald"),
+                    "{c:?} runs a shell in the distroless herald image"
+                );
+            }
+        }
+    }
+    for (kind, name) in &wanted {
+        assert!(
+            named(kind, name) || made.contains(name),
+            "{kind} {name} is neither in the manifests nor made by the block"
+        );
+    }
+    // The policies ConfigMap the block makes is the one the server mounts.
+    assert!(made.contains(&"herald-policies".to_owned()), "{made:?}");
+    assert!(made.contains(&"herald-bundle".to_owned()), "{made:?}");
+    // What the block waits on and forwards exists, with that port.
+    assert!(named("Deployment", "herald"));
+    assert!(named("DaemonSet", "herald-agent"));
+    assert!(block.contains("rollout status deployment/herald\n"));
+    assert!(block.contains("rollout status daemonset/herald-agent\n"));
+    let service = docs
+        .iter()
+        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "herald")
+        .unwrap();
+    assert!(
+        service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == 8080)
+    );
+    assert!(block.contains("port-forward service/herald 8080:8080"));
+    // The configurations they embed are valid.
+    let mut trust_domain = None;
+    for d in &docs {
+        if let Some(text) = d["data"]["herald.toml"].as_str() {
+            let cfg = herald_server::ServerConfig::from_toml(text).unwrap();
+            cfg.validate().unwrap();
+            trust_domain = Some(cfg.trust_domain.to_string());
+        }
+        if let Some(text) = d["data"]["agent.toml"].as_str() {
+            let cfg = herald_agent::AgentConfig::parse(text).unwrap();
+            assert!(cfg.workload_api.unwrap().kubernetes.is_some());
+        }
+    }
+
+    // The node policy, beside the EK roots it names (the example swtpm CA
+    // standing in for a vendor's), validates, and serves pods by k8s selectors.
+    let policies = tempfile::tempdir().unwrap();
+    let text = readme_block("kubernetes-policy");
+    std::fs::write(policies.path().join("nodes.yaml"), &text).unwrap();
+    for (from, to) in [
+        ("example-swtpm-root.pem", "ek-root.pem"),
+        ("example-swtpm-intermediate.pem", "ek-intermediate.pem"),
+    ] {
+        std::fs::copy(
+            repo.join("attestation-policies/tpm-roots").join(from),
+            policies.path().join(to),
+        )
+        .unwrap();
+    }
+    // ... for the trust domain of the server the block deploys.
+    let trust_domain = trust_domain.expect("the server manifest embeds herald.toml");
+    let out = Command::new(herald_bin())
+        .args(["policy", "check"])
+        .arg(policies.path())
+        .args(["--trust-domain", &trust_domain])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let policy: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let workloads = policy["workloads"].as_array().unwrap();
+    assert!(!workloads.is_empty());
+    for w in workloads {
+        for s in w["selectors"].as_array().unwrap() {
+            assert!(s.as_str().unwrap().starts_with("k8s:"), "{s}");
+        }
+    }
 }

@@ -1507,3 +1507,115 @@ grants:
     assert_refused_with(&env, late, x509(svc("staging")), ErrorCode::NodeBanned).await;
     drop(other_server);
 }
+
+/// The CLI's two lines: `herald: error[code]: …` (stable, scripts match
+/// it) and `  fix: …`; returns the fix.
+fn code_and_fix(out: &std::process::Output, code: &str) -> String {
+    assert!(!out.status.success());
+    let text = stderr(out);
+    let mut lines = text.lines().filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    assert!(
+        first.starts_with(&format!("herald: error[{code}]: ")),
+        "{text}"
+    );
+    let fix = lines
+        .next()
+        .and_then(|l| l.strip_prefix("  fix: "))
+        .unwrap_or_else(|| panic!("no fix line: {text}"));
+    fix.to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_errors_name_what_to_do() {
+    // An issuer whose HTTPS certificate the server does not trust (no
+    // extra_roots for it), beside the trusted one.
+    let untrusted = TestIssuer::start().await;
+    let env = Env::start_with(&format!(
+        "[[oidc.issuers]]\nissuer = \"{}\"\naudiences = [\"{AUD}\"]\nhttp_timeout = \"1s\"\nmin_refresh_interval = \"0s\"\n",
+        untrusted.issuer()
+    ))
+    .await;
+    let exchange_with = |bundle: &Path, token: &str| {
+        Command::new(herald_bin())
+            .args(["exchange", "--server", &env.server.url(), "--bundle"])
+            .arg(bundle)
+            .args(["--token-env", "T", "--jwt-audience", "deployer"])
+            .env("T", token)
+            .env_remove("HERALD_KEK")
+            .output()
+            .unwrap()
+    };
+    let exchange = |token: &str| exchange_with(&env.site.bundle_pem(), token);
+
+    let token = untrusted.sign(
+        Alg::RS256,
+        &untrusted.github_claims(AUD, "acme/webapp", "refs/heads/main", "production"),
+    );
+    let fix = code_and_fix(&exchange(&token), "issuer_unavailable");
+    assert!(fix.contains("extra_roots"), "{fix}");
+    assert!(fix.contains("certificate"), "{fix}");
+
+    // A bundle that is no Herald bundle, and another Herald server's: the
+    // server's certificate is refused.
+    let fix = code_and_fix(
+        &exchange_with(untrusted.ca_pem_path(), &env.deploy_token()),
+        "invalid_input",
+    );
+    assert!(fix.contains("--server-spiffe-id"), "{fix}");
+    let stranger = Site::new();
+    let _stranger_server = stranger.start();
+    let fix = code_and_fix(
+        &exchange_with(&stranger.bundle_pem(), &env.deploy_token()),
+        "unavailable",
+    );
+    assert!(fix.contains("does not chain to --bundle"), "{fix}");
+
+    // A call site that knows the cause gives its own fix.
+    let out = Command::new(herald_bin())
+        .args(["exchange", "--server", &env.server.url(), "--bundle"])
+        .arg(env.site.bundle_pem())
+        .args([
+            "--token-env",
+            "HERALD_TEST_UNSET",
+            "--jwt-audience",
+            "deployer",
+        ])
+        .env_remove("HERALD_TEST_UNSET")
+        .output()
+        .unwrap();
+    let fix = code_and_fix(&out, "invalid_request");
+    assert!(fix.contains("export HERALD_TEST_UNSET"), "{fix}");
+
+    // A token that is no JWT.
+    let fix = code_and_fix(&exchange("not-a-jwt"), "token_malformed");
+    assert!(fix.contains("base64url"), "{fix}");
+    // A replayed token.
+    let token = env.deploy_token();
+    ok(exchange(&token));
+    let fix = code_and_fix(&exchange(&token), "token_replayed");
+    assert!(fix.contains("fresh token"), "{fix}");
+
+    // A configuration file that does not exist.
+    let out = Command::new(herald_bin())
+        .args(["server", "--config", "/nonexistent/herald.toml"])
+        .output()
+        .unwrap();
+    let fix = code_and_fix(&out, "config");
+    assert!(fix.contains("does not exist"), "{fix}");
+
+    // A port another process holds (a site of its own: one server per data directory).
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = Site::new();
+    let out = Command::new(herald_bin())
+        .args(["server", "--config"])
+        .arg(other.config())
+        .env("HERALD_LISTEN_GRPC", held.local_addr().unwrap().to_string())
+        .env("HERALD_LISTEN_HTTP", "127.0.0.1:0")
+        .env("HERALD_LOG", "error")
+        .env_remove("HERALD_KEK")
+        .output()
+        .unwrap();
+    let fix = code_and_fix(&out, "startup");
+    assert!(fix.contains("ss -ltnp"), "{fix}");
+}

@@ -926,3 +926,225 @@ fn policy_explain_describes_every_example_policy() {
         stderr(&out)
     );
 }
+
+// The documented example configurations against the code's defaults:
+// every key a default has is shown with that default, nothing else is set
+// but the keys without one, and what is off by default is commented out.
+
+/// Every leaf key of a TOML table as a dotted path, with its value
+/// (arrays are leaves).
+fn leaves(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+    for (k, v) in t {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(inner) => leaves(&path, inner, out),
+            other => out.push((path, other.clone())),
+        }
+    }
+}
+
+fn lookup<'a>(t: &'a toml::Table, path: &str) -> Option<&'a toml::Value> {
+    let mut parts = path.split('.');
+    let mut v = t.get(parts.next()?)?;
+    for p in parts {
+        v = v.as_table()?.get(p)?;
+    }
+    Some(v)
+}
+
+#[test]
+fn the_server_example_config_shows_every_real_default() {
+    use herald_server::ServerConfig;
+    use herald_server::config::{REQUIRED_KEYS, UNSET_BY_DEFAULT};
+    const EXAMPLE: &str = include_str!("../deploy/herald.example.toml");
+    // Unknown keys anywhere (deny_unknown_fields) fail here.
+    let parsed = ServerConfig::from_toml(EXAMPLE).unwrap();
+    parsed.validate().unwrap();
+    let raw: toml::Table = toml::from_str(EXAMPLE).unwrap();
+    // Serialised back, durations and numbers compare by value, not spelling.
+    let normalised = toml::Table::try_from(&parsed).unwrap();
+    let defaults = toml::Table::try_from(ServerConfig::new(
+        parsed.trust_domain.clone(),
+        parsed.data_dir.clone(),
+    ))
+    .unwrap();
+
+    let mut want = Vec::new();
+    leaves("", &defaults, &mut want);
+    let mut problems = Vec::new();
+    for (path, value) in &want {
+        if REQUIRED_KEYS.contains(&path.as_str()) || path == "oidc.issuers" {
+            continue;
+        }
+        if lookup(&raw, path).is_none() {
+            problems.push(format!(
+                "{path}: missing from the example (default {value})"
+            ));
+        } else if lookup(&normalised, path) != Some(value) {
+            problems.push(format!(
+                "{path}: the example says {:?}, the default is {value}",
+                lookup(&raw, path)
+            ));
+        }
+    }
+    // Nothing is set that is not a default, apart from the required keys
+    // and the issuer entries; what is off by default is commented out.
+    let mut given = Vec::new();
+    leaves("", &raw, &mut given);
+    for (path, _) in &given {
+        let known = REQUIRED_KEYS.contains(&path.as_str())
+            || path == "oidc.issuers"
+            || want.iter().any(|(p, _)| p == path);
+        if !known {
+            problems.push(format!("{path}: set in the example but not a default"));
+        }
+    }
+    for key in UNSET_BY_DEFAULT {
+        let leaf = key.rsplit('.').next().unwrap_or(key);
+        let shown = EXAMPLE
+            .lines()
+            .any(|l| l.starts_with(&format!("# {leaf} = ")));
+        if !shown {
+            problems.push(format!("{key}: not shown commented out"));
+        }
+    }
+    // Issuers: the first shows every key at its default; no entry sets a
+    // non-default value beyond `issuer` and `audiences`.
+    let issuers = raw["oidc"]["issuers"].as_array().unwrap();
+    for (i, entry) in issuers.iter().enumerate() {
+        let entry = entry.as_table().unwrap();
+        let cfg = &parsed.oidc.issuers[i];
+        let default =
+            herald_attest::oidc::IssuerConfig::new(cfg.issuer.clone(), cfg.audiences.clone());
+        let default = toml::Table::try_from(&default).unwrap();
+        let actual = toml::Table::try_from(cfg).unwrap();
+        for (k, v) in &default {
+            match entry.get(k) {
+                None if i == 0 => {
+                    problems.push(format!("oidc.issuers[0].{k}: missing (default {v})"))
+                }
+                Some(_) if actual.get(k) != Some(v) => problems.push(format!(
+                    "oidc.issuers[{i}].{k}: {:?} is not the default {v}",
+                    entry.get(k)
+                )),
+                _ => {}
+            }
+        }
+        for k in entry.keys() {
+            if !default.contains_key(k) {
+                problems.push(format!("oidc.issuers[{i}].{k}: set but not a default"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// An agent example with its commented-out keys and tables switched on:
+/// `# key = value` and `# [table]` lines lose their `# `; prose stays.
+fn uncommented(text: &str) -> String {
+    text.lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if (rest.starts_with('[') && rest.ends_with(']'))
+                    || rest.split_once(" = ").is_some_and(|(k, _)| {
+                        k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }) =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_agent_example_config_shows_every_real_default() {
+    use herald_agent::AgentConfig;
+    use herald_agent::config::{REQUIRED_IN_TABLES, REQUIRED_KEYS, UNSET_BY_DEFAULT};
+    const EXAMPLE: &str = include_str!("../deploy/agent.example.toml");
+    // The example enables the Workload API (the reason most nodes run an
+    // agent) although it is off by default.
+    const ENABLED_IN_EXAMPLE: &[&str] = &["workload_api"];
+    // As given, and with every commented-out key switched on: both are
+    // valid (unknown keys anywhere fail, deny_unknown_fields).
+    AgentConfig::parse(EXAMPLE).unwrap();
+    let full_text = uncommented(EXAMPLE);
+    let full = AgentConfig::parse(&full_text).unwrap();
+    let raw: toml::Table = toml::from_str(EXAMPLE).unwrap();
+    let shown: toml::Table = toml::from_str(&full_text).unwrap();
+    // Serialised back, durations, sizes and numbers compare by value.
+    let normalised = toml::Table::try_from(&full).unwrap();
+    let defaults = toml::Table::try_from(AgentConfig::every_table_at_defaults().unwrap()).unwrap();
+    let no_default = |p: &str| REQUIRED_KEYS.contains(&p) || REQUIRED_IN_TABLES.contains(&p);
+
+    let mut want = Vec::new();
+    leaves("", &defaults, &mut want);
+    let mut problems = Vec::new();
+    for (path, value) in &want {
+        if no_default(path) {
+            continue;
+        }
+        if lookup(&shown, path).is_none() {
+            problems.push(format!(
+                "{path}: missing from the example (default {value})"
+            ));
+        } else if lookup(&normalised, path) != Some(value) {
+            problems.push(format!(
+                "{path}: the example says {:?}, the default is {value}",
+                lookup(&shown, path)
+            ));
+        }
+    }
+    let mut given = Vec::new();
+    leaves("", &shown, &mut given);
+    for (path, _) in &given {
+        let known = no_default(path)
+            || UNSET_BY_DEFAULT.contains(&path.as_str())
+            || want.iter().any(|(p, _)| p == path);
+        if !known {
+            problems.push(format!("{path}: set in the example but not a default"));
+        }
+    }
+    for key in UNSET_BY_DEFAULT {
+        if lookup(&shown, key).is_none() {
+            problems.push(format!("{key}: not shown in the example"));
+        }
+        if lookup(&raw, key).is_some() && !ENABLED_IN_EXAMPLE.contains(key) {
+            problems.push(format!("{key}: off by default but not commented out"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn agent_defaults_print_as_toml_that_parses_back_to_the_defaults() {
+    use herald_agent::AgentConfig;
+    use herald_agent::config::REQUIRED_KEYS;
+    let text = stdout(&ok(herald(&["config", "defaults", "--agent"])));
+    assert_eq!(text, AgentConfig::defaults_toml().unwrap());
+    assert!(!text.contains("\nservers"), "{text}");
+    assert!(text.contains("tcti = \"device:/dev/tpmrm0\""), "{text}");
+    assert!(
+        text.contains("# max_executable_size = \"512MiB\""),
+        "{text}"
+    );
+    assert!(text.contains("# retry_interval = \"250ms\""), "{text}");
+    // With the required keys it is the defaults, optional tables off ...
+    let required = "servers = [\"https://h:1\"]\ntrust_bundle = \"/b\"\ndata_dir = \"/d\"\n";
+    let back = AgentConfig::parse(&format!("{required}{text}")).unwrap();
+    assert!(back.workload_api.is_none() && back.credentials_endpoint.is_none());
+    // ... and switched on, every table at its defaults.
+    let on = AgentConfig::parse(&uncommented(&format!("{required}{text}"))).unwrap();
+    let mut want = toml::Table::try_from(AgentConfig::every_table_at_defaults().unwrap()).unwrap();
+    let mut got = toml::Table::try_from(on).unwrap();
+    for k in REQUIRED_KEYS {
+        want.remove(*k);
+        got.remove(*k);
+    }
+    assert_eq!(got, want);
+}

@@ -240,13 +240,19 @@ fn tampering_with_one_audit_row_is_detected() {
 }
 
 #[test]
-fn cli_errors_are_one_line_with_a_stable_code() {
+fn cli_errors_are_a_line_with_a_stable_code_and_a_line_with_the_fix() {
     let site = Site::new();
     let server = site.start();
     let out = site.herald(&["token", "create", "--spiffe-id", "spiffe://other.org/x"]);
     assert!(!out.status.success());
-    assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
-    assert!(stderr(&out).contains("error[invalid_request]"));
+    let text = stderr(&out);
+    let lines: Vec<&str> = text.trim().lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with("herald: error[invalid_request]: "),
+        "{text}"
+    );
+    assert!(lines[1].starts_with("  fix: "), "{text}");
     let out = site.herald(&[
         "token",
         "create",

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Errors reading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -28,8 +28,46 @@ pub enum ConfigError {
     },
 }
 
+/// Keys without a default: every `agent.toml` sets them.
+pub const REQUIRED_KEYS: &[&str] = &["servers", "trust_bundle", "data_dir"];
+
+/// Keys without a default inside a table that is itself optional: set
+/// whenever the table is.
+pub const REQUIRED_IN_TABLES: &[&str] = &[
+    "workload_api.socket",
+    "credentials_endpoint.listen",
+    "credentials_endpoint.authorization_token_file",
+];
+
+/// Keys and tables that are unset (the feature off, or derived) unless a
+/// file gives them; `herald config defaults --agent` and
+/// `deploy/agent.example.toml` show each commented out.
+pub const UNSET_BY_DEFAULT: &[&str] = &[
+    "server_spiffe_id",
+    "join_token_file",
+    "workload_api",
+    "workload_api.kubernetes",
+    "workload_api.kubernetes.kubelet_server_name",
+    "workload_api.kubernetes.node_name",
+    "credentials_endpoint",
+];
+
+/// The optional tables, each at its defaults, the keys they require given
+/// placeholders: parsed rather than built, so these are exactly the
+/// defaults the agent applies to a file.
+const EVERY_TABLE: &str = r#"servers = ["https://herald.example.org:8443"]
+trust_bundle = "/var/lib/herald-agent/bundle.pem"
+data_dir = "/var/lib/herald-agent"
+[workload_api]
+socket = "/run/herald/agent.sock"
+[workload_api.kubernetes]
+[credentials_endpoint]
+listen = "127.0.0.1:8790"
+authorization_token_file = "/etc/herald/ecs-token"
+"#;
+
 /// The agent's configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Server gRPC addresses (`https://host:port`), tried in order; the
@@ -45,11 +83,11 @@ pub struct AgentConfig {
     /// trust domain meaning its `spiffe://<td>/herald/server`. When absent:
     /// the node SVID's trust domain once the node has one, before that the
     /// trust domain the bundle's CA certificates name.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_spiffe_id: Option<String>,
     /// File holding a join token for the first attestation, when the node
     /// policy requires one (also `HERALD_AGENT_JOIN_TOKEN`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join_token_file: Option<PathBuf>,
     /// The TPM.
     #[serde(default)]
@@ -58,17 +96,17 @@ pub struct AgentConfig {
     #[serde(default)]
     pub rotation: RotationConfig,
     /// The SPIFFE Workload API for local workloads; off when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_api: Option<WorkloadApiConfig>,
     /// The ECS-style container-credentials endpoint; off when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_endpoint: Option<CredentialsEndpointConfig>,
 }
 
 /// An ECS-style container-credentials endpoint on loopback: AWS SDKs find
 /// it through `AWS_CONTAINER_CREDENTIALS_FULL_URI=http://<listen>/v1/credentials`
 /// (and `AWS_CONTAINER_AUTHORIZATION_TOKEN`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialsEndpointConfig {
     /// Loopback address to listen on.
@@ -87,7 +125,7 @@ pub struct CredentialsEndpointConfig {
 pub const MIN_TOKEN_LEN: usize = 16;
 
 /// The Workload API endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadApiConfig {
     /// Unix socket path; workloads find it through `SPIFFE_ENDPOINT_SOCKET=unix://<path>`.
@@ -97,7 +135,8 @@ pub struct WorkloadApiConfig {
     /// larger is refused rather than stalling the agent.
     #[serde(
         default = "default_max_executable_size",
-        deserialize_with = "deserialize_size"
+        deserialize_with = "deserialize_size",
+        serialize_with = "serialize_size"
     )]
     pub max_executable_size: u64,
     /// Calls per caller (uid).
@@ -105,13 +144,13 @@ pub struct WorkloadApiConfig {
     pub rate_limit: RateLimitConfig,
     /// Kubernetes workload attestation (`k8s:*` selectors from the
     /// kubelet's pod list); off when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesConfig>,
 }
 
 /// `[workload_api.kubernetes]`: where the kubelet is and how the agent
 /// authenticates to it and trusts it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesConfig {
     /// The kubelet's HTTPS endpoint (its `/pods` is read), default
@@ -122,7 +161,7 @@ pub struct KubernetesConfig {
     /// does not name the URL's address (kubelet certificates name the
     /// node, rarely 127.0.0.1): the agent dials the URL's IP address and
     /// checks this name. `"{node_name}"` stands for the node's name.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubelet_server_name: Option<String>,
     /// The agent's service-account token, sent as a bearer token; read
     /// for every fetch (the kubelet rotates it), never logged.
@@ -138,7 +177,7 @@ pub struct KubernetesConfig {
     pub skip_kubelet_verification: bool,
     /// This node's name: pods the kubelet places elsewhere are ignored.
     /// When absent, `HERALD_NODE_NAME` (the downward API's `spec.nodeName`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
     /// How long a fetched pod list answers lookups.
     #[serde(default = "default_cache_ttl", with = "humantime_serde_compat")]
@@ -157,7 +196,7 @@ pub struct KubernetesConfig {
     /// files from `<test_proc_root>/<pid>/cgroup`, so a test process can
     /// stand for a container. Production builds refuse the key.
     #[cfg(feature = "test-hooks")]
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_proc_root: Option<PathBuf>,
 }
 
@@ -189,7 +228,7 @@ fn default_max_executable_size() -> u64 {
 
 /// A token bucket per caller: `per_second` sustained, `burst` at once;
 /// `per_second = 0` turns limiting off.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// Requests per second, sustained.
@@ -242,6 +281,17 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
+/// Writes a size as people write it: the largest binary unit that divides
+/// it exactly (`"512MiB"`), else bytes.
+fn serialize_size<S: serde::Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+    for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if *n != 0 && n.is_multiple_of(1u64 << shift) {
+            return s.serialize_str(&format!("{}{unit}", n >> shift));
+        }
+    }
+    s.serialize_u64(*n)
+}
+
 fn deserialize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -256,7 +306,7 @@ fn deserialize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Er
 }
 
 /// Which TPM.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TpmConfig {
     /// tss-esapi TCTI: `device:/dev/tpmrm0` (the kernel resource manager),
@@ -278,7 +328,7 @@ impl Default for TpmConfig {
 }
 
 /// When to renew and how to back off.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RotationConfig {
     /// Renew when this fraction of the lifetime has passed.
@@ -323,7 +373,11 @@ impl Default for RotationConfig {
 mod humantime_serde_compat {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        herald_core::duration::serialize(d, s)
+    }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
@@ -332,6 +386,55 @@ mod humantime_serde_compat {
 }
 
 impl AgentConfig {
+    /// Every key at its default, every optional table present at its
+    /// defaults (the keys without one given placeholders).
+    pub fn every_table_at_defaults() -> Result<AgentConfig, String> {
+        Self::parse(EVERY_TABLE)
+    }
+
+    /// Every key with its real default, as TOML — what `herald config
+    /// defaults --agent` prints. Serialised from what parsing gives, so it
+    /// cannot drift from what the agent does; the required keys are listed
+    /// in comments and the optional tables are shown commented out.
+    pub fn defaults_toml() -> Result<String, String> {
+        let cfg = Self::every_table_at_defaults()?;
+        let body = toml::to_string(&cfg).map_err(|e| format!("serialising defaults: {e}"))?;
+        let mut out = String::from(
+            "# Herald agent configuration: every key with its default\n\
+             # (`herald config defaults --agent`; deploy/agent.example.toml explains each).\n\
+             #\n\
+             # Required, no default:\n\
+             #   servers = [\"https://herald.example.org:8443\"]\n\
+             #   trust_bundle = \"/var/lib/herald-agent/bundle.pem\"\n\
+             #   data_dir = \"/var/lib/herald-agent\"\n\
+             # Off (unset) unless given: ",
+        );
+        out.push_str(&UNSET_BY_DEFAULT.join(", "));
+        out.push_str("\n# Required when their table is given: ");
+        out.push_str(&REQUIRED_IN_TABLES.join(", "));
+        out.push('\n');
+        let mut optional_table = false;
+        for line in body.lines() {
+            if let Some(header) = line.strip_prefix('[') {
+                let name = header.trim_end_matches(']');
+                optional_table = UNSET_BY_DEFAULT
+                    .iter()
+                    .any(|t| name == *t || name.starts_with(&format!("{t}.")));
+            } else if REQUIRED_KEYS
+                .iter()
+                .any(|k| line.starts_with(&format!("{k} = ")))
+            {
+                continue;
+            }
+            if optional_table && !line.is_empty() {
+                out.push_str("# ");
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+        Ok(out)
+    }
+
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

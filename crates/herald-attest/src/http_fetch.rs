@@ -5,9 +5,14 @@
 /// Why a fetch failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FetchError {
-    /// Connection, TLS, timeout or a broken body.
+    /// Connection, TLS handshake, timeout or a broken body.
     #[error("{0}")]
     Transport(String),
+    /// The server's TLS certificate was refused (an unknown issuer,
+    /// expired, or not valid for the name dialled): a matter of
+    /// configuration (which roots are trusted), not of the network.
+    #[error("certificate refused: {0}")]
+    Certificate(String),
     /// The server answered with a non-2xx status.
     #[error("HTTP {0}")]
     Status(u16),
@@ -29,7 +34,13 @@ pub async fn get_capped(
         .header("accept", accept)
         .send()
         .await
-        .map_err(|e| FetchError::Transport(describe(&e)))?;
+        .map_err(|e| {
+            if certificate_refused(&e) {
+                FetchError::Certificate(describe(&e))
+            } else {
+                FetchError::Transport(describe(&e))
+            }
+        })?;
     if !resp.status().is_success() {
         return Err(FetchError::Status(resp.status().as_u16()));
     }
@@ -80,4 +91,26 @@ pub fn describe(e: &reqwest::Error) -> String {
         Some(root) if !e.is_timeout() => format!("{kind}: {root}"),
         _ => kind.to_owned(),
     }
+}
+
+/// Whether `e` is rustls refusing the peer's certificate. rustls's error
+/// sits inside `io::Error`s (nested: the TLS stream's inside the
+/// connector's), whose `source()` skips it: look inside each.
+fn certificate_refused(e: &reqwest::Error) -> bool {
+    fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return matches!(tls, rustls::Error::InvalidCertificate(_));
+        }
+        e.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .is_some_and(|inner| refused(inner))
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if refused(s) {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }

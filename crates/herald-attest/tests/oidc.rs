@@ -312,6 +312,10 @@ async fn untrusted_tls_certificate_is_refused() {
     let e = refused(&verifier, &issuer.sign(Alg::ES256, &gh(&issuer))).await;
     assert_eq!(e.code(), ErrorCode::IssuerUnavailable);
     assert_eq!(issuer.jwks_fetches(), 0);
+    // The refusal says it is the certificate, and which key trusts its CA.
+    let text = e.to_string();
+    assert!(text.contains("certificate refused"), "{text}");
+    assert!(text.contains("extra_roots"), "{text}");
 }
 
 #[tokio::test]

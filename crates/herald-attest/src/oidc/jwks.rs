@@ -341,7 +341,13 @@ async fn get_json(client: &reqwest::Client, url: &str) -> Result<Value, OidcErro
     let unavailable = |m: String| OidcError::IssuerUnavailable(m);
     let body = crate::http_fetch::get_capped(client, url, "application/json", MAX_DOCUMENT_BYTES)
         .await
-        .map_err(|e| unavailable(format!("GET {url}: {e}")))?;
+        .map_err(|e| match e {
+            // Say which key fixes it: this is configuration, not an outage.
+            crate::http_fetch::FetchError::Certificate(_) => unavailable(format!(
+                "GET {url}: {e} (an issuer whose certificate comes from a private CA needs that CA in its `extra_roots`)"
+            )),
+            other => unavailable(format!("GET {url}: {other}")),
+        })?;
     serde_json::from_slice(&body).map_err(|e| unavailable(format!("GET {url}: not JSON: {e}")))
 }
 
