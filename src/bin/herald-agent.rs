@@ -42,8 +42,19 @@ fn main() -> ExitCode {
     } else {
         fmt.init();
     }
+    // As `herald` does: the code, what went wrong, and what to do.
     let fail = |code: &str, msg: String| {
         eprintln!("herald-agent: error[{code}]: {msg}");
+        let fix = match code {
+            "config" => {
+                "fix the agent configuration (every key, with its default: deploy/agent.example.toml; `herald config defaults --agent`), then `herald-agent --config FILE check`"
+            }
+            "agent" => {
+                "`herald agent --config FILE status` shows the node identity and the last error; a refused attestation is in the server's audit log with its code"
+            }
+            _ => "retry; if it persists, report it with the log above",
+        };
+        eprintln!("  fix: {fix}");
         ExitCode::FAILURE
     };
     let Some(path) = args.config else {
