@@ -28,6 +28,26 @@ fn sts(params: &str) -> Vec<u8> {
     post("/", params)
 }
 
+/// Sends one STS call from the loopback address `from`; the whole response.
+async fn sts_from(from: [u8; 4], http: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    let mut s = socket.connect(http).await.unwrap();
+    s.write_all(&sts(STS_OK)).await.unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp).await;
+    String::from_utf8_lossy(&resp).into_owned()
+}
+
+/// A client of `server` trusting `site`'s bundle, on 127.0.0.1.
+async fn client_of(site: &Site, server: &Server) -> herald_client::HeraldClient {
+    let anchors = pem_file_certs(&site.bundle_pem());
+    herald_client::HeraldClient::connect(&server.url(), &anchors, None)
+        .await
+        .unwrap()
+}
+
 const STS_OK: &str = "Action=AssumeRoleWithWebIdentity&Version=2011-06-15&RoleArn=arn:aws:iam::123456789012:role/deploy&RoleSessionName=ci&WebIdentityToken=eyJhbGciOi.not.a.token";
 
 /// How a refusal must look.
@@ -403,14 +423,7 @@ async fn a_flood_is_refused_before_any_work_and_audited_in_aggregate() {
     let flood = tokio::spawn(async move {
         let mut statuses = std::collections::BTreeMap::new();
         for _ in 0..300 {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-            let mut s = socket.connect(http).await.unwrap();
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            s.write_all(&sts(STS_OK)).await.unwrap();
-            let mut resp = Vec::new();
-            let _ = s.read_to_end(&mut resp).await;
-            let text = String::from_utf8_lossy(&resp).into_owned();
+            let text = sts_from([127, 0, 0, 2], http).await;
             let throttled = text.contains("<Code>Throttling</Code>");
             *statuses
                 .entry((text.get(9..12).unwrap_or("").to_owned(), throttled))
@@ -419,14 +432,7 @@ async fn a_flood_is_refused_before_any_work_and_audited_in_aggregate() {
         statuses
     });
     // Meanwhile, a legitimate caller on 127.0.0.1 mints: never throttled.
-    let anchors = herald_client::files::from_pem(
-        "CERTIFICATE",
-        &std::fs::read_to_string(site.bundle_pem()).unwrap(),
-    )
-    .unwrap();
-    let client = herald_client::HeraldClient::connect(&server.url(), &anchors, None)
-        .await
-        .unwrap();
+    let client = client_of(&site, &server).await;
     for i in 0..8 {
         let token = site.token(&format!("spiffe://{TRUST_DOMAIN}/legit/{i}"));
         client
@@ -495,16 +501,7 @@ async fn a_flood_from_many_addresses_is_audited_in_aggregate_past_the_servers_bu
     let mut refused = 0u32;
     for a in 0..ADDRESSES {
         for _ in 0..EACH {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket
-                .bind(std::net::SocketAddr::from(([127, 0, 1, 10 + a], 0)))
-                .unwrap();
-            let mut s = socket.connect(http).await.unwrap();
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            s.write_all(&sts(STS_OK)).await.unwrap();
-            let mut resp = Vec::new();
-            let _ = s.read_to_end(&mut resp).await;
-            let text = String::from_utf8_lossy(&resp);
+            let text = sts_from([127, 0, 1, 10 + a], http).await;
             assert!(!text.contains("<Code>Throttling</Code>"), "{a}: {text}");
             assert!(text.contains("<Code>InvalidIdentityToken</Code>"), "{text}");
             refused += 1;
@@ -512,14 +509,7 @@ async fn a_flood_from_many_addresses_is_audited_in_aggregate_past_the_servers_bu
     }
     // A legitimate caller is served while the budget is spent, and its
     // issuance is audited as always.
-    let anchors = herald_client::files::from_pem(
-        "CERTIFICATE",
-        &std::fs::read_to_string(site.bundle_pem()).unwrap(),
-    )
-    .unwrap();
-    let client = herald_client::HeraldClient::connect(&server.url(), &anchors, None)
-        .await
-        .unwrap();
+    let client = client_of(&site, &server).await;
     let token = site.token(&format!("spiffe://{TRUST_DOMAIN}/legit/0"));
     let minted = client
         .mint_x509_svid(
