@@ -207,8 +207,12 @@ fn the_agent_daemonset_mounts_the_tpm_and_its_config_is_valid() {
             .any(|v| v["hostPath"]["path"] == "/run/herald")
     );
     let container = &spec["containers"][0];
-    assert_eq!(container["securityContext"]["privileged"], false);
-    assert_eq!(container["args"][0], "agent");
+    // The TPM device and other users' /proc/<pid>/exe need root with the
+    // device allowed: privileged, as root (the image's user is nonroot).
+    assert_eq!(container["securityContext"]["privileged"], true);
+    assert_eq!(container["securityContext"]["runAsUser"], 0);
+    assert_eq!(container["command"][0], "/usr/local/bin/herald-agent");
+    assert_eq!(container["args"][0], "--config");
     let cfg =
         herald_agent::AgentConfig::parse(docs[3]["data"]["agent.toml"].as_str().unwrap()).unwrap();
     assert_eq!(cfg.tpm.tcti, "device:/dev/tpmrm0");
