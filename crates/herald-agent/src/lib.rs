@@ -5,11 +5,14 @@
 //! a server ([`attest`]) and keeps the node SVID fresh ([`agent`]): renewal
 //! over mTLS at about half the lifetime with jitter, re-attestation when a
 //! renewal is refused, backoff with jitter while servers are unreachable.
+//! Nodes without a TPM attest with a platform token file or the AWS
+//! instance identity document ([`imds`]) instead.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod attest;
 pub mod config;
+pub mod imds;
 pub mod tpm;
 pub mod workload;
 
