@@ -14,7 +14,9 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::attest::{AttestError, NodeEvidence, NodeSvid, attest, attest_without_tpm};
+use crate::attest::{
+    AttestError, NodeEvidence, NodeSvid, attest_with_platform_token, attest_without_tpm,
+};
 use crate::config::AgentConfig;
 use crate::config::AttestationMethod;
 use crate::tpm::TpmHandle;
@@ -349,7 +351,9 @@ impl Agent {
             let Some(tpm) = self.tpm.as_ref() else {
                 break;
             };
-            match attest(&client, tpm, join_token.clone(), platform_token.clone()).await {
+            match attest_with_platform_token(&client, tpm, join_token.clone(), platform_token.clone())
+                .await
+            {
                 Ok(svid) => {
                     self.server_index = (self.server_index + i) % self.cfg.servers.len();
                     return self.store(&server, svid, false).map_err(|e| (e, None));

@@ -102,9 +102,18 @@ pub async fn attest_without_tpm(
     }
 }
 
-/// Runs one attestation against `client` with `tpm` (and a platform token
-/// beside the quote, when the node policy requires both).
+/// Runs one attestation against `client` with `tpm`.
 pub async fn attest(
+    client: &HeraldClient,
+    tpm: &TpmHandle,
+    join_token: Option<String>,
+) -> Result<NodeSvid, AttestError> {
+    attest_with_platform_token(client, tpm, join_token, None).await
+}
+
+/// [`attest`], with a platform token beside the quote when the node policy
+/// requires both (machine MFA).
+pub async fn attest_with_platform_token(
     client: &HeraldClient,
     tpm: &TpmHandle,
     join_token: Option<String>,
