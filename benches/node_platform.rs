@@ -14,10 +14,10 @@
 //! Run: `cargo bench --bench node_platform` (`HERALD_BENCH_N` scales counts).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-mod common;
 #[path = "../tests/common/aws.rs"]
 #[allow(dead_code)]
 mod aws;
+mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -351,8 +351,13 @@ impl Agent {
             let Some(tpm) = self.tpm.as_ref() else {
                 break;
             };
-            match attest_with_platform_token(&client, tpm, join_token.clone(), platform_token.clone())
-                .await
+            match attest_with_platform_token(
+                &client,
+                tpm,
+                join_token.clone(),
+                platform_token.clone(),
+            )
+            .await
             {
                 Ok(svid) => {
                     self.server_index = (self.server_index + i) % self.cfg.servers.len();

@@ -51,6 +51,22 @@ pub fn nonce_binding(nonce: &[u8], spki_der: &[u8]) -> Vec<u8> {
     ctx.finish().as_ref().to_vec()
 }
 
+/// The server's last word: the node SVID for `key_pkcs8`.
+async fn node_svid(
+    responses: &mut tonic::Streaming<herald_proto::v1::AttestResponse>,
+    key_pkcs8: Vec<u8>,
+) -> Result<NodeSvid, AttestError> {
+    match responses.message().await.map_err(ClientError::from)? {
+        Some(herald_proto::v1::AttestResponse {
+            step: Some(attest_response::Step::Result(response)),
+        }) => Ok(NodeSvid {
+            response,
+            key_pkcs8,
+        }),
+        _ => Err(AttestError::Protocol("expected the node SVID".into())),
+    }
+}
+
 /// Evidence for a node without a TPM.
 #[derive(Debug, Clone)]
 pub enum NodeEvidence {
@@ -91,15 +107,7 @@ pub async fn attest_without_tpm(
         .await
         .map_err(ClientError::from)?
         .into_inner();
-    match responses.message().await.map_err(ClientError::from)? {
-        Some(herald_proto::v1::AttestResponse {
-            step: Some(attest_response::Step::Result(response)),
-        }) => Ok(NodeSvid {
-            response,
-            key_pkcs8: key.key_pkcs8,
-        }),
-        _ => Err(AttestError::Protocol("expected the node SVID".into())),
-    }
+    node_svid(&mut responses, key.key_pkcs8).await
 }
 
 /// Runs one attestation against `client` with `tpm`.
@@ -167,13 +175,5 @@ pub async fn attest_with_platform_token(
         csr: key.csr_der,
     }))
     .await?;
-    match responses.message().await.map_err(ClientError::from)? {
-        Some(herald_proto::v1::AttestResponse {
-            step: Some(attest_response::Step::Result(response)),
-        }) => Ok(NodeSvid {
-            response,
-            key_pkcs8: key.key_pkcs8,
-        }),
-        _ => Err(AttestError::Protocol("expected the node SVID".into())),
-    }
+    node_svid(&mut responses, key.key_pkcs8).await
 }

@@ -181,6 +181,31 @@ async fn platform_token(
     Ok((node, replay))
 }
 
+/// Policy's decision on a node's verified evidence, with the hello's join
+/// token as its enrolment factor when the node is not enrolled yet; the
+/// token's hash when the commit must consume it (it was a factor).
+async fn decide(
+    shared: &Shared,
+    run: &mut Run<'_>,
+    policies: &PolicySet,
+    mut evidence: Evidence,
+    join_token: &str,
+    enrolled: bool,
+) -> Result<(herald_policy::Decision, Option<[u8; 32]>), Refusal> {
+    if !join_token.is_empty() && !enrolled {
+        evidence.join_token =
+            Some(crate::flows::join_token(shared, run, join_token, TokenUse::NodeEnrolment).await?);
+    }
+    let decision = run.decided(policies.evaluate(&evidence))?;
+    // The token is consumed only when it was a factor of the decision.
+    let consumed = if decision.factors.contains(&Factor::JoinToken) {
+        evidence.join_token.map(|t| t.hash)
+    } else {
+        None
+    };
+    Ok((decision, consumed))
+}
+
 /// The registry's record of a node, refused here if it is banned.
 async fn registered(
     shared: &Shared,
@@ -371,20 +396,18 @@ impl NodeAttestationApi {
             evidence.platform_token = Some(PlatformTokenEvidence::verified(&token, enrolled));
             replay = Some(key);
         }
-        if !hello.join_token.is_empty() && !enrolled {
-            evidence.join_token = Some(
-                crate::flows::join_token(shared, run, &hello.join_token, TokenUse::NodeEnrolment)
-                    .await?,
-            );
-        }
-        let decision = run.decided(policies.evaluate(&evidence))?;
-        // The token is consumed only when it was a factor of the decision.
-        let join_token = if decision.factors.contains(&Factor::JoinToken) {
+        let (decision, join_token) = decide(
+            shared,
+            run,
+            &policies,
+            evidence,
+            &hello.join_token,
+            enrolled,
+        )
+        .await?;
+        if join_token.is_some() {
             run.audit.evidence_type = Some(EvidenceType::TpmAndJoinToken);
-            evidence.join_token.map(|t| t.hash)
-        } else {
-            None
-        };
+        }
         // Likewise the platform token: single use only as a factor.
         let replay = if decision.factors.contains(&Factor::PlatformToken) {
             run.audit.evidence_type = Some(EvidenceType::TpmAndPlatformToken);
@@ -423,7 +446,7 @@ impl NodeAttestationApi {
         let shared = &*self.shared;
         let now = unix_now();
         let mut evidence = Evidence::default();
-        let (node_key, known, replay, ak_name) = if let Some(iid) = &hello.aws_iid {
+        let (node_key, enrolled, replay, ak_name) = if let Some(iid) = &hello.aws_iid {
             run.audit.evidence_type = Some(EvidenceType::AwsIid);
             // Which AWS policies' certificates vouch for it?
             let mut trusted_by = Vec::new();
@@ -467,7 +490,7 @@ impl NodeAttestationApi {
                 ));
             }
             evidence.aws_iid = Some(AwsIidEvidence::verified(&v, trusted_by, now, enrolled));
-            (v.node_key, known, None, ak_name)
+            (v.node_key, enrolled, None, ak_name)
         } else {
             run.audit.evidence_type = Some(EvidenceType::PlatformToken);
             let (token, replay) = platform_token(shared, run, &hello.platform_token).await?;
@@ -477,23 +500,10 @@ impl NodeAttestationApi {
                 .is_some_and(|n| n.status == NodeStatus::Active);
             verify_csr(&hello.csr)?;
             evidence.platform_token = Some(PlatformTokenEvidence::verified(&token, enrolled));
-            (token.node_key, known, Some(replay), String::new())
+            (token.node_key, enrolled, Some(replay), String::new())
         };
-        let enrolled = known
-            .as_ref()
-            .is_some_and(|n| n.status == NodeStatus::Active);
-        if !hello.join_token.is_empty() && !enrolled {
-            evidence.join_token = Some(
-                crate::flows::join_token(shared, run, &hello.join_token, TokenUse::NodeEnrolment)
-                    .await?,
-            );
-        }
-        let decision = run.decided(policies.evaluate(&evidence))?;
-        let join_token = if decision.factors.contains(&Factor::JoinToken) {
-            evidence.join_token.map(|t| t.hash)
-        } else {
-            None
-        };
+        let (decision, join_token) =
+            decide(shared, run, policies, evidence, &hello.join_token, enrolled).await?;
         let node = NodeAttestation {
             ek_hash: node_key,
             spiffe_id: decision.spiffe_id.to_string(),
