@@ -820,6 +820,11 @@ fn node_evidence_shapes_are_checked_at_load() {
             "  aws_iid: { certificates: [missing.pem] }\n",
             "cannot read",
         ),
+        // Google signs instance tokens for every project.
+        (
+            "  platform_token: { issuer: https://accounts.google.com, audiences: [herald] }\n",
+            "pin one of project_id",
+        ),
     ] {
         let text = format!("name: n\nevidence:\n{evidence}{base}");
         let e = PolicySet::from_sources(&[(dir.path().join("n.yaml"), text)], &opts())
