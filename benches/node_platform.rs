@@ -81,7 +81,7 @@ fn main() {
             std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         let toml = format!(
-            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[rate_limit]\nper_caller_rate = 0.0\n[policy]\ndir = \"{}\"\n[[oidc.issuers]]\nissuer = \"{}\"\naudiences = [\"herald\"]\nextra_roots = \"{}\"\n",
+            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[rate_limit]\nper_caller_rate = 0.0\n[policy]\ndir = \"{}\"\n[[oidc.issuers]]\nissuer = \"{}\"\naudiences = [\"herald\"]\nextra_roots = \"{}\"\nmin_refresh_interval = \"0s\"\n",
             dir.path().join("data").display(),
             kek.display(),
             policies.display(),

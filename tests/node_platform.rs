@@ -103,7 +103,7 @@ impl Env {
         let policies_dir = tempfile::tempdir().unwrap();
         policies(policies_dir.path(), issuer.issuer(), &signer);
         let site = Site::with_extra(&format!(
-            "[policy]\ndir = \"{}\"\n[[oidc.issuers]]\nissuer = \"{}\"\naudiences = [\"{AUD}\"]\nextra_roots = \"{}\"\n",
+            "[policy]\ndir = \"{}\"\n[[oidc.issuers]]\nissuer = \"{}\"\naudiences = [\"{AUD}\"]\nextra_roots = \"{}\"\nhttp_timeout = \"1s\"\nmin_refresh_interval = \"0s\"\n",
             policies_dir.path().display(),
             issuer.issuer(),
             issuer.ca_pem_path().display()

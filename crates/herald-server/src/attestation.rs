@@ -270,6 +270,12 @@ impl NodeAttestationApi {
                 ));
             }
         };
+        // A refused hello is audited under the evidence it carried.
+        if hello.aws_iid.is_some() {
+            run.audit.evidence_type = Some(EvidenceType::AwsIid);
+        } else if hello.ek_public.is_empty() && !hello.platform_token.is_empty() {
+            run.audit.evidence_type = Some(EvidenceType::PlatformToken);
+        }
         check_hello_sizes(&hello)?;
         if hello.ek_public.is_empty() {
             return self.without_tpm(hello, run, &policies).await;
@@ -447,7 +453,6 @@ impl NodeAttestationApi {
         let now = unix_now();
         let mut evidence = Evidence::default();
         let (node_key, enrolled, replay, ak_name) = if let Some(iid) = &hello.aws_iid {
-            run.audit.evidence_type = Some(EvidenceType::AwsIid);
             // Which AWS policies' certificates vouch for it?
             let mut trusted_by = Vec::new();
             let mut verified = None;
@@ -492,7 +497,6 @@ impl NodeAttestationApi {
             evidence.aws_iid = Some(AwsIidEvidence::verified(&v, trusted_by, now, enrolled));
             (v.node_key, enrolled, None, ak_name)
         } else {
-            run.audit.evidence_type = Some(EvidenceType::PlatformToken);
             let (token, replay) = platform_token(shared, run, &hello.platform_token).await?;
             let known = registered(shared, run, &token.node_key).await?;
             let enrolled = known
