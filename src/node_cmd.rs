@@ -31,6 +31,15 @@ pub enum NodeCommand {
         #[arg(long, default_value = "unspecified")]
         reason: String,
     },
+    /// Forget an active node (by SPIFFE ID or EK hash / node key) so that
+    /// it may enrol afresh — an AWS instance with a new agent key. Its
+    /// credentials stay valid (ban it to revoke them); a banned node stays banned.
+    Reset {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The node's SPIFFE ID or EK hash / node key.
+        id: String,
+    },
 }
 
 /// `herald agent`.
@@ -131,6 +140,27 @@ pub async fn node(cmd: NodeCommand) -> Result<(), CliError> {
                     Ok(())
                 }
                 None => Err(CliError::new("not_found", format!("no node {id}"))),
+            }
+        }
+        NodeCommand::Reset { config, id } => {
+            let cfg = load_config(&config)?;
+            let store = open_store(&cfg).await?;
+            let mut audit = operator_event("node.reset");
+            audit.evidence_digest = Some(id.clone());
+            let result = store.reset_node(&id, audit).await;
+            store.close().await;
+            match result? {
+                Some(node) => {
+                    println!(
+                        "reset {} (node key {}): it may enrol again",
+                        node.spiffe_id, node.ek_hash
+                    );
+                    Ok(())
+                }
+                None => Err(CliError::new(
+                    "not_found",
+                    format!("no active node {id} (a banned node stays banned)"),
+                )),
             }
         }
     }

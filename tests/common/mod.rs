@@ -1,6 +1,7 @@
 //! Harness for end-to-end tests: runs the real `herald` binary.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod aws;
 pub mod kubelet;
 pub mod node;
 

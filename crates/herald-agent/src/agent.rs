@@ -14,8 +14,11 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::attest::{AttestError, NodeSvid, attest};
+use crate::attest::{
+    AttestError, NodeEvidence, NodeSvid, attest_with_platform_token, attest_without_tpm,
+};
 use crate::config::AgentConfig;
+use crate::config::AttestationMethod;
 use crate::tpm::TpmHandle;
 
 /// What `status.json` holds.
@@ -318,6 +321,16 @@ impl Agent {
         self.write_status();
         let bundle = self.bundle().map_err(|e| (e, None))?;
         let join_token = self.cfg.join_token().map_err(|e| (e, None))?;
+        let platform_token = self
+            .cfg
+            .attestation
+            .platform_token()
+            .map_err(|e| (format!("platform token: {e}"), None))?;
+        if self.cfg.attestation.method != AttestationMethod::Tpm {
+            return self
+                .attest_without_tpm(&bundle, join_token, platform_token)
+                .await;
+        }
         if self.tpm.is_none() {
             let dir = self.cfg.data_dir.clone();
             let tpm = TpmHandle::open(&self.cfg.tpm.tcti, &dir)
@@ -338,7 +351,14 @@ impl Agent {
             let Some(tpm) = self.tpm.as_ref() else {
                 break;
             };
-            match attest(&client, tpm, join_token.clone()).await {
+            match attest_with_platform_token(
+                &client,
+                tpm,
+                join_token.clone(),
+                platform_token.clone(),
+            )
+            .await
+            {
                 Ok(svid) => {
                     self.server_index = (self.server_index + i) % self.cfg.servers.len();
                     return self.store(&server, svid, false).map_err(|e| (e, None));
@@ -359,6 +379,77 @@ impl Agent {
             }
         }
         Err(last)
+    }
+
+    /// An attestation with a platform token or the AWS instance identity
+    /// document. For AWS the CSR is always of the enrolment key kept in
+    /// `<data_dir>/node/enrolment.key`: the server binds the instance to it.
+    async fn attest_without_tpm(
+        &mut self,
+        bundle: &[Vec<u8>],
+        join_token: Option<String>,
+        platform_token: Option<String>,
+    ) -> Result<(), (String, Option<herald_core::ErrorCode>)> {
+        let a = &self.cfg.attestation;
+        let evidence = match a.method {
+            AttestationMethod::AwsIid => NodeEvidence::AwsIid(
+                crate::imds::instance_identity(&a.imds_url, a.imds_timeout)
+                    .await
+                    .map_err(|e| (e, None))?,
+            ),
+            _ => NodeEvidence::PlatformToken(
+                platform_token.ok_or_else(|| ("no platform token file".to_owned(), None))?,
+            ),
+        };
+        let mut last = (String::from("no server"), None);
+        for (i, server) in self.servers().into_iter().enumerate() {
+            let key = match a.method {
+                AttestationMethod::AwsIid => self.enrolment_key(),
+                _ => keys::generate_key_and_csr().map_err(|e| e.to_string()),
+            }
+            .map_err(|e| (e, None))?;
+            let pin = self.server_id(None);
+            let client = match HeraldClient::connect_to(&server, bundle, None, &pin).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = (format!("{server}: {e}"), None);
+                    continue;
+                }
+            };
+            match attest_without_tpm(&client, evidence.clone(), key, join_token.clone()).await {
+                Ok(svid) => {
+                    self.server_index = (self.server_index + i) % self.cfg.servers.len();
+                    return self.store(&server, svid, false).map_err(|e| (e, None));
+                }
+                Err(AttestError::Client(ClientError::Transport(e))) => {
+                    last = (format!("{server}: {e}"), None);
+                }
+                Err(AttestError::Client(e)) => {
+                    let code = e.code();
+                    return Err((format!("attestation refused by {server}: {e}"), code));
+                }
+                Err(e) => last = (format!("{server}: {e}"), None),
+            }
+        }
+        Err(last)
+    }
+
+    /// The AWS agent's enrolment key (created 0600 on first use) and a CSR for it.
+    fn enrolment_key(&self) -> Result<keys::KeyAndCsr, String> {
+        let path = self.cfg.data_dir.join("node").join("enrolment.key");
+        match std::fs::read(&path) {
+            Ok(pkcs8) => keys::csr_for_key(&pkcs8).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = keys::generate_key_and_csr().map_err(|e| e.to_string())?;
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                }
+                files::write_atomic(&path, &key.key_pkcs8, 0o600)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                Ok(key)
+            }
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
     }
 
     async fn renew_any(

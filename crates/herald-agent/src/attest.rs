@@ -4,7 +4,8 @@
 use herald_client::{ClientError, HeraldClient, keys};
 use herald_proto::v1::node_attestation_service_client::NodeAttestationServiceClient;
 use herald_proto::v1::{
-    AttestHello, AttestProof, AttestRequest, X509SvidResponse, attest_request, attest_response,
+    AttestHello, AttestProof, AttestRequest, AwsInstanceIdentity, X509SvidResponse, attest_request,
+    attest_response,
 };
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -50,11 +51,81 @@ pub fn nonce_binding(nonce: &[u8], spki_der: &[u8]) -> Vec<u8> {
     ctx.finish().as_ref().to_vec()
 }
 
+/// The server's last word: the node SVID for `key_pkcs8`.
+async fn node_svid(
+    responses: &mut tonic::Streaming<herald_proto::v1::AttestResponse>,
+    key_pkcs8: Vec<u8>,
+) -> Result<NodeSvid, AttestError> {
+    match responses.message().await.map_err(ClientError::from)? {
+        Some(herald_proto::v1::AttestResponse {
+            step: Some(attest_response::Step::Result(response)),
+        }) => Ok(NodeSvid {
+            response,
+            key_pkcs8,
+        }),
+        _ => Err(AttestError::Protocol("expected the node SVID".into())),
+    }
+}
+
+/// Evidence for a node without a TPM.
+#[derive(Debug, Clone)]
+pub enum NodeEvidence {
+    /// A platform OIDC token (Kubernetes, GCP).
+    PlatformToken(String),
+    /// The AWS instance identity document and its signature.
+    AwsIid(crate::imds::InstanceIdentity),
+}
+
+/// Runs one attestation without a TPM: the evidence, the CSR of `key` and
+/// any join token in the hello; the server answers with the node SVID.
+pub async fn attest_without_tpm(
+    client: &HeraldClient,
+    evidence: NodeEvidence,
+    key: keys::KeyAndCsr,
+    join_token: Option<String>,
+) -> Result<NodeSvid, AttestError> {
+    let mut hello = AttestHello {
+        join_token: join_token.unwrap_or_default(),
+        csr: key.csr_der,
+        ..AttestHello::default()
+    };
+    match evidence {
+        NodeEvidence::PlatformToken(t) => hello.platform_token = t,
+        NodeEvidence::AwsIid(iid) => {
+            hello.aws_iid = Some(AwsInstanceIdentity {
+                document: iid.document,
+                signature: iid.signature,
+            });
+        }
+    }
+    let request = AttestRequest {
+        step: Some(attest_request::Step::Hello(hello)),
+    };
+    let mut api = NodeAttestationServiceClient::new(client.channel());
+    let mut responses = api
+        .attest(tokio_stream::once(request))
+        .await
+        .map_err(ClientError::from)?
+        .into_inner();
+    node_svid(&mut responses, key.key_pkcs8).await
+}
+
 /// Runs one attestation against `client` with `tpm`.
 pub async fn attest(
     client: &HeraldClient,
     tpm: &TpmHandle,
     join_token: Option<String>,
+) -> Result<NodeSvid, AttestError> {
+    attest_with_platform_token(client, tpm, join_token, None).await
+}
+
+/// [`attest`], with a platform token beside the quote when the node policy
+/// requires both (machine MFA).
+pub async fn attest_with_platform_token(
+    client: &HeraldClient,
+    tpm: &TpmHandle,
+    join_token: Option<String>,
+    platform_token: Option<String>,
 ) -> Result<NodeSvid, AttestError> {
     let id = tpm.identity();
     let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -72,6 +143,8 @@ pub async fn attest(
         ek_public: id.ek_public.clone(),
         ak_public: id.ak_public.clone(),
         join_token: join_token.unwrap_or_default(),
+        platform_token: platform_token.unwrap_or_default(),
+        ..AttestHello::default()
     }))
     .await?;
     let mut api = NodeAttestationServiceClient::new(client.channel());
@@ -102,13 +175,5 @@ pub async fn attest(
         csr: key.csr_der,
     }))
     .await?;
-    match responses.message().await.map_err(ClientError::from)? {
-        Some(herald_proto::v1::AttestResponse {
-            step: Some(attest_response::Step::Result(response)),
-        }) => Ok(NodeSvid {
-            response,
-            key_pkcs8: key.key_pkcs8,
-        }),
-        _ => Err(AttestError::Protocol("expected the node SVID".into())),
-    }
+    node_svid(&mut responses, key.key_pkcs8).await
 }

@@ -92,6 +92,10 @@ pub struct AgentConfig {
     /// The TPM.
     #[serde(default)]
     pub tpm: TpmConfig,
+    /// How the node proves itself: a TPM (the default), a platform token,
+    /// or an AWS instance identity document.
+    #[serde(default)]
+    pub attestation: AttestationConfig,
     /// Rotation pacing.
     #[serde(default)]
     pub rotation: RotationConfig,
@@ -305,6 +309,73 @@ fn deserialize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Er
     }
 }
 
+/// The node's evidence.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttestationMethod {
+    /// A TPM 2.0 quote (with `platform_token_file` set: and a platform
+    /// token, for a policy requiring both).
+    #[default]
+    Tpm,
+    /// A platform OIDC token read from `platform_token_file` (a Kubernetes
+    /// projected service-account token, a GCP instance-identity token).
+    PlatformToken,
+    /// The AWS EC2 instance identity document, read over IMDSv2.
+    AwsIid,
+}
+
+/// `[attestation]`: how the node proves itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// `tpm` (default), `platform_token` or `aws_iid`.
+    #[serde(default)]
+    pub method: AttestationMethod,
+    /// The platform token file, read afresh at each attestation (the
+    /// kubelet rotates a projected token in place). Required for
+    /// `platform_token`; with `tpm`, sent beside the quote.
+    #[serde(default)]
+    pub platform_token_file: Option<PathBuf>,
+    /// The instance metadata service's base URL (tests point it at a
+    /// loopback stand-in).
+    #[serde(default = "default_imds_url")]
+    pub imds_url: String,
+    /// Timeout of each IMDS request.
+    #[serde(default = "default_imds_timeout", with = "humantime_serde_compat")]
+    pub imds_timeout: Duration,
+}
+
+fn default_imds_url() -> String {
+    "http://169.254.169.254".into()
+}
+
+fn default_imds_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl Default for AttestationConfig {
+    fn default() -> Self {
+        Self {
+            method: AttestationMethod::Tpm,
+            platform_token_file: None,
+            imds_url: default_imds_url(),
+            imds_timeout: default_imds_timeout(),
+        }
+    }
+}
+
+impl AttestationConfig {
+    /// The platform token, read now.
+    pub fn platform_token(&self) -> Result<Option<String>, String> {
+        match &self.platform_token_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map(|t| Some(t.trim().to_owned()))
+                .map_err(|e| format!("{}: {e}", p.display())),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Which TPM.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -470,6 +541,18 @@ impl AgentConfig {
         }
         if let Some(id) = &self.server_spiffe_id {
             herald_client::ServerId::parse(id).map_err(|e| format!("server_spiffe_id: {e}"))?;
+        }
+        let a = &self.attestation;
+        if a.method == AttestationMethod::PlatformToken && a.platform_token_file.is_none() {
+            return Err(
+                "attestation.method = \"platform_token\" needs attestation.platform_token_file"
+                    .into(),
+            );
+        }
+        if a.method == AttestationMethod::AwsIid
+            && !(a.imds_url.starts_with("http://") || a.imds_url.starts_with("https://"))
+        {
+            return Err("attestation.imds_url must be an http:// or https:// URL".into());
         }
         for (name, limit) in [
             (

@@ -7,6 +7,11 @@
 //!   [`VerifiedToken`];
 //! - [`tpm`]: TPM 2.0 EK certificates, credential activation and quotes;
 //! - [`join_token`]: one-time join tokens, by purpose → [`VerifiedJoinToken`];
+//! - [`node_token`]: a verified platform OIDC token (Kubernetes projected
+//!   service-account token, GCP instance identity) → the node it names,
+//!   [`VerifiedNodeToken`];
+//! - [`aws_iid`]: AWS EC2 instance identity documents against pinned
+//!   regional certificates → [`VerifiedIid`];
 //! - [`svid`]: X.509 SVIDs presented by their holders, against Herald's
 //!   record of them and their lineage → [`VerifiedSvid`].
 //!
@@ -16,13 +21,17 @@
 //! the caller and handed in).
 #![forbid(unsafe_code)]
 
+pub mod aws_iid;
 pub mod http_fetch;
 pub mod join_token;
+pub mod node_token;
 pub mod oidc;
 pub mod svid;
 pub mod tpm;
 
+pub use aws_iid::{AwsIidError, VerifiedIid};
 pub use join_token::{JoinTokenError, TokenUse, VerifiedJoinToken};
+pub use node_token::{NodeTokenError, Platform, VerifiedNodeToken};
 pub use oidc::{OidcError, OidcVerifier, VerifiedToken};
 pub use svid::{PresentedSvid, SvidError, SvidInfo, VerifiedSvid};
 

@@ -112,6 +112,11 @@ error_codes! {
     TpmFirmwareRefused => "tpm_firmware_refused", PermissionDenied, "The TPM firmware version is refused by policy.";
     NodeBanned => "node_banned", PermissionDenied, "The node is banned: its attestations and renewals are refused.";
     NodeEkChanged => "node_ek_changed", PermissionDenied, "Another EK presented itself for an enrolled node's identity.";
+    NodeTokenClaimsMissing => "node_token_claims_missing", Unauthenticated, "A platform token presented as node evidence does not name its node: a Kubernetes token without `kubernetes.io.node` (name), a GCP token without `google.compute_engine` project and instance, or a token of neither shape.";
+    AwsIidMalformed => "aws_iid_malformed", InvalidArgument, "The AWS instance identity document or its signature does not parse (JSON fields, pendingTime, base64).";
+    AwsIidSignatureInvalid => "aws_iid_signature_invalid", Unauthenticated, "The AWS instance identity document's signature verifies with none of the regional certificates the node policies name.";
+    AwsIidStale => "aws_iid_stale", Unauthenticated, "The AWS instance identity document's pendingTime is older than the policy's max_age (or in the future).";
+    NodeAgentKeyChanged => "node_agent_key_changed", PermissionDenied, "The instance is already enrolled with another agent key: it re-enrols only with its first key, or after `herald node reset`.";
     AttestationTimeout => "attestation_timeout", InvalidArgument, "The attestation stream stalled past the server's deadline.";
     AttestationProtocol => "attestation_protocol", InvalidArgument, "The attestation stream's messages came out of order or were missing.";
     NodeUnknown => "node_unknown", PermissionDenied, "The caller's SVID is not an attested node's: only node agents may ask for workload identities.";

@@ -36,6 +36,14 @@ pub enum EvidenceType {
     /// Machine MFA at node enrolment: a TPM quote and a join token.
     #[serde(rename = "tpm+join_token")]
     TpmAndJoinToken,
+    /// A platform OIDC token as node evidence: a Kubernetes projected
+    /// service-account token or a GCP instance-identity token.
+    PlatformToken,
+    /// Machine MFA for a node: a TPM quote and a platform token.
+    #[serde(rename = "tpm+platform_token")]
+    TpmAndPlatformToken,
+    /// An AWS EC2 instance identity document with its signature.
+    AwsIid,
 }
 
 impl EvidenceType {
@@ -52,6 +60,9 @@ impl EvidenceType {
             EvidenceType::OidcAndX509Svid => "oidc+x509_svid",
             EvidenceType::Tpm => "tpm",
             EvidenceType::TpmAndJoinToken => "tpm+join_token",
+            EvidenceType::PlatformToken => "platform_token",
+            EvidenceType::TpmAndPlatformToken => "tpm+platform_token",
+            EvidenceType::AwsIid => "aws_iid",
         }
     }
 
@@ -68,6 +79,9 @@ impl EvidenceType {
             "oidc+x509_svid" => Some(EvidenceType::OidcAndX509Svid),
             "tpm" => Some(EvidenceType::Tpm),
             "tpm+join_token" => Some(EvidenceType::TpmAndJoinToken),
+            "platform_token" => Some(EvidenceType::PlatformToken),
+            "tpm+platform_token" => Some(EvidenceType::TpmAndPlatformToken),
+            "aws_iid" => Some(EvidenceType::AwsIid),
             _ => None,
         }
     }
@@ -79,14 +93,18 @@ impl EvidenceType {
         match self {
             EvidenceType::OidcAndJoinToken
             | EvidenceType::OidcAndX509Svid
-            | EvidenceType::TpmAndJoinToken => 2,
+            | EvidenceType::TpmAndJoinToken
+            | EvidenceType::TpmAndPlatformToken => 2,
             _ => 1,
         }
     }
 
     /// Whether the evidence includes a hardware root of trust (a TPM).
     pub fn is_hardware_backed(self) -> bool {
-        matches!(self, EvidenceType::Tpm | EvidenceType::TpmAndJoinToken)
+        matches!(
+            self,
+            EvidenceType::Tpm | EvidenceType::TpmAndJoinToken | EvidenceType::TpmAndPlatformToken
+        )
     }
 }
 

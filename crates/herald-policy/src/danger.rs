@@ -18,6 +18,12 @@
 //!    `claims["sub"].matches(…)`, `matches(claims.sub, …)`. It catches the
 //!    common mistakes; the owner pin of rule 1 is what actually bounds a
 //!    shared issuer.
+//! 3. **A shared issuer's platform token as a node's evidence without a
+//!    project pin.** Any VM of any GCP project can ask Google
+//!    (`https://accounts.google.com`) for an instance-identity token with
+//!    any audience: a node policy on it must pin the project (or the
+//!    service account) exactly — under `platform_token.` when the token is
+//!    a TPM policy's second factor.
 
 use crate::expr::Compiled;
 use crate::model::PolicyFile;
@@ -61,6 +67,18 @@ pub const SHARED_ISSUERS: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// Shared issuers of node platform tokens and the claims that pin a tenant.
+pub const SHARED_NODE_ISSUERS: &[(&str, &[&str])] = &[(
+    "https://accounts.google.com",
+    &[
+        "project_id",
+        "google.compute_engine.project_id",
+        "google.compute_engine.project_number",
+        "email",
+        "sub",
+    ],
+)];
+
 /// The owner-pinning claims of `issuer` if it is a shared issuer.
 pub fn shared_issuer_pins(issuer: &str) -> Option<&'static [&'static str]> {
     let issuer = issuer.trim_end_matches('/');
@@ -81,6 +99,29 @@ pub(crate) fn check(file: &PolicyFile, condition: Option<&Compiled>) -> Result<(
         if v.as_str().is_some_and(|s| s.contains('*')) {
             return Err(format!(
                 "pin `{k}` contains `*`: pins are exact matches, and an unbounded glob is refused"
+            ));
+        }
+    }
+    if let Some(p) = &file.evidence.platform_token {
+        // As a TPM policy's factor, the token's claims are `platform_token.*`.
+        let prefix = if file.evidence.tpm.is_some() {
+            "platform_token."
+        } else {
+            ""
+        };
+        let issuer = p.issuer.trim_end_matches('/');
+        if let Some((_, claims)) = SHARED_NODE_ISSUERS.iter().find(|(i, _)| *i == issuer)
+            && !claims
+                .iter()
+                .any(|c| file.pins.contains_key(&format!("{prefix}{c}")))
+        {
+            return Err(format!(
+                "{issuer} signs instance tokens for every project: pin one of {} exactly",
+                claims
+                    .iter()
+                    .map(|c| format!("{prefix}{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
     }

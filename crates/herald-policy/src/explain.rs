@@ -108,9 +108,36 @@ fn describe(path: &Path, f: &PolicyFile, tests: usize, failed: usize) -> String 
             }
         );
     }
+    if let (Some(p), None) = (&ev.platform_token, &ev.tpm) {
+        let _ = writeln!(
+            o,
+            "  a node's platform token (Kubernetes projected service-account token or GCP instance identity) issued by {} for the audience {}, naming its node, used once",
+            p.issuer,
+            list(&p.audiences)
+        );
+    }
+    if let Some(a) = &ev.aws_iid {
+        let _ = writeln!(
+            o,
+            "  an AWS EC2 instance identity document signed with the key of {}{}; each instance enrols once, bound to its agent's key",
+            a.certificates.join(", "),
+            a.max_age
+                .as_ref()
+                .map(|m| format!(", its instance launched at most {m} ago"))
+                .unwrap_or_default()
+        );
+    }
+    let node = ev.tpm.is_some() || ev.platform_token.is_some() || ev.aws_iid.is_some();
     for factor in &ev.require {
         let _ = match factor {
-            FactorName::JoinToken if ev.tpm.is_some() => writeln!(
+            FactorName::PlatformToken => writeln!(
+                o,
+                "  and, at every attestation, a platform token issued by {} (machine MFA)",
+                ev.platform_token
+                    .as_ref()
+                    .map_or("?", |p| p.issuer.as_str())
+            ),
+            FactorName::JoinToken if node => writeln!(
                 o,
                 "  and, at enrolment, a join token created with --purpose node"
             ),

@@ -51,7 +51,10 @@
 //! TPM node policies use `evidence.tpm` instead of `evidence.oidc` (see
 //! [`tpm`]): trusted EK roots, the PCRs to quote, golden value sets and a
 //! firmware floor; their claims are the EK hash, AK name, firmware version,
-//! TPM counters and EK certificate fields.
+//! TPM counters and EK certificate fields. Nodes without a TPM attest with
+//! `evidence.platform_token` (a Kubernetes or GCP platform token) or
+//! `evidence.aws_iid` (an EC2 instance identity document), see [`node`];
+//! a TPM policy can require a platform token too (machine MFA).
 //!
 //! Join-token policies use `evidence.join_token: { purposes: [bootstrap,
 //! break_glass] }` (default `[bootstrap]`): a token created for one of
@@ -86,6 +89,7 @@ mod expr;
 mod grant;
 mod lineage;
 mod model;
+pub mod node;
 pub mod tpm;
 
 pub use explain::explain;
@@ -96,7 +100,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use herald_attest::tpm::VerifiedTpm;
-use herald_attest::{VerifiedJoinToken, VerifiedSvid, VerifiedToken};
+use herald_attest::{
+    VerifiedIid, VerifiedJoinToken, VerifiedNodeToken, VerifiedSvid, VerifiedToken,
+};
 use herald_core::{ErrorCode, JoinTokenPurpose, Origin, ScopePolicy, SpiffeId, TrustDomain};
 use serde_json::{Map, Value};
 
@@ -106,6 +112,7 @@ pub use crate::grant::{
     CloudRoleGrant, CredentialRequest, Defaults, Grant, Grants, JwtGrant, MAX_AUDIENCES, X509Grant,
 };
 use crate::model::{FactorName, PolicyFile};
+pub use crate::node::{AwsIidRules, PlatformTokenRules};
 pub use crate::tpm::{GoldenSet, Registration, TpmRules};
 use std::collections::BTreeMap;
 
@@ -251,6 +258,59 @@ impl TpmEvidence {
     }
 }
 
+/// A verified platform token presented as node evidence (or as a TPM
+/// node's second factor).
+#[derive(Debug, Clone)]
+pub struct PlatformTokenEvidence {
+    /// The issuer, exactly as configured.
+    pub issuer: String,
+    /// The token's audiences that Herald accepted.
+    pub audiences: Vec<String>,
+    /// The token's claims with the node claims the verifier derived.
+    pub claims: Map<String, Value>,
+    /// Whether the node it names is already enrolled (active): required
+    /// join tokens are checked at enrolment only.
+    pub enrolled: bool,
+}
+
+impl PlatformTokenEvidence {
+    /// The policy's view of a verified node token.
+    pub fn verified(t: &VerifiedNodeToken, enrolled: bool) -> Self {
+        PlatformTokenEvidence {
+            issuer: t.token.issuer.clone(),
+            audiences: t.token.audiences.clone(),
+            claims: t.claims.clone(),
+            enrolled,
+        }
+    }
+}
+
+/// A verified AWS instance identity document.
+#[derive(Debug, Clone)]
+pub struct AwsIidEvidence {
+    /// The AWS policies one of whose certificates verified the signature;
+    /// only they are candidates.
+    pub trusted_by: Vec<String>,
+    /// The document's claims (see [`node`]).
+    pub claims: Map<String, Value>,
+    /// Seconds since the document's `pendingTime` (negative: in the future).
+    pub age_secs: i64,
+    /// Whether the instance is already enrolled (active).
+    pub enrolled: bool,
+}
+
+impl AwsIidEvidence {
+    /// The policy's view of a verified document at `now_s`.
+    pub fn verified(v: &VerifiedIid, trusted_by: Vec<String>, now_s: i64, enrolled: bool) -> Self {
+        AwsIidEvidence {
+            trusted_by,
+            claims: v.claims.clone(),
+            age_secs: now_s - v.pending_time,
+            enrolled,
+        }
+    }
+}
+
 /// Everything verified about one request: the verifiers' output, nothing
 /// else.
 #[derive(Debug, Clone, Default)]
@@ -264,6 +324,10 @@ pub struct Evidence {
     pub join_token: Option<VerifiedJoinToken>,
     /// The caller's current SVID, as an extra factor.
     pub x509_svid: Option<VerifiedSvid>,
+    /// A platform token as node evidence, or a TPM node's second factor.
+    pub platform_token: Option<PlatformTokenEvidence>,
+    /// An AWS instance identity document.
+    pub aws_iid: Option<AwsIidEvidence>,
 }
 
 /// What a join token offers pins, conditions and tests as claims.
@@ -287,6 +351,10 @@ pub enum Factor {
     JoinToken,
     /// The caller's SVID.
     X509Svid,
+    /// A platform token (Kubernetes, GCP) on the attestation stream.
+    PlatformToken,
+    /// An AWS instance identity document.
+    AwsIid,
 }
 
 /// A granted decision.
@@ -322,7 +390,9 @@ impl Denial {
     fn rank(&self) -> u8 {
         match self.code {
             ErrorCode::FactorMissing => 4,
-            ErrorCode::TpmPcrOffPolicy | ErrorCode::TpmFirmwareRefused => 3,
+            ErrorCode::TpmPcrOffPolicy | ErrorCode::TpmFirmwareRefused | ErrorCode::AwsIidStale => {
+                3
+            }
             ErrorCode::SpiffeIdEscapesPrefix => 2,
             ErrorCode::PolicyDenied if self.policy.is_some() => 1,
             _ => 0,
@@ -350,6 +420,8 @@ enum Primary {
     JoinToken {
         purposes: Vec<JoinTokenPurpose>,
     },
+    PlatformToken(PlatformTokenRules),
+    AwsIid(AwsIidRules),
 }
 
 impl Primary {
@@ -358,7 +430,18 @@ impl Primary {
             Primary::Oidc { .. } => "oidc",
             Primary::Tpm(_) => "tpm",
             Primary::JoinToken { .. } => "join_token",
+            Primary::PlatformToken(_) => "platform_token",
+            Primary::AwsIid(_) => "aws_iid",
         }
+    }
+
+    /// Whether the evidence is a node's: its lineage is a node, it may
+    /// register workloads, and its SVIDs renew.
+    fn is_node(&self) -> bool {
+        matches!(
+            self,
+            Primary::Tpm(_) | Primary::PlatformToken(_) | Primary::AwsIid(_)
+        )
     }
 }
 
@@ -368,6 +451,8 @@ pub struct Policy {
     name: String,
     path: PathBuf,
     primary: Primary,
+    /// A TPM policy's platform-token factor (`require: [platform_token]`).
+    platform_factor: Option<PlatformTokenRules>,
     require: Vec<FactorName>,
     pins: Vec<(String, Value)>,
     condition: Option<Compiled>,
@@ -397,13 +482,28 @@ impl Policy {
         }
     }
 
+    /// The AWS instance identity rules, for an `aws_iid` policy.
+    pub fn aws_iid_rules(&self) -> Option<&AwsIidRules> {
+        match &self.primary {
+            Primary::AwsIid(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a node policy (TPM, platform token or AWS instance
+    /// identity evidence).
+    pub fn is_node_policy(&self) -> bool {
+        self.primary.is_node()
+    }
+
     /// The purpose a join token must have been made for to be this
     /// policy's extra factor: a TPM policy's enrolment factor, an OIDC
     /// policy's second factor.
     fn factor_purpose(&self) -> JoinTokenPurpose {
-        match self.primary {
-            Primary::Tpm(_) => JoinTokenPurpose::NodeEnrolment,
-            _ => JoinTokenPurpose::SecondFactor,
+        if self.primary.is_node() {
+            JoinTokenPurpose::NodeEnrolment
+        } else {
+            JoinTokenPurpose::SecondFactor
         }
     }
 
@@ -412,7 +512,8 @@ impl Policy {
         j.spiffe_id == *id && j.purpose == self.factor_purpose() && j.serves(&self.name)
     }
 
-    /// The evidence this policy is about: `oidc`, `tpm` or `join_token`.
+    /// The evidence this policy is about: `oidc`, `tpm`, `join_token`,
+    /// `platform_token` or `aws_iid`.
     pub fn evidence_kind(&self) -> &'static str {
         self.primary.name()
     }
@@ -436,10 +537,43 @@ impl Policy {
                 Some(Cow::Borrowed(&o.claims))
             }
             (Primary::Tpm(_), _, Some(t)) if t.trusted_by.contains(&self.name) => {
-                Some(Cow::Borrowed(&t.claims))
+                // Machine MFA: the second factor's claims beside the quote's.
+                match (&self.platform_factor, &evidence.platform_token) {
+                    (Some(rules), Some(p)) if rules.accepts(&p.issuer, &p.audiences) => {
+                        let mut claims = t.claims.clone();
+                        let mut token = p.claims.clone();
+                        if let Some(c) = &rules.cluster {
+                            token.insert("cluster".into(), Value::String(c.clone()));
+                        }
+                        claims.insert("platform_token".into(), Value::Object(token));
+                        Some(Cow::Owned(claims))
+                    }
+                    _ => Some(Cow::Borrowed(&t.claims)),
+                }
             }
+            (Primary::PlatformToken(rules), _, _) => {
+                let p = evidence
+                    .platform_token
+                    .as_ref()
+                    .filter(|p| rules.accepts(&p.issuer, &p.audiences))?;
+                match &rules.cluster {
+                    Some(c) => {
+                        let mut claims = p.claims.clone();
+                        claims.insert("cluster".into(), Value::String(c.clone()));
+                        Some(Cow::Owned(claims))
+                    }
+                    None => Some(Cow::Borrowed(&p.claims)),
+                }
+            }
+            (Primary::AwsIid(_), _, _) => evidence
+                .aws_iid
+                .as_ref()
+                .filter(|a| a.trusted_by.contains(&self.name))
+                .map(|a| Cow::Borrowed(&a.claims)),
             // A join token is the evidence only when it stands alone.
-            (Primary::JoinToken { purposes }, None, None) => {
+            (Primary::JoinToken { purposes }, None, None)
+                if evidence.platform_token.is_none() && evidence.aws_iid.is_none() =>
+            {
                 let t = evidence.join_token.as_ref()?;
                 purposes
                     .contains(&t.purpose)
@@ -472,8 +606,37 @@ impl Policy {
                 reason: format!("policy {} does not accept this evidence", self.name),
             });
         };
+        // Claims made for this policy alone (a cluster name, a second
+        // factor's) are converted for it alone.
+        let own_claims = std::cell::OnceCell::new();
+        let cel_claims = match &claims {
+            Cow::Owned(_) => &own_claims,
+            Cow::Borrowed(_) => cel_claims,
+        };
         let mut golden_set = None;
         let mut enrolled = false;
+        if let Some(p) = &evidence.platform_token
+            && matches!(self.primary, Primary::PlatformToken(_))
+        {
+            enrolled = p.enrolled;
+        }
+        if let (Primary::AwsIid(rules), Some(a)) = (&self.primary, &evidence.aws_iid) {
+            enrolled = a.enrolled;
+            if let Some(max) = rules.max_age
+                && (a.age_secs > max.as_secs() as i64
+                    || a.age_secs < -crate::node::IID_FUTURE_LEEWAY_SECS)
+            {
+                return Err(deny(
+                    ErrorCode::AwsIidStale,
+                    format!(
+                        "policy {}: the instance identity document's pendingTime is {}s old; the policy accepts {}s",
+                        self.name,
+                        a.age_secs,
+                        max.as_secs()
+                    ),
+                ));
+            }
+        }
         if let (Primary::Tpm(rules), Some(t)) = (&self.primary, &evidence.tpm) {
             enrolled = t.enrolled;
             if let Some(min) = rules.min_firmware_version
@@ -570,6 +733,11 @@ impl Policy {
         {
             present.push("x509_svid");
         }
+        if let (Some(rules), Some(p)) = (&self.platform_factor, &evidence.platform_token)
+            && rules.accepts(&p.issuer, &p.audiences)
+        {
+            present.push("platform_token");
+        }
         if let Some(cond) = &self.condition {
             let result = converted().and_then(|c| cond.eval_bool(c, &present));
             match result {
@@ -592,6 +760,8 @@ impl Policy {
         let (mut factors, origin) = match &self.primary {
             Primary::Oidc { .. } => (vec![Factor::Oidc], Origin::Exchange),
             Primary::Tpm(_) => (vec![Factor::Tpm], Origin::Node),
+            Primary::PlatformToken(_) => (vec![Factor::PlatformToken], Origin::Node),
+            Primary::AwsIid(_) => (vec![Factor::AwsIid], Origin::Node),
             Primary::JoinToken { .. } => (
                 vec![Factor::JoinToken],
                 match evidence.join_token.as_ref().map(|t| t.purpose) {
@@ -601,9 +771,13 @@ impl Policy {
             ),
         };
         let factor_purpose = self.factor_purpose();
-        // A TPM node proves extra factors when it enrols; afterwards its
-        // EK is its identity and re-attestation needs the TPM alone.
-        let required: &[FactorName] = if enrolled { &[] } else { &self.require };
+        // A node proves a join token when it enrols; afterwards its EK (or
+        // instance, or node) is its identity. A platform token is fresh
+        // evidence and is required at every attestation.
+        let required = self
+            .require
+            .iter()
+            .filter(|f| !enrolled || **f == FactorName::PlatformToken);
         for required in required {
             match required {
                 FactorName::JoinToken => match &evidence.join_token {
@@ -636,6 +810,22 @@ impl Policy {
                         ));
                     }
                 },
+                FactorName::PlatformToken => {
+                    match (&self.platform_factor, &evidence.platform_token) {
+                        (Some(rules), Some(p)) if rules.accepts(&p.issuer, &p.audiences) => {
+                            factors.push(Factor::PlatformToken);
+                        }
+                        _ => {
+                            return Err(deny(
+                                ErrorCode::FactorMissing,
+                                format!(
+                                    "policy {} requires a platform token from its issuer as second factor",
+                                    self.name
+                                ),
+                            ));
+                        }
+                    }
+                }
                 FactorName::X509Svid => match &evidence.x509_svid {
                     Some(s) if s.spiffe_id == spiffe_id => factors.push(Factor::X509Svid),
                     Some(_) => {
@@ -773,9 +963,15 @@ impl PolicySet {
         let mut v: Vec<&str> = self
             .policies
             .iter()
-            .filter_map(|p| match &p.primary {
-                Primary::Oidc { issuer, .. } => Some(issuer.as_str()),
-                _ => None,
+            .flat_map(|p| {
+                let primary = match &p.primary {
+                    Primary::Oidc { issuer, .. } => Some(issuer.as_str()),
+                    Primary::PlatformToken(r) => Some(r.issuer.as_str()),
+                    _ => None,
+                };
+                primary
+                    .into_iter()
+                    .chain(p.platform_factor.as_ref().map(|r| r.issuer.as_str()))
             })
             .collect();
         v.sort_unstable();
@@ -788,6 +984,13 @@ impl PolicySet {
         self.policies
             .iter()
             .filter_map(|p| p.tpm_rules().map(|t| (p.name.as_str(), t)))
+    }
+
+    /// The AWS instance identity policies and their rules, in evaluation order.
+    pub fn aws_iid_policies(&self) -> impl Iterator<Item = (&str, &AwsIidRules)> {
+        self.policies
+            .iter()
+            .filter_map(|p| p.aws_iid_rules().map(|a| (p.name.as_str(), a)))
     }
 
     /// The policy named `name`.
@@ -972,12 +1175,17 @@ fn compile_one(
             "name must be 1-128 characters of [A-Za-z0-9._-]".into(),
         ));
     }
-    let primary = match (
-        &file.evidence.oidc,
-        &file.evidence.tpm,
-        &file.evidence.join_token,
-    ) {
-        (Some(oidc), None, None) => {
+    let ev = &file.evidence;
+    let node_only = ev.platform_token.is_none() && ev.aws_iid.is_none();
+    let requires_token = ev.require.contains(&FactorName::PlatformToken);
+    let primary = match (&ev.oidc, &ev.tpm, &ev.join_token) {
+        (Some(oidc), None, None) if node_only => {
+            if requires_token {
+                errors.push(err(
+                    at("require:"),
+                    "platform_token is a TPM node policy's factor, not an OIDC policy's".into(),
+                ));
+            }
             if !oidc.issuer.starts_with("https://") && !oidc.issuer.starts_with("http://") {
                 errors.push(err(
                     at("issuer:"),
@@ -995,7 +1203,13 @@ fn compile_one(
                 audiences: oidc.audiences.clone(),
             })
         }
-        (None, Some(t), None) => {
+        (None, Some(t), None) if ev.aws_iid.is_none() => {
+            if ev.platform_token.is_some() != requires_token {
+                errors.push(err(
+                    at("platform_token:"),
+                    "a TPM policy names evidence.platform_token exactly when it has require: [platform_token] (machine MFA)".into(),
+                ));
+            }
             if file.evidence.require.contains(&FactorName::X509Svid) {
                 errors.push(err(
                     at("require:"),
@@ -1012,7 +1226,7 @@ fn compile_one(
                 }
             }
         }
-        (None, None, Some(j)) => {
+        (None, None, Some(j)) if node_only => {
             if !file.evidence.require.is_empty() {
                 errors.push(err(
                     at("require:"),
@@ -1041,13 +1255,52 @@ fn compile_one(
             }
             Some(Primary::JoinToken { purposes })
         }
+        (None, None, None) if ev.platform_token.is_some() != ev.aws_iid.is_some() => {
+            if ev.require.iter().any(|f| *f != FactorName::JoinToken) {
+                errors.push(err(
+                    at("require:"),
+                    "a platform_token or aws_iid node policy may require a join_token at enrolment, nothing else".into(),
+                ));
+            }
+            let compiled = match (&ev.platform_token, &ev.aws_iid) {
+                (Some(p), _) => node::compile_platform_token(p).map(Primary::PlatformToken),
+                (_, Some(a)) => node::compile_aws_iid(a, path).map(Primary::AwsIid),
+                _ => Err(Vec::new()),
+            };
+            match compiled {
+                Ok(p) => Some(p),
+                Err(es) => {
+                    let key = if ev.aws_iid.is_some() {
+                        "aws_iid:"
+                    } else {
+                        "platform_token:"
+                    };
+                    for e in es {
+                        errors.push(err(at(key), e));
+                    }
+                    None
+                }
+            }
+        }
         _ => {
             errors.push(err(
                 at("evidence:"),
-                "evidence needs exactly one of oidc, tpm or join_token".into(),
+                "evidence needs exactly one of oidc, tpm, join_token, platform_token or aws_iid (a tpm policy may add platform_token as its required second factor)".into(),
             ));
             None
         }
+    };
+    let platform_factor = match (&primary, &ev.platform_token) {
+        (Some(Primary::Tpm(_)), Some(p)) => match node::compile_platform_token(p) {
+            Ok(r) => Some(r),
+            Err(es) => {
+                for e in es {
+                    errors.push(err(at("platform_token:"), e));
+                }
+                None
+            }
+        },
+        _ => None,
     };
     let bound_identity = matches!(primary, Some(Primary::JoinToken { .. }));
     if file.pins.len() > MAX_PINS {
@@ -1147,7 +1400,9 @@ fn compile_one(
     if let Some(x) = &file.grants.x509_svid {
         // Node and join-token lineages renew, up to a lineage age; an
         // exchange's SVIDs never do (the job presents fresh evidence).
-        let renews = matches!(primary, Some(Primary::Tpm(_) | Primary::JoinToken { .. }));
+        let renews = primary
+            .as_ref()
+            .is_some_and(|p| p.is_node() || matches!(p, Primary::JoinToken { .. }));
         let max_lineage_age = match (&x.max_lineage_age, renews) {
             (None, true) => Some(DEFAULT_LINEAGE_AGE),
             (None, false) => None,
@@ -1192,7 +1447,10 @@ fn compile_one(
                 grants.x509_svid = Some(X509Grant {
                     max_ttl,
                     // A node SVID lives as long as its policy allows.
-                    ttl: matches!(primary, Some(Primary::Tpm(_))).then_some(max_ttl),
+                    ttl: primary
+                        .as_ref()
+                        .is_some_and(Primary::is_node)
+                        .then_some(max_ttl),
                     dns_names: Vec::new(),
                     max_lineage_age,
                     federates_with,
@@ -1272,7 +1530,7 @@ fn compile_one(
     }
     let registrations = match (&primary, file.workloads.is_empty()) {
         (_, true) => Vec::new(),
-        (Some(Primary::Tpm(_)), false) => {
+        (Some(p), false) if p.is_node() => {
             match tpm::compile_workloads(&file.workloads, opts, prefix) {
                 Ok(r) => r,
                 Err(es) => {
@@ -1286,7 +1544,8 @@ fn compile_one(
         (_, false) => {
             errors.push(err(
                 at("workloads:"),
-                "workloads are registered on node (TPM) policies only".into(),
+                "workloads are registered on node policies only (tpm, platform_token, aws_iid)"
+                    .into(),
             ));
             Vec::new()
         }
@@ -1314,6 +1573,7 @@ fn compile_one(
         name: file.name.clone(),
         path: path.to_path_buf(),
         primary,
+        platform_factor,
         require: file.evidence.require.clone(),
         pins: file.pins.clone().into_iter().collect(),
         condition,
@@ -1335,6 +1595,15 @@ fn run_test(policy: &Policy, index: usize, t: &model::TestSpec) -> TestOutcome {
         passed,
         detail,
     };
+    // Evidence a verifier refuses before policy is asked.
+    let expect_refusal = |code: ErrorCode, reason: String| match (&t.expect.code, t.expect.allow) {
+        (_, true) => outcome(false, format!("refused ({code}): {reason}")),
+        (Some(want), false) if want != code.as_str() => outcome(
+            false,
+            format!("refused with {code}, expected {want}: {reason}"),
+        ),
+        _ => outcome(true, format!("refused ({code})")),
+    };
     let mut evidence = Evidence::default();
     if let (Some(o), Primary::Oidc { issuer, audiences }) = (&t.evidence.oidc, &policy.primary) {
         evidence.oidc = Some(OidcEvidence {
@@ -1344,6 +1613,47 @@ fn run_test(policy: &Policy, index: usize, t: &model::TestSpec) -> TestOutcome {
                 .clone()
                 .unwrap_or_else(|| audiences.iter().take(1).cloned().collect()),
             claims: o.claims.clone(),
+        });
+    }
+    if let Some(pt) = &t.evidence.platform_token {
+        let rules = match (&policy.primary, &policy.platform_factor) {
+            (Primary::PlatformToken(r), _) | (_, Some(r)) => Some(r),
+            _ => None,
+        };
+        let token = VerifiedToken {
+            issuer: pt
+                .issuer
+                .clone()
+                .or_else(|| rules.map(|r| r.issuer.clone()))
+                .unwrap_or_default(),
+            subject: String::new(),
+            audiences: pt.audiences.clone().unwrap_or_else(|| {
+                rules
+                    .map(|r| r.audiences.iter().take(1).cloned().collect())
+                    .unwrap_or_default()
+            }),
+            claims: pt.claims.clone(),
+            replay_key: String::new(),
+            expires_at: 0,
+            digest: String::new(),
+        };
+        // The verifier's own derivation: a test sees the node claims (and
+        // the refusal of a token naming no node) exactly as a request does.
+        match herald_attest::node_token::node_token(token) {
+            Ok(n) => evidence.platform_token = Some(PlatformTokenEvidence::verified(&n, false)),
+            Err(e) => return expect_refusal(e.code(), e.to_string()),
+        }
+    }
+    if let Some(a) = &t.evidence.aws_iid {
+        let age = match a.age.as_deref().map(humantime::parse_duration).transpose() {
+            Ok(d) => d.map_or(0, |d| d.as_secs() as i64),
+            Err(e) => return outcome(false, format!("test evidence aws_iid.age: {e}")),
+        };
+        evidence.aws_iid = Some(AwsIidEvidence {
+            trusted_by: vec![policy.name.clone()],
+            claims: a.claims.clone(),
+            age_secs: age,
+            enrolled: false,
         });
     }
     if let Some(tp) = &t.evidence.tpm {
@@ -1418,8 +1728,8 @@ fn test_join_token(policy: &Policy, j: &model::TestJoinToken) -> Result<Verified
             .ok_or_else(|| format!("test evidence: unknown join token purpose {p:?}"))?,
         None => match policy.primary {
             Primary::JoinToken { .. } => JoinTokenPurpose::Bootstrap,
-            Primary::Tpm(_) => JoinTokenPurpose::NodeEnrolment,
             Primary::Oidc { .. } => JoinTokenPurpose::SecondFactor,
+            _ => JoinTokenPurpose::NodeEnrolment,
         },
     };
     let policies = match &j.policies {

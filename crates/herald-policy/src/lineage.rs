@@ -33,7 +33,7 @@ impl PolicySet {
         let policy = self.lineage_policy(svid)?;
         let name = Some(policy.name.as_str());
         let kind_matches = match (&policy.primary, svid.origin) {
-            (Primary::Tpm(_), Origin::Node) => true,
+            (p, Origin::Node) if p.is_node() => true,
             (Primary::JoinToken { purposes }, Origin::Bootstrap) => {
                 purposes.contains(&herald_core::JoinTokenPurpose::Bootstrap)
             }
@@ -111,7 +111,7 @@ impl PolicySet {
             });
         }
         let policy = self.lineage_policy(node)?;
-        if policy.tpm_rules().is_none() {
+        if !policy.is_node_policy() {
             return Err(Denial {
                 code: ErrorCode::NodeUnknown,
                 policy: Some(policy.name.clone()),

@@ -56,7 +56,37 @@ pub(crate) struct EvidenceSpec {
     #[serde(default)]
     pub join_token: Option<JoinTokenSpec>,
     #[serde(default)]
+    pub platform_token: Option<PlatformTokenSpec>,
+    #[serde(default)]
+    pub aws_iid: Option<AwsIidSpec>,
+    #[serde(default)]
     pub require: Vec<FactorName>,
+}
+
+/// A platform OIDC token as node evidence on the attestation stream (a
+/// Kubernetes projected service-account token, a GCP instance-identity
+/// token) — on its own, or as a TPM policy's second factor.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PlatformTokenSpec {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// A name for the cluster (or project) this issuer is, offered to pins,
+    /// templates and conditions as the claim `cluster`.
+    #[serde(default)]
+    pub cluster: Option<String>,
+}
+
+/// An AWS EC2 instance identity document as node evidence.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AwsIidSpec {
+    /// PEM files (relative to the policy file) with AWS's regional
+    /// certificates for the base64 `signature`.
+    pub certificates: Vec<String>,
+    /// Documents whose `pendingTime` is older than this are refused.
+    #[serde(default)]
+    pub max_age: Option<String>,
 }
 
 /// Join tokens as the evidence itself: `herald svid mint` with a token
@@ -115,6 +145,7 @@ pub(crate) struct OidcSpec {
 pub(crate) enum FactorName {
     JoinToken,
     X509Svid,
+    PlatformToken,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -185,6 +216,20 @@ pub(crate) struct TestEvidence {
     pub join_token: Option<TestJoinToken>,
     #[serde(default)]
     pub x509_svid: Option<TestFactor>,
+    #[serde(default)]
+    pub platform_token: Option<TestOidc>,
+    #[serde(default)]
+    pub aws_iid: Option<TestAwsIid>,
+}
+
+/// A verified AWS instance identity document in a test: its claims and how
+/// long ago the instance was launched.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TestAwsIid {
+    pub claims: serde_json::Map<String, Value>,
+    #[serde(default)]
+    pub age: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -277,6 +322,15 @@ mod tests {
                 join_token: Some(JoinTokenSpec {
                     purposes: vec![s("bootstrap")],
                 }),
+                platform_token: Some(PlatformTokenSpec {
+                    issuer: s("https://k"),
+                    audiences: vec![s("a")],
+                    cluster: Some(s("c")),
+                }),
+                aws_iid: Some(AwsIidSpec {
+                    certificates: vec![s("aws.pem")],
+                    max_age: Some(s("1h")),
+                }),
                 require: vec![FactorName::JoinToken],
             },
             pins: BTreeMap::new(),
@@ -333,6 +387,15 @@ mod tests {
                     }),
                     x509_svid: Some(TestFactor {
                         spiffe_id: s("spiffe://t/x"),
+                    }),
+                    platform_token: Some(TestOidc {
+                        issuer: Some(s("https://k")),
+                        audiences: Some(vec![s("a")]),
+                        claims: serde_json::Map::new(),
+                    }),
+                    aws_iid: Some(TestAwsIid {
+                        claims: serde_json::Map::new(),
+                        age: Some(s("1m")),
                     }),
                 },
                 expect: Expect {

@@ -72,7 +72,7 @@ impl TpmRules {
     }
 }
 
-fn read_pem_certs(base: &Path, file: &str) -> Result<Vec<Vec<u8>>, String> {
+pub(crate) fn read_pem_certs(base: &Path, file: &str) -> Result<Vec<Vec<u8>>, String> {
     let path = base.join(file);
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;

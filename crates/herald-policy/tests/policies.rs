@@ -63,7 +63,7 @@ fn load(text: &str) -> Result<PolicySet, herald_policy::LoadErrors> {
 #[test]
 fn the_shipped_examples_load_and_every_embedded_test_passes() {
     let set = PolicySet::load_dir(&examples(), &opts()).unwrap();
-    assert_eq!(set.len(), 9, "{:?}", set.names());
+    assert_eq!(set.len(), 11, "{:?}", set.names());
     let outcomes = test_dir(&examples(), &opts()).unwrap();
     assert!(outcomes.len() >= 18, "{}", outcomes.len());
     for o in &outcomes {
@@ -617,7 +617,7 @@ fn node_policies_register_workloads_and_refuse_broken_registrations() {
         "{BASE}workloads:\n  - {{ spiffe_id: spiffe://dev.herald.test/w, selectors: [\"unix:uid:1\"] }}\n"
     );
     let e = load(&with).unwrap_err().to_string();
-    assert!(e.contains("node (TPM) policies only"), "{e}");
+    assert!(e.contains("node policies only"), "{e}");
     // Broken registrations on a node policy.
     let src = std::fs::read_to_string(examples().join("tpm-node.yaml")).unwrap();
     let no_tests = src.split("\ntests:").next().unwrap().to_string();
@@ -827,4 +827,115 @@ fn a_factor_in_a_condition_is_as_bound_as_a_required_one() {
         &["p"],
     ));
     assert!(set.evaluate(&ev).is_ok());
+}
+
+fn platform_token(claims: Value) -> herald_policy::PlatformTokenEvidence {
+    herald_policy::PlatformTokenEvidence {
+        issuer: "https://k8s.test".into(),
+        audiences: vec!["herald".into()],
+        claims: claims.as_object().unwrap().clone(),
+        enrolled: false,
+    }
+}
+
+#[test]
+fn a_tpm_policy_can_require_a_platform_token_at_every_attestation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mfa = "  platform_token: { issuer: https://k8s.test, audiences: [herald], cluster: c1 }\n  require: [platform_token]\ncondition: '\"platform_token\" in factors && claims.platform_token.cluster == \"c1\" && claims.platform_token.node == \"n1\"'\n";
+    let set = tpm_policy(dir.path(), mfa).unwrap();
+    let node = json!({"kubernetes.io": {"node": {"name": "n1"}}, "node": "n1"});
+    // The quote and the token: granted, both factors recorded.
+    let mut both = tpm_evidence(Z, 2, false);
+    both.platform_token = Some(platform_token(node.clone()));
+    let d = set.evaluate(&both).unwrap();
+    assert_eq!(d.factors, vec![Factor::Tpm, Factor::PlatformToken]);
+    // The quote alone, even once enrolled: refused (unlike a join token,
+    // the platform token is fresh evidence required every time).
+    for enrolled in [false, true] {
+        let d = set.evaluate(&tpm_evidence(Z, 2, enrolled)).unwrap_err();
+        assert_eq!(d.code, ErrorCode::PolicyDenied, "{}", d.reason);
+    }
+    // A token from another issuer is no factor.
+    let mut other = tpm_evidence(Z, 2, false);
+    let mut t = platform_token(node);
+    t.issuer = "https://other.test".into();
+    other.platform_token = Some(t);
+    assert!(set.evaluate(&other).is_err());
+    // Without a condition naming it, the missing factor is what is reported.
+    let dir = tempfile::tempdir().unwrap();
+    let bare = "  platform_token: { issuer: https://k8s.test, audiences: [herald] }\n  require: [platform_token]\n";
+    let set = tpm_policy(dir.path(), bare).unwrap();
+    let d = set.evaluate(&tpm_evidence(Z, 2, true)).unwrap_err();
+    assert_eq!(d.code, ErrorCode::FactorMissing);
+}
+
+#[test]
+fn node_evidence_shapes_are_checked_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    // A TPM policy naming a platform token it does not require, or the reverse.
+    let e = tpm_policy(
+        dir.path(),
+        "  platform_token: { issuer: https://k8s.test, audiences: [herald] }\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("exactly when"), "{e}");
+    let e = tpm_policy(dir.path(), "  require: [platform_token]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("exactly when"), "{e}");
+    let base = "spiffe_id:\n  prefix: spiffe://dev.herald.test/node/\n  template: \"spiffe://dev.herald.test/node/{node}\"\ngrants:\n  x509_svid: { max_ttl: 10m }\n";
+    for (evidence, reason) in [
+        // Two primaries.
+        (
+            "  platform_token: { issuer: https://k8s.test, audiences: [herald] }\n  aws_iid: { certificates: [a.pem] }\n",
+            "exactly one of",
+        ),
+        // An OIDC policy cannot take a platform token factor.
+        (
+            "  oidc: { issuer: https://i.test, audiences: [a] }\n  require: [platform_token]\n",
+            "not an OIDC policy's",
+        ),
+        (
+            "  platform_token: { issuer: https://k8s.test, audiences: [], cluster: \"a/b\" }\n",
+            "cluster must be",
+        ),
+        (
+            "  platform_token: { issuer: https://k8s.test, audiences: [herald] }\n  require: [x509_svid]\n",
+            "join_token at enrolment, nothing else",
+        ),
+        (
+            "  aws_iid: { certificates: [missing.pem] }\n",
+            "cannot read",
+        ),
+        // Google signs instance tokens for every project.
+        (
+            "  platform_token: { issuer: https://accounts.google.com, audiences: [herald] }\n",
+            "pin one of project_id",
+        ),
+    ] {
+        let text = format!("name: n\nevidence:\n{evidence}{base}");
+        let e = PolicySet::from_sources(&[(dir.path().join("n.yaml"), text)], &opts())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(reason), "{reason}: {e}");
+    }
+}
+
+#[test]
+fn node_lineages_of_platform_and_aws_policies_renew_and_register_workloads() {
+    let set = PolicySet::load_dir(&examples(), &opts()).unwrap();
+    for name in ["kubernetes-nodes-prod-eu", "aws-instances"] {
+        let p = set.policy(name).unwrap();
+        assert!(p.is_node_policy());
+        assert_eq!(p.registrations().len(), 1);
+        let x = p.grants().x509_svid.as_ref().unwrap();
+        assert!(x.max_lineage_age.is_some() && x.ttl.is_some());
+    }
+    assert_eq!(set.aws_iid_policies().count(), 1);
+    assert!(
+        set.oidc_issuers().contains(
+            &"https://oidc.eks.eu-west-1.amazonaws.com/id/EXAMPLED539D4633E53DE1B71EXAMPLE"
+        )
+    );
 }

@@ -11,26 +11,37 @@
 //! transaction with the node registry's rules: bans, counters, one EK per
 //! identity) → node SVID. Every refusal is audited with its stable code
 //! before the stream ends.
+//!
+//! Nodes without a TPM send a hello with a platform token (Kubernetes,
+//! GCP) or an AWS instance identity document and their CSR instead, and
+//! hear the result at once: token verified (OIDC verifier; single use
+//! recorded by the commit) or document signature verified against each
+//! AWS policy's certificates → the node it names (registry key) → banned?
+//! → policy → the same decision path. A TPM node whose policy requires a
+//! platform token too (machine MFA) sends it in its hello beside the TPM
+//! fields.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use herald_attest::TokenUse;
 use herald_attest::join_token::MAX_TOKEN_LEN;
 use herald_attest::tpm::{
     self as verify, EkTrust, PcrBank, PcrSelection, QuoteInput, TpmPublic, VerifiedTpm,
 };
+use herald_attest::{TokenUse, VerifiedNodeToken, aws_iid};
 use herald_ca::csr::{MAX_CSR_LEN, verify_csr};
 use herald_ca::sha256_hex;
 use herald_core::{ErrorCode, EvidenceType};
-use herald_policy::{Evidence, Factor, TpmEvidence};
+use herald_policy::{
+    AwsIidEvidence, Evidence, Factor, PlatformTokenEvidence, PolicySet, TpmEvidence,
+};
 use herald_proto::v1::node_attestation_service_server::NodeAttestationService;
 use herald_proto::v1::{
     AttestChallenge, AttestHello, AttestProof, AttestRequest, AttestResponse, attest_request,
     attest_response,
 };
-use herald_store::{NodeAttestation, NodeStatus};
+use herald_store::{AGENT_KEY_PREFIX, NodeAttestation, NodeRecord, NodeStatus, ReplayKey};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -43,6 +54,9 @@ use crate::{Shared, unix_now};
 const MAX_TPM_BLOB: usize = 8 * 1024;
 /// Most intermediates an agent may send.
 const MAX_INTERMEDIATES: usize = 4;
+/// Largest platform token accepted on the stream (the verifier caps each
+/// issuer's tokens again).
+const MAX_PLATFORM_TOKEN: usize = 16 * 1024;
 
 /// The gRPC service.
 pub struct NodeAttestationApi {
@@ -105,16 +119,107 @@ fn check_hello_sizes(h: &AttestHello) -> Result<(), Refusal> {
         || h.ek_intermediates.len() > MAX_INTERMEDIATES
         || h.ek_intermediates.iter().any(|c| c.len() > MAX_TPM_BLOB)
         || h.join_token.len() > MAX_TOKEN_LEN
+        || h.platform_token.len() > MAX_PLATFORM_TOKEN
+        || h.csr.len() > MAX_CSR_LEN
+        || h.aws_iid.as_ref().is_some_and(|a| {
+            a.document.len() > aws_iid::MAX_DOCUMENT_BYTES
+                || a.signature.len() > aws_iid::MAX_SIGNATURE_BYTES
+        })
     {
         return Err(too_large("a hello field"));
     }
-    if h.ek_certificate.is_empty() || h.ek_public.is_empty() || h.ak_public.is_empty() {
+    let tpm = !(h.ek_certificate.is_empty() && h.ek_public.is_empty() && h.ak_public.is_empty());
+    let token = !h.platform_token.is_empty();
+    let iid = h.aws_iid.is_some();
+    let shape_ok = match (tpm, token, iid) {
+        (true, _, false) => {
+            !h.ek_certificate.is_empty()
+                && !h.ek_public.is_empty()
+                && !h.ak_public.is_empty()
+                && h.csr.is_empty()
+        }
+        (false, true, false) | (false, false, true) => !h.csr.is_empty(),
+        _ => false,
+    };
+    if !shape_ok {
         return Err(Refusal::new(
             ErrorCode::InvalidRequest,
-            "hello needs ek_certificate, ek_public and ak_public",
+            "hello needs ek_certificate, ek_public and ak_public (and optionally a platform token), \
+             or else a platform token or an AWS instance identity document with a CSR",
         ));
     }
     Ok(())
+}
+
+/// The hello's platform token, verified and resolved to the node it names.
+/// Its single-use key is what the commit must record.
+async fn platform_token(
+    shared: &Shared,
+    run: &mut Run<'_>,
+    text: &str,
+) -> Result<(VerifiedNodeToken, ReplayKey), Refusal> {
+    let state = shared.policy_state()?;
+    let token = state
+        .oidc
+        .verify(text, unix_now())
+        .await
+        .map_err(|e| Refusal::new(e.code(), e.to_string()))?;
+    run.audit.caller = format!(
+        "{} oidc:{}#{}",
+        run.audit.caller, token.issuer, token.subject
+    );
+    run.audit.evidence_digest = Some(match run.audit.evidence_digest.take() {
+        Some(d) => format!("{d}+{}", token.digest),
+        None => token.digest.clone(),
+    });
+    let replay = ReplayKey {
+        key: token.replay_key.clone(),
+        expires_at: token.replay_until(state.oidc.leeway_secs(&token.issuer)),
+    };
+    let node = herald_attest::node_token::node_token(token)
+        .map_err(|e| Refusal::new(e.code(), e.to_string()))?;
+    Ok((node, replay))
+}
+
+/// Policy's decision on a node's verified evidence, with the hello's join
+/// token as its enrolment factor when the node is not enrolled yet; the
+/// token's hash when the commit must consume it (it was a factor).
+async fn decide(
+    shared: &Shared,
+    run: &mut Run<'_>,
+    policies: &PolicySet,
+    mut evidence: Evidence,
+    join_token: &str,
+    enrolled: bool,
+) -> Result<(herald_policy::Decision, Option<[u8; 32]>), Refusal> {
+    if !join_token.is_empty() && !enrolled {
+        evidence.join_token =
+            Some(crate::flows::join_token(shared, run, join_token, TokenUse::NodeEnrolment).await?);
+    }
+    let decision = run.decided(policies.evaluate(&evidence))?;
+    // The token is consumed only when it was a factor of the decision.
+    let consumed = if decision.factors.contains(&Factor::JoinToken) {
+        evidence.join_token.map(|t| t.hash)
+    } else {
+        None
+    };
+    Ok((decision, consumed))
+}
+
+/// The registry's record of a node, refused here if it is banned.
+async fn registered(
+    shared: &Shared,
+    run: &mut Run<'_>,
+    node_key: &str,
+) -> Result<Option<NodeRecord>, Refusal> {
+    let known = shared.store.node_by_ek(node_key).await?;
+    if let Some(node) = &known {
+        run.audit.spiffe_id = Some(node.spiffe_id.clone());
+        if node.status == NodeStatus::Banned {
+            return Err(Refusal::new(ErrorCode::NodeBanned, "the node is banned"));
+        }
+    }
+    Ok(known)
 }
 
 fn check_proof_sizes(p: &AttestProof) -> Result<(), Refusal> {
@@ -165,7 +270,16 @@ impl NodeAttestationApi {
                 ));
             }
         };
+        // A refused hello is audited under the evidence it carried.
+        if hello.aws_iid.is_some() {
+            run.audit.evidence_type = Some(EvidenceType::AwsIid);
+        } else if hello.ek_public.is_empty() && !hello.platform_token.is_empty() {
+            run.audit.evidence_type = Some(EvidenceType::PlatformToken);
+        }
         check_hello_sizes(&hello)?;
+        if hello.ek_public.is_empty() {
+            return self.without_tpm(hello, run, &policies).await;
+        }
         let ek_public = TpmPublic::parse(&hello.ek_public)?;
         let ak_public = TpmPublic::parse(&hello.ak_public)?;
         let ek_id = ek_hash(&hello.ek_public);
@@ -282,17 +396,28 @@ impl NodeAttestationApi {
             tpm: Some(TpmEvidence::verified(&tpm, enrolled)),
             ..Evidence::default()
         };
-        if !hello.join_token.is_empty() && !enrolled {
-            evidence.join_token = Some(
-                crate::flows::join_token(shared, run, &hello.join_token, TokenUse::NodeEnrolment)
-                    .await?,
-            );
+        let mut replay = None;
+        if !hello.platform_token.is_empty() {
+            let (token, key) = platform_token(shared, run, &hello.platform_token).await?;
+            evidence.platform_token = Some(PlatformTokenEvidence::verified(&token, enrolled));
+            replay = Some(key);
         }
-        let decision = run.decided(policies.evaluate(&evidence))?;
-        // The token is consumed only when it was a factor of the decision.
-        let join_token = if decision.factors.contains(&Factor::JoinToken) {
+        let (decision, join_token) = decide(
+            shared,
+            run,
+            &policies,
+            evidence,
+            &hello.join_token,
+            enrolled,
+        )
+        .await?;
+        if join_token.is_some() {
             run.audit.evidence_type = Some(EvidenceType::TpmAndJoinToken);
-            evidence.join_token.map(|t| t.hash)
+        }
+        // Likewise the platform token: single use only as a factor.
+        let replay = if decision.factors.contains(&Factor::PlatformToken) {
+            run.audit.evidence_type = Some(EvidenceType::TpmAndPlatformToken);
+            replay
         } else {
             None
         };
@@ -309,10 +434,98 @@ impl NodeAttestationApi {
         };
         let decided = Decided {
             join_token,
+            replay,
             node: Some(node),
             ..Decided::new(decision)
         };
         Ok((decided, proof.csr))
+    }
+
+    /// A node without a TPM: a platform token or an AWS instance identity
+    /// document, and the CSR, all in the hello.
+    async fn without_tpm(
+        &self,
+        hello: AttestHello,
+        run: &mut Run<'_>,
+        policies: &PolicySet,
+    ) -> Result<(Decided, Vec<u8>), Refusal> {
+        let shared = &*self.shared;
+        let now = unix_now();
+        let mut evidence = Evidence::default();
+        let (node_key, enrolled, replay, ak_name) = if let Some(iid) = &hello.aws_iid {
+            // Which AWS policies' certificates vouch for it?
+            let mut trusted_by = Vec::new();
+            let mut verified = None;
+            let mut failure = None;
+            for (name, rules) in policies.aws_iid_policies() {
+                match aws_iid::verify(&rules.keys, &iid.document, &iid.signature) {
+                    Ok(v) => {
+                        trusted_by.push(name.to_owned());
+                        verified = Some(v);
+                    }
+                    Err(e) => failure = Some(e),
+                }
+            }
+            let Some(v) = verified else {
+                return Err(match failure {
+                    Some(e) => Refusal::new(e.code(), e.to_string()),
+                    None => Refusal::new(
+                        ErrorCode::PolicyDenied,
+                        "no attestation policy accepts AWS instance identity documents",
+                    ),
+                });
+            };
+            run.audit.evidence_digest = Some(v.digest.clone());
+            run.audit.caller = format!("{} aws:{}/{}", run.audit.caller, v.account, v.instance_id);
+            let known = registered(shared, run, &v.node_key).await?;
+            let enrolled = known
+                .as_ref()
+                .is_some_and(|n| n.status == NodeStatus::Active);
+            // The document is the same for the instance's life: the agent's
+            // key is what makes a later attestation this instance's agent.
+            let csr = verify_csr(&hello.csr)?;
+            let ak_name = format!("{AGENT_KEY_PREFIX}{}", sha256_hex(&csr.spki_der));
+            if let Some(node) = known.as_ref().filter(|n| n.ak_name != ak_name) {
+                return Err(Refusal::new(
+                    ErrorCode::NodeAgentKeyChanged,
+                    format!(
+                        "instance {} is enrolled with another agent key; `herald node reset {}` lets it enrol again",
+                        v.instance_id, node.spiffe_id
+                    ),
+                ));
+            }
+            evidence.aws_iid = Some(AwsIidEvidence::verified(&v, trusted_by, now, enrolled));
+            (v.node_key, enrolled, None, ak_name)
+        } else {
+            let (token, replay) = platform_token(shared, run, &hello.platform_token).await?;
+            let known = registered(shared, run, &token.node_key).await?;
+            let enrolled = known
+                .as_ref()
+                .is_some_and(|n| n.status == NodeStatus::Active);
+            verify_csr(&hello.csr)?;
+            evidence.platform_token = Some(PlatformTokenEvidence::verified(&token, enrolled));
+            (token.node_key, enrolled, Some(replay), String::new())
+        };
+        let (decision, join_token) =
+            decide(shared, run, policies, evidence, &hello.join_token, enrolled).await?;
+        let node = NodeAttestation {
+            ek_hash: node_key,
+            spiffe_id: decision.spiffe_id.to_string(),
+            ak_name,
+            policy: decision.policy.clone(),
+            reset_count: 0,
+            restart_count: 0,
+            firmware_version: 0,
+            golden_set: None,
+            now_s: now,
+        };
+        let decided = Decided {
+            join_token,
+            replay,
+            node: Some(node),
+            ..Decided::new(decision)
+        };
+        Ok((decided, hello.csr))
     }
 }
 

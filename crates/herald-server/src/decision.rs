@@ -299,7 +299,13 @@ impl<'s> Run<'s> {
         let refused = match node {
             Some(attestation) => match shared
                 .store
-                .commit_node_attestation(attestation, record, join_token, self.audit.clone())
+                .commit_node_attestation_once(
+                    attestation,
+                    record,
+                    join_token,
+                    replay,
+                    self.audit.clone(),
+                )
                 .await?
             {
                 NodeCommitted::Done(_) => None,

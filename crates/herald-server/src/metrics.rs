@@ -441,6 +441,11 @@ pub fn is_evidence_failure(code: ErrorCode) -> bool {
             | ErrorCode::TpmPcrDigestMismatch
             | ErrorCode::TpmCounterRollback
             | ErrorCode::NodeEkChanged
+            | ErrorCode::NodeTokenClaimsMissing
+            | ErrorCode::AwsIidMalformed
+            | ErrorCode::AwsIidSignatureInvalid
+            | ErrorCode::AwsIidStale
+            | ErrorCode::NodeAgentKeyChanged
             | ErrorCode::AttestationTimeout
             | ErrorCode::AttestationProtocol
     )

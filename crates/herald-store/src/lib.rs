@@ -34,7 +34,9 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use tokio::sync::oneshot;
 
 pub use audit_chain::{GENESIS, audit_hash};
-pub use nodes::{NodeAttestation, NodeCommitted, NodeRecord, NodeStatus, RevocationFilter};
+pub use nodes::{
+    AGENT_KEY_PREFIX, NodeAttestation, NodeCommitted, NodeRecord, NodeStatus, RevocationFilter,
+};
 
 /// Errors from the datastore.
 #[derive(Debug, thiserror::Error)]
@@ -737,10 +739,35 @@ impl Store {
         consume_join_token: Option<[u8; 32]>,
         audit: AuditEvent,
     ) -> Result<NodeCommitted, StoreError> {
+        self.commit_node_attestation_once(att, issued, consume_join_token, None, audit)
+            .await
+    }
+
+    /// [`Store::commit_node_attestation`], also recording a platform
+    /// token's single-use key: a key already recorded and unexpired refuses
+    /// the attestation (`token_replayed`) in the same transaction.
+    pub async fn commit_node_attestation_once(
+        &self,
+        att: NodeAttestation,
+        issued: IssuedCredential,
+        consume_join_token: Option<[u8; 32]>,
+        consume_replay: Option<ReplayKey>,
+        audit: AuditEvent,
+    ) -> Result<NodeCommitted, StoreError> {
         on_backend!(
-            self.commit_node_attestation(att, issued, consume_join_token, audit)
+            self.commit_node_attestation(att, issued, consume_join_token, consume_replay, audit)
                 .await
         )
+    }
+
+    /// Forgets an active node so its hardware or instance may enrol afresh
+    /// (`herald node reset`); a banned or unknown node gives `Ok(None)`.
+    pub async fn reset_node(
+        &self,
+        id_or_ek: &str,
+        audit: AuditEvent,
+    ) -> Result<Option<NodeRecord>, StoreError> {
+        on_backend!(self.reset_node(id_or_ek, audit).await)
     }
 
     /// Bans the node with this SPIFFE ID or EK hash: its attestations and

@@ -107,10 +107,19 @@ pub struct RevocationFilter {
     pub issued_before: Option<i64>,
 }
 
+/// The `ak_name` prefix of a node whose identity is bound to its agent's
+/// key (an AWS instance: its identity document is no one-time credential,
+/// so the first agent key to enrol it is the only one that may again,
+/// until an operator resets the node).
+pub const AGENT_KEY_PREFIX: &str = "agent-key:";
+
 /// Why a known node's new attestation is refused, if it is.
 pub(crate) fn check_existing(old: &NodeRecord, att: &NodeAttestation) -> Option<ErrorCode> {
     if old.status == NodeStatus::Banned {
         return Some(ErrorCode::NodeBanned);
+    }
+    if old.ak_name.starts_with(AGENT_KEY_PREFIX) && old.ak_name != att.ak_name {
+        return Some(ErrorCode::NodeAgentKeyChanged);
     }
     // resetCount grows with every TPM Reset (reboot) and restartCount with
     // every Restart/Resume in between, so the pair only moves forward.

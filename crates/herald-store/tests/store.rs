@@ -1094,6 +1094,108 @@ async fn federated_bundles_move_forward_only_and_keep_the_last_good_one(db: &Fix
     s.verify_audit_chain(1, None).await.unwrap();
 }
 
+async fn nodes_without_a_tpm_use_tokens_once_keep_their_agent_key_and_reset(db: &Fixture) {
+    use herald_store::{AGENT_KEY_PREFIX, NodeCommitted};
+    let s = db.open().await;
+    let event = |serial: &str| {
+        let mut a = AuditEvent::new("node.attest", "peer:test");
+        a.serial = Some(serial.into());
+        a
+    };
+    // A platform token's key is consumed with the node's attestation.
+    let k8s = "spiffe://td/k8s/c1/node/n1";
+    let once = ReplayKey {
+        key: "jti:https://k8s#1".into(),
+        expires_at: NOW + 600,
+    };
+    let r = s
+        .commit_node_attestation_once(
+            attestation("k8s-node", k8s, 0, 0),
+            node_svid("p1", k8s),
+            None,
+            Some(once.clone()),
+            event("p1"),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, NodeCommitted::Done(_)), "{r:?}");
+    let r = s
+        .commit_node_attestation_once(
+            attestation("k8s-node", k8s, 0, 0),
+            node_svid("p2", k8s),
+            None,
+            Some(once),
+            event("p2"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, NodeCommitted::Refused(ErrorCode::TokenReplayed));
+    assert!(s.issued("p2").await.unwrap().is_none());
+
+    // An AWS instance is bound to its first agent key.
+    let aws = "spiffe://td/aws/1/i-1";
+    let keyed = |key: &str, serial: &str| {
+        let mut a = attestation("aws-i-1", aws, 0, 0);
+        a.ak_name = format!("{AGENT_KEY_PREFIX}{key}");
+        (a, node_svid(serial, aws))
+    };
+    for (key, serial, want) in [
+        ("k1", "a1", None),
+        ("k1", "a2", None),
+        ("k2", "a3", Some(ErrorCode::NodeAgentKeyChanged)),
+    ] {
+        let (att, svid) = keyed(key, serial);
+        let r = s
+            .commit_node_attestation_once(att, svid, None, None, event(serial))
+            .await
+            .unwrap();
+        match want {
+            None => assert!(matches!(r, NodeCommitted::Done(_)), "{r:?}"),
+            Some(code) => assert_eq!(r, NodeCommitted::Refused(code)),
+        }
+    }
+    // An operator's reset forgets it; the next key enrols it.
+    let forgotten = s
+        .reset_node(aws, AuditEvent::new("node.reset", "operator:test"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(forgotten.ak_name, format!("{AGENT_KEY_PREFIX}k1"));
+    assert!(s.node_by_spiffe_id(aws).await.unwrap().is_none());
+    let (att, svid) = keyed("k2", "a4");
+    let r = s
+        .commit_node_attestation_once(att, svid, None, None, event("a4"))
+        .await
+        .unwrap();
+    assert!(matches!(r, NodeCommitted::Done(_)), "{r:?}");
+    // A banned node is not reset; an unknown one is not found.
+    s.ban_node(
+        aws,
+        "operator:test",
+        "test",
+        AuditEvent::new("node.ban", "operator:test"),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        s.reset_node(aws, AuditEvent::new("node.reset", "operator:test"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        s.reset_node(
+            "spiffe://td/none",
+            AuditEvent::new("node.reset", "operator:test")
+        )
+        .await
+        .unwrap()
+        .is_none()
+    );
+    s.verify_audit_chain(1, None).await.unwrap();
+}
+
 backend_suite!(
     federated_bundles_move_forward_only_and_keep_the_last_good_one,
     replica_heartbeats_are_upserted_listed_and_forgotten,
@@ -1110,4 +1212,5 @@ backend_suite!(
     the_node_registry_enforces_counters_one_ek_per_identity_and_bans,
     revoking_a_credential_revokes_its_descendants_and_nothing_else,
     a_refused_commit_leaves_nothing_behind,
+    nodes_without_a_tpm_use_tokens_once_keep_their_agent_key_and_reset,
 );

@@ -323,6 +323,63 @@ impl TestIssuer {
             "exp": now + 300,
         })
     }
+
+    /// Claims shaped like a Kubernetes projected service-account token
+    /// bound to a pod on `node` (a token the kubelet binds to no node when
+    /// `node` is `None`), as the API server issues them.
+    pub fn kubernetes_claims(
+        &self,
+        aud: &str,
+        namespace: &str,
+        service_account: &str,
+        node: Option<&str>,
+    ) -> Value {
+        let now = now();
+        let mut k8s = json!({
+            "namespace": namespace,
+            "serviceaccount": { "name": service_account, "uid": random_id() },
+            "pod": { "name": format!("{service_account}-7f9c4"), "uid": random_id() },
+        });
+        if let Some(node) = node {
+            k8s["node"] = json!({ "name": node, "uid": format!("uid-{node}") });
+        }
+        json!({
+            "aud": [aud],
+            "exp": now + 600,
+            "iat": now - 5,
+            "nbf": now - 5,
+            "iss": self.issuer(),
+            "jti": random_id(),
+            "kubernetes.io": k8s,
+            "sub": format!("system:serviceaccount:{namespace}:{service_account}"),
+        })
+    }
+
+    /// Claims shaped like a GCP Compute Engine instance-identity token
+    /// (`format=full`).
+    pub fn gce_claims(&self, aud: &str, project: &str, zone: &str, instance: &str) -> Value {
+        let now = now();
+        json!({
+            "aud": aud,
+            "azp": "107517467455664443765",
+            "email": "123456789-compute@developer.gserviceaccount.com",
+            "email_verified": true,
+            "exp": now + 600,
+            "iat": now - 5,
+            "iss": self.issuer(),
+            "sub": "107517467455664443765",
+            "google": {
+                "compute_engine": {
+                    "instance_creation_timestamp": now - 3600,
+                    "instance_id": "5263047712957190511",
+                    "instance_name": instance,
+                    "project_id": project,
+                    "project_number": 123456789,
+                    "zone": zone,
+                }
+            }
+        })
+    }
 }
 
 /// Claims shaped like a GitHub Actions ID token from `issuer`.

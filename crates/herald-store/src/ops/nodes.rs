@@ -8,8 +8,8 @@ use super::store::{BAN_SEQUENCE, Backend, append_audit, bump_sequence};
 use super::{DbRow, Tx};
 use crate::nodes::check_existing;
 use crate::{
-    IssuedCredential, NodeAttestation, NodeCommitted, NodeRecord, NodeStatus, RevocationFilter,
-    StoreError,
+    IssuedCredential, NodeAttestation, NodeCommitted, NodeRecord, NodeStatus, ReplayKey,
+    RevocationFilter, StoreError,
 };
 
 const COLUMNS: &str = "ek_hash, spiffe_id, ak_name, policy, status, reset_count, restart_count, \
@@ -104,9 +104,31 @@ impl Backend {
         att: NodeAttestation,
         issued: IssuedCredential,
         consume_join_token: Option<[u8; 32]>,
+        consume_replay: Option<ReplayKey>,
         audit: AuditEvent,
     ) -> Result<NodeCommitted, StoreError> {
         let mut tx = self.begin_write().await?;
+        if let Some(replay) = consume_replay {
+            // The exchange's rule (see the writer): a key present and
+            // unexpired is a replay, an expired one is taken over.
+            let fresh = sqlx::query(
+                "INSERT INTO replay_cache (key, expires_at) VALUES ($1, $2) ON CONFLICT (key) \
+                 DO UPDATE SET expires_at = excluded.expires_at WHERE replay_cache.expires_at < $3 \
+                 RETURNING key",
+            )
+            .bind(&replay.key)
+            .bind(replay.expires_at)
+            .bind(att.now_s)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if fresh.is_none() {
+                let mut denied = audit.deny(ErrorCode::TokenReplayed);
+                denied.serial = None;
+                append_audit(&mut tx, std::slice::from_ref(&denied)).await?;
+                tx.commit().await?;
+                return Ok(NodeCommitted::Refused(ErrorCode::TokenReplayed));
+            }
+        }
         if let Some(hash) = consume_join_token {
             let consumed = sqlx::query(
                 "UPDATE join_tokens SET used_at = $2 WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2",
@@ -187,6 +209,35 @@ impl Backend {
             .ok_or_else(|| StoreError::Corrupt("node row vanished".into()))?;
         tx.commit().await?;
         Ok(NodeCommitted::Done(Box::new(node)))
+    }
+
+    /// Forgets an active node (by SPIFFE ID or EK hash / node key), with
+    /// its audit record, so that its hardware or instance may enrol afresh
+    /// (an AWS instance with a new agent key). A banned node stays banned:
+    /// `Ok(None)` for it and for an unknown one. Its credentials are not
+    /// revoked — ban it for that.
+    pub async fn reset_node(
+        &self,
+        id_or_ek: &str,
+        audit: AuditEvent,
+    ) -> Result<Option<NodeRecord>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let node = match node_where(&mut tx, "spiffe_id", id_or_ek).await? {
+            Some(n) => Some(n),
+            None => node_where(&mut tx, "ek_hash", id_or_ek).await?,
+        };
+        let Some(node) = node.filter(|n| n.status == NodeStatus::Active) else {
+            return Ok(None);
+        };
+        sqlx::query("DELETE FROM nodes WHERE ek_hash = $1 AND status = 'active'")
+            .bind(&node.ek_hash)
+            .execute(&mut *tx)
+            .await?;
+        let mut audit = audit;
+        audit.spiffe_id = Some(node.spiffe_id.clone());
+        append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
+        tx.commit().await?;
+        Ok(Some(node))
     }
 
     /// Bans the node with this SPIFFE ID or EK hash: its attestations and
