@@ -301,6 +301,21 @@ fn refusal(code: ErrorCode) -> &'static str {
         DnsNameReserved => {
             "remove the server's own DNS names (tls.dns_names) from the grant or registration"
         }
+        NodeTokenClaimsMissing => {
+            "the node's platform token must name its node: for Kubernetes, a projected service-account token from a cluster that issues the node claim (ServiceAccountTokenPodNodeInfo, on by default since 1.30) mounted into the agent's pod; for GCP, an instance identity token requested with format=full"
+        }
+        AwsIidMalformed => {
+            "send the IMDSv2 document and its `signature` exactly as the metadata service serves them (the agent's [attestation] method = \"aws_iid\" does)"
+        }
+        AwsIidSignatureInvalid => {
+            "list the instance's region's AWS public certificate (the one for the base64 `signature` endpoint) in the node policy's evidence.aws_iid.certificates"
+        }
+        AwsIidStale => {
+            "the instance was launched longer ago than the policy's evidence.aws_iid.max_age: raise max_age, or re-enrol it with a join token factor if the policy takes one"
+        }
+        NodeAgentKeyChanged => {
+            "the instance enrolled with another agent key (a rebuilt agent lost <data_dir>/node/enrolment.key): after checking the machine, `herald node reset <id>` lets it enrol afresh"
+        }
         RefusalsAggregated => {
             "not an error of one request: many refusals arrived at once (often from many addresses); read the record's detail for each action and code, and raise [rate_limit] refusal_audit_rate only if every refusal must have a record of its own"
         }

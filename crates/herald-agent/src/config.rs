@@ -50,6 +50,7 @@ pub const UNSET_BY_DEFAULT: &[&str] = &[
     "workload_api.kubernetes.kubelet_server_name",
     "workload_api.kubernetes.node_name",
     "credentials_endpoint",
+    "attestation.platform_token_file",
 ];
 
 /// The optional tables, each at its defaults, the keys they require given
@@ -310,7 +311,7 @@ fn deserialize_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Er
 }
 
 /// The node's evidence.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttestationMethod {
     /// A TPM 2.0 quote (with `platform_token_file` set: and a platform
@@ -325,7 +326,7 @@ pub enum AttestationMethod {
 }
 
 /// `[attestation]`: how the node proves itself.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttestationConfig {
     /// `tpm` (default), `platform_token` or `aws_iid`.
@@ -334,7 +335,7 @@ pub struct AttestationConfig {
     /// The platform token file, read afresh at each attestation (the
     /// kubelet rotates a projected token in place). Required for
     /// `platform_token`; with `tpm`, sent beside the quote.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform_token_file: Option<PathBuf>,
     /// The instance metadata service's base URL (tests point it at a
     /// loopback stand-in).
