@@ -131,6 +131,7 @@ async fn attempt(
         ek_public: id.ek_public.clone(),
         ak_public: id.ak_public.clone(),
         join_token: String::new(),
+        renewal: false,
     };
     if let Some(f) = t.hello {
         f(&mut hello);

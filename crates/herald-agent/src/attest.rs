@@ -56,6 +56,23 @@ pub async fn attest(
     tpm: &TpmHandle,
     join_token: Option<String>,
 ) -> Result<NodeSvid, AttestError> {
+    run(client, tpm, join_token, false).await
+}
+
+/// Renews the node SVID with a fresh quote (continuous attestation):
+/// `client` must be connected with the current node SVID as its client
+/// certificate, and `tpm` hold the EK and AK the node enrolled with. No
+/// credential activation: the server compares the AK with its record.
+pub async fn reattest(client: &HeraldClient, tpm: &TpmHandle) -> Result<NodeSvid, AttestError> {
+    run(client, tpm, None, true).await
+}
+
+async fn run(
+    client: &HeraldClient,
+    tpm: &TpmHandle,
+    join_token: Option<String>,
+    renewal: bool,
+) -> Result<NodeSvid, AttestError> {
     let id = tpm.identity();
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let send = |step| {
@@ -72,6 +89,7 @@ pub async fn attest(
         ek_public: id.ek_public.clone(),
         ak_public: id.ak_public.clone(),
         join_token: join_token.unwrap_or_default(),
+        renewal,
     }))
     .await?;
     let mut api = NodeAttestationServiceClient::new(client.channel());
@@ -88,9 +106,18 @@ pub async fn attest(
     };
     let key = keys::generate_key_and_csr()?;
     let qualifying = nonce_binding(&challenge.nonce, &csr_spki(&key.csr_der)?);
-    let secret = tpm
-        .activate_credential(challenge.credential_blob, challenge.encrypted_secret)
-        .await?;
+    let secret = if renewal {
+        // Only an enrolment's challenge carries a credential to activate.
+        if !challenge.credential_blob.is_empty() {
+            return Err(AttestError::Protocol(
+                "a renewal's challenge carried a credential".into(),
+            ));
+        }
+        Vec::new()
+    } else {
+        tpm.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+            .await?
+    };
     let quote = tpm
         .quote(qualifying, challenge.pcr_bank, challenge.pcrs)
         .await?;

@@ -112,6 +112,8 @@ error_codes! {
     TpmFirmwareRefused => "tpm_firmware_refused", PermissionDenied, "The TPM firmware version is refused by policy.";
     NodeBanned => "node_banned", PermissionDenied, "The node is banned: its attestations and renewals are refused.";
     NodeEkChanged => "node_ek_changed", PermissionDenied, "Another EK presented itself for an enrolled node's identity.";
+    TpmAkChanged => "tpm_ak_changed", PermissionDenied, "A renewal with a fresh quote came from another attestation key than the node's recorded one: re-attest in full.";
+    ReattestationRequired => "reattestation_required", PermissionDenied, "The node's policy requires a fresh TPM quote for this renewal: renew over the attestation stream (NodeAttestationService/Attest with renewal set).";
     AttestationTimeout => "attestation_timeout", InvalidArgument, "The attestation stream stalled past the server's deadline.";
     AttestationProtocol => "attestation_protocol", InvalidArgument, "The attestation stream's messages came out of order or were missing.";
     NodeUnknown => "node_unknown", PermissionDenied, "The caller's SVID is not an attested node's: only node agents may ask for workload identities.";

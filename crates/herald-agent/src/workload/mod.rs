@@ -136,6 +136,9 @@ pub struct State {
     pub synced: bool,
     /// The server's revision of the set.
     pub revision: u64,
+    /// The node's identity was refused (a renewal's fresh quote failed):
+    /// no workload is served anything until the node attests again.
+    pub suspended: bool,
 }
 
 /// A foreign trust domain's bundle (SPIFFE federation).
@@ -384,11 +387,44 @@ impl WorkloadCache {
         });
     }
 
-    /// The entries a caller with `facts` is entitled to. A template
+    /// Stops serving workloads: the node's fresh quote was refused, so
+    /// nothing it holds for its workloads may be handed out — every SVID,
+    /// JWT-SVID and session credential is dropped, callers match nothing
+    /// (the Workload API answers `PermissionDenied`) and nothing is
+    /// renewed, until [`WorkloadCache::resume`] after a successful
+    /// attestation. Registrations stay, so serving resumes at once.
+    pub fn suspend(&self) {
+        if let Ok(mut m) = self.jwts.lock() {
+            m.clear();
+        }
+        if let Ok(mut m) = self.clouds.lock() {
+            m.clear();
+        }
+        self.write(|s| {
+            s.suspended = true;
+            for e in s.entries.iter_mut().chain(s.instances.iter_mut()) {
+                e.svid = None;
+            }
+        });
+    }
+
+    /// Serves workloads again (the node attested successfully); their
+    /// SVIDs are issued anew under the new node SVID.
+    pub fn resume(&self) {
+        if self.read(|s| s.suspended) {
+            self.write(|s| s.suspended = false);
+        }
+    }
+
+    /// The entries a caller with `facts` is entitled to (none while
+    /// suspended). A template
     /// registration the caller matches gives it its own instance, built
     /// (without an SVID yet: the rotation issues it and every stream is
     /// woken) the first time that identity is asked for.
     pub fn matching(&self, facts: &[Selector]) -> Vec<Entry> {
+        if self.read(|s| s.suspended) {
+            return Vec::new();
+        }
         let now = now_s();
         if !self.read(|s| s.missing_instances(facts)).is_empty() {
             self.write(|s| {
@@ -407,7 +443,13 @@ impl WorkloadCache {
                 }
             });
         }
-        self.read(|s| s.entitled(facts, now))
+        self.read(|s| {
+            if s.suspended {
+                Vec::new()
+            } else {
+                s.entitled(facts, now)
+            }
+        })
     }
 
     /// Registrations whose SVID is missing or due, oldest first, and not
@@ -419,6 +461,9 @@ impl WorkloadCache {
         }
         let refused = self.refused.lock().map(|m| m.clone()).unwrap_or_default();
         self.read(|s| {
+            if s.suspended {
+                return Vec::new();
+            }
             let mut v: Vec<(i64, String)> = s
                 .issued()
                 .filter(|e| !e.selectors.is_empty())
@@ -461,6 +506,10 @@ impl WorkloadCache {
     fn store_svid(&self, spiffe_id: &str, svid: CachedSvid) {
         let svid = Arc::new(svid);
         self.write(|s| {
+            // A rotation in flight when the node was refused.
+            if s.suspended {
+                return;
+            }
             for e in s
                 .entries
                 .iter_mut()
