@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::node::{NodeSite, start_agent, wait_status, x509_ids};
 use common::{Server, TRUST_DOMAIN, ok, require_tool, stdout};
@@ -43,17 +42,11 @@ fn code<T: std::fmt::Debug>(r: &Result<T, herald_agent::attest::AttestError>) ->
     }
 }
 
+/// Measures something into PCR 7: the node's state drifts off the golden set.
 fn extend_pcr7(tpm: &SoftTpm) {
-    let ext = Command::new("tpm2_pcrextend")
-        .envs(tpm.env_for_tools())
-        .arg(format!("7:sha256={}", "ab".repeat(32)))
-        .output()
+    let pcr = format!("7:sha256={}", "ab".repeat(32));
+    tpm.tool(&std::env::temp_dir(), &["tpm2_pcrextend", &pcr])
         .unwrap();
-    assert!(
-        ext.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ext.stderr)
-    );
 }
 
 fn node_row(site: &NodeSite) -> serde_json::Value {
@@ -263,14 +256,15 @@ fn the_agent_stops_serving_workloads_when_a_renewal_quote_is_refused_until_it_re
     assert_eq!(renewed.attestations, 1);
     assert!(!renewed.workloads_suspended);
     let served = || rt.block_on(x509_ids(&socket));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while served()
-        .map(|ids| ids != vec![workload.clone()])
-        .unwrap_or(true)
-    {
-        assert!(std::time::Instant::now() < deadline, "{:?}", served());
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    // The workload gets its SVID (within 30 s).
+    let wait_served = || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while served().map_or(true, |ids| ids != vec![workload.clone()]) {
+            assert!(std::time::Instant::now() < deadline, "{:?}", served());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    wait_served();
 
     // PCR drift: the next renewal is refused, and the workloads with it.
     extend_pcr7(&tpm);
@@ -289,14 +283,7 @@ fn the_agent_stops_serving_workloads_when_a_renewal_quote_is_refused_until_it_re
         s.attestations >= 2 && !s.workloads_suspended
     });
     assert_eq!(back.spiffe_id, renewed.spiffe_id);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while served()
-        .map(|ids| ids != vec![workload.clone()])
-        .unwrap_or(true)
-    {
-        assert!(std::time::Instant::now() < deadline, "{:?}", served());
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_served();
     assert_eq!(node_row(&site)["last_quote_result"], "ok");
     let audit = stdout(&ok(site.herald(&["audit", "export", "--since", "1h"])));
     assert!(
