@@ -974,4 +974,49 @@ mod tests {
         assert!(cache.matching(&pod("apps", "a")).is_empty());
         assert!(cache.due(now_s()).is_empty());
     }
+
+    #[test]
+    fn a_suspended_cache_serves_and_renews_nothing_until_resumed() {
+        let cache = WorkloadCache::new(0.5, 0.0);
+        cache.apply(set(vec![
+            reg("spiffe://td/app", &["unix:uid:7"]),
+            reg(TEMPLATE, &["k8s:ns:apps"]),
+        ]));
+        let app = [Selector::Uid(7)];
+        let pod = pod("apps", "web");
+        assert_eq!(cache.matching(&pod).len(), 1, "an instance is built");
+        cache.store_svid("spiffe://td/app", svid(now_s(), i64::MAX / 4));
+        cache.store_svid("spiffe://td/ns/apps/sa/web", svid(now_s(), i64::MAX / 4));
+        cache.put_jwt(
+            "spiffe://td/app",
+            &["aud".to_owned()],
+            "jwt".into(),
+            i64::MAX,
+        );
+        assert!(cache.matching(&app)[0].svid.is_some());
+        assert!(cache.due(now_s()).is_empty());
+
+        cache.suspend();
+        assert!(cache.matching(&app).is_empty(), "callers get nothing");
+        assert!(cache.matching(&pod).is_empty());
+        assert!(cache.due(now_s()).is_empty(), "nothing is renewed");
+        assert!(
+            cache
+                .cached_jwt("spiffe://td/app", &["aud".to_owned()])
+                .is_none()
+        );
+        // A rotation finishing after the suspension is dropped.
+        cache.store_svid("spiffe://td/app", svid(now_s(), i64::MAX / 4));
+        assert!(cache.read(|s| {
+            s.entries
+                .iter()
+                .chain(&s.instances)
+                .all(|e| e.svid.is_none())
+        }));
+
+        // Resumed: served again once the SVIDs are re-issued, due at once.
+        cache.resume();
+        assert_eq!(cache.due(now_s()).len(), 2);
+        assert!(cache.matching(&app)[0].svid.is_none());
+    }
 }
