@@ -194,6 +194,15 @@ pub async fn agent(args: AgentArgs) -> Result<(), CliError> {
                 "last error:     {}",
                 status.last_error.as_deref().unwrap_or("-")
             );
+            println!(
+                "renewals with a fresh quote: {}  workloads: {}",
+                if status.quote_renewals { "yes" } else { "no" },
+                if status.workloads_suspended {
+                    "SUSPENDED (the node's quote was refused; re-attesting)"
+                } else {
+                    "served"
+                }
+            );
             Ok(())
         }
         None => herald_agent::run::run(cfg, crate::cli::wait_for_signal())
