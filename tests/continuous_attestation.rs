@@ -167,17 +167,7 @@ async fn a_vtpm_is_trusted_by_its_ek_hash_and_renews_only_with_a_fresh_matching_
     assert_eq!(node_row(&site)["last_quote_result"], "ok");
 
     // Counters behind the registry's (a replayed TPM state) refuse it.
-    let pool = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        site.dir.path().join("data/herald.db").display()
-    ))
-    .await
-    .unwrap();
-    sqlx::query("UPDATE nodes SET reset_count = reset_count + 100")
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
+    common::node::advance_registry_reset_counts(&site.dir.path().join("data/herald.db")).await;
     let node = as_node(&server, &bundle, &again).await;
     assert_eq!(
         code(&reattest(&node, &tv).await),
