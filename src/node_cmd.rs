@@ -12,7 +12,9 @@ use crate::cli::{CliError, ConfigArgs, load_config, open_store, operator, operat
 /// Node registry administration.
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {
-    /// List attested nodes: SPIFFE ID, EK hash, status, counters, last attestation.
+    /// List attested nodes: SPIFFE ID, EK hash, status, counters, last
+    /// attestation, and the last quote's time and result (`ok` or the
+    /// refusal's code — continuous attestation).
     List {
         #[command(flatten)]
         config: ConfigArgs,
@@ -99,18 +101,26 @@ pub async fn node(cmd: NodeCommand) -> Result<(), CliError> {
                         "last_attested_at": rfc3339(Some(n.last_attested_at)),
                         "banned_at": rfc3339(n.banned_at),
                         "ban_reason": n.ban_reason,
+                        "last_quote_at": rfc3339(n.last_quote_at),
+                        "last_quote_result": n.last_quote_result,
                     });
                     println!("{line}");
                 }
                 return Ok(());
             }
             println!(
-                "{:<56} {:<8} {:<16} {:>6} {:>8} LAST ATTESTED",
-                "SPIFFE ID", "STATUS", "EK HASH", "RESETS", "ATTESTS"
+                "{:<56} {:<8} {:<16} {:>6} {:>8} {:<20} {:<20} LAST QUOTE RESULT",
+                "SPIFFE ID",
+                "STATUS",
+                "EK HASH",
+                "RESETS",
+                "ATTESTS",
+                "LAST ATTESTED",
+                "LAST QUOTE"
             );
             for n in &nodes {
                 println!(
-                    "{:<56} {:<8} {:<16} {:>6} {:>8} {}",
+                    "{:<56} {:<8} {:<16} {:>6} {:>8} {:<20} {:<20} {}",
                     n.spiffe_id,
                     match n.status {
                         NodeStatus::Active => "active",
@@ -120,6 +130,8 @@ pub async fn node(cmd: NodeCommand) -> Result<(), CliError> {
                     n.reset_count,
                     n.attestations,
                     rfc3339(Some(n.last_attested_at)),
+                    rfc3339(n.last_quote_at),
+                    n.last_quote_result.as_deref().unwrap_or("-"),
                 );
             }
             Ok(())
@@ -211,6 +223,15 @@ pub async fn agent(args: AgentArgs) -> Result<(), CliError> {
             println!(
                 "last error:     {}",
                 status.last_error.as_deref().unwrap_or("-")
+            );
+            println!(
+                "renewals with a fresh quote: {}  workloads: {}",
+                if status.quote_renewals { "yes" } else { "no" },
+                if status.workloads_suspended {
+                    "SUSPENDED (the node's quote was refused; re-attesting)"
+                } else {
+                    "served"
+                }
             );
             Ok(())
         }

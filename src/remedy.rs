@@ -274,6 +274,12 @@ fn refusal(code: ErrorCode) -> &'static str {
         NodeEkChanged => {
             "another TPM claims an enrolled node's identity: if the TPM was replaced, an operator bans the old identity (`herald node ban`) and the node enrols anew"
         }
+        TpmAkChanged => {
+            "a renewal's quote came from another attestation key than the node enrolled with (its AK blobs were replaced or lost): the agent re-attests in full on its own; if the TPM itself changed, treat the node as suspect"
+        }
+        ReattestationRequired => {
+            "the node policy requires a fresh TPM quote with this renewal (evidence.tpm.reattest): `herald agent` renews over the attestation stream on its own; other clients re-attest"
+        }
         AttestationTimeout | AttestationProtocol => {
             "retry the attestation (the agent does on its own); check the network between agent and server and that both run the same Herald version"
         }

@@ -35,6 +35,7 @@ fn is_bypass_attempt(code: ErrorCode) -> bool {
             | ErrorCode::JoinTokenWrongPurpose
             | ErrorCode::CredentialNotRenewable
             | ErrorCode::LineageTooOld
+            | ErrorCode::ReattestationRequired
             | ErrorCode::SvidRecordMismatch
             | ErrorCode::NodeUnknown
             | ErrorCode::WorkloadNotRegistered

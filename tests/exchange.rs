@@ -1471,6 +1471,7 @@ grants:
                 policy: "e2e-nodes".into(),
                 reset_count: 1,
                 restart_count: 0,
+                clock: 0,
                 firmware_version: 1,
                 golden_set: None,
                 now_s: now(),

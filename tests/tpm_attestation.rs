@@ -411,15 +411,7 @@ async fn every_bad_attestation_is_refused_with_its_code_and_audited() {
     drop(ta);
     a.restart().unwrap(); // PCR 7 is clean again after the reset
     let ta = open(&a, &state.path().join("a")).await;
-    let db = site.dir.path().join("data/herald.db");
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("UPDATE nodes SET reset_count = reset_count + 100")
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
+    common::node::advance_registry_reset_counts(&site.dir.path().join("data/herald.db")).await;
     let back = attempt(&server, &bundle, &ta, None, Tamper::default()).await;
     assert_eq!(code(&back), Some(ErrorCode::TpmCounterRollback));
 

@@ -229,3 +229,17 @@ pub fn exec_after_connect(agent_socket: &Path, relay: &Path, target: &str) -> (C
         .unwrap();
     (child, pid)
 }
+
+/// Moves the registry's recorded TPM reset counter of every node 100 ahead
+/// in the SQLite datastore at `db`: the TPM's next quote then looks like a
+/// rolled-back (replayed or cloned) TPM state.
+pub async fn advance_registry_reset_counts(db: &Path) {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE nodes SET reset_count = reset_count + 100")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+}

@@ -5,6 +5,13 @@
 //!
 //! This is the one place where the node identity is refreshed; every step
 //! is reflected in `status.json`, which `herald agent status` prints.
+//!
+//! Continuous attestation: when the server answers a renewal with
+//! `reattestation_required` (the node policy's `evidence.tpm.reattest`),
+//! this and later renewals go over the attestation stream with a fresh
+//! quote ([`crate::attest::reattest`]). A refused fresh quote (PCR drift,
+//! counter rollback, another EK or AK) stops the workloads being served
+//! ([`WorkloadCache::suspend`]) until a full attestation succeeds.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,10 +23,12 @@ use tokio::sync::watch;
 
 use crate::attest::{
     AttestError, NodeEvidence, NodeSvid, attest_with_platform_token, attest_without_tpm,
+    reattest_with_platform_token,
 };
 use crate::config::AgentConfig;
 use crate::config::AttestationMethod;
 use crate::tpm::TpmHandle;
+use crate::workload::WorkloadCache;
 
 /// What `status.json` holds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -48,6 +57,12 @@ pub struct AgentStatus {
     pub last_error: Option<String>,
     /// The stable code of the last refusal.
     pub last_error_code: Option<String>,
+    /// Whether renewals carry a fresh TPM quote (the node policy requires it).
+    #[serde(default)]
+    pub quote_renewals: bool,
+    /// Whether workloads are refused because the node's fresh quote was.
+    #[serde(default)]
+    pub workloads_suspended: bool,
     /// The agent's process ID.
     pub pid: u32,
 }
@@ -112,6 +127,7 @@ fn inspect(files: SvidFiles) -> Option<Current> {
 pub struct Agent {
     cfg: AgentConfig,
     tpm: Option<TpmHandle>,
+    workloads: Option<std::sync::Arc<WorkloadCache>>,
     status: AgentStatus,
     server_index: usize,
     backoff: Duration,
@@ -129,6 +145,7 @@ impl Agent {
         Agent {
             cfg,
             tpm: None,
+            workloads: None,
             status: AgentStatus {
                 state: "starting".into(),
                 pid: std::process::id(),
@@ -137,6 +154,31 @@ impl Agent {
             server_index: 0,
             backoff,
         }
+    }
+
+    /// The workload cache to suspend while the node's identity is refused.
+    pub fn with_workloads(mut self, cache: Option<std::sync::Arc<WorkloadCache>>) -> Agent {
+        self.workloads = cache;
+        self
+    }
+
+    fn suspend_workloads(&mut self) {
+        if let Some(w) = &self.workloads {
+            w.suspend();
+        }
+        if !self.status.workloads_suspended {
+            tracing::warn!(
+                "the node's fresh quote was refused: workloads are not served until it attests again"
+            );
+        }
+        self.status.workloads_suspended = true;
+    }
+
+    fn resume_workloads(&mut self) {
+        if let Some(w) = &self.workloads {
+            w.resume();
+        }
+        self.status.workloads_suspended = false;
     }
 
     fn write_status(&self) {
@@ -217,6 +259,7 @@ impl Agent {
             match outcome {
                 Ok(()) => {
                     force_attest = false;
+                    self.resume_workloads();
                     self.backoff = self.cfg.rotation.backoff_min;
                     self.status.state = "ready".into();
                     self.status.last_error = None;
@@ -224,6 +267,12 @@ impl Agent {
                     self.write_status();
                 }
                 Err((e, refused)) => {
+                    // A renewal's fresh quote refused: the node's state is
+                    // no longer what policy admits, so neither are its
+                    // workloads, until a full attestation succeeds.
+                    if refused.is_some() && (self.status.quote_renewals || force_attest) {
+                        self.suspend_workloads();
+                    }
                     self.status.failures += 1;
                     self.status.last_error_code = refused.map(|c| c.as_str().to_owned());
                     self.status.last_error = Some(e.clone());
@@ -331,13 +380,7 @@ impl Agent {
                 .attest_without_tpm(&bundle, join_token, platform_token)
                 .await;
         }
-        if self.tpm.is_none() {
-            let dir = self.cfg.data_dir.clone();
-            let tpm = TpmHandle::open(&self.cfg.tpm.tcti, &dir)
-                .await
-                .map_err(|e| (e.to_string(), None))?;
-            self.tpm = Some(tpm);
-        }
+        self.open_tpm().await?;
         let mut last = (String::from("no server"), None);
         for (i, server) in self.servers().into_iter().enumerate() {
             let pin = self.server_id(None);
@@ -452,6 +495,52 @@ impl Agent {
         }
     }
 
+    async fn open_tpm(&mut self) -> Result<&TpmHandle, (String, Option<herald_core::ErrorCode>)> {
+        if self.tpm.is_none() {
+            let tpm = TpmHandle::open(&self.cfg.tpm.tcti, &self.cfg.data_dir)
+                .await
+                .map_err(|e| (e.to_string(), None))?;
+            self.tpm = Some(tpm);
+        }
+        self.tpm.as_ref().ok_or_else(|| ("no TPM".to_owned(), None))
+    }
+
+    /// Renews the node SVID with a fresh quote over the attestation stream.
+    async fn renew_with_quote(
+        &mut self,
+        client: &HeraldClient,
+        server: &str,
+    ) -> Result<NodeSvid, (String, Option<herald_core::ErrorCode>, bool)> {
+        // A policy that requires the platform token beside the TPM
+        // requires it at every attestation, renewals included.
+        let platform_token = self
+            .cfg
+            .attestation
+            .platform_token()
+            .map_err(|e| (format!("platform token: {e}"), None, false))?;
+        let tpm = self.open_tpm().await.map_err(|(e, c)| (e, c, false))?;
+        match reattest_with_platform_token(client, tpm, platform_token).await {
+            Ok(svid) => Ok(svid),
+            Err(AttestError::Client(ClientError::Transport(e))) => {
+                Err((format!("{server}: {e}"), None, true))
+            }
+            Err(AttestError::Tpm(e)) => {
+                // Reopen the TPM next time (it may have been reset).
+                self.tpm = None;
+                Err((format!("TPM: {e}"), None, false))
+            }
+            Err(AttestError::Client(e)) => {
+                let code = e.code();
+                Err((
+                    format!("renewal's fresh quote refused by {server}: {e}"),
+                    code,
+                    false,
+                ))
+            }
+            Err(e) => Err((format!("{server}: {e}"), None, true)),
+        }
+    }
+
     async fn renew_any(
         &mut self,
         c: Current,
@@ -472,21 +561,36 @@ impl Agent {
                         continue;
                     }
                 };
-            let key = keys::generate_key_and_csr().map_err(|e| (e.to_string(), None))?;
-            match client.renew_x509_svid(key.csr_der).await {
-                Ok(response) => {
-                    self.server_index = (self.server_index + i) % self.cfg.servers.len();
-                    let svid = NodeSvid {
+            let renewed = if self.status.quote_renewals {
+                self.renew_with_quote(&client, &server).await
+            } else {
+                let key = keys::generate_key_and_csr().map_err(|e| (e.to_string(), None))?;
+                match client.renew_x509_svid(key.csr_der).await {
+                    Ok(response) => Ok(NodeSvid {
                         response,
                         key_pkcs8: key.key_pkcs8,
-                    };
+                    }),
+                    // The node policy wants a fresh quote with every
+                    // renewal (or now): from here on, renew with one.
+                    Err(e) if e.code() == Some(herald_core::ErrorCode::ReattestationRequired) => {
+                        tracing::info!("the node policy requires a fresh TPM quote to renew");
+                        self.status.quote_renewals = true;
+                        self.renew_with_quote(&client, &server).await
+                    }
+                    Err(ClientError::Transport(e)) => Err((format!("{server}: {e}"), None, true)),
+                    Err(e) => {
+                        let code = e.code();
+                        Err((format!("renewal refused by {server}: {e}"), code, false))
+                    }
+                }
+            };
+            match renewed {
+                Ok(svid) => {
+                    self.server_index = (self.server_index + i) % self.cfg.servers.len();
                     return self.store(&server, svid, true).map_err(|e| (e, None));
                 }
-                Err(ClientError::Transport(e)) => last = (format!("{server}: {e}"), None),
-                Err(e) => {
-                    let code = e.code();
-                    return Err((format!("renewal refused by {server}: {e}"), code));
-                }
+                Err((e, code, true)) => last = (e, code),
+                Err((e, code, false)) => return Err((e, code)),
             }
         }
         Err(last)

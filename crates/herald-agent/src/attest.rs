@@ -116,7 +116,7 @@ pub async fn attest(
     tpm: &TpmHandle,
     join_token: Option<String>,
 ) -> Result<NodeSvid, AttestError> {
-    attest_with_platform_token(client, tpm, join_token, None).await
+    run(client, tpm, join_token, None, false).await
 }
 
 /// [`attest`], with a platform token beside the quote when the node policy
@@ -126,6 +126,34 @@ pub async fn attest_with_platform_token(
     tpm: &TpmHandle,
     join_token: Option<String>,
     platform_token: Option<String>,
+) -> Result<NodeSvid, AttestError> {
+    run(client, tpm, join_token, platform_token, false).await
+}
+
+/// Renews the node SVID with a fresh quote (continuous attestation):
+/// `client` must be connected with the current node SVID as its client
+/// certificate, and `tpm` hold the EK and AK the node enrolled with. No
+/// credential activation: the server compares the AK with its record.
+pub async fn reattest(client: &HeraldClient, tpm: &TpmHandle) -> Result<NodeSvid, AttestError> {
+    run(client, tpm, None, None, true).await
+}
+
+/// [`reattest`], with the platform token beside the quote when the node
+/// policy requires both (machine MFA holds at every attestation).
+pub async fn reattest_with_platform_token(
+    client: &HeraldClient,
+    tpm: &TpmHandle,
+    platform_token: Option<String>,
+) -> Result<NodeSvid, AttestError> {
+    run(client, tpm, None, platform_token, true).await
+}
+
+async fn run(
+    client: &HeraldClient,
+    tpm: &TpmHandle,
+    join_token: Option<String>,
+    platform_token: Option<String>,
+    renewal: bool,
 ) -> Result<NodeSvid, AttestError> {
     let id = tpm.identity();
     let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -144,6 +172,7 @@ pub async fn attest_with_platform_token(
         ak_public: id.ak_public.clone(),
         join_token: join_token.unwrap_or_default(),
         platform_token: platform_token.unwrap_or_default(),
+        renewal,
         ..AttestHello::default()
     }))
     .await?;
@@ -161,9 +190,18 @@ pub async fn attest_with_platform_token(
     };
     let key = keys::generate_key_and_csr()?;
     let qualifying = nonce_binding(&challenge.nonce, &csr_spki(&key.csr_der)?);
-    let secret = tpm
-        .activate_credential(challenge.credential_blob, challenge.encrypted_secret)
-        .await?;
+    let secret = if renewal {
+        // Only an enrolment's challenge carries a credential to activate.
+        if !challenge.credential_blob.is_empty() {
+            return Err(AttestError::Protocol(
+                "a renewal's challenge carried a credential".into(),
+            ));
+        }
+        Vec::new()
+    } else {
+        tpm.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+            .await?
+    };
     let quote = tpm
         .quote(qualifying, challenge.pcr_bank, challenge.pcrs)
         .await?;

@@ -39,12 +39,16 @@ impl RunError {
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    // The node identity loop suspends the workloads while the node's fresh
+    // quote is refused (continuous attestation).
+    let mut workload_cache = None;
     if let Some(w) = &cfg.workload_api {
         let listener = workload::api::bind(&w.socket).map_err(|e| {
             RunError::Config(format!("workload_api.socket {}: {e}", w.socket.display()))
         })?;
         let cache =
             workload::WorkloadCache::new(cfg.rotation.renew_fraction, cfg.rotation.jitter_fraction);
+        workload_cache = Some(cache.clone());
         let upstream = workload::Upstream {
             servers: cfg.servers.clone(),
             trust_bundle: cfg.trust_bundle.clone(),
@@ -97,7 +101,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         }));
         tracing::info!(socket = %w.socket.display(), "Workload API listening");
     }
-    let node = tokio::spawn(Agent::new(cfg).run(rx));
+    let node = tokio::spawn(Agent::new(cfg).with_workloads(workload_cache).run(rx));
     shutdown.await;
     let _ = tx.send(true);
     for t in tasks {

@@ -72,7 +72,7 @@ fn cmd(op: &'static str) -> impl FnOnce(tss_esapi::Error) -> TpmError {
 /// What the agent tells the server about its TPM.
 #[derive(Debug, Clone)]
 pub struct TpmIdentity {
-    /// The EK certificate, DER.
+    /// The EK certificate, DER; empty when the TPM has none (a vTPM).
     pub ek_certificate: Vec<u8>,
     /// The EK public area, marshalled TPMT_PUBLIC.
     pub ek_public: Vec<u8>,
@@ -123,8 +123,16 @@ impl NodeTpm {
             tcti: tcti.to_owned(),
             source,
         })?;
-        let ek_certificate =
-            ek::retrieve_ek_pubcert(&mut ctx, EK_ALG).map_err(cmd("read EK certificate"))?;
+        // vTPMs (AWS NitroTPM, some hypervisors) have no EK certificate in
+        // NV: the agent sends none and the server must know the EK by its
+        // hash (a policy's `ek_hashes`) — or refuses it.
+        let ek_certificate = match ek::retrieve_ek_pubcert(&mut ctx, EK_ALG) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(error = %e, "no EK certificate in NV; attesting with the EK public only");
+                Vec::new()
+            }
+        };
         let ek = ek::create_ek_object_2(&mut ctx, EK_ALG, DefaultKey).map_err(cmd("create EK"))?;
         match load_keys(&mut ctx, ek, state_dir) {
             Ok((ak, ek_public, ak_public)) => Ok(NodeTpm {

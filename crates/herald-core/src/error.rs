@@ -117,6 +117,8 @@ error_codes! {
     AwsIidSignatureInvalid => "aws_iid_signature_invalid", Unauthenticated, "The AWS instance identity document's signature verifies with none of the regional certificates the node policies name.";
     AwsIidStale => "aws_iid_stale", Unauthenticated, "The AWS instance identity document's pendingTime is older than the policy's max_age (or in the future).";
     NodeAgentKeyChanged => "node_agent_key_changed", PermissionDenied, "The instance is already enrolled with another agent key: it re-enrols only with its first key, or after `herald node reset`.";
+    TpmAkChanged => "tpm_ak_changed", PermissionDenied, "A renewal with a fresh quote came from another attestation key than the node's recorded one: re-attest in full.";
+    ReattestationRequired => "reattestation_required", PermissionDenied, "The node's policy requires a fresh TPM quote for this renewal: renew over the attestation stream (NodeAttestationService/Attest with renewal set).";
     AttestationTimeout => "attestation_timeout", InvalidArgument, "The attestation stream stalled past the server's deadline.";
     AttestationProtocol => "attestation_protocol", InvalidArgument, "The attestation stream's messages came out of order or were missing.";
     NodeUnknown => "node_unknown", PermissionDenied, "The caller's SVID is not an attested node's: only node agents may ask for workload identities.";

@@ -113,7 +113,7 @@ pub use crate::grant::{
 };
 use crate::model::{FactorName, PolicyFile};
 pub use crate::node::{AwsIidRules, PlatformTokenRules};
-pub use crate::tpm::{GoldenSet, Registration, TpmRules};
+pub use crate::tpm::{GoldenSet, Reattest, Registration, TpmRules};
 use std::collections::BTreeMap;
 
 pub use expr::{MAX_EXPRESSION_BYTES, VARIABLES};
@@ -240,14 +240,18 @@ impl TpmEvidence {
         );
         claims.insert("reset_count".into(), Value::from(t.quote.reset_count));
         claims.insert("restart_count".into(), Value::from(t.quote.restart_count));
-        claims.insert(
-            "ek_certificate".into(),
-            serde_json::json!({
-                "subject": t.ek.subject(),
-                "issuer": t.ek.issuer(),
-                "serial": t.ek.serial_hex(),
-            }),
-        );
+        // An EK accepted by its hash has no certificate: the claim is
+        // absent, so a condition on it fails closed.
+        if let Some(ek) = &t.ek {
+            claims.insert(
+                "ek_certificate".into(),
+                serde_json::json!({
+                    "subject": ek.subject(),
+                    "issuer": ek.issuer(),
+                    "serial": ek.serial_hex(),
+                }),
+            );
+        }
         TpmEvidence {
             trusted_by: t.trusted_by.clone(),
             claims,

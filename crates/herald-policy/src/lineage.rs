@@ -60,6 +60,21 @@ impl PolicySet {
             )
         })?;
         policy.check_under_prefix(&svid.spiffe_id)?;
+        // Continuous attestation: a node lineage's root is its last quote
+        // (a renewal with a fresh quote is a node attestation, a new root),
+        // so the root's age is the quote's.
+        if let Some(r) = policy.tpm_rules().and_then(|t| t.reattest)
+            && r.due(now.saturating_sub(svid.root_at))
+        {
+            return Err(deny(
+                ErrorCode::ReattestationRequired,
+                name,
+                format!(
+                    "policy {} requires a fresh TPM quote to renew this node SVID: renew over the attestation stream",
+                    policy.name
+                ),
+            ));
+        }
         let max_age = grant.max_lineage_age.ok_or_else(|| {
             deny(
                 ErrorCode::CredentialNotRenewable,

@@ -110,7 +110,12 @@ fn default_token_purposes() -> Vec<String> {
 #[serde(deny_unknown_fields)]
 pub(crate) struct TpmSpec {
     /// PEM files (relative to the policy file) with manufacturer roots.
+    #[serde(default)]
     pub ek_roots: Vec<String>,
+    /// Accepted EKs by hash (hex SHA-256 of the EK's TPMT_PUBLIC), for
+    /// vTPMs that carry no EK certificate.
+    #[serde(default)]
+    pub ek_hashes: Vec<String>,
     /// PEM files with intermediate CAs, if the TPMs do not carry them.
     #[serde(default)]
     pub ek_intermediates: Vec<String>,
@@ -120,6 +125,10 @@ pub(crate) struct TpmSpec {
     pub golden: Vec<GoldenSpec>,
     #[serde(default)]
     pub min_firmware_version: Option<u64>,
+    /// Continuous attestation: `every_renewal`, or a duration after which
+    /// a renewal needs a fresh quote.
+    #[serde(default)]
+    pub reattest: Option<String>,
 }
 
 fn default_bank() -> String {
@@ -310,6 +319,7 @@ mod tests {
                 }),
                 tpm: Some(TpmSpec {
                     ek_roots: vec![s("r.pem")],
+                    ek_hashes: vec![s("h")],
                     ek_intermediates: vec![s("i.pem")],
                     pcr_bank: s("sha256"),
                     pcrs: vec![0],
@@ -318,6 +328,7 @@ mod tests {
                         pcrs: BTreeMap::new(),
                     }],
                     min_firmware_version: Some(1),
+                    reattest: Some(s("every_renewal")),
                 }),
                 join_token: Some(JoinTokenSpec {
                     purposes: vec![s("bootstrap")],

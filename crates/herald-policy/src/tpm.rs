@@ -12,6 +12,7 @@
 //!       - name: image-2026-10
 //!         pcrs: { 0: "<64 hex>", 7: "<64 hex>" }     # PCRs left out are unconstrained
 //!     min_firmware_version: 0
+//!     reattest: every_renewal                        # or a duration: continuous attestation
 //!   require: [join_token]                            # checked at enrolment only
 //! spiffe_id:
 //!   prefix: spiffe://example.org/node/
@@ -21,7 +22,9 @@
 //! The claims TPM evidence offers to pins, `condition` and templates are
 //! `ek_hash` (hex SHA-256 of the EK public area), `ak_name` (hex),
 //! `firmware_version`, `reset_count`, `restart_count` and
-//! `ek_certificate.{subject,issuer,serial}`.
+//! `ek_certificate.{subject,issuer,serial}` (absent for an EK accepted by
+//! its hash: vTPMs without an EK certificate are listed in `ek_hashes`
+//! instead of chaining to `ek_roots`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -44,11 +47,34 @@ pub struct GoldenSet {
     pub values: BTreeMap<u8, Vec<u8>>,
 }
 
+/// When a node SVID's renewal needs a fresh quote (continuous attestation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reattest {
+    /// Every renewal carries a fresh quote.
+    EveryRenewal,
+    /// A renewal needs a fresh quote once the last one is this old.
+    After(std::time::Duration),
+}
+
+impl Reattest {
+    /// Whether a renewal of a lineage whose last quote was `quote_age`
+    /// seconds ago must carry a fresh one.
+    pub fn due(self, quote_age: i64) -> bool {
+        match self {
+            Reattest::EveryRenewal => true,
+            Reattest::After(d) => quote_age < 0 || quote_age as u64 >= d.as_secs(),
+        }
+    }
+}
+
 /// A policy's TPM rules, validated at load.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TpmRules {
     /// Manufacturer root certificates, DER.
     pub ek_roots: Vec<Vec<u8>>,
+    /// EKs accepted by hash (lowercase hex SHA-256 of the TPMT_PUBLIC),
+    /// with or without a certificate: vTPMs that have none.
+    pub ek_hashes: Vec<String>,
     /// Extra intermediate CA certificates, DER.
     pub ek_intermediates: Vec<Vec<u8>>,
     /// The PCR bank to quote (TPM_ALG_ID).
@@ -59,6 +85,8 @@ pub struct TpmRules {
     pub golden: Vec<GoldenSet>,
     /// Lowest accepted TPM firmware version, if any.
     pub min_firmware_version: Option<u64>,
+    /// Continuous attestation: when renewals need a fresh quote.
+    pub reattest: Option<Reattest>,
 }
 
 impl TpmRules {
@@ -105,9 +133,36 @@ pub(crate) fn compile(spec: &TpmSpec, policy_path: &Path) -> Result<TpmRules, Ve
     };
     let ek_roots = load(&spec.ek_roots);
     let ek_intermediates = load(&spec.ek_intermediates);
-    if spec.ek_roots.is_empty() {
-        errors.push("evidence.tpm.ek_roots must name at least one root certificate file".into());
+    if spec.ek_roots.is_empty() && spec.ek_hashes.is_empty() {
+        errors.push(
+            "evidence.tpm needs ek_roots (root certificate files) or ek_hashes (EKs without a certificate)"
+                .into(),
+        );
     }
+    let mut ek_hashes = Vec::new();
+    for h in &spec.ek_hashes {
+        let h = h.to_ascii_lowercase();
+        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            errors.push(format!(
+                "evidence.tpm.ek_hashes: {h:?} is not 64 hex digits (SHA-256 of the EK's TPMT_PUBLIC)"
+            ));
+        } else if !ek_hashes.contains(&h) {
+            ek_hashes.push(h);
+        }
+    }
+    let reattest = match spec.reattest.as_deref() {
+        None => None,
+        Some("every_renewal") => Some(Reattest::EveryRenewal),
+        Some(t) => match humantime::parse_duration(t) {
+            Ok(d) if !d.is_zero() => Some(Reattest::After(d)),
+            _ => {
+                errors.push(format!(
+                    "evidence.tpm.reattest {t:?} must be every_renewal or a duration"
+                ));
+                None
+            }
+        },
+    };
     if spec.pcr_bank != "sha256" {
         errors.push(format!(
             "evidence.tpm.pcr_bank {:?} is not supported (sha256)",
@@ -163,11 +218,13 @@ pub(crate) fn compile(spec: &TpmSpec, policy_path: &Path) -> Result<TpmRules, Ve
     }
     Ok(TpmRules {
         ek_roots,
+        ek_hashes,
         ek_intermediates,
         pcr_bank: PCR_BANK_SHA256,
         pcrs,
         golden,
         min_firmware_version: spec.min_firmware_version,
+        reattest,
     })
 }
 

@@ -457,3 +457,80 @@ fn authorization_caps_lifetimes_and_narrows_sessions() {
         ErrorCode::CredentialNotGranted
     );
 }
+
+/// The node policy with `evidence.tpm` lines swapped: `ek_roots` for
+/// `trust`, and `extra` added (e.g. `reattest`).
+fn nodes_with(trust: &str, extra: &str) -> String {
+    nodes().replace(
+        "    ek_roots: [tpm-roots/example-swtpm-root.pem]\n",
+        &format!("{trust}{extra}"),
+    )
+}
+
+#[test]
+fn continuous_attestation_refuses_a_plain_renewal_when_a_fresh_quote_is_due() {
+    let roots = "    ek_roots: [tpm-roots/example-swtpm-root.pem]\n";
+    let id = "spiffe://dev.herald.test/node/abc";
+    // Every renewal: refused at once, whatever the lineage's age.
+    let set = load(&[(
+        "nodes.yaml",
+        nodes_with(roots, "    reattest: every_renewal\n"),
+    )])
+    .unwrap();
+    let refused = set
+        .renew(&svid(id, Origin::Node, "nodes", NOW - 1), NOW)
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::ReattestationRequired);
+    assert_eq!(refused.policy.as_deref(), Some("nodes"));
+    // An interval: plain renewals until the last quote (the lineage's
+    // root) is that old.
+    let set = load(&[("nodes.yaml", nodes_with(roots, "    reattest: 2h\n"))]).unwrap();
+    assert!(
+        set.renew(&svid(id, Origin::Node, "nodes", NOW - HOUR), NOW)
+            .is_ok()
+    );
+    assert_eq!(
+        set.renew(&svid(id, Origin::Node, "nodes", NOW - 2 * HOUR), NOW)
+            .unwrap_err()
+            .code,
+        ErrorCode::ReattestationRequired
+    );
+    // Without `reattest`, the same renewal is fine.
+    let set = load(&[("nodes.yaml", nodes_with(roots, ""))]).unwrap();
+    assert!(
+        set.renew(&svid(id, Origin::Node, "nodes", NOW - 2 * HOUR), NOW)
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_node_policy_may_trust_eks_by_hash_instead_of_roots() {
+    let hash = "ab".repeat(32);
+    let set = load(&[(
+        "nodes.yaml",
+        nodes_with(
+            &format!("    ek_hashes: [\"{}\"]\n", hash.to_uppercase()),
+            "",
+        ),
+    )])
+    .unwrap();
+    let (_, rules) = set.tpm_policies().next().unwrap();
+    assert!(rules.ek_roots.is_empty());
+    assert_eq!(rules.ek_hashes, vec![hash], "stored lowercase");
+    // Neither roots nor hashes, a malformed hash, a bad reattest: refused
+    // at load with the reason.
+    for (trust, extra, want) in [
+        ("", "", "needs ek_roots"),
+        ("    ek_hashes: [\"abc\"]\n", "", "64 hex digits"),
+        (
+            "    ek_hashes: [\"aa\"]\n",
+            "    reattest: sometimes\n",
+            "every_renewal or a duration",
+        ),
+    ] {
+        let errors = load(&[("nodes.yaml", nodes_with(trust, extra))])
+            .unwrap_err()
+            .to_string();
+        assert!(errors.contains(want), "{want}: {errors}");
+    }
+}

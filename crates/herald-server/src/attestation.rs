@@ -20,6 +20,19 @@
 //! → policy → the same decision path. A TPM node whose policy requires a
 //! platform token too (machine MFA) sends it in its hello beside the TPM
 //! fields.
+//!
+//! A vTPM without an EK certificate is trusted by a policy that lists its
+//! EK's hash (`evidence.tpm.ek_hashes`); the rest of the path is the same.
+//!
+//! Continuous attestation (`evidence.tpm.reattest`): the same stream with
+//! `hello.renewal`, over mTLS with the current node SVID. The presented SVID
+//! must be a live node lineage and the EK and AK the ones the registry holds
+//! for its identity; credential activation is skipped (the AK's binding to
+//! the EK was proven at enrolment and the AK name is compared), and the
+//! quote is verified exactly as at enrolment. The node SVID it yields is a
+//! new root: fresh evidence, so the lineage's age is the quote's. Every
+//! outcome for a known node — success or refusal code — is recorded on its
+//! registry row (`herald node list`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,7 +44,6 @@ use herald_attest::tpm::{
 };
 use herald_attest::{TokenUse, VerifiedNodeToken, aws_iid};
 use herald_ca::csr::{MAX_CSR_LEN, verify_csr};
-use herald_ca::sha256_hex;
 use herald_core::{ErrorCode, EvidenceType};
 use herald_policy::{
     AwsIidEvidence, Evidence, Factor, PlatformTokenEvidence, PolicySet, TpmEvidence,
@@ -131,21 +143,19 @@ fn check_hello_sizes(h: &AttestHello) -> Result<(), Refusal> {
     let tpm = !(h.ek_certificate.is_empty() && h.ek_public.is_empty() && h.ak_public.is_empty());
     let token = !h.platform_token.is_empty();
     let iid = h.aws_iid.is_some();
+    // No EK certificate is fine for a TPM: a vTPM is then trusted by its
+    // EK's hash. A renewal with a fresh quote is a TPM's only.
     let shape_ok = match (tpm, token, iid) {
-        (true, _, false) => {
-            !h.ek_certificate.is_empty()
-                && !h.ek_public.is_empty()
-                && !h.ak_public.is_empty()
-                && h.csr.is_empty()
-        }
-        (false, true, false) | (false, false, true) => !h.csr.is_empty(),
+        (true, _, false) => !h.ek_public.is_empty() && !h.ak_public.is_empty() && h.csr.is_empty(),
+        (false, true, false) | (false, false, true) => !h.csr.is_empty() && !h.renewal,
         _ => false,
     };
     if !shape_ok {
         return Err(Refusal::new(
             ErrorCode::InvalidRequest,
-            "hello needs ek_certificate, ek_public and ak_public (and optionally a platform token), \
-             or else a platform token or an AWS instance identity document with a CSR",
+            "hello needs ek_public and ak_public (an EK certificate unless the EK is trusted by \
+             hash; optionally a platform token), or else a platform token or an AWS instance \
+             identity document with a CSR",
         ));
     }
     Ok(())
@@ -242,21 +252,20 @@ fn random<const N: usize>() -> Result<[u8; N], Refusal> {
     Ok(out)
 }
 
-/// Hex SHA-256 of the EK public area: the node's hardware identity.
-fn ek_hash(ek_public: &[u8]) -> String {
-    sha256_hex(ek_public)
-}
-
 impl NodeAttestationApi {
     /// The evidence half of an attestation: hello, challenge, proof, every
-    /// TPM check, then policy. `tx` carries the challenge. Returns the
-    /// decision (with the registry row the commit writes) and the CSR the
-    /// node SVID is for.
+    /// TPM check, then policy. `tx` carries the challenge; `chain` is the
+    /// mTLS client chain (a renewal's node SVID). Returns the decision
+    /// (with the registry row the commit writes) and the CSR the node SVID
+    /// is for. `known_ek` learns the EK hash of an enrolled node as soon as
+    /// it is identified, so its quote's outcome can be recorded.
     async fn evidence(
         &self,
         mut inbound: Streaming<AttestRequest>,
         tx: &mpsc::Sender<Result<AttestResponse, Status>>,
+        chain: Option<&[Vec<u8>]>,
         run: &mut Run<'_>,
+        known_ek: &mut Option<String>,
     ) -> Result<(Decided, Vec<u8>), Refusal> {
         run.admit()?;
         let shared = &*self.shared;
@@ -280,46 +289,74 @@ impl NodeAttestationApi {
         if hello.ek_public.is_empty() {
             return self.without_tpm(hello, run, &policies).await;
         }
+        // A renewal is authenticated by the current node SVID first: a
+        // live node lineage under a node policy still in effect.
+        let renewing = if hello.renewal {
+            run.audit.action = "node.reattest".into();
+            Some(crate::flows::node(shared, run, chain).await?)
+        } else {
+            None
+        };
         let ek_public = TpmPublic::parse(&hello.ek_public)?;
         let ak_public = TpmPublic::parse(&hello.ak_public)?;
-        let ek_id = ek_hash(&hello.ek_public);
+        let ek_id = verify::ek_hash(&ek_public);
         run.audit.evidence_digest = Some(ek_id.clone());
         run.audit.caller = format!("{} ek:{}", run.audit.caller, &ek_id[..16]);
 
-        // Which TPM policies trust this EK's manufacturer?
+        // Which TPM policies trust this EK: its certificate chains to their
+        // manufacturer roots, or they list its hash (a vTPM without one).
         let now = std::time::SystemTime::now();
         let mut trusted_by = Vec::new();
         let mut selection: Vec<u8> = Vec::new();
         let mut chain_error = None;
         let mut verified_ek = None;
+        let mut any_tpm_policy = false;
         for (name, rules) in policies.tpm_policies() {
-            let trust = EkTrust::from_der(&rules.ek_roots, &rules.ek_intermediates)?;
-            match verify::verify_ek_certificate(
-                &trust,
-                &hello.ek_certificate,
-                &hello.ek_intermediates,
-                now,
-            ) {
-                Ok(ek) => {
-                    trusted_by.push(name.to_owned());
-                    selection.extend(&rules.pcrs);
-                    verified_ek = Some(ek);
+            any_tpm_policy = true;
+            let by_certificate = if hello.ek_certificate.is_empty() || rules.ek_roots.is_empty() {
+                false
+            } else {
+                let trust = EkTrust::from_der(&rules.ek_roots, &rules.ek_intermediates)?;
+                match verify::verify_ek_certificate(
+                    &trust,
+                    &hello.ek_certificate,
+                    &hello.ek_intermediates,
+                    now,
+                ) {
+                    Ok(ek) => {
+                        verified_ek = Some(ek);
+                        true
+                    }
+                    Err(e) => {
+                        chain_error = Some(e);
+                        false
+                    }
                 }
-                Err(e) => chain_error = Some(e),
+            };
+            if by_certificate || rules.ek_hashes.contains(&ek_id) {
+                trusted_by.push(name.to_owned());
+                selection.extend(&rules.pcrs);
             }
         }
-        let Some(verified_ek) = verified_ek else {
+        if trusted_by.is_empty() {
             return Err(match chain_error {
                 Some(e) => e.into(),
+                None if any_tpm_policy => Refusal::new(
+                    ErrorCode::TpmEkCertificateUntrusted,
+                    "no policy's EK roots vouch for this EK and none lists its hash",
+                ),
                 None => Refusal::new(
                     ErrorCode::PolicyDenied,
                     "no attestation policy accepts TPM evidence",
                 ),
             });
-        };
+        }
         selection.sort_unstable();
         selection.dedup();
-        verify::check_ek_public_matches(&ek_public, &verified_ek)?;
+        // A certificate that vouches for some policy must be this EK's.
+        if let Some(ek) = &verified_ek {
+            verify::check_ek_public_matches(&ek_public, ek)?;
+        }
         verify::check_attestation_key(&ak_public)?;
         let ak_name = ak_public.name()?;
         let ak_qualified_name = verify::qualified_name_under_ek(&ek_public, &ak_public)?;
@@ -327,18 +364,34 @@ impl NodeAttestationApi {
         // A banned node is refused before the TPM does any work.
         let known = shared.store.node_by_ek(&ek_id).await?;
         if let Some(node) = &known {
+            *known_ek = Some(ek_id.clone());
             run.audit.spiffe_id = Some(node.spiffe_id.clone());
             if node.status == NodeStatus::Banned {
                 return Err(Refusal::new(ErrorCode::NodeBanned, "the node is banned"));
             }
         }
+        if let Some(current) = &renewing {
+            check_renewal(known.as_ref(), current, &ak_name)?;
+        }
 
-        let secret = random::<32>()?;
         let nonce = random::<32>()?;
-        let credential = verify::make_credential(&ek_public, &ak_name, &secret)?;
+        // Enrolment proves the AK resident with the EK by credential
+        // activation; a renewal instead names the AK the registry holds,
+        // whose binding was proven then (and whose key never leaves the TPM).
+        let secret = match renewing {
+            None => Some(random::<32>()?),
+            Some(_) => None,
+        };
+        let (credential_blob, encrypted_secret) = match &secret {
+            Some(secret) => {
+                let c = verify::make_credential(&ek_public, &ak_name, secret)?;
+                (c.id_object, c.encrypted_secret)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
         let challenge = AttestChallenge {
-            credential_blob: credential.id_object,
-            encrypted_secret: credential.encrypted_secret,
+            credential_blob,
+            encrypted_secret,
             nonce: nonce.to_vec(),
             pcr_bank: u32::from(herald_policy::tpm::PCR_BANK_SHA256),
             pcrs: selection.iter().map(|p| u32::from(*p)).collect(),
@@ -359,7 +412,9 @@ impl NodeAttestationApi {
             }
         };
         check_proof_sizes(&proof)?;
-        if !verify::secret_matches(&secret, &proof.activated_secret) {
+        if let Some(secret) = &secret
+            && !verify::secret_matches(secret, &proof.activated_secret)
+        {
             return Err(Refusal::new(
                 ErrorCode::TpmCredentialMismatch,
                 "the activated secret is wrong: the AK is not resident with this EK",
@@ -411,6 +466,17 @@ impl NodeAttestationApi {
             enrolled,
         )
         .await?;
+        if let Some(current) = &renewing
+            && current.spiffe_id != decision.spiffe_id
+        {
+            return Err(Refusal::new(
+                ErrorCode::PolicyDenied,
+                format!(
+                    "policy now names this node {}, not {}: a renewal keeps its identity; re-attest",
+                    decision.spiffe_id, current.spiffe_id
+                ),
+            ));
+        }
         if join_token.is_some() {
             run.audit.evidence_type = Some(EvidenceType::TpmAndJoinToken);
         }
@@ -428,6 +494,7 @@ impl NodeAttestationApi {
             policy: decision.policy.clone(),
             reset_count: tpm.quote.reset_count,
             restart_count: tpm.quote.restart_count,
+            clock: tpm.quote.clock,
             firmware_version: tpm.quote.firmware_version,
             golden_set: decision.golden_set.clone(),
             now_s: unix_now(),
@@ -484,7 +551,7 @@ impl NodeAttestationApi {
             // The document is the same for the instance's life: the agent's
             // key is what makes a later attestation this instance's agent.
             let csr = verify_csr(&hello.csr)?;
-            let ak_name = format!("{AGENT_KEY_PREFIX}{}", sha256_hex(&csr.spki_der));
+            let ak_name = format!("{AGENT_KEY_PREFIX}{}", herald_ca::sha256_hex(&csr.spki_der));
             if let Some(node) = known.as_ref().filter(|n| n.ak_name != ak_name) {
                 return Err(Refusal::new(
                     ErrorCode::NodeAgentKeyChanged,
@@ -515,6 +582,7 @@ impl NodeAttestationApi {
             policy: decision.policy.clone(),
             reset_count: 0,
             restart_count: 0,
+            clock: 0,
             firmware_version: 0,
             golden_set: None,
             now_s: now,
@@ -529,6 +597,28 @@ impl NodeAttestationApi {
     }
 }
 
+/// A renewal with a fresh quote must come from the TPM the registry holds
+/// for the presented node SVID's identity, with the AK recorded for it.
+fn check_renewal(
+    known: Option<&herald_store::NodeRecord>,
+    current: &herald_attest::VerifiedSvid,
+    ak_name: &[u8],
+) -> Result<(), Refusal> {
+    let Some(node) = known.filter(|n| n.spiffe_id == current.spiffe_id.as_str()) else {
+        return Err(Refusal::new(
+            ErrorCode::NodeEkChanged,
+            "this EK is not the one enrolled for the presented node SVID's identity",
+        ));
+    };
+    if node.ak_name != hex::encode(ak_name) {
+        return Err(Refusal::new(
+            ErrorCode::TpmAkChanged,
+            "the AK is not the one recorded for this node: re-attest in full",
+        ));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl NodeAttestationService for NodeAttestationApi {
     type AttestStream = ResponseStream;
@@ -538,6 +628,7 @@ impl NodeAttestationService for NodeAttestationApi {
         request: Request<Streaming<AttestRequest>>,
     ) -> Result<Response<Self::AttestStream>, Status> {
         let peer = request.remote_addr();
+        let chain = crate::svid_service::peer_certs(&request);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(2);
         let api = NodeAttestationApi {
@@ -547,9 +638,12 @@ impl NodeAttestationService for NodeAttestationApi {
             let shared = api.shared.clone();
             let mut run = Run::start(&shared, "node.attest", "grpc", peer, EvidenceType::Tpm);
             let span = run.span();
+            let mut known_ek = None;
             let result = tracing::Instrument::instrument(
                 async {
-                    let (decided, csr) = api.evidence(inbound, &tx, &mut run).await?;
+                    let (decided, csr) = api
+                        .evidence(inbound, &tx, chain.as_deref(), &mut run, &mut known_ek)
+                        .await?;
                     let wanted = RequestedCredential::X509Svid { csr, ttl: None };
                     let svid = crate::svid_service::x509_response(
                         run.issue(decided, &wanted).await?.issued,
@@ -565,10 +659,20 @@ impl NodeAttestationService for NodeAttestationApi {
                 span,
             )
             .await;
-            if let Err(r) = run.finish(result).await
-                && tx.send(Err(r.to_status())).await.is_err()
-            {
-                tracing::debug!("the agent left before hearing the refusal");
+            if let Err(r) = run.finish(result).await {
+                // An enrolled node's refused quote shows on its registry
+                // row (a success is recorded by the commit itself).
+                if let Some(ek) = known_ek
+                    && let Err(e) = shared
+                        .store
+                        .record_quote_refusal(&ek, unix_now(), r.code)
+                        .await
+                {
+                    tracing::warn!(error = %e, "could not record the refused quote on the node");
+                }
+                if tx.send(Err(r.to_status())).await.is_err() {
+                    tracing::debug!("the agent left before hearing the refusal");
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -325,6 +325,7 @@ impl Metrics {
                 | ErrorCode::SessionPolicyTooBroad
                 | ErrorCode::CredentialNotRenewable
                 | ErrorCode::LineageTooOld
+                | ErrorCode::ReattestationRequired
                 | ErrorCode::WorkloadNotRegistered,
             ) => {
                 self.policy_denials

@@ -770,6 +770,17 @@ impl Store {
         on_backend!(self.reset_node(id_or_ek, audit).await)
     }
 
+    /// Records on an enrolled node's row that its latest quote was refused
+    /// with `code` at `now_s` (`herald node list` shows it).
+    pub async fn record_quote_refusal(
+        &self,
+        ek_hash: &str,
+        now_s: i64,
+        code: ErrorCode,
+    ) -> Result<(), StoreError> {
+        on_backend!(self.record_quote_refusal(ek_hash, now_s, code).await)
+    }
+
     /// Bans the node with this SPIFFE ID or EK hash: its attestations and
     /// renewals are refused from now on, and every unexpired credential
     /// issued to its SPIFFE ID or descending from one (its workloads') is

@@ -60,6 +60,12 @@ pub struct NodeRecord {
     pub banned_by: Option<String>,
     /// Why.
     pub ban_reason: Option<String>,
+    /// TPM clock (ms) of the last accepted quote.
+    pub quote_clock: u64,
+    /// When its last quote was checked, Unix seconds (accepted or not).
+    pub last_quote_at: Option<i64>,
+    /// How that ended: `ok` or the refusal's stable code.
+    pub last_quote_result: Option<String>,
 }
 
 /// A verified attestation to record.
@@ -77,6 +83,8 @@ pub struct NodeAttestation {
     pub reset_count: u32,
     /// From the quote.
     pub restart_count: u32,
+    /// From the quote: the TPM clock, milliseconds.
+    pub clock: u64,
     /// From the quote.
     pub firmware_version: u64,
     /// The golden set matched.
@@ -124,6 +132,11 @@ pub(crate) fn check_existing(old: &NodeRecord, att: &NodeAttestation) -> Option<
     // resetCount grows with every TPM Reset (reboot) and restartCount with
     // every Restart/Resume in between, so the pair only moves forward.
     if (att.reset_count, att.restart_count) < (old.reset_count, old.restart_count) {
+        return Some(ErrorCode::TpmCounterRollback);
+    }
+    // Clock only goes back across a TPM Reset (a power loss restores it
+    // from NV, and resetCount moves then): within one reset it is monotonic.
+    if att.reset_count == old.reset_count && att.clock < old.quote_clock {
         return Some(ErrorCode::TpmCounterRollback);
     }
     None

@@ -105,6 +105,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "federation",
         include_str!("../migrations/postgres/0011_federation.sql"),
     ),
+    (
+        12,
+        "node_quotes",
+        include_str!("../migrations/postgres/0012_node_quotes.sql"),
+    ),
 ];
 
 /// Whether `url` names a PostgreSQL database.

@@ -99,6 +99,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "federation",
         include_str!("../migrations/sqlite/0011_federation.sql"),
     ),
+    (
+        12,
+        "node_quotes",
+        include_str!("../migrations/sqlite/0012_node_quotes.sql"),
+    ),
 ];
 
 /// Opens (creating if missing) the database file and migrates it.

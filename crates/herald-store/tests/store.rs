@@ -671,6 +671,7 @@ fn attestation(ek: &str, id: &str, reset: u32, restart: u32) -> herald_store::No
         policy: "nodes".into(),
         reset_count: reset,
         restart_count: restart,
+        clock: 1000,
         firmware_version: 7,
         golden_set: Some("g".into()),
         now_s: NOW,
@@ -745,6 +746,40 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
             );
         }
     }
+    // The last quote's outcome is on the row: the refused (2, 0) above, the
+    // clock that of the last accepted one.
+    let node = s.node_by_ek("ek-a").await.unwrap().unwrap();
+    assert_eq!(
+        (node.quote_clock, node.last_quote_result.as_deref()),
+        (1000, Some("tpm_counter_rollback"))
+    );
+    // Within one reset the TPM clock only moves forward: an earlier clock
+    // is a replayed state.
+    let mut back = attestation("ek-a", id, 4, 0);
+    back.clock = 999;
+    let r = s
+        .commit_node_attestation(back, node_svid("c1", id), None, attest("c1"))
+        .await
+        .unwrap();
+    assert_eq!(r, NodeCommitted::Refused(ErrorCode::TpmCounterRollback));
+    assert!(s.issued("c1").await.unwrap().is_none());
+    let mut later = attestation("ek-a", id, 4, 0);
+    later.clock = 1001;
+    assert!(matches!(
+        s.commit_node_attestation(later, node_svid("c2", id), None, attest("c2"))
+            .await
+            .unwrap(),
+        NodeCommitted::Done(ref n) if n.quote_clock == 1001 && n.last_quote_result.as_deref() == Some("ok")
+    ));
+    s.record_quote_refusal("ek-a", NOW + 5, ErrorCode::TpmPcrOffPolicy)
+        .await
+        .unwrap();
+    let node = s.node_by_ek("ek-a").await.unwrap().unwrap();
+    assert_eq!(
+        (node.last_quote_at, node.last_quote_result.as_deref()),
+        (Some(NOW + 5), Some("tpm_pcr_off_policy"))
+    );
+
     // Another EK for the same identity.
     let r = s
         .commit_node_attestation(
@@ -781,7 +816,7 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
         .unwrap();
     assert_eq!(banned.status, NodeStatus::Banned);
     assert_eq!(banned.ban_reason.as_deref(), Some("stolen"));
-    assert_eq!(revoked, 4);
+    assert_eq!(revoked, 5);
     assert!(
         s.is_revoked("0c").await.unwrap(),
         "the workload's SVID went with its node"

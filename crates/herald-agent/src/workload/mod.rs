@@ -136,6 +136,9 @@ pub struct State {
     pub synced: bool,
     /// The server's revision of the set.
     pub revision: u64,
+    /// The node's identity was refused (a renewal's fresh quote failed):
+    /// no workload is served anything until the node attests again.
+    pub suspended: bool,
 }
 
 /// A foreign trust domain's bundle (SPIFFE federation).
@@ -384,11 +387,44 @@ impl WorkloadCache {
         });
     }
 
-    /// The entries a caller with `facts` is entitled to. A template
+    /// Stops serving workloads: the node's fresh quote was refused, so
+    /// nothing it holds for its workloads may be handed out — every SVID,
+    /// JWT-SVID and session credential is dropped, callers match nothing
+    /// (the Workload API answers `PermissionDenied`) and nothing is
+    /// renewed, until [`WorkloadCache::resume`] after a successful
+    /// attestation. Registrations stay, so serving resumes at once.
+    pub fn suspend(&self) {
+        if let Ok(mut m) = self.jwts.lock() {
+            m.clear();
+        }
+        if let Ok(mut m) = self.clouds.lock() {
+            m.clear();
+        }
+        self.write(|s| {
+            s.suspended = true;
+            for e in s.entries.iter_mut().chain(s.instances.iter_mut()) {
+                e.svid = None;
+            }
+        });
+    }
+
+    /// Serves workloads again (the node attested successfully); their
+    /// SVIDs are issued anew under the new node SVID.
+    pub fn resume(&self) {
+        if self.read(|s| s.suspended) {
+            self.write(|s| s.suspended = false);
+        }
+    }
+
+    /// The entries a caller with `facts` is entitled to (none while
+    /// suspended). A template
     /// registration the caller matches gives it its own instance, built
     /// (without an SVID yet: the rotation issues it and every stream is
     /// woken) the first time that identity is asked for.
     pub fn matching(&self, facts: &[Selector]) -> Vec<Entry> {
+        if self.read(|s| s.suspended) {
+            return Vec::new();
+        }
         let now = now_s();
         if !self.read(|s| s.missing_instances(facts)).is_empty() {
             self.write(|s| {
@@ -407,7 +443,13 @@ impl WorkloadCache {
                 }
             });
         }
-        self.read(|s| s.entitled(facts, now))
+        self.read(|s| {
+            if s.suspended {
+                Vec::new()
+            } else {
+                s.entitled(facts, now)
+            }
+        })
     }
 
     /// Registrations whose SVID is missing or due, oldest first, and not
@@ -419,6 +461,9 @@ impl WorkloadCache {
         }
         let refused = self.refused.lock().map(|m| m.clone()).unwrap_or_default();
         self.read(|s| {
+            if s.suspended {
+                return Vec::new();
+            }
             let mut v: Vec<(i64, String)> = s
                 .issued()
                 .filter(|e| !e.selectors.is_empty())
@@ -461,6 +506,10 @@ impl WorkloadCache {
     fn store_svid(&self, spiffe_id: &str, svid: CachedSvid) {
         let svid = Arc::new(svid);
         self.write(|s| {
+            // A rotation in flight when the node was refused.
+            if s.suspended {
+                return;
+            }
             for e in s
                 .entries
                 .iter_mut()
@@ -924,5 +973,50 @@ mod tests {
         cache.apply(set(vec![reg("spiffe://td/{k8s:nope}", &["k8s:ns:apps"])]));
         assert!(cache.matching(&pod("apps", "a")).is_empty());
         assert!(cache.due(now_s()).is_empty());
+    }
+
+    #[test]
+    fn a_suspended_cache_serves_and_renews_nothing_until_resumed() {
+        let cache = WorkloadCache::new(0.5, 0.0);
+        cache.apply(set(vec![
+            reg("spiffe://td/app", &["unix:uid:7"]),
+            reg(TEMPLATE, &["k8s:ns:apps"]),
+        ]));
+        let app = [Selector::Uid(7)];
+        let pod = pod("apps", "web");
+        assert_eq!(cache.matching(&pod).len(), 1, "an instance is built");
+        cache.store_svid("spiffe://td/app", svid(now_s(), i64::MAX / 4));
+        cache.store_svid("spiffe://td/ns/apps/sa/web", svid(now_s(), i64::MAX / 4));
+        cache.put_jwt(
+            "spiffe://td/app",
+            &["aud".to_owned()],
+            "jwt".into(),
+            i64::MAX,
+        );
+        assert!(cache.matching(&app)[0].svid.is_some());
+        assert!(cache.due(now_s()).is_empty());
+
+        cache.suspend();
+        assert!(cache.matching(&app).is_empty(), "callers get nothing");
+        assert!(cache.matching(&pod).is_empty());
+        assert!(cache.due(now_s()).is_empty(), "nothing is renewed");
+        assert!(
+            cache
+                .cached_jwt("spiffe://td/app", &["aud".to_owned()])
+                .is_none()
+        );
+        // A rotation finishing after the suspension is dropped.
+        cache.store_svid("spiffe://td/app", svid(now_s(), i64::MAX / 4));
+        assert!(cache.read(|s| {
+            s.entries
+                .iter()
+                .chain(&s.instances)
+                .all(|e| e.svid.is_none())
+        }));
+
+        // Resumed: served again once the SVIDs are re-issued, due at once.
+        cache.resume();
+        assert_eq!(cache.due(now_s()).len(), 2);
+        assert!(cache.matching(&app)[0].svid.is_none());
     }
 }

@@ -35,23 +35,33 @@ pub use quote::{
 use herald_core::ErrorCode;
 
 /// A node's TPM evidence after every check of this module passed: the EK
-/// certificate chains to the roots of the policies in `trusted_by`, the AK
-/// was activated under that EK, and the quote is over this attestation's
-/// nonce and the requested PCRs. Policy decides on it (golden values,
-/// firmware, pins); the registry on the counters.
+/// certificate chains to the roots of the policies in `trusted_by` (or,
+/// for a vTPM without an EK certificate, those policies list the EK's hash
+/// — [`ek_hash`]), the AK was activated under that EK, and the quote is
+/// over this attestation's nonce and the requested PCRs. Policy decides on
+/// it (golden values, firmware, pins); the registry on the counters.
 #[derive(Debug, Clone)]
 pub struct VerifiedTpm {
     /// Hex SHA-256 of the EK public area: the node's hardware identity.
     pub ek_hash: String,
     /// The AK's TPM name.
     pub ak_name: Vec<u8>,
-    /// The EK certificate.
-    pub ek: VerifiedEk,
+    /// The EK certificate; `None` when the EK was accepted by its hash
+    /// (a vTPM without an EK certificate).
+    pub ek: Option<VerifiedEk>,
     /// The verified quote: PCR values, counters, firmware version.
     pub quote: VerifiedQuote,
     /// The TPM policies whose EK roots vouch for this EK: the only
     /// candidates for the decision.
     pub trusted_by: Vec<String>,
+}
+
+/// The node's hardware identity: hex SHA-256 of the EK public area as the
+/// TPM marshals it (TPMT_PUBLIC). The registry's key, the `ek_hash` claim,
+/// and what a policy's `evidence.tpm.ek_hashes` lists for vTPMs without an
+/// EK certificate.
+pub fn ek_hash(ek_public: &TpmPublic) -> String {
+    crate::sha256_hex(ek_public.as_bytes())
 }
 
 /// Why TPM evidence was refused.

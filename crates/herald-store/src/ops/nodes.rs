@@ -13,7 +13,11 @@ use crate::{
 };
 
 const COLUMNS: &str = "ek_hash, spiffe_id, ak_name, policy, status, reset_count, restart_count, \
-     firmware_version, golden_set, enrolled_at, last_attested_at, attestations, banned_at, banned_by, ban_reason";
+     firmware_version, golden_set, enrolled_at, last_attested_at, attestations, banned_at, banned_by, ban_reason, \
+     quote_clock, last_quote_at, last_quote_result";
+
+/// `last_quote_result` of an accepted quote.
+const QUOTE_OK: &str = "ok";
 
 fn node_from_row(r: &DbRow) -> Result<NodeRecord, StoreError> {
     let status: String = r.try_get(4)?;
@@ -41,6 +45,9 @@ fn node_from_row(r: &DbRow) -> Result<NodeRecord, StoreError> {
         banned_at: r.try_get(12)?,
         banned_by: r.try_get(13)?,
         ban_reason: r.try_get(14)?,
+        quote_clock: r.try_get::<i64, _>(15)? as u64,
+        last_quote_at: r.try_get(16)?,
+        last_quote_result: r.try_get(17)?,
     })
 }
 
@@ -164,6 +171,9 @@ impl Backend {
             let mut denied = audit.deny(code);
             denied.serial = None;
             append_audit(&mut tx, std::slice::from_ref(&denied)).await?;
+            if by_ek.is_some() {
+                set_quote_result(&mut tx, &att.ek_hash, att.now_s, code.as_str()).await?;
+            }
             tx.commit().await?;
             return Ok(NodeCommitted::Refused(code));
         }
@@ -171,7 +181,8 @@ impl Backend {
             sqlx::query(
                 "UPDATE nodes SET spiffe_id = $2, ak_name = $3, policy = $4, reset_count = $5, \
                  restart_count = $6, firmware_version = $7, golden_set = $8, last_attested_at = $9, \
-                 attestations = attestations + 1 WHERE ek_hash = $1",
+                 attestations = attestations + 1, quote_clock = $10, last_quote_at = $9, \
+                 last_quote_result = $11 WHERE ek_hash = $1",
             )
             .bind(&att.ek_hash)
             .bind(&att.spiffe_id)
@@ -182,13 +193,16 @@ impl Backend {
             .bind(att.firmware_version as i64)
             .bind(&att.golden_set)
             .bind(att.now_s)
+            .bind(att.clock as i64)
+            .bind(QUOTE_OK)
             .execute(&mut *tx)
             .await?;
         } else {
             sqlx::query(
                 "INSERT INTO nodes (ek_hash, spiffe_id, ak_name, policy, status, reset_count, restart_count, \
-                 firmware_version, golden_set, enrolled_at, last_attested_at, attestations) \
-                 VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $9, 1)",
+                 firmware_version, golden_set, enrolled_at, last_attested_at, attestations, quote_clock, \
+                 last_quote_at, last_quote_result) \
+                 VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $9, 1, $10, $9, $11)",
             )
             .bind(&att.ek_hash)
             .bind(&att.spiffe_id)
@@ -199,6 +213,8 @@ impl Backend {
             .bind(att.firmware_version as i64)
             .bind(&att.golden_set)
             .bind(att.now_s)
+            .bind(att.clock as i64)
+            .bind(QUOTE_OK)
             .execute(&mut *tx)
             .await?;
         }
@@ -238,6 +254,20 @@ impl Backend {
         append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
         tx.commit().await?;
         Ok(Some(node))
+    }
+
+    /// Records on an enrolled node's row that its latest quote was refused
+    /// with `code` at `now_s` (no row: nothing to record).
+    pub async fn record_quote_refusal(
+        &self,
+        ek_hash: &str,
+        now_s: i64,
+        code: ErrorCode,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        set_quote_result(&mut tx, ek_hash, now_s, code.as_str()).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Bans the node with this SPIFFE ID or EK hash: its attestations and
@@ -287,6 +317,21 @@ impl Backend {
         tx.commit().await?;
         Ok(Some((node, revoked)))
     }
+}
+
+async fn set_quote_result(
+    tx: &mut Tx,
+    ek_hash: &str,
+    now_s: i64,
+    result: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE nodes SET last_quote_at = $2, last_quote_result = $3 WHERE ek_hash = $1")
+        .bind(ek_hash)
+        .bind(now_s)
+        .bind(result)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 async fn insert_issued(tx: &mut Tx, i: &IssuedCredential) -> Result<(), StoreError> {
