@@ -39,7 +39,8 @@ POLICIES="$DEV/policies"
 rm -rf "$POLICIES"
 mkdir -p "$POLICIES"
 for f in "$ROOT"/attestation-policies/*.yaml; do ln -s "$f" "$POLICIES/"; done
-ln -s "$ROOT/attestation-policies/tpm-roots" "$POLICIES/tpm-roots"
+# And every directory of files they name (EK roots, AWS certificates, ...).
+for d in "$ROOT"/attestation-policies/*/; do ln -s "${d%/}" "$POLICIES/"; done
 
 TPM=""
 if command -v swtpm >/dev/null && command -v swtpm_setup >/dev/null && command -v swtpm_localca >/dev/null; then
