@@ -116,21 +116,13 @@ fn main() {
         let policies = dir.path().join("policies");
         std::fs::create_dir_all(&policies).unwrap();
         std::fs::write(policies.join("deploy.yaml"), policy(issuer.issuer())).unwrap();
-        let kek = dir.path().join("kek");
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::write(&kek, "5a".repeat(32)).unwrap();
-            std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
-        }
-        let toml = format!(
-            "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[rate_limit]\nper_caller_rate = 0.0\n[policy]\ndir = \"{}\"\n[[oidc.issuers]]\nissuer = \"{}\"\naudiences = [\"herald\"]\nextra_roots = \"{}\"\n",
-            dir.path().join("data").display(),
-            kek.display(),
-            policies.display(),
+        let cfg = oidc_server_config(
+            dir.path(),
+            TD,
+            &policies,
             issuer.issuer(),
-            issuer.ca_pem_path().display(),
+            issuer.ca_pem_path(),
         );
-        let cfg = herald_server::ServerConfig::from_toml(&toml).unwrap();
         let server = sh.spawn(herald_server::start(cfg)).await.unwrap().unwrap();
 
         // Single-use tokens, minted ahead (RS256, GitHub-shaped; not timed).

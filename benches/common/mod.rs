@@ -268,3 +268,28 @@ pub fn bootstrap_token(spiffe_id: String) -> (String, herald_store::NewJoinToken
     };
     (t.token, rec)
 }
+
+/// A bench server's configuration: a KEK in `dir`, loopback listeners on
+/// free ports, no per-address rate limit (one generator is one address),
+/// the policies in `policies`, and one OIDC issuer trusted through its CA
+/// with keys refreshed without delay.
+pub fn oidc_server_config(
+    dir: &std::path::Path,
+    td: &str,
+    policies: &std::path::Path,
+    issuer: &str,
+    issuer_ca: &std::path::Path,
+) -> herald_server::ServerConfig {
+    use std::os::unix::fs::PermissionsExt;
+    let kek = dir.join("kek");
+    std::fs::write(&kek, "5a".repeat(32)).unwrap();
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let toml = format!(
+        "trust_domain = \"{td}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[rate_limit]\nper_caller_rate = 0.0\n[policy]\ndir = \"{}\"\n[[oidc.issuers]]\nissuer = \"{issuer}\"\naudiences = [\"herald\"]\nextra_roots = \"{}\"\nmin_refresh_interval = \"0s\"\n",
+        dir.join("data").display(),
+        kek.display(),
+        policies.display(),
+        issuer_ca.display(),
+    );
+    herald_server::ServerConfig::from_toml(&toml).unwrap()
+}
