@@ -35,6 +35,20 @@ async fn open(tpm: &SoftTpm, state: &Path) -> TpmHandle {
     TpmHandle::open(&tpm.tcti(), state).await.unwrap()
 }
 
+/// What the workload service answers `client` (a node agent's connection):
+/// the stable code of its refusal, if it refused.
+async fn workload_refusal(client: &HeraldClient) -> Option<ErrorCode> {
+    use herald_proto::v1::BatchNewX509SvidsRequest;
+    use herald_proto::v1::workload_service_client::WorkloadServiceClient;
+    WorkloadServiceClient::new(client.channel())
+        .batch_new_x509_svids(BatchNewX509SvidsRequest {
+            requests: Vec::new(),
+        })
+        .await
+        .err()
+        .and_then(|s| ClientError::from(s).code())
+}
+
 fn code<T: std::fmt::Debug>(r: &Result<T, herald_agent::attest::AttestError>) -> Option<ErrorCode> {
     match r {
         Err(herald_agent::attest::AttestError::Client(e)) => e.code(),
@@ -121,6 +135,9 @@ async fn a_vtpm_is_trusted_by_its_ek_hash_and_renews_only_with_a_fresh_matching_
         "{plain:?}"
     );
 
+    // A node in good standing is served.
+    assert_eq!(workload_refusal(&node).await, None);
+
     // A renewal with a fresh quote: same identity, a new SVID.
     let renewed = reattest(&node, &tv).await.unwrap();
     assert_eq!(renewed.response.spiffe_id, id);
@@ -156,6 +173,12 @@ async fn a_vtpm_is_trusted_by_its_ek_hash_and_renews_only_with_a_fresh_matching_
     let row = node_row(&site);
     assert_eq!(row["last_quote_result"], "tpm_pcr_off_policy", "{row}");
     assert_ne!(row["last_quote_at"], "-", "{row}");
+    // Its node SVID is unexpired, yet the server gives a drifted node's
+    // agent nothing for its workloads until it re-attests.
+    assert_eq!(
+        workload_refusal(&node).await,
+        Some(ErrorCode::ReattestationRequired)
+    );
 
     // Restored: a power cycle resets the PCRs (and moves resetCount on,
     // which is no rollback); the next renewal's quote is accepted.
@@ -165,6 +188,7 @@ async fn a_vtpm_is_trusted_by_its_ek_hash_and_renews_only_with_a_fresh_matching_
     let again = reattest(&node, &tv).await.unwrap();
     assert_eq!(again.response.spiffe_id, id);
     assert_eq!(node_row(&site)["last_quote_result"], "ok");
+    assert_eq!(workload_refusal(&node).await, None, "served again");
 
     // Counters behind the registry's (a replayed TPM state) refuse it.
     common::node::advance_registry_reset_counts(&site.dir.path().join("data/herald.db")).await;

@@ -128,6 +128,40 @@ pub async fn node(
     Ok(node)
 }
 
+/// A node agent asking for its workloads' credentials: a node (as
+/// [`node`] checks it) whose last fresh quote, when its policy requires
+/// fresh quotes (`evidence.tpm.reattest`), was not refused. A drifted node's
+/// SVID may still be unexpired; it serves nothing until the node re-attests.
+pub async fn serving_node(
+    shared: &Shared,
+    run: &mut Run<'_>,
+    chain: Option<&[Vec<u8>]>,
+) -> Result<VerifiedSvid, Refusal> {
+    let node = node(shared, run, chain).await?;
+    let continuous = shared
+        .policies()?
+        .node_policy(&node)
+        .ok()
+        .and_then(|p| p.tpm_rules())
+        .is_some_and(|r| r.reattest.is_some());
+    if continuous
+        && let Some(record) = shared
+            .store
+            .node_by_spiffe_id(node.spiffe_id.as_str())
+            .await?
+        && let Some(result) = record.last_quote_result.as_deref()
+        && result != herald_store::QUOTE_OK
+    {
+        return Err(Refusal::new(
+            ErrorCode::ReattestationRequired,
+            format!(
+                "the node's last fresh quote was refused ({result}): it serves no workload until it re-attests"
+            ),
+        ));
+    }
+    Ok(node)
+}
+
 /// One identity for a node's workload: the node's policy must register it.
 pub fn workload(
     shared: &Shared,

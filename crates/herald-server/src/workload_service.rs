@@ -137,7 +137,7 @@ impl WorkloadApi {
             EvidenceType::X509Svid,
         );
         let chain = peer_certs(request);
-        match crate::flows::node(shared, &mut run, chain.as_deref()).await {
+        match crate::flows::serving_node(shared, &mut run, chain.as_deref()).await {
             // Each credential the node then asks for is a decision of its
             // own, audited on its own.
             Ok(node) => Ok(node),

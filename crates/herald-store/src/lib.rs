@@ -35,7 +35,8 @@ use tokio::sync::oneshot;
 
 pub use audit_chain::{GENESIS, audit_hash};
 pub use nodes::{
-    AGENT_KEY_PREFIX, NodeAttestation, NodeCommitted, NodeRecord, NodeStatus, RevocationFilter,
+    AGENT_KEY_PREFIX, NodeAttestation, NodeCommitted, NodeRecord, NodeStatus, QUOTE_OK,
+    RevocationFilter,
 };
 
 /// Errors from the datastore.

@@ -7,6 +7,10 @@
 //! records the issued node SVID and the audit record, so an attestation
 //! either lands whole or leaves only its refusal in the audit log.
 
+/// `NodeRecord::last_quote_result` of an accepted quote (anything else is
+/// the refusal's code).
+pub const QUOTE_OK: &str = "ok";
+
 use herald_core::ErrorCode;
 
 /// A node's standing.

@@ -16,8 +16,7 @@ const COLUMNS: &str = "ek_hash, spiffe_id, ak_name, policy, status, reset_count,
      firmware_version, golden_set, enrolled_at, last_attested_at, attestations, banned_at, banned_by, ban_reason, \
      quote_clock, last_quote_at, last_quote_result";
 
-/// `last_quote_result` of an accepted quote.
-const QUOTE_OK: &str = "ok";
+use crate::nodes::QUOTE_OK;
 
 fn node_from_row(r: &DbRow) -> Result<NodeRecord, StoreError> {
     let status: String = r.try_get(4)?;
