@@ -40,10 +40,7 @@ fn rss_kib(pid: u32, key: &str) -> Option<u64> {
 }
 
 fn main() {
-    let n: usize = std::env::var("HERALD_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+    let n = bench_n(20_000);
     let tpm = SoftTpm::start().unwrap();
     let state = tempfile::tempdir().unwrap();
 

@@ -50,10 +50,7 @@ async fn as_node(url: &str, anchors: &[Vec<u8>], svid: &NodeSvid) -> HeraldClien
 }
 
 fn main() {
-    let n: usize = std::env::var("HERALD_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
+    let n = bench_n(40);
     let tpm = SoftTpm::start().unwrap();
     let state = tempfile::tempdir().unwrap();
     let rt = runtime(SERVER_THREADS);

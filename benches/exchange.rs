@@ -102,10 +102,7 @@ fn ceiling(tokens: &Arc<Vec<String>>, jwks: &serde_json::Value, threads: usize, 
 }
 
 fn main() {
-    let n: usize = std::env::var("HERALD_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3000);
+    let n = bench_n(3000);
     let server_rt = runtime(SERVER_THREADS);
     let sh = server_rt.handle().clone();
     let rt = runtime(CLIENT_THREADS);

@@ -120,10 +120,7 @@ fn conc_store() -> usize {
 }
 
 fn main() {
-    let n: usize = std::env::var("HERALD_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6000);
+    let n = bench_n(6000);
     // HERALD_BENCH_ONLY=mint runs just the end-to-end mint phase (for profiling).
     let only_mint = std::env::var("HERALD_BENCH_ONLY").is_ok_and(|v| v == "mint");
     if !only_mint {

@@ -45,10 +45,7 @@ fn report(name: &str, lat: &mut [Duration]) {
 }
 
 fn main() {
-    let n: usize = std::env::var("HERALD_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(400);
+    let n = bench_n(400);
     let server_rt = runtime(SERVER_THREADS);
     let sh = server_rt.handle().clone();
     let rt = runtime(CLIENT_THREADS);

@@ -331,10 +331,7 @@ fn wanted(setup: &str) -> bool {
 }
 
 fn main() {
-    let n: usize = std::env::var("HERALD_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3000);
+    let n = bench_n(3000);
     let csrs: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..n * 2)
             .map(|_| generate_key_and_csr().unwrap().csr_der)

@@ -166,10 +166,7 @@ async fn wait_socket(path: &Path) -> WorkloadApiClient {
 }
 
 fn main() {
-    let n: usize = std::env::var("HERALD_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+    let n = bench_n(20_000);
     let rt = runtime(CLIENT_THREADS);
     println!("# Workload API benchmark");
     rt.block_on(async {

@@ -1494,6 +1494,7 @@ grants:
                 root_at: now(),
             },
             None,
+            None,
             herald_core::AuditEvent::new("node.attest", "test"),
         )
         .await

@@ -13,6 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+/// The run's request count: `HERALD_BENCH_N`, or `default`.
+pub fn bench_n(default: usize) -> usize {
+    std::env::var("HERALD_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn per_sec(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }

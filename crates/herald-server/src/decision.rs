@@ -299,7 +299,7 @@ impl<'s> Run<'s> {
         let refused = match node {
             Some(attestation) => match shared
                 .store
-                .commit_node_attestation_once(
+                .commit_node_attestation(
                     attestation,
                     record,
                     join_token,

@@ -729,25 +729,12 @@ impl Store {
     }
 
     /// Records a verified attestation, its node SVID, the consumed join
-    /// token (enrolment factor) and its audit record in one transaction —
-    /// or, when the registry refuses it (banned node, counters going
-    /// backwards, another EK claiming the identity), only the refusal's
-    /// audit record.
+    /// token (enrolment factor), a platform token's single-use key (one
+    /// already recorded and unexpired refuses it: `token_replayed`) and its
+    /// audit record in one transaction — or, when the registry refuses it
+    /// (banned node, counters going backwards, another EK claiming the
+    /// identity), only the refusal's audit record.
     pub async fn commit_node_attestation(
-        &self,
-        att: NodeAttestation,
-        issued: IssuedCredential,
-        consume_join_token: Option<[u8; 32]>,
-        audit: AuditEvent,
-    ) -> Result<NodeCommitted, StoreError> {
-        self.commit_node_attestation_once(att, issued, consume_join_token, None, audit)
-            .await
-    }
-
-    /// [`Store::commit_node_attestation`], also recording a platform
-    /// token's single-use key: a key already recorded and unexpired refuses
-    /// the attestation (`token_replayed`) in the same transaction.
-    pub async fn commit_node_attestation_once(
         &self,
         att: NodeAttestation,
         issued: IssuedCredential,

@@ -701,6 +701,7 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
             attestation("ek-a", id, 3, 1),
             node_svid("01", id),
             None,
+            None,
             attest("01"),
         )
         .await
@@ -717,6 +718,7 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
             attestation("ek-a", id, 4, 0),
             node_svid("02", id),
             None,
+            None,
             attest("02"),
         )
         .await
@@ -729,6 +731,7 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
             .commit_node_attestation(
                 attestation("ek-a", id, reset, restart),
                 node_svid(&format!("b{reset}{restart}"), id),
+                None,
                 None,
                 attest("x"),
             )
@@ -758,7 +761,7 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
     let mut back = attestation("ek-a", id, 4, 0);
     back.clock = 999;
     let r = s
-        .commit_node_attestation(back, node_svid("c1", id), None, attest("c1"))
+        .commit_node_attestation(back, node_svid("c1", id), None, None, attest("c1"))
         .await
         .unwrap();
     assert_eq!(r, NodeCommitted::Refused(ErrorCode::TpmCounterRollback));
@@ -766,7 +769,7 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
     let mut later = attestation("ek-a", id, 4, 0);
     later.clock = 1001;
     assert!(matches!(
-        s.commit_node_attestation(later, node_svid("c2", id), None, attest("c2"))
+        s.commit_node_attestation(later, node_svid("c2", id), None, None, attest("c2"))
             .await
             .unwrap(),
         NodeCommitted::Done(ref n) if n.quote_clock == 1001 && n.last_quote_result.as_deref() == Some("ok")
@@ -785,6 +788,7 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
         .commit_node_attestation(
             attestation("ek-b", id, 0, 0),
             node_svid("03", id),
+            None,
             None,
             attest("03"),
         )
@@ -844,6 +848,7 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
             attestation("ek-a", id, 5, 0),
             node_svid("04", id),
             None,
+            None,
             attest("04"),
         )
         .await
@@ -878,6 +883,7 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
             attestation("ek-c", id2, 0, 0),
             node_svid("05", id2),
             Some([9; 32]),
+            None,
             attest("05"),
         )
         .await
@@ -888,6 +894,7 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
             attestation("ek-d", "spiffe://td/node/c", 0, 0),
             node_svid("06", id2),
             Some([9; 32]),
+            None,
             attest("06"),
         )
         .await
@@ -1144,7 +1151,7 @@ async fn nodes_without_a_tpm_use_tokens_once_keep_their_agent_key_and_reset(db: 
         expires_at: NOW + 600,
     };
     let r = s
-        .commit_node_attestation_once(
+        .commit_node_attestation(
             attestation("k8s-node", k8s, 0, 0),
             node_svid("p1", k8s),
             None,
@@ -1155,7 +1162,7 @@ async fn nodes_without_a_tpm_use_tokens_once_keep_their_agent_key_and_reset(db: 
         .unwrap();
     assert!(matches!(r, NodeCommitted::Done(_)), "{r:?}");
     let r = s
-        .commit_node_attestation_once(
+        .commit_node_attestation(
             attestation("k8s-node", k8s, 0, 0),
             node_svid("p2", k8s),
             None,
@@ -1181,7 +1188,7 @@ async fn nodes_without_a_tpm_use_tokens_once_keep_their_agent_key_and_reset(db: 
     ] {
         let (att, svid) = keyed(key, serial);
         let r = s
-            .commit_node_attestation_once(att, svid, None, None, event(serial))
+            .commit_node_attestation(att, svid, None, None, event(serial))
             .await
             .unwrap();
         match want {
@@ -1199,7 +1206,7 @@ async fn nodes_without_a_tpm_use_tokens_once_keep_their_agent_key_and_reset(db: 
     assert!(s.node_by_spiffe_id(aws).await.unwrap().is_none());
     let (att, svid) = keyed("k2", "a4");
     let r = s
-        .commit_node_attestation_once(att, svid, None, None, event("a4"))
+        .commit_node_attestation(att, svid, None, None, event("a4"))
         .await
         .unwrap();
     assert!(matches!(r, NodeCommitted::Done(_)), "{r:?}");
