@@ -79,6 +79,13 @@ pub struct BreakGlass {
     pub spiffe_id: Option<String>,
     /// The credential.
     pub serial: Option<String>,
+    /// The reason recorded when the token was created.
+    pub reason: Option<String>,
+    /// Who created the token.
+    pub token_created_by: Option<String>,
+    /// The token's hash (hex), to find its record.
+    #[serde(skip)]
+    token_hash: Option<String>,
 }
 
 /// The report.
@@ -211,6 +218,9 @@ pub fn compute(
                     caller: e.caller.clone(),
                     spiffe_id: e.spiffe_id.clone(),
                     serial: e.serial.clone(),
+                    reason: None,
+                    token_created_by: None,
+                    token_hash: e.evidence_digest.clone(),
                 });
             }
         }
@@ -269,7 +279,22 @@ pub async fn build(
     let (since_s, until_s) = (since_ms.div_euclid(1000), until_ms.div_euclid(1000));
     let lifetimes = store.issued_lifetimes(since_s, until_s).await?;
     let rotations = store.rotation_outcomes(since_s, until_s).await?;
-    Ok(compute(since_ms, until_ms, &events, &lifetimes, &rotations))
+    let mut report = compute(since_ms, until_ms, &events, &lifetimes, &rotations);
+    // Who opened the glass, and why: the token's record, not the request.
+    for use_ in &mut report.break_glass {
+        let Some(hash) = use_
+            .token_hash
+            .as_deref()
+            .and_then(|h| <[u8; 32]>::try_from(hex::decode(h).ok()?).ok())
+        else {
+            continue;
+        };
+        if let Some(token) = store.join_token(&hash).await? {
+            use_.reason = token.reason;
+            use_.token_created_by = Some(token.created_by);
+        }
+    }
+    Ok(report)
 }
 
 fn pct(x: f64) -> String {
@@ -342,11 +367,13 @@ pub fn to_text(r: &Report) -> String {
         s.push_str("\nbreak-glass uses\n");
         for b in &r.break_glass {
             s.push_str(&format!(
-                "  {}  {}  {}  serial {}\n",
+                "  {}  {}  {}  serial {}  token by {}: {}\n",
                 b.time,
                 b.caller,
                 b.spiffe_id.as_deref().unwrap_or("-"),
-                b.serial.as_deref().unwrap_or("-")
+                b.serial.as_deref().unwrap_or("-"),
+                b.token_created_by.as_deref().unwrap_or("-"),
+                b.reason.as_deref().unwrap_or("-")
             ));
         }
     }
@@ -461,14 +488,16 @@ pub fn to_html(r: &Report) -> String {
     }
     s.push_str("</table>\n");
     if !r.break_glass.is_empty() {
-        s.push_str("<h2>Break-glass uses</h2>\n<table><tr><th>time</th><th>caller</th><th>SPIFFE ID</th><th>serial</th></tr>\n");
+        s.push_str("<h2>Break-glass uses</h2>\n<table><tr><th>time</th><th>caller</th><th>SPIFFE ID</th><th>serial</th><th>token created by</th><th>reason</th></tr>\n");
         for b in &r.break_glass {
             s.push_str(&format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
                 escape(&b.time),
                 escape(&b.caller),
                 escape(b.spiffe_id.as_deref().unwrap_or("-")),
-                escape(b.serial.as_deref().unwrap_or("-"))
+                escape(b.serial.as_deref().unwrap_or("-")),
+                escape(b.token_created_by.as_deref().unwrap_or("-")),
+                escape(b.reason.as_deref().unwrap_or("-"))
             ));
         }
         s.push_str("</table>\n");

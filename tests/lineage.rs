@@ -146,7 +146,7 @@ async fn a_join_token_serves_only_its_purpose() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_break_glass_token_is_refused_and_stands_out() {
+async fn break_glass_is_time_boxed_never_renews_and_stands_out_with_its_reason() {
     let site = Site::new();
     let server = site.start();
     let store = Store::open(&site.db_url()).await.unwrap();
@@ -196,7 +196,7 @@ async fn an_expired_break_glass_token_is_refused_and_stands_out() {
         &format!("spiffe://{TRUST_DOMAIN}/ops/db"),
         &["--break-glass", "--reason", "incident 43", "--ttl", "5m"],
     );
-    let (svid, _) = mint(&client, &glass).await;
+    let (svid, identity) = mint(&client, &glass).await;
     let report: serde_json::Value = serde_json::from_str(&stdout(&ok(
         site.herald(&["report", "--since", "1h", "--format", "json"])
     )))
@@ -204,6 +204,59 @@ async fn an_expired_break_glass_token_is_refused_and_stands_out() {
     let uses = report["break_glass"].as_array().unwrap();
     assert_eq!(uses.len(), 1, "{report}");
     assert_eq!(uses[0]["serial"], svid.serial);
+    assert_eq!(uses[0]["reason"], "incident 43", "{report}");
+    assert!(
+        uses[0]["token_created_by"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("operator:")),
+        "{report}"
+    );
+    // The emergency identity lasts one SVID lifetime: it does not renew.
+    let holder = HeraldClient::connect(
+        &server.url(),
+        &common::pem_file_certs(&site.bundle_pem()),
+        Some(identity),
+    )
+    .await
+    .unwrap();
+    assert_refused(
+        &store,
+        holder
+            .renew_x509_svid(generate_key_and_csr().unwrap().csr_der)
+            .await,
+        ErrorCode::CredentialNotRenewable,
+        "x509_svid.renew",
+    )
+    .await;
+    // A record that outlives the time box (written around the CLI) is
+    // refused once the box has passed, whatever its expiry says.
+    let long = herald_attest::join_token::generate().unwrap();
+    store
+        .create_join_token(
+            NewJoinToken {
+                token_hash: long.hash,
+                token_id: long.token_id.clone(),
+                spiffe_id: format!("spiffe://{TRUST_DOMAIN}/ops/db"),
+                created_at: now() - 7200,
+                expires_at: now() + 86_400,
+                created_by: "operator:mallory".into(),
+                purpose: JoinTokenPurpose::BreakGlass,
+                policies: Vec::new(),
+                reason: Some("standing access".into()),
+            },
+            herald_core::AuditEvent::new("join_token.create", "operator:mallory"),
+        )
+        .await
+        .unwrap();
+    assert_refused(
+        &store,
+        client
+            .mint_x509_svid(&long.token, generate_key_and_csr().unwrap().csr_der)
+            .await,
+        ErrorCode::JoinTokenExpired,
+        "x509_svid.mint",
+    )
+    .await;
     drop(server);
 }
 

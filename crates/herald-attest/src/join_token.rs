@@ -35,6 +35,15 @@ pub enum JoinTokenError {
     /// Past its expiry.
     #[error("the join token has expired")]
     Expired,
+    /// A break-glass token past its time box, whatever expiry its record
+    /// carries.
+    #[error(
+        "the break-glass token's time box (join_token.break_glass_max_ttl, {max_secs}s from its creation) has passed"
+    )]
+    TimeBoxPassed {
+        /// The time box, seconds.
+        max_secs: u64,
+    },
     /// Created for another purpose than the one it is presented for.
     #[error("the join token is a {purpose} token; it cannot be used {used_as}")]
     WrongPurpose {
@@ -56,7 +65,9 @@ impl JoinTokenError {
             JoinTokenError::TooLarge => ErrorCode::RequestTooLarge,
             JoinTokenError::Unknown => ErrorCode::JoinTokenUnknown,
             JoinTokenError::Used => ErrorCode::JoinTokenUsed,
-            JoinTokenError::Expired => ErrorCode::JoinTokenExpired,
+            JoinTokenError::Expired | JoinTokenError::TimeBoxPassed { .. } => {
+                ErrorCode::JoinTokenExpired
+            }
             JoinTokenError::WrongPurpose { .. } => ErrorCode::JoinTokenWrongPurpose,
             JoinTokenError::Corrupt(_) => ErrorCode::Internal,
         }
@@ -169,13 +180,16 @@ impl VerifiedJoinToken {
 }
 
 /// Decides whether the stored token (looked up by the hash [`parse`]
-/// returned) may be used at `now` as `used_as`. The store consumes it
-/// atomically with the issuance later; this check names the reason for the
-/// caller first.
+/// returned) may be used at `now` as `used_as`; a break-glass token only
+/// within `break_glass_max_ttl` of its creation, whatever its record's
+/// expiry (the CLI caps it too, but the record is only data). The store
+/// consumes it atomically with the issuance later; this check names the
+/// reason for the caller first.
 pub fn verify(
     hash: [u8; 32],
     record: Option<JoinTokenRecord>,
     used_as: TokenUse,
+    break_glass_max_ttl: std::time::Duration,
     now: i64,
 ) -> Result<VerifiedJoinToken, JoinTokenError> {
     let record = record.ok_or(JoinTokenError::Unknown)?;
@@ -184,6 +198,12 @@ pub fn verify(
     }
     if record.expires_at <= now {
         return Err(JoinTokenError::Expired);
+    }
+    let max_secs = break_glass_max_ttl.as_secs();
+    if record.purpose == JoinTokenPurpose::BreakGlass
+        && now.saturating_sub(record.created_at) >= i64::try_from(max_secs).unwrap_or(i64::MAX)
+    {
+        return Err(JoinTokenError::TimeBoxPassed { max_secs });
     }
     if !used_as.accepts(record.purpose) {
         return Err(JoinTokenError::WrongPurpose {
@@ -224,6 +244,8 @@ fn hash(token: &str) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
 
     fn record(purpose: JoinTokenPurpose) -> JoinTokenRecord {
         JoinTokenRecord {
@@ -283,7 +305,7 @@ mod tests {
             (P::BreakGlass, TokenUse::NodeEnrolment, false),
         ];
         for (purpose, used_as, ok) in cases {
-            let got = verify([0; 32], Some(record(purpose)), used_as, 150);
+            let got = verify([0; 32], Some(record(purpose)), used_as, HOUR, 150);
             assert_eq!(got.is_ok(), ok, "{purpose} as {used_as:?}: {got:?}");
             if !ok {
                 assert_eq!(got.unwrap_err().code(), ErrorCode::JoinTokenWrongPurpose);
@@ -296,7 +318,7 @@ mod tests {
         let mut used = record(JoinTokenPurpose::Bootstrap);
         used.used_at = Some(120);
         assert_eq!(
-            verify([0; 32], Some(used), TokenUse::Mint, 150),
+            verify([0; 32], Some(used), TokenUse::Mint, HOUR, 150),
             Err(JoinTokenError::Used)
         );
         assert_eq!(
@@ -304,12 +326,13 @@ mod tests {
                 [0; 32],
                 Some(record(JoinTokenPurpose::Bootstrap)),
                 TokenUse::Mint,
+                HOUR,
                 200
             ),
             Err(JoinTokenError::Expired)
         );
         assert_eq!(
-            verify([0; 32], None, TokenUse::Mint, 150),
+            verify([0; 32], None, TokenUse::Mint, HOUR, 150),
             Err(JoinTokenError::Unknown)
         );
     }
@@ -319,10 +342,24 @@ mod tests {
         let mut r = record(JoinTokenPurpose::BreakGlass);
         r.reason = None;
         assert_eq!(
-            verify([0; 32], Some(r), TokenUse::Mint, 150)
+            verify([0; 32], Some(r), TokenUse::Mint, HOUR, 150)
                 .unwrap_err()
                 .code(),
             ErrorCode::Internal
         );
+    }
+
+    #[test]
+    fn a_break_glass_token_lasts_its_time_box_whatever_its_record_says() {
+        let mut r = record(JoinTokenPurpose::BreakGlass);
+        r.expires_at = 100 + 7 * 24 * 3600;
+        let max = std::time::Duration::from_secs(60);
+        assert!(verify([0; 32], Some(r.clone()), TokenUse::Mint, max, 159).is_ok());
+        let late = verify([0; 32], Some(r.clone()), TokenUse::Mint, max, 160).unwrap_err();
+        assert_eq!(late, JoinTokenError::TimeBoxPassed { max_secs: 60 });
+        assert_eq!(late.code(), ErrorCode::JoinTokenExpired);
+        // Other purposes live to their expiry.
+        r.purpose = JoinTokenPurpose::Bootstrap;
+        assert!(verify([0; 32], Some(r), TokenUse::Mint, max, 3600).is_ok());
     }
 }

@@ -22,8 +22,9 @@ pub enum Origin {
     /// A bootstrap join token: renewable within its policy's
     /// `max_lineage_age`.
     Bootstrap,
-    /// A break-glass join token: renewable within its policy's
-    /// `max_lineage_age`, reported as break-glass use.
+    /// A break-glass join token: never renewed — an emergency identity
+    /// lasts one SVID lifetime, and another needs another time-boxed
+    /// token with its reason. Reported as break-glass use.
     BreakGlass,
     /// A token exchange (OIDC evidence): never renewed — the job presents
     /// fresh evidence.
@@ -61,7 +62,7 @@ impl Origin {
     /// Whether credentials of this lineage may be renewed by presenting
     /// them (still subject to their policy and its lineage age).
     pub fn is_renewable(self) -> bool {
-        matches!(self, Origin::Node | Origin::Bootstrap | Origin::BreakGlass)
+        matches!(self, Origin::Node | Origin::Bootstrap)
     }
 }
 

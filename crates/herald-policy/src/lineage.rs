@@ -9,10 +9,10 @@ use herald_core::{ErrorCode, Origin};
 use crate::{Decision, Denial, Factor, Grants, JwtGrant, Policy, PolicySet, Primary, X509Grant};
 
 impl PolicySet {
-    /// Renewal: a node or join-token lineage, still granted an X.509 SVID
+    /// Renewal: a node or bootstrap-token lineage, still granted an X.509 SVID
     /// by the policy that granted it, under that policy's prefix, within
-    /// its `max_lineage_age` at `now`. Exchange-issued and workload SVIDs
-    /// never renew.
+    /// its `max_lineage_age` at `now`. Exchange-issued, workload and
+    /// break-glass SVIDs never renew.
     pub fn renew(&self, svid: &VerifiedSvid, now: i64) -> Result<Decision, Denial> {
         let deny = |code, policy: Option<&str>, reason: String| Denial {
             code,
@@ -22,6 +22,9 @@ impl PolicySet {
         if !svid.origin.is_renewable() {
             let how = match svid.origin {
                 Origin::Workload => "a workload SVID is re-issued to its node's agent, not renewed",
+                Origin::BreakGlass => {
+                    "a break-glass SVID is not renewed: its time box ends with it; use a new break-glass token"
+                }
                 _ => "an exchange-issued SVID is not renewed: exchange fresh evidence",
             };
             return Err(deny(
@@ -36,9 +39,6 @@ impl PolicySet {
             (p, Origin::Node) if p.is_node() => true,
             (Primary::JoinToken { purposes }, Origin::Bootstrap) => {
                 purposes.contains(&herald_core::JoinTokenPurpose::Bootstrap)
-            }
-            (Primary::JoinToken { purposes }, Origin::BreakGlass) => {
-                purposes.contains(&herald_core::JoinTokenPurpose::BreakGlass)
             }
             _ => false,
         };

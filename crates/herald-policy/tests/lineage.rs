@@ -272,12 +272,12 @@ fn renewal_follows_the_lineage_policy_and_its_age() {
             .code,
         ErrorCode::PolicyDenied
     );
-    // A break-glass lineage renews only while its policy still lists break_glass.
+    // A break-glass lineage never renews: its time box ends with it.
     assert_eq!(
         set.renew(&svid(id, Origin::BreakGlass, "boot", NOW), NOW)
             .unwrap_err()
             .code,
-        ErrorCode::PolicyDenied
+        ErrorCode::CredentialNotRenewable
     );
     // A narrowed prefix stops renewals of identities now outside it.
     let narrowed = BOOTSTRAP.replace("/svc/", "/svc/web/");

@@ -38,7 +38,8 @@ pub async fn join_token(
             run.audit.evidence_type = Some(EvidenceType::BreakGlass);
         }
     }
-    join_token::verify(hash, record, used_as, unix_now()).map_err(|e| {
+    let time_box = shared.config.join_token.break_glass_max_ttl;
+    join_token::verify(hash, record, used_as, time_box, unix_now()).map_err(|e| {
         if let join_token::JoinTokenError::Corrupt(reason) = &e {
             tracing::error!(reason, "unusable join token record");
         }
