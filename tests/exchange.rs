@@ -1621,3 +1621,78 @@ async fn cli_errors_name_what_to_do() {
     let fix = code_and_fix(&out, "startup");
     assert!(fix.contains("ss -ltnp"), "{fix}");
 }
+
+/// Introspection of an X.509 SVID given as PEM makes renewal's check: a
+/// certificate carrying a genuine serial, SPIFFE ID and public key, but
+/// signed by another CA, is not Herald's and is not active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspecting_an_x509_svid_checks_its_record_and_the_ca_that_signed_it() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        SanType, SerialNumber, SubjectPublicKeyInfo,
+    };
+    let env = Env::start().await;
+    let before = env.policy_status()["policies"].as_array().unwrap().len();
+    write_bootstrap_policy(&env.policy_dir);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while env.policy_status()["policies"].as_array().unwrap().len() != before + 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "policies not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = format!("spiffe://{TRUST_DOMAIN}/svc/introspected");
+    let genuine = bootstrap_identity(&env, &id).await;
+    let info = herald_attest::svid::parse_x509_svid(&genuine.cert_chain[0]).unwrap();
+    let (_, parsed) = x509_parser::parse_x509_certificate(&genuine.cert_chain[0]).unwrap();
+
+    // The same serial, SPIFFE ID and public key, under the attacker's CA.
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(vec![]).unwrap();
+    ca.distinguished_name.push(DnType::CommonName, "Rogue CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let rogue = Issuer::new(ca, ca_key);
+    let mut leaf = CertificateParams::new(vec![]).unwrap();
+    leaf.subject_alt_names = vec![SanType::URI(id.as_str().try_into().unwrap())];
+    leaf.is_ca = IsCa::ExplicitNoCa;
+    leaf.serial_number = Some(SerialNumber::from_slice(
+        &hex::decode(&info.serial_hex).unwrap(),
+    ));
+    let spki = SubjectPublicKeyInfo::from_der(parsed.tbs_certificate.subject_pki.raw).unwrap();
+    let forged = leaf.signed_by(&spki, &rogue).unwrap();
+
+    let http = reqwest::Client::new();
+    let bearer = introspector(&env).await;
+    let introspect = |pem: String| {
+        let (http, bearer, url) = (
+            http.clone(),
+            bearer.clone(),
+            format!("{}/v1/introspect", env.http()),
+        );
+        async move {
+            let answer: Value = http
+                .post(url)
+                .bearer_auth(bearer)
+                .form(&[("token", pem.as_str()), ("token_type_hint", "x509_svid")])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            answer
+        }
+    };
+    let pem = |der: &[u8]| herald_client::files::to_pem("CERTIFICATE", &[der.to_vec()]);
+    let active = introspect(pem(&genuine.cert_chain[0])).await;
+    assert_eq!(active["active"], true, "{active}");
+    assert_eq!(active["sub"], id.as_str());
+    assert_eq!(active["serial"], info.serial_hex.as_str());
+    let refused = introspect(pem(forged.der())).await;
+    assert_eq!(
+        refused["active"], false,
+        "a leaf from another CA with the genuine serial and key: {refused}"
+    );
+}

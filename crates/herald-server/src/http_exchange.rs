@@ -838,29 +838,44 @@ async fn x509_status(
 ) -> Result<Value, (&'static str, &'static str)> {
     let bad = |why| ("invalid_request", why);
     let down = |_| ("server_error", "datastore unavailable");
-    let (serial, spki) = if token.trim_start().starts_with("-----BEGIN") {
+    if token.trim_start().starts_with("-----BEGIN") {
         let der = herald_ca::authority::certs_from_pem(token)
             .ok()
             .and_then(|c| c.into_iter().next())
             .ok_or(bad("token is not a PEM certificate"))?;
-        let info = herald_attest::svid::parse_x509_svid(&der)
-            .map_err(|_| bad("token is not an X.509 SVID"))?;
-        (info.serial_hex, Some(info.spki_sha256))
-    } else {
-        let serial = token.trim().replace(':', "").to_ascii_lowercase();
-        if serial.is_empty() || serial.len() > 64 || !serial.bytes().all(|b| b.is_ascii_hexdigit())
-        {
-            return Err(bad("token is not a certificate serial in hex"));
-        }
-        (serial.trim_start_matches('0').to_owned(), None)
-    };
+        // The same check renewal makes: issued here, equal to its record,
+        // signed by the CA key the record names, its lineage live. A
+        // certificate from any other CA carrying a known serial is not ours.
+        return match crate::flows::presented_svid(shared, Some(&[der])).await {
+            Ok(svid) => Ok(json!({
+                "active": true,
+                "token_type": "x509-svid",
+                "sub": svid.spiffe_id.to_string(),
+                "serial": svid.serial,
+                "nbf": svid.not_before,
+                "exp": svid.not_after,
+                "policy": svid.policy,
+            })),
+            Err(r)
+                if matches!(
+                    r.code.class(),
+                    ErrorClass::Unavailable | ErrorClass::Internal
+                ) =>
+            {
+                Err(("server_error", "datastore unavailable"))
+            }
+            Err(r) => Ok(json!({"active": false, "revoked": r.code == ErrorCode::SvidRevoked})),
+        };
+    }
+    let serial = token.trim().replace(':', "").to_ascii_lowercase();
+    if serial.is_empty() || serial.len() > 64 || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad("token is not a certificate serial in hex"));
+    }
+    let serial = serial.trim_start_matches('0').to_owned();
     let issued = shared.store.issued(&serial).await.map_err(down)?;
     let Some(issued) = issued.filter(|i| i.kind == "x509_svid") else {
         return Ok(json!({"active": false}));
     };
-    if spki.is_some_and(|k| k != issued.public_key_sha256) {
-        return Ok(json!({"active": false}));
-    }
     let revoked = shared.store.is_revoked(&serial).await.map_err(down)?;
     if revoked || issued.not_after <= now {
         return Ok(json!({"active": false, "revoked": revoked}));
