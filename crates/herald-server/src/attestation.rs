@@ -252,6 +252,165 @@ fn random<const N: usize>() -> Result<[u8; N], Refusal> {
     Ok(out)
 }
 
+/// What the TPM policies make of an EK: the ones that trust it (its
+/// certificate chains to their manufacturer roots, or they list its hash —
+/// a vTPM without one), the union of their PCR selections, and the
+/// certificate that vouched, checked to be this EK's.
+struct EkVouched {
+    trusted_by: Vec<String>,
+    selection: Vec<u8>,
+    ek: Option<verify::VerifiedEk>,
+}
+
+fn ek_vouched_for(
+    policies: &PolicySet,
+    hello: &AttestHello,
+    ek_public: &TpmPublic,
+    ek_id: &str,
+) -> Result<EkVouched, Refusal> {
+    let now = std::time::SystemTime::now();
+    let mut trusted_by = Vec::new();
+    let mut selection: Vec<u8> = Vec::new();
+    let mut chain_error = None;
+    let mut verified_ek = None;
+    let mut any_tpm_policy = false;
+    for (name, rules) in policies.tpm_policies() {
+        any_tpm_policy = true;
+        let by_certificate = if hello.ek_certificate.is_empty() || rules.ek_roots.is_empty() {
+            false
+        } else {
+            let trust = EkTrust::from_der(&rules.ek_roots, &rules.ek_intermediates)?;
+            match verify::verify_ek_certificate(
+                &trust,
+                &hello.ek_certificate,
+                &hello.ek_intermediates,
+                now,
+            ) {
+                Ok(ek) => {
+                    verified_ek = Some(ek);
+                    true
+                }
+                Err(e) => {
+                    chain_error = Some(e);
+                    false
+                }
+            }
+        };
+        if by_certificate || rules.ek_hashes.iter().any(|h| h == ek_id) {
+            trusted_by.push(name.to_owned());
+            selection.extend(&rules.pcrs);
+        }
+    }
+    if trusted_by.is_empty() {
+        return Err(match chain_error {
+            Some(e) => e.into(),
+            None if any_tpm_policy => Refusal::new(
+                ErrorCode::TpmEkCertificateUntrusted,
+                "no policy's EK roots vouch for this EK and none lists its hash",
+            ),
+            None => Refusal::new(
+                ErrorCode::PolicyDenied,
+                "no attestation policy accepts TPM evidence",
+            ),
+        });
+    }
+    selection.sort_unstable();
+    selection.dedup();
+    // A certificate that vouches for some policy must be this EK's.
+    if let Some(ek) = &verified_ek {
+        verify::check_ek_public_matches(ek_public, ek)?;
+    }
+    Ok(EkVouched {
+        trusted_by,
+        selection,
+        ek: verified_ek,
+    })
+}
+
+/// The node's TPM keys as its hello presented them.
+struct TpmKeys<'a> {
+    ek: &'a TpmPublic,
+    ak: &'a TpmPublic,
+    ak_name: &'a [u8],
+    ak_qualified_name: &'a [u8],
+}
+
+/// The challenge and its proof: a fresh nonce and the PCR selection, and at
+/// enrolment a secret made to the EK for the AK's name (credential
+/// activation; a renewal instead names the AK the registry holds, whose
+/// binding was proven then, and whose key never leaves the TPM). Returns
+/// the verified quote — over the nonce bound to the CSR's key — and the
+/// CSR.
+async fn challenge_and_proof(
+    shared: &Shared,
+    inbound: &mut Streaming<AttestRequest>,
+    tx: &mpsc::Sender<Result<AttestResponse, Status>>,
+    keys: TpmKeys<'_>,
+    selection: &[u8],
+    enrolment: bool,
+) -> Result<(verify::VerifiedQuote, Vec<u8>), Refusal> {
+    let nonce = random::<32>()?;
+    let secret = if enrolment {
+        Some(random::<32>()?)
+    } else {
+        None
+    };
+    let (credential_blob, encrypted_secret) = match &secret {
+        Some(secret) => {
+            let c = verify::make_credential(keys.ek, keys.ak_name, secret)?;
+            (c.id_object, c.encrypted_secret)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    let challenge = AttestChallenge {
+        credential_blob,
+        encrypted_secret,
+        nonce: nonce.to_vec(),
+        pcr_bank: u32::from(herald_policy::tpm::PCR_BANK_SHA256),
+        pcrs: selection.iter().map(|p| u32::from(*p)).collect(),
+    };
+    tx.send(Ok(AttestResponse {
+        step: Some(attest_response::Step::Challenge(challenge)),
+    }))
+    .await
+    .map_err(|_| Refusal::new(ErrorCode::AttestationProtocol, "the agent went away"))?;
+
+    let proof = match next_step(shared, inbound).await? {
+        attest_request::Step::Proof(p) => p,
+        attest_request::Step::Hello(_) => {
+            return Err(Refusal::new(
+                ErrorCode::AttestationProtocol,
+                "expected the proof",
+            ));
+        }
+    };
+    check_proof_sizes(&proof)?;
+    if let Some(secret) = &secret
+        && !verify::secret_matches(secret, &proof.activated_secret)
+    {
+        return Err(Refusal::new(
+            ErrorCode::TpmCredentialMismatch,
+            "the activated secret is wrong: the AK is not resident with this EK",
+        ));
+    }
+    let csr = verify_csr(&proof.csr)?;
+    let expected = verify::attestation_nonce_binding(&nonce, &csr.spki_der);
+    let pcr_selection = PcrSelection {
+        bank: PcrBank::Sha256,
+        pcrs: selection.iter().copied().collect(),
+    };
+    let quote = verify::verify_quote(&QuoteInput {
+        ak: keys.ak,
+        expected_signer: keys.ak_qualified_name,
+        attest: &proof.quote,
+        signature: &proof.quote_signature,
+        expected_extra_data: &expected,
+        selection: &pcr_selection,
+        pcr_values: &proof.pcr_values,
+    })?;
+    Ok((quote, proof.csr))
+}
+
 impl NodeAttestationApi {
     /// The evidence half of an attestation: hello, challenge, proof, every
     /// TPM check, then policy. `tx` carries the challenge; `chain` is the
@@ -303,60 +462,7 @@ impl NodeAttestationApi {
         run.audit.evidence_digest = Some(ek_id.clone());
         run.audit.caller = format!("{} ek:{}", run.audit.caller, &ek_id[..16]);
 
-        // Which TPM policies trust this EK: its certificate chains to their
-        // manufacturer roots, or they list its hash (a vTPM without one).
-        let now = std::time::SystemTime::now();
-        let mut trusted_by = Vec::new();
-        let mut selection: Vec<u8> = Vec::new();
-        let mut chain_error = None;
-        let mut verified_ek = None;
-        let mut any_tpm_policy = false;
-        for (name, rules) in policies.tpm_policies() {
-            any_tpm_policy = true;
-            let by_certificate = if hello.ek_certificate.is_empty() || rules.ek_roots.is_empty() {
-                false
-            } else {
-                let trust = EkTrust::from_der(&rules.ek_roots, &rules.ek_intermediates)?;
-                match verify::verify_ek_certificate(
-                    &trust,
-                    &hello.ek_certificate,
-                    &hello.ek_intermediates,
-                    now,
-                ) {
-                    Ok(ek) => {
-                        verified_ek = Some(ek);
-                        true
-                    }
-                    Err(e) => {
-                        chain_error = Some(e);
-                        false
-                    }
-                }
-            };
-            if by_certificate || rules.ek_hashes.contains(&ek_id) {
-                trusted_by.push(name.to_owned());
-                selection.extend(&rules.pcrs);
-            }
-        }
-        if trusted_by.is_empty() {
-            return Err(match chain_error {
-                Some(e) => e.into(),
-                None if any_tpm_policy => Refusal::new(
-                    ErrorCode::TpmEkCertificateUntrusted,
-                    "no policy's EK roots vouch for this EK and none lists its hash",
-                ),
-                None => Refusal::new(
-                    ErrorCode::PolicyDenied,
-                    "no attestation policy accepts TPM evidence",
-                ),
-            });
-        }
-        selection.sort_unstable();
-        selection.dedup();
-        // A certificate that vouches for some policy must be this EK's.
-        if let Some(ek) = &verified_ek {
-            verify::check_ek_public_matches(&ek_public, ek)?;
-        }
+        let vouched = ek_vouched_for(&policies, &hello, &ek_public, &ek_id)?;
         verify::check_attestation_key(&ak_public)?;
         let ak_name = ak_public.name()?;
         let ak_qualified_name = verify::qualified_name_under_ek(&ek_public, &ak_public)?;
@@ -374,73 +480,26 @@ impl NodeAttestationApi {
             check_renewal(known.as_ref(), current, &ak_name)?;
         }
 
-        let nonce = random::<32>()?;
-        // Enrolment proves the AK resident with the EK by credential
-        // activation; a renewal instead names the AK the registry holds,
-        // whose binding was proven then (and whose key never leaves the TPM).
-        let secret = match renewing {
-            None => Some(random::<32>()?),
-            Some(_) => None,
-        };
-        let (credential_blob, encrypted_secret) = match &secret {
-            Some(secret) => {
-                let c = verify::make_credential(&ek_public, &ak_name, secret)?;
-                (c.id_object, c.encrypted_secret)
-            }
-            None => (Vec::new(), Vec::new()),
-        };
-        let challenge = AttestChallenge {
-            credential_blob,
-            encrypted_secret,
-            nonce: nonce.to_vec(),
-            pcr_bank: u32::from(herald_policy::tpm::PCR_BANK_SHA256),
-            pcrs: selection.iter().map(|p| u32::from(*p)).collect(),
-        };
-        tx.send(Ok(AttestResponse {
-            step: Some(attest_response::Step::Challenge(challenge)),
-        }))
-        .await
-        .map_err(|_| Refusal::new(ErrorCode::AttestationProtocol, "the agent went away"))?;
-
-        let proof = match next_step(shared, &mut inbound).await? {
-            attest_request::Step::Proof(p) => p,
-            attest_request::Step::Hello(_) => {
-                return Err(Refusal::new(
-                    ErrorCode::AttestationProtocol,
-                    "expected the proof",
-                ));
-            }
-        };
-        check_proof_sizes(&proof)?;
-        if let Some(secret) = &secret
-            && !verify::secret_matches(secret, &proof.activated_secret)
-        {
-            return Err(Refusal::new(
-                ErrorCode::TpmCredentialMismatch,
-                "the activated secret is wrong: the AK is not resident with this EK",
-            ));
-        }
-        let csr = verify_csr(&proof.csr)?;
-        let expected = verify::attestation_nonce_binding(&nonce, &csr.spki_der);
-        let pcr_selection = PcrSelection {
-            bank: PcrBank::Sha256,
-            pcrs: selection.iter().copied().collect(),
-        };
-        let quote = verify::verify_quote(&QuoteInput {
-            ak: &ak_public,
-            expected_signer: &ak_qualified_name,
-            attest: &proof.quote,
-            signature: &proof.quote_signature,
-            expected_extra_data: &expected,
-            selection: &pcr_selection,
-            pcr_values: &proof.pcr_values,
-        })?;
+        let (quote, csr) = challenge_and_proof(
+            shared,
+            &mut inbound,
+            tx,
+            TpmKeys {
+                ek: &ek_public,
+                ak: &ak_public,
+                ak_name: &ak_name,
+                ak_qualified_name: &ak_qualified_name,
+            },
+            &vouched.selection,
+            renewing.is_none(),
+        )
+        .await?;
         let tpm = VerifiedTpm {
             ek_hash: ek_id.clone(),
             ak_name,
-            ek: verified_ek,
+            ek: vouched.ek,
             quote,
-            trusted_by,
+            trusted_by: vouched.trusted_by,
         };
 
         // Policy.
@@ -505,7 +564,7 @@ impl NodeAttestationApi {
             node: Some(node),
             ..Decided::new(decision)
         };
-        Ok((decided, proof.csr))
+        Ok((decided, csr))
     }
 
     /// A node without a TPM: a platform token or an AWS instance identity
@@ -648,13 +707,18 @@ impl NodeAttestationService for NodeAttestationApi {
                     let svid = crate::svid_service::x509_response(
                         run.issue(decided, &wanted).await?.issued,
                     )?;
-                    tx.send(Ok(AttestResponse {
-                        step: Some(attest_response::Step::Result(svid)),
-                    }))
-                    .await
-                    .map_err(|_| {
-                        Refusal::new(ErrorCode::AttestationProtocol, "the agent went away")
-                    })
+                    // The issuance is committed and audited: an agent that
+                    // leaves now is not a refusal (nor its node's quote).
+                    if tx
+                        .send(Ok(AttestResponse {
+                            step: Some(attest_response::Step::Result(svid)),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!("the agent left before hearing its result");
+                    }
+                    Ok(())
                 },
                 span,
             )
