@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use herald_core::TrustDomain;
-use herald_server::federation::{self, RefreshOutcome};
+use herald_server::federation::{self, FetchFailure, RefreshOutcome};
 
 use crate::cli::{CliError, ConfigArgs, load_config, open_store, operator};
 
@@ -24,7 +24,9 @@ pub enum FederationCommand {
     },
     /// How stale each configured trust domain's bundle is; exits with
     /// `federation_stale` when one has none or was not confirmed within
-    /// `--max-age`.
+    /// `--max-age`. A trust domain without an endpoint (`url`; set by hand)
+    /// is never late for a refresh: it shows when it was set, and is
+    /// stale only once every CA certificate in it has expired.
     Status {
         #[command(flatten)]
         config: ConfigArgs,
@@ -181,7 +183,7 @@ async fn status(config: ConfigArgs, max_age: Option<std::time::Duration>) -> Res
     let records = store.federated_bundles().await;
     store.close().await;
     let records = records?;
-    let max_age = max_age.unwrap_or(cfg.federation.max_refresh * 3);
+    let max_age = max_age.unwrap_or_else(|| federation::stale_after(&cfg.federation));
     let now = herald_core::audit::now_ms();
     let mut stale = Vec::new();
     for t in &cfg.federation.trust_domains {
@@ -190,6 +192,13 @@ async fn status(config: ConfigArgs, max_age: Option<std::time::Duration>) -> Res
             None => {
                 println!("{td}: no bundle held");
                 stale.push(td);
+            }
+            Some(r) if t.url.is_none() => {
+                let (line, expired) = manual_status(&t.trust_domain, r, now);
+                println!("{td}: {line}");
+                if expired {
+                    stale.push(td);
+                }
             }
             Some(r) => {
                 let age_ms = (now - r.checked_at_ms).max(0);
@@ -219,6 +228,46 @@ async fn status(config: ConfigArgs, max_age: Option<std::time::Duration>) -> Res
             format!("stale or missing bundles: {}", stale.join(", ")),
         ))
     }
+}
+
+/// The status of a bundle set by hand: when it was set and, since nothing
+/// refreshes it, whether its CA certificates have expired (`true`: all).
+fn manual_status(
+    td: &TrustDomain,
+    r: &herald_store::FederatedBundleRecord,
+    now_ms: i64,
+) -> (String, bool) {
+    let ago = |ms: i64| {
+        humantime::format_duration(std::time::Duration::from_secs(ms.max(0) as u64 / 1000))
+    };
+    let not_after: Vec<i64> = herald_ca::bundle::ForeignBundle::parse(td, r.jwks.as_bytes())
+        .map(|b| {
+            b.x509_authorities
+                .iter()
+                .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+                .map(|(_, c)| c.validity().not_after.timestamp())
+                .collect()
+        })
+        .unwrap_or_default();
+    let now_s = now_ms / 1000;
+    let expired = not_after.iter().filter(|t| **t <= now_s).count();
+    let all_expired = !not_after.is_empty() && expired == not_after.len();
+    let certs = match (expired, all_expired) {
+        (0, _) => String::new(),
+        (_, true) => format!(
+            "; EXPIRED: every CA certificate expired (the last {} ago)",
+            ago((now_s - not_after.iter().copied().max().unwrap_or(now_s)) * 1000)
+        ),
+        (n, false) => format!("; {n} of {} CA certificates expired", not_after.len()),
+    };
+    (
+        format!(
+            "manual (set {} ago, sequence {}){certs}",
+            ago(now_ms - r.checked_at_ms),
+            r.sequence.map_or("-".into(), |s| s.to_string()),
+        ),
+        all_expired,
+    )
 }
 
 async fn show(config: ConfigArgs, td: &str, pem: bool) -> Result<(), CliError> {
@@ -273,7 +322,8 @@ async fn refresh(config: ConfigArgs, only: Option<&str>) -> Result<(), CliError>
     let caller = operator();
     let mut failed = None;
     for t in targets {
-        match federation::refresh(&store, &cfg.federation, t, &caller).await {
+        let audit = federation::FailureAudit::Always;
+        match federation::refresh(&store, &cfg.federation, t, &caller, audit).await {
             Ok((outcome, _)) => {
                 print_outcome(&t.trust_domain, &outcome);
                 if let RefreshOutcome::Failed(f) = &outcome {
@@ -301,16 +351,24 @@ async fn set(config: ConfigArgs, td: &str, file: &std::path::Path) -> Result<(),
     }
     let bytes =
         std::fs::read(file).map_err(|e| CliError::new("io", format!("{}: {e}", file.display())))?;
-    let bundle = federation::parse_bundle_file(&td, &bytes).map_err(|e| {
-        CliError::new(
-            herald_core::ErrorCode::FederationBundleRefused.as_str(),
-            e.to_string(),
-        )
-    })?;
     let store = open_store(&cfg).await?;
-    let outcome = federation::store_bundle(&store, &bundle, "manual", &operator()).await;
+    let caller = operator();
+    // A malformed file is refused like a hostile endpoint's document, and
+    // audited with its code: an operator's failed attempt is on record too.
+    let outcome = match federation::parse_bundle_file(&td, &bytes) {
+        Ok(bundle) => federation::store_bundle(&store, &bundle, "manual", &caller).await,
+        Err(e) => Ok(RefreshOutcome::Failed(FetchFailure::Refused(format!(
+            "set by hand from {}: {e}",
+            file.display()
+        )))),
+    };
+    let recorded = match &outcome {
+        Ok(RefreshOutcome::Failed(f)) => federation::record_failure(&store, &td, f, &caller).await,
+        _ => Ok(()),
+    };
     store.close().await;
     let outcome = outcome?;
+    recorded?;
     print_outcome(&td, &outcome);
     match outcome {
         RefreshOutcome::Failed(f) => Err(CliError::new(f.code().as_str(), f.to_string())),

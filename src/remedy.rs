@@ -53,9 +53,6 @@ fn specific(code: &str, message: &str) -> Option<&'static str> {
         "issuer_unavailable" if certificate_refused(message) => Some(
             "the server does not trust the issuer's TLS certificate: put the CA that signed it (PEM) in `extra_roots` of that issuer's [[oidc.issuers]] entry in the server's configuration, then restart the server",
         ),
-        "federation_endpoint_unreachable" if certificate_refused(message) => Some(
-            "the partner's bundle endpoint presented a certificate this server does not trust: for profile https_spiffe check `bootstrap_bundle` and `endpoint_spiffe_id`, for https_web the endpoint needs a Web PKI certificate",
-        ),
         "unavailable" if certificate_refused(message) => Some(
             "the server's certificate does not chain to --bundle: use the server's current bundle (its <data_dir>/bundle.pem, or GET /v1/bundle.pem) and dial a name in its tls.dns_names",
         ),
@@ -333,6 +330,9 @@ fn refusal(code: ErrorCode) -> &'static str {
         }
         FederationBundleRefused => {
             "the partner's bundle was refused (the message says why): ask its operator to fix it, or set it by hand with `herald federation set TD FILE`"
+        }
+        FederationEndpointUnauthenticated => {
+            "the partner's bundle endpoint presented a certificate this server does not trust: for profile https_spiffe check `endpoint_spiffe_id` and `bootstrap_bundle` (if the partner rotated its CA while this server held an old bundle, set its current one with `herald federation set TD FILE`); for https_web the endpoint needs a Web PKI certificate (or give its CA in `ca_file`)"
         }
         FederationEndpointUnreachable => {
             "check the partner's bundle endpoint url and network path; `herald federation list` shows the last error, `herald federation refresh` retries"

@@ -289,10 +289,12 @@ async fn a_hostile_bundle_endpoint_is_refused_and_audited_and_the_last_good_bund
             ),
         )
     };
+    // Not the partner's endpoint: refused (audited as such), not merely
+    // unreachable.
     let wrong = spiffe_cfg("wrong-id.toml", &format!("spiffe://{PARTNER}/someone-else"));
     let out = federation(&wrong, &["refresh"]);
     assert!(
-        stderr(&out).contains("error[federation_endpoint_unreachable]")
+        stderr(&out).contains("error[federation_endpoint_unauthenticated]")
             && stderr(&out).contains("someone-else"),
         "{}",
         stderr(&out)
@@ -314,11 +316,39 @@ async fn a_hostile_bundle_endpoint_is_refused_and_audited_and_the_last_good_bund
         "{}",
         stderr(&out)
     );
+    // A malformed file is refused and audited like a hostile document.
+    std::fs::write(&file, b"{\"keys\": 3}").unwrap();
+    let out = federation(&right, &["set", PARTNER, file.to_str().unwrap()]);
+    assert!(
+        stderr(&out).contains("error[federation_bundle_refused]")
+            && stderr(&out).contains("set by hand from"),
+        "{}",
+        stderr(&out)
+    );
     std::fs::write(&file, bundle_doc(&[&partner_ca], 9)).unwrap();
     ok(federation(
         &right,
         &["set", PARTNER, file.to_str().unwrap()],
     ));
+    // An unusable bootstrap bundle is a refusal on record, not a log line.
+    let garbage = site.dir.path().join("garbage-bootstrap.pem");
+    std::fs::write(&garbage, b"not a bundle").unwrap();
+    let boot = config_with(
+        &site,
+        "bad-bootstrap.toml",
+        &format!(
+            "[[federation.trust_domains]]\ntrust_domain = \"boot.herald.test\"\nurl = \"{}\"\nprofile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://boot.herald.test/endpoint\"\nbootstrap_bundle = \"{}\"\n",
+            spiffe_ep.url(),
+            garbage.display()
+        ),
+    );
+    let out = federation(&boot, &["refresh"]);
+    assert!(
+        stderr(&out).contains("error[federation_bundle_refused]")
+            && stderr(&out).contains("bootstrap_bundle"),
+        "{}",
+        stderr(&out)
+    );
     let shown = stdout(&ok(federation(&right, &["show", PARTNER, "--pem"])));
     assert_eq!(
         pem::parse_many(shown.as_bytes()).unwrap()[0].contents(),
@@ -334,12 +364,22 @@ async fn a_hostile_bundle_endpoint_is_refused_and_audited_and_the_last_good_bund
             .count()
     };
     assert_eq!(count("federation.bundle_update", None), 3, "{audit}");
+    // The hostile documents, the older `set`, the malformed file and the
+    // unusable bootstrap bundle.
     assert_eq!(
         count(
             "federation.bundle_refused",
             Some("federation_bundle_refused")
         ),
-        hostile.len() + 1,
+        hostile.len() + 3,
+        "{audit}"
+    );
+    assert_eq!(
+        count(
+            "federation.bundle_refused",
+            Some("federation_endpoint_unauthenticated")
+        ),
+        1,
         "{audit}"
     );
     assert_eq!(
@@ -347,10 +387,113 @@ async fn a_hostile_bundle_endpoint_is_refused_and_audited_and_the_last_good_bund
             "federation.fetch_failed",
             Some("federation_endpoint_unreachable")
         ),
-        2,
+        1,
         "{audit}"
     );
     ok(site.herald(&["audit", "verify"]));
+
+    // Air-gapped partners (no url, set by hand) are never late for a
+    // refresh: `status` says when each was set, and counts one as stale
+    // only when every CA certificate in it has expired.
+    let airgap = config_with(
+        &site,
+        "airgap.toml",
+        "[[federation.trust_domains]]\ntrust_domain = \"airgap.herald.test\"\n",
+    );
+    let (airgap_ca, _) = spiffe_ca("airgap.herald.test");
+    let airgap_file = site.dir.path().join("airgap.pem");
+    std::fs::write(
+        &airgap_file,
+        pem::encode(&pem::Pem::new("CERTIFICATE", airgap_ca)),
+    )
+    .unwrap();
+    ok(federation(
+        &airgap,
+        &["set", "airgap.herald.test", airgap_file.to_str().unwrap()],
+    ));
+    let status = federation(&airgap, &["status", "--max-age", "0s"]);
+    assert!(
+        status.status.success()
+            && stdout(&status).contains("airgap.herald.test: manual (set ")
+            && !stdout(&status).contains("STALE"),
+        "{} {}",
+        stdout(&status),
+        stderr(&status)
+    );
+    let expired_ca = {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec![]).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        p.subject_alt_names = vec![SanType::URI(
+            "spiffe://airgap.herald.test".try_into().unwrap(),
+        )];
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        p.self_signed(&key).unwrap().der().to_vec()
+    };
+    std::fs::write(
+        &airgap_file,
+        pem::encode(&pem::Pem::new("CERTIFICATE", expired_ca)),
+    )
+    .unwrap();
+    ok(federation(
+        &airgap,
+        &["set", "airgap.herald.test", airgap_file.to_str().unwrap()],
+    ));
+    let status = federation(&airgap, &["status"]);
+    assert!(
+        stderr(&status).contains("error[federation_stale]")
+            && stdout(&status).contains("EXPIRED: every CA certificate expired"),
+        "{} {}",
+        stdout(&status),
+        stderr(&status)
+    );
+    // The server's refresher against the dead endpoint: it retries with
+    // back-off and counts every attempt, but audits the failure once (its
+    // cause does not change, and the bundle is not stale for 3 minutes).
+    let fetch_failed = || {
+        stdout(&ok(site.herald(&["audit", "export", "--since", "1h"])))
+            .lines()
+            .filter(|l| l.contains("\"federation.fetch_failed\""))
+            .count()
+    };
+    let failed_before = fetch_failed();
+    let dead = config_with(
+        &site,
+        "dead.toml",
+        &format!(
+            "[federation]\nmin_refresh = \"1s\"\nmax_refresh = \"1m\"\nretry = \"1s\"\n[[federation.trust_domains]]\ntrust_domain = \"{PARTNER}\"\nurl = \"https://127.0.0.1:{}/bundle\"\nprofile = \"https_web\"\nca_file = \"{}\"\n",
+            web.port,
+            roots.display()
+        ),
+    );
+    let server = common::Server::start(&dead);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let attempts = loop {
+        let (_, metrics) = server.http_get("/metrics");
+        let n = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("herald_federation_fetches_total{")
+                    && l.contains(&format!("trust_domain=\"{PARTNER}\""))
+                    && l.contains("outcome=\"unreachable\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or_default();
+        if n >= 3 {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "{n} fetch attempts only");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop(server);
+    assert_eq!(
+        fetch_failed(),
+        failed_before + 1,
+        "{attempts} failed attempts, audited once"
+    );
+    assert_eq!(held_sequence(&cfg), Some(9));
     // Configuration mistakes are refused before anything is fetched.
     let own = config_with(
         &site,
@@ -360,6 +503,88 @@ async fn a_hostile_bundle_endpoint_is_refused_and_audited_and_the_last_good_bund
         ),
     );
     assert!(stderr(&federation(&own, &["list"])).contains("own trust domain"));
+}
+
+/// `federation.max_refresh` of the two-domain test's servers: the longest
+/// a partner's bundle change waits for the next fetch (each serves a
+/// `spiffe_refresh_hint` of 300 s, which this bound overrides).
+const MAX_REFRESH_SECS: u64 = 2;
+/// `ca.bundle_poll` (default): how soon a replica serves a key ring change
+/// made by `herald ca rotate`.
+const BUNDLE_POLL_SECS: u64 = 1;
+
+/// Herald's gauge `herald_<name>` for `td` in an OpenMetrics text.
+fn gauge(metrics: &str, name: &str, td: &str) -> Option<i64> {
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!("herald_{name}{{"))
+                && l.contains(&format!("trust_domain=\"{td}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// A JWT authority of a made-up issuer: its JWK (`use: jwt-svid`) and a
+/// signer of ES256 tokens under it.
+fn jwt_authority(kid: &str) -> (serde_json::Value, impl Fn(&serde_json::Value) -> String) {
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+    let point = key.public_key().as_ref().to_vec();
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "use": "jwt-svid", "kid": kid,
+        "x": b64.encode(&point[1..33]), "y": b64.encode(&point[33..65]),
+    });
+    let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": kid});
+    let sign = move |claims: &serde_json::Value| {
+        let input = format!(
+            "{}.{}",
+            b64.encode(header.to_string()),
+            b64.encode(claims.to_string())
+        );
+        let sig = key
+            .sign(&aws_lc_rs::rand::SystemRandom::new(), input.as_bytes())
+            .unwrap();
+        format!("{input}.{}", b64.encode(sig.as_ref()))
+    };
+    (jwk, sign)
+}
+
+/// Seconds until `svid`'s certificate expires.
+fn seconds_left(svid: &spiffe::X509Svid) -> i64 {
+    let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_bytes()).unwrap();
+    cert.validity().not_after.timestamp() - time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// py-spiffe (grpcio) against `socket`: its own SVIDs, bundles and
+/// JWT-SVID for `audience`, and the partner's `foreign_jwt` validated for
+/// `foreign_audience`.
+fn py_spiffe(
+    socket: &Path,
+    audience: &str,
+    foreign_jwt: &str,
+    foreign_audience: &str,
+) -> serde_json::Value {
+    let python = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"));
+    assert!(
+        python.exists(),
+        "run scripts/install-deps.sh first (the Python venv is missing)"
+    );
+    let out = ok(std::process::Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/spiffe_workload.py"
+        ))
+        .arg(audience)
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", socket.display()),
+        )
+        .env("FOREIGN_JWT", foreign_jwt)
+        .env("FOREIGN_AUDIENCE", foreign_audience)
+        .output()
+        .unwrap());
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// One Herald deployment for the two-domain test: a server whose HTTPS
@@ -403,7 +628,7 @@ fn federated_site(
     workload: &str,
 ) -> NodeSite {
     let federation = format!(
-        "reload_interval = \"1s\"\n[ca.rotation]\npublish_ahead = \"5s\"\ncheck_interval = \"1s\"\n[federation]\nmin_refresh = \"1s\"\nmax_refresh = \"2s\"\nretry = \"1s\"\n[[federation.trust_domains]]\ntrust_domain = \"{partner}\"\nurl = \"https://127.0.0.1:{partner_port}/v1/bundle\"\nprofile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://{partner}/herald/server\"\nbootstrap_bundle = \"{}\"\n",
+        "reload_interval = \"1s\"\n[ca.rotation]\npublish_ahead = \"5s\"\ncheck_interval = \"1s\"\n[federation]\nmin_refresh = \"1s\"\nmax_refresh = \"{MAX_REFRESH_SECS}s\"\nretry = \"1s\"\n[[federation.trust_domains]]\ntrust_domain = \"{partner}\"\nurl = \"https://127.0.0.1:{partner_port}/v1/bundle\"\nprofile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://{partner}/herald/server\"\nbootstrap_bundle = \"{}\"\n",
         partner_bundle.display()
     );
     let site = NodeSite::with_workloads(
@@ -655,35 +880,51 @@ async fn two_trust_domains_federate_both_ways_and_their_workloads_complete_mtls(
             .await
             .is_err()
     );
-    // py-spiffe (grpcio) sees the federated bundles too.
-    let python = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"));
-    assert!(
-        python.exists(),
-        "run scripts/install-deps.sh first (the Python venv is missing)"
-    );
-    let out = ok(std::process::Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/python/spiffe_workload.py"
-        ))
-        .arg("api.internal")
-        .env(
-            "SPIFFE_ENDPOINT_SOCKET",
-            format!("unix://{}", a.socket().display()),
-        )
-        .output()
-        .unwrap());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        v["x509_bundle_domains"],
-        serde_json::json!([td_a, td_b]),
-        "{v}"
-    );
-    assert_eq!(
-        v["jwt_bundle_domains"],
-        serde_json::json!([td_a, td_b]),
-        "{v}"
-    );
+    // py-spiffe (grpcio) on each side: the federated bundles, and the
+    // partner's JWT-SVID validated by the agent with the partner's keys.
+    let web_id = spiffe::SpiffeId::new(format!("spiffe://{td_a}/workload/web")).unwrap();
+    for (side, socket, own_audience, partner, partner_jwt, audience) in [
+        (
+            &a,
+            a.socket(),
+            "api.internal",
+            &api_id,
+            cb.fetch_jwt_svid(["web.a.internal"], Some(&api_id))
+                .await
+                .unwrap(),
+            "web.a.internal",
+        ),
+        (
+            &b,
+            b.socket(),
+            "web.a.internal",
+            &web_id,
+            ca.fetch_jwt_svid(["api.internal"], Some(&web_id))
+                .await
+                .unwrap(),
+            "api.internal",
+        ),
+    ] {
+        let v = py_spiffe(&socket, own_audience, partner_jwt.token(), audience);
+        assert_eq!(
+            v["x509_bundle_domains"],
+            serde_json::json!([td_a, td_b]),
+            "{}: {v}",
+            side.td
+        );
+        assert_eq!(
+            v["jwt_bundle_domains"],
+            serde_json::json!([td_a, td_b]),
+            "{}: {v}",
+            side.td
+        );
+        assert_eq!(
+            v["foreign_validated_id"],
+            partner.to_string(),
+            "{}: {v}",
+            side.td
+        );
+    }
 
     // File output: the partner's bundle beside the SVID.
     let files = tempfile::tempdir().unwrap();
@@ -716,7 +957,39 @@ async fn two_trust_domains_federate_both_ways_and_their_workloads_complete_mtls(
     assert_eq!(client_saw, format!("spiffe://{td_a}/workload/web"));
     assert_eq!(server_saw, format!("spiffe://{td_b}/workload/api"));
 
-    // A third trust domain nobody federates with is refused by web.
+    // While B's bundle stays the same, each unchanged fetch confirms it:
+    // A's staleness gauge drops back instead of growing.
+    let scrape = || a._server.http_get("/metrics").1;
+    let (stale_then, sequence_then) = eventually(20, "a staleness of 1 s or more", || async {
+        let m = scrape();
+        let age = gauge(&m, "federation_bundle_staleness_seconds", td_b)?;
+        (age >= 1).then(|| (age, gauge(&m, "federation_bundle_sequence", td_b)))
+    })
+    .await;
+    let stale_now = eventually(20, "the staleness gauge to drop", || async {
+        let m = scrape();
+        let age = gauge(&m, "federation_bundle_staleness_seconds", td_b)?;
+        (age < stale_then).then(|| (age, gauge(&m, "federation_bundle_sequence", td_b)))
+    })
+    .await;
+    assert_eq!(stale_now.1, sequence_then, "B's bundle changed meanwhile");
+    assert!(
+        scrape()
+            .lines()
+            .any(|l| l.starts_with("herald_federation_fetches_total{")
+                && l.contains(&format!("trust_domain=\"{td_b}\""))
+                && l.contains("outcome=\"unchanged\"")),
+        "no unchanged fetch counted"
+    );
+    eprintln!(
+        "federation: staleness of B's bundle at A: {stale_then} s, then {} s after an unchanged fetch",
+        stale_now.0
+    );
+
+    // A third trust domain nobody federates with: A's server holds its
+    // bundle (set by hand, with a JWT authority the test signs with), but
+    // web's registration does not name it, so A's agent neither hands it
+    // out nor accepts its SVIDs.
     let third = Site::new();
     let third_server = third.start();
     let out_dir = third.dir.path().join("svid");
@@ -731,8 +1004,72 @@ async fn two_trust_domains_federate_both_ways_and_their_workloads_complete_mtls(
             .unwrap()
             .into_contents(),
     );
-    let mut web_trusts = own_a.clone();
-    web_trusts.extend(b_at_a.clone());
+    let (third_jwk, third_sign) = jwt_authority("third-1");
+    let mut third_doc: serde_json::Value = serde_json::from_slice(&bundle_doc(
+        &common::pem_file_certs(&third.bundle_pem())
+            .iter()
+            .map(Vec::as_slice)
+            .collect::<Vec<_>>(),
+        1,
+    ))
+    .unwrap();
+    third_doc["keys"].as_array_mut().unwrap().push(third_jwk);
+    let third_file = dir_a.path().join("third.json");
+    std::fs::write(&third_file, third_doc.to_string()).unwrap();
+    ok(a.site.herald(&[
+        "federation",
+        "set",
+        TRUST_DOMAIN,
+        third_file.to_str().unwrap(),
+    ]));
+    eventually(
+        20,
+        "A's server to load the third domain's bundle",
+        || async {
+            (gauge(&scrape(), "federation_bundle_sequence", TRUST_DOMAIN) == Some(1)).then_some(())
+        },
+    )
+    .await;
+    let third_td = spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
+    assert!(authorities(&ca, TRUST_DOMAIN).await.is_none());
+    let ctx = ca.fetch_x509_context().await.unwrap();
+    assert!(ctx.bundle_set().get(&third_td).is_none());
+    assert!(
+        ca.fetch_jwt_bundles()
+            .await
+            .unwrap()
+            .get(&third_td)
+            .is_none()
+    );
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let third_jwt = third_sign(&serde_json::json!({
+        "sub": format!("spiffe://{TRUST_DOMAIN}/intruder"),
+        "aud": ["web.a.internal"],
+        "iat": now,
+        "exp": now + 300,
+    }));
+    let refused = ca
+        .validate_jwt_token("web.a.internal", &third_jwt)
+        .await
+        .expect_err("A's agent validated a JWT-SVID of an unfederated trust domain");
+    assert!(
+        format!("{refused:?}").contains("does not federate with it"),
+        "{refused:?}"
+    );
+    // web trusts exactly what its Workload API gave it.
+    let web_trusts: Vec<Vec<u8>> = ca
+        .fetch_x509_bundles()
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|(_, b)| {
+            b.authorities()
+                .iter()
+                .map(|c| c.as_bytes().to_vec())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(web_trusts.len(), own_a.len() + b_at_a.len());
     let refused = mtls(
         svid_parts(&web),
         &web_trusts,
@@ -747,29 +1084,132 @@ async fn two_trust_domains_federate_both_ways_and_their_workloads_complete_mtls(
     );
     drop(third_server);
 
-    // A CA rotation in B reaches A within the refresh bound, and mTLS
-    // holds with B's workload on an SVID from the new CA.
+    // A CA rotation in B, timed from the end of `herald ca rotate` to each
+    // place the new CA must reach, bounded by the configured refresh
+    // bounds (not B's 300 s hint). An SVID of api's from the old CA, with
+    // most of its 8 s left, must still verify at A during the overlap.
     let before = b_at_a.len();
-    ok(b.site.herald(&["ca", "rotate", "--kind", "x509"]));
-    let rotated = Instant::now();
-    let b_at_a = eventually(30, "B's new CA at A's workload", || async {
-        authorities(&ca, &b.td).await.filter(|v| v.len() > before)
+    let api_old = eventually(30, "a fresh SVID of api's", || async {
+        let s = cb.fetch_x509_svid().await.ok()?;
+        (seconds_left(&s) >= 7).then_some(s)
     })
     .await;
-    let reached = rotated.elapsed();
-    eprintln!("federation: B's rotated CA reached A's workload in {reached:?}");
+    let sequence_before = gauge(&scrape(), "federation_bundle_sequence", td_b).unwrap();
+    let endpoint_authorities = |body: &str| {
+        serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| {
+                v["keys"]
+                    .as_array()
+                    .map(|k| k.iter().filter(|k| k["use"] == "x509-svid").count())
+            })
+            .unwrap_or_default()
+    };
+    let bytes_before = b._server.http_get("/v1/bundle").1.len();
+    ok(b.site.herald(&["ca", "rotate", "--kind", "x509"]));
+    let rotated = Instant::now();
+    let (mut at_endpoint, mut at_server, mut at_workload) = (None, None, None);
+    let mut document_bytes = (bytes_before, 0);
+    let b_at_a = loop {
+        if at_endpoint.is_none() {
+            let (status, body) = b._server.http_get("/v1/bundle");
+            if status == 200 && endpoint_authorities(&body) > before {
+                at_endpoint = Some(rotated.elapsed());
+                document_bytes.1 = body.len();
+            }
+        }
+        if at_server.is_none()
+            && gauge(&scrape(), "federation_bundle_sequence", td_b)
+                .is_some_and(|s| s > sequence_before)
+        {
+            at_server = Some(rotated.elapsed());
+        }
+        if at_workload.is_none()
+            && let Some(v) = authorities(&ca, &b.td).await.filter(|v| v.len() > before)
+        {
+            at_workload = Some((rotated.elapsed(), v));
+        }
+        if let (Some(_), Some(_), Some((_, v))) = (at_endpoint, at_server, &at_workload) {
+            break v.clone();
+        }
+        assert!(
+            rotated.elapsed() < Duration::from_secs(60),
+            "B's new CA did not reach A: endpoint {at_endpoint:?}, server {at_server:?}, workload {:?}",
+            at_workload.as_ref().map(|(t, _)| t)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (at_endpoint, at_server, at_workload) = (
+        at_endpoint.unwrap(),
+        at_server.unwrap(),
+        at_workload.unwrap().0,
+    );
+    eprintln!(
+        "federation: B's bundle document: {} bytes before the rotation, {} after",
+        document_bytes.0, document_bytes.1
+    );
+    eprintln!("federation: +0.0s `herald ca rotate --kind x509` done in B");
+    eprintln!(
+        "federation: +{:.1}s new CA served at B's bundle endpoint",
+        at_endpoint.as_secs_f64()
+    );
+    eprintln!(
+        "federation: +{:.1}s new CA held by A's server (fetched and reloaded)",
+        at_server.as_secs_f64()
+    );
+    eprintln!(
+        "federation: +{:.1}s new CA at A's workload (FetchX509Bundles)",
+        at_workload.as_secs_f64()
+    );
+    // The bound: B serves it within its bundle poll; A fetches within
+    // max_refresh of that and pushes at once. The slack covers a fetch,
+    // a reload, the registration stream and this test's 100 ms polling on
+    // a shared machine.
+    let max_refresh = Duration::from_secs(MAX_REFRESH_SECS);
+    let slack = Duration::from_millis(1500);
+    assert!(
+        at_server.saturating_sub(at_endpoint) <= max_refresh + slack,
+        "A fetched B's new bundle {:?} after B served it (max_refresh {max_refresh:?})",
+        at_server.saturating_sub(at_endpoint)
+    );
+    assert!(
+        at_workload <= Duration::from_secs(BUNDLE_POLL_SECS) + max_refresh + 2 * slack,
+        "B's new CA reached A's workload only after {at_workload:?}"
+    );
     let new_ca: Vec<Vec<u8>> = b_at_a
         .iter()
         .filter(|c| !a_at_b.contains(c) && !common::pem_file_certs(&boot_b).contains(c))
         .cloned()
         .collect();
     assert_eq!(new_ca.len(), 1, "one new authority");
+    // The overlap: api's old-CA SVID still verifies at A, and completes
+    // mTLS with web trusting A's post-rotation bundle of B.
+    let old_chain = svid_parts(&api_old).0;
+    assert!(common::verifies(&old_chain, &new_ca).is_err());
+    common::verifies(&old_chain, &b_at_a).unwrap();
+    mtls(
+        svid_parts(&web),
+        &b_at_a,
+        svid_parts(&api_old),
+        &authorities(&cb, &a.td).await.unwrap(),
+        "web.a.internal",
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "federation: +{:.1}s api's old-CA SVID verified at A and completed mTLS (overlap)",
+        rotated.elapsed().as_secs_f64()
+    );
     let api = eventually(60, "api's SVID from B's new CA", || async {
         let s = cb.fetch_x509_svid().await.ok()?;
         let chain = svid_parts(&s).0;
         common::verifies(&chain, &new_ca).is_ok().then_some(s)
     })
     .await;
+    eprintln!(
+        "federation: +{:.1}s B's workload (api) holds an SVID from the new CA",
+        rotated.elapsed().as_secs_f64()
+    );
     let (client_saw, server_saw) = mtls(
         svid_parts(&web),
         &b_at_a,
@@ -785,6 +1225,10 @@ async fn two_trust_domains_federate_both_ways_and_their_workloads_complete_mtls(
             format!("spiffe://{td_a}/workload/web").as_str(),
             format!("spiffe://{td_b}/workload/api").as_str()
         )
+    );
+    eprintln!(
+        "federation: +{:.1}s mTLS across the domains ok with api on the new CA",
+        rotated.elapsed().as_secs_f64()
     );
     // The fetches are audited on each side.
     let audit = stdout(&ok(a.site.herald(&["audit", "export", "--since", "1h"])));

@@ -1,7 +1,9 @@
 """py-spiffe (PyPI `spiffe`, grpcio underneath) against the agent's
 Workload API: X.509-SVIDs, X.509 bundles, a JWT-SVID, JWT bundles and a
 JWT-SVID validation, with the socket named as SPIFFE_ENDPOINT_SOCKET says
-(`unix:///abs/path` or `unix:/abs/path`). Prints one JSON object."""
+(`unix:///abs/path` or `unix:/abs/path`). With FOREIGN_JWT and
+FOREIGN_AUDIENCE set, also validates that token (a federated trust
+domain's JWT-SVID) through the agent. Prints one JSON object."""
 import json
 import os
 import sys
@@ -33,6 +35,12 @@ def main() -> int:
         )
         validated = client.validate_jwt_svid(jwt.token, audience, timeout=20)
         out["validated_id"] = str(validated.spiffe_id)
+        foreign = os.environ.get("FOREIGN_JWT")
+        if foreign:
+            checked = client.validate_jwt_svid(
+                foreign, os.environ["FOREIGN_AUDIENCE"], timeout=20
+            )
+            out["foreign_validated_id"] = str(checked.spiffe_id)
     print(json.dumps(out))
     return 0
 

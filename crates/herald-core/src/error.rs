@@ -134,7 +134,8 @@ error_codes! {
     RefusalsAggregated => "refusals_aggregated", ResourceExhausted, "The refusals in this record came past the server-wide refusal audit budget (rate_limit.refusal_audit_rate) and are counted here by action and code, one record per caller per interval.";
     ClientUnauthenticated => "client_unauthenticated", Unauthenticated, "The caller of an authenticated endpoint (introspection) presented no valid credential.";
     FederationBundleRefused => "federation_bundle_refused", InvalidArgument, "A federated trust domain's bundle document was refused (another trust domain, an older spiffe_sequence, malformed, oversized or holding a private key); the last good bundle stays.";
-    FederationEndpointUnreachable => "federation_endpoint_unreachable", Unavailable, "A federated trust domain's bundle endpoint could not be fetched (connection, TLS, endpoint SPIFFE ID, HTTP status or timeout); the last good bundle stays.";
+    FederationEndpointUnreachable => "federation_endpoint_unreachable", Unavailable, "A federated trust domain's bundle endpoint could not be fetched (connection, TLS, HTTP status or timeout); the last good bundle stays.";
+    FederationEndpointUnauthenticated => "federation_endpoint_unauthenticated", Unauthenticated, "A federated trust domain's bundle endpoint presented a certificate this server does not trust (https_spiffe: an SVID that does not chain to that trust domain's bundle held or bootstrap_bundle, or names another SPIFFE ID than endpoint_spiffe_id; https_web: not valid under the Web PKI roots or ca_file): nothing was read from it; the last good bundle stays.";
     StoreUnavailable => "store_unavailable", Unavailable, "The datastore could not be reached or was busy.";
     Internal => "internal", Internal, "An internal error; details are in the server log.";
 }

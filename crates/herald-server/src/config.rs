@@ -889,8 +889,8 @@ pub struct FederationConfig {
     /// A foreign `spiffe_refresh_hint` above this (or none) is lowered to it.
     #[serde(default = "default_max_refresh", with = "humantime_serde_compat")]
     pub max_refresh: Duration,
-    /// After a failed fetch, the next try comes this soon (at most the
-    /// refresh interval).
+    /// After a failed fetch, the next try comes this soon; each further
+    /// failure in a row doubles the wait, up to `max_refresh`.
     #[serde(default = "default_federation_retry", with = "humantime_serde_compat")]
     pub retry: Duration,
     /// Connect + response deadline of one fetch.

@@ -8,8 +8,10 @@
 //! it: one replica at a time fetches a trust domain (a lease per trust
 //! domain), every replica reloads the set when the store's federation
 //! sequence moves ([`crate::rotation::refresh`]) and pushes it to the
-//! agents whose registrations federate with it. Every change, refusal and
-//! failure is an audit record.
+//! agents whose registrations federate with it. Every change and refusal
+//! is an audit record; the refresher audits a failure when its cause
+//! changes and when the bundle becomes stale, not at every attempt, and
+//! backs off on consecutive failures (see [`next_delay`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,6 +33,16 @@ pub const ACTION_REFUSED: &str = "federation.bundle_refused";
 pub const ACTION_UNREACHABLE: &str = "federation.fetch_failed";
 /// The audit action of a bundle removed by an operator.
 pub const ACTION_DELETE: &str = "federation.bundle_delete";
+/// The audit action of a bundle that became stale: its endpoint has
+/// failed for longer than [`stale_after`] since it was last confirmed.
+pub const ACTION_STALE: &str = "federation.bundle_stale";
+
+/// How long a bundle fetched from an endpoint may go unconfirmed before
+/// it is stale (`herald federation status`, the `federation.bundle_stale`
+/// audit record): three refresh intervals at their longest.
+pub fn stale_after(cfg: &FederationConfig) -> Duration {
+    cfg.max_refresh.saturating_mul(3)
+}
 
 /// The federated bundles in effect on this replica.
 #[derive(Debug, Default)]
@@ -100,10 +112,16 @@ pub fn bundle_messages<'a>(
 /// Why a fetch produced no bundle.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FetchFailure {
-    /// The endpoint could not be read (connection, TLS, endpoint SPIFFE
-    /// ID, HTTP status, timeout).
+    /// The endpoint could not be read (connection, TLS, HTTP status,
+    /// timeout).
     #[error("{0}")]
     Unreachable(String),
+    /// The endpoint's certificate was refused: under `https_spiffe` its
+    /// SVID does not chain to the trust domain's bundle or names another
+    /// SPIFFE ID than `endpoint_spiffe_id`. Not the partner, so refused,
+    /// not merely unreachable.
+    #[error("{0}")]
+    Unauthenticated(String),
     /// The endpoint answered with a document that was refused.
     #[error("{0}")]
     Refused(String),
@@ -114,7 +132,17 @@ impl FetchFailure {
     pub fn code(&self) -> ErrorCode {
         match self {
             FetchFailure::Unreachable(_) => ErrorCode::FederationEndpointUnreachable,
+            FetchFailure::Unauthenticated(_) => ErrorCode::FederationEndpointUnauthenticated,
             FetchFailure::Refused(_) => ErrorCode::FederationBundleRefused,
+        }
+    }
+
+    /// The audit action it is recorded under: refused (the endpoint or
+    /// its document was not acceptable) or failed (not reached).
+    pub fn action(&self) -> &'static str {
+        match self {
+            FetchFailure::Unreachable(_) => ACTION_UNREACHABLE,
+            FetchFailure::Unauthenticated(_) | FetchFailure::Refused(_) => ACTION_REFUSED,
         }
     }
 }
@@ -141,6 +169,7 @@ impl RefreshOutcome {
             RefreshOutcome::Unchanged => "unchanged",
             RefreshOutcome::Failed(FetchFailure::Unreachable(_)) => "unreachable",
             RefreshOutcome::Failed(FetchFailure::Refused(_)) => "refused",
+            RefreshOutcome::Failed(FetchFailure::Unauthenticated(_)) => "unauthenticated",
         }
     }
 }
@@ -245,33 +274,35 @@ pub async fn fetch(
         Err(e @ FetchError::TooLarge(_)) => {
             return Err(FetchFailure::Refused(format!("GET {url}: {e}")));
         }
+        Err(e @ FetchError::Certificate(_)) => {
+            return Err(FetchFailure::Unauthenticated(format!("GET {url}: {e}")));
+        }
         Err(e) => return Err(unreachable(format!("GET {url}: {e}"))),
     };
     ForeignBundle::parse(&td.trust_domain, &body)
         .map_err(|e| FetchFailure::Refused(format!("GET {url}: {e}")))
 }
 
-/// The bundle held for `td` in the store, or else its bootstrap bundle.
+/// The bundle held for `td` in the store, or else its bootstrap bundle;
+/// an unreadable or malformed bootstrap bundle is a refusal (audited like
+/// any other), not only a log line.
 fn known_bundle(
     td: &FederatedTrustDomain,
     stored: Option<&FederatedBundleRecord>,
-) -> Option<ForeignBundle> {
+) -> Result<Option<ForeignBundle>, FetchFailure> {
     if let Some(b) =
         stored.and_then(|r| ForeignBundle::parse(&td.trust_domain, r.jwks.as_bytes()).ok())
     {
-        return Some(b);
+        return Ok(Some(b));
     }
-    let path = td.bootstrap_bundle.as_ref()?;
-    match std::fs::read(path)
+    let Some(path) = td.bootstrap_bundle.as_ref() else {
+        return Ok(None);
+    };
+    std::fs::read(path)
         .map_err(|e| e.to_string())
         .and_then(|bytes| parse_bundle_file(&td.trust_domain, &bytes).map_err(|e| e.to_string()))
-    {
-        Ok(b) => Some(b),
-        Err(e) => {
-            tracing::error!(trust_domain = %td.trust_domain, path = %path.display(), error = %e, "bootstrap bundle unusable");
-            None
-        }
-    }
+        .map(Some)
+        .map_err(|e| FetchFailure::Refused(format!("bootstrap_bundle {}: {e}", path.display())))
 }
 
 fn event(action: &str, caller: &str, td: &TrustDomain) -> AuditEvent {
@@ -281,7 +312,8 @@ fn event(action: &str, caller: &str, td: &TrustDomain) -> AuditEvent {
 }
 
 /// Stores `bundle` for its trust domain with its audit record, unless it
-/// is not newer than the one held (then refused and audited).
+/// is not newer than the one held: then it is refused, and the caller
+/// records the failure ([`record_failure`], or [`refresh`]'s own).
 pub async fn store_bundle(
     store: &Store,
     bundle: &ForeignBundle,
@@ -314,71 +346,142 @@ pub async fn store_bundle(
                 "spiffe_sequence {} does not move past the stored {stored}",
                 offered.map_or("(none)".into(), |s| s.to_string())
             ));
-            record_failure(store, td, &failure, caller).await?;
             Ok(RefreshOutcome::Failed(failure))
         }
     }
 }
 
-async fn record_failure(
+/// The audit record of `failure` under `action`.
+fn failure_event(
+    action: &str,
+    caller: &str,
+    td: &TrustDomain,
+    failure: &FetchFailure,
+) -> AuditEvent {
+    let mut audit = event(action, caller, td);
+    audit.outcome = match failure {
+        FetchFailure::Unreachable(_) => Outcome::Error,
+        FetchFailure::Unauthenticated(_) | FetchFailure::Refused(_) => Outcome::Denied,
+    };
+    audit.reason = Some(failure.code());
+    audit.detail = Some(failure.to_string());
+    audit
+}
+
+/// Records `failure` for `td` (its last error) with its audit record: an
+/// operator's command (`herald federation set` of a malformed file,
+/// `refresh`) is audited every time.
+pub async fn record_failure(
     store: &Store,
     td: &TrustDomain,
     failure: &FetchFailure,
     caller: &str,
 ) -> Result<(), StoreError> {
-    let action = match failure {
-        FetchFailure::Unreachable(_) => ACTION_UNREACHABLE,
-        FetchFailure::Refused(_) => ACTION_REFUSED,
-    };
-    let mut audit = event(action, caller, td);
-    audit.outcome = match failure {
-        FetchFailure::Unreachable(_) => Outcome::Error,
-        FetchFailure::Refused(_) => Outcome::Denied,
-    };
-    audit.reason = Some(failure.code());
-    audit.detail = Some(failure.to_string());
+    let audit = failure_event(failure.action(), caller, td, failure);
     store
         .record_federation_failure(
             td.as_str(),
             &failure.to_string(),
             herald_core::audit::now_ms(),
-            audit,
+            Some(audit),
         )
         .await
 }
 
+/// Which audit record, if any, the refresher writes for `failure`: one
+/// when its cause differs from the last error recorded (in the store, or
+/// remembered by this replica when no bundle is stored), and one when the
+/// bundle crosses into staleness; nothing for the same failure again, so
+/// a dead partner costs a few records, not one per attempt.
+fn failure_audit(
+    cfg: &FederationConfig,
+    failure: &FetchFailure,
+    stored: Option<&FederatedBundleRecord>,
+    remembered: Option<&str>,
+    now_ms: i64,
+) -> Option<&'static str> {
+    let cause = failure.to_string();
+    let previous = stored.and_then(|r| r.last_error.as_deref()).or(remembered);
+    if let Some(r) = stored {
+        let stale_at = r
+            .checked_at_ms
+            .saturating_add(i64::try_from(stale_after(cfg).as_millis()).unwrap_or(i64::MAX));
+        let was_stale = r.last_error_at_ms.is_some_and(|t| t >= stale_at);
+        if now_ms >= stale_at && !was_stale {
+            return Some(ACTION_STALE);
+        }
+    }
+    (previous != Some(cause.as_str())).then(|| failure.action())
+}
+
+/// How failures are audited by [`refresh`].
+#[derive(Debug, Clone, Copy)]
+pub enum FailureAudit<'a> {
+    /// Every failure (an operator's `herald federation refresh`).
+    Always,
+    /// The refresher's: once per cause and when the bundle becomes stale
+    /// (see [`failure_audit`]); the argument is the last failure this
+    /// replica saw for the trust domain, for when none is stored.
+    OncePerCause(Option<&'a str>),
+}
+
 /// Fetches `td`'s bundle once and stores the result: a newer bundle, or
-/// the failure (audited; the last good bundle stays). Also returns the
-/// `spiffe_refresh_hint` of the bundle now held, for scheduling the next
-/// fetch.
+/// the failure (recorded as the last error and audited as `audit` says;
+/// the last good bundle stays). Also returns the `spiffe_refresh_hint` of
+/// the bundle now held, for scheduling the next fetch.
 pub async fn refresh(
     store: &Store,
     cfg: &FederationConfig,
     td: &FederatedTrustDomain,
     caller: &str,
+    audit: FailureAudit<'_>,
 ) -> Result<(RefreshOutcome, Option<u64>), StoreError> {
-    let stored = store
-        .federated_bundles()
-        .await?
-        .into_iter()
-        .find(|r| r.trust_domain == td.trust_domain.as_str());
-    let known = known_bundle(td, stored.as_ref());
+    let stored = store.federated_bundle(td.trust_domain.as_str()).await?;
     let held_hint = stored.as_ref().and_then(|r| r.refresh_hint_secs);
-    match fetch(cfg, td, known.as_ref()).await {
-        Ok(bundle) => {
-            let outcome = store_bundle(store, &bundle, "endpoint", caller).await?;
-            let hint = match outcome {
-                RefreshOutcome::Updated { .. } => bundle.refresh_hint_secs,
-                _ => held_hint,
-            };
-            Ok((outcome, hint))
+    let fetched = match known_bundle(td, stored.as_ref()) {
+        Ok(known) => fetch(cfg, td, known.as_ref()).await,
+        Err(f) => Err(f),
+    };
+    let failure = match fetched {
+        Ok(bundle) => match store_bundle(store, &bundle, "endpoint", caller).await? {
+            RefreshOutcome::Failed(f) => f,
+            outcome => {
+                let hint = match outcome {
+                    RefreshOutcome::Updated { .. } => bundle.refresh_hint_secs,
+                    _ => held_hint,
+                };
+                return Ok((outcome, hint));
+            }
+        },
+        Err(f) => f,
+    };
+    tracing::warn!(trust_domain = %td.trust_domain, code = failure.code().as_str(), error = %failure, "federated bundle not updated");
+    let now_ms = herald_core::audit::now_ms();
+    let action = match audit {
+        FailureAudit::Always => Some(failure.action()),
+        FailureAudit::OncePerCause(remembered) => {
+            failure_audit(cfg, &failure, stored.as_ref(), remembered, now_ms)
         }
-        Err(failure) => {
-            tracing::warn!(trust_domain = %td.trust_domain, code = failure.code().as_str(), error = %failure, "federated bundle not updated");
-            record_failure(store, &td.trust_domain, &failure, caller).await?;
-            Ok((RefreshOutcome::Failed(failure), held_hint))
+    };
+    let event = action.map(|a| {
+        let mut e = failure_event(a, caller, &td.trust_domain, &failure);
+        if a == ACTION_STALE {
+            e.detail = Some(format!(
+                "not confirmed for more than {} (3 × max_refresh); last error: {failure}",
+                humantime::format_duration(stale_after(cfg))
+            ));
         }
-    }
+        e
+    });
+    store
+        .record_federation_failure(
+            td.trust_domain.as_str(),
+            &failure.to_string(),
+            now_ms,
+            event,
+        )
+        .await?;
+    Ok((RefreshOutcome::Failed(failure), held_hint))
 }
 
 /// Removes `td`'s bundle (audited); `false` if none was held.
@@ -389,15 +492,26 @@ pub async fn delete(store: &Store, td: &TrustDomain, caller: &str) -> Result<boo
 }
 
 /// When to fetch again after `outcome`: the foreign refresh hint, bounded
-/// by configuration; sooner after a failure.
-fn next_delay(cfg: &FederationConfig, outcome: &RefreshOutcome, hint: Option<u64>) -> Duration {
-    let hinted = hint
-        .map(Duration::from_secs)
-        .unwrap_or(cfg.max_refresh)
-        .clamp(cfg.min_refresh, cfg.max_refresh);
+/// by configuration; after `failures` failures in a row, `retry` doubled
+/// for each after the first, up to `max_refresh` (a dead partner is not
+/// polled every 30 s forever; a success resets the count).
+fn next_delay(
+    cfg: &FederationConfig,
+    outcome: &RefreshOutcome,
+    hint: Option<u64>,
+    failures: u32,
+) -> Duration {
     match outcome {
-        RefreshOutcome::Failed(_) => cfg.retry.min(hinted),
-        _ => hinted,
+        RefreshOutcome::Failed(_) => {
+            let doublings = failures.saturating_sub(1).min(31);
+            cfg.retry
+                .saturating_mul(1u32 << doublings)
+                .min(cfg.max_refresh)
+        }
+        _ => hint
+            .map(Duration::from_secs)
+            .unwrap_or(cfg.max_refresh)
+            .clamp(cfg.min_refresh, cfg.max_refresh),
     }
 }
 
@@ -417,23 +531,38 @@ pub async fn reload_if_moved(shared: &Shared, sequence: u64) -> Result<(), Store
     Ok(())
 }
 
+/// One configured trust domain in the refresher: when it is due, and its
+/// failures in a row (for the back-off and the once-per-cause audit).
+struct Schedule {
+    at: tokio::time::Instant,
+    td: FederatedTrustDomain,
+    failures: u32,
+    last_failure: Option<String>,
+}
+
 /// The replica's federation loop: fetches each configured trust domain
 /// with an endpoint when due, one replica per trust domain at a time.
 pub async fn run(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
     let cfg = shared.config.federation.clone();
     let caller = format!("server:{}", shared.replica_id);
-    let mut due: Vec<(tokio::time::Instant, FederatedTrustDomain)> = cfg
+    let mut due: Vec<Schedule> = cfg
         .trust_domains
         .iter()
         .filter(|t| t.url.is_some())
-        .map(|t| (tokio::time::Instant::now(), t.clone()))
+        .map(|t| Schedule {
+            at: tokio::time::Instant::now(),
+            td: t.clone(),
+            failures: 0,
+            last_failure: None,
+        })
         .collect();
     if due.is_empty() {
         return;
     }
     loop {
         let now = tokio::time::Instant::now();
-        for (at, td) in due.iter_mut().filter(|(at, _)| *at <= now) {
+        for d in due.iter_mut().filter(|d| d.at <= now) {
+            let td = &d.td;
             let lease = format!("federation:{}", td.trust_domain);
             // Held while fetching; extended below to the next fetch.
             let lease_ms = cfg.min_refresh.as_millis() as i64;
@@ -450,12 +579,21 @@ pub async fn run(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
                 }
             };
             let delay = if mine {
-                match refresh(&shared.store, &cfg, td, &caller).await {
+                let audit = FailureAudit::OncePerCause(d.last_failure.as_deref());
+                match refresh(&shared.store, &cfg, td, &caller, audit).await {
                     Ok((outcome, hint)) => {
+                        // Counted at every attempt, audited once per cause.
                         shared
                             .metrics
                             .record_federation_fetch(td.trust_domain.as_str(), outcome.label());
-                        next_delay(&cfg, &outcome, hint)
+                        if let RefreshOutcome::Failed(f) = &outcome {
+                            d.failures = d.failures.saturating_add(1);
+                            d.last_failure = Some(f.to_string());
+                        } else {
+                            d.failures = 0;
+                            d.last_failure = None;
+                        }
+                        next_delay(&cfg, &outcome, hint, d.failures)
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "federated bundle could not be recorded");
@@ -463,11 +601,21 @@ pub async fn run(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
                     }
                 }
             } else {
-                cfg.min_refresh
+                // Another replica holds it until its next fetch: look again
+                // after the interval it will use, not every min_refresh, so
+                // that each other replica costs one lease attempt per
+                // interval; should the holder die, one of them fetches at
+                // most one interval late.
+                let hint = shared
+                    .federation()
+                    .bundles
+                    .get(&td.trust_domain)
+                    .and_then(|(r, _)| r.refresh_hint_secs);
+                next_delay(&cfg, &RefreshOutcome::Unchanged, hint, 0)
             };
             if mine {
                 // The lease now covers the whole interval, so the other
-                // replicas (checking every min_refresh) leave the next
+                // replicas (checking once an interval) leave the next
                 // fetch to this one; should it die, one of them takes over.
                 let until = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
                 if let Err(e) = shared
@@ -483,7 +631,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
                     tracing::warn!(error = %e, "federation lease not extended");
                 }
             }
-            *at = tokio::time::Instant::now() + delay;
+            d.at = tokio::time::Instant::now() + delay;
         }
         // Put what changed in effect here at once, not at the next poll.
         match shared.store.sequences().await {
@@ -496,7 +644,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
         }
         let next = due
             .iter()
-            .map(|(at, _)| *at)
+            .map(|d| d.at)
             .min()
             .unwrap_or_else(|| tokio::time::Instant::now() + cfg.max_refresh);
         tokio::select! {
@@ -511,14 +659,78 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refresh_follows_the_hint_within_bounds_and_retries_sooner() {
+    fn refresh_follows_the_hint_within_bounds_and_backs_off_on_failures() {
         let cfg = FederationConfig::default();
         let ok = RefreshOutcome::Unchanged;
-        assert_eq!(next_delay(&cfg, &ok, Some(300)), Duration::from_secs(300));
-        assert_eq!(next_delay(&cfg, &ok, Some(1)), cfg.min_refresh);
-        assert_eq!(next_delay(&cfg, &ok, Some(1 << 40)), cfg.max_refresh);
-        assert_eq!(next_delay(&cfg, &ok, None), cfg.max_refresh);
+        assert_eq!(
+            next_delay(&cfg, &ok, Some(300), 0),
+            Duration::from_secs(300)
+        );
+        assert_eq!(next_delay(&cfg, &ok, Some(1), 0), cfg.min_refresh);
+        assert_eq!(next_delay(&cfg, &ok, Some(1 << 40), 0), cfg.max_refresh);
+        assert_eq!(next_delay(&cfg, &ok, None, 0), cfg.max_refresh);
         let failed = RefreshOutcome::Failed(FetchFailure::Unreachable("x".into()));
-        assert_eq!(next_delay(&cfg, &failed, Some(3000)), cfg.retry);
+        // 30 s, 60 s, 120 s, … up to max_refresh (3600 s), whatever the hint.
+        let delays: Vec<u64> = (1..=9)
+            .map(|n| next_delay(&cfg, &failed, Some(300), n).as_secs())
+            .collect();
+        assert_eq!(delays, [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        assert_eq!(next_delay(&cfg, &failed, None, u32::MAX), cfg.max_refresh);
+    }
+
+    fn record(checked_at_ms: i64, last_error: Option<(&str, i64)>) -> FederatedBundleRecord {
+        FederatedBundleRecord {
+            trust_domain: "partner.test".into(),
+            jwks: "{}".into(),
+            sequence: Some(1),
+            refresh_hint_secs: Some(300),
+            source: "endpoint".into(),
+            updated_at_ms: checked_at_ms,
+            checked_at_ms,
+            last_error: last_error.map(|(e, _)| e.to_owned()),
+            last_error_at_ms: last_error.map(|(_, t)| t),
+        }
+    }
+
+    #[test]
+    fn a_failure_is_audited_when_its_cause_changes_and_when_the_bundle_becomes_stale() {
+        let cfg = FederationConfig::default();
+        let stale_ms = stale_after(&cfg).as_millis() as i64;
+        let down = FetchFailure::Unreachable("connection refused".into());
+        let hostile = FetchFailure::Refused("older sequence".into());
+        // The first failure after a success, and a new cause: audited.
+        let fresh = record(0, None);
+        assert_eq!(
+            failure_audit(&cfg, &down, Some(&fresh), None, 1_000),
+            Some(ACTION_UNREACHABLE)
+        );
+        let failing = record(0, Some(("connection refused", 1_000)));
+        assert_eq!(
+            failure_audit(&cfg, &down, Some(&failing), None, 31_000),
+            None
+        );
+        assert_eq!(
+            failure_audit(&cfg, &hostile, Some(&failing), None, 31_000),
+            Some(ACTION_REFUSED)
+        );
+        // Crossing into staleness: once.
+        assert_eq!(
+            failure_audit(&cfg, &down, Some(&failing), None, stale_ms),
+            Some(ACTION_STALE)
+        );
+        let stale = record(0, Some(("connection refused", stale_ms)));
+        assert_eq!(
+            failure_audit(&cfg, &down, Some(&stale), None, stale_ms + 3_600_000),
+            None
+        );
+        // No bundle stored: this replica's memory decides.
+        assert_eq!(
+            failure_audit(&cfg, &down, None, None, 0),
+            Some(ACTION_UNREACHABLE)
+        );
+        assert_eq!(
+            failure_audit(&cfg, &down, None, Some("connection refused"), 0),
+            None
+        );
     }
 }

@@ -125,12 +125,24 @@ async fn policies(State(shared): State<Arc<Shared>>) -> Response {
 
 /// `GET /metrics`: OpenMetrics text.
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    // Only when federating: one small read (no documents) per scrape.
+    let checked = if shared.federation().bundles.is_empty() {
+        None
+    } else {
+        match shared.store.federation_checked_at().await {
+            Ok(rows) => Some(rows),
+            Err(e) => {
+                tracing::warn!(error = %e, "federation check times unavailable");
+                None
+            }
+        }
+    };
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        shared.metrics.render(&shared),
+        shared.metrics.render(&shared, checked.as_deref()),
     )
         .into_response()
 }

@@ -350,7 +350,11 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition, with scrape-time values refreshed.
-    pub fn render(&self, shared: &Shared) -> String {
+    /// `federation_checked` is each federated bundle's `checked_at_ms` as
+    /// the store holds it (read per scrape: the replica that fetched may
+    /// be another, and an unchanged fetch does not reload the bundles);
+    /// without it, the loaded bundles' own times are used.
+    pub fn render(&self, shared: &Shared, federation_checked: Option<&[(String, i64)]>) -> String {
         let ca = shared.ca();
         self.ca_expiry.set(ca.ca.not_after());
         let earliest = ca
@@ -379,13 +383,22 @@ impl Metrics {
             }
         }
         let now_ms = herald_core::audit::now_ms();
+        let checked: std::collections::HashMap<&str, i64> = federation_checked
+            .unwrap_or_default()
+            .iter()
+            .map(|(t, at)| (t.as_str(), *at))
+            .collect();
         for (td, (record, bundle)) in &shared.federation().bundles {
             let labels = FederationLabels {
                 trust_domain: td.to_string(),
             };
+            let checked_at_ms = checked
+                .get(td.as_str())
+                .copied()
+                .unwrap_or(record.checked_at_ms);
             self.federation_age
                 .get_or_create(&labels)
-                .set((now_ms - record.checked_at_ms).max(0) / 1000);
+                .set((now_ms - checked_at_ms).max(0) / 1000);
             self.federation_sequence.get_or_create(&labels).set(
                 bundle
                     .sequence

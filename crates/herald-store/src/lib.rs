@@ -881,6 +881,20 @@ impl Store {
         on_backend!(self.federated_bundles().await)
     }
 
+    /// One federated trust domain's bundle, if stored.
+    pub async fn federated_bundle(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Option<FederatedBundleRecord>, StoreError> {
+        on_backend!(self.federated_bundle(trust_domain).await)
+    }
+
+    /// `(trust domain, checked_at_ms)` of every stored federated bundle,
+    /// without the documents.
+    pub async fn federation_checked_at(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        on_backend!(self.federation_checked_at().await)
+    }
+
     /// Stores a federated trust domain's bundle with `audit`, in one
     /// transaction, unless it is older: a changed document must carry a
     /// higher `spiffe_sequence` than the stored one. The same document
@@ -893,14 +907,15 @@ impl Store {
         on_backend!(self.put_federated_bundle(new, audit).await)
     }
 
-    /// Records a failed fetch or refused document for `trust_domain` with
-    /// `audit`; the stored bundle stays.
+    /// Records a failed fetch or refused document for `trust_domain`, with
+    /// `audit` if given (the refresher audits a failure once per cause, not
+    /// every attempt); the stored bundle stays.
     pub async fn record_federation_failure(
         &self,
         trust_domain: &str,
         error: &str,
         now_ms: i64,
-        audit: AuditEvent,
+        audit: Option<AuditEvent>,
     ) -> Result<(), StoreError> {
         on_backend!(
             self.record_federation_failure(trust_domain, error, now_ms, audit)

@@ -1102,9 +1102,19 @@ async fn federated_bundles_move_forward_only_and_keep_the_last_good_one(db: &Fix
             }
         );
     }
-    s.record_federation_failure("partner", "connection refused", 4_000, event())
+    s.record_federation_failure("partner", "connection refused", 4_000, Some(event()))
         .await
         .unwrap();
+    // Again, unaudited (the refresher audits once per cause): only the
+    // error's time moves.
+    let audited = s.audit_records(0, 1000).await.unwrap().len();
+    s.record_federation_failure("partner", "connection refused", 4_000, None)
+        .await
+        .unwrap();
+    assert_eq!(s.audit_records(0, 1000).await.unwrap().len(), audited);
+    let one = s.federated_bundle("partner").await.unwrap().unwrap();
+    assert_eq!(one.last_error.as_deref(), Some("connection refused"));
+    assert!(s.federated_bundle("nobody").await.unwrap().is_none());
     let all = s.federated_bundles().await.unwrap();
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].jwks, "{\"a\":1}", "the last good bundle stays");
@@ -1129,6 +1139,10 @@ async fn federated_bundles_move_forward_only_and_keep_the_last_good_one(db: &Fix
     );
     assert_eq!(all[1].sequence, Some(3));
     assert_eq!(all[1].last_error, None);
+    assert_eq!(
+        s.federation_checked_at().await.unwrap(),
+        vec![("other".to_owned(), 5_000), ("partner".to_owned(), 5_000)]
+    );
     assert_eq!(s.sequences().await.unwrap().federation, before + 3);
     assert!(s.delete_federated_bundle("other", event()).await.unwrap());
     assert!(!s.delete_federated_bundle("other", event()).await.unwrap());

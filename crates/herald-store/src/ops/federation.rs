@@ -56,6 +56,34 @@ impl Backend {
         rows.iter().map(from_row).collect()
     }
 
+    /// `trust_domain`'s bundle, if one is stored (one row: the refresher
+    /// reads only the domain it fetches).
+    pub async fn federated_bundle(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Option<FederatedBundleRecord>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM federated_bundles WHERE trust_domain = $1"
+        )))
+        .bind(trust_domain)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// When each stored bundle was last confirmed, by trust domain,
+    /// without the documents (the staleness gauge reads it per scrape).
+    pub async fn federation_checked_at(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT trust_domain, checked_at_ms FROM federated_bundles ORDER BY trust_domain",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
     /// Stores `new` unless it is older than what is stored; see
     /// [`crate::Store::put_federated_bundle`].
     pub async fn put_federated_bundle(
@@ -113,13 +141,13 @@ impl Backend {
     }
 
     /// Notes a failed fetch or a refused document for `trust_domain` (the
-    /// stored bundle, if any, stays) with its audit record.
+    /// stored bundle, if any, stays), with its audit record if given.
     pub async fn record_federation_failure(
         &self,
         trust_domain: &str,
         error: &str,
         now_ms: i64,
-        audit: AuditEvent,
+        audit: Option<AuditEvent>,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
         sqlx::query(
@@ -130,7 +158,9 @@ impl Backend {
         .bind(now_ms)
         .execute(&mut *tx)
         .await?;
-        append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
+        if let Some(audit) = audit {
+            append_audit(&mut tx, std::slice::from_ref(&audit)).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
