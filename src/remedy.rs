@@ -137,6 +137,9 @@ fn refusal(code: ErrorCode) -> &'static str {
         InvalidRequest => {
             "check the command's arguments (`herald <command> --help`); the message names the field"
         }
+        RequestTimeout => {
+            "send the whole request body at once: the server closes a connection whose body is still arriving after listen.body_read_timeout (default 10s)"
+        }
         RequestTooLarge => {
             "send less: the token, CSR or field exceeds the server's size cap (a token's is max_token_bytes of its [[oidc.issuers]] entry)"
         }

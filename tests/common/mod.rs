@@ -294,7 +294,13 @@ pub fn raw_http_bytes(addr: SocketAddr, request: &[u8]) -> (u16, String, String)
     s.write_all(request).unwrap();
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
-    let text = String::from_utf8_lossy(&resp).into_owned();
+    parse_http_response(&resp)
+}
+
+/// An HTTP response as read: (status, head in lowercase, body). Status 0
+/// when it is not HTTP.
+pub fn parse_http_response(resp: &[u8]) -> (u16, String, String) {
+    let text = String::from_utf8_lossy(resp).into_owned();
     let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     (status, head.to_ascii_lowercase(), body.to_owned())

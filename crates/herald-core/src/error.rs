@@ -58,6 +58,7 @@ macro_rules! error_codes {
 error_codes! {
     InvalidRequest => "invalid_request", InvalidArgument, "A required field is missing or malformed.";
     RequestTooLarge => "request_too_large", ResourceExhausted, "A field or message exceeds its size cap.";
+    RequestTimeout => "request_timeout", InvalidArgument, "The request's body did not arrive within the listener's deadline (listen.body_read_timeout); the connection was closed.";
     JoinTokenMalformed => "join_token_malformed", Unauthenticated, "The join token is not in Herald's token format.";
     JoinTokenUnknown => "join_token_unknown", Unauthenticated, "No such join token.";
     JoinTokenExpired => "join_token_expired", Unauthenticated, "The join token has expired.";

@@ -113,14 +113,20 @@ pub struct ListenConfig {
     /// once (and counted).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Time a client has to send a request's head (HTTP), or its first
-    /// bytes after the TLS handshake (gRPC): a client dribbling headers is
-    /// cut off.
+    /// Time a client has to send a request's head (HTTP); on gRPC, the
+    /// time from the TLS handshake to its first request's complete
+    /// headers, and to finish any frame it has begun. However steadily it
+    /// dribbles, a client slower than this is cut off.
     #[serde(
         default = "default_header_read_timeout",
         with = "humantime_serde_compat"
     )]
     pub header_read_timeout: Duration,
+    /// Time a client has to send a request's body once its head is in
+    /// (HTTP): a slow POST is answered `request_timeout` (408) and its
+    /// connection closed.
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde_compat")]
+    pub body_read_timeout: Duration,
     /// A gRPC connection with nothing read for this long is closed (live
     /// clients answer the server's keep-alive pings well within it).
     #[serde(default = "default_idle_timeout", with = "humantime_serde_compat")]
@@ -135,6 +141,7 @@ impl Default for ListenConfig {
             https: None,
             max_connections: default_max_connections(),
             header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
             idle_timeout: default_idle_timeout(),
         }
     }
@@ -145,6 +152,10 @@ fn default_max_connections() -> usize {
 }
 
 fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_body_read_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
@@ -816,8 +827,13 @@ impl ServerConfig {
         if self.listen.max_connections == 0 {
             return bad("listen.max_connections must be at least 1");
         }
-        if self.listen.header_read_timeout.is_zero() || self.listen.idle_timeout.is_zero() {
-            return bad("listen.header_read_timeout and listen.idle_timeout must be positive");
+        if self.listen.header_read_timeout.is_zero()
+            || self.listen.body_read_timeout.is_zero()
+            || self.listen.idle_timeout.is_zero()
+        {
+            return bad(
+                "listen.header_read_timeout, listen.body_read_timeout and listen.idle_timeout must be positive",
+            );
         }
         if self.audit.checkpoint_interval < Duration::from_millis(100) {
             return bad("audit.checkpoint_interval must be at least 100ms");

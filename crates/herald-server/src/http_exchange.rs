@@ -84,14 +84,18 @@ impl Protocol {
     }
 }
 
-/// The request body, read up to [`crate::http::MAX_BODY_BYTES`]: larger is
-/// `request_too_large`, unreadable (a bad chunk, a cut connection) is
-/// `invalid_request` — both answered in the endpoint's own shape.
+/// The request body, read up to [`crate::http::MAX_BODY_BYTES`] within
+/// `listen.body_read_timeout`: larger is `request_too_large`, unreadable (a
+/// bad chunk, a cut connection) is `invalid_request`, slower is
+/// `request_timeout` (408; hyper closes the connection, whose body was not
+/// read to its end) — each answered in the endpoint's own shape.
 async fn read_body(
+    shared: &Shared,
     headers: &axum::http::HeaderMap,
     body: axum::body::Body,
     too_large: &'static str,
     invalid: &'static str,
+    timeout: &'static str,
 ) -> Result<axum::body::Bytes, Protocol> {
     use http_body_util::BodyExt;
     let limit = crate::http::MAX_BODY_BYTES;
@@ -109,7 +113,24 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_big());
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
+    let deadline = shared.config.listen.body_read_timeout;
+    let collected = tokio::time::timeout(
+        deadline,
+        http_body_util::Limited::new(body, limit).collect(),
+    )
+    .await;
+    let Ok(collected) = collected else {
+        crate::listener::CONNECTIONS_TIMED_OUT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err(Protocol {
+            status: StatusCode::REQUEST_TIMEOUT,
+            ..Protocol::new(
+                ErrorCode::RequestTimeout,
+                timeout,
+                format!("the request body did not arrive within {deadline:?}"),
+            )
+        });
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_big()),
         Err(e) => Err(Protocol::new(
@@ -333,7 +354,17 @@ async fn oauth_protocol(run: Run<'_>, p: Protocol) -> Response {
     if r.code == ErrorCode::RateLimited {
         return oauth_refusal(&r);
     }
-    oauth_response(p.status, p.wire, r.code, &r.message)
+    closing_if_unread(oauth_response(p.status, p.wire, r.code, &r.message))
+}
+
+/// A refusal of a body that did not arrive in time closes the connection
+/// (hyper would too, the body being unread: said, not left implied).
+fn closing_if_unread(mut resp: Response) -> Response {
+    if resp.status() == StatusCode::REQUEST_TIMEOUT {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// What a token-exchange form asks for, checked.
@@ -425,7 +456,15 @@ pub async fn token_exchange(
         if method != Method::POST {
             return Err(Protocol::method("POST", "invalid_request"));
         }
-        let body = read_body(&headers, body, "invalid_request", "invalid_request").await?;
+        let body = read_body(
+            &shared,
+            &headers,
+            body,
+            "invalid_request",
+            "invalid_request",
+            "invalid_request",
+        )
+        .await?;
         rfc8693_form(&body)
     }
     .await;
@@ -555,12 +594,12 @@ async fn sts_protocol(run: Run<'_>, p: Protocol) -> Response {
     if r.code == ErrorCode::RateLimited {
         return sts_refusal(&r);
     }
-    sts_error(
+    closing_if_unread(sts_error(
         p.status,
         p.wire,
         &format!("{}: {}", r.code, r.message),
         r.code,
-    )
+    ))
 }
 
 /// What an `AssumeRoleWithWebIdentity` call asks for, checked as AWS
@@ -616,11 +655,15 @@ fn sts_request(f: &Form) -> Result<ExchangeRequest, Protocol> {
     };
     let policy = f.get("Policy").cloned();
     if policy.as_ref().is_some_and(|p| p.len() > STS_MAX_POLICY) {
-        return Err(Protocol::new(
-            ErrorCode::RequestTooLarge,
-            "PackedPolicyTooLarge",
-            "the session policy exceeds 2048 characters",
-        ));
+        // 400, as AWS answers it: a field over its cap, not a body.
+        return Err(Protocol {
+            status: StatusCode::BAD_REQUEST,
+            ..Protocol::new(
+                ErrorCode::RequestTooLarge,
+                "PackedPolicyTooLarge",
+                "the session policy exceeds 2048 characters",
+            )
+        });
     }
     Ok(ExchangeRequest {
         evidence: ExchangeEvidence {
@@ -654,8 +697,15 @@ pub async fn sts(
             .map_err(|r| Protocol::new(r.code, "Throttling", r.message))?;
         match method {
             Method::POST => {
-                let body =
-                    read_body(&headers, body, "RequestEntityTooLarge", "MalformedInput").await?;
+                let body = read_body(
+                    &shared,
+                    &headers,
+                    body,
+                    "RequestEntityTooLarge",
+                    "MalformedInput",
+                    "RequestTimeout",
+                )
+                .await?;
                 sts_form(&body)
             }
             Method::GET => sts_form(query.unwrap_or_default().as_bytes()),
@@ -929,7 +979,15 @@ pub async fn introspect(
                 }
             }
         }
-        let body = read_body(&headers, body, "invalid_request", "invalid_request").await?;
+        let body = read_body(
+            &shared,
+            &headers,
+            body,
+            "invalid_request",
+            "invalid_request",
+            "invalid_request",
+        )
+        .await?;
         let pairs = form_pairs(&body, "invalid_request")?;
         let f = form(&pairs, "invalid_request")?;
         match f.get("token").filter(|t| !t.is_empty()) {
