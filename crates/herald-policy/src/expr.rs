@@ -359,28 +359,6 @@ impl Taint {
     }
 }
 
-/// Functions that return a boolean or a length: no claim text reaches
-/// their result.
-const SCALAR_RESULTS: &[&str] = &[
-    operators::EQUALS,
-    operators::NOT_EQUALS,
-    operators::LESS,
-    operators::LESS_EQUALS,
-    operators::GREATER,
-    operators::GREATER_EQUALS,
-    operators::LOGICAL_AND,
-    operators::LOGICAL_OR,
-    operators::LOGICAL_NOT,
-    operators::IN,
-    operators::NOT_STRICTLY_FALSE,
-    operators::HAS,
-    "matches",
-    "startsWith",
-    "endsWith",
-    "contains",
-    "size",
-];
-
 /// What a walk of the syntax tree finds.
 #[derive(Default)]
 struct Shape {
@@ -579,7 +557,7 @@ impl Shape {
         }
         let all = target.into_iter().chain(args.iter().copied());
         match c.func_name.as_str() {
-            f if SCALAR_RESULTS.contains(&f) => Taint::Clean,
+            f if TESTS.contains(&f) => Taint::Clean,
             // The branches, whichever is taken.
             operators::CONDITIONAL => args
                 .get(1..)
@@ -695,7 +673,7 @@ impl Cost {
                 let size = match c.func_name.as_str() {
                     operators::ADD => sizes.fold(0u64, u64::saturating_add),
                     operators::CONDITIONAL => sizes.skip(1).max().unwrap_or(0),
-                    f if SCALAR_RESULTS.contains(&f) => 0,
+                    f if TESTS.contains(&f) => 0,
                     _ => sizes.max().unwrap_or(0),
                 };
                 let first = parts.first().copied().unwrap_or_default();
