@@ -96,10 +96,12 @@ fn measure(v: &Value, depth: usize, count: &mut usize) -> Result<(), String> {
 
 /// The deepest bracket nesting of a CEL source outside its string and
 /// bytes literals (quoted with `'`, `"`, or tripled; `r`-prefixed ones
-/// take no escapes).
-fn nesting(source: &str) -> usize {
+/// take no escapes), and how many operator characters (`.`, `+`, `==`'s
+/// two, …) it holds outside them.
+fn nesting(source: &str) -> (usize, usize) {
     let b = source.as_bytes();
     let (mut depth, mut max, mut i) = (0usize, 0usize, 0usize);
+    let mut operators = 0usize;
     while i < b.len() {
         match b[i] {
             q @ (b'"' | b'\'') => {
@@ -126,11 +128,13 @@ fn nesting(source: &str) -> usize {
                 max = max.max(depth);
             }
             b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b'.' | b'+' | b'-' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=' | b'!' | b'&' | b'|'
+            | b'?' | b':' => operators += 1,
             _ => {}
         }
         i += 1;
     }
-    max
+    (max, operators)
 }
 
 /// A call on the `sub` claim found in an expression: the method and its
@@ -184,10 +188,17 @@ impl Compiled {
         if source.len() > MAX_EXPRESSION_BYTES {
             return Err(format!("expression exceeds {MAX_EXPRESSION_BYTES} bytes"));
         }
-        if nesting(source) > MAX_NESTING {
+        let (brackets, operators) = nesting(source);
+        if brackets > MAX_NESTING {
             return Err(format!(
                 "expression nests brackets more than {MAX_NESTING} deep"
             ));
+        }
+        // The parser also recurses once per operator of a chain (`a + b +
+        // …`, `a.b.c…`): an expression with more operators than it may
+        // have nodes is refused before it runs.
+        if operators > MAX_NODES {
+            return Err(format!("expression has more than {MAX_NODES} nodes"));
         }
         let program = Program::compile(source).map_err(|e| format!("CEL: {e}"))?;
         let root = program.expression();
@@ -939,7 +950,7 @@ mod tests {
             (r#"claims.x == """a"(((""" && [1]"#, 1),
             ("{1: {2: [3]}}", 3),
         ] {
-            assert_eq!(nesting(src), depth, "{src}");
+            assert_eq!(nesting(src).0, depth, "{src}");
         }
         // One level past the limit is refused with a reason, in every
         // bracket kind; at the limit it compiles.
@@ -1033,6 +1044,48 @@ mod tests {
         let mut big = serde_json::Map::new();
         big.insert("xs".into(), json!(vec![1; MAX_CLAIM_VALUES + 1]));
         assert!(claims_value(&big).is_err());
+    }
+
+    /// The parser and the load-time walks recurse once per level of the
+    /// syntax tree: the deepest trees the size limit lets through (4 KiB
+    /// chains of one operator, of selections, of negations) are refused
+    /// or checked within a Tokio worker's 2 MiB stack, without overflowing
+    /// it.
+    #[test]
+    fn the_deepest_expressions_are_checked_within_a_worker_stack() {
+        let handle = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                let n = MAX_EXPRESSION_BYTES - 32;
+                let chain = |op: &str, term: &str| {
+                    let terms = n / (op.len() + term.len());
+                    format!("{}{term}", format!("{term}{op}").repeat(terms))
+                };
+                for (src, role) in [
+                    (format!("{} > 0", chain("+", "1")), Role::Condition),
+                    (chain("||", "true"), Role::Condition),
+                    (chain("==", "1"), Role::Condition),
+                    (
+                        format!("claims{} == 1", ".a".repeat(n / 2)),
+                        Role::Condition,
+                    ),
+                    (format!("{}true", "!".repeat(n)), Role::Condition),
+                    (format!("{}1 > 0", "-".repeat(n)), Role::Condition),
+                    (
+                        format!("\"spiffe://td/\" + {}", chain("+", "\"a\"")),
+                        Role::SpiffeId,
+                    ),
+                ] {
+                    let e = Compiled::compile(&src, role).unwrap_err();
+                    assert!(e.contains("nodes"), "{}…: {e}", &src[..20]);
+                }
+                // Just under the limits, a long chain compiles.
+                let long = chain("+", "1");
+                let at = format!("{} > 0", &long[..2 * (MAX_NODES / 2 - 2) + 1]);
+                Compiled::compile(&at, Role::Condition).unwrap();
+            })
+            .unwrap();
+        handle.join().unwrap();
     }
 
     /// Evaluation work is bounded at load: nested loops over claim lists
