@@ -299,3 +299,116 @@ fn the_server_writes_checkpoints_on_its_own() {
     assert!(done, "{out}{err}");
     assert!(out.contains("stored checkpoint"), "{out}");
 }
+
+/// The audit keys of the ring, as `herald ca status --json` lists them:
+/// (key id, status).
+fn audit_keys(site: &Site) -> Vec<(String, String)> {
+    let (done, out, err) = herald(site, &["ca", "status", "--json"]);
+    assert!(done, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|k| k["kind"] == "audit")
+        .map(|k| {
+            (
+                k["key_id"].as_str().unwrap().to_owned(),
+                k["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The audit key rotates with the key ring: a checkpoint signed before
+/// `herald ca rotate --kind audit` still verifies once its key is retired,
+/// and one signed after verifies under the new key — both named by the key
+/// that signed them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_verify_across_an_audit_key_rotation() {
+    let site = Site::with_extra(
+        "bundle_poll = \"200ms\"\n[ca.rotation]\npublish_ahead = \"1s\"\ncheck_interval = \"200ms\"\n",
+    );
+    let server = site.start();
+    activity(&site, &server, 2, "a");
+    let keys = audit_keys(&site);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let (old_key, status) = keys[0].clone();
+    assert_eq!(status, "active");
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (dir.path().join("old.json"), dir.path().join("new.json"));
+    let (done, _, err) = herald(
+        &site,
+        &["audit", "checkpoint", "--out", old.to_str().unwrap()],
+    );
+    assert!(done, "{err}");
+
+    let (done, out, err) = herald(&site, &["ca", "rotate", "--kind", "audit"]);
+    assert!(done, "{err}");
+    let new_key = out
+        .strip_prefix("audit: prepared ")
+        .and_then(|r| r.split(';').next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_owned();
+    assert!(!out.contains("x509") && !out.contains("jwt"), "{out}");
+    // The server activates the new key after publish_ahead and retires the
+    // old one after its grace.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let keys = audit_keys(&site);
+        let status = |id: &str| {
+            keys.iter()
+                .find(|(k, _)| k == id)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default()
+        };
+        if status(&new_key) == "active" && status(&old_key) == "retired" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the audit key did not rotate: {keys:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    activity(&site, &server, 1, "b");
+    let (done, _, err) = herald(
+        &site,
+        &["audit", "checkpoint", "--out", new.to_str().unwrap()],
+    );
+    assert!(done, "{err}");
+    server.stop();
+    assert!(checkpoint_seq(&new) > checkpoint_seq(&old));
+
+    let (done, out, err) = herald(
+        &site,
+        &[
+            "audit",
+            "verify",
+            "--checkpoint",
+            old.to_str().unwrap(),
+            "--checkpoint",
+            new.to_str().unwrap(),
+        ],
+    );
+    assert!(done, "{out}{err}");
+    for (file, key) in [(&old, &old_key), (&new, &new_key)] {
+        let line = format!(
+            "{}: record {} matches (signed by {key};",
+            file.display(),
+            checkpoint_seq(file)
+        );
+        assert!(out.contains(&line), "{line} not in {out}");
+    }
+    // A rewrite before the old checkpoint is caught through the retired key.
+    let mut db = attacker(&site).await;
+    rewrite_and_recompute(&mut db, checkpoint_seq(&old) - 1).await;
+    sqlx::query("DELETE FROM audit_checkpoints")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    db.close().await.unwrap();
+    let (done, _, err) = herald(
+        &site,
+        &["audit", "verify", "--checkpoint", old.to_str().unwrap()],
+    );
+    assert!(!done);
+    assert!(err.contains("error[audit_rewritten]"), "{err}");
+}

@@ -689,6 +689,93 @@ async fn spans_and_metrics_of_an_issuance_arrive_over_otlp() {
     drop(server);
 }
 
+/// A periodic audit checkpoint leaves the machine over OTLP as it is made:
+/// the `audit.checkpoint` span carries the same head (seq, hash) and JWS
+/// as the file written to `audit.checkpoint_dir`, and that JWS, taken from
+/// the span alone, verifies with `herald audit verify --checkpoint`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_is_shipped_over_otlp_with_the_files_chain_head() {
+    let (addr, seen) = otlp_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::with_extra(&format!(
+        "[audit]\ncheckpoint_interval = \"200ms\"\ncheckpoint_dir = \"{}\"\n",
+        dir.path().display()
+    ));
+    let server = Server::start_with_env(
+        &site.config(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+        ],
+    );
+    // Something to checkpoint.
+    let token = site.token(&format!("spiffe://{TRUST_DOMAIN}/ops/checkpoint"));
+    let out = tempfile::tempdir().unwrap();
+    ok(site.mint(&server, &token, out.path()));
+
+    // The first checkpoint file, and the span that carries the same JWS.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (file, attrs) = loop {
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .min();
+        if let Some(file) = file {
+            let body: Value =
+                serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+            let jws = format!("checkpoint={}", body["checkpoint"].as_str().unwrap());
+            let seen = seen.lock().unwrap();
+            let span = seen
+                .spans
+                .iter()
+                .find(|(name, attrs)| name == "audit.checkpoint" && attrs.contains(&jws));
+            if let Some((_, attrs)) = span {
+                break (body, attrs.clone());
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            let seen = seen.lock().unwrap();
+            let names: Vec<&String> = seen.spans.iter().map(|(n, _)| n).collect();
+            panic!("no audit.checkpoint span matching a checkpoint file: spans {names:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let seq = file["seq"].as_u64().unwrap();
+    let hash = file["hash"].as_str().unwrap();
+    assert_eq!(hash.len(), 64, "{file}");
+    assert!(
+        attrs.contains(&format!("hash={hash}")),
+        "the span's chain head is the file's: {attrs:?} vs {file}"
+    );
+    // (A u64 field travels as a string attribute.)
+    assert!(
+        attrs.contains(&format!("seq={seq}")) || attrs.contains(&format!("seq=IntValue({seq})")),
+        "{attrs:?} vs {file}"
+    );
+    let kid = file["key"]["kid"].as_str().unwrap();
+    assert!(
+        attrs.contains(&format!("key_id={kid}")),
+        "{attrs:?} vs {file}"
+    );
+    let jws = attrs
+        .iter()
+        .find_map(|a| a.strip_prefix("checkpoint="))
+        .unwrap();
+    server.stop();
+    // What arrived off the machine is a checkpoint the log must match.
+    let shipped = dir.path().join("shipped.jws");
+    std::fs::write(&shipped, jws).unwrap();
+    let verified = ok(site.herald(&["audit", "verify", "--checkpoint", shipped.to_str().unwrap()]));
+    assert!(
+        stdout(&verified).contains(&format!("record {seq} matches")),
+        "{}",
+        stdout(&verified)
+    );
+}
+
 /// Runs the Envoy API type check on `config`: (success, stdout, stderr).
 fn envoy_check(config: &Value) -> (bool, Value, String) {
     use std::io::Write;

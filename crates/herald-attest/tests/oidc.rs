@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use herald_attest::oidc::{Algorithm, IssuerConfig, OidcError, OidcVerifier};
 use herald_core::ErrorCode;
-use herald_test_oidc::{Alg, TestIssuer, now};
+use herald_test_oidc::{Alg, Document, TestIssuer, now};
 use serde_json::{Value, json};
 
 const AUD: &str = "herald";
@@ -467,8 +467,12 @@ async fn issuer_failures_name_their_cause() {
     cfg.extra_roots = None;
     let verifier = OidcVerifier::new(vec![cfg]).unwrap();
     let e = refused(&verifier, &issuer.sign(Alg::ES256, &gh(&issuer))).await;
-    let text = e.to_string().to_lowercase();
-    assert!(text.contains("certificate"), "{e}");
+    assert_eq!(e.code(), ErrorCode::IssuerUnavailable, "{e}");
+    let text = e.to_string();
+    assert!(text.contains("certificate refused"), "{e}");
+    // And why: rustls's reason, and the setting that fixes it.
+    assert!(text.contains("UnknownIssuer"), "{e}");
+    assert!(text.contains("extra_roots"), "{e}");
     // Nothing listening.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -486,6 +490,29 @@ async fn issuer_failures_name_their_cause() {
     let slow = OidcVerifier::new(vec![config(&issuer)]).unwrap();
     let e = refused(&slow, &issuer.sign(Alg::ES256, &gh(&issuer))).await;
     assert!(e.to_string().contains("timed out"), "{e}");
+    issuer.set_delay(Duration::ZERO);
+    // A document that is not JSON (an HTML error page served with 200)
+    // names the document and says so, for discovery and for the JWKS.
+    for (doc, path) in [
+        (Document::Discovery, "/.well-known/openid-configuration"),
+        (Document::Jwks, "/jwks"),
+    ] {
+        issuer.set_not_json(Some(doc));
+        let fresh = OidcVerifier::new(vec![config(&issuer)]).unwrap();
+        let e = refused(&fresh, &issuer.sign(Alg::ES256, &gh(&issuer))).await;
+        assert_eq!(e.code(), ErrorCode::IssuerUnavailable, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("{}{path}: not JSON", issuer.issuer())),
+            "{e}"
+        );
+    }
+    issuer.set_not_json(None);
+    let fresh = OidcVerifier::new(vec![config(&issuer)]).unwrap();
+    fresh
+        .verify(&issuer.sign(Alg::ES256, &gh(&issuer)), now())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -15,9 +15,17 @@
 //!    shared issuers. Every alternative of a regex (`a|b` at the top
 //!    level) must be bounded on its own. The check reads the compiled
 //!    expression, so every spelling is seen: `claims.sub.matches(…)`,
-//!    `claims["sub"].matches(…)`, `matches(claims.sub, …)`. It catches the
-//!    common mistakes; the owner pin of rule 1 is what actually bounds a
-//!    shared issuer.
+//!    `claims["sub"].matches(…)`, `matches(claims.sub, …)` — and a value
+//!    computed from `sub` is judged as `sub`: the expression's taint is
+//!    tracked through concatenation, conversion, lists, indexing and
+//!    comprehension variables, so `(claims.sub + "").matches(".*")`,
+//!    `[claims.sub].exists(s, s.matches(".*"))` and `claims[k].matches(…)`
+//!    are refused. A value that may not *start* with `sub` (`"x" +
+//!    claims.sub`, a list mixing `sub` with other values) cannot be
+//!    bounded by an anchor, so `matches`/`startsWith` on it are refused;
+//!    so is `x.startsWith(claims.sub)` unless `x` is a literal. It catches
+//!    the common mistakes; the owner pin of rule 1 is what actually bounds
+//!    a shared issuer.
 //! 3. **A shared issuer's platform token as a node's evidence without a
 //!    project pin.** Any VM of any GCP project can ask Google
 //!    (`https://accounts.google.com`) for an instance-identity token with
@@ -25,7 +33,7 @@
 //!    service account) exactly — under `platform_token.` when the token is
 //!    a TPM policy's second factor.
 
-use crate::expr::Compiled;
+use crate::expr::{Compiled, SubSubject};
 use crate::model::PolicyFile;
 
 /// Shared multi-tenant issuers and the claims that pin a tenant.
@@ -145,9 +153,27 @@ pub(crate) fn check(file: &PolicyFile, condition: Option<&Compiled>) -> Result<(
     Ok(())
 }
 
-/// Checks every call on the `sub` claim in a compiled condition.
+/// Checks every call on the `sub` claim in a compiled condition, and on
+/// every value computed from it.
 fn check_sub_calls(cond: &Compiled, shared: bool) -> Result<(), String> {
     for call in cond.sub_calls() {
+        let method = &call.method;
+        match call.subject {
+            SubSubject::Leading => {}
+            SubSubject::Argument => {
+                return Err(format!(
+                    "`x.{method}(sub)` on a computed `x` is an unbounded test on sub: test claims.sub itself, or against a literal"
+                ));
+            }
+            // The value may not start with `sub`: an anchored pattern or a
+            // prefix bounds the rest of it, not `sub`.
+            SubSubject::Computed if matches!(method.as_str(), "matches" | "startsWith") => {
+                return Err(format!(
+                    "`{method}` on a value computed from sub (which may not start with it) bounds nothing: test claims.sub itself"
+                ));
+            }
+            SubSubject::Computed => {}
+        }
         let Some(lit) = &call.literal else {
             return Err(format!(
                 "`sub.{}(...)` must take a string literal so it can be checked for unbounded matches",
@@ -291,6 +317,137 @@ mod tests {
             (r#"matches(claims.sub, ".*")"#, false, false),
             (r#"matches(claims["sub"], "^repo:")"#, true, false),
             (r#"claims["sub"].startsWith("repo:")"#, true, false),
+        ] {
+            assert_eq!(
+                check_sub_matches(cond, shared).is_ok(),
+                ok,
+                "{cond} shared={shared}"
+            );
+        }
+    }
+
+    /// A value computed from `sub` is judged as `sub`: every form that
+    /// carries it into a string test is seen, and only one that keeps `sub`
+    /// at its start can be bounded by an anchor.
+    #[test]
+    fn a_value_computed_from_sub_is_judged_as_sub() {
+        for (cond, shared, ok) in [
+            // Concatenation keeps sub at the start: judged by the pattern.
+            (r#"(claims.sub + "").matches(".*")"#, false, false),
+            (r#"(claims.sub + ":x").matches("^repo:acme/")"#, true, true),
+            (r#"matches(claims.sub + "", ".*")"#, false, false),
+            (r#"(claims.sub + "").startsWith("repo:")"#, true, false),
+            // Something before sub: no anchor bounds it.
+            (
+                r#"("repo:acme/" + claims.sub).matches("^repo:acme/")"#,
+                true,
+                false,
+            ),
+            (
+                r#"("repo:acme/" + claims.sub).startsWith("repo:acme/")"#,
+                false,
+                false,
+            ),
+            // Comprehension variables take the taint of their range.
+            (r#"[claims.sub].exists(s, s.matches(".*"))"#, false, false),
+            (
+                r#"[claims.sub].all(s, s.matches("^repo:acme/"))"#,
+                true,
+                true,
+            ),
+            (
+                r#"[claims.sub].exists(s, s.startsWith("repo:"))"#,
+                true,
+                false,
+            ),
+            (
+                r#"[claims.sub, claims.sub + "x"].exists(s, s.matches("^repo:acme/"))"#,
+                true,
+                true,
+            ),
+            // A list that mixes sub with another value may test the other.
+            (
+                r#"[claims.sub, "repo:acme/x"].exists(s, s.matches("^repo:acme/"))"#,
+                true,
+                false,
+            ),
+            (
+                r#"[claims.sub, claims.ref].exists(s, s.matches(".*"))"#,
+                false,
+                false,
+            ),
+            // A variable that shadows `claims` is its range's item.
+            (
+                r#"[claims.sub].exists(claims, claims.matches(".*"))"#,
+                false,
+                false,
+            ),
+            (
+                r#"[claims.sub].exists(x, [x].exists(y, y.matches(".*")))"#,
+                false,
+                false,
+            ),
+            // Conversions return their operand.
+            (r#"string(claims.sub).matches(".*")"#, false, false),
+            (r#"dyn(claims.sub).startsWith("repo:")"#, true, false),
+            (r#"string(int(claims.sub)).matches(".*")"#, false, false),
+            // Indexing: a literal list's items, a computed key, a map.
+            (r#"[claims.sub][0].matches(".*")"#, false, false),
+            (r#"claims["s" + "ub"].matches(".*")"#, false, false),
+            (r#"claims.exists(k, claims[k].matches(".*"))"#, false, false),
+            (r#"{"a": claims.sub}.a.matches(".*")"#, false, false),
+            (
+                r#"claims.map(k, claims[k])[0].startsWith("repo:acme/")"#,
+                true,
+                false,
+            ),
+            // Both branches of a conditional.
+            (
+                r#"(true ? claims.sub : "x").matches("^repo:acme/")"#,
+                true,
+                false,
+            ),
+            (
+                r#"(claims.ref == "x" ? claims.sub : claims.sub + "y").matches("^repo:acme/")"#,
+                true,
+                true,
+            ),
+            // endsWith/contains: refused on a shared issuer, as on sub.
+            (
+                r#"[claims.sub].exists(s, s.endsWith(":ref:refs/heads/main"))"#,
+                true,
+                false,
+            ),
+            (
+                r#"[claims.sub].exists(s, s.endsWith(":ref:refs/heads/main"))"#,
+                false,
+                true,
+            ),
+            (r#"("x" + claims.sub).contains("y")"#, false, true),
+            // sub as the argument: bounded only by a literal receiver.
+            (r#"claims.repository.startsWith(claims.sub)"#, false, false),
+            (r#"claims.ref.contains(claims.sub)"#, false, false),
+            (
+                r#""repo:acme/app:ref:refs/heads/main".startsWith(claims.sub)"#,
+                true,
+                true,
+            ),
+            // Values not derived from sub are not judged.
+            (r#"claims.ref.matches(".*")"#, true, true),
+            (r#"[claims.ref].exists(r, r.matches(".*"))"#, true, true),
+            (r#"claims.groups.exists(g, g.matches(".*"))"#, true, true),
+            (r#"claims["ref"].matches(".*")"#, true, true),
+            (
+                r#"has(claims.sub) && claims.sub.startsWith("repo:acme/")"#,
+                true,
+                true,
+            ),
+            (
+                r#"(claims.sub == "x" ? "a" : "b").matches(".*")"#,
+                true,
+                true,
+            ),
+            (r#"size(claims.sub) > 0 && "x".matches(".*")"#, true, true),
         ] {
             assert_eq!(
                 check_sub_matches(cond, shared).is_ok(),

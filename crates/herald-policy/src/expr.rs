@@ -12,7 +12,8 @@
 //!   another trust domain.
 //!
 //! Evaluation cost is bounded at load (expression size, syntax tree size,
-//! comprehension nesting) and per request (the size of the claims).
+//! comprehension nesting, and [`MAX_STEPS`] over the largest claims
+//! accepted) and per request (the size of the claims).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -38,6 +39,12 @@ pub const MAX_COMPREHENSION_DEPTH: usize = 2;
 pub const MAX_CLAIM_VALUES: usize = 4_096;
 /// Deepest nesting of the claims.
 pub const MAX_CLAIM_DEPTH: usize = 16;
+/// Most evaluation steps an expression may take, bounded at load over the
+/// largest claims accepted: every comprehension is assumed to run over
+/// [`MAX_CLAIM_VALUES`] items when its range comes from the claims, so two
+/// nested ones over claim lists (about 16.7 million steps) are refused,
+/// as is a membership test on a claim list inside a loop over another.
+pub const MAX_STEPS: u64 = 250_000;
 /// Longest regex pattern.
 pub const MAX_PATTERN_BYTES: usize = 1_024;
 /// Deepest nesting of brackets — `(`, `[`, `{`, calls included — outside
@@ -89,10 +96,12 @@ fn measure(v: &Value, depth: usize, count: &mut usize) -> Result<(), String> {
 
 /// The deepest bracket nesting of a CEL source outside its string and
 /// bytes literals (quoted with `'`, `"`, or tripled; `r`-prefixed ones
-/// take no escapes).
-fn nesting(source: &str) -> usize {
+/// take no escapes), and how many operator characters (`.`, `+`, `==`'s
+/// two, …) it holds outside them.
+fn nesting(source: &str) -> (usize, usize) {
     let b = source.as_bytes();
     let (mut depth, mut max, mut i) = (0usize, 0usize, 0usize);
+    let mut operators = 0usize;
     while i < b.len() {
         match b[i] {
             q @ (b'"' | b'\'') => {
@@ -119,11 +128,13 @@ fn nesting(source: &str) -> usize {
                 max = max.max(depth);
             }
             b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b'.' | b'+' | b'-' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=' | b'!' | b'&' | b'|'
+            | b'?' | b':' => operators += 1,
             _ => {}
         }
         i += 1;
     }
-    max
+    (max, operators)
 }
 
 /// A call on the `sub` claim found in an expression: the method and its
@@ -134,6 +145,24 @@ pub struct SubCall {
     pub method: String,
     /// The literal pattern or prefix; `None` when it is computed.
     pub literal: Option<String>,
+    /// How the value tested relates to `sub`.
+    pub subject: SubSubject,
+}
+
+/// How the value a string test runs on relates to the `sub` claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubSubject {
+    /// `sub` itself, or a value that starts with it (`claims.sub + "x"`,
+    /// `[claims.sub].exists(s, …)`): a pattern anchored to a literal
+    /// prefix bounds it.
+    Leading,
+    /// A value computed from `sub` that may not start with it (`"x" +
+    /// claims.sub`, `claims[k]`, a list that also holds other values): an
+    /// anchor bounds nothing.
+    Computed,
+    /// `sub` is the argument (`x.startsWith(claims.sub)`) and the receiver
+    /// is not a literal.
+    Argument,
 }
 
 /// A compiled expression.
@@ -159,10 +188,17 @@ impl Compiled {
         if source.len() > MAX_EXPRESSION_BYTES {
             return Err(format!("expression exceeds {MAX_EXPRESSION_BYTES} bytes"));
         }
-        if nesting(source) > MAX_NESTING {
+        let (brackets, operators) = nesting(source);
+        if brackets > MAX_NESTING {
             return Err(format!(
                 "expression nests brackets more than {MAX_NESTING} deep"
             ));
+        }
+        // The parser also recurses once per operator of a chain (`a + b +
+        // …`, `a.b.c…`): an expression with more operators than it may
+        // have nodes is refused before it runs.
+        if operators > MAX_NODES {
+            return Err(format!("expression has more than {MAX_NODES} nodes"));
         }
         let program = Program::compile(source).map_err(|e| format!("CEL: {e}"))?;
         let root = program.expression();
@@ -191,6 +227,12 @@ impl Compiled {
         }
         if let Some(e) = shape.error {
             return Err(e);
+        }
+        let steps = Cost::default().walk(root).steps;
+        if steps > MAX_STEPS {
+            return Err(format!(
+                "expression may take {steps} evaluation steps over claims of {MAX_CLAIM_VALUES} values (limit {MAX_STEPS}): do not nest loops over claim lists, or test membership in one inside a loop over another"
+            ));
         }
         let mut regexes = HashMap::new();
         for pattern in shape.patterns {
@@ -300,17 +342,31 @@ fn literal(e: &IdedExpr) -> Option<String> {
     }
 }
 
-/// Whether `e` is the `sub` claim: `claims.sub` or `claims["sub"]`.
-fn is_sub_claim(e: &IdedExpr) -> bool {
-    let is_claims = |o: &IdedExpr| matches!(&o.expr, Expr::Ident(n) if n == "claims");
-    match &e.expr {
-        Expr::Select(s) => s.field == "sub" && !s.test && is_claims(&s.operand),
-        Expr::Call(c) if c.func_name == operators::INDEX && c.target.is_none() => {
-            c.args.len() == 2
-                && is_claims(&c.args[0])
-                && literal(&c.args[1]).as_deref() == Some("sub")
+/// How much of the `sub` claim an expression's value may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taint {
+    /// None of it.
+    Clean,
+    /// It is a string that starts with `sub`.
+    Leading,
+    /// It may hold `sub` anywhere, or not at all.
+    Anywhere,
+}
+
+impl Taint {
+    /// The taint of a value that is one of `self` or `other`: a mix of
+    /// `sub` and other values is no longer known to start with `sub`.
+    fn join(self, other: Taint) -> Taint {
+        if self == other { self } else { Taint::Anywhere }
+    }
+
+    /// The taint of a value computed from parts of these taints.
+    fn any(parts: impl IntoIterator<Item = Taint>) -> Taint {
+        if parts.into_iter().all(|t| t == Taint::Clean) {
+            Taint::Clean
+        } else {
+            Taint::Anywhere
         }
-        _ => false,
     }
 }
 
@@ -322,80 +378,413 @@ struct Shape {
     patterns: BTreeSet<String>,
     sub_calls: Vec<SubCall>,
     error: Option<String>,
+    /// Comprehension variables in scope, innermost last, with the taint
+    /// of the values they take.
+    scope: Vec<(String, Taint)>,
 }
 
 impl Shape {
-    fn walk(&mut self, e: &IdedExpr, depth: usize) {
+    fn bound(&self, name: &str) -> Option<Taint> {
+        self.scope
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| *t)
+    }
+
+    /// Whether `e` is the `claims` variable (not a comprehension variable
+    /// that shadows it).
+    fn is_claims(&self, e: &IdedExpr) -> bool {
+        matches!(&e.expr, Expr::Ident(n) if n == "claims" && self.bound(n).is_none())
+    }
+
+    /// Walks `e`, recording what [`Shape`] collects, and returns how much
+    /// of `sub` its value may carry. The taint is tracked through every
+    /// computation so that a test on a value derived from `sub` —
+    /// `(claims.sub + "").matches(…)`, `[claims.sub].exists(s,
+    /// s.matches(…))`, `claims[k]` — is judged like one on `sub` itself.
+    fn walk(&mut self, e: &IdedExpr, depth: usize) -> Taint {
         self.nodes += 1;
         self.max_depth = self.max_depth.max(depth);
         match &e.expr {
-            Expr::Call(c) => {
-                // Receiver form `x.f(a)` or global form `f(x, a)`.
-                let (subject, rest): (Option<&IdedExpr>, &[IdedExpr]) = match &c.target {
-                    Some(t) => (Some(t), &c.args[..]),
-                    None => (c.args.first(), c.args.get(1..).unwrap_or_default()),
-                };
-                if c.func_name == "matches" {
-                    match rest.first().and_then(literal) {
-                        Some(p) if rest.len() == 1 => {
-                            self.patterns.insert(p);
-                        }
-                        _ => {
-                            self.error.get_or_insert_with(|| {
-                                "matches() takes one string literal pattern (compiled at load)"
-                                    .into()
-                            });
-                        }
-                    }
+            Expr::Ident(n) => match self.bound(n) {
+                Some(t) => t,
+                // The whole claims map holds `sub`.
+                None if n == "claims" => Taint::Anywhere,
+                None => Taint::Clean,
+            },
+            Expr::Literal(_) | Expr::Unspecified => Taint::Clean,
+            Expr::Select(s) => {
+                if self.is_claims(&s.operand) {
+                    self.nodes += 1;
+                    return if s.field == "sub" && !s.test {
+                        Taint::Leading
+                    } else {
+                        Taint::Clean
+                    };
                 }
-                if matches!(
-                    c.func_name.as_str(),
-                    "matches" | "startsWith" | "endsWith" | "contains"
-                ) && subject.is_some_and(is_sub_claim)
-                {
-                    self.sub_calls.push(SubCall {
-                        method: c.func_name.clone(),
-                        literal: rest.first().and_then(literal),
-                    });
-                }
-                if let Some(t) = &c.target {
-                    self.walk(t, depth);
-                }
-                for a in &c.args {
-                    self.walk(a, depth);
-                }
+                let t = self.walk(&s.operand, depth);
+                if s.test { Taint::Clean } else { t }
             }
-            Expr::Select(s) => self.walk(&s.operand, depth),
-            Expr::List(l) => l.elements.iter().for_each(|el| self.walk(el, depth)),
+            Expr::Call(c) => self.call(c, depth),
+            Expr::List(l) => {
+                let items: Vec<Taint> = l.elements.iter().map(|el| self.walk(el, depth)).collect();
+                Taint::any(items)
+            }
             Expr::Map(m) => {
+                let mut parts = Vec::new();
                 for entry in &m.entries {
-                    self.entry(&entry.expr, depth);
+                    parts.push(self.entry(&entry.expr, depth));
                 }
+                Taint::any(parts)
             }
             Expr::Struct(s) => {
+                let mut parts = Vec::new();
                 for entry in &s.entries {
-                    self.entry(&entry.expr, depth);
+                    parts.push(self.entry(&entry.expr, depth));
                 }
+                Taint::any(parts)
             }
             Expr::Comprehension(c) => {
-                self.walk(&c.iter_range, depth);
-                self.walk(&c.accu_init, depth);
+                let items = self.items(&c.iter_range, depth);
+                let init = self.walk(&c.accu_init, depth);
+                let outer = self.scope.len();
+                self.scope.push((c.iter_var.clone(), items));
+                if let Some(v2) = &c.iter_var2 {
+                    self.scope.push((v2.clone(), items));
+                }
+                self.scope.push((c.accu_var.clone(), init));
                 self.walk(&c.loop_cond, depth + 1);
-                self.walk(&c.loop_step, depth + 1);
-                self.walk(&c.result, depth);
+                let step = self.walk(&c.loop_step, depth + 1);
+                // The accumulator (never named by a policy: the macros
+                // call it `@result`) ends as its initial value or a step's.
+                if let Some(last) = self.scope.last_mut() {
+                    last.1 = if step == init {
+                        init
+                    } else {
+                        Taint::any([init, step])
+                    };
+                }
+                let result = self.walk(&c.result, depth);
+                self.scope.truncate(outer);
+                result
             }
-            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
         }
     }
 
-    fn entry(&mut self, e: &EntryExpr, depth: usize) {
+    /// Walks a comprehension's range and returns the taint of its items:
+    /// a list literal's items are known one by one; any other range that
+    /// carries `sub` may yield it anywhere.
+    fn items(&mut self, range: &IdedExpr, depth: usize) -> Taint {
+        match &range.expr {
+            Expr::List(l) if !l.elements.is_empty() => {
+                self.nodes += 1;
+                let items: Vec<Taint> = l.elements.iter().map(|el| self.walk(el, depth)).collect();
+                items
+                    .into_iter()
+                    .reduce(Taint::join)
+                    .unwrap_or(Taint::Clean)
+            }
+            _ => Taint::any([self.walk(range, depth)]),
+        }
+    }
+
+    fn call(&mut self, c: &cel::common::ast::CallExpr, depth: usize) -> Taint {
+        // `claims["sub"]` is `claims.sub`; any other computed key may be
+        // "sub".
+        if c.func_name == operators::INDEX
+            && c.target.is_none()
+            && c.args.len() == 2
+            && self.is_claims(&c.args[0])
+        {
+            self.nodes += 1;
+            self.walk(&c.args[1], depth);
+            return match literal(&c.args[1]) {
+                Some(k) if k == "sub" => Taint::Leading,
+                Some(_) => Taint::Clean,
+                None => Taint::Anywhere,
+            };
+        }
+        // `[a, b][i]`: one of the items.
+        if c.func_name == operators::INDEX
+            && c.target.is_none()
+            && c.args.len() == 2
+            && matches!(c.args[0].expr, Expr::List(_))
+        {
+            let items = self.items(&c.args[0], depth);
+            self.walk(&c.args[1], depth);
+            return items;
+        }
+        // Receiver form `x.f(a)` or global form `f(x, a)`.
+        let (subject, rest): (Option<&IdedExpr>, &[IdedExpr]) = match &c.target {
+            Some(t) => (Some(t), &c.args[..]),
+            None => (c.args.first(), c.args.get(1..).unwrap_or_default()),
+        };
+        let target = c.target.as_ref().map(|t| self.walk(t, depth));
+        let args: Vec<Taint> = c.args.iter().map(|a| self.walk(a, depth)).collect();
+        let (subject_taint, rest_taint) = match target {
+            Some(t) => (t, &args[..]),
+            None => (
+                args.first().copied().unwrap_or(Taint::Clean),
+                args.get(1..).unwrap_or_default(),
+            ),
+        };
+        if c.func_name == "matches" {
+            match rest.first().and_then(literal) {
+                Some(p) if rest.len() == 1 => {
+                    self.patterns.insert(p);
+                }
+                _ => {
+                    self.error.get_or_insert_with(|| {
+                        "matches() takes one string literal pattern (compiled at load)".into()
+                    });
+                }
+            }
+        }
+        if matches!(
+            c.func_name.as_str(),
+            "matches" | "startsWith" | "endsWith" | "contains"
+        ) {
+            let how = match subject_taint {
+                Taint::Leading => Some(SubSubject::Leading),
+                Taint::Anywhere => Some(SubSubject::Computed),
+                // A literal receiver bounds `sub` as its argument to that
+                // literal's substrings.
+                Taint::Clean
+                    if rest_taint.iter().any(|t| *t != Taint::Clean)
+                        && subject.is_none_or(|s| literal(s).is_none()) =>
+                {
+                    Some(SubSubject::Argument)
+                }
+                Taint::Clean => None,
+            };
+            if let Some(subject) = how {
+                self.sub_calls.push(SubCall {
+                    method: c.func_name.clone(),
+                    literal: rest.first().and_then(literal),
+                    subject,
+                });
+            }
+        }
+        let all = target.into_iter().chain(args.iter().copied());
+        match c.func_name.as_str() {
+            f if TESTS.contains(&f) => Taint::Clean,
+            // The branches, whichever is taken.
+            operators::CONDITIONAL => args
+                .get(1..)
+                .unwrap_or_default()
+                .iter()
+                .copied()
+                .reduce(Taint::join)
+                .unwrap_or(Taint::Clean),
+            // A concatenation starts with its first operand.
+            operators::ADD if c.target.is_none() && args.first() == Some(&Taint::Leading) => {
+                Taint::Leading
+            }
+            // Conversions return their operand as it was.
+            "string" | "dyn" if c.target.is_none() && args.len() == 1 => args[0],
+            _ => Taint::any(all),
+        }
+    }
+
+    fn entry(&mut self, e: &EntryExpr, depth: usize) -> Taint {
         match e {
             EntryExpr::StructField(f) => self.walk(&f.value, depth),
             EntryExpr::MapEntry(m) => {
-                self.walk(&m.key, depth);
-                self.walk(&m.value, depth);
+                let k = self.walk(&m.key, depth);
+                let v = self.walk(&m.value, depth);
+                Taint::any([k, v])
             }
         }
+    }
+}
+
+/// Most entries in `factors` (one per kind of evidence).
+const MAX_FACTORS: u64 = 8;
+
+/// An upper bound on an expression's evaluation work, over the largest
+/// claims accepted.
+#[derive(Default)]
+struct Cost {
+    /// Comprehension variables in scope, innermost last: name, size bound,
+    /// and whether its items' sizes add up to at most that bound.
+    scope: Vec<(String, u64, bool)>,
+    /// Where the innermost comprehension's variables start in `scope`.
+    innermost: usize,
+}
+
+/// What [`Cost`] knows of a subexpression.
+#[derive(Debug, Clone, Copy, Default)]
+struct Estimate {
+    /// Bounds the length of any list or map the value holds (itself or
+    /// nested).
+    size: u64,
+    /// Bounds the nodes evaluated plus the items `in`, `==` and `+` go
+    /// through.
+    steps: u64,
+    /// `size` also bounds the sizes of the value's items added up (true
+    /// of the claims, which hold [`MAX_CLAIM_VALUES`] in all, and of what
+    /// is read out of them).
+    shared: bool,
+    /// The value is (read out of) the innermost loop's current item, and
+    /// that loop runs over a value whose items share its size: work linear
+    /// in the item adds up, over the loop, to that size — as one more
+    /// step per iteration does — so it is not charged again.
+    item: bool,
+}
+
+impl Cost {
+    fn walk(&mut self, e: &IdedExpr) -> Estimate {
+        let leaf = |size, shared, item| Estimate {
+            size,
+            steps: 1,
+            shared,
+            item,
+        };
+        match &e.expr {
+            Expr::Ident(n) => match self.scope.iter().rposition(|(v, _, _)| v == n) {
+                Some(i) => {
+                    let (_, size, shared) = self.scope[i];
+                    leaf(size, shared, shared && i >= self.innermost)
+                }
+                None if n == "claims" => leaf(MAX_CLAIM_VALUES as u64, true, false),
+                None if n == "factors" => leaf(MAX_FACTORS, true, false),
+                None => leaf(0, true, false),
+            },
+            Expr::Literal(_) | Expr::Unspecified => leaf(0, true, false),
+            Expr::Select(s) => {
+                let operand = self.walk(&s.operand);
+                Estimate {
+                    steps: operand.steps.saturating_add(1),
+                    ..operand
+                }
+            }
+            Expr::Call(c) => {
+                let mut parts: Vec<Estimate> = Vec::with_capacity(c.args.len() + 1);
+                for operand in c.target.iter().map(|t| &**t).chain(&c.args) {
+                    parts.push(self.walk(operand));
+                }
+                // The items a call goes through beside evaluating its
+                // operands: a membership test scans its list, an equality
+                // stops at the shorter side, a concatenation of two
+                // collections copies both.
+                let linear = |e: &Estimate| if e.item { 0 } else { e.size };
+                let scanned = match (c.func_name.as_str(), &parts[..]) {
+                    (operators::IN, [.., list]) => linear(list),
+                    (operators::EQUALS | operators::NOT_EQUALS, [a, b]) => linear(a).min(linear(b)),
+                    (operators::ADD, [a, b]) if a.size > 0 && b.size > 0 => {
+                        linear(a).saturating_add(linear(b))
+                    }
+                    _ => 0,
+                };
+                let steps = parts.iter().fold(1u64.saturating_add(scanned), |n, p| {
+                    n.saturating_add(p.steps)
+                });
+                let sizes = parts.iter().map(|p| p.size);
+                let size = match c.func_name.as_str() {
+                    operators::ADD => sizes.fold(0u64, u64::saturating_add),
+                    operators::CONDITIONAL => sizes.skip(1).max().unwrap_or(0),
+                    f if TESTS.contains(&f) => 0,
+                    _ => sizes.max().unwrap_or(0),
+                };
+                let first = parts.first().copied().unwrap_or_default();
+                match c.func_name.as_str() {
+                    // Read out of its operand (or returned as it is).
+                    operators::INDEX | "dyn" => Estimate {
+                        size,
+                        steps,
+                        ..first
+                    },
+                    operators::ADD => Estimate {
+                        size,
+                        steps,
+                        shared: parts.iter().all(|p| p.shared),
+                        item: false,
+                    },
+                    _ => Estimate {
+                        size,
+                        steps,
+                        shared: size == 0,
+                        item: false,
+                    },
+                }
+            }
+            Expr::List(l) => {
+                let parts: Vec<Estimate> = l.elements.iter().map(|el| self.walk(el)).collect();
+                collection(l.elements.len(), &parts)
+            }
+            Expr::Map(m) => {
+                let parts = self.entries(&m.entries);
+                collection(m.entries.len(), &parts)
+            }
+            Expr::Struct(s) => {
+                let parts = self.entries(&s.entries);
+                collection(s.entries.len(), &parts)
+            }
+            Expr::Comprehension(c) => {
+                let range = self.walk(&c.iter_range);
+                let init = self.walk(&c.accu_init);
+                let items = range.size;
+                let (outer, innermost) = (self.scope.len(), self.innermost);
+                self.innermost = outer;
+                self.scope.push((c.iter_var.clone(), items, range.shared));
+                if let Some(v2) = &c.iter_var2 {
+                    self.scope.push((v2.clone(), items, range.shared));
+                }
+                // Inside the loop the accumulator costs nothing to extend:
+                // the evaluator appends `map` and `filter` results in place.
+                self.scope.push((c.accu_var.clone(), 0, false));
+                let cond = self.walk(&c.loop_cond);
+                let step = self.walk(&c.loop_step);
+                // Every macro's accumulator grows by at most one item per
+                // iteration (of at most the size a step adds).
+                if let Some(last) = self.scope.last_mut() {
+                    last.1 = init.size.saturating_add(items).max(step.size);
+                }
+                let result = self.walk(&c.result);
+                self.scope.truncate(outer);
+                self.innermost = innermost;
+                let per_item = cond.steps.saturating_add(step.steps);
+                Estimate {
+                    size: result.size,
+                    steps: range
+                        .steps
+                        .saturating_add(init.steps)
+                        .saturating_add(items.saturating_mul(per_item))
+                        .saturating_add(result.steps)
+                        .saturating_add(1),
+                    shared: result.size == 0,
+                    item: false,
+                }
+            }
+        }
+    }
+
+    fn entries(&mut self, entries: &[cel::common::ast::IdedEntryExpr]) -> Vec<Estimate> {
+        let mut parts = Vec::new();
+        for entry in entries {
+            match &entry.expr {
+                EntryExpr::StructField(f) => parts.push(self.walk(&f.value)),
+                EntryExpr::MapEntry(m) => {
+                    parts.push(self.walk(&m.key));
+                    parts.push(self.walk(&m.value));
+                }
+            }
+        }
+        parts
+    }
+}
+
+/// A list or map literal of `len` entries made of `parts`: its size is
+/// theirs added up, so its items share it.
+fn collection(len: usize, parts: &[Estimate]) -> Estimate {
+    Estimate {
+        size: parts
+            .iter()
+            .fold(len as u64, |n, p| n.saturating_add(p.size)),
+        steps: parts.iter().fold(1u64, |n, p| n.saturating_add(p.steps)),
+        shared: true,
+        item: false,
     }
 }
 
@@ -561,7 +950,7 @@ mod tests {
             (r#"claims.x == """a"(((""" && [1]"#, 1),
             ("{1: {2: [3]}}", 3),
         ] {
-            assert_eq!(nesting(src), depth, "{src}");
+            assert_eq!(nesting(src).0, depth, "{src}");
         }
         // One level past the limit is refused with a reason, in every
         // bracket kind; at the limit it compiles.
@@ -655,6 +1044,123 @@ mod tests {
         let mut big = serde_json::Map::new();
         big.insert("xs".into(), json!(vec![1; MAX_CLAIM_VALUES + 1]));
         assert!(claims_value(&big).is_err());
+    }
+
+    /// The parser and the load-time walks recurse once per level of the
+    /// syntax tree: the deepest trees the size limit lets through (4 KiB
+    /// chains of one operator, of selections, of negations) are refused
+    /// or checked within a Tokio worker's 2 MiB stack, without overflowing
+    /// it.
+    #[test]
+    fn the_deepest_expressions_are_checked_within_a_worker_stack() {
+        let handle = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                let n = MAX_EXPRESSION_BYTES - 32;
+                let chain = |op: &str, term: &str| {
+                    let terms = n / (op.len() + term.len());
+                    format!("{}{term}", format!("{term}{op}").repeat(terms))
+                };
+                for (src, role) in [
+                    (format!("{} > 0", chain("+", "1")), Role::Condition),
+                    (chain("||", "true"), Role::Condition),
+                    (chain("==", "1"), Role::Condition),
+                    (
+                        format!("claims{} == 1", ".a".repeat(n / 2)),
+                        Role::Condition,
+                    ),
+                    (format!("{}true", "!".repeat(n)), Role::Condition),
+                    (format!("{}1 > 0", "-".repeat(n)), Role::Condition),
+                    (
+                        format!("\"spiffe://td/\" + {}", chain("+", "\"a\"")),
+                        Role::SpiffeId,
+                    ),
+                ] {
+                    let e = Compiled::compile(&src, role).unwrap_err();
+                    assert!(e.contains("nodes"), "{}…: {e}", &src[..20]);
+                }
+                // Just under the limits, a long chain compiles.
+                let long = chain("+", "1");
+                let at = format!("{} > 0", &long[..2 * (MAX_NODES / 2 - 2) + 1]);
+                Compiled::compile(&at, Role::Condition).unwrap();
+            })
+            .unwrap();
+        handle.join().unwrap();
+    }
+
+    /// Evaluation work is bounded at load: nested loops over claim lists
+    /// (the worst case, ~16.7 million steps at 4,096 claim values) are
+    /// refused; the costliest expression accepted, run over the largest
+    /// claims accepted, is timed.
+    #[test]
+    fn evaluation_cost_is_bounded_at_load() {
+        for bad in [
+            "claims.xs.all(a, claims.xs.all(b, a == b))",
+            "claims.xs.exists(a, claims.ys.exists(b, a == b))",
+            "claims.xs.exists(a, a in claims.ys)",
+            "claims.xs.map(a, claims.ys).exists(l, l.exists(x, x == 1))",
+            "claims.exists(k, claims[k].exists(v, v == 1))",
+            "claims.xs.all(a, claims.ys == claims.zs)",
+        ] {
+            let e = Compiled::compile(bad, Role::Condition).unwrap_err();
+            assert!(e.contains("evaluation steps"), "{bad}: {e}");
+        }
+        for fine in [
+            r#"claims.groups.exists(g, g == "admin")"#,
+            "claims.xs.exists(a, [1, 2, 3].exists(b, a == b))",
+            "claims.xs.exists(x, x in [1, 2])",
+            r#"claims.groups.exists(g, g == claims.team + "-admins")"#,
+            "claims.xs.map(x, x + 1).filter(y, y > 2).size() > 0",
+            r#"claims.xs.all(a, a in ["x", "y"]) && claims.ys.all(b, b == "z")"#,
+        ] {
+            Compiled::compile(fine, Role::Condition).unwrap_or_else(|e| panic!("{fine}: {e}"));
+        }
+
+        // The costliest accepted expression of one shape: a loop over a
+        // claim list whose body is as long as the bound allows.
+        let body = |terms: usize| vec!["x >= 0"; terms].join(" && ");
+        let mut terms = 1;
+        while Compiled::compile(
+            &format!("claims.xs.all(x, {})", body(terms + 1)),
+            Role::Condition,
+        )
+        .is_ok()
+        {
+            terms += 1;
+        }
+        let worst = cond(&format!("claims.xs.all(x, {})", body(terms)));
+        let mut big = serde_json::Map::new();
+        big.insert("xs".into(), json!(vec![0; MAX_CLAIM_VALUES - 1]));
+        let claims = claims_value(&big).unwrap();
+        let started = std::time::Instant::now();
+        assert!(worst.eval_bool(&claims, &[]).unwrap());
+        let accepted = started.elapsed();
+
+        // What the refused worst case would cost, measured on an eighth
+        // of the claims (an 64th of its work) and scaled up.
+        let nested = Compiled {
+            program: Program::compile("claims.xs.all(a, claims.xs.all(b, a == b))").unwrap(),
+            source: String::new(),
+            regexes: Arc::default(),
+            sub_calls: Vec::new(),
+        };
+        let mut eighth = serde_json::Map::new();
+        eighth.insert("xs".into(), json!(vec![0; MAX_CLAIM_VALUES / 8]));
+        let started = std::time::Instant::now();
+        assert!(
+            nested
+                .eval_bool(&claims_value(&eighth).unwrap(), &[])
+                .unwrap()
+        );
+        let refused = started.elapsed() * 64;
+        println!(
+            "CEL cost: costliest accepted (one loop, {terms} tests per item, {} claim values) took {accepted:?}; the refused nested loop over {MAX_CLAIM_VALUES} values would take about {refused:?}",
+            MAX_CLAIM_VALUES - 1
+        );
+        assert!(
+            accepted * 4 < refused,
+            "the bound should keep the accepted cost well below the refused one"
+        );
     }
 
     #[test]

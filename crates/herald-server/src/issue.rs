@@ -267,3 +267,84 @@ pub(crate) fn issue(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use herald_core::{SpiffeId, TrustDomain};
+
+    use super::*;
+    use crate::config::ServerConfig;
+
+    /// The server's own DNS names are refused when a credential is signed,
+    /// whatever grant carries them. Policies naming them are refused at
+    /// load, so no policy the server loaded reaches this: the check stands
+    /// behind that one (a set loaded with other `tls.dns_names`), and it
+    /// compares DNS names as DNS does — any case, with or without the
+    /// trailing dot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_grant_naming_the_servers_dns_names_is_refused_at_issue() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let kek = dir.path().join("kek");
+        std::fs::write(&kek, "4b".repeat(32)).unwrap();
+        std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let td = TrustDomain::new("issue.herald.test").unwrap();
+        let mut cfg = ServerConfig::new(td, dir.path().join("data"));
+        cfg.listen.grpc = "127.0.0.1:0".parse().unwrap();
+        cfg.listen.http = "127.0.0.1:0".parse().unwrap();
+        cfg.listen.https = None;
+        cfg.ca.key_encryption_key_file = Some(kek);
+        cfg.tls.dns_names = vec!["herald.example.org".into(), "localhost".into()];
+        let server = crate::start(cfg).await.unwrap();
+        let shared = &server.shared;
+        let ca = shared.ca();
+        let decision = Decision {
+            policy: "web".into(),
+            spiffe_id: SpiffeId::parse("spiffe://issue.herald.test/web").unwrap(),
+            grants: herald_policy::Grants::default(),
+            factors: Vec::new(),
+            golden_set: None,
+            origin: Origin::Bootstrap,
+        };
+        let lineage = Lineage {
+            origin: Origin::Bootstrap,
+            parent: None,
+        };
+        let audit = AuditEvent::new("x509_svid.mint", "test");
+        for (names, reserved) in [
+            (&["web.internal"][..], None),
+            (
+                &["web.internal", "HERALD.Example.org."],
+                Some("HERALD.Example.org."),
+            ),
+            (&["LocalHost"], Some("LocalHost")),
+        ] {
+            let grant = Grant::X509Svid {
+                ttl: Duration::from_secs(600),
+                dns_names: names.iter().map(|n| n.to_string()).collect(),
+            };
+            let wanted = RequestedCredential::X509Svid {
+                csr: herald_client::keys::generate_key_and_csr().unwrap().csr_der,
+                ttl: None,
+            };
+            let now = crate::unix_now();
+            let result = issue(
+                shared, &ca, &decision, &grant, &wanted, &lineage, &audit, now,
+            );
+            match (result, reserved) {
+                (Ok((Issued::X509 { issued, .. }, record)), None) => {
+                    assert_eq!(record.spiffe_id, "spiffe://issue.herald.test/web");
+                    assert!(!issued.cert_der.is_empty());
+                }
+                (Err(e), Some(name)) => {
+                    assert_eq!(e.code, ErrorCode::DnsNameReserved, "{names:?}: {e:?}");
+                    assert!(e.message.contains(name), "{e:?}");
+                }
+                (other, _) => panic!("{names:?}: {:?}", other.map(|(_, r)| r.serial)),
+            }
+        }
+        server.shutdown().await;
+    }
+}

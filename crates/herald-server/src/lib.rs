@@ -158,8 +158,9 @@ pub struct Shared {
 impl Shared {
     /// The first of `names` that is one of the server's own DNS names: an
     /// SVID carrying it would pass for the server with a TLS client that
-    /// checks names. Policies with such names are refused at load; this
-    /// also stops lineages issued before `tls.dns_names` changed.
+    /// checks names. Workload registrations with such names are refused
+    /// at load, and only they grant DNS names (renewable lineages carry
+    /// none): this is the check behind that one, at signing.
     pub fn reserved_dns_name<'a>(&self, names: &'a [String]) -> Option<&'a str> {
         names
             .iter()

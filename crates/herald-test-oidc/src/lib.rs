@@ -112,9 +112,19 @@ struct IssuerState {
     rogue: Keys,
     delay: Mutex<Duration>,
     discovery_issuer_override: Mutex<Option<String>>,
+    not_json: Mutex<Option<Document>>,
     jwks_fetches: AtomicU64,
     discovery_fetches: AtomicU64,
     next_generation: AtomicU64,
+}
+
+/// One of the documents an issuer serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Document {
+    /// `/.well-known/openid-configuration`.
+    Discovery,
+    /// The JWKS.
+    Jwks,
 }
 
 /// A running test issuer.
@@ -156,6 +166,7 @@ impl TestIssuer {
             rogue: Keys::generate(999),
             delay: Mutex::new(Duration::ZERO),
             discovery_issuer_override: Mutex::new(None),
+            not_json: Mutex::new(None),
             jwks_fetches: AtomicU64::new(0),
             discovery_fetches: AtomicU64::new(0),
             next_generation: AtomicU64::new(2),
@@ -228,6 +239,13 @@ impl TestIssuer {
     /// Makes discovery name another issuer (a misconfigured or hijacked issuer).
     pub fn set_discovery_issuer(&self, issuer: Option<String>) {
         *self.state.discovery_issuer_override.lock().unwrap() = issuer;
+    }
+
+    /// Serves `doc` as an HTML error page with status 200 (a broken proxy
+    /// or a captive portal in front of the issuer); `None` serves JSON
+    /// again.
+    pub fn set_not_json(&self, doc: Option<Document>) {
+        *self.state.not_json.lock().unwrap() = doc;
     }
 
     /// Publishes a new key generation; with `keep_old` the previous keys stay
@@ -420,9 +438,23 @@ async fn pause(state: &IssuerState) {
     }
 }
 
+/// The page served instead of `doc` when it is set to be not JSON.
+fn not_json(state: &IssuerState, doc: Document) -> Option<Response> {
+    (*state.not_json.lock().unwrap() == Some(doc)).then(|| {
+        (
+            [(axum::http::header::CONTENT_TYPE, "text/html")],
+            "<html><body>502 Bad Gateway</body></html>",
+        )
+            .into_response()
+    })
+}
+
 async fn discovery(State(state): State<Arc<IssuerState>>) -> Response {
     pause(&state).await;
     state.discovery_fetches.fetch_add(1, Ordering::SeqCst);
+    if let Some(page) = not_json(&state, Document::Discovery) {
+        return page;
+    }
     let issuer = state
         .discovery_issuer_override
         .lock()
@@ -441,6 +473,9 @@ async fn discovery(State(state): State<Arc<IssuerState>>) -> Response {
 async fn jwks(State(state): State<Arc<IssuerState>>) -> Response {
     pause(&state).await;
     state.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+    if let Some(page) = not_json(&state, Document::Jwks) {
+        return page;
+    }
     let keys: Vec<Value> = state
         .published
         .lock()

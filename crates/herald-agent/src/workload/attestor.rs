@@ -209,6 +209,9 @@ const MAX_DIGESTS: usize = 1024;
 pub struct Attestor {
     max_executable_size: u64,
     digests: Mutex<HashMap<DigestKey, DigestCell>>,
+    /// Executables hashed so far: each version once, however many callers
+    /// asked for it at the same time.
+    hashed: std::sync::atomic::AtomicU64,
     /// Where `<pid>/cgroup` is read: `/proc`, or a test's stand-in.
     cgroup_root: std::path::PathBuf,
 }
@@ -219,8 +222,14 @@ impl Attestor {
         Attestor {
             max_executable_size,
             digests: Mutex::new(HashMap::new()),
+            hashed: std::sync::atomic::AtomicU64::new(0),
             cgroup_root: "/proc".into(),
         }
+    }
+
+    /// How many executable versions were hashed (read in full) so far.
+    pub fn hashes_computed(&self) -> u64 {
+        self.hashed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Test builds only: read cgroup files from `<root>/<pid>/cgroup`, so
@@ -313,7 +322,13 @@ impl Attestor {
             }
             map.entry(key).or_default().clone()
         };
-        let result = cell.get_or_init(|| hash_capped(file, cap)).clone();
+        let result = cell
+            .get_or_init(|| {
+                self.hashed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                hash_capped(file, cap)
+            })
+            .clone();
         if matches!(result, Err(AttestError::Unreadable(_)))
             && let Ok(mut map) = self.digests.lock()
         {
@@ -414,6 +429,62 @@ mod tests {
             hash_capped(&mut f, 4096),
             Err(AttestError::ExecutableTooLarge { cap: 4096, .. })
         ));
+    }
+
+    /// Callers attesting the same executable version at the same time wait
+    /// for one computation of its digest: it is read once, not once each.
+    #[test]
+    fn concurrent_callers_of_one_executable_version_hash_it_once() {
+        const CALLERS: usize = 8;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exe");
+        // Large (and sparse, so cheap to make) enough that every caller
+        // arrives while the first is still reading it.
+        let size = 256u64 << 20;
+        File::create(&path).unwrap().set_len(size).unwrap();
+        let a = Attestor::new(2 << 30);
+        let barrier = std::sync::Barrier::new(CALLERS);
+        let results: Vec<(std::time::Instant, std::time::Instant, String)> =
+            std::thread::scope(|s| {
+                let callers: Vec<_> = (0..CALLERS)
+                    .map(|_| {
+                        s.spawn(|| {
+                            let mut f = File::open(&path).unwrap();
+                            let meta = f.metadata().unwrap();
+                            barrier.wait();
+                            let start = std::time::Instant::now();
+                            let digest = a.digest(&mut f, &meta).unwrap();
+                            (start, std::time::Instant::now(), digest)
+                        })
+                    })
+                    .collect();
+                callers.into_iter().map(|c| c.join().unwrap()).collect()
+            });
+        let first_done = results.iter().map(|r| r.1).min().unwrap();
+        let last_start = results.iter().map(|r| r.0).max().unwrap();
+        let took = first_done - results.iter().map(|r| r.0).min().unwrap();
+        println!(
+            "digest single-flight: {CALLERS} concurrent callers, {} hash(es) of a {} MiB file, {took:?}",
+            a.hashes_computed(),
+            size >> 20
+        );
+        assert!(
+            last_start < first_done,
+            "every caller must have asked while the digest was being computed"
+        );
+        assert_eq!(a.hashes_computed(), 1, "one computation for all callers");
+        assert!(results.iter().all(|r| r.2 == results[0].2));
+        // A later caller of that version reuses it.
+        let mut f = File::open(&path).unwrap();
+        let meta = f.metadata().unwrap();
+        assert_eq!(a.digest(&mut f, &meta).unwrap(), results[0].2);
+        assert_eq!(a.hashes_computed(), 1);
+        // Another version of the file (its mtime moves) is hashed anew.
+        std::fs::write(&path, b"v2").unwrap();
+        let mut f = File::open(&path).unwrap();
+        let meta = f.metadata().unwrap();
+        assert_ne!(a.digest(&mut f, &meta).unwrap(), results[0].2);
+        assert_eq!(a.hashes_computed(), 2);
     }
 
     #[test]
