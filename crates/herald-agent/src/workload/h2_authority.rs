@@ -64,6 +64,8 @@ pub struct AuthorityRewriter {
     /// The current header frame: (type, flags, stream, payload length).
     header_frame: Option<(u8, u8, u32, usize)>,
     pending: Option<PendingBlock>,
+    /// Whether a block has been re-encoded: then every later one must be.
+    rewriting: bool,
 }
 
 impl std::fmt::Debug for AuthorityRewriter {
@@ -99,6 +101,7 @@ impl AuthorityRewriter {
             passthrough: 0,
             header_frame: None,
             pending: None,
+            rewriting: false,
         }
     }
 
@@ -242,12 +245,19 @@ impl AuthorityRewriter {
     }
 
     /// Decodes a complete block and writes it out re-encoded, as HEADERS
-    /// (and CONTINUATION frames when it outgrows one frame).
+    /// (and CONTINUATION frames when it outgrows one frame) — unless it is
+    /// the connection's first and needs no rewrite: then it goes out as
+    /// the client encoded it, and so does everything after it, undecoded.
+    /// The client's HPACK table is then h2's too, and gRPC clients name
+    /// one authority per channel; a Rust client's connection costs one
+    /// decode, not one per call.
     fn emit(&mut self, done: PendingBlock) -> io::Result<()> {
         let mut block = Vec::with_capacity(done.block.len() + 32);
+        let mut replaced = false;
         self.decoder
             .decode_with_cb(&done.block, |name, value| {
                 let value: &[u8] = if &*name == b":authority" && !valid_authority(&value) {
+                    replaced = true;
                     REPLACEMENT_AUTHORITY
                 } else {
                     &value
@@ -255,6 +265,21 @@ impl AuthorityRewriter {
                 encode_literal(&mut block, &name, value);
             })
             .map_err(|e| protocol_error(&format!("HPACK: {e:?}")))?;
+        if !replaced && !self.rewriting {
+            self.block_frames(done.stream_id, done.end_stream, &done.block);
+            self.passthrough = usize::MAX;
+            return Ok(());
+        }
+        // From here on h2's table is not the client's: every block is
+        // re-encoded without indexing.
+        self.rewriting = true;
+        self.block_frames(done.stream_id, done.end_stream, &block);
+        Ok(())
+    }
+
+    /// A header block as HEADERS and, when it outgrows one frame,
+    /// CONTINUATION frames.
+    fn block_frames(&mut self, stream: u32, end_stream: bool, block: &[u8]) {
         // An empty block is legal (a bare END_STREAM trailer): one frame.
         let chunks: Vec<&[u8]> = if block.is_empty() {
             vec![&[]]
@@ -265,13 +290,12 @@ impl AuthorityRewriter {
         for (i, chunk) in chunks.into_iter().enumerate() {
             let end_headers = if i + 1 == count { END_HEADERS } else { 0 };
             if i == 0 {
-                let end_stream = if done.end_stream { END_STREAM } else { 0 };
-                self.frame(HEADERS, end_stream | end_headers, done.stream_id, chunk);
+                let end_stream = if end_stream { END_STREAM } else { 0 };
+                self.frame(HEADERS, end_stream | end_headers, stream, chunk);
             } else {
-                self.frame(CONTINUATION, end_headers, done.stream_id, chunk);
+                self.frame(CONTINUATION, end_headers, stream, chunk);
             }
         }
-        Ok(())
     }
 
     fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
@@ -414,21 +438,34 @@ mod tests {
     }
 
     #[test]
-    fn a_valid_authority_is_left_as_sent() {
+    fn a_connection_whose_first_authority_is_valid_passes_as_sent() {
+        // Two requests from one encoder, the second indexed against the
+        // first: the bytes h2 reads are the client's, unchanged.
         let mut enc = loona_hpack::Encoder::new();
-        let block = enc.encode(
-            request("localhost:8443")
-                .iter()
-                .map(|(n, v)| (&n[..], &v[..])),
-        );
+        let mut blocks = (0..2).map(|_| {
+            enc.encode(
+                request("localhost:8443")
+                    .iter()
+                    .map(|(n, v)| (&n[..], &v[..])),
+            )
+        });
+        let (first, second) = (blocks.next().unwrap(), blocks.next().unwrap());
         let mut input = PREFACE.to_vec();
-        input.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &block));
-        let fs = frames(&rewrite_in_pieces(&input, 5).unwrap());
-        assert_eq!(fs[0].1, END_HEADERS | END_STREAM);
-        assert_eq!(
-            Decoder::new().decode(&fs[0].3).unwrap(),
-            request("localhost:8443")
-        );
+        input.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &first));
+        input.extend(frame(HEADERS, END_HEADERS, 3, &second));
+        input.extend(frame(0x0, END_STREAM, 3, b"\0\0\0\0\0"));
+        for piece in [1, 5, input.len()] {
+            assert_eq!(
+                rewrite_in_pieces(&input, piece).unwrap(),
+                input,
+                "piece {piece}"
+            );
+        }
+        let fs = frames(&input);
+        let mut dec = Decoder::new();
+        for f in &fs[..2] {
+            assert_eq!(dec.decode(&f.3).unwrap(), request("localhost:8443"));
+        }
     }
 
     #[test]
