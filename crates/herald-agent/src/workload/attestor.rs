@@ -244,6 +244,45 @@ impl Attestor {
     /// Attests `peer` as it is now. Blocking (reads `/proc`, may hash an
     /// executable): run it off the async workers.
     pub fn attest(&self, peer: &Peer) -> Result<Facts, AttestError> {
+        self.attest_with(peer, true)
+            .unwrap_or(Err(AttestError::Unreadable("no digest".into())))
+    }
+
+    /// Attests `peer` if its executable's digest is already known — reads
+    /// of the pinned process's `/proc` entries only, a few microseconds of
+    /// kernel memory reads, fit to run on an async worker (the hop to a
+    /// blocking thread and back cost more than the reads). `None` when the
+    /// executable must be hashed first: then [`Attestor::attest`], off the
+    /// workers.
+    pub fn attest_known(&self, peer: &Peer) -> Option<Result<Facts, AttestError>> {
+        self.attest_with(peer, false)
+    }
+
+    fn attest_with(&self, peer: &Peer, may_hash: bool) -> Option<Result<Facts, AttestError>> {
+        let mut digest = None;
+        let facts = self.facts(peer, &mut |file, meta| {
+            if may_hash {
+                Some(self.digest(file, meta))
+            } else {
+                let known = self.known_digest(meta);
+                digest = Some(known.is_some());
+                known
+            }
+        });
+        match (digest, facts) {
+            (Some(false), _) => None,
+            (_, facts) => Some(facts),
+        }
+    }
+
+    fn facts(
+        &self,
+        peer: &Peer,
+        digest: &mut dyn FnMut(
+            &mut File,
+            &std::fs::Metadata,
+        ) -> Option<Result<String, AttestError>>,
+    ) -> Result<Facts, AttestError> {
         peer.unchanged()?;
         let pid = peer.pid;
         let mut selectors = vec![Selector::Uid(peer.uid), Selector::Gid(peer.gid)];
@@ -270,7 +309,10 @@ impl Attestor {
         {
             selectors.push(s);
         }
-        selectors.push(Selector::Sha256(self.digest(&mut file, &meta)?));
+        match digest(&mut file, &meta) {
+            Some(d) => selectors.push(Selector::Sha256(d?)),
+            None => return Err(AttestError::Unreadable("digest not known yet".into())),
+        }
         let cgroup = std::fs::read_to_string(self.cgroup_root.join(format!("{pid}/cgroup")))
             .unwrap_or_default();
         // cgroup v2: "0::/system.slice/web.service".
@@ -290,6 +332,23 @@ impl Attestor {
         })
     }
 
+    /// The digest of this version of the file, if already computed (or
+    /// refused for its size, which needs no reading).
+    fn known_digest(&self, meta: &std::fs::Metadata) -> Option<Result<String, AttestError>> {
+        let cap = self.max_executable_size;
+        if meta.size() > cap {
+            return Some(Err(AttestError::ExecutableTooLarge {
+                size: meta.size(),
+                cap,
+            }));
+        }
+        let map = match self.digests.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        map.get(&digest_key(meta))?.get().cloned()
+    }
+
     /// The SHA-256 of `file`: refused above the cap without reading it;
     /// computed once per version, concurrent callers of one version waiting
     /// for the one computation.
@@ -301,15 +360,7 @@ impl Attestor {
                 cap,
             });
         }
-        let key = (
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-            meta.ctime(),
-            meta.ctime_nsec(),
-        );
+        let key = digest_key(meta);
         let cell = {
             let mut map = match self.digests.lock() {
                 Ok(g) => g,
@@ -337,6 +388,18 @@ impl Attestor {
         }
         result
     }
+}
+
+fn digest_key(meta: &std::fs::Metadata) -> DigestKey {
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    )
 }
 
 /// SHA-256 of `file`, refusing it once more than `cap` bytes were read (it
@@ -379,7 +442,10 @@ mod tests {
         let pid = std::process::id() as i32;
         let uid = own_uid();
         let peer = Peer::observe(uid, 0, Some(pid)).unwrap();
+        // Before its executable is hashed, the worker-side path declines.
+        assert_eq!(a.attest_known(&peer), None);
         let facts = a.attest(&peer).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.attest_known(&peer), Some(Ok(facts.clone())));
         assert!(facts.selectors.contains(&Selector::Uid(uid)));
         let exe = std::env::current_exe().unwrap_or_default();
         assert!(
