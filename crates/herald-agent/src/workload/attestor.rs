@@ -201,6 +201,11 @@ type DigestKey = (u64, u64, u64, i64, i64, i64, i64);
 
 type DigestCell = Arc<OnceLock<Result<String, AttestError>>>;
 
+/// Where an attestation gets the executable's digest: computed, or only
+/// looked up (`None`: not known yet).
+type DigestSource<'a> =
+    dyn FnMut(&mut File, &std::fs::Metadata) -> Option<Result<String, AttestError>> + 'a;
+
 /// Most executable versions whose digests are kept.
 const MAX_DIGESTS: usize = 1024;
 
@@ -275,14 +280,7 @@ impl Attestor {
         }
     }
 
-    fn facts(
-        &self,
-        peer: &Peer,
-        digest: &mut dyn FnMut(
-            &mut File,
-            &std::fs::Metadata,
-        ) -> Option<Result<String, AttestError>>,
-    ) -> Result<Facts, AttestError> {
+    fn facts(&self, peer: &Peer, digest: &mut DigestSource<'_>) -> Result<Facts, AttestError> {
         peer.unchanged()?;
         let pid = peer.pid;
         let mut selectors = vec![Selector::Uid(peer.uid), Selector::Gid(peer.gid)];
