@@ -962,45 +962,7 @@ pub async fn introspect(
         Some(addr),
         herald_core::EvidenceType::JwtSvid,
     );
-    let checked = async {
-        run.admit()
-            .map_err(|r| Protocol::new(r.code, "invalid_request", r.message))?;
-        if method != Method::POST {
-            return Err(Protocol::method("POST", "invalid_request"));
-        }
-        if shared.config.introspection.require_client_auth {
-            match introspection_caller(&shared, &headers).await {
-                Ok(caller) => run.audit.caller = caller,
-                Err(why) => {
-                    return Err(Protocol {
-                        status: StatusCode::UNAUTHORIZED,
-                        ..Protocol::new(ErrorCode::ClientUnauthenticated, "invalid_client", why)
-                    });
-                }
-            }
-        }
-        let body = read_body(
-            &shared,
-            &headers,
-            body,
-            "invalid_request",
-            "invalid_request",
-            "invalid_request",
-        )
-        .await?;
-        let pairs = form_pairs(&body, "invalid_request")?;
-        let f = form(&pairs, "invalid_request")?;
-        match f.get("token").filter(|t| !t.is_empty()) {
-            Some(token) => Ok((token.clone(), f)),
-            None => Err(Protocol::new(
-                ErrorCode::InvalidRequest,
-                "invalid_request",
-                "token is required",
-            )),
-        }
-    }
-    .await;
-    let (token, f) = match checked {
+    let (token, f) = match introspection_request(&shared, &mut run, &method, &headers, body).await {
         Ok(v) => v,
         Err(p) => {
             let unauthorized = p.status == StatusCode::UNAUTHORIZED;
@@ -1014,58 +976,19 @@ pub async fn introspect(
             return resp;
         }
     };
-    let unavailable = || {
-        oauth_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "temporarily_unavailable",
-            ErrorCode::StoreUnavailable,
-            "datastore unavailable",
-        )
-    };
-    let now = crate::unix_now();
-    let ca = shared.ca();
-    let answer = if f.get("token_type_hint").map(String::as_str) == Some("x509_svid") {
-        match x509_status(&shared, &token, now).await {
-            Ok(v) => v,
-            Err(("server_error", _)) => return unavailable(),
-            Err((_, why)) => {
-                return oauth_protocol(
-                    run,
-                    Protocol::new(ErrorCode::InvalidRequest, "invalid_request", why),
-                )
-                .await;
-            }
+    let answer = match token_status(&shared, &token, &f, crate::unix_now()).await {
+        Ok(answer) => answer,
+        Err(StatusError::Unavailable) => {
+            return oauth_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                ErrorCode::StoreUnavailable,
+                "datastore unavailable",
+            );
         }
-    } else if let Some(akid) = f.get("access_key_id") {
-        let at = time::OffsetDateTime::from_unix_timestamp(now)
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        match ca.sessions().open(akid, &token, at) {
-            Ok(claims) => match shared.store.is_revoked(&claims.serial).await {
-                Ok(false) => claims.introspection_json(),
-                Ok(true) => herald_cloud_creds::inactive_json(),
-                Err(_) => return unavailable(),
-            },
-            Err(_) => herald_cloud_creds::inactive_json(),
-        }
-    } else {
-        match herald_ca::jwt::verify_jwt(&token, &ca.bundle.jwt_authorities, now) {
-            Some(claims) => {
-                let serial = claims
-                    .get("jti")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                match shared.store.is_revoked(serial).await {
-                    Ok(false) => {
-                        let mut v = Value::Object(claims);
-                        v["active"] = Value::Bool(true);
-                        v["token_type"] = Value::String("jwt-svid".into());
-                        v
-                    }
-                    Ok(true) => json!({"active": false}),
-                    Err(_) => return unavailable(),
-                }
-            }
-            None => json!({"active": false}),
+        Err(StatusError::Invalid(why)) => {
+            let p = Protocol::new(ErrorCode::InvalidRequest, "invalid_request", why);
+            return oauth_protocol(run, p).await;
         }
     };
     (
@@ -1076,6 +999,110 @@ pub async fn introspect(
         answer.to_string(),
     )
         .into_response()
+}
+
+/// The introspection request: admitted, a POST, from an authenticated
+/// caller (when required), a form naming the token.
+async fn introspection_request(
+    shared: &Shared,
+    run: &mut Run<'_>,
+    method: &Method,
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<(String, Form), Protocol> {
+    run.admit()
+        .map_err(|r| Protocol::new(r.code, "invalid_request", r.message))?;
+    if method != Method::POST {
+        return Err(Protocol::method("POST", "invalid_request"));
+    }
+    if shared.config.introspection.require_client_auth {
+        match introspection_caller(shared, headers).await {
+            Ok(caller) => run.audit.caller = caller,
+            Err(why) => {
+                return Err(Protocol {
+                    status: StatusCode::UNAUTHORIZED,
+                    ..Protocol::new(ErrorCode::ClientUnauthenticated, "invalid_client", why)
+                });
+            }
+        }
+    }
+    let body = read_body(
+        shared,
+        headers,
+        body,
+        "invalid_request",
+        "invalid_request",
+        "invalid_request",
+    )
+    .await?;
+    let pairs = form_pairs(&body, "invalid_request")?;
+    let f = form(&pairs, "invalid_request")?;
+    match f.get("token").filter(|t| !t.is_empty()) {
+        Some(token) => Ok((token.clone(), f)),
+        None => Err(Protocol::new(
+            ErrorCode::InvalidRequest,
+            "invalid_request",
+            "token is required",
+        )),
+    }
+}
+
+/// Why a token's status could not be told.
+enum StatusError {
+    /// The datastore did not answer.
+    Unavailable,
+    /// The token is not of the kind its hint names.
+    Invalid(&'static str),
+}
+
+/// RFC 7662's answer for `token`: an X.509 SVID (by the hint), a session
+/// token (with its access key id), or a Herald JWT.
+async fn token_status(
+    shared: &Shared,
+    token: &str,
+    f: &Form,
+    now: i64,
+) -> Result<Value, StatusError> {
+    if f.get("token_type_hint").map(String::as_str) == Some("x509_svid") {
+        return match x509_status(shared, token, now).await {
+            Ok(v) => Ok(v),
+            Err(("server_error", _)) => Err(StatusError::Unavailable),
+            Err((_, why)) => Err(StatusError::Invalid(why)),
+        };
+    }
+    let ca = shared.ca();
+    let (claims, serial) = if let Some(akid) = f.get("access_key_id") {
+        let at = time::OffsetDateTime::from_unix_timestamp(now)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        match ca.sessions().open(akid, token, at) {
+            Ok(claims) => {
+                let serial = claims.serial.clone();
+                (claims.introspection_json(), serial)
+            }
+            Err(_) => return Ok(herald_cloud_creds::inactive_json()),
+        }
+    } else {
+        match herald_ca::jwt::verify_jwt(token, &ca.bundle.jwt_authorities, now) {
+            Some(claims) => {
+                let serial = claims
+                    .get("jti")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                let mut v = Value::Object(claims);
+                v["active"] = Value::Bool(true);
+                v["token_type"] = Value::String("jwt-svid".into());
+                (v, serial)
+            }
+            None => return Ok(json!({"active": false})),
+        }
+    };
+    match shared.store.is_revoked(&serial).await {
+        Ok(false) => Ok(claims),
+        Ok(true) if f.contains_key("access_key_id") => Ok(herald_cloud_creds::inactive_json()),
+        Ok(true) => Ok(json!({"active": false})),
+        Err(_) => Err(StatusError::Unavailable),
+    }
 }
 
 #[cfg(test)]
