@@ -1071,13 +1071,15 @@ async fn token_status(
         };
     }
     let ca = shared.ca();
-    let (claims, serial) = if let Some(akid) = f.get("access_key_id") {
+    // The token's claims, its serial, and what a revoked one answers.
+    let (claims, serial, inactive) = if let Some(akid) = f.get("access_key_id") {
         let at = time::OffsetDateTime::from_unix_timestamp(now)
             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
         match ca.sessions().open(akid, token, at) {
             Ok(claims) => {
                 let serial = claims.serial.clone();
-                (claims.introspection_json(), serial)
+                let inactive = herald_cloud_creds::inactive_json();
+                (claims.introspection_json(), serial, inactive)
             }
             Err(_) => return Ok(herald_cloud_creds::inactive_json()),
         }
@@ -1092,15 +1094,14 @@ async fn token_status(
                 let mut v = Value::Object(claims);
                 v["active"] = Value::Bool(true);
                 v["token_type"] = Value::String("jwt-svid".into());
-                (v, serial)
+                (v, serial, json!({"active": false}))
             }
             None => return Ok(json!({"active": false})),
         }
     };
     match shared.store.is_revoked(&serial).await {
         Ok(false) => Ok(claims),
-        Ok(true) if f.contains_key("access_key_id") => Ok(herald_cloud_creds::inactive_json()),
-        Ok(true) => Ok(json!({"active": false})),
+        Ok(true) => Ok(inactive),
         Err(_) => Err(StatusError::Unavailable),
     }
 }

@@ -201,11 +201,6 @@ type DigestKey = (u64, u64, u64, i64, i64, i64, i64);
 
 type DigestCell = Arc<OnceLock<Result<String, AttestError>>>;
 
-/// Where an attestation gets the executable's digest: computed, or only
-/// looked up (`None`: not known yet).
-type DigestSource<'a> =
-    dyn FnMut(&mut File, &std::fs::Metadata) -> Option<Result<String, AttestError>> + 'a;
-
 /// Most executable versions whose digests are kept.
 const MAX_DIGESTS: usize = 1024;
 
@@ -249,8 +244,9 @@ impl Attestor {
     /// Attests `peer` as it is now. Blocking (reads `/proc`, may hash an
     /// executable): run it off the async workers.
     pub fn attest(&self, peer: &Peer) -> Result<Facts, AttestError> {
-        self.attest_with(peer, true)
-            .unwrap_or(Err(AttestError::Unreadable("no digest".into())))
+        // Hashing allowed: a digest is always had, so `None` cannot come.
+        self.facts(peer, true)?
+            .ok_or_else(|| AttestError::Unreadable("no digest".into()))
     }
 
     /// Attests `peer` if its executable's digest is already known — reads
@@ -260,27 +256,12 @@ impl Attestor {
     /// executable must be hashed first: then [`Attestor::attest`], off the
     /// workers.
     pub fn attest_known(&self, peer: &Peer) -> Option<Result<Facts, AttestError>> {
-        self.attest_with(peer, false)
+        self.facts(peer, false).transpose()
     }
 
-    fn attest_with(&self, peer: &Peer, may_hash: bool) -> Option<Result<Facts, AttestError>> {
-        let mut digest = None;
-        let facts = self.facts(peer, &mut |file, meta| {
-            if may_hash {
-                Some(self.digest(file, meta))
-            } else {
-                let known = self.known_digest(meta);
-                digest = Some(known.is_some());
-                known
-            }
-        });
-        match (digest, facts) {
-            (Some(false), _) => None,
-            (_, facts) => Some(facts),
-        }
-    }
-
-    fn facts(&self, peer: &Peer, digest: &mut DigestSource<'_>) -> Result<Facts, AttestError> {
+    /// The caller's facts; `Ok(None)` when `may_hash` is false and the
+    /// executable's digest is not known yet.
+    fn facts(&self, peer: &Peer, may_hash: bool) -> Result<Option<Facts>, AttestError> {
         peer.unchanged()?;
         let pid = peer.pid;
         let mut selectors = vec![Selector::Uid(peer.uid), Selector::Gid(peer.gid)];
@@ -307,10 +288,15 @@ impl Attestor {
         {
             selectors.push(s);
         }
-        match digest(&mut file, &meta) {
-            Some(d) => selectors.push(Selector::Sha256(d?)),
-            None => return Err(AttestError::Unreadable("digest not known yet".into())),
-        }
+        let digest = if may_hash {
+            self.digest(&mut file, &meta)?
+        } else {
+            match self.known_digest(&meta) {
+                Some(d) => d?,
+                None => return Ok(None),
+            }
+        };
+        selectors.push(Selector::Sha256(digest));
         let cgroup = std::fs::read_to_string(self.cgroup_root.join(format!("{pid}/cgroup")))
             .unwrap_or_default();
         // cgroup v2: "0::/system.slice/web.service".
@@ -323,22 +309,28 @@ impl Attestor {
         peer.unchanged()?;
         selectors.sort();
         selectors.dedup();
-        Ok(Facts {
+        Ok(Some(Facts {
             pid,
             selectors,
             cgroup,
+        }))
+    }
+
+    /// The refusal of an executable over the hashing cap, known without
+    /// reading it.
+    fn too_large(&self, meta: &std::fs::Metadata) -> Option<AttestError> {
+        let cap = self.max_executable_size;
+        (meta.size() > cap).then(|| AttestError::ExecutableTooLarge {
+            size: meta.size(),
+            cap,
         })
     }
 
     /// The digest of this version of the file, if already computed (or
     /// refused for its size, which needs no reading).
     fn known_digest(&self, meta: &std::fs::Metadata) -> Option<Result<String, AttestError>> {
-        let cap = self.max_executable_size;
-        if meta.size() > cap {
-            return Some(Err(AttestError::ExecutableTooLarge {
-                size: meta.size(),
-                cap,
-            }));
+        if let Some(e) = self.too_large(meta) {
+            return Some(Err(e));
         }
         let map = match self.digests.lock() {
             Ok(g) => g,
@@ -351,13 +343,10 @@ impl Attestor {
     /// computed once per version, concurrent callers of one version waiting
     /// for the one computation.
     fn digest(&self, file: &mut File, meta: &std::fs::Metadata) -> Result<String, AttestError> {
-        let cap = self.max_executable_size;
-        if meta.size() > cap {
-            return Err(AttestError::ExecutableTooLarge {
-                size: meta.size(),
-                cap,
-            });
+        if let Some(e) = self.too_large(meta) {
+            return Err(e);
         }
+        let cap = self.max_executable_size;
         let key = digest_key(meta);
         let cell = {
             let mut map = match self.digests.lock() {
