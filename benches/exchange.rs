@@ -123,7 +123,8 @@ fn main() {
         let server = sh.spawn(herald_server::start(cfg)).await.unwrap().unwrap();
 
         // Single-use tokens, minted ahead (RS256, GitHub-shaped; not timed).
-        let total = n * 5 + 2000;
+        // Four peak phases, three paced ones (each at most 3 s of load) and the warm-up.
+        let total = n * 7 + 2000;
         let t0 = Instant::now();
         let mint_tokens = |count: usize| {
             let issuer = issuer.clone();
@@ -184,12 +185,25 @@ fn main() {
         for _ in 0..reps {
             herald_server::metrics::record_decision(&server.shared, &span, &event, t);
         }
-        println!("## recording a decision (metrics + span fields)");
+        println!("## recording a decision (metrics + span fields, no log subscriber)");
         println!("  {:.2} µs per request", us(t.elapsed() / reps));
+        // The in-process server served the figures above; end to end, the
+        // server runs in a process of its own (the release `herald`
+        // binary, as deployed) and this process is the load generator.
+        sh.spawn(server.shutdown()).await.unwrap();
+        let process_dir = dir.path().join("process");
+        std::fs::create_dir_all(&process_dir).unwrap();
+        let config = process_dir.join("herald.toml");
+        std::fs::write(
+            &config,
+            oidc_server_toml(&process_dir, TD, &policies, issuer.issuer(), issuer.ca_pem_path()),
+        )
+        .unwrap();
+        let server = ServerProcess::start(&config, &process_dir.join("data"));
 
         // Clients.
         let url = format!("https://{}", server.grpc_addr);
-        let anchors = server.shared.ca().bundle.x509_authorities.clone();
+        let anchors = server.anchors.clone();
         let conc: usize = std::env::var("HERALD_BENCH_CONC").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
         let mut clients = Vec::new();
         for _ in 0..4 {
@@ -205,98 +219,111 @@ fn main() {
         };
         let take = Arc::new(take);
 
-        println!("## end to end on loopback, SQLite (jti + issued + audit in one transaction), {conc} concurrent callers");
+        println!("## end to end on loopback, server in its own process, SQLite (jti + issued + audit in one transaction), {conc} concurrent callers");
         // Warm-up: JWKS fetched, connections up.
         for _ in 0..50 {
             grpc_jwt(&clients, 0, take()).await;
         }
         let (cl, tk) = (clients.clone(), take.clone());
-        let jwt = drive(n, conc, None, move |i| {
-            let (cl, tk) = (cl.clone(), tk.clone());
-            async move { grpc_jwt(&cl, i, tk()).await }
-        })
-        .await;
+        let jwt = server
+            .profile(
+                "exchange-grpc-jwt",
+                drive(n, conc, None, move |i| {
+                    let (cl, tk) = (cl.clone(), tk.clone());
+                    async move { grpc_jwt(&cl, i, tk()).await }
+                }),
+            )
+            .await;
         print_run("gRPC → JWT-SVID", &jwt, c2);
         let (cl, tk) = (clients.clone(), take.clone());
-        let cloud = drive(n, conc, None, move |i| {
-            let (cl, tk) = (cl.clone(), tk.clone());
-            async move {
-                let req = ExchangeTokenRequest {
-                    subject_token: tk(),
-                    join_token: String::new(),
-                    ttl_seconds: 0,
-                    credential: Some(Wanted::Cloud(CloudCredentialsParams {
-                        role_arn: ROLE.into(),
-                        session_name: "bench".into(),
-                        session_policy: String::new(),
-                    })),
-                };
-                cl[i % cl.len()].exchange_token(req).await.unwrap();
-            }
-        })
-        .await;
+        let cloud = server
+            .profile(
+                "exchange-grpc-cloud",
+                drive(n, conc, None, move |i| {
+                    let (cl, tk) = (cl.clone(), tk.clone());
+                    async move {
+                        let req = ExchangeTokenRequest {
+                            subject_token: tk(),
+                            join_token: String::new(),
+                            ttl_seconds: 0,
+                            credential: Some(Wanted::Cloud(CloudCredentialsParams {
+                                role_arn: ROLE.into(),
+                                session_name: "bench".into(),
+                                session_policy: String::new(),
+                            })),
+                        };
+                        cl[i % cl.len()].exchange_token(req).await.unwrap();
+                    }
+                }),
+            )
+            .await;
         print_run("gRPC → cloud credentials", &cloud, c2);
         let (hc, hb, tk) = (http.clone(), http_base.clone(), take.clone());
-        let rfc = drive(n, conc, None, move |_| {
-            let (hc, hb, tk) = (hc.clone(), hb.clone(), tk.clone());
-            async move {
-                let resp = hc
-                    .post(format!("{hb}/v1/token"))
-                    .form(&[
-                        ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
-                        ("subject_token", &tk()),
-                        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-                        ("audience", "deployer"),
-                    ])
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(resp.status(), 200);
-                resp.bytes().await.unwrap();
-            }
-        })
-        .await;
+        let rfc = server
+            .profile(
+                "exchange-rfc8693",
+                drive(n, conc, None, move |_| {
+                    let (hc, hb, tk) = (hc.clone(), hb.clone(), tk.clone());
+                    async move {
+                        let resp = hc
+                            .post(format!("{hb}/v1/token"))
+                            .form(&[
+                                ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+                                ("subject_token", &tk()),
+                                ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                                ("audience", "deployer"),
+                            ])
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(resp.status(), 200);
+                        resp.bytes().await.unwrap();
+                    }
+                }),
+            )
+            .await;
         print_run("HTTP RFC 8693 → JWT-SVID", &rfc, c2);
         let (hc, hb, tk) = (http.clone(), http_base.clone(), take.clone());
-        let sts = drive(n, conc, None, move |_| {
-            let (hc, hb, tk) = (hc.clone(), hb.clone(), tk.clone());
-            async move {
-                let resp = hc
-                    .post(format!("{hb}/"))
-                    .form(&[
-                        ("Action", "AssumeRoleWithWebIdentity"),
-                        ("Version", "2011-06-15"),
-                        ("RoleArn", ROLE),
-                        ("RoleSessionName", "bench"),
-                        ("WebIdentityToken", &tk()),
-                    ])
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(resp.status(), 200);
-                resp.bytes().await.unwrap();
-            }
-        })
-        .await;
+        let sts = server
+            .profile(
+                "exchange-sts",
+                drive(n, conc, None, move |_| {
+                    let (hc, hb, tk) = (hc.clone(), hb.clone(), tk.clone());
+                    async move {
+                        let resp = hc
+                            .post(format!("{hb}/"))
+                            .form(&[
+                                ("Action", "AssumeRoleWithWebIdentity"),
+                                ("Version", "2011-06-15"),
+                                ("RoleArn", ROLE),
+                                ("RoleSessionName", "bench"),
+                                ("WebIdentityToken", &tk()),
+                            ])
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(resp.status(), 200);
+                        resp.bytes().await.unwrap();
+                    }
+                }),
+            )
+            .await;
         print_run("HTTP STS → cloud creds", &sts, c2);
 
-        let remaining = tokens.len() - next.load(std::sync::atomic::Ordering::Relaxed);
-        let paced = remaining.min(n);
-        let rate = jwt.rate * 0.8;
-        let (cl, tk) = (clients.clone(), take.clone());
-        let at80 = drive(paced, 256, Some(rate), move |i| {
-            let (cl, tk) = (cl.clone(), tk.clone());
-            async move { grpc_jwt(&cl, i, tk()).await }
-        })
-        .await;
-        println!("## gRPC → JWT-SVID at 80% of peak ({rate:.0}/s offered, open loop)");
-        println!(
-            "  achieved {:.0}/s  p50 {:.2} ms  p99 {:.2} ms",
-            at80.rate,
-            at80.p50.as_secs_f64() * 1e3,
-            at80.p99.as_secs_f64() * 1e3
-        );
-        server.shutdown().await;
+        // Latency under paced (open-loop) load, gRPC → JWT-SVID.
+        for share in [0.8, 0.6, 0.4] {
+            let remaining = tokens.len() - next.load(std::sync::atomic::Ordering::Relaxed);
+            let rate = jwt.rate * share;
+            let paced = remaining.min(n).min((rate * 3.0) as usize);
+            let (cl, tk) = (clients.clone(), take.clone());
+            let run = drive(paced, 256, Some(rate), move |i| {
+                let (cl, tk) = (cl.clone(), tk.clone());
+                async move { grpc_jwt(&cl, i, tk()).await }
+            })
+            .await;
+            print_run(&format!("gRPC → JWT at {rate:.0}/s ({:.0}%)", share * 100.0), &run, c2);
+        }
+        server.stop();
     });
     drop(server_rt);
 }

@@ -141,13 +141,12 @@ fn main() {
     println!("  1 thread   {c1:>8.0}/s ({:.1} µs each)", 1e6 / c1);
     println!("  2 threads  {c2:>8.0}/s   <- ceiling for the ratios below");
 
-    // Server and clients share the 2 cores but run on separate runtimes with
-    // named threads, so each side's CPU per request can be reported.
-    let server_rt = runtime(SERVER_THREADS);
-    let sh = server_rt.handle().clone();
+    // The server runs in a process of its own (the release `herald`
+    // binary, as deployed); this process is the load generator.
     let rt = runtime(CLIENT_THREADS);
     rt.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
         let kek = dir.path().join("kek");
         {
             use std::os::unix::fs::PermissionsExt;
@@ -156,50 +155,184 @@ fn main() {
         }
         let toml = format!(
             "trust_domain = \"{TD}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[rate_limit]\n# One load generator is one address: the per-address limit would\n# measure itself.\nper_caller_rate = 0.0\n{}",
-            dir.path().join("data").display(),
+            data.display(),
             kek.display(),
             common::bootstrap_policy_section(dir.path(), TD)
         );
-        let cfg = herald_server::ServerConfig::from_toml(&toml).unwrap();
-        let t0 = Instant::now();
-        let server = sh.spawn(herald_server::start(cfg)).await.unwrap().unwrap();
-        println!("## server cold start (new SQLite DB, CA generation, listeners): {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+        let config = dir.path().join("herald.toml");
+        std::fs::write(&config, toml).unwrap();
+        let server = ServerProcess::start(&config, &data);
+        println!(
+            "## server cold start (process start, new SQLite DB, CA generation, listeners): {:.1} ms",
+            server.cold_start.as_secs_f64() * 1e3
+        );
         let url = format!("https://{}", server.grpc_addr);
-        let anchors = server.shared.ca().bundle.x509_authorities.clone();
-        let store = server.shared.store.clone();
+        let anchors = server.anchors.clone();
+        let conns = 4;
 
-        // Pre-create join tokens (not timed).
-        let mut tokens = Vec::with_capacity(n * 2);
-        let mut pending = Vec::new();
-        for i in 0..n * 2 {
-            let (token, rec) = common::bootstrap_token(format!("spiffe://{TD}/bench/{i}"));
-            let s = store.clone();
-            pending.push(tokio::spawn(async move { s.create_join_token(rec, herald_core::AuditEvent::new("join_token.create", "bench")).await.unwrap() }));
-            tokens.push(token);
+        // Join tokens are written to the server's database from here, as
+        // `herald token create` does (not timed).
+        let db = format!("sqlite://{}", data.join("herald.db").display());
+        let tokens_store = herald_store::Store::open(&db).await.unwrap();
+        // Peak mint, the renewing holders, and three paced mint phases.
+        let token_count = 4 * n + conns;
+        let mut tokens = Vec::with_capacity(token_count);
+        for chunk in (0..token_count).collect::<Vec<_>>().chunks(256) {
+            let mut pending = Vec::new();
+            for &i in chunk {
+                let (token, rec) = common::bootstrap_token(format!("spiffe://{TD}/bench/{i}"));
+                let s = tokens_store.clone();
+                pending.push(tokio::spawn(async move { s.create_join_token(rec, herald_core::AuditEvent::new("join_token.create", "bench")).await.unwrap() }));
+                tokens.push(token);
+            }
+            for p in pending {
+                p.await.unwrap();
+            }
         }
-        for p in pending {
-            p.await.unwrap();
-        }
+        tokens_store.close().await;
         let tokens = Arc::new(tokens);
 
-        // The store on its own: where the non-crypto time goes.
-        let m = n.min(4000);
-        let st = store.clone();
-        let hashes: Arc<Vec<[u8; 32]>> = Arc::new(tokens.iter().map(|t| herald_attest::join_token::parse(t).unwrap()).collect());
-        let hs = hashes.clone();
-        let reads = sh
-            .spawn(drive(m, conc_store(), None, move |i| {
-                let (st, hs) = (st.clone(), hs.clone());
+        // The store on its own, in this process on a database of its own:
+        // where the non-crypto time goes.
+        store_alone(dir.path(), &tokens, n.min(4000)).await;
+
+        // A pool of connections; HTTP/2 multiplexes the concurrent calls over them.
+        let conc: usize = std::env::var("HERALD_BENCH_CONC").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+        let mut clients = Vec::new();
+        for _ in 0..conns {
+            clients.push(HeraldClient::connect(&url, &anchors, None).await.unwrap());
+        }
+        let clients = Arc::new(clients);
+
+        println!("## end to end over gRPC + TLS on loopback, server in its own process, SQLite (durable, audit in the same transaction), {conc} concurrent callers");
+        let (cl, tk, cs) = (clients.clone(), tokens.clone(), csrs.clone());
+        let mint = server
+            .profile(
+                "mint",
+                drive(n, conc, None, move |i| {
+                    let (cl, tk, cs) = (cl.clone(), tk.clone(), cs.clone());
+                    async move {
+                        cl[i % cl.len()].mint_x509_svid(&tk[i], cs[i].clone()).await.unwrap();
+                    }
+                }),
+            )
+            .await;
+        print_run("mint (join token), peak", &mint, c2);
+
+        // Latency under paced (open-loop) load: at 80% of the measured peak, and lower.
+        let mut next_token = n + conns;
+        for share in [0.8, 0.6, 0.4] {
+            let target = mint.rate * share;
+            let m = n.min((target * 3.0) as usize).max(500);
+            let first = next_token;
+            next_token += m;
+            let (cl, tk, cs) = (clients.clone(), tokens.clone(), csrs.clone());
+            let paced = server
+                .profile(
+                    &format!("mint-{:.0}", share * 100.0),
+                    drive(m, conc * 4, Some(target), move |i| {
+                        let (cl, tk, cs) = (cl.clone(), tk.clone(), cs.clone());
+                        async move {
+                            cl[i % cl.len()].mint_x509_svid(&tk[first + i], cs[i % cs.len()].clone()).await.unwrap();
+                        }
+                    }),
+                )
+                .await;
+            print_run(&format!("mint at {target:.0}/s ({:.0}%)", share * 100.0), &paced, c2);
+        }
+
+        if only_mint {
+            server.stop();
+            return;
+        }
+
+        // Renewal: each holder renews over its own mTLS connection.
+        let mut holders = Vec::new();
+        for h in 0..conns {
+            let kc = generate_key_and_csr().unwrap();
+            let r = clients[0].mint_x509_svid(&tokens[n + h], kc.csr_der).await.unwrap();
+            holders.push(HeraldClient::connect(&url, &anchors, Some(ClientIdentity { cert_chain: r.cert_chain, key_pkcs8: kc.key_pkcs8 })).await.unwrap());
+        }
+        let holders = Arc::new(holders);
+        let (hs, cs) = (holders.clone(), csrs.clone());
+        let renew = server
+            .profile(
+                "renew",
+                drive(n, conc, None, move |i| {
+                    let (hs, cs) = (hs.clone(), cs.clone());
+                    async move {
+                        hs[i % hs.len()].renew_x509_svid(cs[n + i].clone()).await.unwrap();
+                    }
+                }),
+            )
+            .await;
+        print_run("renew (mTLS), peak", &renew, c2);
+
+        // Latency under paced (open-loop) load: at 80% of the measured peak, and lower.
+        for share in [0.8, 0.6, 0.4] {
+            let target = renew.rate * share;
+            let m = n.min((target * 3.0) as usize).max(500);
+            let (hs, cs) = (holders.clone(), csrs.clone());
+            let paced = drive(m, conc * 4, Some(target), move |i| {
+                let (hs, cs) = (hs.clone(), cs.clone());
                 async move {
-                    st.join_token(&hs[i]).await.unwrap().unwrap();
+                    hs[i % hs.len()].renew_x509_svid(cs[i % cs.len()].clone()).await.unwrap();
                 }
-            }))
+            })
+            .await;
+            print_run(&format!("renew at {target:.0}/s ({:.0}%)", share * 100.0), &paced, c2);
+        }
+
+        server.stop();
+        let store = herald_store::Store::open(&db).await.unwrap();
+        let report = store.verify_audit_chain(1, None).await.unwrap();
+        println!("## audit chain verified: {} records", report.records);
+    });
+}
+
+/// Token lookups and issuance commits on a store in this process, on a
+/// database of its own: what SQLite costs per request without the rest.
+async fn store_alone(dir: &std::path::Path, tokens: &[String], m: usize) {
+    let store = herald_store::Store::open(&format!("sqlite://{}", dir.join("alone.db").display()))
+        .await
+        .unwrap();
+    let mut hashes = Vec::with_capacity(m);
+    for (i, t) in tokens.iter().take(m).enumerate() {
+        let (_, mut rec) = common::bootstrap_token(format!("spiffe://{TD}/alone/{i}"));
+        rec.token_hash = herald_attest::join_token::parse(t).unwrap();
+        hashes.push(rec.token_hash);
+        store
+            .create_join_token(
+                rec,
+                herald_core::AuditEvent::new("join_token.create", "bench"),
+            )
             .await
             .unwrap();
-        let st = store.clone();
-        let commits = sh.spawn(drive(m, conc_store(), None, move |i| {
-            let st = st.clone();
-            async move {
+    }
+    let hashes = Arc::new(hashes);
+    let cpu = || common::process_cpu("/proc/self/task");
+    let t = (Instant::now(), cpu());
+    let (st, hs) = (store.clone(), hashes.clone());
+    let reads = futures::future::join_all((0..conc_store()).map(|c| {
+        let (st, hs) = (st.clone(), hs.clone());
+        async move {
+            for i in (c..hs.len()).step_by(conc_store()) {
+                st.join_token(&hs[i]).await.unwrap().unwrap();
+            }
+        }
+    }));
+    tokio::spawn(async move { reads.await }).await.unwrap();
+    let reads = (
+        per_sec(m, t.0.elapsed()),
+        us(cpu().0.saturating_sub((t.1).0)) / m as f64,
+    );
+    let t = (Instant::now(), cpu());
+    let w0 = store.write_stats();
+    let st = store.clone();
+    let commits = futures::future::join_all((0..conc_store()).map(|c| {
+        let st = st.clone();
+        async move {
+            for i in (c..m).step_by(conc_store()) {
                 let mut audit = herald_core::AuditEvent::new("bench.commit", "bench");
                 audit.serial = Some(format!("ff{i:030x}"));
                 let issued = herald_store::IssuedCredential {
@@ -219,84 +352,38 @@ fn main() {
                     root_serial: format!("ff{i:030x}"),
                     root_at: 0,
                 };
-                st.commit(herald_store::Commit { consume_join_token: None, consume_replay: None, parent: None, now_s: 0, issued: Some(issued), audit }).await.unwrap();
+                st.commit(herald_store::Commit {
+                    consume_join_token: None,
+                    consume_replay: None,
+                    parent: None,
+                    now_s: 0,
+                    issued: Some(issued),
+                    audit,
+                })
+                .await
+                .unwrap();
             }
-        }))
-        .await
-        .unwrap();
-        println!("## the store alone (SQLite via sqlx), {} concurrent", conc_store());
-        println!("  token lookup (pool read)   {:>8.0}/s   {:>5.1} µs server CPU each", reads.rate, us(reads.server_cpu));
-        println!("  issuance+audit commit      {:>8.0}/s   {:>5.1} µs server CPU each (group commit, one fsync per batch)", commits.rate, us(commits.server_cpu));
-
-        // A pool of connections; HTTP/2 multiplexes the concurrent calls over them.
-        let conns = 4;
-        let conc: usize = std::env::var("HERALD_BENCH_CONC").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
-        let mut clients = Vec::new();
-        for _ in 0..conns {
-            clients.push(HeraldClient::connect(&url, &anchors, None).await.unwrap());
         }
-        let clients = Arc::new(clients);
-
-        println!("## end to end over gRPC + TLS on loopback, SQLite (durable, audit in the same transaction), {conc} concurrent callers");
-        let (cl, tk, cs) = (clients.clone(), tokens.clone(), csrs.clone());
-        let w0 = store.write_stats();
-        let mint = drive(n, conc, None, move |i| {
-            let (cl, tk, cs) = (cl.clone(), tk.clone(), cs.clone());
-            async move {
-                cl[i % cl.len()].mint_x509_svid(&tk[i], cs[i].clone()).await.unwrap();
-            }
-        })
-        .await;
-        print_run("mint (join token), peak", &mint, c2);
-        let w1 = store.write_stats();
-        println!(
-            "  {:<26} {} write transactions, {:.1} commits each",
-            "",
-            w1.0 - w0.0,
-            (w1.1 - w0.1) as f64 / (w1.0 - w0.0).max(1) as f64
-        );
-
-        if only_mint {
-            sh.spawn(server.shutdown()).await.unwrap();
-            return;
-        }
-
-        // Renewal: each holder renews over its own mTLS connection.
-        let mut holders = Vec::new();
-        for h in 0..conns {
-            let kc = generate_key_and_csr().unwrap();
-            let r = clients[0].mint_x509_svid(&tokens[n + h], kc.csr_der).await.unwrap();
-            holders.push(HeraldClient::connect(&url, &anchors, Some(ClientIdentity { cert_chain: r.cert_chain, key_pkcs8: kc.key_pkcs8 })).await.unwrap());
-        }
-        let holders = Arc::new(holders);
-        let (hs, cs) = (holders.clone(), csrs.clone());
-        let renew = drive(n, conc, None, move |i| {
-            let (hs, cs) = (hs.clone(), cs.clone());
-            async move {
-                hs[i % hs.len()].renew_x509_svid(cs[n + i].clone()).await.unwrap();
-            }
-        })
-        .await;
-        print_run("renew (mTLS), peak", &renew, c2);
-
-        // Latency under paced (open-loop) load: at 80% of the measured peak, and lower.
-        for share in [0.8, 0.6, 0.4] {
-            let target = renew.rate * share;
-            let m = n.min((target * 3.0) as usize).max(500);
-            let (hs, cs) = (holders.clone(), csrs.clone());
-            let paced = drive(m, conc * 4, Some(target), move |i| {
-                let (hs, cs) = (hs.clone(), cs.clone());
-                async move {
-                    hs[i % hs.len()].renew_x509_svid(cs[i % cs.len()].clone()).await.unwrap();
-                }
-            })
-            .await;
-            print_run(&format!("renew at {target:.0}/s ({:.0}%)", share * 100.0), &paced, c2);
-        }
-
-        let report = store.verify_audit_chain(1, None).await.unwrap();
-        println!("## audit chain verified: {} records", report.records);
-        sh.spawn(server.shutdown()).await.unwrap();
-    });
-    drop(server_rt);
+    }));
+    tokio::spawn(async move { commits.await }).await.unwrap();
+    let commits = (
+        per_sec(m, t.0.elapsed()),
+        us(cpu().0.saturating_sub((t.1).0)) / m as f64,
+    );
+    let w1 = store.write_stats();
+    println!(
+        "## the store alone (SQLite via sqlx, in the generator's process), {} concurrent",
+        conc_store()
+    );
+    println!(
+        "  token lookup (pool read)   {:>8.0}/s   {:>5.1} µs CPU each (all threads)",
+        reads.0, reads.1
+    );
+    println!(
+        "  issuance+audit commit      {:>8.0}/s   {:>5.1} µs CPU each (all threads; group commit: {:.1} commits per write transaction)",
+        commits.0,
+        commits.1,
+        (w1.1 - w0.1) as f64 / (w1.0 - w0.0).max(1) as f64
+    );
+    store.close().await;
 }

@@ -40,7 +40,9 @@ pub struct Run {
     pub rate: f64,
     pub p50: Duration,
     pub p99: Duration,
-    /// CPU cores busy on average (this process: server and clients).
+    pub p999: Duration,
+    pub max: Duration,
+    /// CPU cores busy on average (server and clients).
     pub cores: f64,
     /// Server CPU per request.
     pub server_cpu: Duration,
@@ -76,8 +78,18 @@ pub fn cpu_split() -> (Duration, Duration) {
     (server, client)
 }
 
+/// The server's process, when it runs in one of its own
+/// ([`ServerProcess`]): the CPU split then reads its threads, and every
+/// thread of this process is the load generator's.
+static SERVER_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
 /// (server total, clients, of which SQLite threads) CPU time so far.
 pub fn cpu_split3() -> (Duration, Duration, Duration) {
+    if let Some(pid) = SERVER_PID.get() {
+        let (server, sqlite) = process_cpu(&format!("/proc/{pid}/task"));
+        let (client, _) = process_cpu("/proc/self/task");
+        return (server, client, sqlite);
+    }
     let mut sqlite = 0u64;
     let mut server = 0u64;
     let mut client = 0u64;
@@ -111,6 +123,169 @@ pub fn cpu_split3() -> (Duration, Duration, Duration) {
         Duration::from_millis(client * 10),
         Duration::from_millis(sqlite * 10),
     )
+}
+
+/// (all threads, of which SQLite's) CPU time so far of the process whose
+/// task directory is `tasks`.
+pub fn process_cpu(tasks: &str) -> (Duration, Duration) {
+    let (mut all, mut sqlite) = (0u64, 0u64);
+    for t in std::fs::read_dir(tasks).unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue; // a thread that ended since the listing
+        };
+        let (head, rest) = stat.split_once(") ").unwrap();
+        let comm = head.rsplit('(').next().unwrap_or("");
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        all += ticks;
+        if comm.starts_with("sqlx-sqlite") {
+            sqlite += ticks;
+        }
+    }
+    (
+        Duration::from_millis(all * 10),
+        Duration::from_millis(sqlite * 10),
+    )
+}
+
+/// A `herald server` in a process of its own (the release binary this
+/// bench was built with), so that the load generator — this process —
+/// neither shares its allocator, runtime or caches nor blurs its CPU
+/// accounting: server CPU per request is the server process's own
+/// (`/proc/<pid>/task`, every thread, SQLite's counted apart).
+///
+/// With `HERALD_BENCH_PERF=<dir>`, [`ServerProcess::profile`] records each
+/// timed phase with `perf record` into `<dir>/<phase>.data`.
+pub struct ServerProcess {
+    child: std::process::Child,
+    /// The server's gRPC (TLS) address.
+    pub grpc_addr: std::net::SocketAddr,
+    /// The server's plain HTTP address.
+    pub http_addr: std::net::SocketAddr,
+    /// The trust bundle's X.509 authorities (DER), from `bundle.pem`.
+    pub anchors: Vec<Vec<u8>>,
+    /// How long from spawning to `listening`.
+    pub cold_start: Duration,
+}
+
+impl ServerProcess {
+    /// Starts `herald server --config <config>` (the bench's build, or
+    /// the executable `HERALD_BENCH_SERVER` names) whose data directory is
+    /// `data_dir`; returns once it listens. Its log goes to
+    /// `<data_dir>/server.log`.
+    pub fn start(config: &std::path::Path, data_dir: &std::path::Path) -> ServerProcess {
+        use std::io::{BufRead, BufReader};
+        std::fs::create_dir_all(data_dir).unwrap();
+        let log = std::fs::File::create(data_dir.join("server.log")).unwrap();
+        let t0 = Instant::now();
+        // HERALD_BENCH_SERVER names another build to compare (runs alternated).
+        let bin = std::env::var_os("HERALD_BENCH_SERVER")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_herald").into());
+        let mut child = std::process::Command::new(bin)
+            .args(["server", "--config"])
+            .arg(config)
+            .env_remove("HERALD_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut reader = BufReader::new(child.stdout.take().unwrap());
+        let mut banner = String::new();
+        let listening = loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                let _ = child.kill();
+                panic!(
+                    "herald server exited before listening: {banner}{}",
+                    std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default()
+                );
+            }
+            banner.push_str(&line);
+            if let Some(rest) = line.strip_prefix("listening ") {
+                break rest.trim().to_owned();
+            }
+        };
+        let cold_start = t0.elapsed();
+        std::thread::spawn(move || for _ in reader.lines() {});
+        let addr = |key: &str| -> std::net::SocketAddr {
+            listening
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let bundle = std::fs::read(data_dir.join("bundle.pem")).unwrap();
+        let anchors = pem::parse_many(&bundle)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.into_contents())
+            .collect();
+        SERVER_PID
+            .set(child.id())
+            .expect("one server process per bench run");
+        ServerProcess {
+            grpc_addr: addr("grpc"),
+            http_addr: addr("http"),
+            anchors,
+            cold_start,
+            child,
+        }
+    }
+
+    /// Runs `phase` while `perf record` samples the server process, when
+    /// `HERALD_BENCH_PERF` names a directory; otherwise just runs it.
+    pub async fn profile<T>(&self, name: &str, phase: impl std::future::Future<Output = T>) -> T {
+        let Some(dir) = std::env::var_os("HERALD_BENCH_PERF") else {
+            return phase.await;
+        };
+        let out = std::path::Path::new(&dir).join(format!("{name}.data"));
+        // System-wide: `perf record -p` misses threads the server starts
+        // after it attached (sqlx opens SQLite connections, each a thread,
+        // on demand). The report is filtered to the server's pid.
+        let mut perf = std::process::Command::new("perf")
+            .args(["record", "-q", "-a", "-F", "1999"])
+            .arg("-o")
+            .arg(&out)
+            .spawn()
+            .expect("HERALD_BENCH_PERF is set but perf cannot be started");
+        // perf attaches asynchronously; its output file appears once it has.
+        while !out.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let result = phase.await;
+        let status = std::process::Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        perf.wait().unwrap();
+        println!(
+            "  (perf profile: perf report -i {} --pid {})",
+            out.display(),
+            self.child.id()
+        );
+        result
+    }
+
+    /// Stops the server (SIGTERM: it drains and closes the store) and
+    /// waits for it to exit.
+    pub fn stop(mut self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = self.child.wait().unwrap();
+        assert!(exit.success(), "herald server exited with {exit}");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// User + system CPU time of this process so far.
@@ -168,15 +343,22 @@ where
         all.extend(t.await.unwrap());
     }
     let elapsed = start.elapsed();
+    let (srv1, cli1, sql1) = cpu_split3();
     all.sort();
     Run {
         rate: per_sec(n, elapsed),
         p50: percentile(&all, 0.5),
         p99: percentile(&all, 0.99),
-        cores: (cpu_time() - cpu0).as_secs_f64() / elapsed.as_secs_f64(),
-        server_cpu: cpu_split().0.saturating_sub(srv0) / n as u32,
-        client_cpu: cpu_split().1.saturating_sub(cli0) / n as u32,
-        sqlite_cpu: cpu_split3().2.saturating_sub(sql0) / n as u32,
+        p999: percentile(&all, 0.999),
+        max: all.last().copied().unwrap_or_default(),
+        cores: if SERVER_PID.get().is_some() {
+            (srv1 + cli1).saturating_sub(srv0 + cli0).as_secs_f64() / elapsed.as_secs_f64()
+        } else {
+            (cpu_time() - cpu0).as_secs_f64() / elapsed.as_secs_f64()
+        },
+        server_cpu: srv1.saturating_sub(srv0) / n as u32,
+        client_cpu: cli1.saturating_sub(cli0) / n as u32,
+        sqlite_cpu: sql1.saturating_sub(sql0) / n as u32,
     }
 }
 
@@ -191,6 +373,12 @@ pub fn print_run(name: &str, r: &Run, ceiling: f64) {
         us(r.server_cpu),
         us(r.sqlite_cpu),
         us(r.client_cpu),
+    );
+    println!(
+        "  {:<26} p99.9 {:.2} ms  max {:.2} ms",
+        "",
+        r.p999.as_secs_f64() * 1e3,
+        r.max.as_secs_f64() * 1e3
     );
     if r.server_cpu > Duration::ZERO {
         let capacity = 2.0 / r.server_cpu.as_secs_f64();
@@ -288,16 +476,28 @@ pub fn oidc_server_config(
     issuer: &str,
     issuer_ca: &std::path::Path,
 ) -> herald_server::ServerConfig {
+    herald_server::ServerConfig::from_toml(&oidc_server_toml(dir, td, policies, issuer, issuer_ca))
+        .unwrap()
+}
+
+/// [`oidc_server_config`] as TOML, for a [`ServerProcess`]; the data
+/// directory is `dir/data`.
+pub fn oidc_server_toml(
+    dir: &std::path::Path,
+    td: &str,
+    policies: &std::path::Path,
+    issuer: &str,
+    issuer_ca: &std::path::Path,
+) -> String {
     use std::os::unix::fs::PermissionsExt;
     let kek = dir.join("kek");
     std::fs::write(&kek, "5a".repeat(32)).unwrap();
     std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let toml = format!(
+    format!(
         "trust_domain = \"{td}\"\ndata_dir = \"{}\"\n[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[ca]\nkey_encryption_key_file = \"{}\"\n[rate_limit]\nper_caller_rate = 0.0\n[policy]\ndir = \"{}\"\n[[oidc.issuers]]\nissuer = \"{issuer}\"\naudiences = [\"herald\"]\nextra_roots = \"{}\"\nmin_refresh_interval = \"0s\"\n",
         dir.join("data").display(),
         kek.display(),
         policies.display(),
         issuer_ca.display(),
-    );
-    herald_server::ServerConfig::from_toml(&toml).unwrap()
+    )
 }
