@@ -321,7 +321,7 @@ async fn store_alone(dir: &std::path::Path, tokens: &[String], m: usize) {
             }
         }
     }));
-    tokio::spawn(async move { reads.await }).await.unwrap();
+    reads.await;
     let reads = (
         per_sec(m, t.0.elapsed()),
         us(cpu().0.saturating_sub((t.1).0)) / m as f64,
@@ -365,7 +365,7 @@ async fn store_alone(dir: &std::path::Path, tokens: &[String], m: usize) {
             }
         }
     }));
-    tokio::spawn(async move { commits.await }).await.unwrap();
+    commits.await;
     let commits = (
         per_sec(m, t.0.elapsed()),
         us(cpu().0.saturating_sub((t.1).0)) / m as f64,

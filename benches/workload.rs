@@ -101,7 +101,11 @@ fn start_agent(site: &Site, tpm: &SoftTpm) -> AgentProc {
     .unwrap();
     // The node agent's own executable (what a node runs): its RSS is the
     // agent's, not that of the pages of a binary that also holds the server.
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_herald-agent"))
+    // HERALD_BENCH_AGENT names another build to compare (e.g. the `agent`
+    // profile's, `target/agent/herald-agent`).
+    let bin = std::env::var_os("HERALD_BENCH_AGENT")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_herald-agent").into());
+    let child = std::process::Command::new(bin)
         .arg("--config")
         .arg(&cfg)
         .env("HERALD_LOG", "error")

@@ -19,6 +19,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// The server's allocator. With glibc's, allocation was about a tenth of
+/// an issuance's server CPU (`malloc`, `free` and their consolidation on
+/// the request path; `docs/performance.md`). The node agent
+/// (`herald-agent`) keeps the system allocator: its target is memory.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     let telemetry = match telemetry::init() {

@@ -244,7 +244,7 @@ impl ServerProcess {
         // after it attached (sqlx opens SQLite connections, each a thread,
         // on demand). The report is filtered to the server's pid.
         let mut perf = std::process::Command::new("perf")
-            .args(["record", "-q", "-a", "-F", "1999"])
+            .args(["record", "-q", "-a", "-k", "CLOCK_MONOTONIC", "-F", "1999"])
             .arg("-o")
             .arg(&out)
             .spawn()
@@ -332,16 +332,38 @@ where
                         None => Instant::now(),
                     };
                     op(i).await;
-                    lat.push(scheduled.elapsed());
+                    lat.push((scheduled.elapsed(), scheduled - start));
                 }
                 lat
             })
         })
         .collect();
-    let mut all = Vec::with_capacity(n);
+    let mut timed = Vec::with_capacity(n);
     for t in tasks {
-        all.extend(t.await.unwrap());
+        timed.extend(t.await.unwrap());
     }
+    if std::env::var_os("HERALD_BENCH_SLOWEST").is_some() {
+        // When the slowest requests were sent: together, a stall of the
+        // whole server; spread out, queueing.
+        timed.sort();
+        let slowest: Vec<String> = timed
+            .iter()
+            .rev()
+            .take(12)
+            .map(|(lat, at)| {
+                format!(
+                    "{:.0}@{:.0}",
+                    lat.as_secs_f64() * 1e3,
+                    at.as_secs_f64() * 1e3
+                )
+            })
+            .collect();
+        println!(
+            "  slowest (ms latency @ ms sent after start): {}",
+            slowest.join(" ")
+        );
+    }
+    let mut all: Vec<Duration> = timed.into_iter().map(|(lat, _)| lat).collect();
     let elapsed = start.elapsed();
     let (srv1, cli1, sql1) = cpu_split3();
     all.sort();
