@@ -265,19 +265,17 @@ fn main() {
                 drive(n, conc, None, move |_| {
                     let (hc, hb, tk) = (hc.clone(), hb.clone(), tk.clone());
                     async move {
-                        let resp = hc
-                            .post(format!("{hb}/v1/token"))
-                            .form(&[
+                        post_ok(
+                            &hc,
+                            format!("{hb}/v1/token"),
+                            &[
                                 ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
                                 ("subject_token", &tk()),
                                 ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
                                 ("audience", "deployer"),
-                            ])
-                            .send()
-                            .await
-                            .unwrap();
-                        assert_eq!(resp.status(), 200);
-                        resp.bytes().await.unwrap();
+                            ],
+                        )
+                        .await;
                     }
                 }),
             )
@@ -290,20 +288,18 @@ fn main() {
                 drive(n, conc, None, move |_| {
                     let (hc, hb, tk) = (hc.clone(), hb.clone(), tk.clone());
                     async move {
-                        let resp = hc
-                            .post(format!("{hb}/"))
-                            .form(&[
+                        post_ok(
+                            &hc,
+                            format!("{hb}/"),
+                            &[
                                 ("Action", "AssumeRoleWithWebIdentity"),
                                 ("Version", "2011-06-15"),
                                 ("RoleArn", ROLE),
                                 ("RoleSessionName", "bench"),
                                 ("WebIdentityToken", &tk()),
-                            ])
-                            .send()
-                            .await
-                            .unwrap();
-                        assert_eq!(resp.status(), 200);
-                        resp.bytes().await.unwrap();
+                            ],
+                        )
+                        .await;
                     }
                 }),
             )
@@ -326,6 +322,13 @@ fn main() {
         server.stop();
     });
     drop(server_rt);
+}
+
+/// POSTs `form` to `url` and reads the whole answer, which must be 200.
+async fn post_ok(client: &reqwest::Client, url: String, form: &[(&str, &str)]) {
+    let resp = client.post(url).form(form).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap();
 }
 
 async fn grpc_jwt(clients: &[HeraldClient], i: usize, token: String) {
