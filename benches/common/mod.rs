@@ -240,6 +240,8 @@ impl ServerProcess {
             return phase.await;
         };
         let out = std::path::Path::new(&dir).join(format!("{name}.data"));
+        // An earlier run's file would look like this one's having started.
+        let _ = std::fs::remove_file(&out);
         // System-wide: `perf record -p` misses threads the server starts
         // after it attached (sqlx opens SQLite connections, each a thread,
         // on demand). The report is filtered to the server's pid.
@@ -251,6 +253,11 @@ impl ServerProcess {
             .expect("HERALD_BENCH_PERF is set but perf cannot be started");
         // perf attaches asynchronously; its output file appears once it has.
         while !out.exists() {
+            if let Some(exit) = perf.try_wait().unwrap() {
+                panic!(
+                    "perf record exited before recording ({exit}): is perf installed and allowed?"
+                );
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let result = phase.await;
