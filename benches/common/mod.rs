@@ -10,6 +10,11 @@
 )]
 
 use std::sync::Arc;
+
+/// The `herald` binary's allocator, so that a server run in the bench's
+/// process (replicas, flood, attestation) allocates as the shipped one.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
