@@ -241,6 +241,21 @@ async fn introspector(env: &Env) -> String {
     }
 }
 
+/// `POST /v1/introspect` with `form`, authenticated by `bearer` (from
+/// [`introspector`]); the JSON answer.
+async fn introspect(env: &Env, bearer: &str, form: &[(&str, &str)]) -> Value {
+    reqwest::Client::new()
+        .post(format!("{}/v1/introspect", env.http()))
+        .bearer_auth(bearer)
+        .form(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn jwt_request(token: &str, audiences: &[&str]) -> ExchangeTokenRequest {
     ExchangeTokenRequest {
         subject_token: token.to_string(),
@@ -346,28 +361,10 @@ async fn jwt_svid_over_grpc_verifies_with_pyjwt_through_discovery() {
     );
     // Introspection says active, then nothing for garbage.
     let bearer = introspector(&env).await;
-    let active: Value = http
-        .post(format!("{}/v1/introspect", env.http()))
-        .bearer_auth(&bearer)
-        .form(&[("token", jwt.token.as_str())])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let active = introspect(&env, &bearer, &[("token", jwt.token.as_str())]).await;
     assert_eq!(active["active"], true);
     assert_eq!(active["sub"], resp.spiffe_id);
-    let inactive: Value = http
-        .post(format!("{}/v1/introspect", env.http()))
-        .bearer_auth(&bearer)
-        .form(&[("token", "not-a-token")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let inactive = introspect(&env, &bearer, &[("token", "not-a-token")]).await;
     assert_eq!(inactive, json!({"active": false}));
 }
 
@@ -637,21 +634,16 @@ async fn boto3_assume_role_with_web_identity_and_sigv4_verification() {
     assert!(herald_cloud_creds::sigv4::verify_request(&keyring, &request, &opts, later).is_err());
 
     // Introspection reports the scope; revocation is visible there.
-    let http = reqwest::Client::new();
     let bearer = introspector(&env).await;
-    let active: Value = http
-        .post(format!("{}/v1/introspect", env.http()))
-        .bearer_auth(&bearer)
-        .form(&[
+    let active = introspect(
+        &env,
+        &bearer,
+        &[
             ("token", creds["SessionToken"].as_str().unwrap()),
             ("access_key_id", creds["AccessKeyId"].as_str().unwrap()),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        ],
+    )
+    .await;
     assert_eq!(active["active"], true, "{active}");
 }
 
@@ -1663,34 +1655,24 @@ async fn introspecting_an_x509_svid_checks_its_record_and_the_ca_that_signed_it(
     let spki = SubjectPublicKeyInfo::from_der(parsed.tbs_certificate.subject_pki.raw).unwrap();
     let forged = leaf.signed_by(&spki, &rogue).unwrap();
 
-    let http = reqwest::Client::new();
     let bearer = introspector(&env).await;
-    let introspect = |pem: String| {
-        let (http, bearer, url) = (
-            http.clone(),
-            bearer.clone(),
-            format!("{}/v1/introspect", env.http()),
-        );
+    let introspect_pem = |der: &[u8]| {
+        let pem = herald_client::files::to_pem("CERTIFICATE", &[der.to_vec()]);
+        let (env, bearer) = (&env, bearer.clone());
         async move {
-            let answer: Value = http
-                .post(url)
-                .bearer_auth(bearer)
-                .form(&[("token", pem.as_str()), ("token_type_hint", "x509_svid")])
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            answer
+            introspect(
+                env,
+                &bearer,
+                &[("token", pem.as_str()), ("token_type_hint", "x509_svid")],
+            )
+            .await
         }
     };
-    let pem = |der: &[u8]| herald_client::files::to_pem("CERTIFICATE", &[der.to_vec()]);
-    let active = introspect(pem(&genuine.cert_chain[0])).await;
+    let active = introspect_pem(&genuine.cert_chain[0]).await;
     assert_eq!(active["active"], true, "{active}");
     assert_eq!(active["sub"], id.as_str());
     assert_eq!(active["serial"], info.serial_hex.as_str());
-    let refused = introspect(pem(forged.der())).await;
+    let refused = introspect_pem(forged.der()).await;
     assert_eq!(
         refused["active"], false,
         "a leaf from another CA with the genuine serial and key: {refused}"

@@ -400,16 +400,11 @@ fn audit_count_matches(before: u64, seq: u64) -> bool {
 #[test]
 fn slow_and_idle_clients_are_cut_off_while_others_are_served() {
     let site = Site::new();
-    let text = std::fs::read_to_string(site.config()).unwrap();
-    std::fs::write(
-        site.config(),
-        text.replacen(
-            "https = \"127.0.0.1:0\"\n",
-            "https = \"127.0.0.1:0\"\nheader_read_timeout = \"1s\"\nidle_timeout = \"2s\"\nmax_connections = 8\n",
-            1,
-        ),
-    )
-    .unwrap();
+    extend_section(
+        &site.config(),
+        "listen",
+        "header_read_timeout = \"1s\"\nidle_timeout = \"2s\"\nmax_connections = 8\n",
+    );
     let server = site.start();
 
     // A client dribbling its request head, a byte every 200 ms.
@@ -772,16 +767,11 @@ fn dribbling_heads_bodies_and_grpc_requests_are_cut_off_while_others_are_served(
     // the head, body and first-request deadlines, whose clocks progress
     // does not reset.
     let site = Site::new();
-    let text = std::fs::read_to_string(site.config()).unwrap();
-    std::fs::write(
-        site.config(),
-        text.replacen(
-            "https = \"127.0.0.1:0\"\n",
-            "https = \"127.0.0.1:0\"\nheader_read_timeout = \"1s\"\nbody_read_timeout = \"1s\"\nidle_timeout = \"5m\"\nmax_connections = 8\n",
-            1,
-        ),
-    )
-    .unwrap();
+    extend_section(
+        &site.config(),
+        "listen",
+        "header_read_timeout = \"1s\"\nbody_read_timeout = \"1s\"\nidle_timeout = \"5m\"\nmax_connections = 8\n",
+    );
     let server = site.start();
     let https = server.https.expect("the site listens on HTTPS");
     let limit = Duration::from_secs(15);

@@ -346,20 +346,15 @@ async fn a_leaf_forged_under_a_shared_upstream_root_renews_nothing() {
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
     let site = Site::new();
-    let text = std::fs::read_to_string(site.config()).unwrap();
-    std::fs::write(
-        site.config(),
-        text.replacen(
-            "[ca]\n",
-            &format!(
-                "[ca]\nupstream_cert = \"{}\"\nupstream_key = \"{}\"\n",
-                cert_path.display(),
-                key_path.display()
-            ),
-            1,
+    extend_section(
+        &site.config(),
+        "ca",
+        &format!(
+            "upstream_cert = \"{}\"\nupstream_key = \"{}\"\n",
+            cert_path.display(),
+            key_path.display()
         ),
-    )
-    .unwrap();
+    );
     let server = site.start();
     let store = Store::open(&site.db_url()).await.unwrap();
     let anchors = common::pem_file_certs(&site.bundle_pem());

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::node::{NodeSite, raw_client, start_agent, wait_status, with_header, x509_ids};
-use common::{TRUST_DOMAIN, herald_bin, ok, require_tool, stdout, verifies};
+use common::{TRUST_DOMAIN, extend_section, herald_bin, ok, require_tool, stdout, verifies};
 use futures::StreamExt;
 use herald_test_tpm::SoftTpm;
 use spiffe::WorkloadApiClient;
@@ -112,12 +112,7 @@ fn rig_opts(o: Opts<'_>) -> Rig {
         &format!("reload_interval = \"1s\"\n{extra}"),
         &format!("{}{}", workloads(&exe), o.workloads),
     );
-    let text = std::fs::read_to_string(site.config()).unwrap();
-    std::fs::write(
-        site.config(),
-        text.replacen("[ca]\n", &format!("[ca]\n{ca}"), 1),
-    )
-    .unwrap();
+    extend_section(&site.config(), "ca", ca);
     let server = site.start();
     let agent_dir = tempfile::tempdir().unwrap();
     {

@@ -95,62 +95,55 @@ pub fn cpu_split3() -> (Duration, Duration, Duration) {
         let (client, _) = process_cpu("/proc/self/task");
         return (server, client, sqlite);
     }
-    let mut sqlite = 0u64;
-    let mut server = 0u64;
-    let mut client = 0u64;
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for t in tasks.flatten() {
-            let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
-                continue;
-            };
-            let Some((head, rest)) = stat.split_once(") ") else {
-                continue;
-            };
-            let comm = head.rsplit('(').next().unwrap_or("");
-            let f: Vec<&str> = rest.split(' ').collect();
-            let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            if comm.starts_with("sqlx-sqlite") {
-                sqlite += ticks;
-            }
-            if comm.starts_with(SERVER_THREADS)
-                || comm.starts_with("herald-store")
-                || comm.starts_with("sqlx-sqlite")
-            {
-                server += ticks;
-            } else if comm.starts_with(CLIENT_THREADS) {
-                client += ticks;
-            }
+    let (mut server, mut client, mut sqlite) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    for (comm, cpu) in thread_cpu("/proc/self/task") {
+        if comm.starts_with("sqlx-sqlite") {
+            sqlite += cpu;
+        }
+        if comm.starts_with(SERVER_THREADS)
+            || comm.starts_with("herald-store")
+            || comm.starts_with("sqlx-sqlite")
+        {
+            server += cpu;
+        } else if comm.starts_with(CLIENT_THREADS) {
+            client += cpu;
         }
     }
-    (
-        Duration::from_millis(server * 10),
-        Duration::from_millis(client * 10),
-        Duration::from_millis(sqlite * 10),
-    )
+    (server, client, sqlite)
 }
 
 /// (all threads, of which SQLite's) CPU time so far of the process whose
 /// task directory is `tasks`.
 pub fn process_cpu(tasks: &str) -> (Duration, Duration) {
-    let (mut all, mut sqlite) = (0u64, 0u64);
+    thread_cpu(tasks).into_iter().fold(
+        (Duration::ZERO, Duration::ZERO),
+        |(all, sqlite), (comm, cpu)| {
+            let of_sqlite = if comm.starts_with("sqlx-sqlite") {
+                cpu
+            } else {
+                Duration::ZERO
+            };
+            (all + cpu, sqlite + of_sqlite)
+        },
+    )
+}
+
+/// Each thread's name and user + system CPU time so far, from the task
+/// directory `tasks` (`/proc/<pid>/task`).
+fn thread_cpu(tasks: &str) -> Vec<(String, Duration)> {
+    let mut threads = Vec::new();
     for t in std::fs::read_dir(tasks).unwrap().flatten() {
         let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
             continue; // a thread that ended since the listing
         };
         let (head, rest) = stat.split_once(") ").unwrap();
-        let comm = head.rsplit('(').next().unwrap_or("");
+        let comm = head.rsplit('(').next().unwrap_or("").to_owned();
         let f: Vec<&str> = rest.split(' ').collect();
+        // utime and stime, in clock ticks of 10 ms.
         let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-        all += ticks;
-        if comm.starts_with("sqlx-sqlite") {
-            sqlite += ticks;
-        }
+        threads.push((comm, Duration::from_millis(ticks * 10)));
     }
-    (
-        Duration::from_millis(all * 10),
-        Duration::from_millis(sqlite * 10),
-    )
+    threads
 }
 
 /// A `herald server` in a process of its own (the release binary this

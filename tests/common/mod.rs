@@ -421,6 +421,23 @@ pub fn set_database_url(config: &Path, database_url: &str) {
     std::fs::write(config, text).unwrap();
 }
 
+/// Adds `lines` (TOML keys, each ending in a newline) to the `[section]`
+/// table of a server configuration file.
+pub fn extend_section(config: &Path, section: &str, lines: &str) {
+    let header = format!("[{section}]\n");
+    let text = std::fs::read_to_string(config).unwrap();
+    assert!(
+        text.contains(&header),
+        "no [{section}] table in {}",
+        config.display()
+    );
+    std::fs::write(
+        config,
+        text.replacen(&header, &format!("{header}{lines}"), 1),
+    )
+    .unwrap();
+}
+
 /// Whether `chain` verifies as an X.509 SVID against `anchors`.
 pub fn verifies(chain: &[Vec<u8>], anchors: &[Vec<u8>]) -> Result<(), String> {
     use rustls_pki_types::{CertificateDer, UnixTime};
