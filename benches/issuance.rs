@@ -133,7 +133,7 @@ fn main() {
             .collect(),
     );
     let (c1, c2) = if only_mint {
-        // Not measured: the shares of the ceiling below print as NaN.
+        // Not measured: the runs below say so instead of a share.
         (f64::NAN, f64::NAN)
     } else {
         (ceiling(&csrs, 1, 3000), ceiling(&csrs, 2, 3000))

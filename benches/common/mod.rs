@@ -153,7 +153,10 @@ fn thread_cpu(tasks: &str) -> Vec<(String, Duration)> {
 /// (`/proc/<pid>/task`, every thread, SQLite's counted apart).
 ///
 /// With `HERALD_BENCH_PERF=<dir>`, [`ServerProcess::profile`] records each
-/// timed phase with `perf record` into `<dir>/<phase>.data`.
+/// timed phase with `perf record` into `<dir>/<phase>.data`; with
+/// `HERALD_BENCH_PERF_GRAPH=<mode>` also with call graphs (`fp`: complete
+/// for the kernel, a frame or two in code built without frame pointers;
+/// `dwarf`: complete, at a higher recording cost).
 pub struct ServerProcess {
     child: std::process::Child,
     /// The server's gRPC (TLS) address.
@@ -245,6 +248,13 @@ impl ServerProcess {
         // on demand). The report is filtered to the server's pid.
         let mut perf = std::process::Command::new("perf")
             .args(["record", "-q", "-a", "-k", "CLOCK_MONOTONIC", "-F", "1999"])
+            .args(
+                std::env::var("HERALD_BENCH_PERF_GRAPH")
+                    .ok()
+                    .map(|mode| ["--call-graph".to_owned(), mode])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("-o")
             .arg(&out)
             .spawn()
@@ -390,12 +400,20 @@ where
 }
 
 pub fn print_run(name: &str, r: &Run, ceiling: f64) {
+    // A ceiling that was not measured (NaN) prints as such, not as a share.
+    let share = |rate: f64| {
+        if ceiling.is_finite() {
+            format!("{:>4.1}% of ceiling", 100.0 * rate / ceiling)
+        } else {
+            "ceiling not measured".to_owned()
+        }
+    };
     println!(
-        "  {name:<26} {:>6.0}/s  p50 {:>5.2} ms  p99 {:>5.2} ms  {:>4.1}% of ceiling  | CPU {:.2} cores: server {:>3.0} µs/req (SQLite {:>3.0}), clients {:>3.0} µs/req",
+        "  {name:<26} {:>6.0}/s  p50 {:>5.2} ms  p99 {:>5.2} ms  {}  | CPU {:.2} cores: server {:>3.0} µs/req (SQLite {:>3.0}), clients {:>3.0} µs/req",
         r.rate,
         r.p50.as_secs_f64() * 1e3,
         r.p99.as_secs_f64() * 1e3,
-        100.0 * r.rate / ceiling,
+        share(r.rate),
         r.cores,
         us(r.server_cpu),
         us(r.sqlite_cpu),
@@ -410,9 +428,9 @@ pub fn print_run(name: &str, r: &Run, ceiling: f64) {
     if r.server_cpu > Duration::ZERO {
         let capacity = 2.0 / r.server_cpu.as_secs_f64();
         println!(
-            "  {:<26} server alone on both cores: {capacity:>6.0}/s = {:.1}% of ceiling",
+            "  {:<26} server alone on both cores: {capacity:>6.0}/s = {}",
             "",
-            100.0 * capacity / ceiling
+            share(capacity)
         );
     }
 }
