@@ -118,6 +118,10 @@ pub(crate) async fn open(url: &str) -> Result<store::Backend, StoreError> {
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .foreign_keys(true)
+        // Statement journals (a multi-row statement inside a transaction)
+        // stay in memory instead of a temporary file opened, unlinked and
+        // closed around a batch's statements.
+        .pragma("temp_store", "memory")
         .busy_timeout(Duration::from_secs(5));
     let pool = SqlitePoolOptions::new()
         .max_connections(4)
