@@ -163,6 +163,9 @@ pub struct Run<'s> {
     action: &'static str,
     peer: Option<IpAddr>,
     admitted: bool,
+    /// Held from admission until this run's commit is sent: the store's
+    /// writer waits briefly for it rather than commit a small batch alone.
+    pending: Option<herald_store::PendingCommit>,
     /// The audit event; flows fill in the caller, evidence digests, policy
     /// and SPIFFE ID as they learn them, so a refusal records how far the
     /// request got.
@@ -200,6 +203,7 @@ impl<'s> Run<'s> {
             action,
             peer: peer.map(|a| a.ip()),
             admitted: false,
+            pending: None,
             audit,
         }
     }
@@ -217,7 +221,11 @@ impl<'s> Run<'s> {
                 ErrorCode::RateLimited,
                 "too many requests from this address; retry later",
             )),
-            _ => Ok(()),
+            _ => {
+                // Granted or refused from here on, it ends in a commit.
+                self.pending = Some(self.shared.store.expect_commit());
+                Ok(())
+            }
         }
     }
 
@@ -296,6 +304,8 @@ impl<'s> Run<'s> {
         )?;
         self.audit.serial = Some(record.serial.clone());
         let expires_at = record.not_after;
+        // Sent now: the writer no longer waits for it.
+        self.pending = None;
         let refused = match node {
             Some(attestation) => match shared
                 .store
@@ -370,7 +380,8 @@ impl<'s> Run<'s> {
     /// addresses, each under its own limit) a refusal is counted into its
     /// caller's aggregated record instead: still audited, with its action
     /// and code, but not a durable write per request.
-    pub async fn refuse(self, r: Refusal) -> Refusal {
+    pub async fn refuse(mut self, r: Refusal) -> Refusal {
+        self.pending = None;
         let event = self.audit.clone().deny(r.code);
         let aggregate = r.code == ErrorCode::RateLimited
             || (!r.audited && !self.shared.refusal_budget.allow((), Instant::now()));

@@ -25,7 +25,7 @@ mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 
 use herald_core::{AuditEvent, ErrorCode, JoinTokenPurpose, Origin};
 pub use herald_core::{CredentialStatus, JoinTokenRecord};
@@ -365,6 +365,29 @@ pub(crate) struct WriterStats {
     pub statements: AtomicU64,
     /// Batched hot-path lookup queries.
     pub reads: AtomicU64,
+    /// Outstanding [`PendingCommit`]s: requests whose commit is on its way.
+    pub promised: AtomicUsize,
+}
+
+/// A request's word that a [`Commit`] of its will reach the writer soon:
+/// it is past admission and will be granted or refused, either way with an
+/// audit record. While such promises are outstanding the writer, holding a
+/// small batch, waits briefly for them, so that requests in flight share
+/// one transaction and its fsync instead of each paying for its own —
+/// which is what made CPU per request grow as load fell. Drop it once the
+/// commit is sent, or when the request ends without one.
+#[derive(Debug)]
+#[must_use = "the writer waits for the promised commit while this lives"]
+pub struct PendingCommit {
+    stats: Arc<WriterStats>,
+}
+
+impl Drop for PendingCommit {
+    fn drop(&mut self) {
+        self.stats
+            .promised
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Hot-path datastore work since open: what one issuance costs the database.
@@ -452,6 +475,21 @@ impl Store {
     /// Drops a schema made by [`Store::create_postgres_schema`] and everything in it.
     pub async fn drop_postgres_schema(base_url: &str, schema: &str) -> Result<(), StoreError> {
         postgres::drop_schema(base_url, schema).await
+    }
+
+    /// Promises a commit on its way (see [`PendingCommit`]).
+    pub fn expect_commit(&self) -> PendingCommit {
+        let stats = on_backend!(self.stats.clone());
+        stats
+            .promised
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        PendingCommit { stats }
+    }
+
+    /// Commits promised ([`Store::expect_commit`]) and not yet sent.
+    pub fn pending_commits(&self) -> usize {
+        let stats = on_backend!(self.stats.clone());
+        stats.promised.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Group-commit counters since open: (write transactions, commits in them).

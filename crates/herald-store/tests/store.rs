@@ -289,6 +289,34 @@ async fn an_issuance_and_its_audit_record_land_together(db: &Fixture) {
     s.verify_audit_chain(1, None).await.unwrap();
 }
 
+async fn a_promised_commit_is_waited_for_only_briefly(db: &Fixture) {
+    let s = db.open().await;
+    assert_eq!(s.pending_commits(), 0);
+    let promised = s.expect_commit();
+    let other = s.expect_commit();
+    assert_eq!(s.pending_commits(), 2);
+    drop(other);
+    assert_eq!(s.pending_commits(), 1);
+    // A promise that is never kept (its request hung) holds a small batch
+    // back only for the writer's short wait, not until it is dropped: the
+    // guard below fails the test on a hang, it does not time the wait.
+    let before = s.query_stats();
+    let committed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.commit(mint(None, "feed01")),
+    )
+    .await
+    .expect("a commit waited for a promise that never came");
+    assert!(matches!(committed.unwrap(), Committed::Done { .. }));
+    let after = s.query_stats();
+    assert_eq!(after.commits - before.commits, 1);
+    assert_eq!(after.transactions - before.transactions, 1);
+    assert!(s.issued("feed01").await.unwrap().is_some());
+    drop(promised);
+    assert_eq!(s.pending_commits(), 0);
+    s.verify_audit_chain(1, None).await.unwrap();
+}
+
 async fn revocation_and_the_ca_key_ring(db: &Fixture) {
     let s = db.open().await;
     s.commit(mint(None, "01")).await.unwrap();
@@ -1260,6 +1288,7 @@ backend_suite!(
     a_join_token_is_consumed_exactly_once_under_a_race,
     unknown_and_expired_tokens_get_their_codes_and_write_nothing_else,
     an_issuance_and_its_audit_record_land_together,
+    a_promised_commit_is_waited_for_only_briefly,
     revocation_and_the_ca_key_ring,
     two_processes_appending_keep_one_chain,
     the_audit_log_is_append_only_and_tampering_is_located,

@@ -1,6 +1,10 @@
 //! The group-commit writer: one task with a connection of its own, one
 //! transaction per batch of queued commits, one fsync shared by the batch.
 //!
+//! A batch that is still small waits briefly for the commits that
+//! requests in flight have promised ([`crate::PendingCommit`]), so that at
+//! low load they share a transaction too.
+//!
 //! A batch is two scripts: `BEGIN; <write lock>; SELECT <chain tail>;
 //! UPDATE join_tokens … RETURNING; INSERT replay_cache … RETURNING` and then
 //! `INSERT issued…; INSERT audit…; COMMIT` (plus one lookup, only when some
@@ -34,6 +38,16 @@ const MAX_BATCH: usize = if MAX_PARAMS / 34 < 512 {
 } else {
     512
 };
+
+/// Below this many commits a batch waits for promised ones; at and above
+/// it, the transaction's shared pages are already spread thin (a
+/// transaction writes about 8 pages whoever is in it, plus about 2.6 per
+/// issuance: docs/performance.md).
+const GATHER: usize = 8;
+
+/// The longest a small batch waits for promised commits (tokio's timer
+/// rounds it up to its millisecond tick).
+const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// How many times a batch that failed on a serialization failure or
 /// deadlock (PostgreSQL) is retried before its callers get the error.
@@ -108,10 +122,20 @@ pub(crate) async fn run(
     let mut last_purge = std::time::Instant::now();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+        drain(&mut rx, &mut batch);
+        // A small batch waits for the commits promised by requests in
+        // flight (`PendingCommit`): at low load each request would
+        // otherwise write — and fsync — the transaction's shared pages on
+        // its own. A batch that is already large, or nothing promised,
+        // goes at once; the wait is bounded by the timer's granularity.
+        let deadline = tokio::time::Instant::now() + GATHER_WAIT;
+        while batch.len() < GATHER && stats.promised.load(Ordering::Relaxed) > 0 {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(r)) => {
+                    batch.push(r);
+                    drain(&mut rx, &mut batch);
+                }
+                _ => break,
             }
         }
         let (commits, replies): (Vec<Commit>, Vec<_>) =
@@ -188,6 +212,16 @@ pub(crate) async fn run(
     }
     if let Some(c) = conn {
         let _ = c.close().await;
+    }
+}
+
+/// Moves every queued request into `batch`, up to [`MAX_BATCH`].
+fn drain(rx: &mut mpsc::Receiver<WriteRequest>, batch: &mut Vec<WriteRequest>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(r) => batch.push(r),
+            Err(_) => break,
+        }
     }
 }
 
