@@ -543,9 +543,11 @@ async fn rfc8693_token_endpoint_issues_and_refuses_in_oauth_terms() {
     assert_eq!(body["error"], "invalid_request");
 
     // The decisions show in the metrics: issuances, the policy denial, the
-    // replay, the issuer's JWKS fetch.
+    // replay, the issuer's JWKS fetch — and, every request answered, no
+    // commit still promised to the store's writer.
     let (_, metrics) = env.server.http_get("/metrics");
     for line in [
+        "herald_store_pending_commits 0".to_string(),
         "herald_issuance_total{credential_type=\"jwt_svid\",outcome=\"success\"} 1".to_string(),
         "herald_policy_denials_total{policy=\"e2e-deploy\"} 2".to_string(),
         "herald_replay_rejections_total 1".to_string(),
@@ -559,6 +561,19 @@ async fn rfc8693_token_endpoint_issues_and_refuses_in_oauth_terms() {
             "{line} not in\n{metrics}"
         );
     }
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in\n{metrics}"))
+    };
+    let (transactions, commits) = (
+        value("herald_store_write_transactions_total"),
+        value("herald_store_commits_total"),
+    );
+    // The issuance, the replay and the two policy denials above at least,
+    // each with its audit record, went through the writer.
+    assert!(transactions >= 1 && commits >= transactions && commits >= 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,6 +69,9 @@ pub struct Metrics {
     federation_fetches: Family<FederationFetchLabels, Counter>,
     federation_age: Family<FederationLabels, Gauge>,
     federation_sequence: Family<FederationLabels, Gauge>,
+    store_transactions: Counter<u64, AtomicU64>,
+    store_commits: Counter<u64, AtomicU64>,
+    store_pending: Gauge,
     // The same decisions as OpenTelemetry instruments: no-ops unless the
     // binary installed an OTLP meter provider.
     otel_issuance: opentelemetry::metrics::Counter<u64>,
@@ -209,6 +212,24 @@ impl Metrics {
             "spiffe_sequence of the federated bundle held (-1: none in the document)",
             federation_sequence.clone(),
         );
+        let store_transactions = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "store_write_transactions",
+            "Write transactions of the store's group-commit writer (this replica)",
+            store_transactions.clone(),
+        );
+        let store_commits = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "store_commits",
+            "Commits (issuances, refusals, audit events) in those transactions: their ratio is the batch size",
+            store_commits.clone(),
+        );
+        let store_pending = Gauge::default();
+        registry.register(
+            "store_pending_commits",
+            "Requests past admission whose commit has not yet been sent (a small batch waits briefly for them)",
+            store_pending.clone(),
+        );
         let meter = opentelemetry::global::meter("herald");
         let otel_issuance = meter
             .u64_counter("herald.issuance")
@@ -245,6 +266,9 @@ impl Metrics {
             federation_fetches,
             federation_age,
             federation_sequence,
+            store_transactions,
+            store_commits,
+            store_pending,
         }
     }
 
@@ -405,6 +429,14 @@ impl Metrics {
                     .map_or(-1, |s| i64::try_from(s).unwrap_or(i64::MAX)),
             );
         }
+        let store = shared.store.query_stats();
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        self.store_transactions
+            .inner()
+            .store(store.transactions, relaxed);
+        self.store_commits.inner().store(store.commits, relaxed);
+        self.store_pending
+            .set(i64::try_from(shared.store.pending_commits()).unwrap_or(i64::MAX));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "metrics encoding failed");
