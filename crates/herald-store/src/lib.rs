@@ -25,7 +25,7 @@ mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use herald_core::{AuditEvent, ErrorCode, JoinTokenPurpose, Origin};
 pub use herald_core::{CredentialStatus, JoinTokenRecord};
@@ -384,9 +384,7 @@ pub struct PendingCommit {
 
 impl Drop for PendingCommit {
     fn drop(&mut self) {
-        self.stats
-            .promised
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.promised.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -477,36 +475,36 @@ impl Store {
         postgres::drop_schema(base_url, schema).await
     }
 
+    /// The writer's counters, whichever backend holds them.
+    fn stats(&self) -> &Arc<WriterStats> {
+        match &*self.inner {
+            Backend::Sqlite(b) => &b.stats,
+            Backend::Postgres(b) => &b.stats,
+        }
+    }
+
     /// Promises a commit on its way (see [`PendingCommit`]).
     pub fn expect_commit(&self) -> PendingCommit {
-        let stats = on_backend!(self.stats.clone());
-        stats
-            .promised
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stats = self.stats().clone();
+        stats.promised.fetch_add(1, Ordering::Relaxed);
         PendingCommit { stats }
     }
 
     /// Commits promised ([`Store::expect_commit`]) and not yet sent.
     pub fn pending_commits(&self) -> usize {
-        let stats = on_backend!(self.stats.clone());
-        stats.promised.load(std::sync::atomic::Ordering::Relaxed)
+        self.stats().promised.load(Ordering::Relaxed)
     }
 
     /// Group-commit counters since open: (write transactions, commits in them).
     pub fn write_stats(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering;
-        let stats = on_backend!(self.stats.clone());
-        (
-            stats.transactions.load(Ordering::Relaxed),
-            stats.commits.load(Ordering::Relaxed),
-        )
+        let q = self.query_stats();
+        (q.transactions, q.commits)
     }
 
     /// Hot-path query counters since open (writer and batched lookups; the
     /// admin and key-ring queries are not counted).
     pub fn query_stats(&self) -> QueryStats {
-        use std::sync::atomic::Ordering;
-        let s = on_backend!(self.stats.clone());
+        let s = self.stats();
         QueryStats {
             transactions: s.transactions.load(Ordering::Relaxed),
             commits: s.commits.load(Ordering::Relaxed),
