@@ -2,24 +2,24 @@
 //!
 //! Issued leaves follow the X509-SVID standard: exactly one URI SAN (the
 //! SPIFFE ID from the grant), `cA=false`, keyUsage digitalSignature only
-//! (critical), EKU serverAuth + clientAuth, a random 128-bit serial, and a
+//! (critical), EKU serverAuth + clientAuth, a time-ordered serial with 72 random bits ([`crate::serial`]), and a
 //! validity window that starts slightly in the past for clock skew and never
 //! outlives any certificate above it.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use herald_core::{SpiffeId, TrustDomain};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType,
 };
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use crate::csr::VerifiedCsr;
+use crate::serial::Serial;
 use crate::{CaError, sha256_hex};
 
 /// How far back `notBefore` is set, to tolerate clients whose clocks run behind.
@@ -92,7 +92,6 @@ pub struct CertificateAuthority {
     above: Vec<Vec<u8>>,
     not_before: i64,
     not_after: i64,
-    rng: SystemRandom,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -125,23 +124,13 @@ fn ca_params(
     p.subject_alt_names = vec![SanType::URI(td.id().as_str().try_into()?)];
     p.not_before = to_time(not_before)?;
     p.not_after = to_time(not_after)?;
-    p.serial_number = Some(random_serial(&SystemRandom::new())?.0);
+    p.serial_number = Some(Serial::generate()?.to_rcgen());
     p.use_authority_key_identifier_extension = true;
     Ok(p)
 }
 
 fn to_time(unix: i64) -> Result<OffsetDateTime, CaError> {
     OffsetDateTime::from_unix_timestamp(unix).map_err(|e| CaError::Generate(e.to_string()))
-}
-
-fn random_serial(rng: &SystemRandom) -> Result<(SerialNumber, String), CaError> {
-    let mut b = [0u8; 16];
-    rng.fill(&mut b)
-        .map_err(|_| CaError::Generate("system RNG failed".into()))?;
-    // Positive and with a non-zero leading byte, so the DER INTEGER is always
-    // 16 bytes and carries 126 random bits.
-    b[0] = (b[0] & 0x7f) | 0x40;
-    Ok((SerialNumber::from_slice(&b), hex::encode(b)))
 }
 
 fn generate_p256() -> Result<KeyPair, CaError> {
@@ -287,7 +276,6 @@ impl CertificateAuthority {
             above,
             not_before,
             not_after,
-            rng: SystemRandom::new(),
         })
     }
 
@@ -368,8 +356,9 @@ impl CertificateAuthority {
         ];
         p.not_before = to_time(nb)?;
         p.not_after = to_time(na)?;
-        let (serial, serial_hex) = random_serial(&self.rng)?;
-        p.serial_number = Some(serial);
+        let serial = Serial::generate()?;
+        p.serial_number = Some(serial.to_rcgen());
+        let serial_hex = serial.to_hex();
         p.use_authority_key_identifier_extension = true;
         Ok((p, serial_hex))
     }

@@ -8,6 +8,7 @@
 //! - [`jwt`]: JWT-SVIDs and Herald's other ES256 JWTs.
 //! - [`bundle`]: the trust bundle as SPIFFE JWKS and PEM.
 //! - [`checkpoint`]: signed checkpoints of the audit chain's head.
+//! - [`serial`]: credential serial numbers, ordered by issue time.
 #![forbid(unsafe_code)]
 
 pub mod authority;
@@ -16,12 +17,14 @@ pub mod checkpoint;
 pub mod csr;
 pub mod jwt;
 pub mod kek;
+pub mod serial;
 
 pub use authority::{CertificateAuthority, IssuedX509, ServerIdentity, X509Grant};
 pub use bundle::TrustBundle;
 pub use csr::VerifiedCsr;
 pub use jwt::{JwtSigner, JwtSvidClaims};
 pub use kek::KeyEncryptionKey;
+pub use serial::Serial;
 
 use herald_core::ErrorCode;
 

@@ -64,13 +64,6 @@ pub fn valid_session_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b))
 }
 
-fn random_serial() -> Result<String, Refusal> {
-    let mut b = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut b)
-        .map_err(|_| Refusal::new(ErrorCode::Internal, "random source failed"))?;
-    Ok(hex::encode(b))
-}
-
 /// Signs the credential `grant` allows for `decision`'s identity, from the
 /// material `wanted` carries (the CSR, the session name), and builds its
 /// record: serial, validity, evidence (from the audit event), policy,
@@ -188,7 +181,7 @@ pub(crate) fn issue(
             ))
         }
         (Grant::JwtSvid { ttl, audiences }, RequestedCredential::JwtSvid { .. }) => {
-            let serial = random_serial()?;
+            let serial = herald_ca::Serial::generate()?.to_hex();
             let expires_at = now + ttl.as_secs() as i64;
             let token = ca.jwt.sign_jwt_svid(&JwtSvidClaims {
                 spiffe_id: decision.spiffe_id.clone(),
@@ -222,7 +215,7 @@ pub(crate) fn issue(
                     "RoleSessionName must be 2-64 characters of [A-Za-z0-9_+=,.@-]",
                 ));
             }
-            let serial = random_serial()?;
+            let serial = herald_ca::Serial::generate()?.to_hex();
             let expires_at = now + ttl.as_secs() as i64;
             let at = |s: i64| {
                 OffsetDateTime::from_unix_timestamp(s)
