@@ -110,6 +110,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "node_quotes",
         include_str!("../migrations/postgres/0012_node_quotes.sql"),
     ),
+    (
+        13,
+        "partial_parent_index",
+        include_str!("../migrations/postgres/0013_partial_parent_index.sql"),
+    ),
 ];
 
 /// Whether `url` names a PostgreSQL database.

@@ -104,6 +104,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "node_quotes",
         include_str!("../migrations/sqlite/0012_node_quotes.sql"),
     ),
+    (
+        13,
+        "partial_parent_index",
+        include_str!("../migrations/sqlite/0013_partial_parent_index.sql"),
+    ),
 ];
 
 /// Opens (creating if missing) the database file and migrates it.
