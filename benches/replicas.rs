@@ -6,8 +6,9 @@
 //! (join-token consumption, the single-use path), throughput, p50/p99;
 //! then what each issuance cost the database: statements and batched reads
 //! from Herald's own counters, transactions and tuples from
-//! `pg_stat_database`, bytes from the tables' growth, and the CPU the
-//! PostgreSQL processes used.
+//! `pg_stat_database`, bytes from the tables' growth, WAL bytes and
+//! full-page images from `pg_stat_wal` (each phase starting from a
+//! `CHECKPOINT`), and the CPU the PostgreSQL processes used.
 //!
 //! Everything — replicas, PostgreSQL and the load generator — shares this
 //! machine's 2 cores, so more replicas add coordination, not CPU; the
@@ -67,10 +68,22 @@ struct PgCounters {
     inserted: i64,
     fetched: i64,
     bytes: i64,
+    /// `pg_stat_wal`: WAL written and the full-page images in it (the
+    /// whole server's, which here serves only this bench).
+    wal_bytes: i64,
+    wal_fpi: i64,
 }
 
 async fn pg_counters(url: &str) -> PgCounters {
     let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+    // Every phase starts from a checkpoint, so each pays its full-page
+    // images alike (the first change to a page after a checkpoint logs the
+    // whole page): the worst case, and comparable between runs. It needs
+    // a superuser or `pg_checkpoint`; without, the WAL figures depend on
+    // when PostgreSQL last checkpointed.
+    if let Err(e) = sqlx::query("CHECKPOINT").execute(&mut c).await {
+        println!("    (CHECKPOINT refused, WAL figures not from a checkpoint: {e})");
+    }
     // Each backend flushes its statistics when it goes idle, at most once a
     // second and up to 10 s late under contention: read until two reads a
     // second apart agree (this connection's own few transactions aside).
@@ -105,11 +118,18 @@ async fn read_pg_counters(c: &mut sqlx::PgConnection) -> PgCounters {
     .fetch_one(&mut *c)
     .await
     .unwrap();
+    let (wal_bytes, wal_fpi): (i64, i64) =
+        sqlx::query_as("SELECT wal_bytes::bigint, wal_fpi FROM pg_stat_wal")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
     PgCounters {
         xact,
         inserted,
         fetched,
         bytes,
+        wal_bytes,
+        wal_fpi,
     }
 }
 
@@ -148,6 +168,11 @@ fn report_costs(
             (b.fetched - a.fetched) as f64 / n,
             (b.bytes - a.bytes) as f64 / n,
             cpu.as_secs_f64() * 1e6 / n,
+        );
+        println!(
+            "    PostgreSQL's WAL per issuance (from a checkpoint): {:.0} bytes, {:.2} full-page images",
+            (b.wal_bytes - a.wal_bytes) as f64 / n,
+            (b.wal_fpi - a.wal_fpi) as f64 / n,
         );
     }
 }
@@ -203,6 +228,13 @@ async fn tokens(store: &Store, n: usize, tag: &str) -> Vec<String> {
             .unwrap()
         }));
         out.push(token);
+        // A few at a time: thousands at once wait for the pool's eight
+        // connections past its acquire timeout on a slow disk.
+        if pending.len() == 64 {
+            for p in pending.drain(..) {
+                p.await.unwrap();
+            }
+        }
     }
     for p in pending {
         p.await.unwrap();
