@@ -2,7 +2,8 @@
 //!
 //! Issued leaves follow the X509-SVID standard: exactly one URI SAN (the
 //! SPIFFE ID from the grant), `cA=false`, keyUsage digitalSignature only
-//! (critical), EKU serverAuth + clientAuth, a time-ordered serial with 72 random bits ([`crate::serial`]), and a
+//! (critical), EKU serverAuth + clientAuth, a serial that begins with the
+//! issue time and ends with 72 random bits ([`crate::serial`]), and a
 //! validity window that starts slightly in the past for clock skew and never
 //! outlives any certificate above it.
 
