@@ -330,7 +330,7 @@ async fn store_alone(dir: &std::path::Path, tokens: &[String], m: usize) {
         us(cpu().0.saturating_sub((t.1).0)) / m as f64,
     );
     let t = (Instant::now(), cpu());
-    let w0 = store.write_stats();
+    let w0 = store.query_stats();
     let st = store.clone();
     let commits = futures::future::join_all((0..conc_store()).map(|c| {
         let st = st.clone();
@@ -373,7 +373,7 @@ async fn store_alone(dir: &std::path::Path, tokens: &[String], m: usize) {
         per_sec(m, t.0.elapsed()),
         us(cpu().0.saturating_sub((t.1).0)) / m as f64,
     );
-    let w1 = store.write_stats();
+    let w1 = store.query_stats();
     println!(
         "## the store alone (SQLite via sqlx, in the generator's process), {} concurrent",
         conc_store()
@@ -386,7 +386,7 @@ async fn store_alone(dir: &std::path::Path, tokens: &[String], m: usize) {
         "  issuance+audit commit      {:>8.0}/s   {:>5.1} µs CPU each (all threads; group commit: {:.1} commits per write transaction)",
         commits.0,
         commits.1,
-        (w1.1 - w0.1) as f64 / (w1.0 - w0.0).max(1) as f64
+        (w1.commits - w0.commits) as f64 / (w1.transactions - w0.transactions).max(1) as f64
     );
     store.close().await;
 }

@@ -495,12 +495,6 @@ impl Store {
         self.stats().promised.load(Ordering::Relaxed)
     }
 
-    /// Group-commit counters since open: (write transactions, commits in them).
-    pub fn write_stats(&self) -> (u64, u64) {
-        let q = self.query_stats();
-        (q.transactions, q.commits)
-    }
-
     /// Hot-path query counters since open (writer and batched lookups; the
     /// admin and key-ring queries are not counted).
     pub fn query_stats(&self) -> QueryStats {
