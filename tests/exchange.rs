@@ -574,6 +574,18 @@ async fn rfc8693_token_endpoint_issues_and_refuses_in_oauth_terms() {
     // The issuance, the replay and the two policy denials above at least,
     // each with its audit record, went through the writer.
     assert!(transactions >= 1 && commits >= transactions && commits >= 4);
+    // The writer timed them: the longest took some time, and no more of
+    // them were slow than there were.
+    assert!(value("herald_store_slow_write_transactions_total") <= transactions);
+    let longest: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("herald_store_longest_write_transaction_seconds ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("longest write transaction not in\n{metrics}"));
+    assert!(longest > 0.0 && longest < 60.0, "{longest}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,6 +72,8 @@ pub struct Metrics {
     store_transactions: Counter<u64, AtomicU64>,
     store_commits: Counter<u64, AtomicU64>,
     store_pending: Gauge,
+    store_slow: Counter<u64, AtomicU64>,
+    store_longest: Gauge<f64, AtomicU64>,
     // The same decisions as OpenTelemetry instruments: no-ops unless the
     // binary installed an OTLP meter provider.
     otel_issuance: opentelemetry::metrics::Counter<u64>,
@@ -230,6 +232,18 @@ impl Metrics {
             "Requests past admission whose commit has not yet been sent (a small batch waits briefly for them)",
             store_pending.clone(),
         );
+        let store_slow = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "store_slow_write_transactions",
+            "Write transactions that took 10 ms or more, retries included: every request in them, and behind them, waited as long",
+            store_slow.clone(),
+        );
+        let store_longest = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "store_longest_write_transaction_seconds",
+            "The longest a write transaction took since start",
+            store_longest.clone(),
+        );
         let meter = opentelemetry::global::meter("herald");
         let otel_issuance = meter
             .u64_counter("herald.issuance")
@@ -269,6 +283,8 @@ impl Metrics {
             store_transactions,
             store_commits,
             store_pending,
+            store_slow,
+            store_longest,
         }
     }
 
@@ -435,6 +451,11 @@ impl Metrics {
             .inner()
             .store(store.transactions, relaxed);
         self.store_commits.inner().store(store.commits, relaxed);
+        self.store_slow
+            .inner()
+            .store(store.slow_transactions, relaxed);
+        self.store_longest
+            .set(store.longest_transaction.as_secs_f64());
         self.store_pending
             .set(i64::try_from(shared.store.pending_commits()).unwrap_or(i64::MAX));
         let mut out = String::new();

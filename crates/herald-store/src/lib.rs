@@ -367,6 +367,26 @@ pub(crate) struct WriterStats {
     pub reads: AtomicU64,
     /// Outstanding [`PendingCommit`]s: requests whose commit is on its way.
     pub promised: AtomicUsize,
+    /// Batches that took [`SLOW_WRITE`] or longer to write.
+    pub slow: AtomicU64,
+    /// The longest a batch took to write, in microseconds.
+    pub longest_micros: AtomicU64,
+}
+
+/// A batch that takes this long to write holds up every request in it and
+/// behind it: counted apart ([`QueryStats::slow_transactions`]), so that a
+/// burst of slow requests can be told to be the store's or not.
+pub const SLOW_WRITE: std::time::Duration = std::time::Duration::from_millis(10);
+
+impl WriterStats {
+    /// Records how long writing one batch took, retries included.
+    pub(crate) fn record_write(&self, took: std::time::Duration) {
+        if took >= SLOW_WRITE {
+            self.slow.fetch_add(1, Ordering::Relaxed);
+        }
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.longest_micros.fetch_max(micros, Ordering::Relaxed);
+    }
 }
 
 /// A request's word that a [`Commit`] of its will reach the writer soon:
@@ -399,6 +419,11 @@ pub struct QueryStats {
     pub write_statements: u64,
     /// Batched lookup queries (join tokens, credential status).
     pub reads: u64,
+    /// Write transactions that took [`SLOW_WRITE`] or longer, retries
+    /// included.
+    pub slow_transactions: u64,
+    /// The longest a write transaction took since start.
+    pub longest_transaction: std::time::Duration,
 }
 
 /// A hot-path lookup for the batcher.
@@ -504,6 +529,10 @@ impl Store {
             commits: s.commits.load(Ordering::Relaxed),
             write_statements: s.statements.load(Ordering::Relaxed),
             reads: s.reads.load(Ordering::Relaxed),
+            slow_transactions: s.slow.load(Ordering::Relaxed),
+            longest_transaction: std::time::Duration::from_micros(
+                s.longest_micros.load(Ordering::Relaxed),
+            ),
         }
     }
 
@@ -1011,4 +1040,21 @@ pub(crate) fn chain_rows(
             row
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write counts as slow from [`SLOW_WRITE`] on; the longest is kept.
+    #[test]
+    fn slow_writes_are_counted_and_the_longest_kept() {
+        let stats = WriterStats::default();
+        stats.record_write(std::time::Duration::from_micros(900));
+        stats.record_write(SLOW_WRITE);
+        stats.record_write(std::time::Duration::from_millis(40));
+        stats.record_write(std::time::Duration::from_millis(3));
+        assert_eq!(stats.slow.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.longest_micros.load(Ordering::Relaxed), 40_000);
+    }
 }

@@ -167,6 +167,7 @@ pub(crate) async fn run(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64)
         });
+        let began = std::time::Instant::now();
         let mut result = write_batch(c, lock, &commits, purge_before, &stats).await;
         for _ in 0..RETRIES {
             match &result {
@@ -209,6 +210,7 @@ pub(crate) async fn run(
                 }
             }
         }
+        stats.record_write(began.elapsed());
     }
     if let Some(c) = conn {
         let _ = c.close().await;
