@@ -312,11 +312,15 @@ fn main() {
             let rate = jwt.rate * share;
             let paced = remaining.min(n).min((rate * 3.0) as usize);
             let (cl, tk) = (clients.clone(), take.clone());
-            let run = drive(paced, 256, Some(rate), move |i| {
-                let (cl, tk) = (cl.clone(), tk.clone());
-                async move { grpc_jwt(&cl, i, tk()).await }
-            })
-            .await;
+            let run = server
+                .profile(
+                    &format!("exchange-grpc-jwt-{:.0}", share * 100.0),
+                    drive(paced, 256, Some(rate), move |i| {
+                        let (cl, tk) = (cl.clone(), tk.clone());
+                        async move { grpc_jwt(&cl, i, tk()).await }
+                    }),
+                )
+                .await;
             print_run(&format!("gRPC → JWT at {rate:.0}/s ({:.0}%)", share * 100.0), &run, c2);
         }
         server.stop();

@@ -276,13 +276,17 @@ fn main() {
             let target = renew.rate * share;
             let m = n.min((target * 3.0) as usize).max(500);
             let (hs, cs) = (holders.clone(), csrs.clone());
-            let paced = drive(m, conc * 4, Some(target), move |i| {
-                let (hs, cs) = (hs.clone(), cs.clone());
-                async move {
-                    hs[i % hs.len()].renew_x509_svid(cs[i % cs.len()].clone()).await.unwrap();
-                }
-            })
-            .await;
+            let paced = server
+                .profile(
+                    &format!("renew-{:.0}", share * 100.0),
+                    drive(m, conc * 4, Some(target), move |i| {
+                        let (hs, cs) = (hs.clone(), cs.clone());
+                        async move {
+                            hs[i % hs.len()].renew_x509_svid(cs[i % cs.len()].clone()).await.unwrap();
+                        }
+                    }),
+                )
+                .await;
             print_run(&format!("renew at {target:.0}/s ({:.0}%)", share * 100.0), &paced, c2);
         }
 

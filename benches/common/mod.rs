@@ -55,6 +55,91 @@ pub struct Run {
     pub client_cpu: Duration,
     /// Of the server's, SQLite's connection threads, per request.
     pub sqlite_cpu: Duration,
+    /// The machine's own stalls over the run, from [`StallProbe`].
+    pub stalls: Stalls,
+}
+
+/// How late a thread outside every runtime woke from short sleeps during a
+/// run: a wake-up tens of ms late on an otherwise responsive machine means
+/// no vCPU ran it — the machine stalled, not the server.
+#[derive(Clone, Debug, Default)]
+pub struct Stalls {
+    /// The latest wake-up: how late, and when (since the run's start).
+    pub worst: (Duration, Duration),
+    /// Wake-ups at least [`STALL`] late.
+    pub count: usize,
+}
+
+/// A wake-up this late counts as a stall: several times the scheduler's
+/// own latency for a thread that has slept (a few ms at most on 2 cores).
+pub const STALL: Duration = Duration::from_millis(20);
+
+/// How long the probe sleeps: short beside the stalls it looks for, long
+/// enough that its 200 wake-ups a second do not disturb the run.
+const PROBE_SLEEP: Duration = Duration::from_millis(5);
+
+/// A thread that sleeps 5 ms at a time and records how late it wakes.
+/// Requests slow together while the probe also woke late were held up by
+/// the machine (`HERALD_BENCH_SLOWEST` prints both, with the time each
+/// happened); slow while the probe was on time, by the server.
+pub struct StallProbe {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Duration, Duration)>>,
+}
+
+/// The probe's thread name: its CPU is neither the server's nor the
+/// clients'.
+const PROBE_THREAD: &str = "bench-probe";
+
+impl StallProbe {
+    /// Starts probing; times are reported relative to `start`.
+    pub fn start(start: Instant) -> StallProbe {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(PROBE_THREAD.into())
+            .spawn(move || {
+                let mut late = Vec::new();
+                while !flag.load(Ordering::Relaxed) {
+                    let before = Instant::now();
+                    std::thread::sleep(PROBE_SLEEP);
+                    let overshoot = before.elapsed().saturating_sub(PROBE_SLEEP);
+                    late.push((overshoot, before.duration_since(start)));
+                }
+                late
+            })
+            .unwrap();
+        StallProbe { stop, thread }
+    }
+
+    /// Stops probing; prints the worst wake-ups with `HERALD_BENCH_SLOWEST`.
+    pub fn finish(self) -> Stalls {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut late = self.thread.join().unwrap();
+        late.sort();
+        if std::env::var_os("HERALD_BENCH_SLOWEST").is_some() {
+            let worst: Vec<String> = late
+                .iter()
+                .rev()
+                .take(6)
+                .map(|(by, at)| {
+                    format!(
+                        "{:.1}@{:.0}",
+                        by.as_secs_f64() * 1e3,
+                        at.as_secs_f64() * 1e3
+                    )
+                })
+                .collect();
+            println!(
+                "  probe woke late (ms late @ ms after start): {}",
+                worst.join(" ")
+            );
+        }
+        Stalls {
+            worst: late.last().copied().unwrap_or_default(),
+            count: late.iter().filter(|(by, _)| *by >= STALL).count(),
+        }
+    }
 }
 
 /// The server's and the benchmark clients' thread names: the CPU split
@@ -92,7 +177,11 @@ static SERVER_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 pub fn cpu_split3() -> (Duration, Duration, Duration) {
     if let Some(pid) = SERVER_PID.get() {
         let (server, sqlite) = process_cpu(&format!("/proc/{pid}/task"));
-        let (client, _) = process_cpu("/proc/self/task");
+        let client = thread_cpu("/proc/self/task")
+            .into_iter()
+            .filter(|(comm, _)| comm != PROBE_THREAD)
+            .map(|(_, cpu)| cpu)
+            .sum();
         return (server, client, sqlite);
     }
     let (mut server, mut client, mut sqlite) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
@@ -236,7 +325,46 @@ impl ServerProcess {
 
     /// Runs `phase` while `perf record` samples the server process, when
     /// `HERALD_BENCH_PERF` names a directory; otherwise just runs it.
+    /// After the phase, prints how many of the store's write transactions
+    /// took 10 ms or more during it (from the server's `/metrics`): a burst
+    /// of slow requests with none is not the store's.
     pub async fn profile<T>(&self, name: &str, phase: impl std::future::Future<Output = T>) -> T {
+        let before = self.store_writes().await;
+        let result = self.record(name, phase).await;
+        let after = self.store_writes().await;
+        println!(
+            "  store: {} write transactions ≥ 10 ms in this phase; the longest since start {:.1} ms",
+            after.0 - before.0,
+            after.1 * 1e3
+        );
+        result
+    }
+
+    /// (write transactions that took 10 ms or more, the longest one's
+    /// seconds), from the server's `/metrics`.
+    async fn store_writes(&self) -> (u64, f64) {
+        let text = reqwest::get(format!("http://{}/metrics", self.http_addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        (
+            value("herald_store_slow_write_transactions_total") as u64,
+            value("herald_store_longest_write_transaction_seconds"),
+        )
+    }
+
+    /// Runs `phase`, under `perf record` when `HERALD_BENCH_PERF` is set.
+    async fn record<T>(&self, name: &str, phase: impl std::future::Future<Output = T>) -> T {
         let Some(dir) = std::env::var_os("HERALD_BENCH_PERF") else {
             return phase.await;
         };
@@ -328,6 +456,7 @@ where
     let cpu0 = cpu_time();
     let (srv0, cli0, sql0) = cpu_split3();
     let start = Instant::now();
+    let probe = StallProbe::start(start);
     let tasks: Vec<_> = (0..conc)
         .map(|_| {
             let (op, next) = (op.clone(), next.clone());
@@ -380,6 +509,7 @@ where
     }
     let mut all: Vec<Duration> = timed.into_iter().map(|(lat, _)| lat).collect();
     let elapsed = start.elapsed();
+    let stalls = probe.finish();
     let (srv1, cli1, sql1) = cpu_split3();
     all.sort();
     Run {
@@ -396,6 +526,7 @@ where
         server_cpu: srv1.saturating_sub(srv0) / n as u32,
         client_cpu: cli1.saturating_sub(cli0) / n as u32,
         sqlite_cpu: sql1.saturating_sub(sql0) / n as u32,
+        stalls,
     }
 }
 
@@ -420,10 +551,14 @@ pub fn print_run(name: &str, r: &Run, ceiling: f64) {
         us(r.client_cpu),
     );
     println!(
-        "  {:<26} p99.9 {:.2} ms  max {:.2} ms",
+        "  {:<26} p99.9 {:.2} ms  max {:.2} ms  | machine: latest wake-up {:.1} ms late @ {:.0} ms, {} ≥ {} ms",
         "",
         r.p999.as_secs_f64() * 1e3,
-        r.max.as_secs_f64() * 1e3
+        r.max.as_secs_f64() * 1e3,
+        r.stalls.worst.0.as_secs_f64() * 1e3,
+        r.stalls.worst.1.as_secs_f64() * 1e3,
+        r.stalls.count,
+        STALL.as_millis(),
     );
     if r.server_cpu > Duration::ZERO {
         let capacity = 2.0 / r.server_cpu.as_secs_f64();
