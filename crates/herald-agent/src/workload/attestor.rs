@@ -162,7 +162,11 @@ impl Peer {
     /// Checks that the process is the one that connected, running the
     /// executable it ran then.
     pub fn unchanged(&self) -> Result<(), AttestError> {
-        if start_time(self.pid) != Some(self.start_time) {
+        // With a pidfd, the process still running after the reads (checked
+        // below) is the one pinned: a pid is not reused while its process
+        // lives. Without one, its start time tells (a read of
+        // `/proc/<pid>/stat`, the dearest of a fetch's `/proc` reads).
+        if self.pidfd.is_none() && start_time(self.pid) != Some(self.start_time) {
             return Err(AttestError::Gone);
         }
         let exe = FileId::at(Path::new(&format!("/proc/{}/exe", self.pid)));
@@ -585,7 +589,10 @@ mod tests {
             std::thread::yield_now();
         }
         assert_eq!(again.unchanged(), Err(AttestError::Gone));
+        // Reaped, its pid free for reuse: still gone (the pidfd, not the
+        // start time, tells).
         child.wait().unwrap();
+        assert_eq!(again.unchanged(), Err(AttestError::Gone));
     }
 
     #[test]
