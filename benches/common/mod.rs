@@ -118,21 +118,9 @@ impl StallProbe {
         let mut late = self.thread.join().unwrap();
         late.sort();
         if std::env::var_os("HERALD_BENCH_SLOWEST").is_some() {
-            let worst: Vec<String> = late
-                .iter()
-                .rev()
-                .take(6)
-                .map(|(by, at)| {
-                    format!(
-                        "{:.1}@{:.0}",
-                        by.as_secs_f64() * 1e3,
-                        at.as_secs_f64() * 1e3
-                    )
-                })
-                .collect();
             println!(
                 "  probe woke late (ms late @ ms after start): {}",
-                worst.join(" ")
+                largest_at(&mut late, 6, 1)
             );
         }
         Stalls {
@@ -445,6 +433,26 @@ pub fn cpu_time() -> Duration {
     Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / 100.0)
 }
 
+/// The `n` largest of `(how long, when)` pairs, as `ms@ms` words (the
+/// first with `decimals` decimals); sorts `pairs`.
+fn largest_at(pairs: &mut [(Duration, Duration)], n: usize, decimals: usize) -> String {
+    pairs.sort();
+    let words: Vec<String> = pairs
+        .iter()
+        .rev()
+        .take(n)
+        .map(|(d, at)| {
+            format!(
+                "{:.*}@{:.0}",
+                decimals,
+                d.as_secs_f64() * 1e3,
+                at.as_secs_f64() * 1e3
+            )
+        })
+        .collect();
+    words.join(" ")
+}
+
 /// Runs `n` calls of `op(i)` over `conc` concurrent tasks; `pace` = Some(rate) paces an open loop.
 pub async fn drive<F, Fut>(n: usize, conc: usize, pace: Option<f64>, op: F) -> Run
 where
@@ -489,22 +497,9 @@ where
     if std::env::var_os("HERALD_BENCH_SLOWEST").is_some() {
         // When the slowest requests were sent: together, a stall of the
         // whole server; spread out, queueing.
-        timed.sort();
-        let slowest: Vec<String> = timed
-            .iter()
-            .rev()
-            .take(12)
-            .map(|(lat, at)| {
-                format!(
-                    "{:.0}@{:.0}",
-                    lat.as_secs_f64() * 1e3,
-                    at.as_secs_f64() * 1e3
-                )
-            })
-            .collect();
         println!(
             "  slowest (ms latency @ ms sent after start): {}",
-            slowest.join(" ")
+            largest_at(&mut timed, 12, 0)
         );
     }
     let mut all: Vec<Duration> = timed.into_iter().map(|(lat, _)| lat).collect();
