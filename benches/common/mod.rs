@@ -314,22 +314,24 @@ impl ServerProcess {
     /// Runs `phase` while `perf record` samples the server process, when
     /// `HERALD_BENCH_PERF` names a directory; otherwise just runs it.
     /// After the phase, prints how many of the store's write transactions
-    /// took 10 ms or more during it (from the server's `/metrics`): a burst
-    /// of slow requests with none is not the store's.
+    /// took [`herald_store::SLOW_WRITE`] or more during it (from the
+    /// server's `/metrics`): a burst of slow requests with none is not the
+    /// store's.
     pub async fn profile<T>(&self, name: &str, phase: impl std::future::Future<Output = T>) -> T {
         let before = self.store_writes().await;
         let result = self.record(name, phase).await;
         let after = self.store_writes().await;
         println!(
-            "  store: {} write transactions ≥ 10 ms in this phase; the longest since start {:.1} ms",
+            "  store: {} write transactions ≥ {} ms in this phase; the longest since start {:.1} ms",
             after.0 - before.0,
+            herald_store::SLOW_WRITE.as_millis(),
             after.1 * 1e3
         );
         result
     }
 
-    /// (write transactions that took 10 ms or more, the longest one's
-    /// seconds), from the server's `/metrics`.
+    /// (write transactions that took [`herald_store::SLOW_WRITE`] or more,
+    /// the longest one's seconds), from the server's `/metrics`.
     async fn store_writes(&self) -> (u64, f64) {
         let text = reqwest::get(format!("http://{}/metrics", self.http_addr))
             .await

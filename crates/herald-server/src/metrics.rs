@@ -235,7 +235,10 @@ impl Metrics {
         let store_slow = Counter::<u64, AtomicU64>::default();
         registry.register(
             "store_slow_write_transactions",
-            "Write transactions that took 10 ms or more, retries included: every request in them, and behind them, waited as long",
+            format!(
+                "Write transactions that took {} ms or more, retries included: every request in them, and behind them, waited as long",
+                herald_store::SLOW_WRITE.as_millis()
+            ),
             store_slow.clone(),
         );
         let store_longest = Gauge::<f64, AtomicU64>::default();
