@@ -577,6 +577,10 @@ async fn rfc8693_token_endpoint_issues_and_refuses_in_oauth_terms() {
     // The writer timed them: the longest took some time, and no more of
     // them were slow than there were.
     assert!(value("herald_store_slow_write_transactions_total") <= transactions);
+    // The replay was refused inside its transaction: on SQLite its batch,
+    // guessed to go through, was written again checked.
+    let rewritten = value("herald_store_rewritten_write_transactions_total");
+    assert!(rewritten >= 1 && rewritten <= transactions, "{rewritten}");
     let longest: f64 = metrics
         .lines()
         .find_map(|l| {

@@ -73,6 +73,7 @@ pub struct Metrics {
     store_commits: Counter<u64, AtomicU64>,
     store_pending: Gauge,
     store_slow: Counter<u64, AtomicU64>,
+    store_rewritten: Counter<u64, AtomicU64>,
     store_longest: Gauge<f64, AtomicU64>,
     // The same decisions as OpenTelemetry instruments: no-ops unless the
     // binary installed an OTLP meter provider.
@@ -241,6 +242,12 @@ impl Metrics {
             ),
             store_slow.clone(),
         );
+        let store_rewritten = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "store_rewritten_write_transactions",
+            "Write transactions first tried in one round trip on the guess that nothing in them is refused, which guessed wrong and were written again (SQLite): refusals and audit records written outside the group commit each cost one",
+            store_rewritten.clone(),
+        );
         let store_longest = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "store_longest_write_transaction_seconds",
@@ -287,6 +294,7 @@ impl Metrics {
             store_commits,
             store_pending,
             store_slow,
+            store_rewritten,
             store_longest,
         }
     }
@@ -457,6 +465,9 @@ impl Metrics {
         self.store_slow
             .inner()
             .store(store.slow_transactions, relaxed);
+        self.store_rewritten
+            .inner()
+            .store(store.rewritten_transactions, relaxed);
         self.store_longest
             .set(store.longest_transaction.as_secs_f64());
         self.store_pending

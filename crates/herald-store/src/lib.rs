@@ -371,6 +371,8 @@ pub(crate) struct WriterStats {
     pub slow: AtomicU64,
     /// The longest a batch took to write, in microseconds.
     pub longest_micros: AtomicU64,
+    /// Guarded batches that aborted and were written again, checked.
+    pub rewritten: AtomicU64,
 }
 
 /// A batch that takes this long to write holds up every request in it and
@@ -424,6 +426,13 @@ pub struct QueryStats {
     pub slow_transactions: u64,
     /// The longest a write transaction took since start.
     pub longest_transaction: std::time::Duration,
+    /// Write transactions first tried in one round trip on the guess that
+    /// nothing in them is refused and no one else appended to the audit
+    /// log, which guessed wrong and were rolled back and written again,
+    /// checked (SQLite only). Each refusal on the hot path (a used join
+    /// token, a replayed token, a revoked parent) and each audit record
+    /// written outside the group commit costs one.
+    pub rewritten_transactions: u64,
 }
 
 /// A hot-path lookup for the batcher.
@@ -438,9 +447,6 @@ pub(crate) enum Lookup {
     ),
 }
 
-/// Whether a failed write is worth retrying as a whole: PostgreSQL's
-/// serialization failure and deadlock (the transaction was rolled back and
-/// may succeed when run again).
 /// Whether `e` means the connection itself is broken (and must be
 /// replaced), rather than that the statement failed.
 pub(crate) fn is_broken_connection(e: &StoreError) -> bool {
@@ -450,6 +456,9 @@ pub(crate) fn is_broken_connection(e: &StoreError) -> bool {
     )
 }
 
+/// Whether a failed write is worth retrying as a whole: PostgreSQL's
+/// serialization failure and deadlock (the transaction was rolled back and
+/// may succeed when run again).
 pub(crate) fn is_retryable(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(|d| d.code())
@@ -533,6 +542,7 @@ impl Store {
             longest_transaction: std::time::Duration::from_micros(
                 s.longest_micros.load(Ordering::Relaxed),
             ),
+            rewritten_transactions: s.rewritten.load(Ordering::Relaxed),
         }
     }
 
@@ -1024,14 +1034,14 @@ fn hash32(v: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
 pub(crate) type ChainRow<'a> = (u64, &'a AuditEvent, [u8; 32], [u8; 32]);
 
 /// Chains `events` after the record (`tail_seq`, `tail_hash`).
-pub(crate) fn chain_rows(
+pub(crate) fn chain_rows<'a>(
     tail_seq: u64,
     tail_hash: [u8; 32],
-    events: &[AuditEvent],
-) -> Vec<ChainRow<'_>> {
+    events: impl IntoIterator<Item = &'a AuditEvent>,
+) -> Vec<ChainRow<'a>> {
     let (mut seq, mut prev) = (tail_seq, tail_hash);
     events
-        .iter()
+        .into_iter()
         .map(|e| {
             seq += 1;
             let hash = audit_hash(seq, &prev, e);

@@ -48,6 +48,8 @@ pub(crate) const BEGIN_WRITE: &str = "BEGIN";
 pub(crate) const MULTI_STATEMENT: bool = false;
 /// Bound parameters allowed in one statement.
 pub(crate) const MAX_PARAMS: usize = 65535;
+/// No guarded batches: one statement per query gains nothing from them.
+pub(crate) const COMMIT_GUARD: Option<&str> = None;
 
 /// Connections per replica: the writer's own plus this pool.
 const POOL_SIZE: u32 = 8;

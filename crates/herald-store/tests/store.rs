@@ -1280,6 +1280,98 @@ async fn nodes_without_a_tpm_use_tokens_once_keep_their_agent_key_and_reset(db: 
     s.verify_audit_chain(1, None).await.unwrap();
 }
 
+/// On SQLite a batch is first written in one round trip, on the guess that
+/// nothing in it is refused and that no one else appended to the audit log
+/// since this writer's last batch. Each wrong guess is rolled back and the
+/// batch written again, checked: with the outcome the checked path alone
+/// gives, nothing of the guess left behind, and the chain unbroken.
+async fn a_wrong_guess_is_rolled_back_and_written_checked(db: &Fixture) {
+    let s = db.open().await;
+    let guesses = matches!(db, Fixture::Sqlite(_));
+    let rewritten = |s: &Store| s.query_stats().rewritten_transactions;
+    let expect = |n: u64| if guesses { n } else { 0 };
+    // The first batch learns the chain's tail; the next one guesses right.
+    s.commit(mint(None, "a0")).await.unwrap();
+    assert_eq!(
+        s.commit(mint(None, "a1")).await.unwrap(),
+        Committed::Done { audit_seq: 2 }
+    );
+    assert_eq!(rewritten(&s), 0);
+
+    // Appended outside the group commit: the writer's tail is stale, the
+    // guessed record collides with it and the batch is written checked.
+    s.create_join_token(
+        token(9, NOW + 600),
+        AuditEvent::new("join_token.create", "op"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.commit(mint(Some([9; 32]), "a2")).await.unwrap(),
+        Committed::Done { audit_seq: 4 }
+    );
+    assert_eq!(rewritten(&s), expect(1));
+    let used_at = s.join_token(&[9; 32]).await.unwrap().unwrap().used_at;
+    assert_eq!(used_at, Some(NOW), "consumed once, by the checked write");
+
+    // A refusal is a wrong guess too, and ends as the checked path decides.
+    assert_eq!(
+        s.commit(mint(Some([9; 32]), "a3")).await.unwrap(),
+        Committed::Refused(ErrorCode::JoinTokenUsed)
+    );
+    assert_eq!(rewritten(&s), expect(2));
+    assert!(s.issued("a3").await.unwrap().is_none());
+    assert!(matches!(
+        s.commit(exchange("jti:g#1", NOW + 600, "a4"))
+            .await
+            .unwrap(),
+        Committed::Done { .. }
+    ));
+    assert_eq!(
+        rewritten(&s),
+        expect(2),
+        "a fresh replay key is guessed right"
+    );
+    assert_eq!(
+        s.commit(exchange("jti:g#1", NOW + 600, "a5"))
+            .await
+            .unwrap(),
+        Committed::Refused(ErrorCode::TokenReplayed)
+    );
+    assert_eq!(rewritten(&s), expect(3));
+    assert_eq!(
+        s.commit(child("a6", "a1", "a1")).await.unwrap(),
+        Committed::Done { audit_seq: 8 },
+        "a parent in good standing is guessed right"
+    );
+    assert_eq!(
+        s.commit(child("a7", "ff", "ff")).await.unwrap(),
+        Committed::Refused(ErrorCode::SvidInvalid)
+    );
+    assert_eq!(rewritten(&s), expect(4));
+    s.revoke("a1", "r", "op", AuditEvent::new("credential.revoke", "op"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.commit(child("a8", "a6", "a1")).await.unwrap(),
+        Committed::Refused(ErrorCode::SvidRevoked)
+    );
+    assert_eq!(rewritten(&s), expect(5));
+    for serial in ["a5", "a7", "a8"] {
+        assert!(s.issued(serial).await.unwrap().is_none(), "{serial}");
+    }
+    let report = s.verify_audit_chain(1, None).await.unwrap();
+    assert_eq!((report.records, report.last_seq), (11, 11));
+    let denied = s
+        .audit_records(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event.outcome == Outcome::Denied)
+        .count();
+    assert_eq!(denied, 4);
+}
+
 backend_suite!(
     federated_bundles_move_forward_only_and_keep_the_last_good_one,
     replica_heartbeats_are_upserted_listed_and_forgotten,
@@ -1298,4 +1390,5 @@ backend_suite!(
     revoking_a_credential_revokes_its_descendants_and_nothing_else,
     a_refused_commit_leaves_nothing_behind,
     nodes_without_a_tpm_use_tokens_once_keep_their_agent_key_and_reset,
+    a_wrong_guess_is_rolled_back_and_written_checked,
 );

@@ -5,13 +5,25 @@
 //! requests in flight have promised ([`crate::PendingCommit`]), so that at
 //! low load they share a transaction too.
 //!
-//! A batch is two scripts: `BEGIN; <write lock>; SELECT <chain tail>;
-//! UPDATE join_tokens … RETURNING; INSERT replay_cache … RETURNING` and then
-//! `INSERT issued…; INSERT audit…; COMMIT` (plus one lookup, only when some
-//! token was refused, to name the reason). SQLite runs each script as one
-//! query — each round trip is a hand-off to sqlx's connection thread, which
-//! dominates a lightly loaded request; PostgreSQL runs it statement by
-//! statement on one connection.
+//! A batch is written one of two ways:
+//!
+//! - **Checked** (`write_checked`): two scripts, `BEGIN; <write lock>;
+//!   SELECT <chain tail>; UPDATE join_tokens … RETURNING; INSERT
+//!   replay_cache … RETURNING; SELECT <parents' standing>` and then
+//!   `INSERT issued…; INSERT audit…; COMMIT` (plus one lookup, only when
+//!   some token was refused, to name the reason). Each refusal is decided
+//!   between the two from what the first returned.
+//! - **Guarded** (`guarded_script`, SQLite only): one script, written on
+//!   the assumptions that nothing in the batch is refused and that the
+//!   audit chain still ends where this writer's last batch left it. The
+//!   script checks each assumption itself and aborts if one is wrong; the
+//!   batch is then rolled back and written checked.
+//!
+//! SQLite runs each script as one query, and each round trip is a hand-off
+//! to sqlx's connection thread and back, which dominates a lightly loaded
+//! request and stretches a transaction whenever either thread waits for a
+//! core: so the common batch, with nothing refused, makes one. PostgreSQL
+//! runs a script statement by statement on one connection.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -23,11 +35,15 @@ use tokio::sync::mpsc;
 
 use super::lineage::STANDING_JOINS;
 use super::store::push_audit_insert;
-use super::{BEGIN_WRITE, Conn, Db, DbRow, MAX_PARAMS, MULTI_STATEMENT, Options};
+use super::{BEGIN_WRITE, COMMIT_GUARD, Conn, Db, DbRow, MAX_PARAMS, MULTI_STATEMENT, Options};
 use crate::{
-    Commit, Committed, GENESIS, StoreError, WriteRequest, WriterStats, chain_rows, hash32,
-    is_retryable,
+    ChainRow, Commit, Committed, GENESIS, StoreError, WriteRequest, WriterStats, chain_rows,
+    hash32, is_retryable,
 };
+
+/// The audit chain's last record as this writer committed it: sequence
+/// number and hash.
+type Tail = (u64, [u8; 32]);
 
 /// The most commits folded into one transaction: at most 33 bound
 /// parameters per commit (15 for the issued record, 14 for the audit
@@ -119,6 +135,9 @@ pub(crate) async fn run(
 ) {
     let lock = write_lock.as_deref();
     let mut conn: Option<Conn> = None;
+    // Known only after a batch of this writer committed; forgotten as soon
+    // as one fails, so a guess is never built on a write that did not land.
+    let mut tail: Option<Tail> = None;
     let mut last_purge = std::time::Instant::now();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -146,7 +165,7 @@ pub(crate) async fn run(
             .fetch_add(commits.len() as u64, Ordering::Relaxed);
         let c = match &mut conn {
             Some(c) => c,
-            None => match Conn::connect_with(&opts).await {
+            None => match connect(&opts).await {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
                     let msg = e.to_string();
@@ -168,11 +187,11 @@ pub(crate) async fn run(
                 .map_or(0, |d| d.as_secs() as i64)
         });
         let began = std::time::Instant::now();
-        let mut result = write_batch(c, lock, &commits, purge_before, &stats).await;
+        let mut result = write_batch(c, lock, &commits, purge_before, &stats, &mut tail).await;
         for _ in 0..RETRIES {
             match &result {
                 Err(StoreError::Database(e)) if is_retryable(e) => {
-                    result = write_batch(c, lock, &commits, purge_before, &stats).await;
+                    result = write_batch(c, lock, &commits, purge_before, &stats, &mut tail).await;
                 }
                 _ => break,
             }
@@ -198,9 +217,16 @@ pub(crate) async fn run(
                 // others: retry each on its own so only it gets the error.
                 tracing::warn!(error = %e, size = commits.len(), "batch commit failed; retrying items one by one");
                 for (commit, reply) in commits.into_iter().zip(replies) {
-                    let res = write_batch(c, lock, std::slice::from_ref(&commit), None, &stats)
-                        .await
-                        .and_then(|mut v| v.pop().ok_or(StoreError::WriterGone));
+                    let res = write_batch(
+                        c,
+                        lock,
+                        std::slice::from_ref(&commit),
+                        None,
+                        &stats,
+                        &mut tail,
+                    )
+                    .await
+                    .and_then(|mut v| v.pop().ok_or(StoreError::WriterGone));
                     let _ = reply.send(res);
                 }
             }
@@ -217,6 +243,15 @@ pub(crate) async fn run(
     }
 }
 
+/// Opens the writer's connection, with what its guarded batches need.
+async fn connect(opts: &Options) -> Result<Conn, sqlx::Error> {
+    let mut conn = Conn::connect_with(opts).await?;
+    if let Some(setup) = COMMIT_GUARD {
+        sqlx::raw_sql(setup).execute(&mut conn).await?;
+    }
+    Ok(conn)
+}
+
 /// Moves every queued request into `batch`, up to [`MAX_BATCH`].
 fn drain(rx: &mut mpsc::Receiver<WriteRequest>, batch: &mut Vec<WriteRequest>) {
     while batch.len() < MAX_BATCH {
@@ -227,31 +262,228 @@ fn drain(rx: &mut mpsc::Receiver<WriteRequest>, batch: &mut Vec<WriteRequest>) {
     }
 }
 
-/// Writes `commits` in one transaction; on any error the transaction is
-/// rolled back and nothing of the batch remains.
+/// Writes `commits` in one transaction, guarded when `tail` is known and
+/// checked otherwise or if the guarded attempt fails; on any error the
+/// transaction is rolled back and nothing of the batch remains. `tail`
+/// follows the chain through each batch that lands.
 async fn write_batch(
     conn: &mut Conn,
     lock: Option<&str>,
     commits: &[Commit],
     purge_before: Option<i64>,
     stats: &WriterStats,
+    tail: &mut Option<Tail>,
 ) -> Result<Vec<Committed>, StoreError> {
-    let result = write_batch_inner(conn, lock, commits, purge_before, stats).await;
-    if result.is_err() {
-        // Ignore the outcome: there may be no transaction left to roll back.
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+    if let Some(after) = tail.take()
+        && let Some((script, chain)) = guarded_script(after, commits, purge_before)
+    {
+        match script.run(conn, stats).await {
+            Ok(_) => {
+                *tail = chain.last().map(|row| (row.0, row.3));
+                return Ok(chain
+                    .iter()
+                    .map(|row| Committed::Done { audit_seq: row.0 })
+                    .collect());
+            }
+            Err(e) => {
+                rollback(conn).await;
+                stats.rewritten.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, size = commits.len(), "guarded batch aborted; writing it checked");
+            }
+        }
     }
-    result
+    match write_checked(conn, lock, commits, purge_before, stats).await {
+        Ok((committed, end)) => {
+            *tail = Some(end);
+            Ok(committed)
+        }
+        Err(e) => {
+            rollback(conn).await;
+            Err(e)
+        }
+    }
 }
 
-async fn write_batch_inner(
+async fn rollback(conn: &mut Conn) {
+    // Ignore the outcome: there may be no transaction left to roll back.
+    let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+}
+
+/// The one-round-trip script of a batch in which nothing is refused,
+/// appended to the chain after `tail`; `None` where the backend has no
+/// [`COMMIT_GUARD`] or the batch refuses one of its own commits (a join
+/// token or replay key used twice in it). Every assumption is checked
+/// under the write lock, and a wrong one aborts the script before COMMIT:
+/// - each join token is consumed, and each replay key recorded, here
+///   (counted by `changes()`);
+/// - each parent is issued and in good standing, as `write_checked`
+///   judges it;
+/// - nothing was appended after `tail`: the chain's next sequence number
+///   is `audit_log`'s primary key, so another writer's record there makes
+///   the insert fail.
+fn guarded_script(
+    tail: Tail,
+    commits: &[Commit],
+    purge_before: Option<i64>,
+) -> Option<(Script, Vec<ChainRow<'_>>)> {
+    COMMIT_GUARD?;
+    let tokens: HashSet<[u8; 32]> = commits
+        .iter()
+        .filter_map(|c| c.consume_join_token)
+        .collect();
+    let replays: HashMap<&str, i64> = commits
+        .iter()
+        .filter_map(|c| c.consume_replay.as_ref())
+        .map(|r| (r.key.as_str(), r.expires_at))
+        .collect();
+    let claims = |f: fn(&Commit) -> bool| commits.iter().filter(|c| f(c)).count();
+    if tokens.len() != claims(|c| c.consume_join_token.is_some())
+        || replays.len() != claims(|c| c.consume_replay.is_some())
+    {
+        return None;
+    }
+    let now = claims_now(commits);
+    let parents: HashSet<&str> = commits.iter().filter_map(|c| c.parent.as_deref()).collect();
+    let mut script = Script::new();
+    script.silent(BEGIN_WRITE);
+    if !tokens.is_empty() {
+        push_token_use(script.silent(""), now, &tokens);
+        guard(&mut script, "changes() = ").push_bind(tokens.len() as i64);
+    }
+    if !replays.is_empty() {
+        push_replay_record(script.silent(""), now, &replays);
+        guard(&mut script, "changes() = ").push_bind(replays.len() as i64);
+    }
+    if !parents.is_empty() {
+        let qb = guard(&mut script, "count(*) = ");
+        qb.push_bind(parents.len() as i64)
+            .push(" FROM issued_credentials i")
+            .push(STANDING_JOINS)
+            .push("WHERE r.serial IS NULL AND rr.serial IS NULL AND (n.status IS NULL OR n.status <> ")
+            .push_bind(crate::NodeStatus::Banned.as_str())
+            .push(") AND i.serial IN (");
+        let mut sep = qb.separated(", ");
+        for p in &parents {
+            sep.push_bind(p.to_string());
+        }
+        qb.push(")");
+    }
+    if let Some(before) = purge_before {
+        push_replay_purge(&mut script, before);
+    }
+    push_issued_insert(
+        &mut script,
+        commits.iter().filter_map(|c| c.issued.as_ref()),
+    );
+    let chain = chain_rows(tail.0, tail.1, commits.iter().map(|c| &c.audit));
+    push_audit_insert(script.silent(""), &chain);
+    script.silent("COMMIT");
+    Some((script, chain))
+}
+
+/// Starts a statement that aborts the script unless the condition pushed
+/// after `head` holds (see [`COMMIT_GUARD`]).
+fn guard<'s>(script: &'s mut Script, head: &str) -> &'s mut QueryBuilder<Db> {
+    script
+        .silent("INSERT INTO commit_guard (holds) SELECT ")
+        .push(head)
+}
+
+/// The `now` a batch's token and replay checks use: the latest of its
+/// commits that make one.
+fn claims_now(commits: &[Commit]) -> i64 {
+    commits
+        .iter()
+        .filter(|c| c.consume_join_token.is_some() || c.consume_replay.is_some())
+        .map(|c| c.now_s)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Pushes the statement that consumes `tokens` (those unused and unexpired
+/// at `now`).
+fn push_token_use<'a>(
+    qb: &mut QueryBuilder<Db>,
+    now: i64,
+    tokens: impl IntoIterator<Item = &'a [u8; 32]>,
+) {
+    qb.push("UPDATE join_tokens SET used_at = ")
+        .push_bind(now)
+        .push(" WHERE used_at IS NULL AND expires_at > ")
+        .push_bind(now)
+        .push(" AND token_hash IN (");
+    let mut sep = qb.separated(", ");
+    for h in tokens {
+        sep.push_bind(h.to_vec());
+    }
+    qb.push(")");
+}
+
+/// Pushes the statement that records replay keys with their expiry. A key
+/// already present and unexpired at `now` is a replay: the upsert changes
+/// only keys it inserts or revives from expiry.
+fn push_replay_record<'a>(
+    qb: &mut QueryBuilder<Db>,
+    now: i64,
+    keys: impl IntoIterator<Item = (&'a &'a str, &'a i64)>,
+) {
+    qb.push("INSERT INTO replay_cache (key, expires_at) ");
+    qb.push_values(keys, |mut b, (key, exp)| {
+        b.push_bind(key.to_string()).push_bind(*exp);
+    });
+    qb.push(" ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at WHERE replay_cache.expires_at < ")
+        .push_bind(now);
+}
+
+fn push_replay_purge(script: &mut Script, before: i64) {
+    script
+        .silent("DELETE FROM replay_cache WHERE expires_at < ")
+        .push_bind(before);
+}
+
+/// Pushes the insert of `issued`, if there is any.
+fn push_issued_insert<'a>(
+    script: &mut Script,
+    issued: impl IntoIterator<Item = &'a crate::IssuedCredential>,
+) {
+    let mut issued = issued.into_iter().peekable();
+    if issued.peek().is_none() {
+        return;
+    }
+    let qb = script.silent(
+        "INSERT INTO issued_credentials (serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, \
+         evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at) ",
+    );
+    qb.push_values(issued, |mut b, i| {
+        b.push_bind(i.serial.clone())
+            .push_bind(i.kind.clone())
+            .push_bind(i.spiffe_id.clone())
+            .push_bind(i.not_before)
+            .push_bind(i.not_after)
+            .push_bind(i.issued_at)
+            .push_bind(i.evidence_type.clone())
+            .push_bind(i.evidence_digest.clone())
+            .push_bind(i.policy.clone())
+            .push_bind(i.parent_serial.clone())
+            .push_bind(i.public_key_sha256.clone())
+            .push_bind(i.ca_key_id.clone())
+            .push_bind(i.origin.map_or("", herald_core::Origin::as_str))
+            .push_bind(i.root_serial.clone())
+            .push_bind(i.root_at);
+    });
+}
+
+/// Writes `commits` deciding each refusal from what the database holds:
+/// the first round trip opens the transaction, reads the chain tail,
+/// consumes tokens and records replay keys; the second writes the rest.
+/// Returns each commit's outcome and the chain's new tail.
+async fn write_checked(
     conn: &mut Conn,
     lock: Option<&str>,
     commits: &[Commit],
     purge_before: Option<i64>,
     stats: &WriterStats,
-) -> Result<Vec<Committed>, StoreError> {
-    // Round trip 1: open the transaction, read the chain tail, consume tokens.
+) -> Result<(Vec<Committed>, Tail), StoreError> {
     let mut first_use: HashMap<[u8; 32], usize> = HashMap::new();
     for (i, c) in commits.iter().enumerate() {
         if let Some(h) = c.consume_join_token {
@@ -266,12 +498,7 @@ async fn write_batch_inner(
                 .or_insert((i, r.expires_at));
         }
     }
-    let now = commits
-        .iter()
-        .filter(|c| c.consume_join_token.is_some() || c.consume_replay.is_some())
-        .map(|c| c.now_s)
-        .max()
-        .unwrap_or(0);
+    let now = claims_now(commits);
     let parents: HashSet<&str> = commits.iter().filter_map(|c| c.parent.as_deref()).collect();
     let mut script = Script::new();
     script.silent(BEGIN_WRITE);
@@ -280,27 +507,14 @@ async fn write_batch_inner(
     }
     script.stmt("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1");
     if !first_use.is_empty() {
-        let qb = script.stmt("UPDATE join_tokens SET used_at = ");
-        qb.push_bind(now)
-            .push(" WHERE used_at IS NULL AND expires_at > ")
-            .push_bind(now)
-            .push(" AND token_hash IN (");
-        let mut sep = qb.separated(", ");
-        for h in first_use.keys() {
-            sep.push_bind(h.to_vec());
-        }
-        qb.push(") RETURNING token_hash");
+        let qb = script.stmt("");
+        push_token_use(qb, now, first_use.keys());
+        qb.push(" RETURNING token_hash");
     }
     if !first_replay.is_empty() {
-        // A key already present and unexpired is a replay: the upsert
-        // returns only keys it inserted or revived from expiry.
-        let qb = script.stmt("INSERT INTO replay_cache (key, expires_at) ");
-        qb.push_values(&first_replay, |mut b, (key, (_, exp))| {
-            b.push_bind(key.to_string()).push_bind(*exp);
-        });
-        qb.push(" ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at WHERE replay_cache.expires_at < ")
-            .push_bind(now)
-            .push(" RETURNING key, 0, 0");
+        let qb = script.stmt("");
+        push_replay_record(qb, now, first_replay.iter().map(|(k, (_, exp))| (k, exp)));
+        qb.push(" RETURNING key, 0, 0");
     }
     if !parents.is_empty() {
         // Read under the write lock: a revocation or ban committed before
@@ -316,9 +530,7 @@ async fn write_batch_inner(
         qb.push(")");
     }
     if let Some(before) = purge_before {
-        script
-            .silent("DELETE FROM replay_cache WHERE expires_at < ")
-            .push_bind(before);
+        push_replay_purge(&mut script, before);
     }
     let rows = script.run(conn, stats).await?;
     let (mut tail_seq, mut tail_hash) = (0u64, GENESIS);
@@ -429,12 +641,11 @@ async fn write_batch_inner(
         })
         .collect();
     let chain = chain_rows(tail_seq, tail_hash, &events);
-    let issued: Vec<_> = commits
+    let issued = commits
         .iter()
         .zip(&rejected)
         .filter(|(_, r)| r.is_none())
-        .filter_map(|(c, _)| c.issued.as_ref())
-        .collect();
+        .filter_map(|(c, _)| c.issued.as_ref());
     let mut script = Script::new();
     // A refused commit leaves nothing behind: a token it consumed, or a
     // replay key it recorded, before another of its checks refused it is
@@ -474,39 +685,21 @@ async fn write_batch_inner(
         }
         qb.push(")");
     }
-    if !issued.is_empty() {
-        let qb = script.stmt(
-            "INSERT INTO issued_credentials (serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, \
-             evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at) ",
-        );
-        qb.push_values(&issued, |mut b, i| {
-            b.push_bind(i.serial.clone())
-                .push_bind(i.kind.clone())
-                .push_bind(i.spiffe_id.clone())
-                .push_bind(i.not_before)
-                .push_bind(i.not_after)
-                .push_bind(i.issued_at)
-                .push_bind(i.evidence_type.clone())
-                .push_bind(i.evidence_digest.clone())
-                .push_bind(i.policy.clone())
-                .push_bind(i.parent_serial.clone())
-                .push_bind(i.public_key_sha256.clone())
-                .push_bind(i.ca_key_id.clone())
-                .push_bind(i.origin.map_or("", herald_core::Origin::as_str))
-                .push_bind(i.root_serial.clone())
-                .push_bind(i.root_at);
-        });
-    }
+    push_issued_insert(&mut script, issued);
     push_audit_insert(script.stmt(""), &chain);
     script.silent("COMMIT");
     script.run(conn, stats).await?;
 
-    Ok(rejected
+    let end = chain
+        .last()
+        .map_or((tail_seq, tail_hash), |row| (row.0, row.3));
+    let committed = rejected
         .into_iter()
         .zip(&chain)
         .map(|(r, row)| match r {
             None => Committed::Done { audit_seq: row.0 },
             Some(code) => Committed::Refused(code),
         })
-        .collect())
+        .collect();
+    Ok((committed, end))
 }
