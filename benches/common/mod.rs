@@ -313,44 +313,51 @@ impl ServerProcess {
 
     /// Runs `phase` while `perf record` samples the server process, when
     /// `HERALD_BENCH_PERF` names a directory; otherwise just runs it.
-    /// After the phase, prints how many of the store's write transactions
-    /// took [`herald_store::SLOW_WRITE`] or more during it (from the
-    /// server's `/metrics`): a burst of slow requests with none is not the
-    /// store's.
+    /// After the phase, prints how many write transactions the store made
+    /// during it, how many of them were guarded batches written again
+    /// checked, and how many took [`herald_store::SLOW_WRITE`] or more
+    /// (from the server's `/metrics`): a burst of slow requests with none
+    /// is not the store's.
     pub async fn profile<T>(&self, name: &str, phase: impl std::future::Future<Output = T>) -> T {
         let before = self.store_writes().await;
         let result = self.record(name, phase).await;
         let after = self.store_writes().await;
+        let rewritten = match (before.rewritten, after.rewritten) {
+            (Some(b), Some(a)) => format!("{} rewritten", a - b),
+            _ => "rewrites not counted".to_owned(),
+        };
         println!(
-            "  store: {} write transactions ≥ {} ms in this phase; the longest since start {:.1} ms",
-            after.0 - before.0,
+            "  store: {} write transactions in this phase ({rewritten}), {} of them ≥ {} ms; the longest since start {:.1} ms",
+            after.transactions - before.transactions,
+            after.slow - before.slow,
             herald_store::SLOW_WRITE.as_millis(),
-            after.1 * 1e3
+            after.longest_seconds * 1e3
         );
         result
     }
 
-    /// (write transactions that took [`herald_store::SLOW_WRITE`] or more,
-    /// the longest one's seconds), from the server's `/metrics`.
-    async fn store_writes(&self) -> (u64, f64) {
+    /// The store's write counters, from the server's `/metrics`.
+    async fn store_writes(&self) -> StoreWrites {
         let text = reqwest::get(format!("http://{}/metrics", self.http_addr))
             .await
             .unwrap()
             .text()
             .await
             .unwrap();
-        let value = |name: &str| -> f64 {
+        let value = |name: &str| -> Option<f64> {
             text.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-                .unwrap_or_else(|| panic!("{name} missing from /metrics"))
-                .trim()
-                .parse()
-                .unwrap()
+                .map(|v| v.trim().parse().unwrap())
         };
-        (
-            value("herald_store_slow_write_transactions_total") as u64,
-            value("herald_store_longest_write_transaction_seconds"),
-        )
+        let needed =
+            |name: &str| value(name).unwrap_or_else(|| panic!("{name} missing from /metrics"));
+        StoreWrites {
+            transactions: needed("herald_store_write_transactions_total") as u64,
+            // Absent from builds before guarded batches (`HERALD_BENCH_SERVER`).
+            rewritten: value("herald_store_rewritten_write_transactions_total").map(|v| v as u64),
+            slow: needed("herald_store_slow_write_transactions_total") as u64,
+            longest_seconds: needed("herald_store_longest_write_transaction_seconds"),
+        }
     }
 
     /// Runs `phase`, under `perf record` when `HERALD_BENCH_PERF` is set.
@@ -565,6 +572,15 @@ pub fn print_run(name: &str, r: &Run, ceiling: f64) {
             share(capacity)
         );
     }
+}
+
+/// The store's write counters at one moment (the server's `/metrics`).
+struct StoreWrites {
+    transactions: u64,
+    /// `None` for a server that does not count them.
+    rewritten: Option<u64>,
+    slow: u64,
+    longest_seconds: f64,
 }
 
 /// Trust domain of the TPM benchmarks' servers.
