@@ -602,14 +602,17 @@ async fn a_refused_commit_leaves_nothing_behind(db: &Fixture) {
         matches!(s.commit(again).await.unwrap(), Committed::Done { .. }),
         "the replay key and the token were both still unused"
     );
-    let denied = s
-        .audit_records(0, 100)
+    assert_eq!(denied(&s).await, 2);
+}
+
+/// How many of the first 100 audit records are refusals.
+async fn denied(s: &Store) -> usize {
+    s.audit_records(0, 100)
         .await
         .unwrap()
         .into_iter()
         .filter(|r| r.event.outcome == Outcome::Denied)
-        .count();
-    assert_eq!(denied, 2);
+        .count()
 }
 
 fn exchange(key: &str, expires_at: i64, serial: &str) -> Commit {
@@ -1362,14 +1365,7 @@ async fn a_wrong_guess_is_rolled_back_and_written_checked(db: &Fixture) {
     }
     let report = s.verify_audit_chain(1, None).await.unwrap();
     assert_eq!((report.records, report.last_seq), (11, 11));
-    let denied = s
-        .audit_records(0, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.event.outcome == Outcome::Denied)
-        .count();
-    assert_eq!(denied, 4);
+    assert_eq!(denied(&s).await, 4);
 }
 
 backend_suite!(

@@ -361,12 +361,8 @@ fn guarded_script(
             .push(STANDING_JOINS)
             .push("WHERE r.serial IS NULL AND rr.serial IS NULL AND (n.status IS NULL OR n.status <> ")
             .push_bind(crate::NodeStatus::Banned.as_str())
-            .push(") AND i.serial IN (");
-        let mut sep = qb.separated(", ");
-        for p in &parents {
-            sep.push_bind(p.to_string());
-        }
-        qb.push(")");
+            .push(") AND ");
+        push_parents(qb, &parents);
     }
     if let Some(before) = purge_before {
         push_replay_purge(&mut script, before);
@@ -387,6 +383,17 @@ fn guard<'s>(script: &'s mut Script, head: &str) -> &'s mut QueryBuilder<Db> {
     script
         .silent("INSERT INTO commit_guard (holds) SELECT ")
         .push(head)
+}
+
+/// Pushes the condition that picks the batch's `parents` out of
+/// `issued_credentials i`.
+fn push_parents(qb: &mut QueryBuilder<Db>, parents: &HashSet<&str>) {
+    qb.push("i.serial IN (");
+    let mut sep = qb.separated(", ");
+    for p in parents {
+        sep.push_bind(p.to_string());
+    }
+    qb.push(")");
 }
 
 /// The `now` a batch's token and replay checks use: the latest of its
@@ -522,12 +529,8 @@ async fn write_checked(
         let qb = script.stmt(
             "SELECT i.serial, r.serial AS revoked, rr.serial AS root_revoked, n.status FROM issued_credentials i",
         );
-        qb.push(STANDING_JOINS).push("WHERE i.serial IN (");
-        let mut sep = qb.separated(", ");
-        for p in &parents {
-            sep.push_bind(p.to_string());
-        }
-        qb.push(")");
+        qb.push(STANDING_JOINS).push("WHERE ");
+        push_parents(qb, &parents);
     }
     if let Some(before) = purge_before {
         push_replay_purge(&mut script, before);
