@@ -47,7 +47,7 @@ pub(crate) const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
 pub(crate) const MULTI_STATEMENT: bool = true;
 /// Bound parameters allowed in one query.
 pub(crate) const MAX_PARAMS: usize = 32766;
-/// Set up on the writer's connection: inserting a false `holds` into
+/// Set up on the writer's connection: inserting a `holds` other than true (1) into
 /// `commit_guard` aborts the statement, and with it the script of a
 /// batch written on assumptions (`ops/writer.rs`). SQLite has `RAISE`
 /// only in triggers, hence a view and a trigger; both are `TEMP`, so they
@@ -55,7 +55,7 @@ pub(crate) const MAX_PARAMS: usize = 32766;
 pub(crate) const COMMIT_GUARD: Option<&str> = Some(
     "CREATE TEMP VIEW IF NOT EXISTS commit_guard (holds) AS SELECT 1; \
      CREATE TEMP TRIGGER IF NOT EXISTS commit_guard_aborts INSTEAD OF INSERT ON commit_guard \
-     WHEN NOT NEW.holds BEGIN SELECT RAISE(ABORT, 'herald: a guarded batch assumed wrong'); END",
+     WHEN NEW.holds IS NOT 1 BEGIN SELECT RAISE(ABORT, 'herald: a guarded batch assumed wrong'); END",
 );
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[
