@@ -275,7 +275,7 @@ async fn write_batch(
     tail: &mut Option<Tail>,
 ) -> Result<Vec<Committed>, StoreError> {
     if let Some(after) = tail.take()
-        && let Some((script, chain)) = guarded_script(after, commits, purge_before)
+        && let Some((script, chain)) = guarded_script(after, lock, commits, purge_before)
     {
         match script.run(conn, stats).await {
             Ok(_) => {
@@ -311,8 +311,9 @@ async fn rollback(conn: &mut Conn) {
 
 /// The one-round-trip script of a batch in which nothing is refused,
 /// appended to the chain after `tail`; `None` where the backend has no
-/// [`COMMIT_GUARD`] or the batch refuses one of its own commits (a join
-/// token or replay key used twice in it). Every assumption is checked
+/// [`COMMIT_GUARD`], where writers order themselves by a `lock` statement
+/// (the script does not take it), or where the batch refuses one of its
+/// own commits (a join token or replay key used twice in it). Every assumption is checked
 /// under the write lock, and a wrong one aborts the script before COMMIT:
 /// - each join token is consumed, and each replay key recorded, here
 ///   (counted by `changes()`);
@@ -321,12 +322,15 @@ async fn rollback(conn: &mut Conn) {
 /// - nothing was appended after `tail`: the chain's next sequence number
 ///   is `audit_log`'s primary key, so another writer's record there makes
 ///   the insert fail.
-fn guarded_script(
+fn guarded_script<'c>(
     tail: Tail,
-    commits: &[Commit],
+    lock: Option<&str>,
+    commits: &'c [Commit],
     purge_before: Option<i64>,
-) -> Option<(Script, Vec<ChainRow<'_>>)> {
-    COMMIT_GUARD?;
+) -> Option<(Script, Vec<ChainRow<'c>>)> {
+    if COMMIT_GUARD.is_none() || lock.is_some() {
+        return None;
+    }
     let tokens: HashSet<[u8; 32]> = commits
         .iter()
         .filter_map(|c| c.consume_join_token)
