@@ -88,8 +88,19 @@ impl FileId {
     }
 }
 
+/// A `/proc` file's text: open, read to the end, close. Not
+/// `fs::read_to_string`: it asks the file's size first (a `statx` and an
+/// `lseek`), and a `/proc` file reports 0, which makes it read in small
+/// probing steps — `/proc/<pid>/status` took eight `read`s that way, one
+/// here.
+pub(crate) fn read_proc(path: &str) -> std::io::Result<String> {
+    let mut text = String::with_capacity(2048);
+    File::open(path)?.take(u64::MAX).read_to_string(&mut text)?;
+    Ok(text)
+}
+
 fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = read_proc(&format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: fields
     // after it are counted from the last ')'.
     let rest = stat.get(stat.rfind(')')? + 2..)?;
@@ -266,11 +277,14 @@ impl Attestor {
     /// The caller's facts; `Ok(None)` when `may_hash` is false and the
     /// executable's digest is not known yet.
     fn facts(&self, peer: &Peer, may_hash: bool) -> Result<Option<Facts>, AttestError> {
-        peer.unchanged()?;
+        // No pin check before the reads: the one after them decides. The
+        // process still running then (pidfd) or still starting at the same
+        // time (without one) means every read below was of the process that
+        // connected, and the executable opened below is compared with the
+        // pinned one before anything is taken from it.
         let pid = peer.pid;
         let mut selectors = vec![Selector::Uid(peer.uid), Selector::Gid(peer.gid)];
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .map_err(|_| AttestError::Gone)?;
+        let status = read_proc(&format!("/proc/{pid}/status")).map_err(|_| AttestError::Gone)?;
         let real_uid: Option<u32> =
             status_field(&status, "Uid:").and_then(|v| v.split_whitespace().next()?.parse().ok());
         if real_uid != Some(peer.uid) {
@@ -301,7 +315,11 @@ impl Attestor {
             }
         };
         selectors.push(Selector::Sha256(digest));
-        let cgroup = std::fs::read_to_string(self.cgroup_root.join(format!("{pid}/cgroup")))
+        let cgroup = self
+            .cgroup_root
+            .join(format!("{pid}/cgroup"))
+            .to_str()
+            .and_then(|p| read_proc(p).ok())
             .unwrap_or_default();
         // cgroup v2: "0::/system.slice/web.service".
         for line in cgroup.lines() {

@@ -112,7 +112,7 @@ pub fn peer_uid(peer: &SocketAddr, local: &SocketAddr) -> Option<u32> {
     } else {
         "/proc/net/tcp6"
     };
-    let text = std::fs::read_to_string(table).ok()?;
+    let text = super::attestor::read_proc(table).ok()?;
     text.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         (f.len() > 7 && f[1] == p && f[2] == l).then(|| f[7].parse().ok())?
