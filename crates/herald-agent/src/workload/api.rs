@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use herald_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
@@ -314,6 +314,17 @@ impl WorkloadApi {
         Ok(entries)
     }
 
+    /// What an X.509 answer stands for — its SVIDs' serials and the
+    /// registration set's revision: a stream pushes again only when it
+    /// changes.
+    fn x509_version(&self, entries: &[Entry]) -> Vec<String> {
+        entries
+            .iter()
+            .filter_map(|e| e.svid.as_ref().map(|s| s.serial.clone()))
+            .chain(std::iter::once(self.cache.read(|s| s.revision).to_string()))
+            .collect()
+    }
+
     fn x509_response(&self, entries: &[Entry], facts: &[Selector]) -> Option<X509svidResponse> {
         let (bundle, federated_bundles) = self.cache.read(|s| {
             let federated = s
@@ -364,20 +375,40 @@ impl SpiffeWorkloadApi for WorkloadApi {
         check_header(&request)?;
         let (peer, facts) = self.attest(&request).await?;
         self.synced().await;
-        self.entries_for(&facts)?;
+        // Subscribed before matching: a change after the match shows on
+        // the watch, so the first answer, built from this match, is never
+        // left standing stale.
+        let mut changes = self.cache.subscribe();
+        let matched = self.entries_for(&facts)?;
+        // The usual call, every SVID already there: its first answer is
+        // built here and leaves with the response's headers — one write to
+        // the socket and one wake-up of the caller instead of two.
+        let first = matched
+            .iter()
+            .all(|e| e.svid.is_some())
+            .then(|| self.x509_response(&matched, &facts.selectors))
+            .flatten();
+        let (first, mut last, mut matched) = match first {
+            Some(resp) => (Some(resp), Some(self.x509_version(&matched)), None),
+            None => (None, None, Some(matched)),
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let api = self.clone();
         tokio::spawn(async move {
-            let mut changes = api.cache.subscribe();
-            let mut last: Option<Vec<String>> = None;
-            // The caller was attested just now: the first push needs no check.
-            let mut checked = true;
+            // The caller was attested just now: a first answer made here
+            // needs no check; every later one does.
+            let mut checked = last.is_none();
+            if last.is_some() {
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
             // A template instance is issued on first use: the first answer
             // waits (a bounded time) for every SVID the caller is entitled
             // to, so a one-shot fetch gets them all.
             let complete_by = tokio::time::Instant::now() + FIRST_COMPLETE_WAIT;
             loop {
-                changes.borrow_and_update();
                 if !std::mem::take(&mut checked)
                     && let Err(e) = still_the_caller(&peer).await
                 {
@@ -385,7 +416,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     let _ = tx.send(Err(Status::permission_denied(e.to_string()))).await;
                     return;
                 }
-                let entries = api.cache.matching(&facts.selectors);
+                // The first pass answers with what the call matched; later
+                // ones mark the watch seen before they match again.
+                let entries = match matched.take() {
+                    Some(entries) => entries,
+                    None => {
+                        changes.borrow_and_update();
+                        api.cache.matching(&facts.selectors)
+                    }
+                };
                 if entries.is_empty() {
                     let _ = tx
                         .send(Err(Status::permission_denied("no identity issued")))
@@ -404,14 +443,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     continue;
                 }
                 if let Some(resp) = api.x509_response(&entries, &facts.selectors) {
-                    // Push only when something changed: serials or the set's revision.
-                    let serials: Vec<String> = entries
-                        .iter()
-                        .filter_map(|e| e.svid.as_ref().map(|s| s.serial.clone()))
-                        .chain(std::iter::once(api.cache.read(|s| s.revision).to_string()))
-                        .collect();
-                    if last.as_ref() != Some(&serials) {
-                        last = Some(serials);
+                    let version = api.x509_version(&entries);
+                    if last.as_ref() != Some(&version) {
+                        last = Some(version);
                         if tx.send(Ok(resp)).await.is_err() {
                             return;
                         }
@@ -424,7 +458,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
             }
         });
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            futures::stream::iter(first.map(Ok))
+                .chain(tokio_stream::wrappers::ReceiverStream::new(rx)),
         )))
     }
 
