@@ -90,6 +90,14 @@ pub struct AgentConfig {
     /// policy requires one (also `HERALD_AGENT_JOIN_TOKEN`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join_token_file: Option<PathBuf>,
+    /// Threads running the agent's async work (the `herald-agent`
+    /// executable; `herald agent` shares its process's runtime). One by
+    /// default: a Workload API fetch is tens of microseconds, and a second
+    /// worker costs more in hand-offs between the two than it adds
+    /// (`docs/performance.md`, "One worker"). The TPM, hashing and
+    /// `/proc` waits run on threads of their own either way.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
     /// The TPM.
     #[serde(default)]
     pub tpm: TpmConfig,
@@ -107,6 +115,13 @@ pub struct AgentConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_endpoint: Option<CredentialsEndpointConfig>,
 }
+
+fn default_worker_threads() -> usize {
+    1
+}
+
+/// Most worker threads an `agent.toml` may ask for.
+pub const MAX_WORKER_THREADS: usize = 256;
 
 /// An ECS-style container-credentials endpoint on loopback: AWS SDKs find
 /// it through `AWS_CONTAINER_CREDENTIALS_FULL_URI=http://<listen>/v1/credentials`
@@ -527,6 +542,12 @@ impl AgentConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_WORKER_THREADS).contains(&self.worker_threads) {
+            return Err(format!(
+                "worker_threads must be from 1 to {MAX_WORKER_THREADS}, not {}",
+                self.worker_threads
+            ));
+        }
         if self.servers.is_empty() {
             return Err("servers must name at least one server".into());
         }
@@ -682,6 +703,19 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         for bad in ["", "MiB", "12MB", "-1", "99999999999999GiB"] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_and_are_bounded() {
+        assert_eq!(AgentConfig::parse(BASE).unwrap().worker_threads, 1);
+        let four = AgentConfig::parse(&format!("worker_threads = 4\n{BASE}")).unwrap();
+        assert_eq!(four.worker_threads, 4);
+        for bad in ["0", "257", "-1", "\"two\""] {
+            let e = AgentConfig::parse(&format!("worker_threads = {bad}\n{BASE}"))
+                .map(|c| c.worker_threads)
+                .unwrap_err();
+            assert!(e.contains("worker_threads"), "{bad}: {e}");
         }
     }
 
