@@ -10,7 +10,8 @@
 //! 4. Envoy SDS: the agent's memory with 100 SDS streams open, and the time
 //!    from a rotation (the server's issuance) to the push on each stream.
 //!
-//! Run: `cargo bench --bench workload` (`HERALD_BENCH_N` scales the fetches).
+//! Run: `cargo bench --bench workload` (`HERALD_BENCH_N` scales the fetches;
+//! `HERALD_BENCH_ONLY=fetch` stops after the fetch phases).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 mod common;
@@ -276,6 +277,11 @@ fn main() {
         drop(agent);
         drop(s);
         drop(tpm);
+        // HERALD_BENCH_ONLY=fetch stops after the fetch phases (for
+        // alternated runs of two agent builds and for profiling).
+        if std::env::var("HERALD_BENCH_ONLY").is_ok_and(|v| v == "fetch") {
+            return;
+        }
 
         // 2 + 3. 1,000 registrations on a 40 s TTL: issuance, RSS, renewal spread.
         let tpm = SoftTpm::start().unwrap();
