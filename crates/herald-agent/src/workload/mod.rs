@@ -122,8 +122,15 @@ pub struct CachedSvid {
 pub struct State {
     /// The trust domain.
     pub trust_domain: String,
-    /// Registrations, in the server's order.
+    /// Registrations, in the server's order (replaced only by
+    /// [`WorkloadCache::apply`], which indexes them).
     pub entries: Vec<Entry>,
+    /// Positions in `entries` by one selector of each registration — the
+    /// greatest, usually the most specific (a cgroup or a pod's before a
+    /// uid): every selector of a registration must hold for a caller, so
+    /// its candidates are found from its facts, not by matching every
+    /// registration on the node (a fetch with 1,000 registrations did).
+    by_selector: HashMap<Selector, Vec<usize>>,
     /// Instances of template registrations, built per caller identity.
     pub instances: Vec<Entry>,
     /// X.509 authorities, DER.
@@ -153,14 +160,39 @@ pub struct FederatedBundle {
 }
 
 impl State {
+    /// Sets the registrations and indexes them.
+    fn set_entries(&mut self, entries: Vec<Entry>) {
+        let mut by_selector: HashMap<Selector, Vec<usize>> = HashMap::new();
+        for (at, e) in entries.iter().enumerate() {
+            // No selector (or one this agent could not parse): matches nobody.
+            if let Some(key) = e.selectors.iter().max() {
+                by_selector.entry(key.clone()).or_default().push(at);
+            }
+        }
+        self.entries = entries;
+        self.by_selector = by_selector;
+    }
+
+    /// The registrations whose every selector holds for a caller with
+    /// `facts`, in registration order.
+    fn registered_for<'a>(&'a self, facts: &'a [Selector]) -> impl Iterator<Item = &'a Entry> {
+        let mut at: Vec<usize> = facts
+            .iter()
+            .filter_map(|f| self.by_selector.get(f))
+            .flatten()
+            .copied()
+            .collect();
+        at.sort_unstable();
+        at.dedup();
+        at.into_iter()
+            .filter_map(|i| self.entries.get(i))
+            .filter(|e| herald_core::selector::matches(&e.selectors, facts))
+    }
+
     /// The foreign bundles a caller with `facts` is given: those of the
     /// trust domains its registrations federate with.
     pub fn federated_for(&self, facts: &[Selector]) -> Vec<&FederatedBundle> {
-        let mine: Vec<&Entry> = self
-            .entries
-            .iter()
-            .filter(|e| herald_core::selector::matches(&e.selectors, facts))
-            .collect();
+        let mine: Vec<&Entry> = self.registered_for(facts).collect();
         self.federated
             .iter()
             .filter(|b| {
@@ -179,9 +211,7 @@ impl State {
 
     /// The template instances a caller with `facts` needs that are not built yet.
     fn missing_instances(&self, facts: &[Selector]) -> Vec<(Entry, String)> {
-        self.entries
-            .iter()
-            .filter(|e| herald_core::selector::matches(&e.selectors, facts))
+        self.registered_for(facts)
             .filter_map(|e| {
                 let id = e.template.as_ref()?.expand(facts)?;
                 self.instance_of(e, id.as_str())
@@ -196,9 +226,7 @@ impl State {
     /// (marked as used now). A template the caller holds no value for
     /// gives nothing.
     fn entitled(&self, facts: &[Selector], now: i64) -> Vec<Entry> {
-        self.entries
-            .iter()
-            .filter(|e| herald_core::selector::matches(&e.selectors, facts))
+        self.registered_for(facts)
             .filter_map(|e| match &e.template {
                 None => Some(e.clone()),
                 Some(t) => {
@@ -312,7 +340,7 @@ impl WorkloadCache {
                 s.trust_domain = b.trust_domain.clone();
             }
             let td = TrustDomain::new(&s.trust_domain).ok();
-            s.entries = set
+            let entries = set
                 .registrations
                 .into_iter()
                 .map(|r| {
@@ -349,6 +377,7 @@ impl WorkloadCache {
                     }
                 })
                 .collect();
+            s.set_entries(entries);
             // An instance lives on, with its template's new settings, while
             // its template (same text, same selectors) is still registered.
             let instances = std::mem::take(&mut s.instances);
@@ -871,6 +900,67 @@ mod tests {
 
     fn ids(entries: &[Entry]) -> Vec<String> {
         entries.iter().map(|e| e.spiffe_id.clone()).collect()
+    }
+
+    /// The index finds exactly what matching every registration finds, in
+    /// registration order, for every combination of a caller's facts.
+    #[test]
+    fn the_selector_index_finds_what_a_scan_of_every_registration_finds() {
+        let pool = [
+            "unix:uid:0",
+            "unix:uid:1000",
+            "unix:gid:10",
+            "unix:path:/usr/bin/web",
+            "cgroup:/system.slice/web.service",
+            "k8s:ns:apps",
+            "k8s:sa:web",
+        ];
+        // Every registration of one to three selectors from the pool, twice
+        // (a second registration with the same selectors), and one whose
+        // selector does not parse.
+        let mut registrations = Vec::new();
+        for a in 0..pool.len() {
+            for b in a..pool.len() {
+                for c in b..pool.len() {
+                    let mut sel = vec![pool[a], pool[b], pool[c]];
+                    sel.dedup();
+                    for copy in 0..2 {
+                        registrations.push(reg(
+                            &format!("spiffe://td/r{}", registrations.len() + copy),
+                            &sel,
+                        ));
+                    }
+                }
+            }
+        }
+        registrations.push(reg("spiffe://td/unparsable", &["unix:uid:zero"]));
+        let cache = WorkloadCache::new(0.5, 0.0);
+        cache.apply(set(registrations));
+        let parsed: Vec<Selector> = pool.iter().map(|t| Selector::parse(t).unwrap()).collect();
+        let mut compared = 0;
+        for mask in 0u32..(1 << pool.len()) {
+            let mut facts: Vec<Selector> = (0..pool.len())
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| parsed[i].clone())
+                .collect();
+            facts.sort();
+            cache.read(|s| {
+                let scan: Vec<&str> = s
+                    .entries
+                    .iter()
+                    .filter(|e| herald_core::selector::matches(&e.selectors, &facts))
+                    .map(|e| e.spiffe_id.as_str())
+                    .collect();
+                let found: Vec<&str> = s
+                    .registered_for(&facts)
+                    .map(|e| e.spiffe_id.as_str())
+                    .collect();
+                assert_eq!(found, scan, "facts {facts:?}");
+                compared += scan.len();
+            });
+        }
+        assert!(compared > 1000, "the combinations matched registrations");
+        assert!(ids(&cache.matching(&parsed)).len() > 100);
     }
 
     #[test]
