@@ -3,7 +3,8 @@
 //! Prints, from one run on this machine, with a real swtpm, an in-process
 //! server (SQLite) and the real `herald agent` binary:
 //! 1. Workload API fetch latency from the agent's cache (p50/p99), many
-//!    concurrent callers, X.509 (FetchX509SVID first message) and JWT;
+//!    concurrent callers, X.509 (FetchX509SVID first message) and JWT,
+//!    with 100 registrations on the node and again with 1,000;
 //! 2. the spread of 1,000 workload SVID renewals over time (per-second
 //!    histogram of the renewals after the initial issuance) — no lock-step;
 //! 3. the agent's resident memory with 100 and 1,000 registrations;
@@ -170,6 +171,42 @@ async fn wait_socket(path: &Path) -> WorkloadApiClient {
     }
 }
 
+/// `conc` callers, one connection each, `per` FetchX509SVID calls each
+/// (first message): prints throughput and latency.
+async fn fetch_phase(socket: &Arc<std::path::PathBuf>, conc: usize, per: usize, label: &str) {
+    let mut lat: Vec<Duration> = Vec::with_capacity(conc * per);
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..conc)
+        .map(|_| {
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                let c = WorkloadApiClient::connect(&socket).await.unwrap();
+                let mut v = Vec::with_capacity(per);
+                for _ in 0..per {
+                    let s = Instant::now();
+                    let r = c.fetch_x509().await.unwrap();
+                    assert_eq!(r.svids.len(), 1);
+                    v.push(s.elapsed());
+                }
+                v
+            })
+        })
+        .collect();
+    for task in tasks {
+        lat.extend(task.await.unwrap());
+    }
+    let total = t.elapsed();
+    lat.sort_unstable();
+    println!(
+        "FetchX509SVID from cache{label}, {conc:>2} concurrent caller(s), {} fetches: {:>6.0}/s, p50 {:.3} ms, p99 {:.3} ms (target p99 ≤ {} ms)",
+        lat.len(),
+        per_sec(lat.len(), total),
+        percentile(&lat, 0.5).as_secs_f64() * 1e3,
+        percentile(&lat, 0.99).as_secs_f64() * 1e3,
+        if conc > 4 { 2 } else { 1 }
+    );
+}
+
 fn main() {
     let n = bench_n(20_000);
     let rt = runtime(CLIENT_THREADS);
@@ -199,38 +236,7 @@ fn main() {
         drop(client);
         let socket = Arc::new(agent.socket.clone());
         for conc in [1usize, 4, 32] {
-            let per = (n / conc / 4).max(10);
-            let mut lat: Vec<Duration> = Vec::with_capacity(conc * per);
-            let t = Instant::now();
-            let tasks: Vec<_> = (0..conc)
-                .map(|_| {
-                    let socket = socket.clone();
-                    tokio::spawn(async move {
-                        let c = WorkloadApiClient::connect(&socket).await.unwrap();
-                        let mut v = Vec::with_capacity(per);
-                        for _ in 0..per {
-                            let s = Instant::now();
-                            let r = c.fetch_x509().await.unwrap();
-                            assert_eq!(r.svids.len(), 1);
-                            v.push(s.elapsed());
-                        }
-                        v
-                    })
-                })
-                .collect();
-            for task in tasks {
-                lat.extend(task.await.unwrap());
-            }
-            let total = t.elapsed();
-            lat.sort_unstable();
-            println!(
-                "FetchX509SVID from cache, {conc:>2} concurrent caller(s), {} fetches: {:>6.0}/s, p50 {:.3} ms, p99 {:.3} ms (target p99 ≤ {} ms)",
-                lat.len(),
-                per_sec(lat.len(), total),
-                percentile(&lat, 0.5).as_secs_f64() * 1e3,
-                percentile(&lat, 0.99).as_secs_f64() * 1e3,
-                if conc > 4 { 2 } else { 1 }
-            );
+            fetch_phase(&socket, conc, (n / conc / 4).max(10), "").await;
         }
         // JWT-SVIDs from cache (the first fetch goes to the server).
         let c = WorkloadApiClient::connect(&agent.socket).await.unwrap();
@@ -277,8 +283,9 @@ fn main() {
         drop(agent);
         drop(s);
         drop(tpm);
-        // HERALD_BENCH_ONLY=fetch stops after the fetch phases (for
-        // alternated runs of two agent builds and for profiling).
+        // HERALD_BENCH_ONLY=fetch stops after the fetch phases at 100
+        // registrations (for alternated runs of two agent builds and for
+        // profiling).
         if std::env::var("HERALD_BENCH_ONLY").is_ok_and(|v| v == "fetch") {
             return;
         }
@@ -296,6 +303,11 @@ fn main() {
             rss1000.0 as f64 / 1024.0,
             rss1000.1 as f64 / 1024.0
         );
+        // Fetches from cache with 1,000 registrations to match against.
+        let socket = Arc::new(agent.socket.clone());
+        for conc in [4usize, 32] {
+            fetch_phase(&socket, conc, (n / conc / 4).max(10), " (1,000 registrations)").await;
+        }
         // 1,000 Workload API streams held open (FetchX509SVID, first
         // message received), over 50 connections.
         const OPEN: usize = 1000;
