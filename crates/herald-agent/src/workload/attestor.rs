@@ -114,12 +114,26 @@ fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
+/// The effective uid in a `/proc/<pid>/status` text (`Uid:` lists the
+/// real, effective, saved and file-system uids): what SO_PEERCRED reported
+/// at connect time, and what `unix:uid` selects on (as SPIRE's unix
+/// attestor does). A process whose real uid differs — a setuid program —
+/// is its effective uid throughout.
+fn effective_uid(status: &str) -> Option<u32> {
+    status_field(status, "Uid:")?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// The caller as it was when the agent accepted its connection.
 #[derive(Debug)]
 pub struct Peer {
-    /// Real uid (SO_PEERCRED).
+    /// Effective uid when it connected (SO_PEERCRED reports the
+    /// effective ids).
     pub uid: u32,
-    /// Real gid (SO_PEERCRED).
+    /// Effective gid when it connected (SO_PEERCRED).
     pub gid: u32,
     /// The process that connected.
     pub pid: i32,
@@ -285,9 +299,7 @@ impl Attestor {
         let pid = peer.pid;
         let mut selectors = vec![Selector::Uid(peer.uid), Selector::Gid(peer.gid)];
         let status = read_proc(&format!("/proc/{pid}/status")).map_err(|_| AttestError::Gone)?;
-        let real_uid: Option<u32> =
-            status_field(&status, "Uid:").and_then(|v| v.split_whitespace().next()?.parse().ok());
-        if real_uid != Some(peer.uid) {
+        if effective_uid(&status) != Some(peer.uid) {
             return Err(AttestError::Gone);
         }
         if let Some(groups) = status_field(&status, "Groups:") {
@@ -484,6 +496,21 @@ mod tests {
             AttestError::NoCredentials
         );
         assert!(Peer::observe(uid, 0, Some(i32::MAX - 1)).is_err());
+    }
+
+    #[test]
+    fn the_uid_checked_is_the_effective_one_peer_credentials_report() {
+        // A setuid program run by uid 1000: real 1000, effective 0.
+        let status = "Name:\tsu\nUmask:\t0022\nUid:\t1000\t0\t0\t0\nGid:\t1000\t1000\t1000\t1000\n";
+        assert_eq!(effective_uid(status), Some(0));
+        assert_eq!(effective_uid("Uid:\t1000\n"), None);
+        assert_eq!(effective_uid("Gid:\t1\t2\t3\t4\n"), None);
+        // This process: its effective uid is the one attested.
+        let own = read_proc("/proc/self/status").unwrap();
+        assert_eq!(
+            effective_uid(&own),
+            Some(rustix::process::geteuid().as_raw())
+        );
     }
 
     #[test]
