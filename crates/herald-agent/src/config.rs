@@ -94,8 +94,9 @@ pub struct AgentConfig {
     /// executable; `herald agent` shares its process's runtime). One by
     /// default: a Workload API fetch is tens of microseconds, and a second
     /// worker costs more in hand-offs between the two than it adds
-    /// (`docs/performance.md`, "One worker"). The TPM, hashing and
-    /// `/proc` waits run on threads of their own either way.
+    /// (`docs/performance.md`, "Fewer system calls, one worker, …"). The
+    /// TPM, hashing and `/proc` waits run on threads of their own either
+    /// way.
     #[serde(default = "default_worker_threads")]
     pub worker_threads: usize,
     /// The TPM.
