@@ -471,10 +471,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let (peer, facts) = self.attest(&request).await?;
         self.synced().await;
         self.entries_for(&facts)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let cache = self.cache.clone();
         let selectors = facts.selectors.clone();
-        tokio::spawn(push_on_change(cache, peer, tx, move |s| {
+        Ok(Response::new(watched(self.cache.clone(), peer, move |s| {
             (!s.bundle_x509.is_empty()).then(|| X509BundlesResponse {
                 crl: Vec::new(),
                 bundles: s
@@ -488,10 +486,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     .map(|(td, der)| (format!("spiffe://{td}"), der))
                     .collect(),
             })
-        }));
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        })))
     }
 
     async fn fetch_jwtsvid(
@@ -549,9 +544,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let (peer, facts) = self.attest(&request).await?;
         self.synced().await;
         self.entries_for(&facts)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
         let selectors = facts.selectors.clone();
-        tokio::spawn(push_on_change(self.cache.clone(), peer, tx, move |s| {
+        Ok(Response::new(watched(self.cache.clone(), peer, move |s| {
             let own = jwt_only_jwks(&s.bundle_jwks)?;
             let mut bundles = HashMap::from([(format!("spiffe://{}", s.trust_domain), own)]);
             for b in s.federated_for(&selectors) {
@@ -560,10 +554,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 }
             }
             Some(JwtBundlesResponse { bundles })
-        }));
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        })))
     }
 
     async fn validate_jwtsvid(
@@ -622,40 +613,45 @@ fn jwt_only_jwks(jwks: &str) -> Option<Vec<u8>> {
     serde_json::to_vec(&serde_json::json!({ "keys": keys })).ok()
 }
 
-/// Sends `make(state)` now and whenever the state changes to something
-/// new, while `peer` is still the process that connected.
-async fn push_on_change<T: Clone + PartialEq + Send + 'static>(
+/// The stream of `make(state)`: its first answer made now — so it leaves
+/// with the response's headers, in one write — then each new one whenever
+/// the state changes, while `peer` is still the process that connected.
+fn watched<T: Clone + PartialEq + Send + 'static>(
     cache: Arc<WorkloadCache>,
     peer: Arc<Peer>,
-    tx: tokio::sync::mpsc::Sender<Result<T, Status>>,
     make: impl Fn(&super::State) -> Option<T> + Send + 'static,
-) {
+) -> BoxStream<T> {
+    // Subscribed before the first answer is made: a change after it shows.
     let mut changes = cache.subscribe();
-    let mut last: Option<T> = None;
-    // The caller was attested just now: the first push needs no check.
-    let mut checked = true;
-    loop {
-        changes.borrow_and_update();
-        if !std::mem::take(&mut checked)
-            && let Err(e) = still_the_caller(&peer).await
-        {
-            tracing::warn!(pid = peer.pid, error = %e, "Workload API stream ended");
-            let _ = tx.send(Err(Status::permission_denied(e.to_string()))).await;
-            return;
-        }
-        if let Some(msg) = cache.read(&make)
-            && last.as_ref() != Some(&msg)
-        {
-            last = Some(msg.clone());
-            if tx.send(Ok(msg)).await.is_err() {
+    // The caller was attested just now: the first answer needs no check.
+    let first = cache.read(&make);
+    let mut last = first.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                () = tx.closed() => return,
+            }
+            changes.borrow_and_update();
+            if let Err(e) = still_the_caller(&peer).await {
+                tracing::warn!(pid = peer.pid, error = %e, "Workload API stream ended");
+                let _ = tx.send(Err(Status::permission_denied(e.to_string()))).await;
                 return;
             }
+            if let Some(msg) = cache.read(&make)
+                && last.as_ref() != Some(&msg)
+            {
+                last = Some(msg.clone());
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
         }
-        tokio::select! {
-            r = changes.changed() => if r.is_err() { return },
-            () = tx.closed() => return,
-        }
-    }
+    });
+    Box::pin(
+        futures::stream::iter(first.map(Ok)).chain(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
 }
 
 /// Binds the Workload API socket at `path`: the directory is created
