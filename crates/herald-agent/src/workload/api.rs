@@ -457,10 +457,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            futures::stream::iter(first.map(Ok))
-                .chain(tokio_stream::wrappers::ReceiverStream::new(rx)),
-        )))
+        Ok(Response::new(answered_then(first, rx)))
     }
 
     async fn fetch_x509_bundles(
@@ -649,6 +646,16 @@ fn watched<T: Clone + PartialEq + Send + 'static>(
             }
         }
     });
+    answered_then(first, rx)
+}
+
+/// A response stream that yields `first` at once — ready when hyper polls
+/// the body right after the headers, so both leave in one write — then
+/// whatever the stream's task sends on `rx`.
+fn answered_then<T: Send + 'static>(
+    first: Option<T>,
+    rx: tokio::sync::mpsc::Receiver<Result<T, Status>>,
+) -> BoxStream<T> {
     Box::pin(
         futures::stream::iter(first.map(Ok)).chain(tokio_stream::wrappers::ReceiverStream::new(rx)),
     )
