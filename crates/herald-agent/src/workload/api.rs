@@ -185,15 +185,6 @@ fn coded(code: herald_core::ErrorCode, message: String) -> Status {
     status
 }
 
-/// Checks, off the async workers, that a stream's caller is still the
-/// process that connected, running the same executable.
-pub(crate) async fn still_the_caller(peer: &Arc<Peer>) -> Result<(), AttestError> {
-    let peer = peer.clone();
-    tokio::task::spawn_blocking(move || peer.unchanged())
-        .await
-        .unwrap_or(Err(AttestError::Gone))
-}
-
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
@@ -287,8 +278,7 @@ impl WorkloadApi {
             if !found.is_empty() {
                 // The lookup may have taken a while: the selectors are the
                 // pinned process's only if it is still there.
-                still_the_caller(&peer)
-                    .await
+                peer.unchanged()
                     .map_err(|e| refuse(Some(peer.uid), Some(peer.pid), e))?;
                 facts.selectors.extend(found);
                 facts.selectors.sort();
@@ -410,7 +400,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             let complete_by = tokio::time::Instant::now() + FIRST_COMPLETE_WAIT;
             loop {
                 if !std::mem::take(&mut checked)
-                    && let Err(e) = still_the_caller(&peer).await
+                    && let Err(e) = peer.unchanged()
                 {
                     tracing::warn!(pid = peer.pid, error = %e, "Workload API stream ended");
                     let _ = tx.send(Err(Status::permission_denied(e.to_string()))).await;
@@ -631,7 +621,7 @@ fn watched<T: Clone + PartialEq + Send + 'static>(
                 () = tx.closed() => return,
             }
             changes.borrow_and_update();
-            if let Err(e) = still_the_caller(&peer).await {
+            if let Err(e) = peer.unchanged() {
                 tracing::warn!(pid = peer.pid, error = %e, "Workload API stream ended");
                 let _ = tx.send(Err(Status::permission_denied(e.to_string()))).await;
                 return;

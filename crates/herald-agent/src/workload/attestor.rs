@@ -2,27 +2,33 @@
 //!
 //! The kernel tells us the caller's uid, gid and pid at connect time
 //! (SO_PEERCRED). When the agent accepts the connection it pins that
-//! process ([`Peer::observe`]): a pidfd (so a reused pid can never pass for
-//! it), its start time, and the identity (device, inode) of the executable
-//! it runs. On every call the process must still be that one, running that
-//! executable ([`Peer::unchanged`]) — otherwise a process could connect,
-//! hand the socket to a child, and exec a registered binary so that the
-//! child is served the binary's identity.
+//! process ([`Peer::observe`]): it opens the process's `/proc/<pid>`
+//! directory and notes the identity (device, inode) of the executable it
+//! runs. Every later read is made relative to that directory, and the
+//! kernel refuses each once the process has exited — the directory stands
+//! for the process, not for its number, so a reused pid can never pass for
+//! it. On every call the process must still run that executable
+//! ([`Peer::unchanged`]) — otherwise a process could connect, hand the
+//! socket to a child, and exec a registered binary so that the child is
+//! served the binary's identity.
 //!
-//! Everything else comes from `/proc/<pid>`, read on a blocking thread:
-//! supplementary groups, the cgroup, the executable's path — offered only
-//! when that path names, for the agent, the very file the process runs (a
-//! container's `/usr/bin/app` is not the host's) — and its SHA-256, read
-//! through `/proc/<pid>/exe` itself (whatever mount namespace it lives in),
-//! capped in size and computed once per file version.
+//! Everything else comes from the same directory: supplementary groups,
+//! the cgroup, the executable's path — offered only when that path names,
+//! for the agent, the very file the process runs (a container's
+//! `/usr/bin/app` is not the host's) — and its SHA-256, read through
+//! `<pid>/exe` itself (whatever mount namespace it lives in), capped in
+//! size and computed once per file version (hashing runs on a blocking
+//! thread; the other reads are a few microseconds of kernel memory).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::OwnedFd;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
+
+use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 
 use herald_core::Selector;
 
@@ -75,16 +81,43 @@ pub struct FileId {
 }
 
 impl FileId {
-    fn of(meta: &std::fs::Metadata) -> FileId {
+    // `stat`'s field types differ between architectures; the conversions
+    // are the identity on some.
+    #[allow(clippy::useless_conversion)]
+    fn of(st: &Stat) -> FileId {
         FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
+            dev: u64::from(st.st_dev),
+            ino: u64::from(st.st_ino),
         }
     }
 
     /// The file at `path`, following symbolic links (and `/proc` magic links).
     fn at(path: &Path) -> Option<FileId> {
-        std::fs::metadata(path).ok().map(|m| FileId::of(&m))
+        rustix::fs::stat(path).ok().map(|st| FileId::of(&st))
+    }
+}
+
+/// A version of a file: its identity, its size, and what tells a rewrite
+/// apart — (device, inode, size, mtime, ctime). The ctime cannot be set
+/// from user space, so rewriting a file and restoring its mtime still
+/// makes a new version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Version {
+    id: FileId,
+    size: u64,
+    mtime: (i64, u64),
+    ctime: (i64, u64),
+}
+
+impl Version {
+    #[allow(clippy::useless_conversion)]
+    fn of(st: &Stat) -> Version {
+        Version {
+            id: FileId::of(st),
+            size: u64::try_from(st.st_size).unwrap_or(u64::MAX),
+            mtime: (i64::from(st.st_mtime), u64::from(st.st_mtime_nsec)),
+            ctime: (i64::from(st.st_ctime), u64::from(st.st_ctime_nsec)),
+        }
     }
 }
 
@@ -94,17 +127,23 @@ impl FileId {
 /// probing steps — `/proc/<pid>/status` took eight `read`s that way, one
 /// here.
 pub(crate) fn read_proc(path: &str) -> std::io::Result<String> {
-    let mut text = String::with_capacity(2048);
-    File::open(path)?.take(u64::MAX).read_to_string(&mut text)?;
-    Ok(text)
+    read_text(File::open(path)?)
 }
 
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = read_proc(&format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: fields
-    // after it are counted from the last ')'.
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    rest.split(' ').nth(19)?.parse().ok()
+/// The text of `name` under a process's `/proc` directory, as [`read_proc`].
+fn read_proc_at(dir: impl AsFd, name: &str) -> std::io::Result<String> {
+    read_text(File::from(rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?))
+}
+
+fn read_text(file: File) -> std::io::Result<String> {
+    let mut text = String::with_capacity(2048);
+    file.take(u64::MAX).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
@@ -137,71 +176,56 @@ pub struct Peer {
     pub gid: u32,
     /// The process that connected.
     pub pid: i32,
-    /// A handle on that very process (`None` on kernels without pidfds,
-    /// before 5.3: then the start time alone tells a reused pid apart).
-    pidfd: Option<OwnedFd>,
-    start_time: u64,
+    /// Its `/proc/<pid>` directory. Reads under it fail once that process
+    /// has exited, whoever holds the pid by then: it pins the process on
+    /// every kernel (a pidfd would need 5.3), and each read is a lookup of
+    /// one name rather than of a path from `/`.
+    dir: OwnedFd,
     exe: FileId,
 }
 
 impl Peer {
     /// Pins the process behind a new connection with these peer credentials.
+    ///
+    /// The pid comes from the kernel at connect time; a process that
+    /// exited and whose pid was reused before this runs is not told apart
+    /// (as with every SO_PEERCRED reader before SO_PEERPIDFD), but its
+    /// successor must then pass every check on its own facts.
     pub fn observe(uid: u32, gid: u32, pid: Option<i32>) -> Result<Peer, AttestError> {
         let pid = pid.filter(|p| *p > 0).ok_or(AttestError::NoCredentials)?;
-        let raw = rustix::process::Pid::from_raw(pid).ok_or(AttestError::NoCredentials)?;
-        let pidfd = match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
-            Ok(fd) => Some(fd),
-            Err(rustix::io::Errno::NOSYS) => None,
-            Err(_) => return Err(AttestError::Gone),
-        };
-        let start_time = start_time(pid).ok_or(AttestError::Gone)?;
-        let exe = FileId::at(Path::new(&format!("/proc/{pid}/exe"))).ok_or(AttestError::Gone)?;
-        let peer = Peer {
+        let dir = rustix::fs::open(
+            format!("/proc/{pid}"),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|_| AttestError::Gone)?;
+        let exe = exe_version(&dir).ok_or(AttestError::Gone)?.id;
+        Ok(Peer {
             uid,
             gid,
             pid,
-            pidfd,
-            start_time,
+            dir,
             exe,
-        };
-        // The reads above were of the process the pidfd holds only if it
-        // is still running after them.
-        peer.alive()?;
-        Ok(peer)
-    }
-
-    /// Whether the pinned process still runs (a pidfd turns readable when
-    /// its process exits).
-    fn alive(&self) -> Result<(), AttestError> {
-        let Some(fd) = &self.pidfd else {
-            return Ok(());
-        };
-        use rustix::event::{PollFd, PollFlags, Timespec, poll};
-        let mut fds = [PollFd::new(fd, PollFlags::IN)];
-        match poll(&mut fds, Some(&Timespec::default())) {
-            Ok(0) => Ok(()),
-            _ => Err(AttestError::Gone),
-        }
+        })
     }
 
     /// Checks that the process is the one that connected, running the
-    /// executable it ran then.
+    /// executable it ran then: one `stat` of `<pid>/exe`, which fails once
+    /// the process has exited (an unreaped zombie included).
     pub fn unchanged(&self) -> Result<(), AttestError> {
-        // With a pidfd, the process still running after the reads (checked
-        // below) is the one pinned: a pid is not reused while its process
-        // lives. Without one, its start time tells (a read of
-        // `/proc/<pid>/stat`, the dearest of a fetch's `/proc` reads).
-        if self.pidfd.is_none() && start_time(self.pid) != Some(self.start_time) {
-            return Err(AttestError::Gone);
-        }
-        let exe = FileId::at(Path::new(&format!("/proc/{}/exe", self.pid)));
-        self.alive()?;
-        match exe {
-            Some(e) if e == self.exe => Ok(()),
+        match exe_version(&self.dir) {
+            Some(v) if v.id == self.exe => Ok(()),
             Some(_) => Err(AttestError::ExecChanged),
             None => Err(AttestError::Gone),
         }
     }
+}
+
+/// The version of the file a process runs, through its `/proc` directory.
+fn exe_version(dir: impl AsFd) -> Option<Version> {
+    rustix::fs::statat(dir, "exe", AtFlags::empty())
+        .ok()
+        .map(|st| Version::of(&st))
 }
 
 /// The `unix:path` selector for a process whose `/proc/<pid>/exe` link
@@ -223,11 +247,6 @@ pub fn path_selector(
     (resolve(link)? == running).then(|| Selector::Path(text.to_owned()))
 }
 
-/// (device, inode, size, mtime, ctime): a version of a file. The ctime
-/// cannot be set from user space, so rewriting a file and restoring its
-/// mtime still makes a new version.
-type DigestKey = (u64, u64, u64, i64, i64, i64, i64);
-
 type DigestCell = Arc<OnceLock<Result<String, AttestError>>>;
 
 /// Most executable versions whose digests are kept.
@@ -237,12 +256,13 @@ const MAX_DIGESTS: usize = 1024;
 #[derive(Debug)]
 pub struct Attestor {
     max_executable_size: u64,
-    digests: Mutex<HashMap<DigestKey, DigestCell>>,
+    digests: Mutex<HashMap<Version, DigestCell>>,
     /// Executables hashed so far: each version once, however many callers
     /// asked for it at the same time.
     hashed: std::sync::atomic::AtomicU64,
-    /// Where `<pid>/cgroup` is read: `/proc`, or a test's stand-in.
-    cgroup_root: std::path::PathBuf,
+    /// Test builds only: where `<pid>/cgroup` is read instead of the
+    /// caller's `/proc` directory.
+    cgroup_root: Option<PathBuf>,
 }
 
 impl Attestor {
@@ -252,7 +272,7 @@ impl Attestor {
             max_executable_size,
             digests: Mutex::new(HashMap::new()),
             hashed: std::sync::atomic::AtomicU64::new(0),
-            cgroup_root: "/proc".into(),
+            cgroup_root: None,
         }
     }
 
@@ -265,8 +285,8 @@ impl Attestor {
     /// that a test process can stand in for a container. Every other fact
     /// (the pin included) still comes from `/proc`.
     #[cfg(feature = "test-hooks")]
-    pub fn with_test_proc_root(mut self, root: std::path::PathBuf) -> Attestor {
-        self.cgroup_root = root;
+    pub fn with_test_proc_root(mut self, root: PathBuf) -> Attestor {
+        self.cgroup_root = Some(root);
         self
     }
 
@@ -291,14 +311,14 @@ impl Attestor {
     /// The caller's facts; `Ok(None)` when `may_hash` is false and the
     /// executable's digest is not known yet.
     fn facts(&self, peer: &Peer, may_hash: bool) -> Result<Option<Facts>, AttestError> {
-        // No pin check before the reads: the one after them decides. The
-        // process still running then (pidfd) or still starting at the same
-        // time (without one) means every read below was of the process that
-        // connected, and the executable opened below is compared with the
-        // pinned one before anything is taken from it.
-        let pid = peer.pid;
+        // Every read is relative to the pinned `/proc` directory, so each
+        // either describes the process that connected or fails. An exec
+        // between two of them shows in the executable's identity, compared
+        // with the pinned one after the status was read and before anything
+        // is taken from the file (the cgroup does not change on exec).
+        let (pid, dir) = (peer.pid, &peer.dir);
         let mut selectors = vec![Selector::Uid(peer.uid), Selector::Gid(peer.gid)];
-        let status = read_proc(&format!("/proc/{pid}/status")).map_err(|_| AttestError::Gone)?;
+        let status = read_proc_at(dir, "status").map_err(|_| AttestError::Gone)?;
         if effective_uid(&status) != Some(peer.uid) {
             return Err(AttestError::Gone);
         }
@@ -307,40 +327,36 @@ impl Attestor {
                 selectors.push(Selector::Gid(g));
             }
         }
-        let exe = format!("/proc/{pid}/exe");
-        let mut file = File::open(&exe).map_err(|_| AttestError::Gone)?;
-        let meta = file.metadata().map_err(|_| AttestError::Gone)?;
-        if FileId::of(&meta) != peer.exe {
+        let exe = exe_version(dir).ok_or(AttestError::Gone)?;
+        if exe.id != peer.exe {
             return Err(AttestError::ExecChanged);
         }
-        if let Ok(link) = std::fs::read_link(&exe)
-            && let Some(s) = path_selector(&link, peer.exe, FileId::at)
-        {
-            selectors.push(s);
-        }
-        let digest = if may_hash {
-            self.digest(&mut file, &meta)?
-        } else {
-            match self.known_digest(&meta) {
-                Some(d) => d?,
-                None => return Ok(None),
+        if let Ok(link) = rustix::fs::readlinkat(dir, "exe", Vec::new()) {
+            let link = PathBuf::from(std::ffi::OsString::from_vec(link.into_bytes()));
+            if let Some(s) = path_selector(&link, peer.exe, FileId::at) {
+                selectors.push(s);
             }
+        }
+        let digest = match self.known_digest(&exe) {
+            Some(d) => d?,
+            None if may_hash => self.digest(peer)?,
+            None => return Ok(None),
         };
         selectors.push(Selector::Sha256(digest));
-        let cgroup = self
-            .cgroup_root
-            .join(format!("{pid}/cgroup"))
-            .to_str()
-            .and_then(|p| read_proc(p).ok())
-            .unwrap_or_default();
+        let cgroup = match &self.cgroup_root {
+            None => read_proc_at(dir, "cgroup").ok(),
+            Some(root) => root
+                .join(format!("{pid}/cgroup"))
+                .to_str()
+                .and_then(|p| read_proc(p).ok()),
+        }
+        .unwrap_or_default();
         // cgroup v2: "0::/system.slice/web.service".
         for line in cgroup.lines() {
             if let Some(path) = line.strip_prefix("0::") {
                 selectors.push(Selector::Cgroup(path.to_owned()));
             }
         }
-        // Everything above described the process that connected.
-        peer.unchanged()?;
         selectors.sort();
         selectors.dedup();
         Ok(Some(Facts {
@@ -352,47 +368,65 @@ impl Attestor {
 
     /// The refusal of an executable over the hashing cap, known without
     /// reading it.
-    fn too_large(&self, meta: &std::fs::Metadata) -> Option<AttestError> {
+    fn too_large(&self, version: &Version) -> Option<AttestError> {
         let cap = self.max_executable_size;
-        (meta.size() > cap).then(|| AttestError::ExecutableTooLarge {
-            size: meta.size(),
+        (version.size > cap).then_some(AttestError::ExecutableTooLarge {
+            size: version.size,
             cap,
         })
     }
 
     /// The digest of this version of the file, if already computed (or
     /// refused for its size, which needs no reading).
-    fn known_digest(&self, meta: &std::fs::Metadata) -> Option<Result<String, AttestError>> {
-        if let Some(e) = self.too_large(meta) {
+    fn known_digest(&self, version: &Version) -> Option<Result<String, AttestError>> {
+        if let Some(e) = self.too_large(version) {
             return Some(Err(e));
         }
         let map = match self.digests.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        map.get(&digest_key(meta))?.get().cloned()
+        map.get(version)?.get().cloned()
     }
 
-    /// The SHA-256 of `file`: refused above the cap without reading it;
-    /// computed once per version, concurrent callers of one version waiting
-    /// for the one computation.
-    fn digest(&self, file: &mut File, meta: &std::fs::Metadata) -> Result<String, AttestError> {
-        if let Some(e) = self.too_large(meta) {
+    /// The digest of the pinned process's executable: opened through its
+    /// `/proc` directory, hashed only if it is still the pinned file.
+    fn digest(&self, peer: &Peer) -> Result<String, AttestError> {
+        let fd = rustix::fs::openat(
+            &peer.dir,
+            "exe",
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|_| AttestError::Gone)?;
+        let version = rustix::fs::fstat(&fd)
+            .map(|st| Version::of(&st))
+            .map_err(|_| AttestError::Gone)?;
+        if version.id != peer.exe {
+            return Err(AttestError::ExecChanged);
+        }
+        self.digest_of(&mut File::from(fd), version)
+    }
+
+    /// The SHA-256 of `file`, this `version` of it: refused above the cap
+    /// without reading it; computed once per version, concurrent callers
+    /// of one version waiting for the one computation.
+    fn digest_of(&self, file: &mut File, version: Version) -> Result<String, AttestError> {
+        if let Some(e) = self.too_large(&version) {
             return Err(e);
         }
         let cap = self.max_executable_size;
-        let key = digest_key(meta);
         let cell = {
             let mut map = match self.digests.lock() {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
-            if !map.contains_key(&key) && map.len() >= MAX_DIGESTS {
+            if !map.contains_key(&version) && map.len() >= MAX_DIGESTS {
                 // Keep only computations still in flight; their waiters
                 // hold the cells anyway.
                 map.retain(|_, c| c.get().is_none());
             }
-            map.entry(key).or_default().clone()
+            map.entry(version).or_default().clone()
         };
         let result = cell
             .get_or_init(|| {
@@ -405,22 +439,10 @@ impl Attestor {
             && let Ok(mut map) = self.digests.lock()
         {
             // A read error may pass; a digest or a size does not change.
-            map.remove(&key);
+            map.remove(&version);
         }
         result
     }
-}
-
-fn digest_key(meta: &std::fs::Metadata) -> DigestKey {
-    (
-        meta.dev(),
-        meta.ino(),
-        meta.size(),
-        meta.mtime(),
-        meta.mtime_nsec(),
-        meta.ctime(),
-        meta.ctime_nsec(),
-    )
 }
 
 /// SHA-256 of `file`, refusing it once more than `cap` bytes were read (it
@@ -455,6 +477,10 @@ mod tests {
         status_field(&status, "Uid:")
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap()
+    }
+
+    fn version(f: &File) -> Version {
+        Version::of(&rustix::fs::fstat(f).unwrap())
     }
 
     #[test]
@@ -552,10 +578,10 @@ mod tests {
                     .map(|_| {
                         s.spawn(|| {
                             let mut f = File::open(&path).unwrap();
-                            let meta = f.metadata().unwrap();
+                            let v = version(&f);
                             barrier.wait();
                             let start = std::time::Instant::now();
-                            let digest = a.digest(&mut f, &meta).unwrap();
+                            let digest = a.digest_of(&mut f, v).unwrap();
                             (start, std::time::Instant::now(), digest)
                         })
                     })
@@ -578,14 +604,14 @@ mod tests {
         assert!(results.iter().all(|r| r.2 == results[0].2));
         // A later caller of that version reuses it.
         let mut f = File::open(&path).unwrap();
-        let meta = f.metadata().unwrap();
-        assert_eq!(a.digest(&mut f, &meta).unwrap(), results[0].2);
+        let v = version(&f);
+        assert_eq!(a.digest_of(&mut f, v).unwrap(), results[0].2);
         assert_eq!(a.hashes_computed(), 1);
         // Another version of the file (its mtime moves) is hashed anew.
         std::fs::write(&path, b"v2").unwrap();
         let mut f = File::open(&path).unwrap();
-        let meta = f.metadata().unwrap();
-        assert_ne!(a.digest(&mut f, &meta).unwrap(), results[0].2);
+        let v = version(&f);
+        assert_ne!(a.digest_of(&mut f, v).unwrap(), results[0].2);
         assert_eq!(a.hashes_computed(), 2);
     }
 
@@ -624,20 +650,28 @@ mod tests {
         // Pinned again after the exec, then the process exits: gone, even
         // while it is an unreaped zombie that still holds its pid.
         let again = Peer::observe(uid, 0, Some(pid)).unwrap();
+        let a = Attestor::new(1 << 30);
+        a.attest(&again).unwrap();
         child.kill().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while again.alive().is_ok() {
+        while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap()
+            .contains(") Z ")
+        {
             assert!(
                 std::time::Instant::now() < deadline,
-                "the pidfd never fired"
+                "the child never became a zombie"
             );
             std::thread::yield_now();
         }
         assert_eq!(again.unchanged(), Err(AttestError::Gone));
-        // Reaped, its pid free for reuse: still gone (the pidfd, not the
-        // start time, tells).
+        assert_eq!(a.attest(&again), Err(AttestError::Gone));
+        // Reaped, its pid free for reuse: still gone, and its pinned
+        // directory reads nothing more.
         child.wait().unwrap();
         assert_eq!(again.unchanged(), Err(AttestError::Gone));
+        assert_eq!(a.attest(&again), Err(AttestError::Gone));
+        assert!(read_proc_at(&again.dir, "status").is_err());
     }
 
     #[test]

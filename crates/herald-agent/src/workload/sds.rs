@@ -51,7 +51,7 @@ use prost::{Message, Name};
 use tonic::{Request, Response, Status, Streaming};
 use zeroize::Zeroizing;
 
-use super::api::{WorkloadApi, still_the_caller};
+use super::api::WorkloadApi;
 use super::{Entry, State};
 
 /// The type URL of every SDS resource.
@@ -449,7 +449,7 @@ impl SecretDiscoveryService for Sds {
                         if x.names.is_none() {
                             continue;
                         }
-                        if let Err(e) = still_the_caller(&peer).await {
+                        if let Err(e) = peer.unchanged() {
                             tracing::warn!(pid = peer.pid, error = %e, "SDS stream ended");
                             let _ = tx.send(Err(Status::permission_denied(e.to_string()))).await;
                             return;
