@@ -444,7 +444,7 @@ pub fn cpu_time() -> Duration {
 
 /// The `n` largest of `(how long, when)` pairs, as `ms@ms` words (the
 /// first with `decimals` decimals); sorts `pairs`.
-fn largest_at(pairs: &mut [(Duration, Duration)], n: usize, decimals: usize) -> String {
+pub fn largest_at(pairs: &mut [(Duration, Duration)], n: usize, decimals: usize) -> String {
     pairs.sort();
     let words: Vec<String> = pairs
         .iter()
