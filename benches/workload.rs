@@ -46,13 +46,20 @@ struct Site {
     server: herald_server::RunningServer,
 }
 
+/// JWT-SVIDs the bench fetches once each, not cached.
+const JWT_MISSES: usize = 200;
+
 async fn site(tpm: &SoftTpm, registrations: usize, ttl: &str) -> Site {
     let dir = tempfile::tempdir().unwrap();
     // One registration matches the benchmark process (uid 0); the others
     // are other workloads on the node (distinct cgroups) the agent keeps
     // SVIDs for all the same.
+    // The bench's audiences: `api`, fetched from cache, and `miss-<i>`,
+    // each fetched once (a JWT-SVID the agent must get from the server).
+    let misses: Vec<String> = (0..JWT_MISSES).map(|i| format!("miss-{i}")).collect();
     let mut w = format!(
-        "workloads:\n  - {{ spiffe_id: spiffe://{TD}/w/bench, selectors: [\"unix:uid:0\"], ttl: {ttl}, jwt_audiences: [api], hint: bench }}\n"
+        "workloads:\n  - {{ spiffe_id: spiffe://{TD}/w/bench, selectors: [\"unix:uid:0\"], ttl: {ttl}, jwt_audiences: [api, {}], hint: bench }}\n",
+        misses.join(", ")
     );
     for i in 1..registrations {
         w.push_str(&format!(
@@ -315,6 +322,22 @@ fn main() {
             "FetchJWTSVID from cache, one caller: p50 {:.3} ms, p99 {:.3} ms",
             percentile(&jl, 0.5).as_secs_f64() * 1e3,
             percentile(&jl, 0.99).as_secs_f64() * 1e3
+        );
+        // Not cached: each call a new audience, which the agent asks the
+        // server for (over its connection to it).
+        let mut ml = Vec::with_capacity(JWT_MISSES);
+        for i in 0..JWT_MISSES {
+            let mut r = jwt_req();
+            r.get_mut().audience = vec![format!("miss-{i}")];
+            let s = Instant::now();
+            raw.fetch_jwtsvid(r).await.unwrap();
+            ml.push(s.elapsed());
+        }
+        ml.sort_unstable();
+        println!(
+            "FetchJWTSVID not cached (a new audience each call, from the server), one caller, {JWT_MISSES} calls: p50 {:.3} ms, p99 {:.3} ms",
+            percentile(&ml, 0.5).as_secs_f64() * 1e3,
+            percentile(&ml, 0.99).as_secs_f64() * 1e3
         );
         drop(raw);
         drop(agent);

@@ -156,6 +156,28 @@ async fn client(socket: &Path) -> WorkloadApiClient {
         .unwrap()
 }
 
+/// Client-side TCP sockets on this host to `port`, in every state but
+/// listening: a client that connects for each call leaves one behind in
+/// TIME_WAIT each time.
+fn client_connections_to(port: u16) -> usize {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    let remote = f.get(2).and_then(|r| r.rsplit(':').next());
+                    remote.and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+                        && f.get(3) != Some(&"0A")
+                })
+                .count()
+        })
+        .sum()
+}
+
 /// A copy of the executable at `path` that other uids can run: the build
 /// tree may sit in a directory only its owner can enter (`mktemp -d`).
 fn executable_by_other_users(path: &str) -> (tempfile::TempDir, std::path::PathBuf) {
@@ -313,7 +335,10 @@ async fn workloads_get_svids_bundles_and_jwts_through_the_spiffe_crate() {
     let jwt_bundles = c.fetch_jwt_bundles().await.unwrap();
     assert!(jwt_bundles.get(&td).is_some());
 
-    // Rotation: the 8 s web SVID is replaced on the open stream.
+    // Rotation: the 8 s web SVID is replaced on the open stream — over
+    // the agent's one connection to the server, not one per renewal (the
+    // 6 s cli SVID renews meanwhile too).
+    let connections = client_connections_to(rig.site.grpc_port);
     let mut stream = c.stream_x509_svids().await.unwrap();
     let first = stream.next().await.unwrap().unwrap();
     let serial_of = |s: &spiffe::X509Svid| s.leaf().as_bytes().to_vec();
@@ -329,6 +354,11 @@ async fn workloads_get_svids_bundles_and_jwts_through_the_spiffe_crate() {
     .await
     .expect("no rotation pushed within 30 s");
     assert_eq!(rotated.spiffe_id().to_string(), id("web"));
+    assert!(
+        client_connections_to(rig.site.grpc_port) <= connections,
+        "renewals opened connections of their own: {connections} before, {} after",
+        client_connections_to(rig.site.grpc_port)
+    );
 
     // A registration added to the policy reaches the open stream within
     // seconds (policy reload → registration stream → agent → workload).

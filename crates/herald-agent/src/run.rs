@@ -49,12 +49,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let cache =
             workload::WorkloadCache::new(cfg.rotation.renew_fraction, cfg.rotation.jitter_fraction);
         workload_cache = Some(cache.clone());
-        let upstream = workload::Upstream {
-            servers: cfg.servers.clone(),
-            trust_bundle: cfg.trust_bundle.clone(),
-            node_svid_dir: cfg.svid_dir(),
-            server_id: cfg.server_id(),
-        };
+        let upstream = workload::Upstream::new(
+            cfg.servers.clone(),
+            cfg.trust_bundle.clone(),
+            cfg.svid_dir(),
+            cfg.server_id(),
+        );
         tasks.push(tokio::spawn(workload::run_sync(
             cache.clone(),
             upstream.clone(),

@@ -585,7 +585,8 @@ impl WorkloadCache {
 }
 
 /// How the workload tasks reach the server: the servers, the trust bundle
-/// file and the node SVID directory the node identity loop keeps fresh.
+/// file and the node SVID directory the node identity loop keeps fresh —
+/// and the one connection they share.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     /// Server addresses, tried in order.
@@ -597,12 +598,108 @@ pub struct Upstream {
     /// The configured server identity pin; when `None`, the node SVID's
     /// trust domain's `/herald/server`.
     pub server_id: Option<ServerId>,
+    shared: SharedConnection,
+}
+
+/// A file's version as `stat` tells it: (device, inode, size, mtime,
+/// ctime); `None` when it cannot be read.
+type FileStamp = Option<(u64, u64, u64, i64, i64, i64, i64)>;
+
+fn file_stamp(path: &std::path::Path) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
+}
+
+/// The connection to the server the workload tasks share (rotation,
+/// registration sync, JWT-SVID and cloud credential misses), with the
+/// versions of the node SVID, its key and the trust bundle it was made
+/// with.
+#[derive(Clone, Default)]
+struct SharedConnection(Arc<Mutex<Option<(MadeFrom, HeraldClient)>>>);
+
+/// The versions of the node SVID, its key and the trust bundle.
+type MadeFrom = [FileStamp; 3];
+
+impl std::fmt::Debug for SharedConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let open = self.0.lock().map(|c| c.is_some()).unwrap_or(false);
+        f.debug_struct("SharedConnection")
+            .field("open", &open)
+            .finish()
+    }
 }
 
 impl Upstream {
+    /// Reaches `servers` (tried in order) with the node SVID in
+    /// `node_svid_dir`, trusting the anchors in `trust_bundle`.
+    pub fn new(
+        servers: Vec<String>,
+        trust_bundle: PathBuf,
+        node_svid_dir: PathBuf,
+        server_id: Option<ServerId>,
+    ) -> Upstream {
+        Upstream {
+            servers,
+            trust_bundle,
+            node_svid_dir,
+            server_id,
+            shared: SharedConnection::default(),
+        }
+    }
+
     /// A client authenticated with the current node SVID, to the first
-    /// server that answers.
+    /// server that answers. The connection is made once and shared: a
+    /// workload SVID's renewal or a JWT-SVID miss is one call on it, not a
+    /// TLS handshake of its own. It is made again when the node SVID, its
+    /// key or the trust bundle on disk is another version than it was made
+    /// with (the node identity loop renewed it), or after a call on it
+    /// failed for want of a server ([`Upstream::failed`]).
     pub async fn connect(&self) -> Result<HeraldClient, ClientError> {
+        let made_from = [
+            file_stamp(&self.node_svid_dir.join(files::SVID_FILE)),
+            file_stamp(&self.node_svid_dir.join(files::KEY_FILE)),
+            file_stamp(&self.trust_bundle),
+        ];
+        if let Ok(shared) = self.shared.0.lock()
+            && let Some((stamp, client)) = shared.as_ref()
+            && *stamp == made_from
+        {
+            return Ok(client.clone());
+        }
+        let client = self.dial().await?;
+        if let Ok(mut shared) = self.shared.0.lock() {
+            *shared = Some((made_from, client.clone()));
+        }
+        Ok(client)
+    }
+
+    /// The error of a call made on a client from [`Upstream::connect`].
+    /// One that is not the server's decision (no Herald error code: the
+    /// connection broke, or the server is gone) drops the shared
+    /// connection, so that the next call dials again — the first server
+    /// that answers.
+    pub fn failed(&self, status: tonic::Status) -> ClientError {
+        let e = ClientError::from(status);
+        if matches!(
+            e,
+            ClientError::Transport(_) | ClientError::Refused { code: None, .. }
+        ) && let Ok(mut shared) = self.shared.0.lock()
+        {
+            *shared = None;
+        }
+        e
+    }
+
+    async fn dial(&self) -> Result<HeraldClient, ClientError> {
         let node = files::read_svid_dir(&self.node_svid_dir)?;
         let text = std::fs::read_to_string(&self.trust_bundle)
             .map_err(|e| ClientError::Io(format!("{}: {e}", self.trust_bundle.display())))?;
@@ -659,10 +756,10 @@ pub async fn run_sync(
             let mut stream = api
                 .sync_registrations(SyncRegistrationsRequest {})
                 .await
-                .map_err(ClientError::from)?
+                .map_err(|s| upstream.failed(s))?
                 .into_inner();
             loop {
-                match stream.message().await.map_err(ClientError::from)? {
+                match stream.message().await.map_err(|s| upstream.failed(s))? {
                     Some(set) => {
                         tracing::info!(
                             registrations = set.registrations.len(),
@@ -754,7 +851,7 @@ async fn rotate(
         let resp = api
             .batch_new_x509_svids(BatchNewX509SvidsRequest { requests })
             .await
-            .map_err(ClientError::from)?
+            .map_err(|s| upstream.failed(s))?
             .into_inner();
         let now = now_s();
         for r in resp.results {
@@ -808,7 +905,7 @@ pub async fn jwt_svid(
             audiences: auds.clone(),
         })
         .await
-        .map_err(ClientError::from)?
+        .map_err(|s| upstream.failed(s))?
         .into_inner();
     cache.put_jwt(spiffe_id, &auds, resp.token.clone(), resp.expires_at);
     Ok(resp.token)
@@ -836,7 +933,7 @@ pub async fn cloud_credentials(
             session_name: session_name.to_owned(),
         })
         .await
-        .map_err(ClientError::from)?
+        .map_err(|s| upstream.failed(s))?
         .into_inner();
     let exp = time::OffsetDateTime::parse(
         &creds.expiration,

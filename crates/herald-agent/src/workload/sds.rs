@@ -591,12 +591,7 @@ mod tests {
             },
             kubernetes: None,
         };
-        let upstream = Upstream {
-            servers: Vec::new(),
-            trust_bundle: "/unused".into(),
-            node_svid_dir: "/unused".into(),
-            server_id: None,
-        };
+        let upstream = Upstream::new(Vec::new(), "/unused".into(), "/unused".into(), None);
         WorkloadApi::new(cache, upstream, &cfg)
     }
 
