@@ -292,7 +292,7 @@ impl WorkloadApi {
         self.cache.synced(FIRST_STATE_WAIT).await;
     }
 
-    pub(crate) fn entries_for(&self, facts: &Facts) -> Result<Vec<Entry>, Status> {
+    pub(crate) fn entries_for(&self, facts: &Facts) -> Result<Vec<Arc<Entry>>, Status> {
         let entries = self.cache.matching(&facts.selectors);
         if entries.is_empty() {
             tracing::info!(
@@ -307,7 +307,7 @@ impl WorkloadApi {
     /// What an X.509 answer stands for — its SVIDs' serials and the
     /// registration set's revision: a stream pushes again only when it
     /// changes.
-    fn x509_version(&self, entries: &[Entry]) -> Vec<String> {
+    fn x509_version(&self, entries: &[Arc<Entry>]) -> Vec<String> {
         entries
             .iter()
             .filter_map(|e| e.svid.as_ref().map(|s| s.serial.clone()))
@@ -315,7 +315,11 @@ impl WorkloadApi {
             .collect()
     }
 
-    fn x509_response(&self, entries: &[Entry], facts: &[Selector]) -> Option<X509svidResponse> {
+    fn x509_response(
+        &self,
+        entries: &[Arc<Entry>],
+        facts: &[Selector],
+    ) -> Option<X509svidResponse> {
         let (bundle, federated_bundles) = self.cache.read(|s| {
             let federated = s
                 .federated_for(facts)

@@ -123,8 +123,9 @@ pub struct State {
     /// The trust domain.
     pub trust_domain: String,
     /// Registrations, in the server's order (replaced only by
-    /// [`WorkloadCache::apply`], which indexes them).
-    pub entries: Vec<Entry>,
+    /// [`WorkloadCache::apply`], which indexes them). Shared, so that a
+    /// caller's matches are handed out without copying them.
+    pub entries: Vec<Arc<Entry>>,
     /// Positions in `entries` by one selector of each registration — the
     /// greatest, usually the most specific (a cgroup or a pod's before a
     /// uid): every selector of a registration must hold for a caller, so
@@ -132,7 +133,7 @@ pub struct State {
     /// registration on the node (a fetch with 1,000 registrations did).
     by_selector: HashMap<Selector, Vec<usize>>,
     /// Instances of template registrations, built per caller identity.
-    pub instances: Vec<Entry>,
+    pub instances: Vec<Arc<Entry>>,
     /// X.509 authorities, DER.
     pub bundle_x509: Vec<Vec<u8>>,
     /// The SPIFFE bundle as JWKS JSON (X.509 and JWT authorities).
@@ -161,7 +162,7 @@ pub struct FederatedBundle {
 
 impl State {
     /// Sets the registrations and indexes them.
-    fn set_entries(&mut self, entries: Vec<Entry>) {
+    fn set_entries(&mut self, entries: Vec<Arc<Entry>>) {
         let mut by_selector: HashMap<Selector, Vec<usize>> = HashMap::new();
         for (at, e) in entries.iter().enumerate() {
             // No selector (or one this agent could not parse): matches nobody.
@@ -175,7 +176,7 @@ impl State {
 
     /// The registrations whose every selector holds for a caller with
     /// `facts`, in registration order.
-    fn registered_for<'a>(&'a self, facts: &'a [Selector]) -> impl Iterator<Item = &'a Entry> {
+    fn registered_for<'a>(&'a self, facts: &'a [Selector]) -> impl Iterator<Item = &'a Arc<Entry>> {
         let mut at: Vec<usize> = facts
             .iter()
             .filter_map(|f| self.by_selector.get(f))
@@ -192,7 +193,7 @@ impl State {
     /// The foreign bundles a caller with `facts` is given: those of the
     /// trust domains its registrations federate with.
     pub fn federated_for(&self, facts: &[Selector]) -> Vec<&FederatedBundle> {
-        let mine: Vec<&Entry> = self.registered_for(facts).collect();
+        let mine: Vec<&Arc<Entry>> = self.registered_for(facts).collect();
         self.federated
             .iter()
             .filter(|b| {
@@ -203,14 +204,14 @@ impl State {
     }
 
     /// The instance of template registration `e` for `id`, if built.
-    fn instance_of(&self, e: &Entry, id: &str) -> Option<&Entry> {
+    fn instance_of(&self, e: &Entry, id: &str) -> Option<&Arc<Entry>> {
         self.instances
             .iter()
             .find(|i| i.spiffe_id == id && i.selectors == e.selectors)
     }
 
     /// The template instances a caller with `facts` needs that are not built yet.
-    fn missing_instances(&self, facts: &[Selector]) -> Vec<(Entry, String)> {
+    fn missing_instances(&self, facts: &[Selector]) -> Vec<(Arc<Entry>, String)> {
         self.registered_for(facts)
             .filter_map(|e| {
                 let id = e.template.as_ref()?.expand(facts)?;
@@ -225,7 +226,7 @@ impl State {
     /// fixed registrations as they are, templates as the caller's instance
     /// (marked as used now). A template the caller holds no value for
     /// gives nothing.
-    fn entitled(&self, facts: &[Selector], now: i64) -> Vec<Entry> {
+    fn entitled(&self, facts: &[Selector], now: i64) -> Vec<Arc<Entry>> {
         self.registered_for(facts)
             .filter_map(|e| match &e.template {
                 None => Some(e.clone()),
@@ -242,7 +243,7 @@ impl State {
     }
 
     /// Every entry the rotation keeps an SVID for.
-    fn issued(&self) -> impl Iterator<Item = &Entry> {
+    fn issued(&self) -> impl Iterator<Item = &Arc<Entry>> {
         self.entries
             .iter()
             .filter(|e| e.template.is_none())
@@ -334,7 +335,7 @@ impl WorkloadCache {
             let mut old: HashMap<(String, Vec<Selector>), Arc<CachedSvid>> = s
                 .entries
                 .drain(..)
-                .filter_map(|e| Some(((e.spiffe_id, e.selectors), e.svid?)))
+                .filter_map(|e| Some(((e.spiffe_id.clone(), e.selectors.clone()), e.svid.clone()?)))
                 .collect();
             if let Some(b) = &set.bundle {
                 s.trust_domain = b.trust_domain.clone();
@@ -364,7 +365,7 @@ impl WorkloadCache {
                         selectors.clear();
                     }
                     let svid = old.remove(&(r.spiffe_id.clone(), selectors.clone()));
-                    Entry {
+                    Arc::new(Entry {
                         spiffe_id: r.spiffe_id,
                         selectors,
                         jwt_audiences: r.jwt_audiences,
@@ -374,7 +375,7 @@ impl WorkloadCache {
                         svid: svid.filter(|_| template.is_none()),
                         template,
                         last_used: None,
-                    }
+                    })
                 })
                 .collect();
             s.set_entries(entries);
@@ -391,11 +392,11 @@ impl WorkloadCache {
                                     .is_ok_and(|id| t.admits(&id, &e.selectors))
                             })
                     })?;
-                    Some(Entry {
-                        svid: i.svid,
-                        last_used: i.last_used,
-                        ..t.instance(i.spiffe_id, 0)
-                    })
+                    Some(Arc::new(Entry {
+                        svid: i.svid.clone(),
+                        last_used: i.last_used.clone(),
+                        ..t.instance(i.spiffe_id.clone(), 0)
+                    }))
                 })
                 .collect();
             if let Some(b) = set.bundle {
@@ -432,7 +433,7 @@ impl WorkloadCache {
         self.write(|s| {
             s.suspended = true;
             for e in s.entries.iter_mut().chain(s.instances.iter_mut()) {
-                e.svid = None;
+                Arc::make_mut(e).svid = None;
             }
         });
     }
@@ -450,7 +451,7 @@ impl WorkloadCache {
     /// registration the caller matches gives it its own instance, built
     /// (without an SVID yet: the rotation issues it and every stream is
     /// woken) the first time that identity is asked for.
-    pub fn matching(&self, facts: &[Selector]) -> Vec<Entry> {
+    pub fn matching(&self, facts: &[Selector]) -> Vec<Arc<Entry>> {
         if self.read(|s| s.suspended) {
             return Vec::new();
         }
@@ -468,7 +469,7 @@ impl WorkloadCache {
                         );
                         break;
                     }
-                    s.instances.push(template.instance(id, now));
+                    s.instances.push(Arc::new(template.instance(id, now)));
                 }
             });
         }
@@ -545,7 +546,7 @@ impl WorkloadCache {
                 .chain(s.instances.iter_mut())
                 .filter(|e| e.template.is_none() && e.spiffe_id == spiffe_id)
             {
-                e.svid = Some(svid.clone());
+                Arc::make_mut(e).svid = Some(svid.clone());
             }
         });
     }
@@ -995,7 +996,7 @@ mod tests {
         }
     }
 
-    fn ids(entries: &[Entry]) -> Vec<String> {
+    fn ids(entries: &[Arc<Entry>]) -> Vec<String> {
         entries.iter().map(|e| e.spiffe_id.clone()).collect()
     }
 

@@ -130,7 +130,7 @@ impl Validation {
 /// The trust domains whose bundles a caller entitled to `entries` gets:
 /// (name, DER authorities), the local one first, then the foreign ones its
 /// registrations federate with.
-fn bundles(state: &State, entries: &[Entry]) -> Vec<(String, Vec<Vec<u8>>)> {
+fn bundles(state: &State, entries: &[Arc<Entry>]) -> Vec<(String, Vec<Vec<u8>>)> {
     if state.bundle_x509.is_empty() {
         return Vec::new();
     }
@@ -224,7 +224,7 @@ fn validation_secret(
 /// `InvalidArgument`.
 fn resources(
     state: &State,
-    entries: &[Entry],
+    entries: &[Arc<Entry>],
     names: &[String],
     validation: Validation,
 ) -> Result<Vec<Secret>, Status> {
@@ -336,7 +336,7 @@ impl XdsState {
 }
 
 impl Sds {
-    fn current(&self, entries: &[Entry], x: &XdsState) -> Result<Vec<Any>, Status> {
+    fn current(&self, entries: &[Arc<Entry>], x: &XdsState) -> Result<Vec<Any>, Status> {
         let names = x.names.as_deref().unwrap_or_default();
         let secrets = self
             .api
@@ -595,7 +595,7 @@ mod tests {
         WorkloadApi::new(cache, upstream, &cfg)
     }
 
-    fn state_entries(cache: &WorkloadCache) -> (Vec<Entry>, Vec<Entry>) {
+    fn state_entries(cache: &WorkloadCache) -> (Vec<Arc<Entry>>, Vec<Arc<Entry>>) {
         let mine = cache.matching(&[herald_core::Selector::Uid(own_uid())]);
         let theirs = cache.matching(&[herald_core::Selector::Uid(own_uid().wrapping_add(1))]);
         (mine, theirs)
@@ -682,7 +682,7 @@ mod tests {
             federated_bundles: vec![foreign("partner.test"), foreign("third.test")],
         });
         let (mine, theirs) = state_entries(&cache);
-        let get = |entries: &[Entry], names: &[&str]| {
+        let get = |entries: &[Arc<Entry>], names: &[&str]| {
             let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
             cache.read(|s| resources(s, entries, &names, Validation::Spiffe))
         };
