@@ -841,13 +841,23 @@ async fn rotate(
     for chunk in due.chunks(BATCH) {
         let mut keys_by_id = HashMap::new();
         let mut requests = Vec::with_capacity(chunk.len());
-        for id in chunk {
-            let k = keys::generate_key_and_csr()?;
+        // A batch's keys and CSRs (a P-256 key and a signature each, a few
+        // milliseconds for a hundred) are made on a blocking thread: the
+        // agent's one worker keeps answering Workload API calls meanwhile.
+        let ids = chunk.to_vec();
+        let made = tokio::task::spawn_blocking(move || {
+            ids.into_iter()
+                .map(|id| keys::generate_key_and_csr().map(|k| (id, k)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| ClientError::Input(format!("workload key generation failed: {e}")))??;
+        for (id, k) in made {
             requests.push(WorkloadSvidRequest {
                 spiffe_id: id.clone(),
                 csr: k.csr_der,
             });
-            keys_by_id.insert(id.clone(), Zeroizing::new(k.key_pkcs8));
+            keys_by_id.insert(id, Zeroizing::new(k.key_pkcs8));
         }
         let resp = api
             .batch_new_x509_svids(BatchNewX509SvidsRequest { requests })
