@@ -231,7 +231,6 @@ async fn fetch_phase(socket: &Arc<std::path::PathBuf>, conc: usize, per: usize, 
     }
     let mut lat: Vec<Duration> = timed.into_iter().map(|(d, _)| d).collect();
     lat.sort_unstable();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
         "FetchX509SVID from cache{label}, {conc:>2} concurrent caller(s), {} fetches: {:>6.0}/s, p50 {:.3} ms, p99 {:.3} ms (target p99 ≤ {} ms)",
         lat.len(),
@@ -464,8 +463,7 @@ fn main() {
         }
         during.sort_unstable();
         assert!(!during.is_empty(), "no fetch was sent while the SVIDs renewed");
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        println!(
+            println!(
             "FetchX509SVID while the 1,000 SVIDs renew (4 callers, one fetch a ms each, {} fetches over {:.1} s): p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
             during.len(),
             (to - from) as f64 / 1e3,

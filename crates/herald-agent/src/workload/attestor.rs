@@ -102,7 +102,7 @@ impl FileId {
 /// from user space, so rewriting a file and restoring its mtime still
 /// makes a new version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Version {
+pub(crate) struct Version {
     id: FileId,
     size: u64,
     mtime: (i64, u64),
@@ -118,6 +118,11 @@ impl Version {
             mtime: (i64::from(st.st_mtime), u64::from(st.st_mtime_nsec)),
             ctime: (i64::from(st.st_ctime), u64::from(st.st_ctime_nsec)),
         }
+    }
+
+    /// The version of the file at `path`, following symbolic links.
+    pub(crate) fn at(path: &Path) -> Option<Version> {
+        rustix::fs::stat(path).ok().map(|st| Version::of(&st))
     }
 }
 

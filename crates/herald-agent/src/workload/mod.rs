@@ -335,7 +335,8 @@ impl WorkloadCache {
             let mut old: HashMap<(String, Vec<Selector>), Arc<CachedSvid>> = s
                 .entries
                 .drain(..)
-                .filter_map(|e| Some(((e.spiffe_id.clone(), e.selectors.clone()), e.svid.clone()?)))
+                .map(Arc::unwrap_or_clone)
+                .filter_map(|e| Some(((e.spiffe_id, e.selectors), e.svid?)))
                 .collect();
             if let Some(b) = &set.bundle {
                 s.trust_domain = b.trust_domain.clone();
@@ -392,10 +393,11 @@ impl WorkloadCache {
                                     .is_ok_and(|id| t.admits(&id, &e.selectors))
                             })
                     })?;
+                    let i = Arc::unwrap_or_clone(i);
                     Some(Arc::new(Entry {
-                        svid: i.svid.clone(),
-                        last_used: i.last_used.clone(),
-                        ..t.instance(i.spiffe_id.clone(), 0)
+                        svid: i.svid,
+                        last_used: i.last_used,
+                        ..t.instance(i.spiffe_id, 0)
                     }))
                 })
                 .collect();
@@ -602,24 +604,6 @@ pub struct Upstream {
     shared: SharedConnection,
 }
 
-/// A file's version as `stat` tells it: (device, inode, size, mtime,
-/// ctime); `None` when it cannot be read.
-type FileStamp = Option<(u64, u64, u64, i64, i64, i64, i64)>;
-
-fn file_stamp(path: &std::path::Path) -> FileStamp {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec(),
-    ))
-}
-
 /// The connection to the server the workload tasks share (rotation,
 /// registration sync, JWT-SVID and cloud credential misses), with the
 /// versions of the node SVID, its key and the trust bundle it was made
@@ -627,8 +611,9 @@ fn file_stamp(path: &std::path::Path) -> FileStamp {
 #[derive(Clone, Default)]
 struct SharedConnection(Arc<Mutex<Option<(MadeFrom, HeraldClient)>>>);
 
-/// The versions of the node SVID, its key and the trust bundle.
-type MadeFrom = [FileStamp; 3];
+/// The versions of the node SVID, its key and the trust bundle (`None`:
+/// unreadable).
+type MadeFrom = [Option<attestor::Version>; 3];
 
 impl std::fmt::Debug for SharedConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -666,9 +651,9 @@ impl Upstream {
     /// failed for want of a server ([`Upstream::failed`]).
     pub async fn connect(&self) -> Result<HeraldClient, ClientError> {
         let made_from = [
-            file_stamp(&self.node_svid_dir.join(files::SVID_FILE)),
-            file_stamp(&self.node_svid_dir.join(files::KEY_FILE)),
-            file_stamp(&self.trust_bundle),
+            attestor::Version::at(&self.node_svid_dir.join(files::SVID_FILE)),
+            attestor::Version::at(&self.node_svid_dir.join(files::KEY_FILE)),
+            attestor::Version::at(&self.trust_bundle),
         ];
         if let Ok(shared) = self.shared.0.lock()
             && let Some((stamp, client)) = shared.as_ref()
