@@ -358,6 +358,7 @@ async fn store_alone(dir: &std::path::Path, tokens: &[String], m: usize) {
                     origin: Some(herald_core::Origin::Bootstrap),
                     root_serial: format!("ff{i:030x}"),
                     root_at: 0,
+                    cert_sha256: Some(format!("{i:064x}")),
                 };
                 st.commit(herald_store::Commit {
                     consume_join_token: None,

@@ -1515,6 +1515,7 @@ grants:
                 origin: Some(herald_core::Origin::Node),
                 root_serial: node_serial,
                 root_at: now(),
+                cert_sha256: None,
             },
             None,
             None,

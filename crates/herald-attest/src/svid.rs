@@ -7,7 +7,8 @@
 //! A credential Herald issued is verified by [`PresentedSvid`]: the leaf is
 //! parsed and checked against the rules, the trust domain and its validity
 //! window first (no crypto), then against Herald's record of its serial —
-//! the same SPIFFE ID, key and issuing CA key — with its signature checked
+//! the same SPIFFE ID, key and issuing CA key — and is either the very
+//! certificate the record's digest names or one whose signature verifies
 //! against that CA key alone (never only an upstream root, which other CAs
 //! may share), and finally the lineage's standing (revoked, banned node).
 //! What comes out, [`VerifiedSvid`], is what policy decides on.
@@ -262,10 +263,11 @@ impl PresentedSvid {
     }
 
     /// Authenticates the leaf against Herald's record of its serial:
-    /// issued here as an X.509 SVID, the same SPIFFE ID and key, signed by
-    /// the CA key the record names (`ca_cert` finds that key's certificate
-    /// among the keys in the bundle), and a lineage neither revoked nor a
-    /// banned node's.
+    /// issued here as an X.509 SVID, the same SPIFFE ID and key, the CA
+    /// key the record names still in the bundle (`ca_cert` finds that
+    /// key's certificate), the very certificate the record's digest names
+    /// or else one signed by that CA key, and a lineage neither revoked
+    /// nor a banned node's.
     pub fn verify<'a>(
         self,
         record: Option<&CredentialStatus>,
@@ -289,12 +291,25 @@ impl PresentedSvid {
             .ok_or(SvidError::RecordMismatch("the record has no lineage"))?;
         let ca = ca_cert(&record.ca_key_id)
             .ok_or(SvidError::RecordMismatch("its CA key is not in the bundle"))?;
-        // The CA key itself is the only anchor: a leaf signed by any other
-        // CA — even one under the same upstream root — does not verify.
-        verify_path(&self.leaf, &[], &[ca.to_vec()], now).map_err(|e| match e {
-            SvidError::Expired => SvidError::Expired,
-            _ => SvidError::RecordMismatch("not signed by the CA key that issued the serial"),
-        })?;
+        // Where the record keeps the issued certificate's digest, only
+        // those very bytes are that credential: they were signed when they
+        // were made, so one comparison replaces the signature check. A
+        // record without it (written before the digest was kept) is
+        // checked against the CA key itself, the only anchor: a leaf
+        // signed by any other CA — even one under the same upstream root —
+        // does not verify.
+        match record.cert_sha256.as_deref() {
+            Some(issued) if issued == self.info.cert_sha256 => {}
+            Some(_) => {
+                return Err(SvidError::RecordMismatch(
+                    "not the certificate issued under the serial",
+                ));
+            }
+            None => verify_path(&self.leaf, &[], &[ca.to_vec()], now).map_err(|e| match e {
+                SvidError::Expired => SvidError::Expired,
+                _ => SvidError::RecordMismatch("not signed by the CA key that issued the serial"),
+            })?,
+        }
         if record.revoked {
             return Err(SvidError::Revoked);
         }

@@ -51,11 +51,65 @@ fn record(presented: &PresentedSvid) -> CredentialStatus {
         not_after: NOW + 600,
         public_key_sha256: presented.info().spki_sha256.clone(),
         ca_key_id: "k1".into(),
+        cert_sha256: None,
         root_serial: "01".into(),
         root_at: NOW - 100,
         revoked: false,
         node_banned: false,
     }
+}
+
+/// A record that keeps the issued certificate's digest accepts exactly
+/// those bytes, with no signature check, and nothing else under its serial.
+#[test]
+fn a_record_with_the_certificate_digest_accepts_only_those_bytes() {
+    let (ca1, issuer1) = ca("Herald CA");
+    let (_, rogue) = ca("Rogue CA");
+    let key = KeyPair::generate().unwrap();
+    let serial = [0x4b, 1, 2, 3, 4, 5, 6, 7, 8];
+    let genuine = leaf(&issuer1, &key, ID, &serial);
+    let p = PresentedSvid::parse(std::slice::from_ref(&genuine), &td(), NOW).unwrap();
+    let rec = CredentialStatus {
+        cert_sha256: Some(p.info().cert_sha256.clone()),
+        ..record(&p)
+    };
+    let by_key = |id: &str| (id == "k1").then_some(ca1.as_slice());
+    let ok = p.verify(Some(&rec), by_key, NOW).unwrap();
+    assert_eq!(ok.serial, "4b0102030405060708");
+
+    let code = |chain: Vec<u8>, rec: &CredentialStatus| {
+        PresentedSvid::parse(&[chain], &td(), NOW)
+            .unwrap()
+            .verify(Some(rec), by_key, NOW)
+            .unwrap_err()
+            .code()
+    };
+    // The same serial, key and SPIFFE ID from another CA: refused.
+    assert_eq!(
+        code(leaf(&rogue, &key, ID, &serial), &rec),
+        ErrorCode::SvidRecordMismatch
+    );
+    // Signed again by the genuine CA key (ECDSA signatures differ each
+    // time, so other bytes): a valid signature, but not the certificate
+    // issued under the serial.
+    let resigned = leaf(&issuer1, &key, ID, &serial);
+    assert_ne!(resigned, genuine);
+    assert_eq!(code(resigned, &rec), ErrorCode::SvidRecordMismatch);
+    // Its CA key no longer in the bundle, or its lineage revoked: refused
+    // even with the right bytes.
+    let retired = CredentialStatus {
+        ca_key_id: "k0".into(),
+        ..rec.clone()
+    };
+    assert_eq!(
+        code(genuine.clone(), &retired),
+        ErrorCode::SvidRecordMismatch
+    );
+    let revoked = CredentialStatus {
+        revoked: true,
+        ..rec.clone()
+    };
+    assert_eq!(code(genuine, &revoked), ErrorCode::SvidRevoked);
 }
 
 #[test]

@@ -163,6 +163,8 @@ pub struct CredentialStatus {
     pub public_key_sha256: String,
     /// The CA key that signed it.
     pub ca_key_id: String,
+    /// Hex SHA-256 of the certificate as issued; `None` where not kept.
+    pub cert_sha256: Option<String>,
     /// The root of its lineage (itself for a root).
     pub root_serial: String,
     /// When the root's fresh evidence was presented, Unix seconds.

@@ -107,6 +107,7 @@ pub(crate) fn issue(
             origin: Some(lineage.origin),
             root_serial,
             root_at,
+            cert_sha256: None,
         }
     };
     // Checked here, on every credential kind, because this is the one
@@ -156,14 +157,17 @@ pub(crate) fn issue(
                 },
                 now,
             )?;
-            let rec = record(
-                "x509_svid",
-                issued.serial_hex.clone(),
-                issued.not_before,
-                issued.not_after,
-                csr.spki_sha256.clone(),
-                &issued.ca_key_id,
-            );
+            let rec = IssuedCredential {
+                cert_sha256: Some(sha256_hex(&issued.cert_der)),
+                ..record(
+                    "x509_svid",
+                    issued.serial_hex.clone(),
+                    issued.not_before,
+                    issued.not_after,
+                    csr.spki_sha256.clone(),
+                    &issued.ca_key_id,
+                )
+            };
             Ok((
                 Issued::X509 {
                     issued,

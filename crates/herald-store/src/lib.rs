@@ -124,6 +124,10 @@ pub struct IssuedCredential {
     pub root_serial: String,
     /// When the root's fresh evidence was presented, Unix seconds.
     pub root_at: i64,
+    /// Hex SHA-256 of the certificate's DER (X.509 SVIDs; `None` for other
+    /// kinds and for records written before it was kept): a presented
+    /// leaf with exactly these bytes needs no signature check.
+    pub cert_sha256: Option<String>,
 }
 
 /// A server replica's heartbeat: what it serves, as of when.

@@ -117,6 +117,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "partial_parent_index",
         include_str!("../migrations/postgres/0013_partial_parent_index.sql"),
     ),
+    (
+        14,
+        "issued_cert_digest",
+        include_str!("../migrations/postgres/0014_issued_cert_digest.sql"),
+    ),
 ];
 
 /// Whether `url` names a PostgreSQL database.

@@ -119,6 +119,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "partial_parent_index",
         include_str!("../migrations/sqlite/0013_partial_parent_index.sql"),
     ),
+    (
+        14,
+        "issued_cert_digest",
+        include_str!("../migrations/sqlite/0014_issued_cert_digest.sql"),
+    ),
 ];
 
 /// Opens (creating if missing) the database file and migrates it.

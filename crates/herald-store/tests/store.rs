@@ -158,6 +158,7 @@ fn issued(serial: &str) -> IssuedCredential {
         origin: Some(Origin::Bootstrap),
         root_serial: serial.into(),
         root_at: NOW,
+        cert_sha256: Some(format!("ce{serial}")),
     }
 }
 
@@ -500,6 +501,11 @@ async fn credential_status_answers_issued_and_revoked_in_one_query(db: &Fixture)
     let st = s.credential_status("0a").await.unwrap().unwrap();
     assert!(!st.revoked && !st.node_banned);
     assert_eq!(st.spiffe_id, "spiffe://td/w");
+    // The issued certificate's digest, which spares a presented copy its
+    // signature check, is kept by the batched write and read back.
+    assert_eq!(st.cert_sha256.as_deref(), Some("ce0a"));
+    let record = s.issued("0a").await.unwrap().unwrap();
+    assert_eq!(record.cert_sha256.as_deref(), Some("ce0a"));
     s.revoke("0a", "r", "op", AuditEvent::new("credential.revoke", "op"))
         .await
         .unwrap();
@@ -737,6 +743,15 @@ async fn the_node_registry_enforces_counters_one_ek_per_identity_and_bans(db: &F
         )
         .await
         .unwrap();
+    assert_eq!(
+        s.credential_status("01")
+            .await
+            .unwrap()
+            .unwrap()
+            .cert_sha256
+            .as_deref(),
+        Some("ce01")
+    );
     let NodeCommitted::Done(node) = r else {
         panic!("{r:?}")
     };

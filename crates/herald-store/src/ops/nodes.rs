@@ -336,8 +336,8 @@ async fn set_quote_result(
 async fn insert_issued(tx: &mut Tx, i: &IssuedCredential) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO issued_credentials (serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, \
-         evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+         evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at, \
+         cert_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
     )
     .bind(&i.serial)
     .bind(&i.kind)
@@ -354,6 +354,7 @@ async fn insert_issued(tx: &mut Tx, i: &IssuedCredential) -> Result<(), StoreErr
     .bind(i.origin.map_or("", herald_core::Origin::as_str))
     .bind(&i.root_serial)
     .bind(i.root_at)
+    .bind(&i.cert_sha256)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -148,7 +148,7 @@ async fn statuses_of(conn: &mut Conn, waiters: Waiters<String, CredentialStatus>
     let found = async {
         let mut qb = QueryBuilder::<Db>::new(
             "SELECT i.serial, i.spiffe_id, i.kind, i.origin, i.policy, i.not_after, i.public_key_sha256, \
-             i.ca_key_id, i.root_serial, i.root_at, r.serial, rr.serial, n.status FROM issued_credentials i",
+             i.ca_key_id, i.root_serial, i.root_at, r.serial, rr.serial, n.status, i.cert_sha256 FROM issued_credentials i",
         );
         qb.push(STANDING_JOINS).push("WHERE i.serial IN (");
         let mut sep = qb.separated(", ");
@@ -176,6 +176,7 @@ async fn statuses_of(conn: &mut Conn, waiters: Waiters<String, CredentialStatus>
                     not_after: row.try_get(5)?,
                     public_key_sha256: row.try_get(6)?,
                     ca_key_id: row.try_get(7)?,
+                    cert_sha256: row.try_get(13)?,
                     root_serial: row.try_get(8)?,
                     root_at: row.try_get(9)?,
                     revoked: revoked.is_some() || root_revoked.is_some(),

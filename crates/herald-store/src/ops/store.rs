@@ -159,7 +159,7 @@ impl Backend {
     pub async fn issued(&self, serial: &str) -> Result<Option<IssuedCredential>, StoreError> {
         let row = sqlx::query(
             "SELECT serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, evidence_digest, \
-             policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at \
+             policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at, cert_sha256 \
              FROM issued_credentials WHERE serial = $1",
         )
         .bind(serial)
@@ -182,6 +182,7 @@ impl Backend {
                 origin: herald_core::Origin::from_code(&r.try_get::<String, _>(12)?),
                 root_serial: r.try_get(13)?,
                 root_at: r.try_get(14)?,
+                cert_sha256: r.try_get(15)?,
             })
         })
         .transpose()

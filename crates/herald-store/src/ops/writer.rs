@@ -45,12 +45,12 @@ use crate::{
 /// number and hash.
 type Tail = (u64, [u8; 32]);
 
-/// The most commits folded into one transaction: at most 33 bound
-/// parameters per commit (15 for the issued record, 14 for the audit
+/// The most commits folded into one transaction: at most 34 bound
+/// parameters per commit (16 for the issued record, 14 for the audit
 /// record, a token, a replay key and its expiry, a parent), and a script's
 /// statements share SQLite's parameter limit.
-const MAX_BATCH: usize = if MAX_PARAMS / 34 < 512 {
-    MAX_PARAMS / 34
+const MAX_BATCH: usize = if MAX_PARAMS / 35 < 512 {
+    MAX_PARAMS / 35
 } else {
     512
 };
@@ -463,7 +463,7 @@ fn push_issued_insert<'a>(
     }
     let qb = script.silent(
         "INSERT INTO issued_credentials (serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, \
-         evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at) ",
+         evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at, cert_sha256) ",
     );
     qb.push_values(issued, |mut b, i| {
         b.push_bind(i.serial.clone())
@@ -480,7 +480,8 @@ fn push_issued_insert<'a>(
             .push_bind(i.ca_key_id.clone())
             .push_bind(i.origin.map_or("", herald_core::Origin::as_str))
             .push_bind(i.root_serial.clone())
-            .push_bind(i.root_at);
+            .push_bind(i.root_at)
+            .push_bind(i.cert_sha256.clone());
     });
 }
 
