@@ -59,59 +59,9 @@ fn record(presented: &PresentedSvid) -> CredentialStatus {
     }
 }
 
-/// A record that keeps the issued certificate's digest accepts exactly
-/// those bytes, with no signature check, and nothing else under its serial.
-#[test]
-fn a_record_with_the_certificate_digest_accepts_only_those_bytes() {
-    let (ca1, issuer1) = ca("Herald CA");
-    let (_, rogue) = ca("Rogue CA");
-    let key = KeyPair::generate().unwrap();
-    let serial = [0x4b, 1, 2, 3, 4, 5, 6, 7, 8];
-    let genuine = leaf(&issuer1, &key, ID, &serial);
-    let p = PresentedSvid::parse(std::slice::from_ref(&genuine), &td(), NOW).unwrap();
-    let rec = CredentialStatus {
-        cert_sha256: Some(p.info().cert_sha256.clone()),
-        ..record(&p)
-    };
-    let by_key = |id: &str| (id == "k1").then_some(ca1.as_slice());
-    let ok = p.verify(Some(&rec), by_key, NOW).unwrap();
-    assert_eq!(ok.serial, "4b0102030405060708");
-
-    let code = |chain: Vec<u8>, rec: &CredentialStatus| {
-        PresentedSvid::parse(&[chain], &td(), NOW)
-            .unwrap()
-            .verify(Some(rec), by_key, NOW)
-            .unwrap_err()
-            .code()
-    };
-    // The same serial, key and SPIFFE ID from another CA: refused.
-    assert_eq!(
-        code(leaf(&rogue, &key, ID, &serial), &rec),
-        ErrorCode::SvidRecordMismatch
-    );
-    // Signed again by the genuine CA key (ECDSA signatures differ each
-    // time, so other bytes): a valid signature, but not the certificate
-    // issued under the serial.
-    let resigned = leaf(&issuer1, &key, ID, &serial);
-    assert_ne!(resigned, genuine);
-    assert_eq!(code(resigned, &rec), ErrorCode::SvidRecordMismatch);
-    // Its CA key no longer in the bundle, or its lineage revoked: refused
-    // even with the right bytes.
-    let retired = CredentialStatus {
-        ca_key_id: "k0".into(),
-        ..rec.clone()
-    };
-    assert_eq!(
-        code(genuine.clone(), &retired),
-        ErrorCode::SvidRecordMismatch
-    );
-    let revoked = CredentialStatus {
-        revoked: true,
-        ..rec.clone()
-    };
-    assert_eq!(code(genuine, &revoked), ErrorCode::SvidRevoked);
-}
-
+/// Both ways a record authenticates a leaf: by the digest of the issued
+/// certificate it keeps, or (a record written before digests were kept) by
+/// the leaf's signature under the CA key it names.
 #[test]
 fn only_the_recorded_certificate_from_the_recorded_ca_key_verifies() {
     let (ca1, issuer1) = ca("Herald CA");
@@ -120,66 +70,81 @@ fn only_the_recorded_certificate_from_the_recorded_ca_key_verifies() {
     let serial = [0x4a, 1, 2, 3, 4, 5, 6, 7, 8];
     let genuine = leaf(&issuer1, &key, ID, &serial);
     let p = PresentedSvid::parse(std::slice::from_ref(&genuine), &td(), NOW).unwrap();
-    let rec = record(&p);
+    let by_signature = record(&p);
+    let by_digest = CredentialStatus {
+        cert_sha256: Some(p.info().cert_sha256.clone()),
+        ..record(&p)
+    };
     let by_key = |id: &str| (id == "k1").then_some(ca1.as_slice());
-    let ok = p.clone().verify(Some(&rec), by_key, NOW).unwrap();
-    assert_eq!(
-        (ok.origin, ok.root_serial.as_str(), ok.policy.as_deref()),
-        (Origin::Node, "01", Some("nodes"))
-    );
-
-    let code = |chain: Vec<u8>, rec: &CredentialStatus| {
+    let verify = |chain: Vec<u8>, rec: &CredentialStatus| {
         PresentedSvid::parse(&[chain], &td(), NOW)
             .unwrap()
             .verify(Some(rec), by_key, NOW)
-            .unwrap_err()
-            .code()
     };
-    // The same serial, key and SPIFFE ID, from another CA: refused.
+    let code = |chain: Vec<u8>, rec: &CredentialStatus| verify(chain, rec).unwrap_err().code();
+
+    // Signed again by the genuine CA key under the same serial (ECDSA
+    // signatures differ, so other bytes): its signature verifies, but it is
+    // not the certificate whose digest the record keeps.
+    let resigned = leaf(&issuer1, &key, ID, &serial);
+    assert_ne!(resigned, genuine);
+    assert!(verify(resigned.clone(), &by_signature).is_ok());
+    assert_eq!(code(resigned, &by_digest), ErrorCode::SvidRecordMismatch);
+
     let forged = leaf(&rogue, &key, ID, &serial);
-    assert_eq!(code(forged, &rec), ErrorCode::SvidRecordMismatch);
-    // Another key, or another SPIFFE ID, under the genuine CA: refused.
-    let other_key = KeyPair::generate().unwrap();
+    for rec in [by_signature, by_digest] {
+        let ok = p.clone().verify(Some(&rec), by_key, NOW).unwrap();
+        assert_eq!(
+            (ok.origin, ok.root_serial.as_str(), ok.policy.as_deref()),
+            (Origin::Node, "01", Some("nodes"))
+        );
+        // The same serial, key and SPIFFE ID, from another CA: refused.
+        assert_eq!(code(forged.clone(), &rec), ErrorCode::SvidRecordMismatch);
+        // Another key, or another SPIFFE ID, under the genuine CA: refused.
+        let other_key = KeyPair::generate().unwrap();
+        assert_eq!(
+            code(leaf(&issuer1, &other_key, ID, &serial), &rec),
+            ErrorCode::SvidRecordMismatch
+        );
+        assert_eq!(
+            code(
+                leaf(&issuer1, &key, "spiffe://example.org/svc/other", &serial),
+                &rec
+            ),
+            ErrorCode::SvidRecordMismatch
+        );
+        // The record names a CA key no longer in the bundle, or another
+        // kind: refused even with the right bytes.
+        let retired = CredentialStatus {
+            ca_key_id: "k0".into(),
+            ..rec.clone()
+        };
+        assert_eq!(
+            code(genuine.clone(), &retired),
+            ErrorCode::SvidRecordMismatch
+        );
+        let jwt = CredentialStatus {
+            kind: "jwt_svid".into(),
+            ..rec.clone()
+        };
+        assert_eq!(code(genuine.clone(), &jwt), ErrorCode::SvidRecordMismatch);
+        // Revoked lineage; banned node.
+        let revoked = CredentialStatus {
+            revoked: true,
+            ..rec.clone()
+        };
+        assert_eq!(code(genuine.clone(), &revoked), ErrorCode::SvidRevoked);
+        let banned = CredentialStatus {
+            node_banned: true,
+            ..rec.clone()
+        };
+        assert_eq!(code(genuine.clone(), &banned), ErrorCode::NodeBanned);
+    }
+    // Not issued here.
     assert_eq!(
-        code(leaf(&issuer1, &other_key, ID, &serial), &rec),
-        ErrorCode::SvidRecordMismatch
-    );
-    assert_eq!(
-        code(
-            leaf(&issuer1, &key, "spiffe://example.org/svc/other", &serial),
-            &rec
-        ),
-        ErrorCode::SvidRecordMismatch
-    );
-    // The record names a CA key no longer in the bundle, or another kind.
-    let retired = CredentialStatus {
-        ca_key_id: "k0".into(),
-        ..rec.clone()
-    };
-    assert_eq!(
-        code(genuine.clone(), &retired),
-        ErrorCode::SvidRecordMismatch
-    );
-    let jwt = CredentialStatus {
-        kind: "jwt_svid".into(),
-        ..rec.clone()
-    };
-    assert_eq!(code(genuine.clone(), &jwt), ErrorCode::SvidRecordMismatch);
-    // Not issued here; revoked lineage; banned node.
-    assert_eq!(
-        p.clone().verify(None, by_key, NOW).unwrap_err(),
+        p.verify(None, by_key, NOW).unwrap_err(),
         SvidError::NotIssuedHere
     );
-    let revoked = CredentialStatus {
-        revoked: true,
-        ..rec.clone()
-    };
-    assert_eq!(code(genuine.clone(), &revoked), ErrorCode::SvidRevoked);
-    let banned = CredentialStatus {
-        node_banned: true,
-        ..rec.clone()
-    };
-    assert_eq!(code(genuine.clone(), &banned), ErrorCode::NodeBanned);
     // Outside its validity window or trust domain: refused before any lookup.
     assert_eq!(
         PresentedSvid::parse(std::slice::from_ref(&genuine), &td(), NOW + 601).unwrap_err(),
