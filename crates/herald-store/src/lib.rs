@@ -1060,6 +1060,63 @@ pub(crate) fn chain_rows<'a>(
 mod tests {
     use super::*;
 
+    /// Appends `n` copies of one event to `store`'s chain in one
+    /// transaction, as the node and join-token paths do with theirs.
+    async fn append_in_one_transaction(store: &Store, n: usize) -> Result<u64, StoreError> {
+        let events = vec![AuditEvent::new("audit.bulk", "test"); n];
+        match &*store.inner {
+            Backend::Sqlite(b) => {
+                let mut tx = b.begin_write().await?;
+                let seq = sqlite::store::append_audit(&mut tx, &events).await?;
+                tx.commit().await?;
+                Ok(seq)
+            }
+            Backend::Postgres(b) => {
+                let mut tx = b.begin_write().await?;
+                let seq = postgres::store::append_audit(&mut tx, &events).await?;
+                tx.commit().await?;
+                Ok(seq)
+            }
+        }
+    }
+
+    /// One event more than a statement can bind is split into two
+    /// statements, each under the backend's parameter limit, and the chain
+    /// they form verifies end to end.
+    async fn a_long_append_stays_under_the_parameter_limit(store: &Store, max_params: usize) {
+        let n = max_params / sqlite::store::AUDIT_ROW_PARAMS + 1;
+        let last = append_in_one_transaction(store, n)
+            .await
+            .unwrap_or_else(|e| panic!("{} events on {}: {e}", n, store.backend()));
+        assert_eq!(last, n as u64);
+        let report = store.verify_audit_chain(1, None).await.unwrap();
+        assert_eq!((report.records, report.last_seq), (n as u64, n as u64));
+    }
+
+    #[tokio::test]
+    async fn a_long_audit_append_is_split_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}", dir.path().join("h.db").display()))
+            .await
+            .unwrap();
+        a_long_append_stays_under_the_parameter_limit(&store, sqlite::MAX_PARAMS).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_long_audit_append_is_split_on_postgres() {
+        let base = std::env::var("HERALD_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let schema = format!("herald_unit_audit_{}", std::process::id());
+        let url = Store::create_postgres_schema(&base, &schema)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {base} (HERALD_TEST_PG_URL): {e}"));
+        let store = Store::open(&url).await.unwrap();
+        a_long_append_stays_under_the_parameter_limit(&store, postgres::MAX_PARAMS).await;
+        store.close().await;
+        Store::drop_postgres_schema(&base, &schema).await.unwrap();
+    }
+
     /// A write counts as slow from [`SLOW_WRITE`] on; the longest is kept.
     #[test]
     fn slow_writes_are_counted_and_the_longest_kept() {

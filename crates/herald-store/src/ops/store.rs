@@ -698,7 +698,11 @@ fn audit_from_row(r: &DbRow) -> Result<AuditRecord, StoreError> {
     })
 }
 
-/// Appends a multi-row `INSERT INTO audit_log` statement to `qb`.
+/// Bound parameters per row of [`push_audit_insert`]: one per column.
+pub(crate) const AUDIT_ROW_PARAMS: usize = 14;
+
+/// Appends a multi-row `INSERT INTO audit_log` statement to `qb`
+/// ([`AUDIT_ROW_PARAMS`] bound parameters per row).
 pub(crate) fn push_audit_insert(qb: &mut QueryBuilder<Db>, rows: &[ChainRow<'_>]) {
     qb.push(
         "INSERT INTO audit_log (seq, time_ms, caller, action, evidence_type, evidence_digest, policy, \
@@ -755,8 +759,7 @@ pub(crate) async fn append_audit(tx: &mut Tx, events: &[AuditEvent]) -> Result<u
         Some((s, h)) => (s as u64, hash32(h, "hash")?),
         None => (0, GENESIS),
     };
-    // 13 bound parameters per row.
-    for chunk in events.chunks(MAX_PARAMS / 13) {
+    for chunk in events.chunks(MAX_PARAMS / AUDIT_ROW_PARAMS) {
         let rows = chain_rows(seq, prev, chunk);
         if let Some(last) = rows.last() {
             (seq, prev) = (last.0, last.3);
