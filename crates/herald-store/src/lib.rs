@@ -1080,11 +1080,10 @@ mod tests {
         }
     }
 
-    /// One event more than a statement can bind is split into two
+    /// `n` events, one more than a statement can bind, are split into two
     /// statements, each under the backend's parameter limit, and the chain
     /// they form verifies end to end.
-    async fn a_long_append_stays_under_the_parameter_limit(store: &Store, max_params: usize) {
-        let n = max_params / sqlite::store::AUDIT_ROW_PARAMS + 1;
+    async fn a_long_append_stays_under_the_parameter_limit(store: &Store, n: usize) {
         let last = append_in_one_transaction(store, n)
             .await
             .unwrap_or_else(|e| panic!("{} events on {}: {e}", n, store.backend()));
@@ -1099,7 +1098,8 @@ mod tests {
         let store = Store::open(&format!("sqlite://{}", dir.path().join("h.db").display()))
             .await
             .unwrap();
-        a_long_append_stays_under_the_parameter_limit(&store, sqlite::MAX_PARAMS).await;
+        let n = sqlite::MAX_PARAMS / sqlite::store::AUDIT_ROW_PARAMS + 1;
+        a_long_append_stays_under_the_parameter_limit(&store, n).await;
         store.close().await;
     }
 
@@ -1112,7 +1112,8 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("PostgreSQL at {base} (HERALD_TEST_PG_URL): {e}"));
         let store = Store::open(&url).await.unwrap();
-        a_long_append_stays_under_the_parameter_limit(&store, postgres::MAX_PARAMS).await;
+        let n = postgres::MAX_PARAMS / postgres::store::AUDIT_ROW_PARAMS + 1;
+        a_long_append_stays_under_the_parameter_limit(&store, n).await;
         store.close().await;
         Store::drop_postgres_schema(&base, &schema).await.unwrap();
     }

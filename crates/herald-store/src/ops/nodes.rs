@@ -1,11 +1,11 @@
 //! The node registry's SQL (see `crate::nodes` for the rules).
 
 use herald_core::{AuditEvent, ErrorCode};
-use sqlx::Row;
+use sqlx::{QueryBuilder, Row};
 
 use super::lineage::{begin_revocation, finish_revocation};
-use super::store::{BAN_SEQUENCE, Backend, append_audit, bump_sequence};
-use super::{DbRow, Tx};
+use super::store::{BAN_SEQUENCE, Backend, append_audit, bump_sequence, push_issued_insert};
+use super::{Db, DbRow, Tx};
 use crate::nodes::check_existing;
 use crate::{
     IssuedCredential, NodeAttestation, NodeCommitted, NodeRecord, NodeStatus, ReplayKey,
@@ -334,29 +334,9 @@ async fn set_quote_result(
 }
 
 async fn insert_issued(tx: &mut Tx, i: &IssuedCredential) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO issued_credentials (serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, \
-         evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at, \
-         cert_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-    )
-    .bind(&i.serial)
-    .bind(&i.kind)
-    .bind(&i.spiffe_id)
-    .bind(i.not_before)
-    .bind(i.not_after)
-    .bind(i.issued_at)
-    .bind(&i.evidence_type)
-    .bind(&i.evidence_digest)
-    .bind(&i.policy)
-    .bind(&i.parent_serial)
-    .bind(&i.public_key_sha256)
-    .bind(&i.ca_key_id)
-    .bind(i.origin.map_or("", herald_core::Origin::as_str))
-    .bind(&i.root_serial)
-    .bind(i.root_at)
-    .bind(&i.cert_sha256)
-    .execute(&mut **tx)
-    .await?;
+    let mut qb = QueryBuilder::<Db>::new("");
+    push_issued_insert(&mut qb, [i]);
+    qb.build().execute(&mut **tx).await?;
     Ok(())
 }
 

@@ -698,6 +698,40 @@ fn audit_from_row(r: &DbRow) -> Result<AuditRecord, StoreError> {
     })
 }
 
+/// Bound parameters per row of [`push_issued_insert`]: one per column.
+pub(crate) const ISSUED_ROW_PARAMS: usize = 16;
+
+/// Appends a multi-row `INSERT INTO issued_credentials` statement to `qb`
+/// ([`ISSUED_ROW_PARAMS`] bound parameters per row); `issued` must not be
+/// empty. The one column list for every path that records an issuance.
+pub(crate) fn push_issued_insert<'a>(
+    qb: &mut QueryBuilder<Db>,
+    issued: impl IntoIterator<Item = &'a IssuedCredential>,
+) {
+    qb.push(
+        "INSERT INTO issued_credentials (serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, \
+         evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at, cert_sha256) ",
+    );
+    qb.push_values(issued, |mut b, i| {
+        b.push_bind(i.serial.clone())
+            .push_bind(i.kind.clone())
+            .push_bind(i.spiffe_id.clone())
+            .push_bind(i.not_before)
+            .push_bind(i.not_after)
+            .push_bind(i.issued_at)
+            .push_bind(i.evidence_type.clone())
+            .push_bind(i.evidence_digest.clone())
+            .push_bind(i.policy.clone())
+            .push_bind(i.parent_serial.clone())
+            .push_bind(i.public_key_sha256.clone())
+            .push_bind(i.ca_key_id.clone())
+            .push_bind(i.origin.map_or("", herald_core::Origin::as_str))
+            .push_bind(i.root_serial.clone())
+            .push_bind(i.root_at)
+            .push_bind(i.cert_sha256.clone());
+    });
+}
+
 /// Bound parameters per row of [`push_audit_insert`]: one per column.
 pub(crate) const AUDIT_ROW_PARAMS: usize = 14;
 

@@ -34,7 +34,7 @@ use sqlx::{Connection, QueryBuilder, Row};
 use tokio::sync::mpsc;
 
 use super::lineage::STANDING_JOINS;
-use super::store::push_audit_insert;
+use super::store::{AUDIT_ROW_PARAMS, ISSUED_ROW_PARAMS, push_audit_insert, push_issued_insert};
 use super::{BEGIN_WRITE, COMMIT_GUARD, Conn, Db, DbRow, MAX_PARAMS, MULTI_STATEMENT, Options};
 use crate::{
     ChainRow, Commit, Committed, GENESIS, StoreError, WriteRequest, WriterStats, chain_rows,
@@ -45,12 +45,15 @@ use crate::{
 /// number and hash.
 type Tail = (u64, [u8; 32]);
 
-/// The most commits folded into one transaction: at most 34 bound
-/// parameters per commit (16 for the issued record, 14 for the audit
-/// record, a token, a replay key and its expiry, a parent), and a script's
-/// statements share SQLite's parameter limit.
-const MAX_BATCH: usize = if MAX_PARAMS / 35 < 512 {
-    MAX_PARAMS / 35
+/// Bound parameters one commit may add to a batch's script: its issued
+/// record, its audit record, a token, a replay key and its expiry, a
+/// parent.
+const COMMIT_PARAMS: usize = ISSUED_ROW_PARAMS + AUDIT_ROW_PARAMS + 4;
+
+/// The most commits folded into one transaction: a script's statements
+/// share the backend's parameter limit.
+const MAX_BATCH: usize = if MAX_PARAMS / COMMIT_PARAMS < 512 {
+    MAX_PARAMS / COMMIT_PARAMS
 } else {
     512
 };
@@ -374,7 +377,7 @@ fn guarded_script<'c>(
     if let Some(before) = purge_before {
         push_replay_purge(&mut script, before);
     }
-    push_issued_insert(
+    push_issued(
         &mut script,
         commits.iter().filter_map(|c| c.issued.as_ref()),
     );
@@ -456,36 +459,14 @@ fn push_replay_purge(script: &mut Script, before: i64) {
 }
 
 /// Pushes the insert of `issued`, if there is any.
-fn push_issued_insert<'a>(
+fn push_issued<'a>(
     script: &mut Script,
     issued: impl IntoIterator<Item = &'a crate::IssuedCredential>,
 ) {
     let mut issued = issued.into_iter().peekable();
-    if issued.peek().is_none() {
-        return;
+    if issued.peek().is_some() {
+        push_issued_insert(script.silent(""), issued);
     }
-    let qb = script.silent(
-        "INSERT INTO issued_credentials (serial, kind, spiffe_id, not_before, not_after, issued_at, evidence_type, \
-         evidence_digest, policy, parent_serial, public_key_sha256, ca_key_id, origin, root_serial, root_at, cert_sha256) ",
-    );
-    qb.push_values(issued, |mut b, i| {
-        b.push_bind(i.serial.clone())
-            .push_bind(i.kind.clone())
-            .push_bind(i.spiffe_id.clone())
-            .push_bind(i.not_before)
-            .push_bind(i.not_after)
-            .push_bind(i.issued_at)
-            .push_bind(i.evidence_type.clone())
-            .push_bind(i.evidence_digest.clone())
-            .push_bind(i.policy.clone())
-            .push_bind(i.parent_serial.clone())
-            .push_bind(i.public_key_sha256.clone())
-            .push_bind(i.ca_key_id.clone())
-            .push_bind(i.origin.map_or("", herald_core::Origin::as_str))
-            .push_bind(i.root_serial.clone())
-            .push_bind(i.root_at)
-            .push_bind(i.cert_sha256.clone());
-    });
 }
 
 /// Writes `commits` deciding each refusal from what the database holds:
@@ -696,7 +677,7 @@ async fn write_checked(
         }
         qb.push(")");
     }
-    push_issued_insert(&mut script, issued);
+    push_issued(&mut script, issued);
     push_audit_insert(script.stmt(""), &chain);
     script.silent("COMMIT");
     script.run(conn, stats).await?;
